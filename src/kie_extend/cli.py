@@ -1,0 +1,302 @@
+"""The ``kie-extend`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Settings, load_settings
+from .errors import ConfigError, ValidationError
+from .states import TERMINAL, JobState
+
+_TERMINAL = {s.value for s in TERMINAL}
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _runtime(settings: Settings) -> Any:
+    from .runtime import Runtime
+
+    return Runtime(settings)
+
+
+def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    request: dict[str, Any] = {}
+    if args.file:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+        loaded = json.loads(text)
+        if not isinstance(loaded, dict):
+            raise SystemExit("error: the request file must hold a JSON object")
+        request.update(loaded)
+    flags = {
+        "upload_url": "uploadUrl", "model": "model", "prompt": "prompt", "style": "style", "title": "title",
+        "continue_at": "continueAt", "callback_url": "callBackUrl", "negative_tags": "negativeTags",
+        "vocal_gender": "vocalGender", "style_weight": "styleWeight", "audio_weight": "audioWeight",
+        "weirdness": "weirdnessConstraint", "persona_id": "personaId",
+    }
+    for attr, field in flags.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            request[field] = value
+    if args.custom is not None:
+        request["defaultParamFlag"] = args.custom
+    if args.instrumental is not None:
+        request["instrumental"] = args.instrumental
+    return request
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    """Validate and enqueue one request; prints the job id."""
+    from .api import enqueue_extend
+
+    settings = _settings()
+    request = _request_from_args(args)
+    metadata = json.loads(args.metadata) if args.metadata else None
+    try:
+        job_id = enqueue_extend(request, idempotency_key=args.idempotency_key, metadata=metadata, settings=settings)
+    except ValidationError as exc:
+        print("error: the request is invalid:", file=sys.stderr)
+        for e in exc.errors:
+            print(f"  {e['field']}: {e['message']}", file=sys.stderr)
+        return 2
+    print(job_id)
+    if args.wait:
+        return _wait(settings, job_id, as_json=False)
+    return 0
+
+
+def _line(rec: dict[str, Any]) -> str:
+    bits = [f"{rec['job_id']}  {rec['state']:<10}"]
+    if rec.get("kie_status"):
+        bits.append(f"kie={rec['kie_status']}")
+    if rec.get("polls"):
+        bits.append(f"polls={rec['polls']}")
+    if rec.get("tracks"):
+        bits.append(f"tracks={len(rec['tracks'])}")
+    if rec.get("error"):
+        bits.append(f"error={rec['error'].get('kind')}: {rec['error'].get('message')}")
+    if rec.get("duplicate_of"):
+        bits.append(f"duplicate_of={rec['duplicate_of']}")
+    return "  ".join(bits)
+
+
+def _wait(settings: Settings, job_id: str, as_json: bool, timeout: float | None = None) -> int:
+    from .api import get_job
+
+    last = None
+    start = time.monotonic()
+    while True:
+        rec = get_job(job_id, settings=settings)
+        line = _line(rec)
+        if line != last and not as_json:
+            print(f"[{time.monotonic() - start:6.1f}s] {line}", flush=True)
+            last = line
+        if rec["state"] in _TERMINAL or rec["state"] == JobState.NOT_FOUND.value:
+            if as_json:
+                print(json.dumps(rec, indent=2))
+            return 0 if rec["state"] == JobState.SUCCEEDED.value else 1
+        if timeout is not None and time.monotonic() - start > timeout:
+            return 3
+        time.sleep(0.5)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """One job's record, or (without an id) the system's gates and counts."""
+    from .api import get_job
+
+    settings = _settings()
+    if not args.job_id:
+        from .metrics import overview
+
+        ov = overview(_runtime(settings))
+        if args.json:
+            print(json.dumps(ov, indent=2))
+        else:
+            jobs = "  ".join(f"{k}={v}" for k, v in ov["jobs"].items())  # type: ignore[union-attr]
+            print(f"jobs:        {jobs}")
+            print(f"in flight:   {ov['in_flight']} / {ov['max_in_flight']}")
+            print(f"rate window: {ov['rate_window_use']} used of {ov['rate_limit']}")
+            paused = ov["paused"]
+            print(f"submission:  {'PAUSED since ' + str(paused.get('since')) + ' (code ' + str(paused.get('code')) + ': ' + str(paused.get('reason')) + ')' if paused else 'open'}")  # type: ignore[union-attr]
+            print(f"waiting:     due={ov['due']} blocked={ov['blocked']}  dead letters: {ov['dead_letters']}")
+        return 0
+    if args.wait:
+        return _wait(settings, args.job_id, args.json)
+    rec = get_job(args.job_id, settings=settings)
+    print(json.dumps(rec, indent=2) if args.json else _line(rec))
+    return 0 if rec["state"] != JobState.NOT_FOUND.value else 1
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """List jobs, newest first, optionally in one state."""
+    from .api import get_job
+
+    settings = _settings()
+    store = _runtime(settings).store
+    states = [JobState(args.state)] if args.state else [s for s in JobState if s is not JobState.NOT_FOUND]
+    for state in states:
+        for job_id in store.list_ids(state, args.limit):
+            rec = get_job(job_id, settings=settings)
+            print(json.dumps(rec) if args.json else _line(rec))
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Resubmit a failed job on purpose (it may cost credits again)."""
+    from .pipeline import Pipeline
+
+    pipeline = Pipeline(_runtime(_settings()))
+    ok = pipeline.retry(args.job_id)
+    print("requeued" if ok else "not retried: the job is unknown, not failed, or its request is invalid")
+    return 0 if ok else 1
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    """Show or replay dead-lettered handler deliveries."""
+    from .delivery import Delivery
+
+    delivery = Delivery(_runtime(_settings()))
+    if args.replay:
+        print(f"replayed {delivery.replay(args.job_id)}")
+        return 0
+    for item in delivery.dead_letters(args.limit):
+        print(json.dumps(item))
+    return 0
+
+
+def cmd_credits(args: argparse.Namespace) -> int:
+    """Ask the provider for the remaining credit balance."""
+    from .errors import ProviderError
+
+    try:
+        print(_runtime(_settings()).client.credits())
+    except ProviderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_callback_server(args: argparse.Namespace) -> int:
+    """Run the callback receiver."""
+    from .logs import setup_logging
+    from .metrics import render
+    from .pipeline import Pipeline
+    from .receiver import CallbackApp, serve
+    from .tasks import CeleryDispatcher
+    from .worker import create_app
+
+    settings = _settings()
+    setup_logging(settings.log_level, settings.log_format, [settings.api_key_value()])
+    rt = _runtime(settings)
+    dispatcher = CeleryDispatcher(create_app(settings), settings.queue)
+    secret = settings.callback_secret.get_secret_value() if settings.callback_secret else None
+    app = CallbackApp(Pipeline(rt, dispatcher), secret, metrics=lambda: render(rt))
+    print(f"kie-extend callback receiver on http://{args.host}:{args.port}", flush=True)
+    serve(app, args.host, args.port)
+    return 0
+
+
+def cmd_simulator(args: argparse.Namespace, rest: list[str]) -> int:
+    """Run the provider simulator (all its flags pass through)."""
+    from .simulator import main as sim_main
+
+    return int(sim_main(rest) or 0)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the whole system on embedded defaults and show a handful of jobs finishing."""
+    from .demo import run_demo
+
+    return run_demo(jobs=args.jobs, time_factor=args.time_factor)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser."""
+    p = argparse.ArgumentParser(prog="kie-extend", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("enqueue", help="validate and enqueue an extend request")
+    e.add_argument("file", nargs="?", help="JSON file with the request in KIE's camelCase ('-' for stdin)")
+    e.add_argument("--upload-url")
+    e.add_argument("--model")
+    e.add_argument("--custom", dest="custom", action="store_true", default=None, help="defaultParamFlag=true")
+    e.add_argument("--default-mode", dest="custom", action="store_false", help="defaultParamFlag=false")
+    e.add_argument("--instrumental", dest="instrumental", action="store_true", default=None)
+    e.add_argument("--vocals", dest="instrumental", action="store_false")
+    e.add_argument("--continue-at", type=float)
+    e.add_argument("--prompt")
+    e.add_argument("--style")
+    e.add_argument("--title")
+    e.add_argument("--negative-tags")
+    e.add_argument("--vocal-gender", choices=["m", "f"])
+    e.add_argument("--style-weight", type=float)
+    e.add_argument("--weirdness", type=float)
+    e.add_argument("--audio-weight", type=float)
+    e.add_argument("--persona-id")
+    e.add_argument("--callback-url")
+    e.add_argument("--idempotency-key")
+    e.add_argument("--metadata", help="JSON object handed to every result handler")
+    e.add_argument("--wait", action="store_true", help="show progress until the job finishes")
+    e.set_defaults(func=cmd_enqueue)
+
+    s = sub.add_parser("status", help="one job's status, or the system's without an id")
+    s.add_argument("job_id", nargs="?")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--wait", action="store_true", help="show live progress until the job is terminal")
+    s.set_defaults(func=cmd_status)
+
+    j = sub.add_parser("jobs", help="list jobs")
+    j.add_argument("--state", choices=[s.value for s in JobState if s is not JobState.NOT_FOUND])
+    j.add_argument("--limit", type=int, default=50)
+    j.add_argument("--json", action="store_true")
+    j.set_defaults(func=cmd_jobs)
+
+    r = sub.add_parser("retry", help="resubmit a failed job on purpose")
+    r.add_argument("job_id")
+    r.set_defaults(func=cmd_retry)
+
+    d = sub.add_parser("dead-letters", help="show or replay failed handler deliveries")
+    d.add_argument("--replay", action="store_true")
+    d.add_argument("--job-id")
+    d.add_argument("--limit", type=int, default=100)
+    d.set_defaults(func=cmd_dead_letters)
+
+    c = sub.add_parser("credits", help="the provider's remaining credit balance")
+    c.set_defaults(func=cmd_credits)
+
+    cb = sub.add_parser("callback-server", help="run the callback receiver")
+    cb.add_argument("--host", default="127.0.0.1")
+    cb.add_argument("--port", type=int, default=8080)
+    cb.set_defaults(func=cmd_callback_server)
+
+    sub.add_parser("simulator", help="run the provider simulator (see `kie-extend simulator --help`)",
+                   add_help=False)
+
+    dm = sub.add_parser("demo", help="run the whole system on embedded defaults")
+    dm.add_argument("--jobs", type=int, default=6)
+    dm.add_argument("--time-factor", type=float, default=0.08)
+    dm.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``kie-extend`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "simulator":
+        return cmd_simulator(argparse.Namespace(), argv[1:])
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,184 @@
+"""Settings: every knob, read from the environment (prefix ``KIE_``, ``.env`` supported).
+
+Built once at an entry point (worker, CLI, receiver) and passed down; no module reads the
+environment at import time. Durations accept ``500ms``, ``8s``, ``20m``, ``2h``, ``7d`` or plain
+seconds; the submission rate is ``COUNT/WINDOW`` such as ``20/10s``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import ValidationError as PydanticValidationError
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
+
+from .errors import ConfigError
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``20m``-style text or a number; raises ValueError on anything else."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 20m or 2h")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"{value!r} is not a duration such as 500ms, 30s, 20m, 2h or 7d")
+        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def parse_rate(value: Any) -> tuple[int, float]:
+    """``(count, window_seconds)`` from ``20/10s``; raises ValueError on anything else."""
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        count, window = int(value[0]), parse_duration(value[1])
+    else:
+        text = str(value)
+        if "/" not in text:
+            raise ValueError(f"{value!r} is not a rate such as 20/10s")
+        left, right = text.split("/", 1)
+        try:
+            count = int(left.strip())
+        except ValueError:
+            raise ValueError(f"{value!r} is not a rate such as 20/10s") from None
+        window = parse_duration(right)
+    if count <= 0 or window <= 0:
+        raise ValueError("rate count and window must be positive")
+    return count, window
+
+
+Duration = Annotated[float, Field(ge=0)]
+
+
+class Settings(BaseSettings):
+    """All kie-extend settings; each field is the environment variable ``KIE_<NAME>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KIE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    api_key: SecretStr | None = None
+    base_url: str = "https://api.kie.ai"
+    upload_base_url: str = "https://kieai.redpandaai.co"
+    redis_url: str = "redis://localhost:6379/0"
+    broker_url: str | None = None
+    key_prefix: str = "kie_extend"
+    queue: str = "kie_extend"
+    callback_base_url: str | None = None
+    submit_rate: Annotated[tuple[int, float], NoDecode] = (20, 10.0)
+    submit_rate_margin: Duration = 0.1
+    max_in_flight: int = Field(100, ge=1)
+    job_timeout: Duration = 1200.0
+    handlers: Annotated[list[str], NoDecode] = ["redis_stream"]
+    allow_private_urls: bool = False
+
+    connect_timeout: Duration = 5.0
+    read_timeout: Duration = 30.0
+    max_submit_attempts: int = Field(5, ge=1)
+    regenerate: int = Field(0, ge=0)
+    submit_unknown_window: Duration = 900.0
+    poll_first: Duration = 8.0
+    poll_interval: Duration = 15.0
+    poll_max_interval: Duration = 30.0
+    poll_min_gap: Duration = 0.4
+    poll_not_found_grace: Duration = 60.0
+    tick_interval: Duration = 1.0
+    lease: Duration = 60.0
+    visibility_timeout: Duration = 300.0
+    pause_probe_interval: Duration = 30.0
+    retention: Duration = 7 * 86400.0
+    idempotency_window: Duration = 86400.0
+    metadata_max_bytes: int = Field(16384, ge=0)
+    handler_max_attempts: int = Field(8, ge=1)
+    handler_retry_base: Duration = 2.0
+    claim_batch: int = Field(200, ge=1)
+
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
+    webhook_timeout: Duration = 10.0
+    download_dir: str = "downloads"
+    callback_secret: SecretStr | None = None
+
+    log_level: str = "INFO"
+    log_format: str = "text"
+
+    @field_validator(
+        "job_timeout", "connect_timeout", "read_timeout", "submit_unknown_window", "poll_first",
+        "poll_interval", "poll_max_interval", "poll_min_gap", "poll_not_found_grace",
+        "tick_interval", "lease", "visibility_timeout", "pause_probe_interval", "retention",
+        "idempotency_window", "handler_retry_base", "webhook_timeout", "submit_rate_margin",
+        mode="before",
+    )
+    @classmethod
+    def _duration(cls, value: Any) -> float:
+        return parse_duration(value)
+
+    @field_validator("submit_rate", mode="before")
+    @classmethod
+    def _rate(cls, value: Any) -> tuple[int, float]:
+        return parse_rate(value)
+
+    @field_validator("handlers", mode="before")
+    @classmethod
+    def _handlers(cls, value: Any) -> list[str]:
+        if isinstance(value, str):
+            value = value.split(",")
+        names = [str(v).strip() for v in value if str(v).strip()]
+        return names
+
+    @field_validator("log_format")
+    @classmethod
+    def _log_format(cls, value: str) -> str:
+        if value not in ("text", "json"):
+            raise ValueError("must be 'text' or 'json'")
+        return value
+
+    @field_validator("base_url", "upload_base_url", "callback_base_url", "webhook_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None if value == "" else value
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Settings:
+        if self.poll_max_interval < self.poll_interval:
+            self.poll_max_interval = self.poll_interval
+        if "webhook" in self.handlers and not self.webhook_url:
+            raise ValueError("KIE_HANDLERS includes 'webhook' but KIE_WEBHOOK_URL is not set")
+        return self
+
+    @property
+    def effective_broker_url(self) -> str:
+        """The Celery broker URL: ``KIE_BROKER_URL``, else the job store's Redis URL."""
+        return self.broker_url or self.redis_url
+
+    def api_key_value(self) -> str:
+        """The bearer token, or an empty string when none is configured."""
+        return self.api_key.get_secret_value() if self.api_key else ""
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings from the environment (plus overrides), with errors naming the variable."""
+    try:
+        return Settings(**overrides)
+    except PydanticValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
+            var = f"KIE_{loc.upper()}" if loc else "configuration"
+            lines.append(f"{var}: {err.get('msg', 'invalid value')}")
+        raise ConfigError("invalid configuration: " + "; ".join(lines)) from None
+    except SettingsError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None

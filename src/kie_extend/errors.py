@@ -1,0 +1,178 @@
+"""One error tree for kie-extend.
+
+::
+
+    KieExtendError
+     ├── ConfigError                      bad setting, named by its variable
+     ├── ValidationError                  a request breaks the provider's rules (.errors lists them all)
+     └── ProviderError                    anything that went wrong talking to KIE
+          ├── ProviderCodeError           KIE answered with a non-200 code (.code, .retryable, .kind)
+          │    ├── InvalidRequestError    400, 413, 422, 500 "field is required"   kind invalid_request
+          │    ├── RejectedError          404, 409, 451, 505, other 4xx            kind rejected
+          │    ├── AccountError           401, 402, 433: pause all submission, fail no job
+          │    ├── RateLimitedError       429: not queued by KIE, send again later
+          │    ├── UnavailableError       455, 500, 408, 502-504, other 5xx        retryable, bounded
+          │    └── GenerationFailedError  501, 531                                 kind generation_failed
+          └── TransportError              no usable answer (.sent says whether KIE may have the request)
+               ├── ConnectError           never reached KIE: retry freely
+               └── OutcomeUnknownError    sent, then timed out or dropped: never resend blindly
+
+`error_for_code` is the one place a provider code becomes an exception; `retry_delay` is the one
+place that decides how long to wait before trying again. Constructor arguments stay plain strings
+and ints so Celery can rebuild them, and nothing in them ever carries the API key.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Literal
+
+ErrorKind = Literal[
+    "invalid_request",
+    "rejected",
+    "generation_failed",
+    "timed_out",
+    "submit_outcome_unknown",
+    "provider_unavailable",
+]
+
+
+class KieExtendError(Exception):
+    """Root of every error raised by kie-extend."""
+
+
+class ConfigError(KieExtendError):
+    """A setting is missing or malformed; the message names the environment variable."""
+
+
+class ValidationError(KieExtendError, ValueError):
+    """A request breaks the provider's rules; ``errors`` lists every bad field."""
+
+    def __init__(self, errors: list[dict[str, str]]) -> None:
+        self.errors = list(errors)
+        lines = "; ".join(f"{e['field']}: {e['message']}" for e in self.errors)
+        super().__init__(f"invalid request ({len(self.errors)} problem(s)): {lines}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.errors,))
+
+
+class ProviderError(KieExtendError):
+    """Something went wrong talking to the provider."""
+
+    retryable: bool = False
+    kind: ErrorKind = "provider_unavailable"
+
+
+class ProviderCodeError(ProviderError):
+    """The provider answered with a non-success code (body ``code``, else the HTTP status)."""
+
+    def __init__(self, code: int, msg: str = "") -> None:
+        self.code = int(code)
+        self.msg = str(msg)[:500]
+        super().__init__(f"KIE code {self.code}: {self.msg}" if self.msg else f"KIE code {self.code}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.code, self.msg))
+
+
+class InvalidRequestError(ProviderCodeError):
+    """The provider refused the request's content (400, 413, 422, 500 'field is required')."""
+
+    kind: ErrorKind = "invalid_request"
+
+
+class RejectedError(ProviderCodeError):
+    """A permanent refusal that is not about the fields (404, 409, 451, 505, other 4xx)."""
+
+    kind: ErrorKind = "rejected"
+
+
+class AccountError(ProviderCodeError):
+    """The account cannot submit (401 key, 402 credits, 433 sub-key quota): pause, fail nothing."""
+
+
+class RateLimitedError(ProviderCodeError):
+    """429: the request was refused for rate and not queued; send again later."""
+
+    retryable = True
+
+
+class UnavailableError(ProviderCodeError):
+    """A transient provider problem (455, 500, 408, 502-504, other 5xx); retry with backoff."""
+
+    retryable = True
+
+
+class GenerationFailedError(ProviderCodeError):
+    """The provider accepted the work but produced no music (501, 531)."""
+
+    kind: ErrorKind = "generation_failed"
+
+
+class TransportError(ProviderError):
+    """No usable answer came back; ``sent`` tells whether the provider may have the request."""
+
+    sent: bool = True
+
+    def __init__(self, detail: str = "") -> None:
+        self.detail = str(detail)[:500]
+        super().__init__(self.detail or type(self).__name__)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.detail,))
+
+
+class ConnectError(TransportError):
+    """The request never reached the provider (DNS, refused, TLS, edge block): safe to resend."""
+
+    sent = False
+    retryable = True
+
+
+class OutcomeUnknownError(TransportError):
+    """The request went out but no answer came (read timeout, dropped): do not resend."""
+
+    sent = True
+    retryable = False
+    kind: ErrorKind = "submit_outcome_unknown"
+
+
+def error_for_code(code: int, msg: str = "") -> ProviderCodeError:
+    """Map a provider code (body code, or HTTP status when the body has none) to its exception."""
+    text = (msg or "").lower()
+    if code == 500 and "field is required" in text:
+        return InvalidRequestError(code, msg)
+    if code == 400 and "try again later" in text:
+        return GenerationFailedError(code, msg)
+    if code in (400, 413, 422):
+        return InvalidRequestError(code, msg)
+    if code in (401, 402, 433):
+        return AccountError(code, msg)
+    if code == 429:
+        return RateLimitedError(code, msg)
+    if code in (501, 531):
+        return GenerationFailedError(code, msg)
+    if code in (408, 455) or code >= 500:
+        return UnavailableError(code, msg)
+    return RejectedError(code, msg)
+
+
+#: Base delay (seconds) of the exponential backoff for retryable provider errors.
+RETRY_BASE_SECONDS = 2.0
+#: Upper bound (seconds) of any single backoff delay.
+RETRY_MAX_SECONDS = 300.0
+#: Minimum wait (seconds) after a 455 "maintenance" answer.
+MAINTENANCE_MIN_SECONDS = 30.0
+
+
+def retry_delay(error: ProviderError, attempt: int, *, rate_window: float = 10.0) -> float:
+    """Seconds to wait before attempt ``attempt + 1`` after ``error`` (full jitter, bounded)."""
+    base = RETRY_BASE_SECONDS * (2 ** max(0, attempt - 1))
+    floor = 0.0
+    if isinstance(error, RateLimitedError):
+        floor = rate_window
+    elif isinstance(error, ProviderCodeError) and error.code == 455:
+        floor = MAINTENANCE_MIN_SECONDS
+    delay = min(RETRY_MAX_SECONDS, max(floor, base))
+    return delay * (0.75 + random.random() * 0.5)

@@ -1,0 +1,135 @@
+"""Global gates shared by every worker on every machine: pause, in-flight cap, submission rate.
+
+The rate gate is a rolling-window log in a sorted set, kept by one Lua script on Redis's own
+clock. A job that finds the window full does not spin: it books the earliest slot that keeps every
+window of ``KIE_SUBMIT_RATE`` within the limit, and waits in Redis until then. When its turn
+comes the window is checked again against what was really sent, so a late booking never pushes a
+window over the limit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import redis
+
+from .keys import Keys
+
+# KEYS: pause, inflight, rate log. ARGV: job_id, token, limit, window_ms, max_inflight.
+# Returns {verdict, wait_ms}: verdict ok | paused | inflight | wait.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local job, token = ARGV[1], ARGV[2]
+local limit, win, maxif = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('ZREM', KEYS[3], token)
+  return {'paused', 0}
+end
+if redis.call('SISMEMBER', KEYS[2], job) == 0 and redis.call('SCARD', KEYS[2]) >= maxif then
+  redis.call('ZREM', KEYS[3], token)
+  return {'inflight', 0}
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - win)
+local mine = redis.call('ZSCORE', KEYS[3], token)
+if mine then
+  mine = tonumber(mine)
+  if mine > now then return {'wait', mine - now} end
+  local used = redis.call('ZCOUNT', KEYS[3], '(' .. (now - win), now) - 1
+  if used < limit then
+    redis.call('ZADD', KEYS[3], now, token)
+    redis.call('SADD', KEYS[2], job)
+    return {'ok', 0}
+  end
+  redis.call('ZREM', KEYS[3], token)
+end
+local n = redis.call('ZCARD', KEYS[3])
+local slot = now
+if n >= limit then
+  local e = redis.call('ZRANGE', KEYS[3], n - limit, n - limit, 'WITHSCORES')
+  slot = math.max(slot, tonumber(e[2]) + win)
+end
+local last = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')
+if last[2] then slot = math.max(slot, tonumber(last[2])) end
+redis.call('ZADD', KEYS[3], slot, token)
+redis.call('PEXPIRE', KEYS[3], slot - now + win + 1000)
+if slot <= now then
+  redis.call('SADD', KEYS[2], job)
+  return {'ok', 0}
+end
+return {'wait', slot - now}
+"""
+
+Verdict = Literal["ok", "paused", "inflight", "wait"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the gates said: go now, wait ``wait`` seconds for a booked slot, or park."""
+
+    verdict: Verdict
+    wait: float = 0.0
+
+
+class Gates:
+    """The submission gates, all in Redis so any number of workers share them."""
+
+    def __init__(
+        self, client: redis.Redis, keys: Keys, *, rate: tuple[int, float], margin: float, max_in_flight: int
+    ) -> None:
+        self.redis = client
+        self.keys = keys
+        self.limit, self.window = rate
+        self.margin = margin
+        self.max_in_flight = max_in_flight
+        self._acquire = client.register_script(_ACQUIRE)
+
+    def acquire(self, job_id: str, token: str) -> Decision:
+        """Ask to submit ``job_id`` now (``token`` names this attempt's rate slot)."""
+        window_ms = int(round((self.window + self.margin) * 1000))
+        verdict, wait_ms = self._acquire(
+            keys=[self.keys.pause, self.keys.inflight, self.keys.rate_log],
+            args=[job_id, token, self.limit, window_ms, self.max_in_flight],
+        )
+        verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
+        return Decision(verdict, int(wait_ms) / 1000.0)
+
+    def release(self, job_id: str) -> None:
+        """Give back an in-flight slot taken by :meth:`acquire` that was not used."""
+        self.redis.srem(self.keys.inflight, job_id)
+
+    def in_flight(self) -> int:
+        """Jobs holding an in-flight slot now."""
+        return int(self.redis.scard(self.keys.inflight))
+
+    def window_use(self) -> int:
+        """Submissions (taken or booked) within the current rolling window."""
+        now_ms = time.time() * 1000
+        lo = now_ms - (self.window + self.margin) * 1000
+        return int(self.redis.zcount(self.keys.rate_log, f"({lo}", "+inf"))
+
+    # -- pause -------------------------------------------------------------------------------
+    def pause(self, code: int, reason: str) -> None:
+        """Stop all submission (401/402/433) until a probe of the credit endpoint succeeds."""
+        mapping = {"code": str(code), "reason": reason[:300], "since": repr(time.time())}
+        pipe = self.redis.pipeline()
+        pipe.hsetnx(self.keys.pause, "since", mapping["since"])
+        pipe.hset(self.keys.pause, mapping={"code": mapping["code"], "reason": mapping["reason"]})
+        pipe.execute()
+
+    def resume(self) -> None:
+        """Lift a pause."""
+        self.redis.delete(self.keys.pause)
+
+    def paused(self) -> dict[str, str] | None:
+        """The pause record (code, reason, since), or None when submission is open."""
+        raw = self.redis.hgetall(self.keys.pause)
+        if not raw:
+            return None
+        return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in raw.items()}
+
+    def take_probe_turn(self, interval: float) -> bool:
+        """True for one caller per ``interval`` seconds: the one that probes the provider."""
+        return bool(self.redis.set(self.keys.probe_lock, "1", nx=True, px=max(1, int(interval * 1000))))

@@ -1,0 +1,74 @@
+"""Result handlers: one small interface, built-ins by name, third parties by entry point.
+
+A handler gets every terminal job's event once its job finishes, at least once, with a stable
+dedup key ``{job_id}:{event}``. Raising means "try again later"; the delivery machinery
+(:mod:`kie_extend.delivery`) retries with backoff and dead-letters, and a failing handler never
+affects the job or the other handlers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import redis
+
+from ..config import Settings
+from ..errors import ConfigError
+from ..keys import Keys
+
+ENTRY_POINT_GROUP = "kie_extend.handlers"
+
+
+@runtime_checkable
+class Handler(Protocol):
+    """What every result handler provides."""
+
+    name: str
+
+    def deliver(self, event: dict[str, Any], dedup_key: str) -> None:
+        """Deliver one result event; raise to have it retried."""
+
+
+@dataclass(frozen=True)
+class HandlerContext:
+    """What a handler factory may use to build its handler."""
+
+    settings: Settings
+    redis: redis.Redis
+    keys: Keys
+
+
+Factory = Callable[[HandlerContext], Handler]
+
+
+def _builtin(name: str) -> Factory | None:
+    module = {"redis_stream": "redis_stream", "webhook": "webhook", "download": "download"}.get(name)
+    if module is None:
+        return None
+    return importlib.import_module(f"{__name__}.{module}").factory  # type: ignore[no-any-return]
+
+
+def build_handler(name: str, ctx: HandlerContext) -> Handler:
+    """The handler called ``name``: a built-in, ``callable:pkg.mod:func``, or an entry point."""
+    if name.startswith("callable:"):
+        from .callable import CallableHandler
+
+        return CallableHandler(name, name.split(":", 1)[1])
+    factory = _builtin(name)
+    if factory is None:
+        found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+        if not found:
+            raise ConfigError(
+                f"KIE_HANDLERS: unknown handler {name!r} (built-ins: redis_stream, webhook, download, "
+                f"callable:module:function; plugins register under {ENTRY_POINT_GROUP!r})"
+            )
+        factory = found[0].load()
+    return factory(ctx)
+
+
+def build_handlers(names: list[str], ctx: HandlerContext) -> dict[str, Handler]:
+    """Every configured handler by name; raises ConfigError naming the bad one."""
+    return {name: build_handler(name, ctx) for name in names}

@@ -1,0 +1,39 @@
+"""``redis_stream``: XADD every result event to ``{prefix}:results``, exactly once per dedup key."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from . import HandlerContext
+
+# KEYS: dedup marker, stream. ARGV: ttl seconds, job_id, event name, payload JSON.
+_XADD_ONCE = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+  return redis.call('XADD', KEYS[2], '*', 'job_id', ARGV[2], 'event', ARGV[3], 'payload', ARGV[4])
+end
+return false
+"""
+
+
+class RedisStreamHandler:
+    """Appends events to a Redis stream any language can read (XREAD, consumer groups)."""
+
+    name = "redis_stream"
+
+    def __init__(self, ctx: HandlerContext) -> None:
+        self._keys = ctx.keys
+        self._ttl = int(max(ctx.settings.retention, 60))
+        self._script = ctx.redis.register_script(_XADD_ONCE)
+
+    def deliver(self, event: dict[str, Any], dedup_key: str) -> None:
+        """Append the event unless this dedup key was already appended."""
+        self._script(
+            keys=[self._keys.dedup(self.name, dedup_key), self._keys.results],
+            args=[self._ttl, event["job_id"], event["event"], json.dumps(event, separators=(",", ":"))],
+        )
+
+
+def factory(ctx: HandlerContext) -> RedisStreamHandler:
+    """Build the handler."""
+    return RedisStreamHandler(ctx)

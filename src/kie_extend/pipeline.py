@@ -1,0 +1,452 @@
+"""The life of one job, as plain domain code: accept, submit, poll, finish.
+
+Celery tasks are thin adapters over these methods. Nothing here sleeps: a job that must wait
+(rate slot, in-flight room, pause, next poll) is put on a Redis schedule and the beat tick hands
+it back to a worker when it is due.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from typing import Any
+
+from . import errors as E
+from .client import FAILED_STATUSES, TaskRecord, track_has_audio
+from .events import build_event, now_iso
+from .models import parse_request
+from .runtime import Dispatcher, NoDispatch, Runtime
+from .states import TERMINAL, JobState
+
+log = logging.getLogger("kie_extend.pipeline")
+
+#: Longest idempotency key accepted.
+MAX_IDEMPOTENCY_KEY = 256
+#: Seconds a submit attempt may take before the due schedule looks at it again.
+SUBMIT_LEASE_SLACK = 5.0
+
+
+def _jitter(seconds: float, spread: float = 0.2) -> float:
+    return seconds * (1 - spread + 2 * spread * random.random())
+
+
+def _error(kind: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"kind": kind, "message": message, **{k: v for k, v in extra.items() if v is not None}}
+
+
+def _log(job_id: str, level: int, msg: str, *args: Any, task_id: str | None = None) -> None:
+    log.log(level, msg, *args, extra={"job_id": job_id, "kie_task_id": task_id})
+
+
+class Pipeline:
+    """Moves jobs through ``queued → submitting → submitted → succeeded | failed``."""
+
+    def __init__(self, rt: Runtime, dispatcher: Dispatcher | None = None) -> None:
+        self.rt = rt
+        self.s = rt.settings
+        self.store = rt.store
+        self.gates = rt.gates
+        self.dispatch = dispatcher or NoDispatch()
+
+    # -- accept ------------------------------------------------------------------------------
+    def accept(
+        self,
+        job_id: str,
+        request: Any,
+        idempotency_key: Any = None,
+        metadata: Any = None,
+        extra_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        """Record a new job from an extend message and try to submit it at once.
+
+        Redelivered messages are harmless: an existing record is only advanced. A message that
+        breaks the rules becomes a failed job with ``invalid_request`` and its result event.
+        """
+        raw = self.store.get(job_id)
+        if raw is not None:
+            if raw.get("state") == JobState.QUEUED.value:
+                self.try_submit(job_id)
+            return
+        problems: list[dict[str, str]] = []
+        if extra_kwargs:
+            problems += [{"field": k, "message": "unknown keyword argument"} for k in sorted(extra_kwargs)]
+        if metadata is None:
+            metadata = {}
+        if not isinstance(metadata, dict):
+            problems.append({"field": "metadata", "message": "must be a JSON object"})
+            metadata = {}
+        elif len(json.dumps(metadata, default=str)) > self.s.metadata_max_bytes:
+            problems.append({"field": "metadata", "message": f"larger than {self.s.metadata_max_bytes} bytes"})
+            metadata = {}
+        if idempotency_key is not None and (
+            not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY
+        ):
+            problems.append({"field": "idempotency_key", "message": f"must be a string of 1-{MAX_IDEMPOTENCY_KEY} characters"})
+            idempotency_key = None
+        body: dict[str, Any] = request if isinstance(request, dict) else {}
+        warnings: list[str] = []
+        try:
+            parsed = parse_request(request, allow_private_urls=self.s.allow_private_urls)
+            body, warnings = dict(parsed.body), list(parsed.warnings)
+        except E.ValidationError as exc:
+            problems += exc.errors
+        if not problems and not body.get("callBackUrl"):
+            if self.s.callback_base_url:
+                body["callBackUrl"] = f"{self.s.callback_base_url}/kie/callback/{job_id}"
+            else:
+                problems.append({
+                    "field": "callBackUrl",
+                    "message": "the provider requires a callBackUrl: set KIE_CALLBACK_BASE_URL "
+                    "or put callBackUrl in the request",
+                })
+        now = time.time()
+        base = {
+            "job_id": job_id,
+            "request": _safe_json(body),
+            "metadata": metadata,
+            "created_at": now_iso(),
+            "created_ts": now,
+            "attempts": 0,
+            "polls": 0,
+            "idempotency_key": idempotency_key,
+        }
+        for w in warnings:
+            _log(job_id, logging.WARNING, "request warning: %s", w)
+        if problems:
+            _log(job_id, logging.WARNING, "invalid request: %s", problems)
+            error = _error("invalid_request", "request failed validation", errors=problems)
+            self._finish(job_id, {}, JobState.FAILED, {**base, "error": error}, expect=[None])
+            return
+        if idempotency_key:
+            key = self.rt.keys.idempotency(idempotency_key)
+            first = self.rt.redis.set(key, job_id, nx=True, ex=int(self.s.idempotency_window), get=True)
+            first = first.decode() if isinstance(first, bytes) else first
+            if first and first != job_id:
+                self.store.create_pointer(job_id, {**base, "duplicate_of": first}, ttl=self.s.idempotency_window)
+                _log(job_id, logging.INFO, "duplicate of %s (idempotency key), not submitted", first)
+                return
+        if self.store.transition(job_id, JobState.QUEUED, expect=[None], fields=base):
+            self.store.stat("jobs_accepted")
+            _log(job_id, logging.INFO, "queued")
+        self.try_submit(job_id)
+
+    # -- submit ------------------------------------------------------------------------------
+    def try_submit(self, job_id: str) -> None:
+        """Pass the gates and send a queued job to the provider, or park it until it may."""
+        raw = self.store.get(job_id)
+        if raw is None or raw.get("state") != JobState.QUEUED.value:
+            return
+        attempt = int(raw.get("attempts") or 0) + 1
+        decision = self.gates.acquire(job_id, f"{job_id}:{attempt}")
+        if decision.verdict in ("paused", "inflight"):
+            self.store.block(job_id, float(raw.get("created_ts") or time.time()))
+            self.store.stat(f"gate_wait_{decision.verdict}")
+            return
+        if decision.verdict == "wait":
+            self.store.schedule(job_id, time.time() + decision.wait)
+            self.store.stat("gate_wait_rate")
+            return
+        now = time.time()
+        lease_end = now + self.s.connect_timeout + self.s.read_timeout + SUBMIT_LEASE_SLACK
+        if not self.store.transition(
+            job_id, JobState.SUBMITTING, expect=[JobState.QUEUED],
+            fields={"attempts": attempt, "submit_started_ts": now, "submit_error": None},
+            due=lease_end,
+        ):
+            state = (self.store.get(job_id) or {}).get("state")
+            if state not in (JobState.SUBMITTING.value, JobState.SUBMITTED.value):
+                self.gates.release(job_id)
+            return
+        body = json.loads(raw["request"])
+        self.store.stat("submissions")
+        try:
+            task_id = self.rt.client.submit_extend(body)
+        except E.ProviderError as exc:
+            self._submit_failed(job_id, raw, attempt, exc)
+            return
+        self._record_code(200)
+        self._submitted(job_id, task_id)
+
+    def _submitted(self, job_id: str, task_id: str) -> bool:
+        now = time.time()
+        ok = self.store.transition(
+            job_id, JobState.SUBMITTED, expect=[JobState.SUBMITTING],
+            fields={"kie_task_id": task_id, "submitted_at": now_iso(), "submitted_ts": now,
+                    "poll_interval": self.s.poll_interval, "outcome_unknown": None},
+            due=now + _jitter(self.s.poll_first, 0.1),
+        )
+        if ok:
+            _log(job_id, logging.INFO, "submitted", task_id=task_id)
+        return ok
+
+    def _submit_failed(self, job_id: str, raw: dict[str, str], attempt: int, exc: E.ProviderError) -> None:
+        code = getattr(exc, "code", None)
+        self._record_code(code if code is not None else type(exc).__name__)
+        now = time.time()
+        if isinstance(exc, E.OutcomeUnknownError):
+            # Never resend: the provider may hold (and bill) this request. A callback on the job's
+            # own URL can still tell us its taskId; otherwise it fails after the window.
+            self.store.update(job_id, outcome_unknown=1, submit_error=str(exc))
+            self.store.schedule(job_id, now + self.s.submit_unknown_window)
+            self.store.stat("submit_outcome_unknown")
+            _log(job_id, logging.WARNING, "submit outcome unknown (%s); waiting for a callback", exc)
+            return
+        if isinstance(exc, E.AccountError):
+            self.gates.pause(exc.code, exc.msg or type(exc).__name__)
+            self.store.transition(job_id, JobState.QUEUED, expect=[JobState.SUBMITTING],
+                                  fields={"attempts": attempt - 1, "submit_error": str(exc)}, due=None)
+            self.store.block(job_id, float(raw.get("created_ts") or now))
+            _log(job_id, logging.ERROR, "provider refused the account (%s); submission paused", exc)
+            return
+        if exc.retryable and attempt < self.s.max_submit_attempts:
+            delay = E.retry_delay(exc, attempt, rate_window=self.gates.window)
+            self.store.transition(job_id, JobState.QUEUED, expect=[JobState.SUBMITTING],
+                                  fields={"submit_error": str(exc)}, due=now + delay)
+            _log(job_id, logging.WARNING, "submit attempt %d failed (%s); retry in %.1fs", attempt, exc, delay)
+            return
+        kind = "provider_unavailable" if exc.retryable else exc.kind
+        error = _error(kind, str(exc), code=code)
+        self._finish(job_id, raw, JobState.FAILED, {"error": error}, expect=[JobState.SUBMITTING])
+
+    # -- advance: whatever is due next -------------------------------------------------------
+    def advance(self, job_id: str) -> None:
+        """Do a due job's next step: submit it, resolve an unknown submit, or poll it."""
+        raw = self.store.get(job_id)
+        state = raw.get("state") if raw else None
+        if raw is None or state is None:
+            self.store.unschedule(job_id)
+            return
+        if state == JobState.QUEUED.value:
+            self.try_submit(job_id)
+        elif state == JobState.SUBMITTING.value:
+            self._resolve_submitting(job_id, raw)
+        elif state == JobState.SUBMITTED.value:
+            self.poll(job_id, raw)
+        else:
+            self.store.unschedule(job_id)
+
+    def _resolve_submitting(self, job_id: str, raw: dict[str, str]) -> None:
+        now = time.time()
+        started = float(raw.get("submit_started_ts") or now)
+        hint = raw.get("hint_task_id")
+        if hint:
+            try:
+                record = self.rt.client.record_info(hint)
+            except E.ProviderError as exc:
+                _log(job_id, logging.WARNING, "could not confirm hinted task %s: %s", hint, exc)
+                record = None
+            body = json.loads(raw.get("request") or "{}")
+            if record is not None and (record.param or {}).get("callBackUrl") == body.get("callBackUrl"):
+                if self._submitted(job_id, hint):
+                    self.poll(job_id, self.store.get(job_id) or {})
+                return
+        if not raw.get("outcome_unknown"):
+            # The worker that was sending died (or is still stuck): the request may have left.
+            self.store.update(job_id, outcome_unknown=1, submit_error="worker lost while submitting")
+            _log(job_id, logging.WARNING, "submit interrupted; outcome unknown, waiting for a callback")
+        deadline = started + self.s.submit_unknown_window
+        if now < deadline:
+            self.store.schedule(job_id, deadline)
+            return
+        error = _error("submit_outcome_unknown",
+                       "the submission's outcome is unknown and no callback named its task; "
+                       "`kie-extend retry` resubmits on purpose (it may cost credits twice)")
+        self._finish(job_id, raw, JobState.FAILED, {"error": error}, expect=[JobState.SUBMITTING])
+
+    # -- poll ----------------------------------------------------------------------------------
+    def poll(self, job_id: str, raw: dict[str, str]) -> None:
+        """Ask the provider about a submitted job; finish it or put it back on the schedule."""
+        now = time.time()
+        task_id = raw.get("kie_task_id") or ""
+        last = float(raw.get("last_poll_ts") or 0)
+        if now - last < self.s.poll_min_gap:
+            self.store.schedule(job_id, last + self.s.poll_min_gap)
+            return
+        submitted = float(raw.get("submitted_ts") or now)
+        self.store.update(job_id, last_poll_ts=now)
+        self.store.incr(job_id, "polls")
+        self.store.stat("polls")
+        started = time.monotonic()
+        try:
+            record = self.rt.client.record_info(task_id)
+        except E.ProviderError as exc:
+            self._record_code(getattr(exc, "code", type(exc).__name__), prefix="poll")
+            self._poll_failed(job_id, raw, exc, now, submitted)
+            return
+        finally:
+            self.store.redis.hincrbyfloat(self.rt.keys.stats, "poll_seconds", time.monotonic() - started)
+        self._record_code(200, prefix="poll")
+        self._apply_record(job_id, raw, record, now, submitted)
+
+    def _poll_failed(self, job_id: str, raw: dict[str, str], exc: E.ProviderError, now: float, submitted: float) -> None:
+        task_id = raw.get("kie_task_id")
+        code = getattr(exc, "code", None)
+        if code in (404, 422) and now - submitted > self.s.poll_not_found_grace:
+            error = _error("rejected", f"the provider no longer knows task {task_id}: {exc}", code=code)
+            self._finish(job_id, raw, JobState.FAILED, {"error": error}, expect=[JobState.SUBMITTED])
+            return
+        if isinstance(exc, E.AccountError):
+            self.gates.pause(exc.code, exc.msg)
+        if not self._timed_out(job_id, raw, now, submitted):
+            _log(job_id, logging.WARNING, "poll failed (%s); polling again later", exc, task_id=task_id)
+            self.store.schedule(job_id, now + self._next_interval(job_id, raw))
+
+    def _apply_record(self, job_id: str, raw: dict[str, str], record: TaskRecord, now: float, submitted: float) -> None:
+        task_id = raw.get("kie_task_id")
+        tracks = record.tracks
+        if record.status == "SUCCESS" or (record.status == "CALLBACK_EXCEPTION" and any(map(track_has_audio, tracks))):
+            fields = {"kie_status": record.status, "tracks": tracks}
+            self._finish(job_id, raw, JobState.SUCCEEDED, fields, expect=[JobState.SUBMITTED])
+            return
+        if record.failed:
+            self._task_failed(job_id, raw, record)
+            return
+        if record.status != raw.get("kie_status") or (tracks and raw.get("tracks") in (None, "", "[]")):
+            self.store.update(job_id, kie_status=record.status, tracks=tracks or None)
+            _log(job_id, logging.INFO, "provider status %s", record.status, task_id=task_id)
+        if not self._timed_out(job_id, raw, now, submitted):
+            self.store.schedule(job_id, now + self._next_interval(job_id, raw))
+
+    def _task_failed(self, job_id: str, raw: dict[str, str], record: TaskRecord) -> None:
+        code = record.error_code
+        message = record.error_message or record.status
+        if record.status == "SENSITIVE_WORD_ERROR" or code in (400, 413):
+            kind = "invalid_request"
+        else:
+            kind = "generation_failed"
+        regenerated = int(raw.get("regenerations") or 0)
+        if kind == "generation_failed" and regenerated < self.s.regenerate:
+            if self.store.transition(
+                job_id, JobState.QUEUED, expect=[JobState.SUBMITTED],
+                fields={"regenerations": regenerated + 1, "kie_task_id": None, "kie_status": None,
+                        "tracks": None, "last_poll_ts": None, "attempts": 0},
+                due=time.time(),
+            ):
+                _log(job_id, logging.WARNING, "generation failed (%s); regenerating (%d of %d)",
+                     message, regenerated + 1, self.s.regenerate, task_id=raw.get("kie_task_id"))
+            return
+        error = _error(kind, str(message), code=code, status=record.status)
+        self._finish(job_id, raw, JobState.FAILED, {"kie_status": record.status, "error": error},
+                     expect=[JobState.SUBMITTED])
+
+    def _timed_out(self, job_id: str, raw: dict[str, str], now: float, submitted: float) -> bool:
+        if now - submitted < self.s.job_timeout:
+            return False
+        error = _error("timed_out", f"not finished {self.s.job_timeout:.0f}s after submission")
+        self._finish(job_id, raw, JobState.FAILED, {"error": error}, expect=[JobState.SUBMITTED])
+        return True
+
+    def _next_interval(self, job_id: str, raw: dict[str, str]) -> float:
+        current = float(raw.get("poll_interval") or self.s.poll_interval)
+        nxt = min(self.s.poll_max_interval, current * 1.5)
+        self.store.update(job_id, poll_interval=nxt)
+        return _jitter(current)
+
+    # -- finish --------------------------------------------------------------------------------
+    def _finish(self, job_id: str, raw: dict[str, str], state: JobState, fields: dict[str, Any],
+                expect: list[JobState | None]) -> bool:
+        """The terminal move: state, result event and handler deliveries in one atomic step."""
+        fields = {**fields, "finished_at": now_iso()}
+        merged_raw = {**raw, "job_id": job_id}
+        event = build_event(merged_raw, state, fields)
+        handlers = list(self.s.handlers)
+        ok = self.store.transition(job_id, state, expect=expect, fields=fields, event=event,
+                                   handlers=handlers, retention=self.s.retention)
+        if not ok:
+            return False
+        created = float(raw.get("created_ts") or fields.get("created_ts") or time.time())
+        self.store.redis.hincrbyfloat(self.rt.keys.stats, "time_to_result_seconds", time.time() - created)
+        error = fields.get("error")
+        _log(job_id, logging.INFO if state == JobState.SUCCEEDED else logging.WARNING, "%s%s", state.value,
+             f" ({error['kind']}: {error['message']})" if error else "", task_id=event.get("kie_task_id"))
+        now = time.time()
+        for name in handlers:
+            self.store.schedule_delivery(job_id, name, now + self.s.lease)
+            self.dispatch.deliver(job_id, name)
+        return True
+
+    # -- callbacks, operators ------------------------------------------------------------------
+    def hint(self, job_id: str, task_id: str | None, callback_type: str | None) -> bool:
+        """A provider callback for ``job_id``: never trusted alone, it only makes a poll happen now."""
+        raw = self.store.get(job_id)
+        if raw is None or raw.get("state") in {s.value for s in TERMINAL} or raw.get("duplicate_of"):
+            return False
+        if raw.get("state") == JobState.SUBMITTING.value and task_id and not raw.get("kie_task_id"):
+            self.store.update(job_id, hint_task_id=str(task_id)[:128])
+        elif raw.get("state") not in (JobState.SUBMITTED.value, JobState.SUBMITTING.value):
+            return False
+        self.store.stat("callbacks")
+        _log(job_id, logging.INFO, "callback %s: polling now", callback_type or "?", task_id=task_id)
+        if isinstance(self.dispatch, NoDispatch):
+            self.store.schedule(job_id, time.time(), only_earlier=True)  # the tick claims it
+        else:
+            self.store.schedule(job_id, time.time() + self.s.lease)  # claimed here, under a lease
+            self.dispatch.poll(job_id)
+        return True
+
+    def retry(self, job_id: str) -> bool:
+        """Operator's resubmission of a failed job (it may cost credits again)."""
+        raw = self.store.get(job_id)
+        if raw is None or raw.get("state") != JobState.FAILED.value:
+            return False
+        err = json.loads(raw.get("error") or "null") or {}
+        if err.get("kind") == "invalid_request" and err.get("errors"):
+            return False
+        ok = self.store.transition(
+            job_id, JobState.QUEUED, expect=[JobState.FAILED],
+            fields={"error": None, "finished_at": None, "kie_task_id": None, "kie_status": None, "tracks": None,
+                    "attempts": 0, "outcome_unknown": None, "hint_task_id": None, "last_poll_ts": None,
+                    "event": None, "retried": int(raw.get("retried") or 0) + 1},
+            due=time.time(),
+        )
+        if ok:
+            self.rt.redis.delete(*[self.rt.keys.dedup(h, f"{job_id}:job.failed") for h in self.s.handlers])
+            _log(job_id, logging.WARNING, "retried by operator")
+        return ok
+
+    # -- the beat tick -------------------------------------------------------------------------
+    def tick(self) -> dict[str, int]:
+        """Hand due work to workers: released parked jobs, due steps, due deliveries, pause probe."""
+        now = time.time()
+        paused = self.gates.paused()
+        if paused and self.gates.take_probe_turn(self.s.pause_probe_interval):
+            paused = self._probe(paused)
+        released = 0
+        if not paused:
+            room = self.s.max_in_flight - self.gates.in_flight()
+            released = self.store.release_blocked(room, now)
+        due = self.store.claim_due(now, self.s.lease, self.s.claim_batch)
+        for job_id in due:
+            self.dispatch.poll(job_id)
+        deliveries = self.store.claim_deliveries(now, self.s.lease, self.s.claim_batch)
+        for job_id, handler in deliveries:
+            self.dispatch.deliver(job_id, handler)
+        if random.random() < 0.01:
+            self.store.trim_indexes(now - self.s.retention)
+        return {"released": released, "due": len(due), "deliveries": len(deliveries)}
+
+    def _probe(self, paused: dict[str, str]) -> dict[str, str] | None:
+        try:
+            balance = self.rt.client.credits()
+        except E.ProviderError as exc:
+            self.rt.redis.hset(self.rt.keys.pause, mapping={"last_probe": now_iso(), "last_probe_error": str(exc)[:200]})
+            return paused
+        if balance <= 0:
+            self.rt.redis.hset(self.rt.keys.pause, mapping={"last_probe": now_iso(), "last_probe_error": "no credits"})
+            return paused
+        self.gates.resume()
+        log.warning("provider probe succeeded (credits %.1f); submission resumed", balance)
+        return None
+
+    def _record_code(self, code: Any, prefix: str = "submit") -> None:
+        self.store.stat(f"{prefix}_code_{code}")
+
+
+def _safe_json(value: Any) -> Any:
+    """A JSON-safe copy (request bodies from other producers may carry odd values)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+__all__ = ["Pipeline", "FAILED_STATUSES"]

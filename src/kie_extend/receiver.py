@@ -1,0 +1,107 @@
+"""The callback receiver: ``POST /kie/callback/{job_id}`` turns a provider callback into a poll.
+
+A small WSGI app (served by waitress, a pure-Python production WSGI server). It answers fast,
+verifies the provider's HMAC headers when ``KIE_CALLBACK_SECRET`` is set, caps the body size and
+never marks a job done on a callback's word: it only makes the job's next poll happen now.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import re
+import time
+from typing import Any, Callable, Iterable
+
+from .pipeline import Pipeline
+
+log = logging.getLogger("kie_extend.receiver")
+
+#: Largest callback body accepted (bytes); real ones are a few KB.
+MAX_BODY = 256 * 1024
+#: Oldest signature timestamp accepted (seconds), against replay.
+MAX_SKEW = 300
+
+_ROUTE = re.compile(r"^/kie/callback/([A-Za-z0-9_.:-]{1,128})/?$")
+StartResponse = Callable[..., Any]
+
+
+def signature_ok(body: dict[str, Any], headers: dict[str, str], secret: str, now: float | None = None) -> bool:
+    """The provider's callback HMAC: base64(HMAC-SHA256(secret, task_id + "." + timestamp))."""
+    ts = headers.get("x-webhook-timestamp", "")
+    sig = headers.get("x-webhook-signature", "")
+    data = body.get("data") if isinstance(body.get("data"), dict) else {}
+    task_id = str(data.get("task_id") or body.get("taskId") or "")
+    if not (ts.isdigit() and sig and task_id):
+        return False
+    if abs((now or time.time()) - int(ts)) > MAX_SKEW:
+        return False
+    mac = hmac.new(secret.encode(), f"{task_id}.{ts}".encode(), hashlib.sha256).digest()
+    return hmac.compare_digest(base64.b64encode(mac).decode(), sig)
+
+
+class CallbackApp:
+    """WSGI app for provider callbacks, ``/healthz`` and ``/metrics``."""
+
+    def __init__(self, pipeline: Pipeline, secret: str | None = None,
+                 metrics: Callable[[], str] | None = None) -> None:
+        self.pipeline = pipeline
+        self.secret = secret
+        self.metrics = metrics
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            return _reply(start_response, "200 OK", {"status": "ok"})
+        if path == "/metrics" and self.metrics is not None:
+            body = self.metrics().encode()
+            start_response("200 OK", [("Content-Type", "text/plain; version=0.0.4"), ("Content-Length", str(len(body)))])
+            return [body]
+        match = _ROUTE.match(path)
+        if not match:
+            return _reply(start_response, "404 Not Found", {"error": "not found"})
+        if method != "POST":
+            return _reply(start_response, "405 Method Not Allowed", {"error": "POST only"})
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        if length > MAX_BODY:
+            return _reply(start_response, "413 Payload Too Large", {"error": "body too large"})
+        raw = environ["wsgi.input"].read(length) if length else b""
+        try:
+            body = json.loads(raw or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            return _reply(start_response, "400 Bad Request", {"error": "body must be a JSON object"})
+        job_id = match.group(1)
+        if self.secret:
+            headers = {k[5:].replace("_", "-").lower(): str(v) for k, v in environ.items() if k.startswith("HTTP_")}
+            if not signature_ok(body, headers, self.secret):
+                log.warning("callback with a bad or missing signature ignored", extra={"job_id": job_id})
+                return _reply(start_response, "401 Unauthorized", {"error": "bad signature"})
+        data = body.get("data") if isinstance(body.get("data"), dict) else {}
+        task_id = data.get("task_id") or body.get("taskId")
+        try:
+            self.pipeline.hint(job_id, str(task_id) if task_id else None, str(data.get("callbackType") or ""))
+        except Exception:  # the provider must get its 200 anyway; polling stays the source of truth
+            log.exception("callback handling failed", extra={"job_id": job_id})
+        return _reply(start_response, "200 OK", {"status": "received"})
+
+
+def _reply(start_response: StartResponse, status: str, payload: dict[str, Any]) -> list[bytes]:
+    body = json.dumps(payload).encode()
+    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def serve(app: CallbackApp, host: str = "127.0.0.1", port: int = 8080, threads: int = 8) -> None:
+    """Serve the receiver with waitress until interrupted."""
+    from waitress import serve as waitress_serve
+
+    waitress_serve(app, host=host, port=port, threads=threads, ident="kie-extend", _quiet=True)

@@ -1,0 +1,89 @@
+"""The objects one process needs, built once from Settings and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Protocol
+
+import redis
+
+from .client import KieClient
+from .config import Settings
+from .gates import Gates
+from .handlers import Handler, HandlerContext, build_handlers
+from .keys import Keys
+from .store import JobStore
+
+
+class Dispatcher(Protocol):
+    """How domain code asks for follow-up work without knowing Celery."""
+
+    def poll(self, job_id: str) -> None:
+        """Run the next step of ``job_id`` soon (already claimed on the due schedule)."""
+
+    def deliver(self, job_id: str, handler: str) -> None:
+        """Deliver ``job_id``'s event to ``handler`` soon (already claimed)."""
+
+
+class NoDispatch:
+    """A dispatcher that leaves follow-up work to the beat tick (CLI, receiver without Celery)."""
+
+    def poll(self, job_id: str) -> None:
+        """Nothing: the tick will claim it."""
+
+    def deliver(self, job_id: str, handler: str) -> None:
+        """Nothing: the tick will claim it."""
+
+
+def redis_client(url: str) -> redis.Redis:
+    """A Redis client with sane timeouts and retries for the job store."""
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=5,
+        socket_timeout=15,
+        health_check_interval=30,
+        retry_on_timeout=True,
+    )
+
+
+@dataclass
+class Runtime:
+    """Settings plus the Redis client, store, gates, provider client and handlers built from them."""
+
+    settings: Settings
+    redis: redis.Redis = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.redis = redis_client(self.settings.redis_url)
+
+    @cached_property
+    def keys(self) -> Keys:
+        """Key names under the configured prefix."""
+        return Keys(self.settings.key_prefix)
+
+    @cached_property
+    def store(self) -> JobStore:
+        """The job store."""
+        return JobStore(self.redis, self.keys)
+
+    @cached_property
+    def gates(self) -> Gates:
+        """The global submission gates."""
+        s = self.settings
+        return Gates(
+            self.redis, self.keys, rate=s.submit_rate, margin=s.submit_rate_margin, max_in_flight=s.max_in_flight
+        )
+
+    @cached_property
+    def client(self) -> KieClient:
+        """The provider client."""
+        s = self.settings
+        return KieClient(
+            s.base_url, s.api_key_value(), connect_timeout=s.connect_timeout, read_timeout=s.read_timeout
+        )
+
+    @cached_property
+    def handlers(self) -> dict[str, Handler]:
+        """The configured result handlers by name."""
+        return build_handlers(self.settings.handlers, HandlerContext(self.settings, self.redis, self.keys))

@@ -1,0 +1,45 @@
+"""Job states and the moves allowed between them."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class JobState(str, Enum):
+    """Where a job is: ``queued → submitting → submitted → succeeded | failed``."""
+
+    QUEUED = "queued"
+    SUBMITTING = "submitting"
+    SUBMITTED = "submitted"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    NOT_FOUND = "not_found"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: States a job never leaves.
+TERMINAL: frozenset[JobState] = frozenset({JobState.SUCCEEDED, JobState.FAILED})
+
+#: States that hold an in-flight slot.
+IN_FLIGHT: frozenset[JobState] = frozenset({JobState.SUBMITTING, JobState.SUBMITTED})
+
+#: Every legal move; ``None`` is "no record yet". The store refuses anything else.
+TRANSITIONS: dict[JobState | None, frozenset[JobState]] = {
+    None: frozenset({JobState.QUEUED, JobState.FAILED}),
+    JobState.QUEUED: frozenset({JobState.SUBMITTING, JobState.FAILED}),
+    # submitting -> queued: the request never left (connect error, retryable code).
+    JobState.SUBMITTING: frozenset({JobState.QUEUED, JobState.SUBMITTED, JobState.FAILED}),
+    # submitted -> queued: opt-in regeneration after a failed generation (KIE_REGENERATE).
+    JobState.SUBMITTED: frozenset({JobState.QUEUED, JobState.SUCCEEDED, JobState.FAILED}),
+    # failed -> queued: an operator's `kie-extend retry`.
+    JobState.FAILED: frozenset({JobState.QUEUED}),
+    JobState.SUCCEEDED: frozenset(),
+}
+
+#: Result event name per terminal state.
+EVENT_FOR: dict[JobState, str] = {
+    JobState.SUCCEEDED: "job.succeeded",
+    JobState.FAILED: "job.failed",
+}

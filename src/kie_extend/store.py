@@ -1,0 +1,255 @@
+"""The Redis job store: records, the one state-transition function, and leased schedules.
+
+Every state change goes through :meth:`JobStore.transition`, a Lua script that compares the
+current state, writes the new one with its fields, keeps the state indexes and the in-flight set
+in step, and, for a terminal state, writes the result event and queues one delivery per handler in
+the same atomic step (the outbox).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Iterable
+
+import redis
+
+from .keys import Keys
+from .states import IN_FLIGHT, TERMINAL, TRANSITIONS, JobState
+
+# KEYS: none (single-node Redis; keys derive from the prefix).
+# ARGV: prefix, job_id, to, expected ("|"-joined, "" = no record), fields JSON, due ("" keep,
+#       "-" remove, else score), event JSON or "", handlers JSON, retention seconds, now, inflight flag
+_TRANSITION = """
+local p, id, to = ARGV[1], ARGV[2], ARGV[3]
+local jk = p .. ':job:' .. id
+local cur = redis.call('HGET', jk, 'state') or ''
+local ok = false
+for e in string.gmatch(ARGV[4] .. '|', '([^|]*)|') do
+  if e == cur then ok = true end
+end
+if not ok then return {0, cur} end
+local fields = cjson.decode(ARGV[5])
+for k, v in pairs(fields) do
+  if v == cjson.null then redis.call('HDEL', jk, k) else redis.call('HSET', jk, k, v) end
+end
+redis.call('HSET', jk, 'state', to)
+local created = tonumber(redis.call('HGET', jk, 'created_ts') or ARGV[9])
+if cur ~= '' then redis.call('ZREM', p .. ':state:' .. cur, id) end
+redis.call('ZADD', p .. ':state:' .. to, created, id)
+if ARGV[10] == '1' then redis.call('SADD', p .. ':inflight', id) else redis.call('SREM', p .. ':inflight', id) end
+if ARGV[6] == '-' then redis.call('ZREM', p .. ':due', id)
+elseif ARGV[6] ~= '' then redis.call('ZADD', p .. ':due', ARGV[6], id) end
+if ARGV[7] ~= '' then
+  redis.call('ZREM', p .. ':due', id)
+  redis.call('ZREM', p .. ':blocked', id)
+  redis.call('HSET', jk, 'event', ARGV[7])
+  for _, h in ipairs(cjson.decode(ARGV[8])) do
+    redis.call('HSET', jk, 'handler:' .. h, '{"state":"pending","attempts":0}')
+    redis.call('ZADD', p .. ':deliveries', ARGV[9], id .. '|' .. h)
+  end
+  redis.call('HINCRBY', p .. ':stats', 'jobs_' .. to, 1)
+  redis.call('EXPIRE', jk, ARGV[11])
+else
+  redis.call('PERSIST', jk)
+end
+return {1, cur}
+"""
+
+# Claim up to ARGV[3] members due by ARGV[1]: push each one's score to ARGV[2] (the lease end),
+# so a claimer that dies lets the member fall due again. KEYS[1]: the sorted set.
+_CLAIM = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
+return ids
+"""
+
+# Move up to ARGV[1] blocked jobs (oldest first) onto the due schedule at ARGV[2].
+# KEYS: blocked, due.
+_RELEASE = """
+local n = tonumber(ARGV[1])
+if n <= 0 then return 0 end
+local ids = redis.call('ZRANGE', KEYS[1], 0, n - 1)
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('ZADD', KEYS[2], 'LT', ARGV[2], id)
+  redis.call('ZADD', KEYS[2], 'NX', ARGV[2], id)
+end
+return #ids
+"""
+
+
+def _enc(value: Any) -> Any:
+    """A hash field value: JSON for containers, text for scalars, null to delete."""
+    if value is None:
+        return None
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"))
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, JobState):
+        return value.value
+    return str(value)
+
+
+class IllegalTransition(RuntimeError):
+    """A move that the state machine forbids (a bug, never a race)."""
+
+
+class JobStore:
+    """Job records and schedules in Redis, under one key prefix."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.redis = client
+        self.keys = keys
+        self._transition = client.register_script(_TRANSITION)
+        self._claim = client.register_script(_CLAIM)
+        self._release = client.register_script(_RELEASE)
+
+    # -- records ---------------------------------------------------------------------------
+    def get(self, job_id: str) -> dict[str, str] | None:
+        """The raw record (field -> text), or None when no such job exists."""
+        raw = self.redis.hgetall(self.keys.job(job_id))
+        if not raw:
+            return None
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    def exists(self, job_id: str) -> bool:
+        """Whether a record exists for ``job_id``."""
+        return bool(self.redis.exists(self.keys.job(job_id)))
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        """Set non-state fields of an existing record (state changes use :meth:`transition`)."""
+        if "state" in fields:
+            raise IllegalTransition("state changes go through transition()")
+        mapping = {k: _enc(v) for k, v in fields.items() if v is not None}
+        gone = [k for k, v in fields.items() if v is None]
+        pipe = self.redis.pipeline()
+        if mapping:
+            pipe.hset(self.keys.job(job_id), mapping=mapping)
+        if gone:
+            pipe.hdel(self.keys.job(job_id), *gone)
+        pipe.execute()
+
+    def incr(self, job_id: str, field: str, amount: int = 1) -> int:
+        """Add to a counter field of a record."""
+        return int(self.redis.hincrby(self.keys.job(job_id), field, amount))
+
+    def create_pointer(self, job_id: str, fields: dict[str, Any], ttl: float) -> bool:
+        """Write a record that only points at another job (idempotency duplicate); once."""
+        key = self.keys.job(job_id)
+        if not self.redis.hsetnx(key, "duplicate_of", fields["duplicate_of"]):
+            return False
+        self.redis.hset(key, mapping={k: _enc(v) for k, v in fields.items() if v is not None})
+        self.redis.expire(key, int(ttl))
+        return True
+
+    # -- the one place a state changes -------------------------------------------------------
+    def transition(
+        self,
+        job_id: str,
+        to: JobState,
+        *,
+        expect: Iterable[JobState | None],
+        fields: dict[str, Any] | None = None,
+        due: float | None | str = "",
+        event: dict[str, Any] | None = None,
+        handlers: Iterable[str] = (),
+        retention: float = 7 * 86400,
+    ) -> bool:
+        """Move ``job_id`` to ``to`` if it is in one of ``expect``; False if it was not.
+
+        ``due``: a time to put the job on the due schedule, ``None`` to take it off, ``""`` to
+        leave it. A terminal move needs ``event``; it is stored with the state, and one delivery
+        per handler is queued, all in one atomic step.
+        """
+        expected = list(expect)
+        for frm in expected:
+            if to not in TRANSITIONS[frm]:
+                raise IllegalTransition(f"{frm} -> {to} is not a legal move")
+        if (to in TERMINAL) != (event is not None):
+            raise IllegalTransition("a terminal move must carry exactly one result event")
+        encoded = {k: _enc(v) for k, v in (fields or {}).items()}
+        payload = json.dumps({k: (v if v is not None else None) for k, v in encoded.items()})
+        due_arg = "-" if due is None else ("" if due == "" else repr(float(due)))
+        result = self._transition(
+            args=[
+                self.keys.prefix,
+                job_id,
+                to.value,
+                "|".join("" if s is None else s.value for s in expected),
+                payload,
+                due_arg,
+                json.dumps(event, separators=(",", ":")) if event is not None else "",
+                json.dumps(list(handlers)),
+                repr(time.time()),
+                "1" if to in IN_FLIGHT else "0",
+                str(int(retention)),
+            ]
+        )
+        return bool(int(result[0]))
+
+    # -- schedules ---------------------------------------------------------------------------
+    def schedule(self, job_id: str, at: float, *, only_earlier: bool = False) -> None:
+        """Put a job on the due schedule at ``at`` (``only_earlier``: never push it later)."""
+        if only_earlier:
+            pipe = self.redis.pipeline()
+            pipe.zadd(self.keys.due, {job_id: at}, lt=True)
+            pipe.zadd(self.keys.due, {job_id: at}, nx=True)
+            pipe.execute()
+        else:
+            self.redis.zadd(self.keys.due, {job_id: at})
+
+    def unschedule(self, job_id: str) -> None:
+        """Take a job off the due schedule."""
+        self.redis.zrem(self.keys.due, job_id)
+
+    def claim_due(self, now: float, lease: float, limit: int) -> list[str]:
+        """Claim due jobs under a lease (their score moves to ``now + lease``)."""
+        return [_text(x) for x in self._claim(keys=[self.keys.due], args=[now, now + lease, limit])]
+
+    def claim_deliveries(self, now: float, lease: float, limit: int) -> list[tuple[str, str]]:
+        """Claim due handler deliveries under a lease; ``(job_id, handler)`` pairs."""
+        members = self._claim(keys=[self.keys.deliveries], args=[now, now + lease, limit])
+        return [tuple(_text(m).split("|", 1)) for m in members]  # type: ignore[misc]
+
+    def schedule_delivery(self, job_id: str, handler: str, at: float | None) -> None:
+        """Put a delivery back on its schedule at ``at``, or drop it (``None``)."""
+        member = f"{job_id}|{handler}"
+        if at is None:
+            self.redis.zrem(self.keys.deliveries, member)
+        else:
+            self.redis.zadd(self.keys.deliveries, {member: at})
+
+    def block(self, job_id: str, since: float) -> None:
+        """Park a queued job until in-flight room frees or a pause ends (FIFO by ``since``)."""
+        pipe = self.redis.pipeline()
+        pipe.zrem(self.keys.due, job_id)
+        pipe.zadd(self.keys.blocked, {job_id: since}, nx=True)
+        pipe.execute()
+
+    def release_blocked(self, count: int, now: float) -> int:
+        """Move up to ``count`` parked jobs, oldest first, onto the due schedule now."""
+        return int(self._release(keys=[self.keys.blocked, self.keys.due], args=[count, now]))
+
+    # -- listings and counters ---------------------------------------------------------------
+    def list_ids(self, state: JobState, limit: int = 100) -> list[str]:
+        """Newest job ids in ``state``."""
+        return [_text(x) for x in self.redis.zrevrange(self.keys.state_index(state.value), 0, limit - 1)]
+
+    def count(self, state: JobState) -> int:
+        """How many jobs are in ``state``."""
+        return int(self.redis.zcard(self.keys.state_index(state.value)))
+
+    def trim_indexes(self, older_than: float) -> None:
+        """Forget expired terminal jobs in the state indexes."""
+        for state in TERMINAL:
+            self.redis.zremrangebyscore(self.keys.state_index(state.value), "-inf", older_than)
+
+    def stat(self, name: str, amount: int = 1) -> None:
+        """Bump a shared counter."""
+        self.redis.hincrby(self.keys.stats, name, amount)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

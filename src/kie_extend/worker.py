@@ -1,0 +1,72 @@
+"""The Celery app: ``celery -A kie_extend.worker worker`` and ``celery -A kie_extend.worker beat``.
+
+The app is built on first access of ``kie_extend.worker.app`` (PEP 562), from Settings read at
+that moment: importing this module reads no environment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, signals
+
+from .config import Settings, load_settings
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """A Celery app wired to ``settings`` (JSON only, acks late, prefetch 1, the beat tick)."""
+    settings = settings or load_settings()
+    app = Celery("kie_extend", broker=settings.effective_broker_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_protocol=2,
+        task_default_queue=settings.queue,
+        task_routes={"kie_extend.*": {"queue": settings.queue}},
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": int(settings.visibility_timeout)},
+        timezone="UTC",
+        beat_schedule={
+            "kie-extend-tick": {
+                "task": "kie_extend.tick",
+                "schedule": settings.tick_interval,
+                "options": {"queue": settings.queue, "expires": max(1.0, settings.tick_interval * 2)},
+            }
+        },
+    )
+    app.kie_settings = settings  # type: ignore[attr-defined]
+    from . import tasks
+
+    tasks.register(app)
+    return app
+
+
+_app: Celery | None = None
+
+
+def get_app() -> Celery:
+    """The process-wide app, built once from the environment."""
+    global _app
+    if _app is None:
+        _app = create_app()
+    return _app
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        return get_app()
+    raise AttributeError(name)
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_: Any) -> None:
+    from .logs import setup_logging
+
+    settings = _app.kie_settings if _app is not None else load_settings()  # type: ignore[attr-defined]
+    setup_logging(settings.log_level, settings.log_format, [settings.api_key_value()])
