@@ -71,7 +71,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         return 2
     print(job_id)
     if args.wait:
-        return _wait(settings, job_id, as_json=False)
+        return _wait(settings, job_id, as_json=False, fresh=True)
     return 0
 
 
@@ -90,7 +90,8 @@ def _line(rec: dict[str, Any]) -> str:
     return "  ".join(bits)
 
 
-def _wait(settings: Settings, job_id: str, as_json: bool, timeout: float | None = None) -> int:
+def _wait(settings: Settings, job_id: str, as_json: bool, timeout: float | None = None,
+          fresh: bool = False, fresh_grace: float = 60.0) -> int:
     from .api import get_job
 
     last = None
@@ -98,9 +99,18 @@ def _wait(settings: Settings, job_id: str, as_json: bool, timeout: float | None 
     while True:
         rec = get_job(job_id, settings=settings)
         line = _line(rec)
+        if rec["state"] != JobState.NOT_FOUND.value:
+            fresh = False
         if line != last and not as_json:
             print(f"[{time.monotonic() - start:6.1f}s] {line}", flush=True)
             last = line
+        if rec["state"] == JobState.NOT_FOUND.value and fresh and time.monotonic() - start < fresh_grace:
+            line = f"{job_id}  in the broker, waiting for a worker to pick it up"
+            if line != last and not as_json:
+                print(f"[{time.monotonic() - start:6.1f}s] {line}", flush=True)
+                last = line
+            time.sleep(0.3)
+            continue
         if rec["state"] in _TERMINAL or rec["state"] == JobState.NOT_FOUND.value:
             if as_json:
                 print(json.dumps(rec, indent=2))

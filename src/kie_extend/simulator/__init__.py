@@ -1,0 +1,32 @@
+"""A faithful HTTP fake of KIE.AI's Suno "Upload And Extend Audio" provider (demos, tests, benchmarks).
+
+Routes: `POST /api/v1/generate/upload-extend`, `GET /api/v1/generate/record-info?taskId=`,
+`GET /api/v1/chat/credit`, `POST /api/file-{stream,base64,url}-upload`, `GET /uploads/<filePath>`,
+`GET /files/source/<N>s.mp3` (a short real MP3 whose nominal duration is N seconds), the takes' files
+under `/files/...`, and the control routes `GET /_sim/stats`, `POST /_sim/reset`, `GET|POST /_sim/config`.
+Knobs: `SimConfig` (env `KIE_SIM_<KNOB>`, CLI `--knob-name`).
+"""
+
+from .audio import audio_duration, mp3_bytes, mp3_duration, png_bytes, wav_bytes
+from .callbacks import sign
+from .cli import main
+from .config import SimConfig
+from .core import Simulator
+from .protocol import SimReply, SimRequest
+from .server import SimServer, serve
+
+__all__ = [
+    "SimConfig",
+    "SimReply",
+    "SimRequest",
+    "SimServer",
+    "Simulator",
+    "audio_duration",
+    "main",
+    "mp3_bytes",
+    "mp3_duration",
+    "png_bytes",
+    "serve",
+    "sign",
+    "wav_bytes",
+]

@@ -1,0 +1,367 @@
+"""The simulator's state and provider logic, independent of HTTP: submit, poll, credits, callbacks."""
+
+from __future__ import annotations
+
+import functools
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from . import files
+from .callbacks import Scheduler, post_callback
+from .config import SimConfig
+from .limits import RollingLimiter
+from .protocol import SimReply, SimRequest, envelope, json_reply
+from .rules import SourceFetchError, validate_submit
+from .stats import Stats
+from .tasks import Take, Task
+from .uploads import UploadStore
+
+SUBMIT = "POST /api/v1/generate/upload-extend"
+POLL = "GET /api/v1/generate/record-info"
+CREDIT = "GET /api/v1/chat/credit"
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+
+Handler = Callable[[SimRequest], SimReply]
+
+
+def number(value: float) -> float | int:
+    """A float as an int when it is integral (credit balances)."""
+    return int(value) if float(value).is_integer() else value
+
+
+class Simulator:
+    """All simulator state (tasks, counters, limits, uploads) and the logic behind every route."""
+
+    def __init__(self, config: SimConfig | None = None, base_url: str = "http://127.0.0.1:8787") -> None:
+        self.config = config or SimConfig()
+        self.config.check()
+        self.base_url = base_url
+        self.lock = threading.RLock()
+        self.stats = Stats()
+        self.uploads = UploadStore()
+        self.scheduler = Scheduler(self.config.callback_workers)
+        self._submit_limiter = RollingLimiter()
+        self._poll_limiter = RollingLimiter()
+        self.tasks: dict[str, Task] = {}
+        self.takes: dict[str, tuple[Task, Take]] = {}
+        self.credits = self.config.credits
+        self.rng = random.Random(self.config.seed)
+        self._routes: dict[tuple[str, str], Handler] = {
+            ("POST", "/api/v1/generate/upload-extend"): self.submit,
+            ("GET", "/api/v1/generate/record-info"): self.record_info,
+            ("GET", "/api/v1/chat/credit"): self.credit,
+            ("POST", "/api/file-stream-upload"): lambda r: files.upload_stream(self, r),
+            ("POST", "/api/file-base64-upload"): lambda r: files.upload_base64(self, r),
+            ("POST", "/api/file-url-upload"): lambda r: files.upload_url(self, r),
+            ("GET", "/_sim/stats"): lambda r: json_reply(self.stats_snapshot()),
+            ("POST", "/_sim/reset"): self._reset_route,
+            ("GET", "/_sim/config"): self._config_route,
+            ("POST", "/_sim/config"): self._config_route,
+            ("GET", "/_sim/health"): lambda r: envelope(200, "ok", {"tasks": len(self.tasks)}),
+        }
+
+    # ----- dispatch -------------------------------------------------------------------------------
+
+    def route_of(self, req: SimRequest) -> tuple[str, Handler | None]:
+        """The stats label of a request and the handler that answers it (None: unknown route)."""
+        method = "GET" if req.method == "HEAD" else req.method
+        handler = self._routes.get((method, req.path))
+        if handler is not None:
+            return f"{method} {req.path}", handler
+        if method == "GET" and req.path.startswith("/files/"):
+            kind = req.path.split("/")[2]
+            return f"GET /files/{kind}", lambda r: files.serve_file(self, r)
+        if method == "GET" and req.path.startswith("/uploads/"):
+            return "GET /uploads", lambda r: files.serve_upload(self, r)
+        if any(path == req.path for _, path in self._routes):
+            return f"{method} {req.path}", lambda r: envelope(405, "Method Not Allowed", status=405)
+        return f"{method} (unknown)", None
+
+    def handle(self, req: SimRequest) -> SimReply:
+        """Answer one request and count it (the `/_sim/` control routes are not counted)."""
+        label, handler = self.route_of(req)
+        reply = handler(req) if handler else envelope(404, "Not Found", status=404)
+        if not req.path.startswith("/_sim/"):
+            self.stats.answered(label, reply.code)
+        return reply
+
+    # ----- helpers --------------------------------------------------------------------------------
+
+    def public_base(self, req: SimRequest) -> str:
+        """Base URL for URLs handed out in answers to `req`."""
+        return (self.config.public_url or req.base_url or self.base_url).rstrip("/")
+
+    def authenticate(self, req: SimRequest) -> tuple[str, SimReply | None]:
+        """The caller's API key, or a 401 reply."""
+        auth = req.header("authorization").strip()
+        scheme, _, key = auth.partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            return "", envelope(401, "Unauthorized: missing API key (Authorization: Bearer <key>)")
+        if self.config.api_key and key != self.config.api_key:
+            return "", envelope(401, "Unauthorized: invalid API key")
+        return key, None
+
+    def roll(self, knob: str, rng: random.Random | None = None, count: bool = True) -> bool:
+        """Draw the fault `knob` (a fraction); count it under `faults` when it fires and `count`."""
+        fraction = getattr(self.config, knob)
+        if fraction <= 0:
+            return False
+        with self.lock:
+            hit = bool((rng or self.rng).random() < fraction)
+        if hit and count:
+            self.stats.tally("faults", knob)
+        return hit
+
+    def is_own_url(self, url: str, req: SimRequest | None = None) -> bool:
+        """Whether `url` points at this simulator."""
+        parts = urlsplit(url)
+        netloc = parts.netloc.lower()
+        own = {urlsplit(self.base_url).netloc.lower()}
+        if self.config.public_url:
+            own.add(urlsplit(self.config.public_url).netloc.lower())
+        if req is not None and req.header("host"):
+            own.add(req.header("host").lower())
+        if netloc in own:
+            return True
+        try:
+            port = parts.port
+        except ValueError:
+            return False
+        return (parts.hostname or "") in LOOPBACK and port == urlsplit(self.base_url).port
+
+    def source_duration(self, url: str, req: SimRequest | None = None) -> float | None:
+        """Nominal duration of a file this simulator serves, None if unknown; SourceFetchError if gone."""
+        if not self.is_own_url(url, req):
+            return None
+        path = urlsplit(url).path
+        match = files.SOURCE_RE.match(path)
+        if match:
+            return float(match.group(1))
+        if path.startswith("/uploads/"):
+            upload = self.uploads.get(path[len("/uploads/"):], self.upload_ttl())
+            if upload is None:
+                raise SourceFetchError("uploaded file not found or expired")
+            return upload.duration
+        key = path.rsplit("/", 1)[-1].split(".")[0]
+        found = self.takes.get(key)
+        return found[1].duration if found else None
+
+    def upload_ttl(self) -> float:
+        """Lifetime of uploads in wall-clock seconds."""
+        return self.config.upload_ttl_seconds * self.config.time_factor
+
+    # ----- provider routes ------------------------------------------------------------------------
+
+    def submit(self, req: SimRequest) -> SimReply:
+        """`POST /api/v1/generate/upload-extend`."""
+        key, denied = self.authenticate(req)
+        if denied:
+            return denied
+        cfg = self.config
+        if not self._submit_limiter.allow(key, cfg.rate_limit, cfg.rate_window):
+            self.stats.add("rate_limited")
+            return envelope(429, f"Rate limit exceeded: at most {cfg.rate_limit} new requests "
+                                 f"per {cfg.rate_window:g} seconds; this request was not queued")
+        delay = cfg.slow_seconds if self.roll("fault_slow") else 0.0
+        reply = self._submit_checked(req, key)
+        reply.delay = delay
+        return reply
+
+    def _submit_checked(self, req: SimRequest, key: str) -> SimReply:
+        if self.roll("fault_429"):
+            self.stats.add("rate_limited")
+            return envelope(429, "Rate limit exceeded; this request was not queued")
+        if self.roll("fault_455"):
+            return envelope(455, "Service unavailable: system maintenance")
+        if self.roll("fault_500"):
+            return envelope(500, "Server error, please try again later")
+        try:
+            body = req.json()
+        except ValueError:
+            return envelope(422, "request body must be valid JSON")
+        rejection = validate_submit(body, self.config, lambda url: self.source_duration(url, req))
+        if rejection:
+            return envelope(rejection.code, rejection.msg)
+        with self.lock:
+            cost = self.config.task_cost
+            if self.credits <= 0 or self.credits < cost:
+                return envelope(402, "Insufficient credits")
+            self.credits -= cost
+            task = self._create_task(body, key, self.public_base(req))
+        self.stats.add("submissions_accepted")
+        self.stats.tally("submissions_by_callback_url", task.callback_url)
+        self._schedule_callbacks(task)
+        reply = envelope(200, "success", {"taskId": task.task_id})
+        reply.drop = self.roll("fault_drop_after_accept")
+        return reply
+
+    def record_info(self, req: SimRequest) -> SimReply:
+        """`GET /api/v1/generate/record-info?taskId=…`."""
+        _, denied = self.authenticate(req)
+        if denied:
+            return denied
+        task_id = str(req.query.get("taskId", "")).strip()
+        if not task_id:
+            return envelope(422, "taskId is required")
+        self.stats.add("polls")
+        self.stats.tally("polls_by_task", task_id)
+        cfg = self.config
+        delay = cfg.slow_seconds if self.roll("fault_slow") else 0.0
+        if not self._poll_limiter.allow(task_id, cfg.poll_limit, cfg.poll_window):
+            reply = envelope(429, f"Too many requests: at most {cfg.poll_limit} record-info requests "
+                                  f"per {cfg.poll_window:g} s per task")
+        elif self.roll("fault_poll_500"):
+            reply = envelope(500, "Server error, please try again later")
+        else:
+            task = self.tasks.get(task_id)
+            reply = envelope(200, "success", task.record_info(time.monotonic())) if task else \
+                envelope(422, "recordInfo is null")
+        reply.delay = delay
+        return reply
+
+    def credit(self, req: SimRequest) -> SimReply:
+        """`GET /api/v1/chat/credit`."""
+        _, denied = self.authenticate(req)
+        if denied:
+            return denied
+        return envelope(200, "success", number(self.credits))
+
+    # ----- tasks and callbacks --------------------------------------------------------------------
+
+    def _create_task(self, body: dict[str, Any], key: str, base: str) -> Task:
+        """Create and register a task (caller holds the lock)."""
+        cfg, rng = self.config, self.rng
+        task_rng = random.Random(rng.getrandbits(64))
+        task_id = f"{rng.getrandbits(128):032x}"
+        total = cfg.complete_seconds
+        bounds = [b for b in (cfg.duration_min, cfg.duration_max) if b is not None]
+        if bounds:
+            total = max(task_rng.uniform(min(bounds), max(bounds)), 0.001)
+        scale, tf = total / cfg.complete_seconds, cfg.time_factor
+        instrumental = bool(body.get("instrumental") or False)
+        now = time.monotonic()
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+        takes = [Take(id=str(uuid.UUID(int=task_rng.getrandbits(128), version=4)),
+                      title=str(body.get("title") or "Extended Audio"), tags=str(body.get("style") or ""),
+                      prompt="" if instrumental else str(body.get("prompt") or ""),
+                      duration=round(task_rng.uniform(cfg.track_min_seconds, cfg.track_max_seconds), 2),
+                      create_time=stamp) for _ in range(2)]
+        task = Task(task_id=task_id, body=body, api_key=key, base_url=base, created=now,
+                    t_text=None if instrumental else cfg.text_seconds * scale * tf,
+                    t_first=cfg.first_seconds * scale * tf, t_done=total * tf, takes=takes)
+        if self.roll("fault_generation_fail", task_rng):
+            task.fail_code = task_rng.choice((500, 501))
+        elif self.roll("fault_callback_exception", task_rng):
+            task.callback_exception = True
+        task.empty_stream = self.roll("fault_empty_stream", task_rng, count=False)
+        for _, stage in task.stages():
+            plan = "missing" if self.roll("fault_missing_callback", task_rng, count=False) else \
+                "duplicate" if self.roll("fault_duplicate_callback", task_rng, count=False) else "send"
+            task.callback_plan[stage] = plan
+        self.tasks[task_id] = task
+        for take in takes:
+            self.takes[take.key] = (task, take)
+        return task
+
+    def _schedule_callbacks(self, task: Task) -> None:
+        if not self.config.callbacks:
+            return
+        for elapsed, stage in task.stages():
+            self.scheduler.call_at(task.created + elapsed, task.task_id, functools.partial(self._fire, task, stage))
+
+    def _current(self, task: Task) -> bool:
+        return self.tasks.get(task.task_id) is task
+
+    def _fire(self, task: Task, stage: str) -> None:
+        """A callback stage is due: send it (or inject the missing/duplicate fault)."""
+        if not self._current(task) or not self.config.callbacks:
+            return
+        plan = task.callback_plan.get(stage, "send")
+        if plan == "missing":
+            self.stats.tally("faults", "fault_missing_callback")
+            return
+        self._attempt(task, stage, 0)
+        if plan == "duplicate":
+            self.stats.tally("faults", "fault_duplicate_callback")
+            self._attempt(task, stage, 0)
+
+    def _attempt(self, task: Task, stage: str, retry: int) -> None:
+        """One delivery attempt; on failure schedule the next retry or stop the task's callbacks."""
+        cfg = self.config
+        if task.cb_stopped or not self._current(task):
+            return
+        ok = post_callback(task.callback_url, task.callback_body(stage), cfg.callback_secret, cfg.callback_timeout)
+        if not self._current(task):
+            return
+        if ok:
+            task.cb_failures = 0
+            self.stats.add("callbacks_sent")
+            self.stats.tally("callbacks_by_type", stage)
+            return
+        self.stats.add("callbacks_failed")
+        task.cb_failures += 1
+        if task.cb_failures >= cfg.callback_max_failures:
+            task.cb_stopped = True
+        elif retry < len(cfg.callback_retry_delays):
+            due = time.monotonic() + cfg.callback_retry_delays[retry] * cfg.time_factor
+            self.scheduler.call_at(due, task.task_id, functools.partial(self._attempt, task, stage, retry + 1))
+
+    # ----- control --------------------------------------------------------------------------------
+
+    def stats_snapshot(self) -> dict[str, Any]:
+        """The `/_sim/stats` document."""
+        out = self.stats.snapshot()
+        with self.lock:
+            out["tasks"] = len(self.tasks)
+            out["credits"] = number(self.credits)
+        out["uploads_stored"] = len(self.uploads)
+        out["callbacks_pending"] = self.scheduler.pending()
+        return out
+
+    def reset(self) -> None:
+        """Forget tasks, uploads, counters and limits; restore credits and the random seed."""
+        with self.lock:
+            self.scheduler.clear()
+            self.tasks.clear()
+            self.takes.clear()
+            self.uploads.clear()
+            self._submit_limiter.clear()
+            self._poll_limiter.clear()
+            self.stats.reset()
+            self.credits = self.config.credits
+            self.rng = random.Random(self.config.seed)
+
+    def update_config(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Apply knob changes at run time; returns the masked config. ValueError on bad knobs."""
+        with self.lock:
+            self.config = self.config.updated(values)
+            if "credits" in values:
+                self.credits = self.config.credits
+            if "seed" in values:
+                self.rng = random.Random(self.config.seed)
+            return self.config.public_dict()
+
+    def _reset_route(self, req: SimRequest) -> SimReply:
+        self.reset()
+        return envelope(200, "reset", None)
+
+    def _config_route(self, req: SimRequest) -> SimReply:
+        if req.method == "GET":
+            return envelope(200, "success", self.config.public_dict())
+        try:
+            values = req.json()
+            if not isinstance(values, dict):
+                raise ValueError("body must be a JSON object of knobs")
+            return envelope(200, "success", self.update_config(values))
+        except ValueError as exc:
+            return envelope(400, str(exc))
+
+    def close(self) -> None:
+        """Stop background threads."""
+        self.scheduler.close()
