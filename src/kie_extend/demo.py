@@ -48,6 +48,7 @@ def run_demo(jobs: int = 6, time_factor: float = 0.08) -> int:
     workdir = tempfile.mkdtemp(prefix="kie-extend-demo-")
     external = os.environ.get("KIE_REDIS_URL")
     stack: DevStack | None = None
+    ok = False
 
     def _stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -96,7 +97,10 @@ def run_demo(jobs: int = 6, time_factor: float = 0.08) -> int:
             counts: dict[str, int] = {}
             for job_id in labels:
                 rec = get_job(job_id, settings=settings)
-                counts[rec["state"]] = counts.get(rec["state"], 0) + 1
+                state = "in_broker" if rec["state"] == "not_found" else rec["state"]
+                if state == "submitted" and rec.get("kie_status"):
+                    state = f"submitted/{rec['kie_status']}"
+                counts[state] = counts.get(state, 0) + 1
                 if rec["state"] in _TERMINAL and job_id not in finished:
                     finished[job_id] = time.monotonic() - started
             line = "  ".join(f"{k}={v}" for k, v in sorted(counts.items()))
@@ -132,4 +136,7 @@ def run_demo(jobs: int = 6, time_factor: float = 0.08) -> int:
         signal.signal(signal.SIGTERM, previous)
         if stack is not None:
             stack.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if ok:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"logs kept in {workdir}")
