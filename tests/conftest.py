@@ -54,3 +54,29 @@ def rclient(valkey: EmbeddedValkey) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(valkey.url)
     yield client
     client.close()
+
+
+_CHAOS_REPORT = __import__("pathlib").Path(__file__).resolve().parent.parent / ".chaos-report.jsonl"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Start each run with an empty fault-suite report."""
+    _CHAOS_REPORT.unlink(missing_ok=True)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the fault suite's table: jobs, faults, and the counts that must stay zero."""
+    if not _CHAOS_REPORT.exists():
+        return
+    import json
+
+    rows = [json.loads(line) for line in _CHAOS_REPORT.read_text().splitlines() if line.strip()]
+    tr = terminalreporter
+    tr.section("fault suite")
+    tr.write_line(f"{'scenario':<32} {'jobs':>4} {'ok':>4} {'fail':>4} {'lost':>4} {'2x sub':>6} {'dup ev':>6} "
+                  f"{'429s':>5}  faults")
+    for r in rows:
+        faults = {**r["faults"], **r["sim_faults"]}
+        tr.write_line(f"{r['scenario']:<32} {r['jobs']:>4} {r['succeeded']:>4} {r['failed']:>4} {r['lost']:>4} "
+                      f"{r['double_submissions']:>6} {r['duplicate_events']:>6} {r['rate_limited_429']:>5}  "
+                      f"{json.dumps(faults, sort_keys=True)}  failed_by_kind={json.dumps(r['failed_by_kind'])}")

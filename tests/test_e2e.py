@@ -4,6 +4,7 @@ processes; jobs enter through every kind of producer."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 import os
 import subprocess
 import sys
@@ -189,3 +190,41 @@ def test_provider_rejection_fails_job(stack: DevStack) -> None:
     job_id = enqueue_extend(valid_request(stack, continueAt=45), settings=settings)
     rec = wait_terminal(stack, [job_id])[job_id]
     assert rec["state"] == "failed" and rec["error"]["kind"] == "invalid_request" and rec["error"]["code"] == 422
+
+
+def _publish_raw(stack: DevStack, body: bytes, content_type: str, headers: dict) -> None:
+    from kombu import Connection, Queue
+
+    queue = stack.settings().queue
+    with Connection(stack.redis_url) as conn:
+        conn.Producer().publish(body, routing_key=queue, content_type=content_type, content_encoding="utf-8",
+                                headers=headers, declare=[Queue(queue)], serializer=None)
+
+
+def test_malformed_messages_become_failed_jobs(stack: DevStack) -> None:
+    """Non-JSON bodies, pickle, wrong shapes, wrong types, huge strings: failed jobs, never a dead worker."""
+    settings = stack.settings()
+    ids = {name: f"malformed-{name}-{uuid.uuid4()}" for name in ("notjson", "pickle", "shape", "types", "huge", "args")}
+    base = {"lang": "py", "task": "kie_extend.extend", "argsrepr": "", "kwargsrepr": "", "origin": "test"}
+    _publish_raw(stack, b"{not json", "application/json", {**base, "id": ids["notjson"], "root_id": ids["notjson"]})
+    _publish_raw(stack, b"\x80\x04K\x01.", "application/x-python-serialize",
+                 {**base, "id": ids["pickle"], "root_id": ids["pickle"]})
+    _publish_raw(stack, json.dumps({"not": "a task call"}).encode(), "application/json",
+                 {**base, "id": ids["shape"], "root_id": ids["shape"]})
+    app = producer_app(settings)
+    app.send_task("kie_extend.extend", task_id=ids["types"], queue=settings.queue,
+                  kwargs={"request": ["a", "list"], "metadata": "not an object", "idempotency_key": 12})
+    app.send_task("kie_extend.extend", task_id=ids["huge"], queue=settings.queue,
+                  kwargs={"request": {**valid_request(stack), "defaultParamFlag": False, "prompt": "x" * 200_000}})
+    app.send_task("kie_extend.extend", task_id=ids["args"], queue=settings.queue, args=[{"uploadUrl": "x"}])
+    recs = wait_terminal(stack, list(ids.values()))
+    for name, job_id in ids.items():
+        rec = recs[job_id]
+        assert rec["state"] == "failed" and rec["error"]["kind"] == "invalid_request", (name, rec)
+    assert "decoded" in recs[ids["notjson"]]["error"]["message"]
+    assert {e["field"] for e in recs[ids["types"]]["error"]["errors"]} >= {"request", "metadata", "idempotency_key"}
+    events = Counter(e["job_id"] for e in stream_events(stack))
+    assert all(events[j] == 1 for j in ids.values())
+    assert all(c.alive() for c in stack.workers)
+    ok = enqueue_extend(valid_request(stack), settings=settings)  # the worker still works
+    assert wait_terminal(stack, [ok])[ok]["state"] == "succeeded"

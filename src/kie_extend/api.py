@@ -12,6 +12,7 @@ from .config import Settings, load_settings
 from .errors import ValidationError
 from .events import status_record
 from .models import parse_request
+from .pipeline import MAX_REQUEST_BYTES
 from .runtime import Runtime
 from .states import JobState
 
@@ -48,9 +49,16 @@ def check_extend(request: Any, *, idempotency_key: str | None = None, metadata: 
     problems: list[dict[str, str]] = []
     body: dict[str, Any] = {}
     try:
-        body = parse_request(request, allow_private_urls=settings.allow_private_urls).body
-    except ValidationError as exc:
-        problems += exc.errors
+        size = len(json.dumps(request))
+    except (TypeError, ValueError):
+        raise ValidationError([{"field": "request", "message": "must be JSON-serialisable"}]) from None
+    if size > MAX_REQUEST_BYTES:
+        problems.append({"field": "request", "message": f"is {size} bytes of JSON; at most {MAX_REQUEST_BYTES}"})
+    else:
+        try:
+            body = parse_request(request, allow_private_urls=settings.allow_private_urls).body
+        except ValidationError as exc:
+            problems += exc.errors
     if metadata is not None:
         if not isinstance(metadata, dict):
             problems.append({"field": "metadata", "message": "must be a JSON object"})

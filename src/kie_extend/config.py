@@ -84,6 +84,7 @@ class Settings(BaseSettings):
     connect_timeout: Duration = 5.0
     read_timeout: Duration = 30.0
     max_submit_attempts: int = Field(5, ge=1)
+    maintenance_backoff: Duration = 30.0
     regenerate: int = Field(0, ge=0)
     submit_unknown_window: Duration = 900.0
     poll_first: Duration = 8.0
@@ -114,7 +115,7 @@ class Settings(BaseSettings):
     @field_validator(
         "job_timeout", "connect_timeout", "read_timeout", "submit_unknown_window", "poll_first",
         "poll_interval", "poll_max_interval", "poll_min_gap", "poll_not_found_grace",
-        "tick_interval", "lease", "visibility_timeout", "pause_probe_interval", "retention",
+        "tick_interval", "lease", "maintenance_backoff", "visibility_timeout", "pause_probe_interval", "retention",
         "idempotency_window", "handler_retry_base", "webhook_timeout", "submit_rate_margin",
         mode="before",
     )

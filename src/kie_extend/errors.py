@@ -166,13 +166,14 @@ RETRY_MAX_SECONDS = 300.0
 MAINTENANCE_MIN_SECONDS = 30.0
 
 
-def retry_delay(error: ProviderError, attempt: int, *, rate_window: float = 10.0) -> float:
-    """Seconds to wait before attempt ``attempt + 1`` after ``error`` (full jitter, bounded)."""
+def retry_delay(error: ProviderError, attempt: int, *, rate_window: float = 10.0,
+                maintenance: float = MAINTENANCE_MIN_SECONDS) -> float:
+    """Seconds to wait before attempt ``attempt + 1`` after ``error`` (jittered, bounded)."""
     base = RETRY_BASE_SECONDS * (2 ** max(0, attempt - 1))
     floor = 0.0
     if isinstance(error, RateLimitedError):
         floor = rate_window
     elif isinstance(error, ProviderCodeError) and error.code == 455:
-        floor = MAINTENANCE_MIN_SECONDS
+        floor = maintenance
     delay = min(RETRY_MAX_SECONDS, max(floor, base))
-    return delay * (0.75 + random.random() * 0.5)
+    return float(delay * (0.75 + random.random() * 0.5))

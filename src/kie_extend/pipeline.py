@@ -22,6 +22,8 @@ from .states import TERMINAL, JobState
 
 log = logging.getLogger("kie_extend.pipeline")
 
+#: Largest request body accepted (bytes of JSON); the provider's own limits are far below it.
+MAX_REQUEST_BYTES = 64 * 1024
 #: Longest idempotency key accepted.
 MAX_IDEMPOTENCY_KEY = 256
 #: Seconds a submit attempt may take before the due schedule looks at it again.
@@ -85,6 +87,10 @@ class Pipeline:
         ):
             problems.append({"field": "idempotency_key", "message": f"must be a string of 1-{MAX_IDEMPOTENCY_KEY} characters"})
             idempotency_key = None
+        size = len(json.dumps(request, default=str)) if request is not None else 0
+        if size > MAX_REQUEST_BYTES:
+            problems.append({"field": "request", "message": f"is {size} bytes of JSON; at most {MAX_REQUEST_BYTES}"})
+            request = {}
         body: dict[str, Any] = request if isinstance(request, dict) else {}
         warnings: list[str] = []
         try:
@@ -132,6 +138,15 @@ class Pipeline:
             _log(job_id, logging.INFO, "queued")
         self.try_submit(job_id)
 
+    def reject_malformed(self, job_id: str, reason: str) -> bool:
+        """Record an extend message that could not even be read as a failed job with its event."""
+        now = time.time()
+        fields = {"job_id": job_id, "request": {}, "metadata": {}, "created_at": now_iso(), "created_ts": now,
+                  "attempts": 0, "polls": 0,
+                  "error": _error("invalid_request", reason, errors=[{"field": "message", "message": reason}])}
+        _log(job_id, logging.WARNING, "malformed message: %s", reason)
+        return self._finish(job_id, {}, JobState.FAILED, fields, expect=[None])
+
     # -- submit ------------------------------------------------------------------------------
     def try_submit(self, job_id: str) -> None:
         """Pass the gates and send a queued job to the provider, or park it until it may."""
@@ -139,7 +154,9 @@ class Pipeline:
         if raw is None or raw.get("state") != JobState.QUEUED.value:
             return
         attempt = int(raw.get("attempts") or 0) + 1
-        decision = self.gates.acquire(job_id, f"{job_id}:{attempt}")
+        # The rate-slot token names this send; it changes after every real send, never reused.
+        send = int(raw.get("sends") or 0) + 1
+        decision = self.gates.acquire(job_id, f"{job_id}:{send}")
         if decision.verdict in ("paused", "inflight"):
             self.store.block(job_id, float(raw.get("created_ts") or time.time()))
             self.store.stat(f"gate_wait_{decision.verdict}")
@@ -152,7 +169,7 @@ class Pipeline:
         lease_end = now + self.s.connect_timeout + self.s.read_timeout + SUBMIT_LEASE_SLACK
         if not self.store.transition(
             job_id, JobState.SUBMITTING, expect=[JobState.QUEUED],
-            fields={"attempts": attempt, "submit_started_ts": now, "submit_error": None},
+            fields={"attempts": attempt, "sends": send, "submit_started_ts": now, "submit_error": None},
             due=lease_end,
         ):
             state = (self.store.get(job_id) or {}).get("state")
@@ -201,7 +218,8 @@ class Pipeline:
             _log(job_id, logging.ERROR, "provider refused the account (%s); submission paused", exc)
             return
         if exc.retryable and attempt < self.s.max_submit_attempts:
-            delay = E.retry_delay(exc, attempt, rate_window=self.gates.window)
+            delay = E.retry_delay(exc, attempt, rate_window=self.gates.window,
+                                  maintenance=self.s.maintenance_backoff)
             self.store.transition(job_id, JobState.QUEUED, expect=[JobState.SUBMITTING],
                                   fields={"submit_error": str(exc)}, due=now + delay)
             _log(job_id, logging.WARNING, "submit attempt %d failed (%s); retry in %.1fs", attempt, exc, delay)

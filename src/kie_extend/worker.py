@@ -29,6 +29,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
+        worker_consumer="kie_extend.consumer:KieConsumer",
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": int(settings.visibility_timeout)},
         timezone="UTC",

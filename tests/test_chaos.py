@@ -1,0 +1,237 @@
+"""Fault suite (``make chaos``): real faults against the whole system, each run checked for the
+guarantees: every job terminal, no job submitted twice, one result event per job, every handler
+delivered once after dedup, and the API key nowhere in Redis or the logs."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from kie_extend.api import enqueue_many, get_job
+from kie_extend.devstack import DevStack
+
+pytestmark = pytest.mark.chaos
+
+API_KEY = "chaos-secret-key-7f3a9c1e5b"
+REPORT = Path(__file__).resolve().parent.parent / ".chaos-report.jsonl"
+BASE_ENV = {
+    "KIE_API_KEY": API_KEY,
+    "KIE_POLL_FIRST": "1s", "KIE_POLL_INTERVAL": "1s", "KIE_POLL_MAX_INTERVAL": "2s",
+    "KIE_TICK_INTERVAL": "0.5s", "KIE_LEASE": "8s", "KIE_VISIBILITY_TIMEOUT": "15s",
+    "KIE_SUBMIT_UNKNOWN_WINDOW": "20s", "KIE_READ_TIMEOUT": "5s", "KIE_MAINTENANCE_BACKOFF": "1s",
+    "KIE_HANDLER_RETRY_BASE": "0.5s", "KIE_MAX_SUBMIT_ATTEMPTS": "8",
+    "KIE_HANDLERS": "redis_stream,callable:chaos_sink:record_event",
+}
+
+
+def make_stack(tmp: Path, *, appendonly: bool = False, **env: str) -> DevStack:
+    prefix = f"chaos{uuid.uuid4().hex[:6]}"
+    stack = DevStack(tmp, appendonly=appendonly, key_prefix=prefix,
+                     env={**BASE_ENV, "KIE_TEST_EVENT_LOG": str(tmp / "callable-events.jsonl"),
+                          "PYTHONPATH": str(Path(__file__).resolve().parent), **env})
+    return stack
+
+
+def requests_for(stack: DevStack, n: int) -> list[dict]:
+    models = ["V4", "V4_5", "V4_5PLUS", "V5", "V5_5"]
+    return [{"request": {"uploadUrl": f"{stack.sim_url}/files/source/40s.mp3", "defaultParamFlag": True,
+                         "instrumental": i % 3 == 0, "continueAt": 5 + i % 20, "model": models[i % 5],
+                         "prompt": f"[Verse]\nline {i}", "style": "rock", "title": f"Chaos {i}"},
+             "metadata": {"i": i}} for i in range(n)]
+
+
+def wait_all_terminal(stack: DevStack, ids: list[str], timeout: float) -> dict[str, dict]:
+    settings = stack.settings()
+    deadline = time.monotonic() + timeout
+    recs: dict[str, dict] = {}
+    while time.monotonic() < deadline:
+        recs = {j: get_job(j, settings=settings) for j in ids}
+        done = [r for r in recs.values() if r["state"] in ("succeeded", "failed")
+                and all(h.get("state") in ("delivered", "dead") for h in r["handlers"].values())]
+        if len(done) == len(ids):
+            return recs
+        time.sleep(0.5)
+    return recs
+
+
+def check_guarantees(stack: DevStack, ids: list[str], recs: dict[str, dict], name: str,
+                     faults: dict[str, int]) -> dict:
+    """Assert the guarantees and record one row of the fault-suite report."""
+    stats = stack.sim_stats()
+    by_url = stats["submissions_by_callback_url"]
+    per_job = {j: sum(n for u, n in by_url.items() if u.endswith(f"/kie/callback/{j}")) for j in ids}
+    r = redis.Redis.from_url(stack.redis_url)
+    prefix = stack.settings().key_prefix
+    events = [{k.decode(): v.decode() for k, v in f.items()} for _, f in r.xrange(prefix + ":results")]
+    event_counts = Counter(e["job_id"] for e in events)
+    log_path = Path(stack.env["KIE_TEST_EVENT_LOG"])
+    callable_keys = Counter()
+    if log_path.exists():
+        for line in log_path.read_text().splitlines():
+            ev = json.loads(line)
+            callable_keys[(ev["job_id"], ev["event"])] += 1
+    lost = [j for j in ids if recs.get(j, {}).get("state") not in ("succeeded", "failed")]
+    doubles = [j for j, n in per_job.items() if n > 1]
+    dup_events = [j for j in ids if event_counts[j] > 1]
+    missing_events = [j for j in ids if event_counts[j] == 0]
+    undelivered = [j for j in ids if j not in lost and any(
+        h.get("state") != "delivered" for h in recs[j]["handlers"].values())]
+    callable_missing = [j for j in ids if j not in lost and not any(k[0] == j for k in callable_keys)]
+    states = Counter(r["state"] for r in recs.values())
+    kinds = Counter((r.get("error") or {}).get("kind") for r in recs.values() if r["state"] == "failed")
+    row = {
+        "scenario": name, "jobs": len(ids), "succeeded": states["succeeded"], "failed": states["failed"],
+        "failed_by_kind": dict(kinds), "faults": faults, "lost": len(lost), "double_submissions": len(doubles),
+        "duplicate_events": len(dup_events), "missing_events": len(missing_events),
+        "undelivered": len(undelivered), "callable_calls": sum(callable_keys.values()),
+        "callable_distinct": len(callable_keys), "rate_limited_429": stats["rate_limited"],
+        "sim_faults": stats.get("faults", {}), "accepted_submissions": stats["submissions_accepted"],
+    }
+    with REPORT.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    # The API key appears in no Redis value and no log line.
+    leaks = []
+    for key in r.scan_iter(count=1000):
+        kind = r.type(key).decode()
+        blob = b""
+        if kind == "string":
+            blob = r.get(key) or b""
+        elif kind == "hash":
+            blob = b"".join(k + v for k, v in r.hgetall(key).items())
+        elif kind == "list":
+            blob = b"".join(r.lrange(key, 0, -1))
+        elif kind == "zset":
+            blob = b"".join(r.zrange(key, 0, -1))
+        elif kind == "set":
+            blob = b"".join(r.smembers(key))
+        elif kind == "stream":
+            blob = b"".join(b"".join(k + v for k, v in f.items()) for _, f in r.xrange(key))
+        if API_KEY.encode() in blob or API_KEY.encode() in key:
+            leaks.append(key.decode())
+    for child in stack.children:
+        if child.name != "simulator" and API_KEY in Path(child.log_path).read_text(errors="replace"):
+            leaks.append(child.log_path.name)
+    assert not lost, f"jobs not terminal: {[(j, recs[j]['state']) for j in lost][:10]}"
+    assert not doubles, f"submitted more than once: {doubles}"
+    assert not dup_events and not missing_events, (dup_events, missing_events)
+    assert not undelivered and not callable_missing, (undelivered, callable_missing)
+    assert not leaks, f"API key found in {leaks}"
+    return row
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+
+
+def test_simulator_faults(workdir: Path) -> None:
+    """Every provider fault at once: 429/500/455, slow and dropped answers, failed generations,
+    duplicate and missing callbacks, failing polls, callback exceptions, empty stream files."""
+    with make_stack(workdir) as stack:
+        stack.start_simulator("--time-factor", "0.03", "--seed", "11", "--fault-429", "0.1", "--fault-500", "0.1",
+                              "--fault-455", "0.05", "--fault-slow", "0.05", "--slow-seconds", "1",
+                              "--fault-drop-after-accept", "0.08", "--fault-generation-fail", "0.1",
+                              "--fault-duplicate-callback", "0.3", "--fault-missing-callback", "0.2",
+                              "--fault-poll-500", "0.1", "--fault-callback-exception", "0.05",
+                              "--fault-empty-stream", "0.1")
+        stack.start_receiver()
+        stack.start_worker(concurrency=2)
+        stack.start_worker(concurrency=1)
+        stack.start_beat()
+        stack.start_beat()  # two beats at once are safe
+        ids = enqueue_many(requests_for(stack, 60), settings=stack.settings())
+        recs = wait_all_terminal(stack, ids, timeout=150)
+        row = check_guarantees(stack, ids, recs, "simulator faults", {"two_beats": 1})
+        assert row["succeeded"] > 30
+        assert sum(row["sim_faults"].values()) > 10
+
+
+def test_kill9_workers_mid_submit_and_poll(workdir: Path) -> None:
+    """kill -9 workers (and a beat) repeatedly while submits are in flight and polls run."""
+    with make_stack(workdir) as stack:
+        stack.start_simulator("--time-factor", "0.04", "--seed", "5", "--fault-slow", "0.4", "--slow-seconds", "1.5")
+        stack.start_receiver()
+        w1 = stack.start_worker(concurrency=2)
+        w2 = stack.start_worker(concurrency=2)
+        b1 = stack.start_beat()
+        stack.start_beat()
+        ids = enqueue_many(requests_for(stack, 50), settings=stack.settings())
+        kills = 0
+        for round_ in range(6):
+            time.sleep(2.0)
+            victim = (w1, w2)[round_ % 2]
+            victim.kill9()
+            kills += 1
+            if round_ == 2:
+                b1.kill9()
+                kills += 1
+                b1.restart()
+            time.sleep(0.5)
+            victim.restart()
+        recs = wait_all_terminal(stack, ids, timeout=150)
+        check_guarantees(stack, ids, recs, "kill -9 workers/beat", {"kill9": kills, "two_beats": 1})
+
+
+def test_redis_restart_with_aof(workdir: Path) -> None:
+    """The job store and broker (Valkey, AOF on) killed and restarted mid-run."""
+    with make_stack(workdir, appendonly=True) as stack:
+        stack.start_simulator("--time-factor", "0.05", "--seed", "3")
+        stack.start_receiver()
+        stack.start_worker(concurrency=2)
+        stack.start_beat()
+        ids = enqueue_many(requests_for(stack, 30), settings=stack.settings())
+        time.sleep(2.0)
+        assert stack.valkey is not None
+        stack.valkey.kill()
+        time.sleep(2.0)
+        stack.valkey.start()
+        recs = wait_all_terminal(stack, ids, timeout=150)
+        check_guarantees(stack, ids, recs, "redis kill -9 + restart (AOF)", {"redis_restart": 1})
+
+
+def test_pause_on_402_then_resume(workdir: Path) -> None:
+    """Credits run out mid-run: submission pauses (no job fails), then resumes after a top-up."""
+    with make_stack(workdir, KIE_PAUSE_PROBE_INTERVAL="1s") as stack:
+        stack.start_simulator("--time-factor", "0.03", "--seed", "9", "--credits", "120", "--task-cost", "12")
+        stack.start_receiver()
+        stack.start_worker(concurrency=2)
+        stack.start_beat()
+        ids = enqueue_many(requests_for(stack, 20), settings=stack.settings())
+        from kie_extend.metrics import overview
+        from kie_extend.runtime import Runtime
+
+        rt = Runtime(stack.settings())
+        deadline = time.monotonic() + 60
+        while not overview(rt)["paused"] and time.monotonic() < deadline:
+            time.sleep(0.3)
+        paused = overview(rt)["paused"]
+        assert paused and paused["code"] == "402", paused
+        time.sleep(2)
+        assert not any(get_job(j, settings=stack.settings())["state"] == "failed" for j in ids)
+        stack.sim_config(credits=10000)
+        recs = wait_all_terminal(stack, ids, timeout=120)
+        row = check_guarantees(stack, ids, recs, "402 pause and resume", {"credits_exhausted": 1})
+        assert row["succeeded"] == len(ids)
+        assert overview(rt)["paused"] is None
+
+
+def test_rate_limit_holds_with_many_workers(workdir: Path) -> None:
+    """Three workers, a tight provider limit equal to KIE_SUBMIT_RATE: zero 429s."""
+    with make_stack(workdir, KIE_SUBMIT_RATE="10/1s", KIE_SUBMIT_RATE_MARGIN="0.05s") as stack:
+        stack.start_simulator("--time-factor", "0.01", "--seed", "2", "--rate-limit", "10", "--rate-window", "1")
+        stack.start_receiver()
+        for _ in range(3):
+            stack.start_worker(concurrency=2)
+        stack.start_beat()
+        ids = enqueue_many(requests_for(stack, 80), settings=stack.settings())
+        recs = wait_all_terminal(stack, ids, timeout=120)
+        row = check_guarantees(stack, ids, recs, "rate limit, 3 workers", {})
+        assert row["rate_limited_429"] == 0
+        assert row["succeeded"] == len(ids)
