@@ -8,7 +8,7 @@ seconds; the submission rate is ``COUNT/WINDOW`` such as ``20/10s``.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
@@ -68,6 +68,7 @@ class Settings(BaseSettings):
 
     api_key: SecretStr | None = None
     base_url: str = "https://api.kie.ai"
+    route: Literal["legacy", "jobs"] = "legacy"  # provider route: legacy upload-extend, or jobs/createTask
     upload_base_url: str = "https://kieai.redpandaai.co"
     redis_url: str = "redis://localhost:6379/0"
     broker_url: str | None = None
@@ -90,6 +91,7 @@ class Settings(BaseSettings):
     poll_first: Duration = 8.0
     poll_interval: Duration = 15.0
     poll_max_interval: Duration = 30.0
+    poll_callback_interval: Duration = 60.0
     poll_min_gap: Duration = 0.4
     poll_not_found_grace: Duration = 60.0
     tick_interval: Duration = 1.0
@@ -102,6 +104,7 @@ class Settings(BaseSettings):
     handler_max_attempts: int = Field(8, ge=1)
     handler_retry_base: Duration = 2.0
     claim_batch: int = Field(200, ge=1)
+    results_maxlen: int = Field(1_000_000, ge=1000)
 
     webhook_url: str | None = None
     webhook_secret: SecretStr | None = None
@@ -114,7 +117,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "job_timeout", "connect_timeout", "read_timeout", "submit_unknown_window", "poll_first",
-        "poll_interval", "poll_max_interval", "poll_min_gap", "poll_not_found_grace",
+        "poll_interval", "poll_max_interval", "poll_callback_interval", "poll_min_gap", "poll_not_found_grace",
         "tick_interval", "lease", "maintenance_backoff", "visibility_timeout", "pause_probe_interval", "retention",
         "idempotency_window", "handler_retry_base", "webhook_timeout", "submit_rate_margin",
         mode="before",

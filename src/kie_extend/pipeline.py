@@ -22,6 +22,8 @@ from .states import TERMINAL, JobState
 
 log = logging.getLogger("kie_extend.pipeline")
 
+#: Callback types that only report progress; the final ones (complete, error) trigger a poll.
+PROGRESS_CALLBACKS = frozenset({"text", "first"})
 #: Largest request body accepted (bytes of JSON); the provider's own limits are far below it.
 MAX_REQUEST_BYTES = 64 * 1024
 #: Longest idempotency key accepted.
@@ -357,6 +359,8 @@ class Pipeline:
         return True
 
     def _next_interval(self, job_id: str, raw: dict[str, str]) -> float:
+        if raw.get("callbacks_seen"):
+            return _jitter(max(self.s.poll_callback_interval, self.s.poll_interval))
         current = float(raw.get("poll_interval") or self.s.poll_interval)
         nxt = min(self.s.poll_max_interval, current * 1.5)
         self.store.update(job_id, poll_interval=nxt)
@@ -396,6 +400,15 @@ class Pipeline:
         elif raw.get("state") not in (JobState.SUBMITTED.value, JobState.SUBMITTING.value):
             return False
         self.store.stat("callbacks")
+        progress_only = callback_type in PROGRESS_CALLBACKS and raw.get("state") == JobState.SUBMITTED.value
+        if progress_only:
+            # Callbacks reach us for this job: the final one will wake it, so the safety-net polls
+            # can be spaced out (KIE_POLL_CALLBACK_INTERVAL).
+            if not raw.get("callbacks_seen"):
+                self.store.update(job_id, callbacks_seen=1)
+                self.store.schedule(job_id, time.time() + _jitter(self.s.poll_callback_interval))
+            _log(job_id, logging.INFO, "callback %s", callback_type, task_id=task_id)
+            return True
         _log(job_id, logging.INFO, "callback %s: polling now", callback_type or "?", task_id=task_id)
         if isinstance(self.dispatch, NoDispatch):
             self.store.schedule(job_id, time.time(), only_earlier=True)  # the tick claims it

@@ -9,6 +9,7 @@ from typing import Protocol
 import redis
 
 from .client import KieClient
+from .client_jobs import JobsClient
 from .config import Settings
 from .gates import Gates
 from .handlers import Handler, HandlerContext, build_handlers
@@ -77,9 +78,10 @@ class Runtime:
 
     @cached_property
     def client(self) -> KieClient:
-        """The provider client."""
+        """The provider client: the legacy route, or the createTask route when ``KIE_ROUTE=jobs``."""
         s = self.settings
-        return KieClient(
+        adapter = JobsClient if s.route == "jobs" else KieClient
+        return adapter(
             s.base_url, s.api_key_value(), connect_timeout=s.connect_timeout, read_timeout=s.read_timeout
         )
 

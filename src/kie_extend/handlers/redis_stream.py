@@ -7,10 +7,11 @@ from typing import Any
 
 from . import HandlerContext
 
-# KEYS: dedup marker, stream. ARGV: ttl seconds, job_id, event name, payload JSON.
+# KEYS: dedup marker, stream. ARGV: ttl seconds, job_id, event name, payload JSON, max length.
 _XADD_ONCE = """
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
-  return redis.call('XADD', KEYS[2], '*', 'job_id', ARGV[2], 'event', ARGV[3], 'payload', ARGV[4])
+  return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'job_id', ARGV[2], 'event', ARGV[3],
+                    'payload', ARGV[4])
 end
 return false
 """
@@ -24,13 +25,14 @@ class RedisStreamHandler:
     def __init__(self, ctx: HandlerContext) -> None:
         self._keys = ctx.keys
         self._ttl = int(max(ctx.settings.retention, 60))
+        self._maxlen = ctx.settings.results_maxlen
         self._script = ctx.redis.register_script(_XADD_ONCE)
 
     def deliver(self, event: dict[str, Any], dedup_key: str) -> None:
         """Append the event unless this dedup key was already appended."""
         self._script(
             keys=[self._keys.dedup(self.name, dedup_key), self._keys.results],
-            args=[self._ttl, event["job_id"], event["event"], json.dumps(event, separators=(",", ":"))],
+            args=[self._ttl, event["job_id"], event["event"], json.dumps(event, separators=(",", ":")), self._maxlen],
         )
 
 

@@ -1,7 +1,9 @@
 """A faithful HTTP fake of KIE.AI's Suno "Upload And Extend Audio" provider (demos, tests, benchmarks).
 
 Routes: `POST /api/v1/generate/upload-extend`, `GET /api/v1/generate/record-info?taskId=`,
-`GET /api/v1/chat/credit`, `POST /api/file-{stream,base64,url}-upload`, `GET /uploads/<filePath>`,
+`GET /api/v1/chat/credit`, the createTask route (`POST /api/v1/jobs/createTask`,
+`GET /api/v1/jobs/recordInfo?taskId=`, same task engine), `POST /api/file-{stream,base64,url}-upload`,
+`GET /uploads/<filePath>`,
 `GET /files/source/<N>s.mp3` (a short real MP3 whose nominal duration is N seconds), the takes' files
 under `/files/...`, and the control routes `GET /_sim/stats`, `POST /_sim/reset`, `GET|POST /_sim/config`.
 Knobs: `SimConfig` (env `KIE_SIM_<KNOB>`, CLI `--knob-name`).

@@ -37,6 +37,8 @@ class SimConfig:
     poll_window: float = _knob(1.0, "per-task poll window in wall-clock seconds (not scaled)")
     require_prompt_in_default_mode: bool = _knob(True, "answer 422 when prompt is missing with defaultParamFlag=false")
     accept_v6: bool = _knob(False, "also accept V6, V6_WILD and V6_MINI on the legacy route")
+    jobs_accept_legacy_models: bool = _knob(False, "accept the discontinued V4..V5_5 models on the createTask route "
+                                                   "(default: 422)")
     v45all_limit_60s: bool = _knob(True, "reject V4_5ALL source audio longer than 60 s")
     max_audio_seconds: float = _knob(480.0, "longest accepted source audio (8 minutes)")
     text_seconds: float = _knob(10.0, "time of TEXT_SUCCESS (scaled by time factor)")

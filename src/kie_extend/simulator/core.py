@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from . import files
 from .callbacks import Scheduler, post_callback
 from .config import SimConfig
+from .jobs import FAIL_CODES, RESULT_SHAPES, JobsTask, legacy_view, validate_create_task
 from .limits import RollingLimiter
 from .protocol import SimReply, SimRequest, envelope, json_reply
 from .rules import SourceFetchError, validate_submit
@@ -24,6 +25,8 @@ from .uploads import UploadStore
 SUBMIT = "POST /api/v1/generate/upload-extend"
 POLL = "GET /api/v1/generate/record-info"
 CREDIT = "GET /api/v1/chat/credit"
+CREATE_TASK = "POST /api/v1/jobs/createTask"
+JOB_POLL = "GET /api/v1/jobs/recordInfo"
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
 
 Handler = Callable[[SimRequest], SimReply]
@@ -51,10 +54,13 @@ class Simulator:
         self.takes: dict[str, tuple[Task, Take]] = {}
         self.credits = self.config.credits
         self.rng = random.Random(self.config.seed)
+        self._jobs_created = 0
         self._routes: dict[tuple[str, str], Handler] = {
             ("POST", "/api/v1/generate/upload-extend"): self.submit,
             ("GET", "/api/v1/generate/record-info"): self.record_info,
             ("GET", "/api/v1/chat/credit"): self.credit,
+            ("POST", "/api/v1/jobs/createTask"): self.create_task,
+            ("GET", "/api/v1/jobs/recordInfo"): self.job_record_info,
             ("POST", "/api/file-stream-upload"): lambda r: files.upload_stream(self, r),
             ("POST", "/api/file-base64-upload"): lambda r: files.upload_base64(self, r),
             ("POST", "/api/file-url-upload"): lambda r: files.upload_url(self, r),
@@ -160,6 +166,13 @@ class Simulator:
 
     def submit(self, req: SimRequest) -> SimReply:
         """`POST /api/v1/generate/upload-extend`."""
+        return self._submit(req, "legacy")
+
+    def create_task(self, req: SimRequest) -> SimReply:
+        """`POST /api/v1/jobs/createTask`: the same engine, limits and faults; its own validation."""
+        return self._submit(req, "jobs")
+
+    def _submit(self, req: SimRequest, route: str) -> SimReply:
         key, denied = self.authenticate(req)
         if denied:
             return denied
@@ -169,11 +182,11 @@ class Simulator:
             return envelope(429, f"Rate limit exceeded: at most {cfg.rate_limit} new requests "
                                  f"per {cfg.rate_window:g} seconds; this request was not queued")
         delay = cfg.slow_seconds if self.roll("fault_slow") else 0.0
-        reply = self._submit_checked(req, key)
+        reply = self._submit_checked(req, key, route)
         reply.delay = delay
         return reply
 
-    def _submit_checked(self, req: SimRequest, key: str) -> SimReply:
+    def _submit_checked(self, req: SimRequest, key: str, route: str = "legacy") -> SimReply:
         if self.roll("fault_429"):
             self.stats.add("rate_limited")
             return envelope(429, "Rate limit exceeded; this request was not queued")
@@ -185,7 +198,8 @@ class Simulator:
             body = req.json()
         except ValueError:
             return envelope(422, "request body must be valid JSON")
-        rejection = validate_submit(body, self.config, lambda url: self.source_duration(url, req))
+        validate = validate_create_task if route == "jobs" else validate_submit
+        rejection = validate(body, self.config, lambda url: self.source_duration(url, req))
         if rejection:
             return envelope(rejection.code, rejection.msg)
         with self.lock:
@@ -193,7 +207,7 @@ class Simulator:
             if self.credits <= 0 or self.credits < cost:
                 return envelope(402, "Insufficient credits")
             self.credits -= cost
-            task = self._create_task(body, key, self.public_base(req))
+            task = self._create_task(body, key, self.public_base(req), route)
         self.stats.add("submissions_accepted")
         self.stats.tally("submissions_by_callback_url", task.callback_url)
         self._schedule_callbacks(task)
@@ -202,7 +216,14 @@ class Simulator:
         return reply
 
     def record_info(self, req: SimRequest) -> SimReply:
-        """`GET /api/v1/generate/record-info?taskId=…`."""
+        """`GET /api/v1/generate/record-info?taskId=…` (tasks created on this route only)."""
+        return self._poll(req, jobs=False)
+
+    def job_record_info(self, req: SimRequest) -> SimReply:
+        """`GET /api/v1/jobs/recordInfo?taskId=…` (tasks created through createTask only)."""
+        return self._poll(req, jobs=True)
+
+    def _poll(self, req: SimRequest, jobs: bool) -> SimReply:
         _, denied = self.authenticate(req)
         if denied:
             return denied
@@ -220,6 +241,8 @@ class Simulator:
             reply = envelope(500, "Server error, please try again later")
         else:
             task = self.tasks.get(task_id)
+            if task is not None and isinstance(task, JobsTask) != jobs:
+                task = None  # each route sees only its own tasks
             reply = envelope(200, "success", task.record_info(time.monotonic())) if task else \
                 envelope(422, "recordInfo is null")
         reply.delay = delay
@@ -234,8 +257,9 @@ class Simulator:
 
     # ----- tasks and callbacks --------------------------------------------------------------------
 
-    def _create_task(self, body: dict[str, Any], key: str, base: str) -> Task:
-        """Create and register a task (caller holds the lock)."""
+    def _create_task(self, body: dict[str, Any], key: str, base: str, route: str = "legacy") -> Task:
+        """Create and register a task (caller holds the lock); `route` "jobs" makes a JobsTask."""
+        view = legacy_view(body) if route == "jobs" else body
         cfg, rng = self.config, self.rng
         task_rng = random.Random(rng.getrandbits(64))
         task_id = f"{rng.getrandbits(128):032x}"
@@ -244,19 +268,25 @@ class Simulator:
         if bounds:
             total = max(task_rng.uniform(min(bounds), max(bounds)), 0.001)
         scale, tf = total / cfg.complete_seconds, cfg.time_factor
-        instrumental = bool(body.get("instrumental") or False)
+        instrumental = bool(view.get("instrumental") or False)
         now = time.monotonic()
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
         takes = [Take(id=str(uuid.UUID(int=task_rng.getrandbits(128), version=4)),
-                      title=str(body.get("title") or "Extended Audio"), tags=str(body.get("style") or ""),
-                      prompt="" if instrumental else str(body.get("prompt") or ""),
+                      title=str(view.get("title") or "Extended Audio"), tags=str(view.get("style") or ""),
+                      prompt="" if instrumental else str(view.get("prompt") or ""),
                       duration=round(task_rng.uniform(cfg.track_min_seconds, cfg.track_max_seconds), 2),
                       create_time=stamp) for _ in range(2)]
-        task = Task(task_id=task_id, body=body, api_key=key, base_url=base, created=now,
-                    t_text=None if instrumental else cfg.text_seconds * scale * tf,
-                    t_first=cfg.first_seconds * scale * tf, t_done=total * tf, takes=takes)
+        timeline: dict[str, Any] = dict(task_id=task_id, body=body, api_key=key, base_url=base, created=now,
+                                        t_text=None if instrumental else cfg.text_seconds * scale * tf,
+                                        t_first=cfg.first_seconds * scale * tf, t_done=total * tf, takes=takes)
+        if route == "jobs":
+            shape = RESULT_SHAPES[self._jobs_created % len(RESULT_SHAPES)]
+            self._jobs_created += 1
+            task: Task = JobsTask(**timeline, result_shape=shape, cost=cfg.task_cost, created_wall=time.time())
+        else:
+            task = Task(**timeline)
         if self.roll("fault_generation_fail", task_rng):
-            task.fail_code = task_rng.choice((500, 501))
+            task.fail_code = task_rng.choice(FAIL_CODES if route == "jobs" else (500, 501))
         elif self.roll("fault_callback_exception", task_rng):
             task.callback_exception = True
         task.empty_stream = self.roll("fault_empty_stream", task_rng, count=False)
@@ -270,7 +300,7 @@ class Simulator:
         return task
 
     def _schedule_callbacks(self, task: Task) -> None:
-        if not self.config.callbacks:
+        if not self.config.callbacks or not task.callback_url:  # callBackUrl is optional on createTask
             return
         for elapsed, stage in task.stages():
             self.scheduler.call_at(task.created + elapsed, task.task_id, functools.partial(self._fire, task, stage))
@@ -333,6 +363,7 @@ class Simulator:
             self.uploads.clear()
             self._submit_limiter.clear()
             self._poll_limiter.clear()
+            self._jobs_created = 0
             self.stats.reset()
             self.credits = self.config.credits
             self.rng = random.Random(self.config.seed)
