@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import uuid
+from collections.abc import Mapping
 from typing import Any, Iterable
 
 from celery import Celery
 
 from .config import Settings, load_settings
-from .errors import ValidationError
+from .errors import ConfigError, ValidationError
 from .events import status_record
 from .models import parse_request
 from .pipeline import MAX_REQUEST_BYTES
+from .probe import AUDIO_FILE_FIELD, AudioInfo, probe_audio
 from .runtime import Runtime
 from .states import JobState
+from .uploads import UPLOAD_TIMEOUT, UploadedAudio, upload_file
+
+log = logging.getLogger("kie_extend.api")
+
+#: Stands in for the URL an upload will return while the request is checked before uploading.
+PENDING_UPLOAD_URL = "https://upload.pending.invalid/audio"
+
+AudioPath = str | os.PathLike[str]
 
 _apps: dict[str, Celery] = {}
 _runtimes: dict[str, Runtime] = {}
@@ -43,8 +55,12 @@ def _runtime(settings: Settings) -> Runtime:
 
 
 def check_extend(request: Any, *, idempotency_key: str | None = None, metadata: dict[str, Any] | None = None,
-                 settings: Settings | None = None) -> dict[str, Any]:
-    """Validate one extend request and its options; raise ValidationError listing every problem."""
+                 settings: Settings | None = None, audio_duration: float | None = None) -> dict[str, Any]:
+    """Validate one extend request and its options; raise ValidationError listing every problem.
+
+    With ``audio_duration`` (seconds of the source audio, when known) ``continueAt`` must be below it
+    and the source at most 8 minutes long.
+    """
     settings = _settings(settings)
     problems: list[dict[str, str]] = []
     body: dict[str, Any] = {}
@@ -56,7 +72,14 @@ def check_extend(request: Any, *, idempotency_key: str | None = None, metadata: 
         problems.append({"field": "request", "message": f"is {size} bytes of JSON; at most {MAX_REQUEST_BYTES}"})
     else:
         try:
-            body = parse_request(request, allow_private_urls=settings.allow_private_urls).body
+            parsed = parse_request(request, allow_private_urls=settings.allow_private_urls,
+                                   audio_duration=audio_duration)
+            body = parsed.body
+            if audio_duration is not None:
+                # The worker re-checks without the duration, so warnings about it (V4_5ALL above
+                # 60 s) can only be given here.
+                for warning in parsed.warnings:
+                    log.warning("request warning: %s", warning)
         except ValidationError as exc:
             problems += exc.errors
     if metadata is not None:
@@ -77,11 +100,72 @@ def check_extend(request: Any, *, idempotency_key: str | None = None, metadata: 
     return body
 
 
-def enqueue_extend(request: dict[str, Any], *, idempotency_key: str | None = None,
-                   metadata: dict[str, Any] | None = None, settings: Settings | None = None,
-                   job_id: str | None = None) -> str:
-    """Validate and enqueue one extend request; returns the job id. Nothing is sent when invalid."""
+def check_audio_file(request: Any, audio_file: AudioPath, *, idempotency_key: str | None = None,
+                     metadata: dict[str, Any] | None = None, settings: Settings | None = None) -> AudioInfo:
+    """Probe a local source file and validate the request against its duration, before any upload.
+
+    Raises one ValidationError listing every problem: the file (``audio_file``), a request that
+    also carries ``uploadUrl``, ``continueAt`` at or beyond the duration, a source over 8 minutes,
+    and every other bad field.
+    """
     settings = _settings(settings)
+    problems: list[dict[str, str]] = []
+    if isinstance(request, Mapping) and request.get("uploadUrl") is not None:
+        problems.append({"field": AUDIO_FILE_FIELD,
+                         "message": "cannot be combined with uploadUrl; give a local file or a URL, not both"})
+    info: AudioInfo | None = None
+    try:
+        info = probe_audio(audio_file)
+    except ValidationError as exc:
+        problems += exc.errors
+    candidate = {**request, "uploadUrl": PENDING_UPLOAD_URL} if isinstance(request, Mapping) else request
+    try:
+        check_extend(candidate, idempotency_key=idempotency_key, metadata=metadata, settings=settings,
+                     audio_duration=info.duration if info else None)
+    except ValidationError as exc:
+        # The source's length is reported against uploadUrl; here the source is the local file.
+        problems += [{**e, "field": AUDIO_FILE_FIELD} if e["field"] == "uploadUrl" else e for e in exc.errors]
+    if problems or info is None:
+        raise ValidationError(problems)
+    return info
+
+
+def upload_audio(request: Any, audio_file: AudioPath, *, idempotency_key: str | None = None,
+                 metadata: dict[str, Any] | None = None, settings: Settings | None = None) -> UploadedAudio:
+    """Check the request against the local file (see ``check_audio_file``), then upload the file.
+
+    Nothing is uploaded when the check fails. Use the returned ``url`` as the request's ``uploadUrl``.
+    """
+    settings = _settings(settings)
+    info = check_audio_file(request, audio_file, idempotency_key=idempotency_key, metadata=metadata,
+                            settings=settings)
+    return _upload(audio_file, info, settings)
+
+
+def _upload(audio_file: AudioPath, info: AudioInfo, settings: Settings) -> UploadedAudio:
+    """Upload a checked file to ``KIE_UPLOAD_BASE_URL``."""
+    if not settings.api_key_value():
+        raise ConfigError("KIE_API_KEY is not set; uploading a local audio file needs it")
+    url = upload_file(audio_file, base_url=settings.upload_base_url, api_key=settings.api_key_value(),
+                      timeout=(settings.connect_timeout, UPLOAD_TIMEOUT[1]), mime=info.mime)
+    log.info("uploaded %s (%.1f s, %d bytes) to %s", os.fspath(audio_file), info.duration, info.size, url)
+    return UploadedAudio(path=os.fspath(audio_file), url=url, info=info)
+
+
+def enqueue_extend(request: dict[str, Any], *, audio_file: AudioPath | None = None,
+                   idempotency_key: str | None = None, metadata: dict[str, Any] | None = None,
+                   settings: Settings | None = None, job_id: str | None = None) -> str:
+    """Validate and enqueue one extend request; returns the job id. Nothing is sent when invalid.
+
+    With ``audio_file`` (a local path; the request then has no ``uploadUrl``) the file is probed
+    and the request checked against its duration first, then the file is uploaded and its URL
+    becomes ``uploadUrl``. Nothing is uploaded or enqueued when the check fails.
+    """
+    settings = _settings(settings)
+    if audio_file is not None:
+        uploaded = upload_audio(request, audio_file, idempotency_key=idempotency_key, metadata=metadata,
+                                settings=settings)
+        request = {**request, "uploadUrl": uploaded.url}
     check_extend(request, idempotency_key=idempotency_key, metadata=metadata, settings=settings)
     job_id = job_id or str(uuid.uuid4())
     kwargs: dict[str, Any] = {"request": request}
@@ -96,30 +180,52 @@ def enqueue_extend(request: dict[str, Any], *, idempotency_key: str | None = Non
 def enqueue_many(items: Iterable[dict[str, Any]], *, settings: Settings | None = None) -> list[str]:
     """Validate every item first, then enqueue them all on one connection; returns job ids in order.
 
-    Each item is ``{"request": {...}, "idempotency_key": ..., "metadata": ...}``. If any item is
-    invalid, nothing is enqueued and the ValidationError names each bad field as ``[i].field``.
+    Each item is ``{"request": {...}, "idempotency_key": ..., "metadata": ..., "audio_file": ...}``
+    (``audio_file`` optional, as in ``enqueue_extend``). If any item is invalid, nothing is
+    uploaded or enqueued and the ValidationError names each bad field as ``[i].field``. Files are
+    uploaded only once every item has passed.
     """
     settings = _settings(settings)
     items = list(items)
     problems: list[dict[str, str]] = []
+    infos: dict[int, AudioInfo] = {}
     for i, item in enumerate(items):
+        request, key, metadata = item.get("request"), item.get("idempotency_key"), item.get("metadata")
         try:
-            check_extend(item.get("request"), idempotency_key=item.get("idempotency_key"),
-                         metadata=item.get("metadata"), settings=settings)
+            if item.get("audio_file") is not None:
+                infos[i] = check_audio_file(request, item["audio_file"], idempotency_key=key, metadata=metadata,
+                                            settings=settings)
+            else:
+                check_extend(request, idempotency_key=key, metadata=metadata, settings=settings)
         except ValidationError as exc:
-            problems += [{"field": f"[{i}].{e['field']}", "message": e["message"]} for e in exc.errors]
+            problems += _indexed(i, exc)
     if problems:
         raise ValidationError(problems)
+    bodies: list[dict[str, Any]] = []
+    for i, item in enumerate(items):
+        request = item["request"]
+        if i in infos:
+            request = {**request, "uploadUrl": _upload(item["audio_file"], infos[i], settings).url}
+            try:
+                check_extend(request, settings=settings)
+            except ValidationError as exc:
+                raise ValidationError(_indexed(i, exc)) from None
+        bodies.append(request)
     app = producer_app(settings)
     ids: list[str] = []
     with app.producer_or_acquire() as producer:
-        for item in items:
+        for item, request in zip(items, bodies):
             job_id = str(uuid.uuid4())
-            kwargs = {k: item[k] for k in ("request", "idempotency_key", "metadata") if item.get(k) is not None}
-            app.send_task("kie_extend.extend", kwargs=kwargs, task_id=job_id, queue=settings.queue,
-                          producer=producer)
+            kwargs = {k: item[k] for k in ("idempotency_key", "metadata") if item.get(k) is not None}
+            app.send_task("kie_extend.extend", kwargs={"request": request, **kwargs}, task_id=job_id,
+                          queue=settings.queue, producer=producer)
             ids.append(job_id)
     return ids
+
+
+def _indexed(i: int, exc: ValidationError) -> list[dict[str, str]]:
+    """An item's problems with their fields named ``[i].field``."""
+    return [{"field": f"[{i}].{e['field']}", "message": e["message"]} for e in exc.errors]
 
 
 def get_job(job_id: str, *, settings: Settings | None = None) -> dict[str, Any]:

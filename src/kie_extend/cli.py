@@ -56,19 +56,29 @@ def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
-    """Validate and enqueue one request; prints the job id."""
-    from .api import enqueue_extend
+    """Validate and enqueue one request (uploading ``--file`` first); prints the job id."""
+    from .api import enqueue_extend, upload_audio
+    from .errors import ProviderError
 
     settings = _settings()
     request = _request_from_args(args)
     metadata = json.loads(args.metadata) if args.metadata else None
     try:
+        if args.audio_file is not None:
+            uploaded = upload_audio(request, args.audio_file, idempotency_key=args.idempotency_key,
+                                    metadata=metadata, settings=settings)
+            print(f"uploaded {uploaded.path} ({uploaded.info.duration:.1f} s) → {uploaded.url}",
+                  file=sys.stderr, flush=True)
+            request = {**request, "uploadUrl": uploaded.url}
         job_id = enqueue_extend(request, idempotency_key=args.idempotency_key, metadata=metadata, settings=settings)
     except ValidationError as exc:
         print("error: the request is invalid:", file=sys.stderr)
         for e in exc.errors:
             print(f"  {e['field']}: {e['message']}", file=sys.stderr)
         return 2
+    except (ProviderError, ConfigError) as exc:
+        print(f"error: upload failed: {exc}", file=sys.stderr)
+        return 1
     print(job_id)
     if args.wait:
         return _wait(settings, job_id, as_json=False, fresh=True)
@@ -237,7 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("enqueue", help="validate and enqueue an extend request")
     e.add_argument("file", nargs="?", help="JSON file with the request in KIE's camelCase ('-' for stdin)")
-    e.add_argument("--upload-url")
+    source = e.add_mutually_exclusive_group()
+    source.add_argument("--upload-url")
+    source.add_argument("--file", dest="audio_file", metavar="PATH",
+                        help="local audio file: checked against the request, uploaded, then used as uploadUrl")
     e.add_argument("--model")
     e.add_argument("--custom", dest="custom", action="store_true", default=None, help="defaultParamFlag=true")
     e.add_argument("--default-mode", dest="custom", action="store_false", help="defaultParamFlag=false")

@@ -153,6 +153,8 @@ def error_for_code(code: int, msg: str = "") -> ProviderCodeError:
         return RateLimitedError(code, msg)
     if code in (501, 531):
         return GenerationFailedError(code, msg)
+    if code == 505:  # feature disabled: permanent, whatever its 5xx looks
+        return RejectedError(code, msg)
     if code in (408, 455) or code >= 500:
         return UnavailableError(code, msg)
     return RejectedError(code, msg)
@@ -175,5 +177,4 @@ def retry_delay(error: ProviderError, attempt: int, *, rate_window: float = 10.0
         floor = rate_window
     elif isinstance(error, ProviderCodeError) and error.code == 455:
         floor = maintenance
-    delay = min(RETRY_MAX_SECONDS, max(floor, base))
-    return float(delay * (0.75 + random.random() * 0.5))
+    return float(min(RETRY_MAX_SECONDS, max(floor, base * (0.75 + random.random() * 0.5))))

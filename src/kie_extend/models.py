@@ -72,7 +72,7 @@ class ExtendRequest(BaseModel):
     style: str | None = None
     title: str | None = None
     negativeTags: str | None = None
-    vocalGender: Literal["m", "f"] | None = None
+    vocalGender: Literal["m", "f", ""] | None = None
     styleWeight: Number | None = None
     weirdnessConstraint: Number | None = None
     audioWeight: Number | None = None
@@ -229,13 +229,19 @@ def _check_text(data: dict[str, Any], field: str, required: bool, report: _Repor
 def _check_mode(data: dict[str, Any], bad: set[str], report: _Report) -> None:
     """Apply the required-field matrix, the custom-mode length limits and the personaId rule."""
     mode, instrumental = data.get("defaultParamFlag"), data.get("instrumental")
+    if data.get("vocalGender") == "":
+        report.warn("vocalGender is empty; it is sent as is and KIE may treat it as absent")
     if not isinstance(mode, bool) or "defaultParamFlag" in bad:
         return
     if not mode:
-        if data.get("personaId") is not None:
+        persona = data.get("personaId")
+        if persona is not None and not (isinstance(persona, str) and not persona.strip()):
             report.error("personaId", "is only allowed in custom mode (defaultParamFlag=true)")
-        if data.get("prompt") is None:
+        prompt = data.get("prompt")
+        if prompt is None:
             report.warn("prompt is absent in default mode; some KIE documentation lists it as required")
+        elif isinstance(prompt, str) and not prompt.strip():
+            report.warn("prompt is empty in default mode; some KIE documentation lists it as required")
         return
     for field in ("style", "title"):
         _check_text(data, field, True, report)

@@ -409,6 +409,8 @@ class Pipeline:
                 self.store.schedule(job_id, time.time() + _jitter(self.s.poll_callback_interval))
             _log(job_id, logging.INFO, "callback %s", callback_type, task_id=task_id)
             return True
+        if not raw.get("callbacks_seen"):
+            self.store.update(job_id, callbacks_seen=1)  # a late progress callback must not delay this poll
         _log(job_id, logging.INFO, "callback %s: polling now", callback_type or "?", task_id=task_id)
         if isinstance(self.dispatch, NoDispatch):
             self.store.schedule(job_id, time.time(), only_earlier=True)  # the tick claims it

@@ -99,9 +99,9 @@ def _required(body: dict[str, Any], config: SimConfig) -> str | None:
 
 
 def _values(body: dict[str, Any], config: SimConfig) -> str | None:
-    scheme = urlsplit(body["uploadUrl"].strip()).scheme.lower()
-    if scheme not in ("http", "https"):
-        return "uploadUrl must be an http(s) URL"
+    parts = urlsplit(body["uploadUrl"].strip())
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return "uploadUrl must be an http(s) URL with a host"
     model = body["model"]
     allowed = LEGACY_MODELS + (V6_MODELS if config.accept_v6 else ())
     if model not in allowed:

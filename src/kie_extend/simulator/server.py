@@ -36,6 +36,7 @@ class SimHandler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
     server_version = "KieSimulator/1.0"
+    disable_nagle_algorithm = True  # headers and body go out in separate writes
     timeout = 120
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
