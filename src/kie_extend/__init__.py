@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .api import enqueue_extend, enqueue_many, get_job
+from .api import enqueue_extend, enqueue_many, get_job, upload_audio
 from .config import Settings, load_settings
 from .errors import KieExtendError, ValidationError
 from .states import TERMINAL, JobState
@@ -18,6 +18,7 @@ __all__ = [
     "enqueue_extend",
     "enqueue_many",
     "get_job",
+    "upload_audio",
     "load_settings",
     "__version__",
 ]
