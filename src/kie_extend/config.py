@@ -139,6 +139,13 @@ class Settings(BaseSettings):
         names = [str(v).strip() for v in value if str(v).strip()]
         return names
 
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return value.upper()
+
     @field_validator("log_format")
     @classmethod
     def _log_format(cls, value: str) -> str:
@@ -157,6 +164,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _coherent(self) -> Settings:
+        if self.tick_interval <= 0:
+            raise ValueError("KIE_TICK_INTERVAL must be greater than 0")
+        if self.lease < self.connect_timeout + self.read_timeout:
+            raise ValueError("KIE_LEASE must be longer than KIE_CONNECT_TIMEOUT + KIE_READ_TIMEOUT "
+                             "(a claimed step must finish before its lease runs out)")
         if self.poll_max_interval < self.poll_interval:
             self.poll_max_interval = self.poll_interval
         if "webhook" in self.handlers and not self.webhook_url:

@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime, timezone
 
 from .runtime import Runtime
 from .states import JobState
+
+
+def _iso_since(paused: dict[str, str] | None) -> dict[str, str] | None:
+    if paused and paused.get("since"):
+        try:
+            when = datetime.fromtimestamp(float(paused["since"]), timezone.utc)
+            paused = {**paused, "since": when.isoformat(timespec="seconds").replace("+00:00", "Z")}
+        except ValueError:
+            pass
+    return paused
 
 
 def overview(rt: Runtime) -> dict[str, object]:
@@ -17,7 +28,7 @@ def overview(rt: Runtime) -> dict[str, object]:
         "max_in_flight": gates.max_in_flight,
         "rate_window_use": gates.window_use(),
         "rate_limit": f"{gates.limit}/{gates.window:g}s",
-        "paused": gates.paused(),
+        "paused": _iso_since(gates.paused()),
         "due": int(rt.redis.zcard(rt.keys.due)),
         "blocked": int(rt.redis.zcard(rt.keys.blocked)),
         "dead_letters": int(rt.redis.llen(rt.keys.dead_letters)),
@@ -25,22 +36,25 @@ def overview(rt: Runtime) -> dict[str, object]:
 
 
 def render(rt: Runtime) -> str:
-    """The metrics in Prometheus text format."""
+    """The metrics in Prometheus text format (each family grouped, with its TYPE line)."""
     ov = overview(rt)
     lines = ["# TYPE kie_extend_jobs gauge"]
     for state, n in ov["jobs"].items():  # type: ignore[union-attr]
         lines.append(f'kie_extend_jobs{{state="{state}"}} {n}')
-    lines += [
-        "# TYPE kie_extend_in_flight gauge", f"kie_extend_in_flight {ov['in_flight']}",
-        "# TYPE kie_extend_paused gauge", f"kie_extend_paused {1 if ov['paused'] else 0}",
-        "# TYPE kie_extend_dead_letters gauge", f"kie_extend_dead_letters {ov['dead_letters']}",
-    ]
+    for name in ("in_flight", "max_in_flight", "due", "blocked", "dead_letters", "rate_window_use"):
+        lines += [f"# TYPE kie_extend_{name} gauge", f"kie_extend_{name} {ov[name]}"]
+    lines += ["# TYPE kie_extend_paused gauge", f"kie_extend_paused {1 if ov['paused'] else 0}"]
     stats = {k.decode(): v.decode() for k, v in rt.redis.hgetall(rt.keys.stats).items()}
+    responses: list[str] = []
+    counters: dict[str, str] = {}
     for name, value in sorted(stats.items()):
         m = re.match(r"^(submit|poll)_code_(.+)$", name)
         if m:
-            lines.append(f'kie_extend_provider_responses_total{{call="{m.group(1)}",code="{m.group(2)}"}} {value}')
+            responses.append(f'kie_extend_provider_responses_total{{call="{m.group(1)}",code="{m.group(2)}"}} {value}')
         else:
-            metric = re.sub(r"[^a-zA-Z0-9_]", "_", name)
-            lines.append(f"kie_extend_{metric}_total {value}")
+            counters[re.sub(r"[^a-zA-Z0-9_]", "_", name)] = value
+    if responses:
+        lines += ["# TYPE kie_extend_provider_responses_total counter", *responses]
+    for metric, value in counters.items():
+        lines += [f"# TYPE kie_extend_{metric}_total counter", f"kie_extend_{metric}_total {value}"]
     return "\n".join(lines) + "\n"

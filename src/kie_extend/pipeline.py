@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import time
 from typing import Any
 
@@ -22,6 +23,8 @@ from .states import TERMINAL, JobState
 
 log = logging.getLogger("kie_extend.pipeline")
 
+#: Job ids the callback receiver can route (the id is a path segment of the callback URL).
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 #: Callback types that only report progress; the final ones (complete, error) trigger a poll.
 PROGRESS_CALLBACKS = frozenset({"text", "first"})
 #: Largest request body accepted (bytes of JSON); the provider's own limits are far below it.
@@ -70,10 +73,14 @@ class Pipeline:
         """
         raw = self.store.get(job_id)
         if raw is not None:
+            _log(job_id, logging.INFO, "message for an existing job (a redelivery, or a reused job id): ignored")
             if raw.get("state") == JobState.QUEUED.value:
                 self.try_submit(job_id)
             return
         problems: list[dict[str, str]] = []
+        if not JOB_ID_PATTERN.fullmatch(job_id):
+            problems.append({"field": "job_id", "message": "must be 1-128 characters of A-Z a-z 0-9 _ . : - "
+                             "(it is part of the job's callback URL)"})
         if extra_kwargs:
             problems += [{"field": k, "message": "unknown keyword argument"} for k in sorted(extra_kwargs)]
         if metadata is None:

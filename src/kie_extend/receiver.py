@@ -16,7 +16,7 @@ import re
 import time
 from typing import Any, Callable, Iterable
 
-from .pipeline import Pipeline
+from .pipeline import JOB_ID_PATTERN, Pipeline
 
 log = logging.getLogger("kie_extend.receiver")
 
@@ -25,7 +25,7 @@ MAX_BODY = 256 * 1024
 #: Oldest signature timestamp accepted (seconds), against replay.
 MAX_SKEW = 300
 
-_ROUTE = re.compile(r"^/kie/callback/([A-Za-z0-9_.:-]{1,128})/?$")
+_ROUTE = re.compile(rf"^/kie/callback/({JOB_ID_PATTERN.pattern})/?$")
 StartResponse = Callable[..., Any]
 
 

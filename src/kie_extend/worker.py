@@ -42,10 +42,21 @@ def create_app(settings: Settings | None = None) -> Celery:
         },
     )
     app.kie_settings = settings  # type: ignore[attr-defined]
+    _check_handlers(settings)
     from . import tasks
 
     tasks.register(app)
     return app
+
+
+def _check_handlers(settings: Settings) -> None:
+    """Build every configured handler once, so a bad KIE_HANDLERS stops start-up with its reason."""
+    from .handlers import HandlerContext, build_handlers
+    from .keys import Keys
+    from .runtime import redis_client
+
+    build_handlers(settings.handlers, HandlerContext(settings, redis_client(settings.redis_url),
+                                                     Keys(settings.key_prefix)))
 
 
 _app: Celery | None = None
