@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import uuid
@@ -14,8 +13,7 @@ from celery import Celery
 from .config import Settings, load_settings
 from .errors import ConfigError, ValidationError
 from .events import status_record
-from .models import parse_request
-from .pipeline import MAX_REQUEST_BYTES
+from .intake import check_message, require
 from .probe import AUDIO_FILE_FIELD, AudioInfo, probe_audio
 from .runtime import Runtime
 from .states import JobState
@@ -62,42 +60,14 @@ def check_extend(request: Any, *, idempotency_key: str | None = None, metadata: 
     and the source at most 8 minutes long.
     """
     settings = _settings(settings)
-    problems: list[dict[str, str]] = []
-    body: dict[str, Any] = {}
-    try:
-        size = len(json.dumps(request))
-    except (TypeError, ValueError):
-        raise ValidationError([{"field": "request", "message": "must be JSON-serialisable"}]) from None
-    if size > MAX_REQUEST_BYTES:
-        problems.append({"field": "request", "message": f"is {size} bytes of JSON; at most {MAX_REQUEST_BYTES}"})
-    else:
-        try:
-            parsed = parse_request(request, allow_private_urls=settings.allow_private_urls,
-                                   audio_duration=audio_duration)
-            body = parsed.body
-            if audio_duration is not None:
-                # The worker re-checks without the duration, so warnings about it (V4_5ALL above
-                # 60 s) can only be given here.
-                for warning in parsed.warnings:
-                    log.warning("request warning: %s", warning)
-        except ValidationError as exc:
-            problems += exc.errors
-    if metadata is not None:
-        if not isinstance(metadata, dict):
-            problems.append({"field": "metadata", "message": "must be a JSON object"})
-        else:
-            try:
-                size = len(json.dumps(metadata))
-            except (TypeError, ValueError):
-                problems.append({"field": "metadata", "message": "must be JSON-serialisable"})
-            else:
-                if size > settings.metadata_max_bytes:
-                    problems.append({"field": "metadata", "message": f"larger than {settings.metadata_max_bytes} bytes"})
-    if idempotency_key is not None and (not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= 256):
-        problems.append({"field": "idempotency_key", "message": "must be a string of 1-256 characters"})
-    if problems:
-        raise ValidationError(problems)
-    return body
+    intake = require(check_message(request, settings=settings, idempotency_key=idempotency_key,
+                                   metadata=metadata, audio_duration=audio_duration))
+    if audio_duration is not None:
+        # The worker re-checks without the duration, so warnings about it (V4_5ALL above 60 s)
+        # can only be given here.
+        for warning in intake.warnings:
+            log.warning("request warning: %s", warning)
+    return intake.body
 
 
 def check_audio_file(request: Any, audio_file: AudioPath, *, idempotency_key: str | None = None,

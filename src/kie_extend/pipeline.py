@@ -10,27 +10,20 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 import time
 from typing import Any
 
 from . import errors as E
 from .client import FAILED_STATUSES, TaskRecord, track_has_audio
 from .events import build_event, now_iso
-from .models import parse_request
+from .intake import check_message
 from .runtime import Dispatcher, NoDispatch, Runtime
 from .states import TERMINAL, JobState
 
 log = logging.getLogger("kie_extend.pipeline")
 
-#: Job ids the callback receiver can route (the id is a path segment of the callback URL).
-JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 #: Callback types that only report progress; the final ones (complete, error) trigger a poll.
 PROGRESS_CALLBACKS = frozenset({"text", "first"})
-#: Largest request body accepted (bytes of JSON); the provider's own limits are far below it.
-MAX_REQUEST_BYTES = 64 * 1024
-#: Longest idempotency key accepted.
-MAX_IDEMPOTENCY_KEY = 256
 #: Seconds a submit attempt may take before the due schedule looks at it again.
 SUBMIT_LEASE_SLACK = 5.0
 
@@ -77,36 +70,10 @@ class Pipeline:
             if raw.get("state") == JobState.QUEUED.value:
                 self.try_submit(job_id)
             return
-        problems: list[dict[str, str]] = []
-        if not JOB_ID_PATTERN.fullmatch(job_id):
-            problems.append({"field": "job_id", "message": "must be 1-128 characters of A-Z a-z 0-9 _ . : - "
-                             "(it is part of the job's callback URL)"})
-        if extra_kwargs:
-            problems += [{"field": k, "message": "unknown keyword argument"} for k in sorted(extra_kwargs)]
-        if metadata is None:
-            metadata = {}
-        if not isinstance(metadata, dict):
-            problems.append({"field": "metadata", "message": "must be a JSON object"})
-            metadata = {}
-        elif len(json.dumps(metadata, default=str)) > self.s.metadata_max_bytes:
-            problems.append({"field": "metadata", "message": f"larger than {self.s.metadata_max_bytes} bytes"})
-            metadata = {}
-        if idempotency_key is not None and (
-            not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY
-        ):
-            problems.append({"field": "idempotency_key", "message": f"must be a string of 1-{MAX_IDEMPOTENCY_KEY} characters"})
-            idempotency_key = None
-        size = len(json.dumps(request, default=str)) if request is not None else 0
-        if size > MAX_REQUEST_BYTES:
-            problems.append({"field": "request", "message": f"is {size} bytes of JSON; at most {MAX_REQUEST_BYTES}"})
-            request = {}
-        body: dict[str, Any] = request if isinstance(request, dict) else {}
-        warnings: list[str] = []
-        try:
-            parsed = parse_request(request, allow_private_urls=self.s.allow_private_urls)
-            body, warnings = dict(parsed.body), list(parsed.warnings)
-        except E.ValidationError as exc:
-            problems += exc.errors
+        intake = check_message(request, settings=self.s, idempotency_key=idempotency_key, metadata=metadata,
+                               job_id=job_id, extra_kwargs=extra_kwargs)
+        problems, body, warnings = intake.problems, intake.body, intake.warnings
+        metadata, idempotency_key = intake.metadata, intake.idempotency_key
         if not problems and not body.get("callBackUrl"):
             if self.s.callback_base_url:
                 body["callBackUrl"] = f"{self.s.callback_base_url}/kie/callback/{job_id}"

@@ -16,7 +16,8 @@ import re
 import time
 from typing import Any, Callable, Iterable
 
-from .pipeline import JOB_ID_PATTERN, Pipeline
+from .intake import JOB_ID_PATTERN
+from .pipeline import Pipeline
 
 log = logging.getLogger("kie_extend.receiver")
 
