@@ -59,8 +59,10 @@ def run_demo(jobs: int = 6, time_factor: float = 0.08) -> int:
               flush=True)
         demo_ns = f"kie_extend_demo_{os.getpid()}"
         stack = DevStack(workdir, redis_url=external, key_prefix=demo_ns if external else None,
-                         env={**({"KIE_QUEUE": demo_ns} if external else {}),"KIE_POLL_FIRST": "1s", "KIE_POLL_INTERVAL": "1s", "KIE_POLL_MAX_INTERVAL": "3s",
-                              "KIE_TICK_INTERVAL": "0.5s"})
+                         env={**({"KIE_QUEUE": demo_ns} if external else {}),
+                              # A ~5 s generation: poll often, so the progress shows every stage.
+                              "KIE_POLL_FIRST": "1s", "KIE_POLL_INTERVAL": "1s", "KIE_POLL_MAX_INTERVAL": "1s",
+                              "KIE_POLL_CALLBACK_INTERVAL": "1s", "KIE_TICK_INTERVAL": "0.5s"})
         sim = stack.start_simulator("--time-factor", str(time_factor))
         print(f"  simulator        {sim}  (time factor {time_factor}: a ~65 s generation takes "
               f"~{65 * time_factor:.0f} s)")
