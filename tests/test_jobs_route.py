@@ -237,13 +237,13 @@ class InlineDispatcher:
     """Collects follow-up work; ``drain`` runs it here."""
 
     def __init__(self) -> None:
-        self.pending: list[tuple[str, tuple[str, ...]]] = []
+        self.pending: list[tuple[str, tuple[str, ...], float]] = []
 
-    def poll(self, job_id: str) -> None:
-        self.pending.append(("poll", (job_id,)))
+    def poll(self, job_id: str, at: float | None = None) -> None:
+        self.pending.append(("poll", (job_id,), at or 0.0))
 
     def deliver(self, job_id: str, handler: str) -> None:
-        self.pending.append(("deliver", (job_id, handler)))
+        self.pending.append(("deliver", (job_id, handler), 0.0))
 
 
 class Harness:
@@ -254,8 +254,14 @@ class Harness:
         self.delivery = Delivery(rt)
 
     def drain(self) -> None:
-        while self.dispatch.pending:
-            kind, args = self.dispatch.pending.pop(0)
+        """Run the follow-up work that is due (a countdown is honoured, as Celery would)."""
+        while True:
+            due = [item for item in self.dispatch.pending if item[2] <= time.time()]
+            if not due:
+                return
+            item = due[0]
+            self.dispatch.pending.remove(item)
+            kind, args, _ = item
             if kind == "poll":
                 self.pipeline.advance(*args)
             else:

@@ -65,7 +65,7 @@ def test_claim_due_is_exclusive_and_leased(make_settings):
         ids = rt.store.claim_due(time.time(), 30, 7)
         while ids:
             with lock:
-                got.extend(ids)
+                got.extend(job for job, _ in ids)
             ids = rt.store.claim_due(time.time(), 30, 7)
 
     threads = [threading.Thread(target=claimer) for _ in range(4)]

@@ -88,8 +88,10 @@ class Settings(BaseSettings):
     maintenance_backoff: Duration = 30.0
     regenerate: int = Field(0, ge=0)
     submit_unknown_window: Duration = 900.0
-    poll_first: Duration = 8.0
-    poll_interval: Duration = 15.0
+    # Generations take about 40-120 s and the final audio is never ready before ~55 s, so the first
+    # poll waits 25 s: about 3.7 polls per job without callbacks, one with them.
+    poll_first: Duration = 25.0
+    poll_interval: Duration = 20.0
     poll_max_interval: Duration = 30.0
     poll_callback_interval: Duration = 60.0
     poll_min_gap: Duration = 0.4

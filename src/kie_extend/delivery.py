@@ -25,20 +25,26 @@ class Delivery:
         self.rt = rt
         self.s = rt.settings
 
-    def deliver(self, job_id: str, handler_name: str) -> str:
-        """Deliver ``job_id``'s event to one handler; returns the delivery's new state."""
+    def deliver(self, job_id: str, handler_name: str, event: dict[str, Any] | None = None) -> str:
+        """Deliver ``job_id``'s event to one handler; returns the delivery's new state.
+
+        ``event`` is given only by the process that just wrote it (the first attempt, inline);
+        otherwise the stored event and the handler's attempt count are read from the record.
+        """
         store, keys = self.rt.store, self.rt.keys
-        raw = store.get(job_id)
-        if raw is None or not raw.get("event"):
-            store.schedule_delivery(job_id, handler_name, None)
-            return "gone"
         field = f"handler:{handler_name}"
-        info = json.loads(raw.get(field) or '{"state":"pending","attempts":0}')
-        if info.get("state") in ("delivered", "dead"):
-            store.schedule_delivery(job_id, handler_name, None)
-            return str(info["state"])
-        event = json.loads(raw["event"])
-        attempts = int(info.get("attempts") or 0) + 1
+        attempts = 1
+        if event is None:
+            raw = store.get(job_id)
+            if raw is None or not raw.get("event"):
+                store.schedule_delivery(job_id, handler_name, None)
+                return "gone"
+            info = json.loads(raw.get(field) or '{"state":"pending","attempts":0}')
+            if info.get("state") in ("delivered", "dead"):
+                store.schedule_delivery(job_id, handler_name, None)
+                return str(info["state"])
+            event = json.loads(raw["event"])
+            attempts = int(info.get("attempts") or 0) + 1
         extra = {"job_id": job_id, "kie_task_id": event.get("kie_task_id")}
         try:
             handler = self.rt.handlers[handler_name]
@@ -63,9 +69,7 @@ class Delivery:
             store.stat("handler_failures")
             store.update(job_id, **{field: {"state": state, "attempts": attempts, "last_error": detail}})
             return state
-        store.update(job_id, **{field: {"state": "delivered", "attempts": attempts}})
-        store.schedule_delivery(job_id, handler_name, None)
-        store.stat("handler_deliveries")
+        store.mark_delivered(job_id, handler_name, attempts)
         return "delivered"
 
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:

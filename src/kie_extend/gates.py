@@ -3,8 +3,9 @@
 The rate gate is a rolling-window log in a sorted set, kept by one Lua script on Redis's own
 clock. A job that finds the window full does not spin: it books the earliest slot that keeps every
 window of ``KIE_SUBMIT_RATE`` within the limit, and waits in Redis until then. When its turn
-comes the window is checked again against what was really sent, so a late booking never pushes a
-window over the limit.
+comes the window is checked again against the sends that really happened, so a job that comes
+late never pushes a window over the limit; if it must wait a little more, it keeps its place and
+waits only until the oldest send in the window ages out.
 """
 
 from __future__ import annotations
@@ -17,48 +18,68 @@ import redis
 
 from .keys import Keys
 
-# KEYS: pause, inflight, rate log. ARGV: job_id, token, limit, window_ms, max_inflight.
-# Returns {verdict, wait_ms}: verdict ok | paused | inflight | wait.
+# KEYS: pause, inflight, rate log. ARGV: job_id, token, limit, book_window_ms, check_window_ms, max_inflight.
+# The log holds "s:<token>" for sends that happened (scored by send time) and "b:<token>" for booked
+# slots (scored by the slot). Returns {verdict, wait_ms}: verdict ok | paused | inflight | wait.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local job, token = ARGV[1], ARGV[2]
-local limit, win, maxif = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local job, booked = ARGV[1], 'b:' .. ARGV[2]
+local limit, book, check, maxif = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('ZREM', KEYS[3], token)
+  redis.call('ZREM', KEYS[3], booked)
   return {'paused', 0}
 end
 if redis.call('SISMEMBER', KEYS[2], job) == 0 and redis.call('SCARD', KEYS[2]) >= maxif then
-  redis.call('ZREM', KEYS[3], token)
+  redis.call('ZREM', KEYS[3], booked)
   return {'inflight', 0}
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - win)
-local mine = redis.call('ZSCORE', KEYS[3], token)
-if mine then
-  mine = tonumber(mine)
-  if mine > now then return {'wait', mine - now} end
-  local used = redis.call('ZCOUNT', KEYS[3], '(' .. (now - win), now) - 1
-  if used < limit then
-    redis.call('ZADD', KEYS[3], now, token)
-    redis.call('SADD', KEYS[2], job)
-    return {'ok', 0}
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - book)
+local mine = redis.call('ZSCORE', KEYS[3], booked)
+if mine and tonumber(mine) > now then return {'wait', tonumber(mine) - now} end
+local function sends_since(lo)
+  local out = {}
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. lo, now, 'WITHSCORES')) do
+    table.insert(out, m)
   end
-  redis.call('ZREM', KEYS[3], token)
+  local scores = {}
+  for i = 1, #out, 2 do
+    if string.sub(out[i], 1, 2) == 's:' then table.insert(scores, tonumber(out[i + 1])) end
+  end
+  return scores
 end
+local function send()
+  redis.call('ZREM', KEYS[3], booked)
+  redis.call('ZADD', KEYS[3], now, 's:' .. ARGV[2])
+  redis.call('PEXPIRE', KEYS[3], book * 2 + 1000)
+  redis.call('SADD', KEYS[2], job)
+  return {'ok', 0}
+end
+if mine then
+  -- Its turn: only sends that really happened can fill the provider's window now.
+  local sent = sends_since(now - check)
+  if #sent < limit then return send() end
+  local slot = sent[#sent - limit + 1] + check + 1
+  redis.call('ZADD', KEYS[3], slot, booked)
+  return {'wait', slot - now}
+end
+-- A new request: book the earliest slot after every earlier booking that keeps each window of
+-- book_window_ms within the limit, counting sends and bookings alike.
 local n = redis.call('ZCARD', KEYS[3])
 local slot = now
 if n >= limit then
   local e = redis.call('ZRANGE', KEYS[3], n - limit, n - limit, 'WITHSCORES')
-  slot = math.max(slot, tonumber(e[2]) + win)
+  slot = math.max(slot, tonumber(e[2]) + book)
 end
 local last = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')
 if last[2] then slot = math.max(slot, tonumber(last[2])) end
-redis.call('ZADD', KEYS[3], slot, token)
-redis.call('PEXPIRE', KEYS[3], slot - now + win + 1000)
 if slot <= now then
-  redis.call('SADD', KEYS[2], job)
-  return {'ok', 0}
+  local sent = sends_since(now - check)
+  if #sent < limit then return send() end
+  slot = sent[#sent - limit + 1] + check + 1
 end
+redis.call('ZADD', KEYS[3], slot, booked)
+redis.call('PEXPIRE', KEYS[3], slot - now + book * 2 + 1000)
 return {'wait', slot - now}
 """
 
@@ -88,10 +109,14 @@ class Gates:
 
     def acquire(self, job_id: str, token: str) -> Decision:
         """Ask to submit ``job_id`` now (``token`` names this attempt's rate slot)."""
-        window_ms = int(round((self.window + self.margin) * 1000))
+        # Slots are booked a full window plus the margin apart; a send is checked against the sends
+        # of the last window plus half the margin, which leaves the other half for lateness and
+        # network jitter while every provider-side window still holds at most the limit.
+        book_ms = int(round((self.window + self.margin) * 1000))
+        check_ms = int(round((self.window + self.margin / 2) * 1000))
         verdict, wait_ms = self._acquire(
             keys=[self.keys.pause, self.keys.inflight, self.keys.rate_log],
-            args=[job_id, token, self.limit, window_ms, self.max_in_flight],
+            args=[job_id, token, self.limit, book_ms, check_ms, self.max_in_flight],
         )
         verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
         return Decision(verdict, int(wait_ms) / 1000.0)
@@ -105,10 +130,16 @@ class Gates:
         return int(self.redis.scard(self.keys.inflight))
 
     def window_use(self) -> int:
-        """Submissions (taken or booked) within the current rolling window."""
+        """Sends within the current rolling window (booked future slots not counted)."""
         now_ms = time.time() * 1000
         lo = now_ms - (self.window + self.margin) * 1000
-        return int(self.redis.zcount(self.keys.rate_log, f"({lo}", "+inf"))
+        members = self.redis.zrangebyscore(self.keys.rate_log, f"({lo}", now_ms)
+        return sum(1 for m in members if m.startswith(b"s:"))
+
+    def booked(self) -> int:
+        """Future submission slots booked by waiting jobs."""
+        members = self.redis.zrangebyscore(self.keys.rate_log, time.time() * 1000, "+inf")
+        return sum(1 for m in members if m.startswith(b"b:"))
 
     # -- pause -------------------------------------------------------------------------------
     def pause(self, code: int, reason: str) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from . import errors as E
 from .client import FAILED_STATUSES, TaskRecord, track_has_audio
+from .delivery import Delivery
 from .events import build_event, now_iso
 from .intake import check_message
 from .runtime import Dispatcher, NoDispatch, Runtime
@@ -49,6 +50,17 @@ class Pipeline:
         self.store = rt.store
         self.gates = rt.gates
         self.dispatch = dispatcher or NoDispatch()
+        self.delivery = Delivery(rt)
+
+    def later(self, job_id: str, at: float) -> None:
+        """Run ``job_id``'s next step at ``at``: a wait shorter than a tick goes out now as a short
+        countdown message (claimed under a lease); a longer one waits on the due schedule."""
+        now = time.time()
+        if at - now <= self.s.tick_interval and not isinstance(self.dispatch, NoDispatch):
+            self.store.schedule(job_id, max(at, now) + self.s.lease)
+            self.dispatch.poll(job_id, at=at)
+        else:
+            self.store.schedule(job_id, at)
 
     # -- accept ------------------------------------------------------------------------------
     def accept(
@@ -109,10 +121,11 @@ class Pipeline:
                 self.store.create_pointer(job_id, {**base, "duplicate_of": first}, ttl=self.s.idempotency_window)
                 _log(job_id, logging.INFO, "duplicate of %s (idempotency key), not submitted", first)
                 return
-        if self.store.transition(job_id, JobState.QUEUED, expect=[None], fields=base):
-            self.store.stat("jobs_accepted")
-            _log(job_id, logging.INFO, "queued")
-        self.try_submit(job_id)
+        if not self.store.transition(job_id, JobState.QUEUED, expect=[None], fields=base, stat="jobs_accepted"):
+            return  # another delivery of this message created it and goes on from there
+        _log(job_id, logging.INFO, "queued")
+        self.try_submit(job_id, {"state": JobState.QUEUED.value, "request": json.dumps(base["request"]),
+                                 "created_ts": repr(now), "attempts": "0"})
 
     def reject_malformed(self, job_id: str, reason: str) -> bool:
         """Record an extend message that could not even be read as a failed job with its event."""
@@ -124,9 +137,11 @@ class Pipeline:
         return self._finish(job_id, {}, JobState.FAILED, fields, expect=[None])
 
     # -- submit ------------------------------------------------------------------------------
-    def try_submit(self, job_id: str) -> None:
-        """Pass the gates and send a queued job to the provider, or park it until it may."""
-        raw = self.store.get(job_id)
+    def try_submit(self, job_id: str, raw: dict[str, str] | None = None) -> None:
+        """Pass the gates and send a queued job to the provider, or park it until it may.
+
+        ``raw`` is the record when the caller has just written it (saves a read)."""
+        raw = raw or self.store.get(job_id)
         if raw is None or raw.get("state") != JobState.QUEUED.value:
             return
         attempt = int(raw.get("attempts") or 0) + 1
@@ -138,7 +153,7 @@ class Pipeline:
             self.store.stat(f"gate_wait_{decision.verdict}")
             return
         if decision.verdict == "wait":
-            self.store.schedule(job_id, time.time() + decision.wait)
+            self.later(job_id, time.time() + decision.wait)
             self.store.stat("gate_wait_rate")
             return
         now = time.time()
@@ -146,29 +161,27 @@ class Pipeline:
         if not self.store.transition(
             job_id, JobState.SUBMITTING, expect=[JobState.QUEUED],
             fields={"attempts": attempt, "sends": send, "submit_started_ts": now, "submit_error": None},
-            due=lease_end,
+            due=lease_end, stat="submissions",
         ):
             state = (self.store.get(job_id) or {}).get("state")
             if state not in (JobState.SUBMITTING.value, JobState.SUBMITTED.value):
                 self.gates.release(job_id)
             return
         body = json.loads(raw["request"])
-        self.store.stat("submissions")
         try:
             task_id = self.rt.client.submit_extend(body)
         except E.ProviderError as exc:
             self._submit_failed(job_id, raw, attempt, exc)
             return
-        self._record_code(200)
-        self._submitted(job_id, task_id)
+        self._submitted(job_id, task_id, stat="submit_code_200")
 
-    def _submitted(self, job_id: str, task_id: str) -> bool:
+    def _submitted(self, job_id: str, task_id: str, stat: str = "") -> bool:
         now = time.time()
         ok = self.store.transition(
             job_id, JobState.SUBMITTED, expect=[JobState.SUBMITTING],
             fields={"kie_task_id": task_id, "submitted_at": now_iso(), "submitted_ts": now,
                     "poll_interval": self.s.poll_interval, "outcome_unknown": None},
-            due=now + _jitter(self.s.poll_first, 0.1),
+            due=now + _jitter(self.s.poll_first, 0.1), stat=stat,
         )
         if ok:
             _log(job_id, logging.INFO, "submitted", task_id=task_id)
@@ -256,12 +269,10 @@ class Pipeline:
         task_id = raw.get("kie_task_id") or ""
         last = float(raw.get("last_poll_ts") or 0)
         if now - last < self.s.poll_min_gap:
-            self.store.schedule(job_id, last + self.s.poll_min_gap)
+            self.later(job_id, last + self.s.poll_min_gap)
             return
         submitted = float(raw.get("submitted_ts") or now)
-        self.store.update(job_id, last_poll_ts=now)
-        self.store.incr(job_id, "polls")
-        self.store.stat("polls")
+        self.store.note_poll(job_id, now)
         started = time.monotonic()
         try:
             record = self.rt.client.record_info(task_id)
@@ -285,7 +296,7 @@ class Pipeline:
             self.gates.pause(exc.code, exc.msg)
         if not self._timed_out(job_id, raw, now, submitted):
             _log(job_id, logging.WARNING, "poll failed (%s); polling again later", exc, task_id=task_id)
-            self.store.schedule(job_id, now + self._next_interval(job_id, raw))
+            self.later(job_id, now + self._next_interval(job_id, raw))
 
     def _apply_record(self, job_id: str, raw: dict[str, str], record: TaskRecord, now: float, submitted: float) -> None:
         task_id = raw.get("kie_task_id")
@@ -301,7 +312,7 @@ class Pipeline:
             self.store.update(job_id, kie_status=record.status, tracks=tracks or None)
             _log(job_id, logging.INFO, "provider status %s", record.status, task_id=task_id)
         if not self._timed_out(job_id, raw, now, submitted):
-            self.store.schedule(job_id, now + self._next_interval(job_id, raw))
+            self.later(job_id, now + self._next_interval(job_id, raw))
 
     def _task_failed(self, job_id: str, raw: dict[str, str], record: TaskRecord) -> None:
         code = record.error_code
@@ -348,8 +359,11 @@ class Pipeline:
         merged_raw = {**raw, "job_id": job_id}
         event = build_event(merged_raw, state, fields)
         handlers = list(self.s.handlers)
+        # The deliveries are queued with the event, already leased to this process: if it dies
+        # before handing them on, the tick finds them when the lease runs out.
         ok = self.store.transition(job_id, state, expect=expect, fields=fields, event=event,
-                                   handlers=handlers, retention=self.s.retention)
+                                   handlers=handlers, retention=self.s.retention,
+                                   deliveries_at=time.time() + self.s.lease)
         if not ok:
             return False
         created = float(raw.get("created_ts") or fields.get("created_ts") or time.time())
@@ -357,10 +371,11 @@ class Pipeline:
         error = fields.get("error")
         _log(job_id, logging.INFO if state == JobState.SUCCEEDED else logging.WARNING, "%s%s", state.value,
              f" ({error['kind']}: {error['message']})" if error else "", task_id=event.get("kie_task_id"))
-        now = time.time()
         for name in handlers:
-            self.store.schedule_delivery(job_id, name, now + self.s.lease)
-            self.dispatch.deliver(job_id, name)
+            if getattr(self.rt.handlers.get(name), "inline", False):
+                self.delivery.deliver(job_id, name, event=event)  # fast and local: no extra message
+            else:
+                self.dispatch.deliver(job_id, name)
         return True
 
     # -- callbacks, operators ------------------------------------------------------------------
@@ -424,9 +439,11 @@ class Pipeline:
         if not paused:
             room = self.s.max_in_flight - self.gates.in_flight()
             released = self.store.release_blocked(room, now)
-        due = self.store.claim_due(now, self.s.lease, self.s.claim_batch)
-        for job_id in due:
-            self.dispatch.poll(job_id)
+        # Look one tick ahead: what falls due before the next tick goes out now as a short
+        # countdown, so a booked rate slot or a poll is not late by up to a whole tick.
+        due = self.store.claim_due(now + self.s.tick_interval, self.s.lease, self.s.claim_batch)
+        for job_id, at in due:
+            self.dispatch.poll(job_id, at=at if at > now else None)
         deliveries = self.store.claim_deliveries(now, self.s.lease, self.s.claim_batch)
         for job_id, handler in deliveries:
             self.dispatch.deliver(job_id, handler)

@@ -20,8 +20,8 @@ from .store import JobStore
 class Dispatcher(Protocol):
     """How domain code asks for follow-up work without knowing Celery."""
 
-    def poll(self, job_id: str) -> None:
-        """Run the next step of ``job_id`` soon (already claimed on the due schedule)."""
+    def poll(self, job_id: str, at: float | None = None) -> None:
+        """Run the next step of ``job_id`` at ``at`` (or now); it is already claimed on the due schedule."""
 
     def deliver(self, job_id: str, handler: str) -> None:
         """Deliver ``job_id``'s event to ``handler`` soon (already claimed)."""
@@ -30,7 +30,7 @@ class Dispatcher(Protocol):
 class NoDispatch:
     """A dispatcher that leaves follow-up work to the beat tick (CLI, receiver without Celery)."""
 
-    def poll(self, job_id: str) -> None:
+    def poll(self, job_id: str, at: float | None = None) -> None:
         """Nothing: the tick will claim it."""
 
     def deliver(self, job_id: str, handler: str) -> None:

@@ -19,7 +19,8 @@ from .states import IN_FLIGHT, TERMINAL, TRANSITIONS, JobState
 
 # KEYS: none (single-node Redis; keys derive from the prefix).
 # ARGV: prefix, job_id, to, expected ("|"-joined, "" = no record), fields JSON, due ("" keep,
-#       "-" remove, else score), event JSON or "", handlers JSON, retention seconds, now, inflight flag
+#       "-" remove, else score), event JSON or "", handlers JSON, now, inflight flag, retention
+#       seconds, time the deliveries fall due, a counter to bump ("" none)
 _TRANSITION = """
 local p, id, to = ARGV[1], ARGV[2], ARGV[3]
 local jk = p .. ':job:' .. id
@@ -46,22 +47,24 @@ if ARGV[7] ~= '' then
   redis.call('HSET', jk, 'event', ARGV[7])
   for _, h in ipairs(cjson.decode(ARGV[8])) do
     redis.call('HSET', jk, 'handler:' .. h, '{"state":"pending","attempts":0}')
-    redis.call('ZADD', p .. ':deliveries', ARGV[9], id .. '|' .. h)
+    redis.call('ZADD', p .. ':deliveries', ARGV[12], id .. '|' .. h)
   end
   redis.call('HINCRBY', p .. ':stats', 'jobs_' .. to, 1)
   redis.call('EXPIRE', jk, ARGV[11])
 else
   redis.call('PERSIST', jk)
 end
+if ARGV[13] ~= '' then redis.call('HINCRBY', p .. ':stats', ARGV[13], 1) end
 return {1, cur}
 """
 
 # Claim up to ARGV[3] members due by ARGV[1]: push each one's score to ARGV[2] (the lease end),
-# so a claimer that dies lets the member fall due again. KEYS[1]: the sorted set.
+# so a claimer that dies lets the member fall due again; returns member, due-time pairs.
+# KEYS[1]: the sorted set.
 _CLAIM = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
-return ids
+local found = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[3]))
+for i = 1, #found, 2 do redis.call('ZADD', KEYS[1], ARGV[2], found[i]) end
+return found
 """
 
 # Move up to ARGV[1] blocked jobs (oldest first) onto the due schedule at ARGV[2].
@@ -156,12 +159,15 @@ class JobStore:
         event: dict[str, Any] | None = None,
         handlers: Iterable[str] = (),
         retention: float = 7 * 86400,
+        deliveries_at: float | None = None,
+        stat: str = "",
     ) -> bool:
         """Move ``job_id`` to ``to`` if it is in one of ``expect``; False if it was not.
 
         ``due``: a time to put the job on the due schedule, ``None`` to take it off, ``""`` to
         leave it. A terminal move needs ``event``; it is stored with the state, and one delivery
-        per handler is queued, all in one atomic step.
+        per handler is queued (due at ``deliveries_at``, default now), all in one atomic step.
+        ``stat`` names a shared counter bumped with the move.
         """
         expected = list(expect)
         for frm in expected:
@@ -185,6 +191,8 @@ class JobStore:
                 repr(time.time()),
                 "1" if to in IN_FLIGHT else "0",
                 str(int(retention)),
+                repr(float(deliveries_at if deliveries_at is not None else time.time())),
+                stat,
             ]
         )
         return bool(int(result[0]))
@@ -204,14 +212,15 @@ class JobStore:
         """Take a job off the due schedule."""
         self.redis.zrem(self.keys.due, job_id)
 
-    def claim_due(self, now: float, lease: float, limit: int) -> list[str]:
-        """Claim due jobs under a lease (their score moves to ``now + lease``)."""
-        return [_text(x) for x in self._claim(keys=[self.keys.due], args=[now, now + lease, limit])]
+    def claim_due(self, until: float, lease: float, limit: int) -> list[tuple[str, float]]:
+        """Claim jobs due by ``until`` under a lease (score moves to ``until + lease``); (id, due) pairs."""
+        found = self._claim(keys=[self.keys.due], args=[until, until + lease, limit])
+        return [(_text(found[i]), float(found[i + 1])) for i in range(0, len(found), 2)]
 
     def claim_deliveries(self, now: float, lease: float, limit: int) -> list[tuple[str, str]]:
         """Claim due handler deliveries under a lease; ``(job_id, handler)`` pairs."""
-        members = self._claim(keys=[self.keys.deliveries], args=[now, now + lease, limit])
-        return [tuple(_text(m).split("|", 1)) for m in members]  # type: ignore[misc]
+        found = self._claim(keys=[self.keys.deliveries], args=[now, now + lease, limit])
+        return [tuple(_text(found[i]).split("|", 1)) for i in range(0, len(found), 2)]  # type: ignore[misc]
 
     def schedule_delivery(self, job_id: str, handler: str, at: float | None) -> None:
         """Put a delivery back on its schedule at ``at``, or drop it (``None``)."""
@@ -245,6 +254,23 @@ class JobStore:
         """Forget expired terminal jobs in the state indexes."""
         for state in TERMINAL:
             self.redis.zremrangebyscore(self.keys.state_index(state.value), "-inf", older_than)
+
+    def mark_delivered(self, job_id: str, handler: str, attempts: int) -> None:
+        """Record a handler's successful delivery and take it off the delivery schedule."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.keys.job(job_id), f"handler:{handler}",
+                  json.dumps({"state": "delivered", "attempts": attempts}, separators=(",", ":")))
+        pipe.zrem(self.keys.deliveries, f"{job_id}|{handler}")
+        pipe.hincrby(self.keys.stats, "handler_deliveries", 1)
+        pipe.execute()
+
+    def note_poll(self, job_id: str, now: float) -> None:
+        """Record that a poll starts: its time, the job's poll count and the shared counter."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.keys.job(job_id), "last_poll_ts", repr(now))
+        pipe.hincrby(self.keys.job(job_id), "polls", 1)
+        pipe.hincrby(self.keys.stats, "polls", 1)
+        pipe.execute()
 
     def stat(self, name: str, amount: int = 1) -> None:
         """Bump a shared counter."""

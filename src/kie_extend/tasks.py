@@ -7,6 +7,7 @@ Stable names (other producers send them by name): ``kie_extend.extend``. Interna
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from celery import Celery, Task
@@ -26,9 +27,11 @@ class CeleryDispatcher:
     def __init__(self, app: Celery, queue: str) -> None:
         self.app, self.queue = app, queue
 
-    def poll(self, job_id: str) -> None:
-        """Queue a due job's next step."""
-        self.app.send_task("kie_extend.poll", kwargs={"job_id": job_id}, queue=self.queue)
+    def poll(self, job_id: str, at: float | None = None) -> None:
+        """Queue a job's next step, to run at ``at`` (a sub-second countdown at most: see Pipeline.later)."""
+        countdown = None if at is None else max(0.0, at - time.time())
+        self.app.send_task("kie_extend.poll", kwargs={"job_id": job_id}, queue=self.queue,
+                           countdown=countdown or None)
 
     def deliver(self, job_id: str, handler: str) -> None:
         """Queue one handler delivery."""

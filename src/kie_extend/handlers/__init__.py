@@ -27,6 +27,8 @@ class Handler(Protocol):
     """What every result handler provides."""
 
     name: str
+    # A handler may set ``inline = True`` when a delivery is fast and local (no network wait):
+    # its first attempt then runs in the process that finished the job, with no extra message.
 
     def deliver(self, event: dict[str, Any], dedup_key: str) -> None:
         """Deliver one result event; raise to have it retried."""

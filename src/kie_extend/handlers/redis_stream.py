@@ -21,6 +21,8 @@ class RedisStreamHandler:
     """Appends events to a Redis stream any language can read (XREAD, consumer groups)."""
 
     name = "redis_stream"
+    #: One local script call: delivered by the finishing process itself, no extra message.
+    inline = True
 
     def __init__(self, ctx: HandlerContext) -> None:
         self._keys = ctx.keys
