@@ -23,7 +23,7 @@ API_KEY = "chaos-secret-key-7f3a9c1e5b"
 REPORT = Path(__file__).resolve().parent.parent / ".chaos-report.jsonl"
 BASE_ENV = {
     "KIE_API_KEY": API_KEY,
-    "KIE_POLL_FIRST": "1s", "KIE_POLL_INTERVAL": "1s", "KIE_POLL_MAX_INTERVAL": "2s",
+    "KIE_POLL_FIRST": "1s", "KIE_POLL_INTERVAL": "1s", "KIE_POLL_MAX_INTERVAL": "2s", "KIE_POLL_CALLBACK_INTERVAL": "2s",
     "KIE_TICK_INTERVAL": "0.5s", "KIE_LEASE": "8s", "KIE_VISIBILITY_TIMEOUT": "15s",
     "KIE_SUBMIT_UNKNOWN_WINDOW": "20s", "KIE_READ_TIMEOUT": "5s", "KIE_CONNECT_TIMEOUT": "2s", "KIE_MAINTENANCE_BACKOFF": "1s",
     "KIE_HANDLER_RETRY_BASE": "0.5s", "KIE_MAX_SUBMIT_ATTEMPTS": "8",

@@ -28,7 +28,7 @@ TERMINAL = {"succeeded", "failed"}
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
     workdir = tmp_path_factory.mktemp("e2e")
     with DevStack(workdir, key_prefix=f"e2e{uuid.uuid4().hex[:6]}",
-                  env={"KIE_POLL_FIRST": "1s", "KIE_POLL_INTERVAL": "1s", "KIE_POLL_MAX_INTERVAL": "2s",
+                  env={"KIE_POLL_FIRST": "1s", "KIE_POLL_INTERVAL": "1s", "KIE_POLL_MAX_INTERVAL": "2s", "KIE_POLL_CALLBACK_INTERVAL": "2s",
                        "KIE_TICK_INTERVAL": "0.5s", "KIE_HANDLERS": "redis_stream"}) as st:
         st.start_simulator("--time-factor", "0.04", "--seed", "7")
         st.start_receiver()

@@ -50,7 +50,7 @@ def test_rabbitmq_broker(tmp_path: Path) -> None:
     queue = f"kie_extend_test_{uuid.uuid4().hex[:8]}"
     broker = "amqp://guest:guest@127.0.0.1:5672//"
     with DevStack(tmp_path, key_prefix=queue, env={"KIE_BROKER_URL": broker, "KIE_QUEUE": queue,
-                                                   "KIE_POLL_FIRST": "1s", "KIE_POLL_INTERVAL": "1s", **FAST}) as st:
+                                                   "KIE_POLL_FIRST": "1s", "KIE_POLL_INTERVAL": "1s", "KIE_POLL_CALLBACK_INTERVAL": "2s", **FAST}) as st:
         try:
             st.start_simulator("--time-factor", "0.03")
             st.start_receiver()

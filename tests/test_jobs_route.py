@@ -292,7 +292,7 @@ class Harness:
 def harness(make_settings: Callable[..., Any], sim: SimServer) -> Harness:
     settings = make_settings(base_url=sim.url, route="jobs", poll_first=0.2, poll_interval=0.4,
                              poll_max_interval=0.4, poll_min_gap=0.0, handler_retry_base=0.05, lease=5,
-                             connect_timeout=1, read_timeout=3)
+                             connect_timeout=1, read_timeout=3, poll_callback_interval=0.4)
     return Harness(Runtime(settings), sim)
 
 

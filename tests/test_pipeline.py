@@ -84,7 +84,7 @@ def harness(make_settings: Callable[..., Any], sim: SimServer) -> Callable[..., 
     def build(**overrides: Any) -> Harness:
         base = {"base_url": sim.url, "poll_first": 0.2, "poll_interval": 0.2, "poll_max_interval": 0.3,
                 "poll_min_gap": 0.0, "handler_retry_base": 0.05, "lease": 5,
-                "connect_timeout": 1, "read_timeout": 3}
+                "connect_timeout": 1, "read_timeout": 3, "poll_callback_interval": 0.4}
         return Harness(Runtime(make_settings(**{**base, **overrides})), sim)
 
     return build

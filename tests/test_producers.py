@@ -50,7 +50,7 @@ NPM_OFFLINE = re.compile(r"\b(ENOTFOUND|EAI_AGAIN|ECONNREFUSED|ECONNRESET|ETIMED
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
     workdir = tmp_path_factory.mktemp("producers")
     with DevStack(workdir, key_prefix=f"prod{uuid.uuid4().hex[:6]}",
-                  env={"KIE_POLL_FIRST": "1s", "KIE_POLL_INTERVAL": "1s", "KIE_POLL_MAX_INTERVAL": "2s",
+                  env={"KIE_POLL_FIRST": "1s", "KIE_POLL_INTERVAL": "1s", "KIE_POLL_MAX_INTERVAL": "2s", "KIE_POLL_CALLBACK_INTERVAL": "2s",
                        "KIE_TICK_INTERVAL": "0.5s", "KIE_HANDLERS": "redis_stream"}) as st:
         st.start_simulator("--time-factor", "0.04", "--seed", "11")
         st.start_receiver()

@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     poll_first: Duration = 25.0
     poll_interval: Duration = 20.0
     poll_max_interval: Duration = 30.0
-    poll_callback_interval: Duration = 60.0
+    poll_callback_interval: Duration = 120.0
     poll_min_gap: Duration = 0.4
     poll_not_found_grace: Duration = 60.0
     tick_interval: Duration = 1.0

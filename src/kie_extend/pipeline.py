@@ -173,15 +173,23 @@ class Pipeline:
         except E.ProviderError as exc:
             self._submit_failed(job_id, raw, attempt, exc)
             return
-        self._submitted(job_id, task_id, stat="submit_code_200")
+        self._submitted(job_id, task_id, stat="submit_code_200", callbacks=self._ours(body))
 
-    def _submitted(self, job_id: str, task_id: str, stat: str = "") -> bool:
+    def _ours(self, body: dict[str, Any]) -> bool:
+        """Whether the provider's callbacks for this request come to our receiver."""
+        base = self.s.callback_base_url
+        return bool(base) and str(body.get("callBackUrl") or "").startswith(f"{base}/kie/callback/")
+
+    def _submitted(self, job_id: str, task_id: str, stat: str = "", callbacks: bool = False) -> bool:
+        # With our receiver in place the final callback wakes the job, so the first safety-net
+        # poll can wait longer; without one, polling starts after KIE_POLL_FIRST.
+        first = max(self.s.poll_first, self.s.poll_callback_interval / 2) if callbacks else self.s.poll_first
         now = time.time()
         ok = self.store.transition(
             job_id, JobState.SUBMITTED, expect=[JobState.SUBMITTING],
             fields={"kie_task_id": task_id, "submitted_at": now_iso(), "submitted_ts": now,
                     "poll_interval": self.s.poll_interval, "outcome_unknown": None},
-            due=now + _jitter(self.s.poll_first, 0.1), stat=stat,
+            due=now + _jitter(first, 0.1), stat=stat,
         )
         if ok:
             _log(job_id, logging.INFO, "submitted", task_id=task_id)
@@ -246,7 +254,7 @@ class Pipeline:
                 record = None
             body = json.loads(raw.get("request") or "{}")
             if record is not None and (record.param or {}).get("callBackUrl") == body.get("callBackUrl"):
-                if self._submitted(job_id, hint):
+                if self._submitted(job_id, hint, callbacks=True):
                     self.poll(job_id, self.store.get(job_id) or {})
                 return
         if not raw.get("outcome_unknown"):
