@@ -184,18 +184,20 @@ def enqueue_many(items: Iterable[dict[str, Any]], *, settings: Settings | None =
     app = producer_app(settings)
     ids: list[str] = []
     # Celery's message builder and kombu's publisher directly: the same message send_task makes,
-    # without send_task's per-call routing and signals (about a third faster in bulk).
+    # without its per-call routing, sent through the default exchange (no binding look-up per
+    # message) in kombu's transport batches (one pipelined round trip per 500 on Redis).
     queue = app.amqp.queues[settings.queue]
     with app.producer_or_acquire() as producer:
         producer.maybe_declare(queue)
-        for item, request in zip(items, bodies):
-            job_id = str(uuid.uuid4())
-            kwargs = {k: item[k] for k in ("idempotency_key", "metadata") if item.get(k) is not None}
-            headers, properties, body, _ = app.amqp.create_task_message(
-                job_id, "kie_extend.extend", (), {"request": request, **kwargs})
-            producer.publish(body, exchange=queue.exchange, routing_key=queue.routing_key, serializer="json",
-                             headers=headers, retry=True, **properties)
-            ids.append(job_id)
+        with producer.batch(500):
+            for item, request in zip(items, bodies):
+                job_id = str(uuid.uuid4())
+                kwargs = {k: item[k] for k in ("idempotency_key", "metadata") if item.get(k) is not None}
+                headers, properties, body, _ = app.amqp.create_task_message(
+                    job_id, "kie_extend.extend", (), {"request": request, **kwargs})
+                producer.publish(body, exchange="", routing_key=settings.queue, serializer="json",
+                                 headers=headers, **properties)
+                ids.append(job_id)
     return ids
 
 

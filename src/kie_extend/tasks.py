@@ -2,7 +2,8 @@
 
 Stable names (other producers send them by name): ``kie_extend.extend``. Internal:
 ``kie_extend.poll`` (a due job's next step), ``kie_extend.deliver`` (one handler delivery),
-``kie_extend.tick`` (the beat's heartbeat: hands due work to workers).
+``kie_extend.tick`` (hands due work to workers; beat runs it in-process every KIE_TICK_INTERVAL,
+see beat.py, and it can also be sent as a message).
 """
 
 from __future__ import annotations

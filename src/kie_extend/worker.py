@@ -33,6 +33,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": int(settings.visibility_timeout)},
         timezone="UTC",
+        beat_scheduler="kie_extend.beat:TickScheduler",
         beat_schedule={
             "kie-extend-tick": {
                 "task": "kie_extend.tick",
