@@ -18,6 +18,7 @@ from kie_extend.client_jobs import CREATE_TASK_PATH, JOB_MODEL, JobsClient, pars
 from kie_extend.delivery import Delivery
 from kie_extend.errors import InvalidRequestError
 from kie_extend.pipeline import Pipeline
+from kie_extend.scheduler import Scheduler
 from kie_extend.runtime import Runtime
 from kie_extend.simulator import SimConfig, SimServer, serve
 
@@ -251,6 +252,7 @@ class Harness:
         self.rt, self.sim = rt, sim
         self.dispatch = InlineDispatcher()
         self.pipeline = Pipeline(rt, self.dispatch)
+        self.scheduler = Scheduler(rt, self.dispatch)
         self.delivery = Delivery(rt)
 
     def drain(self) -> None:
@@ -271,7 +273,7 @@ class Harness:
         deadline = time.monotonic() + timeout
         while not done():
             assert time.monotonic() < deadline, "timed out"
-            self.pipeline.tick()
+            self.scheduler.tick()
             self.drain()
             time.sleep(0.05)
 

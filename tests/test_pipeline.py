@@ -13,6 +13,7 @@ import pytest
 
 from kie_extend.delivery import Delivery
 from kie_extend.pipeline import Pipeline
+from kie_extend.scheduler import Scheduler
 from kie_extend.runtime import Runtime
 from kie_extend.simulator import SimConfig, SimServer, serve
 
@@ -35,6 +36,7 @@ class Harness:
         self.rt, self.sim = rt, sim
         self.dispatch = InlineDispatcher()
         self.pipeline = Pipeline(rt, self.dispatch)
+        self.scheduler = Scheduler(rt, self.dispatch)
         self.delivery = Delivery(rt)
 
     def drain(self) -> None:
@@ -55,7 +57,7 @@ class Harness:
         deadline = time.monotonic() + timeout
         while not done():
             assert time.monotonic() < deadline, "timed out"
-            self.pipeline.tick()
+            self.scheduler.tick()
             self.drain()
             time.sleep(0.05)
 
@@ -186,7 +188,7 @@ def test_401_pauses_without_failing_and_probe_resumes(harness: Callable[..., Har
     assert h.rt.gates.paused()["code"] == "401"
     job2 = h.accept(req(h.sim))
     assert h.state(job2)["state"] == "queued"  # parked, not sent: the gate is closed
-    h.pipeline.tick()
+    h.scheduler.tick()
     assert h.rt.gates.paused() is not None  # the probe still fails
     h.sim.simulator.update_config({"api_key": None})
     h.run_until(lambda: h.finished(job)() and h.finished(job2)())

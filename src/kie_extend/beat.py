@@ -26,6 +26,6 @@ class TickScheduler(PersistentScheduler):
             super().apply_entry(entry, producer)
             return
         try:
-            self.app.kie_services.get_pipeline().tick()
+            self.app.kie_services.get_scheduler().tick()
         except Exception:  # a failed tick is logged; the next one retries everything it missed
             log.exception("tick failed")

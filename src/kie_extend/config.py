@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     handler_max_attempts: int = Field(8, ge=1)
     handler_retry_base: Duration = 2.0
     claim_batch: int = Field(200, ge=1)
-    results_maxlen: int = Field(1_000_000, ge=1000)
+    results_maxlen: int = Field(100_000, ge=1000)  # about 1.5 KB an entry: ~150 MB
 
     webhook_url: str | None = None
     webhook_secret: SecretStr | None = None

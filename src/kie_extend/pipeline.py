@@ -436,42 +436,6 @@ class Pipeline:
             _log(job_id, logging.WARNING, "retried by operator")
         return ok
 
-    # -- the beat tick -------------------------------------------------------------------------
-    def tick(self) -> dict[str, int]:
-        """Hand due work to workers: released parked jobs, due steps, due deliveries, pause probe."""
-        now = time.time()
-        paused = self.gates.paused()
-        if paused and self.gates.take_probe_turn(self.s.pause_probe_interval):
-            paused = self._probe(paused)
-        released = 0
-        if not paused:
-            room = self.s.max_in_flight - self.gates.in_flight()
-            released = self.store.release_blocked(room, now)
-        # Look one tick ahead: what falls due before the next tick goes out now as a short
-        # countdown, so a booked rate slot or a poll is not late by up to a whole tick.
-        due = self.store.claim_due(now + self.s.tick_interval, self.s.lease, self.s.claim_batch)
-        for job_id, at in due:
-            self.dispatch.poll(job_id, at=at if at > now else None)
-        deliveries = self.store.claim_deliveries(now, self.s.lease, self.s.claim_batch)
-        for job_id, handler in deliveries:
-            self.dispatch.deliver(job_id, handler)
-        if random.random() < 0.01:
-            self.store.trim_indexes(now - self.s.retention)
-        return {"released": released, "due": len(due), "deliveries": len(deliveries)}
-
-    def _probe(self, paused: dict[str, str]) -> dict[str, str] | None:
-        try:
-            balance = self.rt.client.credits()
-        except E.ProviderError as exc:
-            self.rt.redis.hset(self.rt.keys.pause, mapping={"last_probe": now_iso(), "last_probe_error": str(exc)[:200]})
-            return paused
-        if balance <= 0:
-            self.rt.redis.hset(self.rt.keys.pause, mapping={"last_probe": now_iso(), "last_probe_error": "no credits"})
-            return paused
-        self.gates.resume()
-        log.warning("provider probe succeeded (credits %.1f); submission resumed", balance)
-        return None
-
     def _record_code(self, code: Any, prefix: str = "submit") -> None:
         self.store.stat(f"{prefix}_code_{code}")
 

@@ -18,6 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .delivery import Delivery
 from .pipeline import Pipeline
 from .runtime import Runtime
+from .scheduler import Scheduler
 
 _INFRA_ERRORS = (RedisConnectionError, RedisTimeoutError)
 
@@ -54,6 +55,7 @@ class _Services:
             self.runtime = Runtime(settings)
             self.pipeline = Pipeline(self.runtime, CeleryDispatcher(self.app, settings.queue))
             self.delivery = Delivery(self.runtime)
+            self.scheduler = Scheduler(self.runtime, CeleryDispatcher(self.app, settings.queue))
             self._pid = os.getpid()
 
     def get_pipeline(self) -> Pipeline:
@@ -63,6 +65,10 @@ class _Services:
     def get_delivery(self) -> Delivery:
         self._build()
         return self.delivery
+
+    def get_scheduler(self) -> Scheduler:
+        self._build()
+        return self.scheduler
 
 
 def register(app: Celery) -> None:
@@ -93,4 +99,4 @@ def register(app: Celery) -> None:
     @app.task(name="kie_extend.tick", ignore_result=True)
     def tick() -> dict[str, int]:
         """Hand due work to workers (run by beat every KIE_TICK_INTERVAL; several beats are safe)."""
-        return services.get_pipeline().tick()
+        return services.get_scheduler().tick()

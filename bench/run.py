@@ -1,0 +1,731 @@
+"""kie-extend benchmarks: ``make bench`` or ``.venv/bin/python bench/run.py [--only NAME[,NAME]]``.
+
+Every scenario starts its own local system with DevStack (embedded Valkey, the simulator, the callback
+receiver, Celery workers and beat) on loopback, runs under a time budget, prints each figure next to
+its target, and the run ends with one table and ``bench/results.json``. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from celery import Celery  # noqa: E402
+
+from harness import (  # noqa: E402
+    BenchStack,
+    Results,
+    ScenarioTimeout,
+    children_of,
+    cpu_delta,
+    extend_request,
+    iso_ts,
+    job_records,
+    machine_meta,
+    median,
+    pct,
+    queue_drained,
+    rss_kib,
+    stack_cpu,
+    stats_hash,
+    time_limit,
+    wait_terminal,
+    wait_until,
+)
+from gate_model import run_models  # noqa: E402
+from kie_extend.api import enqueue_many, get_job  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+PREFIX = "bench"
+
+# The provider allows 20 new submissions per 10 s; the benchmarks scale that window to 1 s.
+LIMIT, WINDOW = 20, 1.0
+MARGIN = "0.02s"
+SIM_LIMIT = ("--rate-limit", str(LIMIT), "--rate-window", f"{WINDOW:g}")
+KIE_LIMIT = {"KIE_SUBMIT_RATE": f"{LIMIT}/{WINDOW:g}s", "KIE_SUBMIT_RATE_MARGIN": MARGIN}
+# The beat tick (default 1 s against a 10 s provider window) scaled by the same 1/10.
+TICK = "0.1s"
+NO_LIMIT_SIM = ("--rate-limit", "100000000")
+NO_LIMIT_KIE = {"KIE_SUBMIT_RATE": "100000000/1s", "KIE_MAX_IN_FLIGHT": "1000000"}
+# The project's poll schedule settings; the scaled scenarios use their defaults times the time factor.
+POLL_KNOBS = ("poll_first", "poll_interval", "poll_max_interval", "poll_callback_interval")
+
+
+def poll_env(factor: float) -> dict[str, str]:
+    """KIE_POLL_* = the project's own defaults (read from Settings) scaled by ``factor``."""
+    from kie_extend.config import Settings
+
+    out = {}
+    for name in POLL_KNOBS:
+        if name in Settings.model_fields:
+            out[f"KIE_{name.upper()}"] = f"{round(float(Settings.model_fields[name].default) * factor, 3)}s"
+    return out
+
+
+def wait_ready(*children: Any, timeout: float = 60) -> None:
+    """Wait until each Celery worker logged ``ready.``."""
+    for child in children:
+        def ready(child: Any = child) -> bool:
+            if not child.alive():
+                raise RuntimeError(f"{child.name} exited; see {child.log_path}")
+            return " ready." in Path(child.log_path).read_text(errors="replace")
+        wait_until(ready, timeout, 0.1, f"{child.name} to be ready")
+
+
+def enqueue(st: BenchStack, n: int, callback_url: str | None = None) -> tuple[list[str], float, float]:
+    """enqueue_many ``n`` valid jobs; returns (ids, wall time before, seconds the call took)."""
+    settings = st.settings()
+    assert st.sim_url
+    items = [{"request": extend_request(st.sim_url, i, callback_url)} for i in range(n)]
+    t0 = time.time()
+    ids = enqueue_many(items, settings=settings)
+    return ids, t0, time.time() - t0
+
+
+def sim_times(st: BenchStack, records: dict[str, dict[str, str]]) -> dict[str, dict[str, Any]]:
+    """job id -> the simulator's record of its task (created/done wall times, duration)."""
+    tasks = st.sim_tasks()
+    return {j: tasks[rec["kie_task_id"]] for j, rec in records.items() if rec.get("kie_task_id") in tasks}
+
+
+def window_max(times: list[float], window: float) -> int:
+    """Most events inside any half-open window of ``window`` seconds."""
+    times = sorted(times)
+    best, lo = 0, 0
+    for hi, t in enumerate(times):
+        while times[lo] <= t - window:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+def rate_ratio(times: list[float]) -> tuple[float, float, float]:
+    """(ratio to the limit, unbiased rate, span) of submissions under a rolling LIMIT/WINDOW limit.
+
+    A rolling-window limiter lets the first LIMIT go at once, so N submissions need at least
+    (ceil(N/LIMIT) - 1) * WINDOW from first to last; rate = (N - LIMIT) / span is exact for a sender that
+    keeps every window full, and ratio = rate / (LIMIT / WINDOW).
+    """
+    times = sorted(times)
+    span = times[-1] - times[0]
+    n = len(times)
+    rate = (n - LIMIT) / span if span > 0 else float("nan")
+    return rate / (LIMIT / WINDOW), rate, span
+
+
+# ==================================================================================================
+# 1. at the limit
+# ==================================================================================================
+def scenario_limit(res: Results, workdir: Path) -> None:
+    """300 jobs against a 20/1 s provider limit: the submission rate achieved and 429s received."""
+    n, tf = 300, 0.01
+    env = {**KIE_LIMIT, "KIE_TICK_INTERVAL": TICK, "KIE_MAX_IN_FLIGHT": "1000",
+           "KIE_POLL_FIRST": "0.5s", "KIE_POLL_INTERVAL": "1s", "KIE_POLL_MAX_INTERVAL": "2s"}
+    with BenchStack(workdir / "limit", env=env, key_prefix=PREFIX) as st:
+        st.start_simulator("--time-factor", str(tf), *SIM_LIMIT, "--seed", "1")
+        st.start_receiver()
+        workers = [st.start_worker(concurrency=1), st.start_worker(concurrency=1)]
+        st.start_beat()
+        wait_ready(*workers)
+        r = st.redis()
+        ids, t0, _ = enqueue(st, n)
+        wait_terminal(r, PREFIX, ids, timeout=120)
+        recs = job_records(r, PREFIX, ids)
+        sim = st.sim_stats()
+        created = [t["created"] for t in st.sim_tasks().values()]
+        ratio, rate, span = rate_ratio(created)
+        submitted = [float(x["submitted_ts"]) for x in recs.values() if x.get("submitted_ts")]
+        ratio_ts, _, span_ts = rate_ratio(submitted)
+        states = [x.get("state") for x in recs.values()]
+        kstats = stats_hash(r, PREFIX)
+        res.detail("limit", jobs=n, workers="2 instances x concurrency 1", time_factor=tf, env=env,
+                   sim_flags=["--time-factor", tf, *SIM_LIMIT], accepted=sim["submissions_accepted"],
+                   rate_limited=sim["rate_limited"], span_s=span, span_submitted_ts_s=span_ts,
+                   naive_rate_n_over_span=len(created) / span if span else None,
+                   max_in_any_window=window_max(created, WINDOW), first_submission_after_enqueue_s=min(created) - t0,
+                   succeeded=states.count("succeeded"), kie_stats=kstats, sim_codes=sim.get("codes"))
+        ideal = (math.ceil(n / LIMIT) - 1) * WINDOW
+        res.add("limit", "achieved submit rate / limit (sim arrival times)", ratio, ">= 0.95", ratio >= 0.95,
+                note=f"{len(created)} accepted over {span:.2f}s, ideal span {ideal:.0f}s; rate=(N-{LIMIT})/span="
+                     f"{rate:.2f}/s vs {LIMIT / WINDOW:g}/s; KIE_SUBMIT_RATE_MARGIN={MARGIN}; 2 workers x c=1")
+        res.add("limit", "achieved submit rate / limit (job submitted_ts)", ratio_ts, ">= 0.95", None)
+        res.add("limit", "429 answers received (sim rate_limited)", int(sim["rate_limited"]), "== 0",
+                sim["rate_limited"] == 0)
+        res.add("limit", "most accepted in any 1 s window", window_max(created, WINDOW), f"<= {LIMIT}", None)
+        res.add("limit", "jobs succeeded", states.count("succeeded"), f"== {n}", states.count("succeeded") == n)
+
+        # ---- the gate alone: real Gates.acquire, an ideal dispatcher plus chosen lateness -----------
+        for child in st.children:
+            if child.name != "simulator":
+                child.stop()
+        tick = float(TICK.rstrip("s"))
+        models = run_models(st.redis_url, [0.0, tick], n=n, limit=LIMIT, window=WINDOW,
+                            margin=float(MARGIN.rstrip("s")), timeout=60)
+        res.detail("limit", gate_model=models)
+        for m in models:
+            res.add("limit", f"gate alone: rate / limit, dispatch lateness U(0, {m['lateness']:g}s)", m["ratio"],
+                    "", None, note=f"real Gates.acquire on Valkey, no Celery; {m['wait_verdicts']} wait verdicts "
+                                   f"for {n - LIMIT} jobs that had to wait (bench/gate_model.py)")
+
+
+# ==================================================================================================
+# 2. few slots: kie-extend vs a naive sleep-and-poll task on the same two processes
+# ==================================================================================================
+def scenario_slots(res: Results, workdir: Path) -> None:
+    n, tf, dmin, dmax = 300, 0.35, 40.0, 120.0
+    naive_n, naive_cap = 6, 200.0
+    polls = poll_env(tf)
+    env = {**KIE_LIMIT, "KIE_TICK_INTERVAL": TICK, "KIE_MAX_IN_FLIGHT": "1000", **polls}
+    with BenchStack(workdir / "slots", env=env, key_prefix=PREFIX) as st:
+        st.start_simulator("--time-factor", str(tf), "--duration-min", str(dmin), "--duration-max", str(dmax),
+                           *SIM_LIMIT, "--seed", "2")
+        st.start_receiver()
+        worker = st.start_worker(concurrency=2)
+        beat = st.start_beat()
+        wait_ready(worker)
+        r = st.redis()
+        ids, t0, _ = enqueue(st, n)
+        wait_terminal(r, PREFIX, ids, timeout=240, interval=0.2)
+        recs = job_records(r, PREFIX, ids)
+        finished = [iso_ts(x.get("finished_at")) or 0.0 for x in recs.values()]
+        makespan = max(finished) - t0
+        tasks = sorted(sim_times(st, recs).values(), key=lambda t: t["created"])
+        # Ideal rate-bound schedule: the k-th submission (in the simulator's order) at floor(k/L)*W,
+        # then its own generation time; the makespan is the latest of those.
+        ideal_exact = max(math.floor(k / LIMIT) * WINDOW + t["duration"] for k, t in enumerate(tasks))
+        ideal_formula = (math.ceil(n / LIMIT) - 1) * WINDOW + dmax * tf
+        sim = st.sim_stats()
+        states = [x.get("state") for x in recs.values()]
+        res.detail("slots", jobs=n, time_factor=tf, generation_s=[dmin * tf, dmax * tf], env=env,
+                   workers="1 instance x concurrency 2", callbacks=True, makespan_s=makespan,
+                   ideal_exact_s=ideal_exact, ideal_formula_s=ideal_formula, polls=sim["polls"],
+                   callbacks_sent=sim["callbacks_sent"], rate_limited=sim["rate_limited"],
+                   succeeded=states.count("succeeded"),
+                   submit_span_s=max(t["created"] for t in tasks) - min(t["created"] for t in tasks))
+        ratio = makespan / ideal_exact
+        res.add("slots", "kie-extend makespan (300 jobs, 2 processes)", makespan, "", None, "s",
+                note=f"gen {dmin * tf:.0f}-{dmax * tf:.0f}s (40-120 s x {tf}), callbacks on, polls {polls}")
+        res.add("slots", "rate-bound ideal makespan", ideal_exact, "", None, "s",
+                note=f"max_k(floor(k/{LIMIT})*{WINDOW:g}s + gen_k) over the actual generation times; "
+                     f"formula bound (ceil(N/L)-1)*W + max gen = {ideal_formula:.1f}s")
+        res.add("slots", "makespan / ideal", ratio, "<= 1.10", ratio <= 1.10)
+        sim_by_job = sim_times(st, recs)
+        lat = [iso_ts(recs[j]["finished_at"]) - t["done"] for j, t in sim_by_job.items()  # type: ignore[operator]
+               if recs[j].get("finished_at")]
+        span = max(t["created"] for t in tasks) - min(t["created"] for t in tasks)
+        res.detail("slots", done_to_finished_p95_s=pct(lat, 0.95), done_to_finished_max_s=max(lat),
+                   first_submission_after_enqueue_s=min(t["created"] for t in tasks) - t0)
+        res.add("slots", "where the gap is: submission span / ideal span", span / ((math.ceil(n / LIMIT) - 1) * WINDOW),
+                "", None, note=f"first to last accepted submission {span:.1f}s vs {(math.ceil(n / LIMIT) - 1) * WINDOW:g}s "
+                               f"at the limit; provider done -> finished_at p95 {pct(lat, 0.95):.2f}s, "
+                               f"max {max(lat):.2f}s")
+
+        # ---- the naive design on the same two slots ----------------------------------------------
+        for child in (worker, beat):
+            child.stop()
+        naive = st.start_naive_worker(concurrency=2, queue="bench_naive")
+        wait_ready(naive)
+        producer = Celery("bench_naive_producer", broker=st.redis_url, set_as_current=False)
+        producer.conf.update(task_serializer="json", accept_content=["json"])
+        run = uuid.uuid4().hex[:8]
+        interval = float(polls["KIE_POLL_INTERVAL"].rstrip("s"))
+        assert st.sim_url
+        t1 = time.time()
+        for i in range(naive_n):
+            producer.send_task("naive.extend", queue="bench_naive", kwargs={
+                "run": run, "job": f"n{i}", "sim_url": st.sim_url, "api_key": "naive-key",
+                "body": {**extend_request(st.sim_url, i), "callBackUrl": "http://127.0.0.1:9/unused"},
+                "poll_interval": interval, "rate_window": WINDOW, "timeout": 300})
+        key = f"bench:naive:{run}"
+        try:
+            wait_until(lambda: r.hlen(key) >= naive_n, naive_cap, 0.25, "naive jobs")
+            capped = False
+        except TimeoutError:
+            capped = True
+        done = [json.loads(v) for v in r.hgetall(key).values()]
+        naive.stop(timeout=3)
+        if not done:
+            raise RuntimeError(f"no naive job finished within {naive_cap:.0f}s")
+        occupancy = [d["finished"] - d["started"] for d in done]
+        if not capped:
+            naive_make = max(d["finished"] for d in done) - t1
+            naive_300 = naive_make * n / naive_n
+            how = f"measured on {naive_n} jobs ({naive_make:.1f}s), scaled linearly x{n / naive_n:.0f}"
+        else:
+            naive_make = float("nan")
+            naive_300 = sum(occupancy) / len(occupancy) * n / 2
+            how = f"capped at {naive_cap:.0f}s: {len(done)} jobs done; mean occupancy x {n} / 2 slots"
+        naive_occ_300 = sum(occupancy) / len(occupancy) * n / 2
+        res.detail("slots", naive_jobs=naive_n, naive_done=len(done), naive_makespan_subset_s=naive_make,
+                   naive_poll_interval_s=interval, naive_mean_occupancy_s=sum(occupancy) / len(occupancy),
+                   naive_makespan_300_extrapolated_s=naive_300, naive_makespan_300_by_occupancy_s=naive_occ_300,
+                   naive_polls_per_job=sum(d["polls"] for d in done) / len(done))
+        res.add("slots", "naive makespan for 300 (EXTRAPOLATED)", naive_300, "", None, "s",
+                note=how + f"; sleep-and-poll every {interval:g}s; by mean occupancy: {naive_occ_300:.0f}s")
+        speed = naive_300 / makespan
+        res.add("slots", "speed-up kie-extend vs naive", speed, ">= 10x", speed >= 10, "x")
+
+
+# ==================================================================================================
+# 3. polling cost, with and without callbacks
+# ==================================================================================================
+def scenario_polling(res: Results, workdir: Path) -> None:
+    """Polls per job and provider-done -> finished_at, in a deployment without callbacks (no receiver,
+    the simulator sends none) and with them (receiver started, the simulator sends text/first/complete)."""
+    n, tf, dmin, dmax = 100, 0.1, 40.0, 120.0
+    polls = poll_env(tf)
+    env = {**KIE_LIMIT, "KIE_TICK_INTERVAL": TICK, "KIE_MAX_IN_FLIGHT": "1000", **polls}
+    max_interval = float(polls["KIE_POLL_MAX_INTERVAL"].rstrip("s"))
+    # An extra, unjudged run: the first poll near the shortest generation (35 provider seconds)
+    # instead of the default, to show what the schedule itself costs.
+    late_first = {"KIE_POLL_FIRST": f"{round(35 * tf, 3)}s"}
+    no_receiver = "http://127.0.0.1:9/kie/callback/unused"  # the provider requires a callBackUrl
+    phases = (("without callbacks", False, {}, True),
+              (f"without callbacks, KIE_POLL_FIRST=35s x {tf}", False, late_first, False),
+              ("with callbacks", True, {"KIE_POLL_FIRST": polls["KIE_POLL_FIRST"]}, True))
+    with BenchStack(workdir / "polling", env=env, key_prefix=PREFIX) as st:
+        st.start_simulator("--time-factor", str(tf), "--duration-min", str(dmin), "--duration-max", str(dmax),
+                           *SIM_LIMIT, "--seed", "3")
+        worker, beat = None, None
+        r = st.redis()
+        for number, (label, callbacks, extra_env, judged) in enumerate(phases):
+            for child in (worker, beat):
+                if child is not None:
+                    child.stop()
+            st.env.update(extra_env)
+            if callbacks:
+                st.start_receiver()  # sets KIE_CALLBACK_BASE_URL for the worker started next
+            worker = st.start_worker(concurrency=2, name=f"worker-{number + 1}")
+            beat = st.start_beat()
+            wait_ready(worker)
+            st.sim_reset()
+            st.sim_config(callbacks=callbacks)
+            ids, _, _ = enqueue(st, n, callback_url=None if callbacks else no_receiver)
+            wait_terminal(r, PREFIX, ids, timeout=120)
+            time.sleep(0.5)  # late callbacks' polls land in the counters too
+            recs = job_records(r, PREFIX, ids)
+            sim = st.sim_stats()
+            times = sim_times(st, recs)
+            lat = [iso_ts(recs[j]["finished_at"]) - t["done"] for j, t in times.items()  # type: ignore[operator]
+                   if recs[j].get("finished_at")]
+            per_job = sim["polls"] / n
+            p95 = pct(lat, 0.95)
+            res.detail("polling", **{label: {
+                "jobs": n, "polls": sim["polls"], "callbacks_sent": sim["callbacks_sent"], "env": {**polls, **extra_env},
+                "receiver": callbacks, "poll_codes": sim["codes"].get("GET /api/v1/generate/record-info"),
+                "latency_p50_s": pct(lat, 0.5), "latency_p95_s": p95, "latency_max_s": max(lat),
+                "latency_min_s": min(lat), "states": {s: [x.get("state") for x in recs.values()].count(s)
+                                                      for s in ("succeeded", "failed")}}})
+            if not judged:
+                res.add("polling", f"record-info calls per job {label}", per_job, "", None,
+                        note=f"p95 done -> finished_at {p95:.2f}s (max {max(lat):.2f}s)")
+            elif callbacks:
+                res.add("polling", f"record-info calls per job {label}", per_job, "<= 1.2", per_job <= 1.2,
+                        note=f"{sim['callbacks_sent']} callbacks for {n} jobs (text, first, complete per task)")
+                res.add("polling", f"provider done -> finished_at p95 {label}", p95, "<= 1 s", p95 <= 1.0, "s",
+                        note=f"p50 {pct(lat, 0.5):.3f}s, max {max(lat):.2f}s")
+            else:
+                res.add("polling", f"record-info calls per job {label}", per_job, "<= 4", per_job <= 4,
+                        note=f"no receiver; gen {dmin * tf:.0f}-{dmax * tf:.0f}s (40-120 s x {tf}); poll settings "
+                             f"= project defaults x {tf}: {polls}; tick {TICK}")
+                res.add("polling", f"provider done -> finished_at p95 {label}", p95,
+                        f"<= {max_interval:g} s (KIE_POLL_MAX_INTERVAL)", p95 <= max_interval, "s",
+                        note=f"p50 {pct(lat, 0.5):.2f}s, max {max(lat):.2f}s; 'done' = simulator task "
+                             f"creation + its total generation time (exact, from bench/simtap.py)")
+
+
+# ==================================================================================================
+# 4. overhead against a raw Celery no-op
+# ==================================================================================================
+def noop_throughput(st: BenchStack, n: int, concurrency: int) -> tuple[float, dict[str, float]]:
+    worker = st.start_naive_worker(concurrency=concurrency, queue="bench_noop", name="noop")
+    try:
+        wait_ready(worker)
+        r = st.redis()
+        producer = Celery("bench_noop_producer", broker=st.redis_url, set_as_current=False)
+        producer.conf.update(task_serializer="json", accept_content=["json"])
+        producer.send_task("naive.noop", queue="bench_noop")  # connect and warm the pool
+        wait_until(lambda: queue_drained(r, "bench_noop"), 30, 0.01, "no-op warm-up")
+        cpu0 = stack_cpu(st)
+        t0 = time.time()
+        with producer.producer_or_acquire() as prod:
+            for _ in range(n):
+                producer.send_task("naive.noop", queue="bench_noop", producer=prod)
+        t1 = wait_until(lambda: queue_drained(r, "bench_noop"), 120, 0.005, "no-op tasks")
+        return n / (t1 - t0), cpu_delta(cpu0, stack_cpu(st), n)
+    finally:
+        worker.stop()
+
+
+def finished_count(r: Any) -> tuple[int, int]:
+    s = stats_hash(r, PREFIX)
+    return int(s.get("jobs_succeeded", 0) + s.get("jobs_failed", 0)), int(r.xlen(f"{PREFIX}:results"))
+
+
+def run_instant(st: BenchStack, n: int, timeout: float) -> float:
+    """Enqueue ``n`` jobs and wait until all are finished and their events are in the results stream."""
+    r = st.redis()
+    done0, stream0 = finished_count(r)
+    ids, t0, _ = enqueue(st, n, callback_url="http://127.0.0.1:9/kie/callback/unused")
+
+    def all_done() -> bool:
+        done, stream = finished_count(r)
+        return done - done0 >= n and stream - stream0 >= n
+    t1 = wait_until(all_done, timeout, 0.02, f"{n} jobs end to end")
+    return n / (t1 - t0)
+
+
+INSTANT_ENV = {**NO_LIMIT_KIE, "KIE_TICK_INTERVAL": TICK, "KIE_POLL_FIRST": "0.01s", "KIE_POLL_INTERVAL": "0.05s",
+               "KIE_POLL_MAX_INTERVAL": "0.1s"}
+INSTANT_SIM = ("--time-factor", "0.0001", *NO_LIMIT_SIM, "--no-callbacks")
+
+
+def scenario_overhead(res: Results, workdir: Path) -> None:
+    n, conc = 2000, 2
+    with BenchStack(workdir / "overhead", env=INSTANT_ENV, key_prefix=PREFIX) as st:
+        st.start_simulator(*INSTANT_SIM, "--seed", "4")
+        noop, noop_cpu = noop_throughput(st, n, conc)
+        res.detail("overhead", noop_cpu_ms_per_task=noop_cpu)
+        worker = st.start_worker(concurrency=conc)
+        st.start_beat()
+        wait_ready(worker)
+        run_instant(st, 200, 120)  # warm-up: connections, imports
+        r = st.redis()
+        cmd0, cpu0 = r.info("commandstats"), stack_cpu(st)
+        kie = run_instant(st, n, 240)
+        cmd1, cpu1 = r.info("commandstats"), stack_cpu(st)
+        cpu_ms = cpu_delta(cpu0, cpu1, n)
+        res.detail("overhead", cpu_ms_per_job=cpu_ms)
+        ratio = kie / noop
+        per_job = {k.replace("cmdstat_", ""): round((v["calls"] - cmd0.get(k, {}).get("calls", 0)) / n, 2)
+                   for k, v in cmd1.items() if v["calls"] - cmd0.get(k, {}).get("calls", 0) > 0}
+        per_job = dict(sorted(per_job.items(), key=lambda kv: -kv[1]))
+        res.detail("overhead", redis_commands_per_job=per_job, redis_commands_per_job_total=sum(per_job.values()))
+        res.detail("overhead", jobs=n, concurrency=conc, env=INSTANT_ENV, sim_flags=list(INSTANT_SIM),
+                   noop_tasks_per_s=noop, kie_jobs_per_s=kie, kie_stats=stats_hash(r, PREFIX))
+        res.add("overhead", "raw Celery no-op tasks/s (same broker, c=2)", noop, "", None, "/s")
+        res.add("overhead", "kie-extend jobs/s end to end (c=2)", kie, "", None, "/s",
+                note="enqueue_many -> submit -> poll -> finish -> redis_stream event; instant simulator, "
+                     "no rate limit, no callbacks")
+        res.add("overhead", "kie-extend jobs/s / no-op tasks/s", ratio, ">= 25 %", ratio >= 0.25,
+                note=f"{sum(per_job.values()):.0f} Redis commands per job (broker included), "
+                     f"EVALSHA {per_job.get('evalsha', 0):g}, HINCRBY {per_job.get('hincrby', 0):g}")
+
+
+# ==================================================================================================
+# 5. memory and growth
+# ==================================================================================================
+def pool_rss(worker: Any) -> int:
+    return sum(rss_kib(p) for p in children_of(worker.pid))
+
+
+def scenario_memory(res: Results, workdir: Path) -> None:
+    inflight_bytes(res, workdir)
+    rss_and_retention(res, workdir)
+
+
+def inflight_bytes(res: Results, workdir: Path) -> None:
+    n = 2000
+    env = {**NO_LIMIT_KIE, "KIE_TICK_INTERVAL": "0.5s", "KIE_POLL_FIRST": "1h", "KIE_POLL_INTERVAL": "1h",
+           "KIE_POLL_MAX_INTERVAL": "1h"}
+    with BenchStack(workdir / "memory", env=env, key_prefix=PREFIX) as st:
+        st.start_simulator("--time-factor", "1", "--duration-min", "7200", "--duration-max", "7200",
+                           *NO_LIMIT_SIM, "--no-callbacks", "--seed", "5")
+        worker = st.start_worker(concurrency=2)
+        st.start_beat()
+        wait_ready(worker)
+        r = st.redis()
+        time.sleep(1.0)
+        before = int(r.info("memory")["used_memory"])
+        ids, _, _ = enqueue(st, n, callback_url="http://127.0.0.1:9/kie/callback/unused")
+        wait_until(lambda: r.zcard(f"{PREFIX}:state:submitted") >= n and queue_drained(r, "kie_extend"),
+                   180, 0.2, f"{n} jobs in flight")
+        time.sleep(2.5)  # the submission-rate log expires ~2 s after the last submission
+        after = int(r.info("memory")["used_memory"])
+        per_job = (after - before) / n
+        sample = random.Random(5).sample(ids, 50)
+        key_bytes = [int(r.memory_usage(f"{PREFIX}:job:{j}", samples=0) or 0) for j in sample]
+        encoding = r.object("encoding", f"{PREFIX}:job:{sample[0]}")
+        encoding = encoding.decode() if isinstance(encoding, bytes) else encoding
+        fields = r.hlen(f"{PREFIX}:job:{sample[0]}")
+        struct = {name: int(r.memory_usage(f"{PREFIX}:{name}", samples=0) or 0)
+                  for name in ("state:submitted", "due", "inflight")}
+        longest = max(len(v) for v in r.hvals(f"{PREFIX}:job:{sample[0]}"))
+        res.detail("memory", inflight_jobs=n, used_memory_before=before, used_memory_after=after,
+                   bytes_per_job_used_memory=per_job, job_hash_bytes_mean=sum(key_bytes) / len(key_bytes),
+                   job_hash_encoding=encoding,
+                   job_hash_fields=fields, job_hash_longest_value=longest,
+                   index_bytes=struct, index_bytes_per_job={k: v / n for k, v in struct.items()})
+        res.add("memory", "Redis bytes per in-flight job (used_memory delta)", per_job, "<= 2048 B",
+                per_job <= 2048, "B", note=f"{n} jobs submitted, generation 2 h; job hash "
+                f"{sum(key_bytes) / len(key_bytes):.0f} B ({fields} fields, {encoding}, longest value {longest} B) + indexes "
+                f"{sum(struct.values()) / n:.0f} B")
+
+        # ---- beat tick cost: O(due) or O(all scheduled)? ------------------------------------------
+        tick_cost(res, st)
+
+
+def tick_cost(res: Results, st: BenchStack) -> None:
+    from kie_extend.scheduler import Scheduler
+    from kie_extend.runtime import NoDispatch, Runtime
+
+    settings = st.settings(key_prefix="tickbench")
+    rt = Runtime(settings)
+    pipeline = Scheduler(rt, NoDispatch())  # the tick alone
+    r = rt.redis
+    due_key = rt.keys.due
+    due_ids = [f"due-{i}" for i in range(100)]
+
+    def trial_set(label: str, future: int, trials: int = 60) -> float:
+        existing = r.zcard(due_key) - 0
+        if future > existing:
+            pipe = r.pipeline(transaction=False)
+            far = time.time() + 86400
+            for i in range(existing, future):
+                pipe.zadd(due_key, {f"future-{i}": far + i})
+                if i % 5000 == 0:
+                    pipe.execute()
+            pipe.execute()
+        samples = []
+        for _ in range(trials):
+            r.zadd(due_key, {j: time.time() - 1 for j in due_ids})
+            t = time.perf_counter()
+            out = pipeline.tick()
+            samples.append(time.perf_counter() - t)
+            assert out["due"] == len(due_ids), out
+        return median(samples)
+
+    r.delete(due_key)
+    small = trial_set("100", 0)
+    r.zrem(due_key, *due_ids)
+    big = trial_set("10k", 10_000)
+    r.zrem(due_key, *due_ids)
+    huge = trial_set("100k", 100_000)
+    r.delete(due_key)
+    ratio = big / small
+    res.detail("memory", tick_median_s={"100 due of 100": small, "100 due of 10,100": big,
+                                         "100 due of 100,100": huge})
+    res.add("memory", "Scheduler.tick() 100 due among 10,100 / among 100", ratio, "~1 (<= 1.5)", ratio <= 1.5,
+            note=f"median tick {small * 1e3:.2f} ms vs {big * 1e3:.2f} ms; with 100,000 future jobs "
+                 f"{huge * 1e3:.2f} ms")
+
+
+def rss_and_retention(res: Results, workdir: Path) -> None:
+    warm, n = 500, 5000
+    with BenchStack(workdir / "rss", env=INSTANT_ENV, key_prefix=PREFIX) as st:
+        st.start_simulator(*INSTANT_SIM, "--seed", "6")
+        worker = st.start_worker(concurrency=2)
+        st.start_beat()
+        wait_ready(worker)
+        r = st.redis()
+        run_instant(st, warm, 180)
+        rss0 = pool_rss(worker)
+        main0 = rss_kib(worker.pid)
+        t0 = time.time()
+        rate = run_instant(st, n, 420)
+        rss1 = pool_rss(worker)
+        main1 = rss_kib(worker.pid)
+        growth = (rss1 - rss0) / rss0
+        res.detail("memory", rss_pool_kib_after_warmup=rss0, rss_pool_kib_end=rss1, rss_main_kib=[main0, main1],
+                   rss_jobs=n, rss_run_s=time.time() - t0, rss_run_jobs_per_s=rate,
+                   pool_pids=children_of(worker.pid))
+        res.add("memory", f"worker pool RSS growth over {n:,} jobs", growth * 100, "< 10 %", growth < 0.10, "%",
+                note=f"pool processes {rss0 / 1024:.1f} -> {rss1 / 1024:.1f} MiB after a {warm}-job warm-up")
+
+        # TTL of a finished job with the default retention
+        ttls = [r.ttl(k) for k in list(r.scan_iter(f"{PREFIX}:job:*", count=1000))[:20]]
+        retention = 7 * 86400
+        ok = all(retention - 600 <= t <= retention for t in ttls)
+        res.add("memory", "TTL of finished job keys (default KIE_RETENTION 7 d)", min(ttls), f"== {retention} s",
+                ok, "s", note=f"min..max of 20 keys: {min(ttls)}..{max(ttls)}")
+        stream_len = r.xlen(f"{PREFIX}:results")
+        stream_bytes = int(r.memory_usage(f"{PREFIX}:results", samples=0) or 0)
+        from kie_extend.config import Settings
+
+        cap = Settings.model_fields["results_maxlen"].default if "results_maxlen" in Settings.model_fields else None
+        bound = (f"KIE_RESULTS_MAXLEN default {cap:,} entries -> about {cap * stream_bytes / stream_len / 1e9:.1f} GB"
+                 if cap else "no MAXLEN: the stream grows without bound")
+        res.add("memory", "results stream bytes per finished job", stream_bytes / stream_len,
+                "", None, "B", note=f"{stream_len} entries, {stream_bytes / 1e6:.1f} MB; {bound}")
+
+        # short retention: the keys go away
+        worker.stop()
+        st.env["KIE_RETENTION"] = "5s"
+        worker2 = st.start_worker(concurrency=2, name="worker-ret")
+        wait_ready(worker2)
+        before_stream = r.xlen(f"{PREFIX}:results")
+        ids, _, _ = enqueue(st, 20, callback_url="http://127.0.0.1:9/kie/callback/unused")
+        wait_until(lambda: r.xlen(f"{PREFIX}:results") - before_stream >= 20, 60, 0.05, "retention jobs")
+        ttl = [r.ttl(f"{PREFIX}:job:{j}") for j in ids]
+        time.sleep(6.0)
+        left = sum(r.exists(f"{PREFIX}:job:{j}") for j in ids)
+        in_index = sum(r.zscore(f"{PREFIX}:state:succeeded", j) is not None for j in ids)
+        dedup = sum(r.exists(f"{PREFIX}:dedup:redis_stream:{j}:job.succeeded") for j in ids)
+        res.detail("memory", short_retention={"ttl": ttl, "job_keys_left_after_6s": left,
+                                              "state_index_members_left": in_index, "dedup_keys_left": dedup})
+        res.add("memory", "KIE_RETENTION=5s: TTL of finished job keys", max(ttl), "<= 5 s",
+                all(0 < t <= 5 for t in ttl), "s")
+        res.add("memory", "KIE_RETENTION=5s: job keys left 6 s later (of 20)", left, "== 0", left == 0,
+                note=f"left behind: {in_index} of 20 ids in state:succeeded (removed by trim_indexes on ~1 % of "
+                     f"ticks), {dedup} dedup keys (TTL max(retention, 60 s)); stream entries stay until MAXLEN")
+
+
+# ==================================================================================================
+# 6. scale: enqueue_many and get_job
+# ==================================================================================================
+def scenario_scale(res: Results, workdir: Path) -> None:
+    from kie_extend.api import check_extend
+    from kie_extend.events import now_iso
+    from kie_extend.runtime import Runtime
+    from kie_extend.states import JobState
+
+    n = 10_000
+    with BenchStack(workdir / "scale", key_prefix=PREFIX, env={"KIE_ALLOW_PRIVATE_URLS": "true"}) as st:
+        settings = st.settings()
+        url = "http://127.0.0.1:9"
+        enqueue_many([{"request": extend_request(url, -1)}], settings=settings)  # connect, build the app
+        items = [{"request": extend_request(url, i), "metadata": {"i": i}} for i in range(n)]
+        t = time.perf_counter()
+        ids = enqueue_many(items, settings=settings)
+        took = time.perf_counter() - t
+        assert len(set(ids)) == n
+        t = time.perf_counter()
+        for item in items[:2000]:
+            check_extend(item["request"], metadata=item["metadata"], settings=settings)
+        validate_per_job = (time.perf_counter() - t) / 2000
+        r = st.redis()
+        queued = r.llen(settings.queue)
+        rate = n / took
+        res.detail("scale", enqueue_seconds=took, enqueue_jobs_per_s=rate, messages_in_queue=queued,
+                   validation_us_per_job=validate_per_job * 1e6,
+                   send_us_per_job=(took / n - validate_per_job) * 1e6)
+        res.add("scale", f"enqueue_many({n:,}) jobs/s (no workers)", rate, ">= 2,000 /s", rate >= 2000, "/s",
+                note=f"{took:.2f}s; validation {validate_per_job * 1e6:.0f} us/job, "
+                     f"send {(took / n - validate_per_job) * 1e6:.0f} us/job; {queued} messages queued")
+
+        # get_job with 100 vs 10,000 job records in the store
+        rt = Runtime(settings)
+        store = rt.store
+        job_ids = [str(uuid.uuid4()) for _ in range(n)]
+
+        def create(batch: list[str]) -> None:
+            for j in batch:
+                store.transition(j, JobState.QUEUED, expect=[None], fields={
+                    "job_id": j, "request": json.dumps(extend_request(url, 0)), "metadata": {"i": 1},
+                    "created_at": now_iso(), "created_ts": time.time(), "attempts": 0, "polls": 0})
+
+        def lookup(pool: list[str], k: int = 3000) -> float:
+            rng = random.Random(6)
+            sample = [rng.choice(pool) for _ in range(k)]
+            for j in sample[:100]:
+                get_job(j, settings=settings)
+            t = time.perf_counter()
+            for j in sample:
+                assert get_job(j, settings=settings)["state"] == "queued"
+            return (time.perf_counter() - t) / k
+
+        create(job_ids[:100])
+        small = lookup(job_ids[:100])
+        create(job_ids[100:])
+        big = lookup(job_ids)
+        ratio = big / small
+        res.detail("scale", get_job_us={"100 jobs": small * 1e6, "10,000 jobs": big * 1e6})
+        res.add("scale", "get_job time with 10,000 / with 100 jobs", ratio, "~1 (<= 1.5)", ratio <= 1.5,
+                note=f"{small * 1e6:.0f} us vs {big * 1e6:.0f} us per call")
+
+
+# ==================================================================================================
+SCENARIOS: dict[str, tuple[Callable[[Results, Path], None], int, str]] = {
+    "limit": (scenario_limit, 240, "1. at the limit: submission rate vs 20/1 s, no 429"),
+    "slots": (scenario_slots, 480, "2. few slots: makespan vs rate-bound ideal, naive design"),
+    "polling": (scenario_polling, 300, "3. polling cost with and without callbacks"),
+    "overhead": (scenario_overhead, 300, "4. overhead vs raw Celery no-op"),
+    "memory": (scenario_memory, 540, "5. memory per in-flight job, RSS growth, TTL, tick cost"),
+    "scale": (scenario_scale, 240, "6. enqueue_many rate, get_job O(1)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="comma-separated scenarios: " + ",".join(SCENARIOS))
+    parser.add_argument("--list", action="store_true", help="list scenarios and exit")
+    parser.add_argument("--out", default=str(BENCH / "results.json"), help="where to write results JSON")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs) afterwards")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, (_, budget, title) in SCENARIOS.items():
+            print(f"{name:9} {title} (budget {budget}s)")
+        return 0
+    names = [s.strip() for s in args.only.split(",") if s.strip()] or list(SCENARIOS)
+    unknown = [s for s in names if s not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
+    workdir = Path(tempfile.mkdtemp(prefix="kie-bench-"))
+    res = Results()
+    git_start = git_meta()
+    print(f"kie-extend benchmarks: {', '.join(names)}  (work dir {workdir})", flush=True)
+    failed = False
+    for name in names:
+        func, budget, title = SCENARIOS[name]
+        load = os.getloadavg()[0]
+        print(f"\n== {title}  (load average {load:.2f})", flush=True)
+        res.detail(name, loadavg_1m_at_start=round(load, 2))
+        t = time.time()
+        try:
+            with time_limit(budget):
+                func(res, workdir)
+        except (Exception, ScenarioTimeout) as exc:
+            failed = True
+            res.error(name, f"{type(exc).__name__}: {exc}")
+            traceback.print_exc()
+        res.detail(name, scenario_seconds=round(time.time() - t, 1), loadavg_1m_at_end=round(os.getloadavg()[0], 2))
+        print(f"   ({time.time() - t:.0f}s)", flush=True)
+    print("\n" + res.table())
+    out = Path(args.out)
+    git_end = git_meta()
+    changed = git_start != git_end
+    if changed:
+        print("\nWARNING: the code under test changed during the run (commit or uncommitted src/ files); "
+              "see meta.git_at_start / meta.git_at_end in the results file")
+    res.write(out, {**machine_meta(), "git_at_start": git_start, "git_at_end": git_end,
+                    "code_changed_during_run": changed, "scenarios": names, "workdir": str(workdir)})
+    print(f"\nwrote {out}  (total {time.time() - res.started:.0f}s)")
+    if args.keep or failed:
+        print(f"logs kept in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if failed else 0
+
+
+def git_meta() -> dict[str, Any]:
+    """The commit measured and whether src/ had uncommitted changes."""
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=BENCH.parent, capture_output=True, text=True,
+                                  timeout=10).stdout.rstrip("\n")
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    dirty = [line.split(maxsplit=1)[-1] for line in git("status", "--porcelain", "--", "src").splitlines() if line]
+    diff = git("diff", "HEAD", "--", "src")
+    return {"commit": git("rev-parse", "--short", "HEAD"), "src_uncommitted_files": dirty,
+            "src_diff_sha1": hashlib.sha1(diff.encode()).hexdigest()[:12] if diff else None}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
