@@ -18,7 +18,7 @@ from typing import IO
 import requests
 
 from .config import Settings, load_settings
-from .embedded import EmbeddedValkey, free_port
+from .embedded import EmbeddedValkey, die_with_parent, free_port
 
 
 class Child:
@@ -28,7 +28,8 @@ class Child:
         self.name, self.args, self.env, self.log_path = name, args, env, log_path
         self.log: IO[bytes] = open(log_path, "ab")
         self.proc = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=die_with_parent)
 
     @property
     def pid(self) -> int:
@@ -68,7 +69,8 @@ class Child:
         """Start the same command again."""
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=die_with_parent)
 
 
 def _wait_http(url: str, timeout: float, child: Child) -> None:

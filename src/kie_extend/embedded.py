@@ -12,6 +12,18 @@ from pathlib import Path
 import redis
 
 
+def die_with_parent() -> None:
+    """In a child before exec: get SIGTERM when the process that started it dies (Linux), so a
+    killed test run or demo leaves no server behind. Elsewhere a no-op."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
@@ -56,7 +68,7 @@ class EmbeddedValkey:
             "--protected-mode", "no", "--logfile", str(self.data_dir / "valkey.log"),
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=die_with_parent)
         client = redis.Redis(port=self.port, socket_connect_timeout=1)
         deadline = time.monotonic() + timeout
         while True:
