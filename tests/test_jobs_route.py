@@ -6,19 +6,16 @@ from __future__ import annotations
 import copy
 import json
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import requests
 
+from inline import Harness
 from kie_extend.client import KieClient, TaskRecord
 from kie_extend.client_jobs import CREATE_TASK_PATH, JOB_MODEL, JobsClient, parse_job_record, to_create_task
-from kie_extend.delivery import Delivery
 from kie_extend.errors import InvalidRequestError
-from kie_extend.pipeline import Pipeline
-from kie_extend.scheduler import Scheduler
 from kie_extend.runtime import Runtime
 from kie_extend.simulator import SimConfig, SimServer, serve
 
@@ -232,63 +229,7 @@ def test_runtime_picks_the_adapter(make_settings: Callable[..., Any], monkeypatc
     assert make_settings().route == "jobs"
 
 
-# ----- the pipeline on the jobs route (the pattern of tests/test_pipeline.py) ----------------------------
-
-class InlineDispatcher:
-    """Collects follow-up work; ``drain`` runs it here."""
-
-    def __init__(self) -> None:
-        self.pending: list[tuple[str, tuple[str, ...], float]] = []
-
-    def poll(self, job_id: str, at: float | None = None) -> None:
-        self.pending.append(("poll", (job_id,), at or 0.0))
-
-    def deliver(self, job_id: str, handler: str) -> None:
-        self.pending.append(("deliver", (job_id, handler), 0.0))
-
-
-class Harness:
-    def __init__(self, rt: Runtime, sim: SimServer) -> None:
-        self.rt, self.sim = rt, sim
-        self.dispatch = InlineDispatcher()
-        self.pipeline = Pipeline(rt, self.dispatch)
-        self.scheduler = Scheduler(rt, self.dispatch)
-        self.delivery = Delivery(rt)
-
-    def drain(self) -> None:
-        """Run the follow-up work that is due (a countdown is honoured, as Celery would)."""
-        while True:
-            due = [item for item in self.dispatch.pending if item[2] <= time.time()]
-            if not due:
-                return
-            item = due[0]
-            self.dispatch.pending.remove(item)
-            kind, args, _ = item
-            if kind == "poll":
-                self.pipeline.advance(*args)
-            else:
-                self.delivery.deliver(*args)
-
-    def run_until(self, done: Callable[[], bool], timeout: float = 15) -> None:
-        deadline = time.monotonic() + timeout
-        while not done():
-            assert time.monotonic() < deadline, "timed out"
-            self.scheduler.tick()
-            self.drain()
-            time.sleep(0.05)
-
-    def accept(self, request: dict[str, Any]) -> str:
-        job_id = str(uuid.uuid4())
-        self.pipeline.accept(job_id, request)
-        self.drain()
-        return job_id
-
-    def state(self, job_id: str) -> dict[str, str]:
-        return self.rt.store.get(job_id) or {}
-
-    def finished(self, job_id: str) -> Callable[[], bool]:
-        return lambda: self.state(job_id).get("state") in ("succeeded", "failed")
-
+# ----- the pipeline on the jobs route (tests/inline.py drives it in this process) ------------------------
 
 @pytest.fixture
 def harness(make_settings: Callable[..., Any], sim: SimServer) -> Harness:

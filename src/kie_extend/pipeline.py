@@ -357,7 +357,8 @@ class Pipeline:
         current = float(raw.get("poll_interval") or self.s.poll_interval)
         nxt = min(self.s.poll_max_interval, current * 1.5)
         self.store.update(job_id, poll_interval=nxt)
-        return _jitter(current)
+        # Jitter only downwards: no gap between two polls ever exceeds KIE_POLL_MAX_INTERVAL.
+        return current * (0.8 + 0.2 * random.random())
 
     # -- finish --------------------------------------------------------------------------------
     def _finish(self, job_id: str, raw: dict[str, str], state: JobState, fields: dict[str, Any],
