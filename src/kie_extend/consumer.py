@@ -1,8 +1,8 @@
 """The worker's message consumer: malformed extend messages become failed jobs, not silent drops.
 
-Celery logs and acknowledges a message it cannot decode (not JSON, a forbidden content type such
-as pickle), and a JSON body of the wrong shape even stops the whole worker with an "unrecoverable
-error" (and, unacknowledged, comes back to stop the next one). For ``kie_extend.extend`` the job id
+Celery logs and acknowledges a message it cannot decode (not JSON, or a forbidden content type
+such as Python's binary serializer), and a JSON body of the wrong shape even stops the whole
+worker with an "unrecoverable error" (and, unacknowledged, comes back to stop the next one). For ``kie_extend.extend`` the job id
 from the message headers is recorded as ``failed / invalid_request`` with its result event, and
 the message is acknowledged, so no message can lose a job or take a worker down.
 """

@@ -10,7 +10,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .config import SimConfig
-from .rules import LEGACY_MODELS, LENGTH_LIMITS, PERSONA_MODELS, V6_MODELS, DurationLookup, Rejection, SourceFetchError
+from .rules import (LEGACY_MODELS, LENGTH_LIMITS, PERSONA_MODELS, V6_MODELS, DurationLookup, Rejection,
+                    check_source)
 from .tasks import FIRST_SUCCESS, GENERATE_AUDIO_FAILED, PENDING, TEXT_SUCCESS, Task, _snake
 
 JOB_MODEL = "ai-music-api/upload-and-extend-audio"
@@ -97,30 +98,14 @@ def _check(body: Any, config: SimConfig) -> str | None:
     return None
 
 
-def _source(inp: dict[str, Any], config: SimConfig, lookup: DurationLookup) -> Rejection | None:
-    try:
-        duration = lookup(inp["upload_url"].strip())
-    except SourceFetchError as exc:
-        return Rejection(451, f"File fetch failed: {exc}")
-    if duration is None:
-        return None
-    if duration > config.max_audio_seconds:
-        return Rejection(422, f"uploaded audio is {duration:g} s long; the limit is "
-                              f"{config.max_audio_seconds:g} s (8 minutes)")
-    if inp.get("model") == "V4_5ALL" and config.v45all_limit_60s and duration > 60:
-        return Rejection(422, f"uploaded audio is {duration:g} s long; V4_5ALL accepts at most 60 s")
-    cont = inp.get("continue_at")
-    if cont is not None and cont >= duration:
-        return Rejection(422, f"input.continue_at ({cont:g}) must be less than the audio duration ({duration:g} s)")
-    return None
-
-
 def validate_create_task(body: Any, config: SimConfig, lookup: DurationLookup) -> Rejection | None:
     """Check a createTask body; return the rejection (422, or 451 for a missing own file) or None."""
     msg = _check(body, config)
     if msg:
         return Rejection(422, msg)
-    return _source(body["input"], config, lookup)
+    inp = body["input"]
+    return check_source(inp["upload_url"], inp.get("model"), inp.get("continue_at"), config, lookup,
+                        continue_field="input.continue_at")
 
 
 def legacy_view(body: dict[str, Any]) -> dict[str, Any]:

@@ -131,9 +131,12 @@ def _values(body: dict[str, Any], config: SimConfig) -> str | None:
     return None
 
 
-def _duration(body: dict[str, Any], config: SimConfig, lookup: DurationLookup) -> Rejection | None:
+def check_source(url: str, model: Any, continue_at: Any, config: SimConfig, lookup: DurationLookup,
+                 continue_field: str = "continueAt") -> Rejection | None:
+    """The source-audio rules both routes share: fetchable, at most 8 minutes (1 for V4_5ALL),
+    and the continuation point inside it."""
     try:
-        duration = lookup(body["uploadUrl"].strip())
+        duration = lookup(url.strip())
     except SourceFetchError as exc:
         return Rejection(451, f"File fetch failed: {exc}")
     if duration is None:
@@ -141,11 +144,11 @@ def _duration(body: dict[str, Any], config: SimConfig, lookup: DurationLookup) -
     if duration > config.max_audio_seconds:
         return Rejection(422, f"uploaded audio is {duration:g} s long; the limit is "
                               f"{config.max_audio_seconds:g} s (8 minutes)")
-    if body["model"] == "V4_5ALL" and config.v45all_limit_60s and duration > 60:
+    if model == "V4_5ALL" and config.v45all_limit_60s and duration > 60:
         return Rejection(422, f"uploaded audio is {duration:g} s long; V4_5ALL accepts at most 60 s")
-    cont = body.get("continueAt")
-    if cont is not None and cont >= duration:
-        return Rejection(422, f"continueAt ({cont:g}) must be less than the audio duration ({duration:g} s)")
+    if continue_at is not None and continue_at >= duration:
+        return Rejection(422, f"{continue_field} ({continue_at:g}) must be less than the audio duration "
+                              f"({duration:g} s)")
     return None
 
 
@@ -157,4 +160,4 @@ def validate_submit(body: Any, config: SimConfig, lookup: DurationLookup) -> Rej
         msg = step(body, config)
         if msg:
             return Rejection(422, msg)
-    return _duration(body, config, lookup)
+    return check_source(body["uploadUrl"], body["model"], body.get("continueAt"), config, lookup)
