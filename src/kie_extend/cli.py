@@ -242,7 +242,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser."""
-    p = argparse.ArgumentParser(prog="kie-extend", description=__doc__)
+    p = argparse.ArgumentParser(prog="kie-extend", description="Enqueue KIE Suno upload-and-extend jobs, follow "
+                                "them, and run the parts of the system (receiver, simulator, demo).")
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("enqueue", help="validate and enqueue an extend request")
