@@ -107,6 +107,10 @@ def test_callbacks_cut_time_to_result_and_polls(tmp_path: Path) -> None:
         assert int(line.split()[-1]) >= 12
         assert 'kie_extend_provider_responses_total{call="submit",code="200"}' in text
         assert "kie_extend_in_flight 0" in text
+        assert "# TYPE kie_extend_time_to_result_seconds histogram" in text
+        assert 'kie_extend_poll_seconds_bucket{le="+Inf"}' in text
+        count = next(x for x in text.splitlines() if x.startswith("kie_extend_time_to_result_seconds_count"))
+        assert int(count.split()[-1]) >= 12
 
         # JSON logs: one object per line, job_id (and kie_task_id) on the job lines.
         worker_log = Path(st.workers[0].log_path).read_text().splitlines()

@@ -47,9 +47,13 @@ def render(rt: Runtime) -> str:
     stats = {k.decode(): v.decode() for k, v in rt.redis.hgetall(rt.keys.stats).items()}
     responses: list[str] = []
     counters: dict[str, str] = {}
+    hists: dict[str, dict[str, str]] = {}
     for name, value in sorted(stats.items()):
+        h = re.match(r"^hist:([a-z_]+):(.+)$", name)
         m = re.match(r"^(submit|poll)_code_(.+)$", name)
-        if m:
+        if h:
+            hists.setdefault(h.group(1), {})[h.group(2)] = value
+        elif m:
             responses.append(f'kie_extend_provider_responses_total{{call="{m.group(1)}",code="{m.group(2)}"}} {value}')
         else:
             counters[re.sub(r"[^a-zA-Z0-9_]", "_", name)] = value
@@ -57,4 +61,11 @@ def render(rt: Runtime) -> str:
         lines += ["# TYPE kie_extend_provider_responses_total counter", *responses]
     for metric, value in counters.items():
         lines += [f"# TYPE kie_extend_{metric}_total counter", f"kie_extend_{metric}_total {value}"]
+    for metric, parts in sorted(hists.items()):
+        buckets = sorted(((k[3:], v) for k, v in parts.items() if k.startswith("le:")),
+                         key=lambda kv: float("inf") if kv[0] == "+Inf" else float(kv[0]))
+        lines.append(f"# TYPE kie_extend_{metric} histogram")
+        lines += [f'kie_extend_{metric}_bucket{{le="{le}"}} {n}' for le, n in buckets]
+        lines += [f"kie_extend_{metric}_sum {parts.get('sum', '0')}",
+                  f"kie_extend_{metric}_count {parts.get('le:+Inf', '0')}"]
     return "\n".join(lines) + "\n"

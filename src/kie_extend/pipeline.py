@@ -23,6 +23,9 @@ from .states import TERMINAL, JobState
 
 log = logging.getLogger("kie_extend.pipeline")
 
+#: Histogram buckets (seconds) of one record-info call and of a job's time to result.
+POLL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+RESULT_BUCKETS = (10.0, 30.0, 60.0, 120.0, 180.0, 300.0, 600.0, 1200.0, 3600.0)
 #: Callback types that only report progress; the final ones (complete, error) trigger a poll.
 PROGRESS_CALLBACKS = frozenset({"text", "first"})
 #: Seconds a submit attempt may take before the due schedule looks at it again.
@@ -289,7 +292,7 @@ class Pipeline:
             self._poll_failed(job_id, raw, exc, now, submitted)
             return
         finally:
-            self.store.redis.hincrbyfloat(self.rt.keys.stats, "poll_seconds", time.monotonic() - started)
+            self.store.observe("poll_seconds", time.monotonic() - started, POLL_BUCKETS)
         self._record_code(200, prefix="poll")
         self._apply_record(job_id, raw, record, now, submitted)
 
@@ -376,7 +379,7 @@ class Pipeline:
         if not ok:
             return False
         created = float(raw.get("created_ts") or fields.get("created_ts") or time.time())
-        self.store.redis.hincrbyfloat(self.rt.keys.stats, "time_to_result_seconds", time.time() - created)
+        self.store.observe("time_to_result_seconds", time.time() - created, RESULT_BUCKETS)
         error = fields.get("error")
         _log(job_id, logging.INFO if state == JobState.SUCCEEDED else logging.WARNING, "%s%s", state.value,
              f" ({error['kind']}: {error['message']})" if error else "", task_id=event.get("kie_task_id"))

@@ -272,6 +272,16 @@ class JobStore:
         pipe.hincrby(self.keys.stats, "polls", 1)
         pipe.execute()
 
+    def observe(self, name: str, value: float, buckets: tuple[float, ...]) -> None:
+        """Add one observation to a shared histogram (cumulative buckets, sum and count)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for le in buckets:
+            if value <= le:
+                pipe.hincrby(self.keys.stats, f"hist:{name}:le:{le:g}", 1)
+        pipe.hincrby(self.keys.stats, f"hist:{name}:le:+Inf", 1)
+        pipe.hincrbyfloat(self.keys.stats, f"hist:{name}:sum", value)
+        pipe.execute()
+
     def stat(self, name: str, amount: int = 1) -> None:
         """Bump a shared counter."""
         self.redis.hincrby(self.keys.stats, name, amount)
