@@ -275,9 +275,8 @@ class JobStore:
     def observe(self, name: str, value: float, buckets: tuple[float, ...]) -> None:
         """Add one observation to a shared histogram (cumulative buckets, sum and count)."""
         pipe = self.redis.pipeline(transaction=False)
-        for le in buckets:
-            if value <= le:
-                pipe.hincrby(self.keys.stats, f"hist:{name}:le:{le:g}", 1)
+        for le in buckets:  # every bucket exists, even empty ones
+            pipe.hincrby(self.keys.stats, f"hist:{name}:le:{le:g}", 1 if value <= le else 0)
         pipe.hincrby(self.keys.stats, f"hist:{name}:le:+Inf", 1)
         pipe.hincrbyfloat(self.keys.stats, f"hist:{name}:sum", value)
         pipe.execute()
