@@ -20,8 +20,7 @@ from typing import Any
 import redis
 import requests
 
-from kie_extend.devstack import Child, DevStack, _wait_http
-from kie_extend.embedded import free_port
+from kie_extend.devstack import Child, DevStack
 
 BENCH = Path(__file__).resolve().parent
 TERMINAL = ("succeeded", "failed")
@@ -35,15 +34,8 @@ class BenchStack(DevStack):
 
     def start_simulator(self, *flags: str) -> str:
         """Start bench/simtap.py (the simulator + one timing route) with ample credits (10k jobs and more)."""
-        port = free_port()
-        child = self._spawn("simulator", [sys.executable, str(BENCH / "simtap.py"), "--port", str(port),
-                                          "--credits", "1000000000", *flags])
-        self.sim_url = f"http://127.0.0.1:{port}"
-        _wait_http(self.sim_url + "/_sim/stats", 30, child)
-        self.env.update({"KIE_BASE_URL": self.sim_url, "KIE_UPLOAD_BASE_URL": self.sim_url})
-        self.env.setdefault("KIE_API_KEY", "sim-key")
-        self.env.setdefault("KIE_ALLOW_PRIVATE_URLS", "true")
-        return self.sim_url
+        return super().start_simulator("--credits", "1000000000", *flags,
+                                       command=[sys.executable, str(BENCH / "simtap.py")])
 
     def sim_tasks(self) -> dict[str, dict[str, Any]]:
         """Every simulator task: wall-clock ``created`` and ``done``, ``duration``, ``callback_url``."""

@@ -124,10 +124,12 @@ class DevStack:
             os.environ.clear()
             os.environ.update(saved)
 
-    def start_simulator(self, *flags: str) -> str:
-        """Start the provider simulator; its URL becomes ``KIE_BASE_URL`` for what starts later."""
+    def start_simulator(self, *flags: str, command: list[str] | None = None) -> str:
+        """Start the provider simulator (or ``command``, a compatible one); its URL becomes
+        ``KIE_BASE_URL`` for what starts later."""
         port = free_port()
-        child = self._spawn("simulator", [sys.executable, "-m", "kie_extend.simulator", "--port", str(port), *flags])
+        command = command or [sys.executable, "-m", "kie_extend.simulator"]
+        child = self._spawn("simulator", [*command, "--port", str(port), *flags])
         self.sim_url = f"http://127.0.0.1:{port}"
         _wait_http(self.sim_url + "/_sim/stats", 30, child)
         self.env.update({"KIE_BASE_URL": self.sim_url, "KIE_UPLOAD_BASE_URL": self.sim_url})

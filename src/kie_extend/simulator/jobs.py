@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from .config import SimConfig
 from .rules import (LEGACY_MODELS, LENGTH_LIMITS, PERSONA_MODELS, V6_MODELS, DurationLookup, Rejection,
-                    check_source)
+                    check_source, weight_problem)
 from .tasks import FIRST_SUCCESS, GENERATE_AUDIO_FAILED, PENDING, TEXT_SUCCESS, Task, _snake
 
 JOB_MODEL = "ai-music-api/upload-and-extend-audio"
@@ -79,13 +79,9 @@ def _check(body: Any, config: SimConfig) -> str | None:
         if isinstance(value, str) and len(value) > limit:
             return f"input.{key} is too long for model {suno}: {len(value)} characters (max {limit})"
     for key in WEIGHT_KEYS:
-        value = inp.get(key)
-        if value is None:
-            continue
-        if not 0 <= value <= 1:
-            return f"input.{key} must be between 0 and 1"
-        if abs(value * 100 - round(value * 100)) >= 1e-9:
-            return f"input.{key} must have at most two decimal places"
+        problem = weight_problem(f"input.{key}", inp.get(key))
+        if problem:
+            return problem
     if inp.get("continue_at") is not None and not inp["continue_at"] > 0:
         return "input.continue_at must be greater than 0"
     variety = inp.get("variety")

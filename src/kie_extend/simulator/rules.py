@@ -115,19 +115,26 @@ def _values(body: dict[str, Any], config: SimConfig) -> str | None:
     elif not _missing(body, "personaId"):
         return "personaId is only allowed in custom mode (defaultParamFlag=true)"
     for name in WEIGHT_FIELDS:
-        value = body.get(name)
-        if value is None:
-            continue
-        if not 0 <= value <= 1:
-            return f"{name} must be between 0 and 1"
-        if abs(value * 100 - round(value * 100)) >= 1e-9:
-            return f"{name} must have at most two decimal places"
+        problem = weight_problem(name, body.get(name))
+        if problem:
+            return problem
     if body.get("continueAt") is not None and not body["continueAt"] > 0:
         return "continueAt must be greater than 0"
     if body.get("vocalGender") not in (None, "", "m", "f"):
         return "vocalGender must be 'm' or 'f'"
     if body.get("personaModel") not in (None, "", *PERSONA_MODELS):
         return f"personaModel must be one of {', '.join(PERSONA_MODELS)}"
+    return None
+
+
+def weight_problem(name: str, value: Any) -> str | None:
+    """The rule every weight follows on both routes: 0 to 1, at most two decimals (None: absent)."""
+    if value is None:
+        return None
+    if not 0 <= value <= 1:
+        return f"{name} must be between 0 and 1"
+    if abs(value * 100 - round(value * 100)) >= 1e-9:
+        return f"{name} must have at most two decimal places"
     return None
 
 
