@@ -21,6 +21,7 @@ import redis
 import requests
 
 from kie_extend.devstack import Child, DevStack
+from kie_extend.keys import Keys
 
 BENCH = Path(__file__).resolve().parent
 TERMINAL = ("succeeded", "failed")
@@ -98,7 +99,7 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.1, what: str 
 def job_states(r: redis.Redis, prefix: str, ids: list[str]) -> list[str | None]:
     pipe = r.pipeline(transaction=False)
     for job_id in ids:
-        pipe.hget(f"{prefix}:job:{job_id}", "state")
+        pipe.hget(Keys(prefix).job(job_id), "state")
     return [s.decode() if s else None for s in pipe.execute()]
 
 
@@ -122,7 +123,7 @@ def job_records(r: redis.Redis, prefix: str, ids: Iterable[str]) -> dict[str, di
     ids = list(ids)
     pipe = r.pipeline(transaction=False)
     for job_id in ids:
-        pipe.hgetall(f"{prefix}:job:{job_id}")
+        pipe.hgetall(Keys(prefix).job(job_id))
     out = {}
     for job_id, raw in zip(ids, pipe.execute()):
         out[job_id] = {k.decode(): v.decode() for k, v in raw.items()}
@@ -136,7 +137,7 @@ def iso_ts(text: str | None) -> float | None:
 
 
 def stats_hash(r: redis.Redis, prefix: str) -> dict[str, float]:
-    return {k.decode(): float(v) for k, v in r.hgetall(f"{prefix}:stats").items()}
+    return {k.decode(): float(v) for k, v in r.hgetall(Keys(prefix).stats).items()}
 
 
 def pct(values: list[float], q: float) -> float:

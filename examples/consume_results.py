@@ -1,6 +1,6 @@
 """Read kie-extend result events from the Redis stream with a consumer group.
 
-Each finished job adds one entry to ``{KIE_KEY_PREFIX}:results`` with the fields ``job_id``,
+Each finished job adds one entry to ``{KIE_KEY_PREFIX}:results`` (the prefix in braces, e.g. ``{kie_extend}:results``) with the fields ``job_id``,
 ``event`` (``job.succeeded`` or ``job.failed``) and ``payload`` (the event as JSON). A consumer
 group lets several consumers share the stream: each entry goes to one of them, and stays pending
 until it is acknowledged with XACK, so an entry whose consumer crashed is read again (this script
@@ -61,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     url = os.environ.get("KIE_REDIS_URL", "redis://localhost:6379/0")
-    stream = os.environ.get("KIE_KEY_PREFIX", "kie_extend") + ":results"
+    prefix = os.environ.get("KIE_KEY_PREFIX", "kie_extend")
+    # Keys are named under the prefix as a Redis hash tag: {kie_extend}:results
+    stream = prefix if "{" in prefix else "{" + prefix + "}"
+    stream += ":results"
     client = redis.Redis.from_url(url, decode_responses=True)
     ensure_group(client, stream, args.group, "$" if args.new_only else "0")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from kie_extend.keys import Keys
 from kie_extend.api import enqueue_many, get_job
 from kie_extend.devstack import DevStack
 
@@ -69,7 +70,7 @@ def check_guarantees(stack: DevStack, ids: list[str], recs: dict[str, dict], nam
     per_job = {j: sum(n for u, n in by_url.items() if u.endswith(f"/kie/callback/{j}")) for j in ids}
     r = redis.Redis.from_url(stack.redis_url)
     prefix = stack.settings().key_prefix
-    events = [{k.decode(): v.decode() for k, v in f.items()} for _, f in r.xrange(prefix + ":results")]
+    events = [{k.decode(): v.decode() for k, v in f.items()} for _, f in r.xrange(Keys(prefix).results)]
     event_counts = Counter(e["job_id"] for e in events)
     log_path = Path(stack.env["KIE_TEST_EVENT_LOG"])
     callable_keys = Counter()

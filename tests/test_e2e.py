@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from kie_extend.keys import Keys
 from kie_extend.api import enqueue_extend, get_job, producer_app
 from kie_extend.devstack import DevStack
 from kie_extend.errors import ValidationError
@@ -53,7 +54,7 @@ def wait_terminal(stack: DevStack, job_ids: list[str], timeout: float = 60) -> d
 
 def stream_events(stack: DevStack) -> list[dict]:
     r = redis.Redis.from_url(stack.redis_url)
-    entries = r.xrange(stack.settings().key_prefix + ":results")
+    entries = r.xrange(Keys(stack.settings().key_prefix).results)
     return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
 
 
@@ -137,14 +138,14 @@ def test_api_rejects_invalid_before_enqueueing(stack: DevStack) -> None:
     settings = stack.settings()
     before = stack.sim_stats()["submissions_accepted"]
     r = redis.Redis.from_url(stack.redis_url)
-    jobs_before = len(r.keys(settings.key_prefix + ":job:*"))
+    jobs_before = len(r.keys(Keys(settings.key_prefix).job("*")))
     with pytest.raises(ValidationError) as err:
         enqueue_extend({"uploadUrl": "ftp://x/a.mp3", "defaultParamFlag": True, "model": "V3",
                         "styleWeight": 2}, metadata={"x": "y" * 20000}, settings=settings)
     fields = {e["field"] for e in err.value.errors}
     assert {"uploadUrl", "model", "styleWeight", "metadata"} <= fields
     time.sleep(1.0)
-    assert len(r.keys(settings.key_prefix + ":job:*")) == jobs_before
+    assert len(r.keys(Keys(settings.key_prefix).job("*"))) == jobs_before
     assert stack.sim_stats()["submissions_accepted"] == before
 
 

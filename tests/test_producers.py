@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from kie_extend.keys import Keys
 from kie_extend.api import enqueue_extend, get_job
 from kie_extend.devstack import DevStack
 
@@ -226,7 +227,7 @@ def test_consume_results_example(stack: DevStack, finished_jobs: list[str]) -> N
     wait_terminal(stack, [own])
     expected = [*finished_jobs, own]
 
-    stream = stack.settings().key_prefix + ":results"
+    stream = Keys(stack.settings().key_prefix).results
     client = redis.Redis.from_url(stack.redis_url)
     total = client.xlen(stream)
     group = f"test-{uuid.uuid4().hex[:8]}"

@@ -142,7 +142,14 @@ def test_in_flight_cap_and_pause(make_settings):
 
 
 def test_keys_all_under_prefix():
+    """Every key starts with the prefix as a hash tag, so all of them share one Redis Cluster slot."""
+    from redis.crc import key_slot
+
     keys = Keys("p1")
     names = [keys.job("x"), keys.due, keys.blocked, keys.inflight, keys.rate_log, keys.pause, keys.results,
-             keys.deliveries, keys.dead_letters, keys.stats, keys.idempotency("k"), keys.dedup("h", "x:y")]
-    assert all(n.startswith("p1:") for n in names)
+             keys.deliveries, keys.dead_letters, keys.stats, keys.idempotency("k"), keys.dedup("h", "x:y"),
+             keys.breaker, keys.sweep_lock, keys.sweep_last, keys.probe_lock, *keys.states().values()]
+    assert all(n.startswith("{p1}:") for n in names)
+    assert len({key_slot(n.encode()) for n in names}) == 1
+    # A prefix that carries its own tag is used as it is.
+    assert Keys("app:{kie}").job("x") == "app:{kie}:job:x"

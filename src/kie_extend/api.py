@@ -11,7 +11,7 @@ from typing import Any, Iterable
 from celery import Celery
 
 from .config import Settings, load_settings
-from .errors import ConfigError, ValidationError
+from .errors import ConfigError, JobExistsError, ValidationError
 from .events import status_record
 from .intake import check_message, require
 from .probe import AUDIO_FILE_FIELD, AudioInfo, probe_audio
@@ -130,6 +130,9 @@ def enqueue_extend(request: dict[str, Any], *, audio_file: AudioPath | None = No
     With ``audio_file`` (a local path; the request then has no ``uploadUrl``) the file is probed
     and the request checked against its duration first, then the file is uploaded and its URL
     becomes ``uploadUrl``. Nothing is uploaded or enqueued when the check fails.
+
+    ``job_id`` (optional) names the job; an id that already exists raises ``JobExistsError`` (a
+    ``ValidationError`` on the field ``job_id``) and nothing is sent. Without one a UUID4 is used.
     """
     settings = _settings(settings)
     if audio_file is not None:
@@ -137,6 +140,8 @@ def enqueue_extend(request: dict[str, Any], *, audio_file: AudioPath | None = No
                                 settings=settings)
         request = {**request, "uploadUrl": uploaded.url}
     check_extend(request, idempotency_key=idempotency_key, metadata=metadata, settings=settings)
+    if job_id is not None and _runtime(settings).store.exists(job_id):
+        raise JobExistsError(job_id)
     job_id = job_id or str(uuid.uuid4())
     kwargs: dict[str, Any] = {"request": request}
     if idempotency_key is not None:

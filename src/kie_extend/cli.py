@@ -148,6 +148,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"rate window: {ov['rate_window_use']} used of {ov['rate_limit']}")
             paused = ov["paused"]
             print(f"submission:  {'PAUSED since ' + str(paused.get('since')) + ' (code ' + str(paused.get('code')) + ': ' + str(paused.get('reason')) + ')' if paused else 'open'}")  # type: ignore[union-attr]
+            br = ov["breaker"]
+            if br["state"] == "closed":  # type: ignore[index]
+                print(f"breaker:     closed ({br['streak']} of {br['threshold']} failed generations in a row)")  # type: ignore[index]
+            else:
+                print(f"breaker:     {str(br['state']).upper()} since {br['since']} after {br['threshold']} failed "  # type: ignore[index]
+                      f"generations in a row; next probe at {br['until']}"  # type: ignore[index]
+                      + (f" (probe job {br['probe']})" if br["probe"] else ""))  # type: ignore[index]
             print(f"waiting:     due={ov['due']} blocked={ov['blocked']}  dead letters: {ov['dead_letters']}")
         return 0
     if args.wait:
@@ -192,6 +199,24 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     for item in delivery.dead_letters(args.limit):
         print(json.dumps(item))
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check the job store's invariants; with --repair, fix what can be fixed. Exit 0 when clean."""
+    from .invariants import Invariants
+
+    rt = _runtime(_settings())
+    report = Invariants(rt.redis, rt.keys).check(repair=args.repair, grace=args.grace)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        for v in report.violations:
+            print(f"{v.kind:<20} {v.job_id}  {v.detail}{'  [repaired]' if v.repaired else ''}")
+        by_kind = ", ".join(f"{k}={n}" for k, n in sorted(report.counts().items())) or "none"
+        print(f"checked {report.checked} unfinished jobs: {len(report.violations)} violation(s) ({by_kind})"
+              + (f", {report.repaired} repaired" if args.repair else ""))
+    unrepaired = [v for v in report.violations if not v.repaired]
+    return 0 if not unrepaired else 1
 
 
 def cmd_credits(args: argparse.Namespace) -> int:
@@ -294,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--job-id")
     d.add_argument("--limit", type=int, default=100)
     d.set_defaults(func=cmd_dead_letters)
+
+    dr = sub.add_parser("doctor", help="check the job store's invariants (exit 1 when any is broken)")
+    dr.add_argument("--repair", action="store_true", help="fix every violation that can be fixed")
+    dr.add_argument("--grace", type=float, default=30.0,
+                    help="seconds a job must be in its state before it counts as unscheduled (default 30)")
+    dr.add_argument("--json", action="store_true")
+    dr.set_defaults(func=cmd_doctor)
 
     c = sub.add_parser("credits", help="the provider's remaining credit balance")
     c.set_defaults(func=cmd_credits)

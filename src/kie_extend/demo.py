@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from .devstack import DevStack
+from .keys import Keys
 from .states import TERMINAL
 
 _TERMINAL = {s.value for s in TERMINAL}
@@ -127,7 +128,7 @@ def run_demo(jobs: int = 6, time_factor: float = 0.08) -> int:
                   f"{secs if secs is not None else float('nan'):>6.1f}  {detail}")
             expected = "failed" if job_id == bad_id else "succeeded"
             ok = ok and rec["state"] == expected
-        rt_stream = stack.settings().key_prefix + ":results"
+        rt_stream = Keys(stack.settings().key_prefix).results
         print(f"\nResult events are on the Redis stream {rt_stream!r} (XREAD from any language).")
         print("demo finished: " + ("every job reached the expected state" if ok else "SOME JOBS DID NOT FINISH AS EXPECTED"))
         return 0 if ok else 1

@@ -5,6 +5,7 @@
     KieExtendError
      ├── ConfigError                      bad setting, named by its variable
      ├── ValidationError                  a request breaks the provider's rules (.errors lists them all)
+     │    └── JobExistsError              an explicit job id that is already taken
      └── ProviderError                    anything that went wrong talking to KIE
           ├── ProviderCodeError           KIE answered with a non-200 code (.code, .retryable, .kind)
           │    ├── InvalidRequestError    400, 413, 422, 500 "field is required"   kind invalid_request
@@ -55,6 +56,18 @@ class ValidationError(KieExtendError, ValueError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.errors,))
+
+
+class JobExistsError(ValidationError):
+    """An explicit job id that another job already holds; nothing was enqueued."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__([{"field": "job_id", "message": f"a job with id {job_id!r} already exists; "
+                           "job ids must be unique (use idempotency_key to make a retry harmless)"}])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.job_id,))
 
 
 class ProviderError(KieExtendError):

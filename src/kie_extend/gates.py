@@ -18,17 +18,36 @@ import redis
 
 from .keys import Keys
 
-# KEYS: pause, inflight, rate log. ARGV: job_id, token, limit, book_window_ms, check_window_ms, max_inflight.
+# KEYS: pause, inflight, rate log, breaker. ARGV: job_id, token, limit, book_window_ms,
+# check_window_ms, max_inflight, probe_timeout_ms.
 # The log holds "s:<token>" for sends that happened (scored by send time) and "b:<token>" for booked
-# slots (scored by the slot). Returns {verdict, wait_ms}: verdict ok | paused | inflight | wait.
+# slots (scored by the slot). Returns {verdict, wait_ms}: verdict ok | paused | breaker | inflight | wait.
+# A send already granted to this token is granted again (the script may run twice when a client
+# re-sends it after a timeout), so one token never takes two slots.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local job, booked = ARGV[1], 'b:' .. ARGV[2]
 local limit, book, check, maxif = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+if redis.call('ZSCORE', KEYS[3], 's:' .. ARGV[2]) then
+  redis.call('SADD', KEYS[2], job)
+  return {'ok', 0}
+end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('ZREM', KEYS[3], booked)
   return {'paused', 0}
+end
+local bst = redis.call('HGET', KEYS[4], 'state')
+if bst == 'open' or bst == 'half_open' then
+  if redis.call('HGET', KEYS[4], 'probe') ~= job then
+    local untilms = tonumber(redis.call('HGET', KEYS[4], 'until') or '0')
+    if now < untilms then
+      redis.call('ZREM', KEYS[3], booked)
+      return {'breaker', untilms - now}
+    end
+    -- The cooldown is over: this job is the one probe.
+    redis.call('HSET', KEYS[4], 'state', 'half_open', 'probe', job, 'until', now + tonumber(ARGV[7]))
+  end
 end
 if redis.call('SISMEMBER', KEYS[2], job) == 0 and redis.call('SCARD', KEYS[2]) >= maxif then
   redis.call('ZREM', KEYS[3], booked)
@@ -83,7 +102,7 @@ redis.call('PEXPIRE', KEYS[3], slot - now + book * 2 + 1000)
 return {'wait', slot - now}
 """
 
-Verdict = Literal["ok", "paused", "inflight", "wait"]
+Verdict = Literal["ok", "paused", "breaker", "inflight", "wait"]
 
 
 @dataclass(frozen=True)
@@ -98,25 +117,30 @@ class Gates:
     """The submission gates, all in Redis so any number of workers share them."""
 
     def __init__(
-        self, client: redis.Redis, keys: Keys, *, rate: tuple[int, float], margin: float, max_in_flight: int
+        self, client: redis.Redis, keys: Keys, *, rate: tuple[int, float], margin: float, max_in_flight: int,
+        probe_timeout: float = 1800.0,
     ) -> None:
         self.redis = client
         self.keys = keys
         self.limit, self.window = rate
         self.margin = margin
         self.max_in_flight = max_in_flight
+        self.probe_timeout = probe_timeout
         self._acquire = client.register_script(_ACQUIRE)
 
     def acquire(self, job_id: str, token: str) -> Decision:
-        """Ask to submit ``job_id`` now (``token`` names this attempt's rate slot)."""
+        """Ask to submit ``job_id`` now (``token`` names this attempt's rate slot).
+
+        ``ok``: send now (an in-flight slot is taken); ``wait``: a rate slot is booked ``wait``
+        seconds ahead; ``paused`` / ``breaker`` / ``inflight``: park the job until the tick frees it."""
         # Slots are booked a full window plus the margin apart; a send is checked against the sends
         # of the last window plus half the margin, which leaves the other half for lateness and
         # network jitter while every provider-side window still holds at most the limit.
         book_ms = int(round((self.window + self.margin) * 1000))
         check_ms = int(round((self.window + self.margin / 2) * 1000))
         verdict, wait_ms = self._acquire(
-            keys=[self.keys.pause, self.keys.inflight, self.keys.rate_log],
-            args=[job_id, token, self.limit, book_ms, check_ms, self.max_in_flight],
+            keys=[self.keys.pause, self.keys.inflight, self.keys.rate_log, self.keys.breaker],
+            args=[job_id, token, self.limit, book_ms, check_ms, self.max_in_flight, int(self.probe_timeout * 1000)],
         )
         verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
         return Decision(verdict, int(wait_ms) / 1000.0)

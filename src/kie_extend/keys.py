@@ -1,7 +1,13 @@
-"""Every Redis key kie-extend writes, under the configurable prefix (``KIE_KEY_PREFIX``)."""
+"""Every Redis key kie-extend writes, under the configurable prefix (``KIE_KEY_PREFIX``).
+
+Every name starts with the prefix in braces, ``{kie_extend}:...``: a Redis Cluster hash tag, so all
+keys of one prefix live in one hash slot and every Lua script can touch them together on a cluster
+as on a single server. A prefix that already holds a ``{...}`` tag is used as it is.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -11,68 +17,94 @@ class Keys:
 
     prefix: str = "kie_extend"
 
+    @property
+    def tag(self) -> str:
+        """The prefix as a hash tag: ``{prefix}``, or the prefix itself when it has one already."""
+        return self.prefix if re.search(r"\{[^{}]+\}", self.prefix) else "{" + self.prefix + "}"
+
     def job(self, job_id: str) -> str:
         """Hash: one job's record (state, request, timestamps, tracks, handler states, event)."""
-        return f"{self.prefix}:job:{job_id}"
+        return f"{self.tag}:job:{job_id}"
 
     def state_index(self, state: str) -> str:
         """Sorted set of job ids in ``state`` scored by creation time (for ``kie-extend jobs``)."""
-        return f"{self.prefix}:state:{state}"
+        return f"{self.tag}:state:{state}"
 
     def idempotency(self, key: str) -> str:
         """String: the first job id that used an idempotency key (expires after the window)."""
-        return f"{self.prefix}:idem:{key}"
+        return f"{self.tag}:idem:{key}"
 
     @property
     def due(self) -> str:
         """Sorted set: job id -> time its next step (submit, poll, give-up check) is due; claims lease it."""
-        return f"{self.prefix}:due"
+        return f"{self.tag}:due"
 
     @property
     def blocked(self) -> str:
         """Sorted set: queued jobs waiting for in-flight room or the end of a pause, FIFO by time."""
-        return f"{self.prefix}:blocked"
+        return f"{self.tag}:blocked"
 
     @property
     def inflight(self) -> str:
         """Set: ids of jobs holding an in-flight slot (submitting or submitted, not finished)."""
-        return f"{self.prefix}:inflight"
+        return f"{self.tag}:inflight"
 
     @property
     def rate_log(self) -> str:
         """Sorted set: submission slots (taken or reserved) scored by time, for the rolling window."""
-        return f"{self.prefix}:rate"
+        return f"{self.tag}:rate"
 
     @property
     def pause(self) -> str:
         """Hash: present while submission is paused (reason, code, since, last probe)."""
-        return f"{self.prefix}:pause"
+        return f"{self.tag}:pause"
 
     @property
     def probe_lock(self) -> str:
         """String with a TTL: one pause probe at a time across all beats and workers."""
-        return f"{self.prefix}:pause:probe"
+        return f"{self.tag}:pause:probe"
 
     @property
     def deliveries(self) -> str:
         """Sorted set: ``job_id|handler`` -> time the delivery is due; claims lease it."""
-        return f"{self.prefix}:deliveries"
+        return f"{self.tag}:deliveries"
 
     @property
     def dead_letters(self) -> str:
         """List: JSON records of deliveries that exhausted their retries (newest first)."""
-        return f"{self.prefix}:dead"
+        return f"{self.tag}:dead"
 
     @property
     def results(self) -> str:
         """Stream: one entry per finished job (the ``redis_stream`` handler)."""
-        return f"{self.prefix}:results"
+        return f"{self.tag}:results"
 
     def dedup(self, handler: str, dedup_key: str) -> str:
         """String: marks a handler's delivery of ``{job_id}:{event}`` done (exactly-once sinks)."""
-        return f"{self.prefix}:dedup:{handler}:{dedup_key}"
+        return f"{self.tag}:dedup:{handler}:{dedup_key}"
 
     @property
     def stats(self) -> str:
         """Hash: counters shared by every process (submissions, responses by code, polls, ...)."""
-        return f"{self.prefix}:stats"
+        return f"{self.tag}:stats"
+
+    @property
+    def breaker(self) -> str:
+        """Hash: the provider breaker (state, failure streak, cooldown, probe job) (DESIGN §13)."""
+        return f"{self.tag}:breaker"
+
+    @property
+    def sweep_lock(self) -> str:
+        """String with a TTL: one invariant sweep per KIE_SWEEP_INTERVAL across all beats."""
+        return f"{self.tag}:sweep"
+
+    @property
+    def sweep_last(self) -> str:
+        """Hash: the last sweep's time, jobs checked and violations found."""
+        return f"{self.tag}:sweep:last"
+
+    def states(self) -> dict[str, str]:
+        """State name -> its index key, for every state a job can be in."""
+        from .states import JobState
+
+        return {s.value: self.state_index(s.value) for s in JobState if s is not JobState.NOT_FOUND}

@@ -32,7 +32,18 @@ def overview(rt: Runtime) -> dict[str, object]:
         "due": int(rt.redis.zcard(rt.keys.due)),
         "blocked": int(rt.redis.zcard(rt.keys.blocked)),
         "dead_letters": int(rt.redis.llen(rt.keys.dead_letters)),
+        "breaker": _breaker(rt),
     }
+
+
+def _breaker(rt: Runtime) -> dict[str, object]:
+    """The provider breaker with its times as ISO-8601 UTC."""
+    st = rt.breaker.state()
+    for name in ("since", "until"):
+        if st.get(name):
+            st[name] = datetime.fromtimestamp(float(st[name]), timezone.utc).isoformat(  # type: ignore[arg-type]
+                timespec="seconds").replace("+00:00", "Z")
+    return st
 
 
 def render(rt: Runtime) -> str:
@@ -44,6 +55,11 @@ def render(rt: Runtime) -> str:
     for name in ("in_flight", "max_in_flight", "due", "blocked", "dead_letters", "rate_window_use"):
         lines += [f"# TYPE kie_extend_{name} gauge", f"kie_extend_{name} {ov[name]}"]
     lines += ["# TYPE kie_extend_paused gauge", f"kie_extend_paused {1 if ov['paused'] else 0}"]
+    breaker = ov["breaker"]
+    lines += ["# TYPE kie_extend_breaker_open gauge",
+              f"kie_extend_breaker_open {0 if breaker['state'] == 'closed' else 1}",  # type: ignore[index]
+              "# TYPE kie_extend_breaker_failure_streak gauge",
+              f"kie_extend_breaker_failure_streak {breaker['streak']}"]  # type: ignore[index]
     stats = {k.decode(): v.decode() for k, v in rt.redis.hgetall(rt.keys.stats).items()}
     responses: list[str] = []
     counters: dict[str, str] = {}

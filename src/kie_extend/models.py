@@ -274,6 +274,8 @@ def _check_numbers(data: dict[str, Any], bad: set[str], report: _Report, duratio
     if "continueAt" not in bad and _is_number(at):
         if at <= 0:
             report.error("continueAt", f"must be greater than 0 seconds, got {at!r}")
+        elif at < 1:
+            report.warn(f"continueAt is {at!r} s; the provider is reported to refuse values below 1 s")
         elif duration is not None and at >= duration:
             report.error("continueAt", f"must be less than the source audio's duration ({duration:g} s), got {at!r}")
     for field in _WEIGHTS:

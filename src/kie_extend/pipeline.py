@@ -7,6 +7,7 @@ it back to a worker when it is due.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -79,11 +80,10 @@ class Pipeline:
         Redelivered messages are harmless: an existing record is only advanced. A message that
         breaks the rules becomes a failed job with ``invalid_request`` and its result event.
         """
+        digest = message_digest(request, idempotency_key, metadata)
         raw = self.store.get(job_id)
         if raw is not None:
-            _log(job_id, logging.INFO, "message for an existing job (a redelivery, or a reused job id): ignored")
-            if raw.get("state") == JobState.QUEUED.value:
-                self.try_submit(job_id)
+            self._known(job_id, raw, digest)
             return
         intake = check_message(request, settings=self.s, idempotency_key=idempotency_key, metadata=metadata,
                                job_id=job_id, extra_kwargs=extra_kwargs)
@@ -108,6 +108,7 @@ class Pipeline:
             "attempts": 0,
             "polls": 0,
             "idempotency_key": idempotency_key,
+            "msg_sha": digest,
         }
         for w in warnings:
             _log(job_id, logging.WARNING, "request warning: %s", w)
@@ -121,14 +122,31 @@ class Pipeline:
             first = self.rt.redis.set(key, job_id, nx=True, ex=int(self.s.idempotency_window), get=True)
             first = first.decode() if isinstance(first, bytes) else first
             if first and first != job_id:
-                self.store.create_pointer(job_id, {**base, "duplicate_of": first}, ttl=self.s.idempotency_window)
+                if not self.store.create_pointer(job_id, {**base, "duplicate_of": first},
+                                                 ttl=self.s.idempotency_window):
+                    self._known(job_id, self.store.get(job_id) or {}, digest)
+                    return
                 _log(job_id, logging.INFO, "duplicate of %s (idempotency key), not submitted", first)
                 return
         if not self.store.transition(job_id, JobState.QUEUED, expect=[None], fields=base, stat="jobs_accepted"):
-            return  # another delivery of this message created it and goes on from there
+            # Another delivery of this message (or another producer's message under the same id)
+            # created the record first: look at it and carry on from there.
+            self._known(job_id, self.store.get(job_id) or {}, digest)
+            return
         _log(job_id, logging.INFO, "queued")
         self.try_submit(job_id, {"state": JobState.QUEUED.value, "request": json.dumps(base["request"]),
                                  "created_ts": repr(now), "attempts": "0"})
+
+    def _known(self, job_id: str, raw: dict[str, str], digest: str) -> None:
+        """A message for a job id that already has a record: a redelivery, or a reused id."""
+        if raw.get("msg_sha") and raw["msg_sha"] != digest:
+            self.store.stat("job_id_conflicts")
+            _log(job_id, logging.WARNING, "job id %s already holds a different request: this message is "
+                 "ignored (job ids must be unique; the first request keeps the id)", job_id)
+        else:
+            _log(job_id, logging.INFO, "message for an existing job (a redelivery): nothing new to do")
+        if raw.get("state") == JobState.QUEUED.value:
+            self.try_submit(job_id)
 
     def reject_malformed(self, job_id: str, reason: str) -> bool:
         """Record an extend message that could not even be read as a failed job with its event."""
@@ -151,7 +169,7 @@ class Pipeline:
         # The rate-slot token names this send; it changes after every real send, never reused.
         send = int(raw.get("sends") or 0) + 1
         decision = self.gates.acquire(job_id, f"{job_id}:{send}")
-        if decision.verdict in ("paused", "inflight"):
+        if decision.verdict in ("paused", "breaker", "inflight"):
             self.store.block(job_id, float(raw.get("created_ts") or time.time()))
             self.store.stat(f"gate_wait_{decision.verdict}")
             return
@@ -210,6 +228,8 @@ class Pipeline:
             self.store.stat("submit_outcome_unknown")
             _log(job_id, logging.WARNING, "submit outcome unknown (%s); waiting for a callback", exc)
             return
+        if isinstance(exc, E.GenerationFailedError):
+            self._generation_failed(job_id)
         if isinstance(exc, E.AccountError):
             self.gates.pause(exc.code, exc.msg or type(exc).__name__)
             self.store.transition(job_id, JobState.QUEUED, expect=[JobState.SUBMITTING],
@@ -312,9 +332,25 @@ class Pipeline:
     def _apply_record(self, job_id: str, raw: dict[str, str], record: TaskRecord, now: float, submitted: float) -> None:
         task_id = raw.get("kie_task_id")
         tracks = record.tracks
-        if record.status == "SUCCESS" or (record.status == "CALLBACK_EXCEPTION" and any(map(track_has_audio, tracks))):
+        with_audio = any(map(track_has_audio, tracks))
+        if record.status == "SUCCESS" and not with_audio:
+            # Success needs audio: the provider may fill the takes a moment later; after a few
+            # re-polls it counts as a failed generation.
+            empty = int(raw.get("empty_success") or 0) + 1
+            if empty <= self.s.empty_success_polls:
+                self.store.update(job_id, empty_success=empty, kie_status=record.status)
+                _log(job_id, logging.WARNING, "provider reported SUCCESS without audio (%d of %d); polling again",
+                     empty, self.s.empty_success_polls, task_id=task_id)
+                if not self._timed_out(job_id, raw, now, submitted):
+                    self.later(job_id, now + max(self.s.poll_min_gap, min(self.s.poll_interval, 5.0)))
+                return
+            self._task_failed(job_id, raw, record, message="provider reported SUCCESS without audio")
+            return
+        if record.status == "SUCCESS" or (record.status == "CALLBACK_EXCEPTION" and with_audio):
             fields = {"kie_status": record.status, "tracks": tracks}
-            self._finish(job_id, raw, JobState.SUCCEEDED, fields, expect=[JobState.SUBMITTED])
+            if self._finish(job_id, raw, JobState.SUCCEEDED, fields, expect=[JobState.SUBMITTED]):
+                if self.rt.breaker.success(job_id):
+                    _log(job_id, logging.WARNING, "provider breaker closed: a generation succeeded", task_id=task_id)
             return
         if record.failed:
             self._task_failed(job_id, raw, record)
@@ -325,33 +361,45 @@ class Pipeline:
         if not self._timed_out(job_id, raw, now, submitted):
             self.later(job_id, now + self._next_interval(job_id, raw))
 
-    def _task_failed(self, job_id: str, raw: dict[str, str], record: TaskRecord) -> None:
+    def _task_failed(self, job_id: str, raw: dict[str, str], record: TaskRecord, message: str | None = None) -> None:
         code = record.error_code
-        message = record.error_message or record.status
+        message = message or record.error_message or record.status
         if record.status == "SENSITIVE_WORD_ERROR" or code in (400, 413):
             kind = "invalid_request"
         else:
             kind = "generation_failed"
+        task_id = raw.get("kie_task_id")
         regenerated = int(raw.get("regenerations") or 0)
-        if kind == "generation_failed" and regenerated < self.s.regenerate:
+        # No regeneration while the breaker is open: every resubmission would be paid for.
+        if kind == "generation_failed" and regenerated < self.s.regenerate and not self.rt.breaker.is_open():
             if self.store.transition(
                 job_id, JobState.QUEUED, expect=[JobState.SUBMITTED],
                 fields={"regenerations": regenerated + 1, "kie_task_id": None, "kie_status": None,
-                        "tracks": None, "last_poll_ts": None, "attempts": 0},
+                        "tracks": None, "last_poll_ts": None, "attempts": 0, "empty_success": None},
                 due=time.time(),
             ):
                 _log(job_id, logging.WARNING, "generation failed (%s); regenerating (%d of %d)",
-                     message, regenerated + 1, self.s.regenerate, task_id=raw.get("kie_task_id"))
+                     message, regenerated + 1, self.s.regenerate, task_id=task_id)
+                self._generation_failed(job_id, task_id)
             return
         error = _error(kind, str(message), code=code, status=record.status)
-        self._finish(job_id, raw, JobState.FAILED, {"kie_status": record.status, "error": error},
-                     expect=[JobState.SUBMITTED])
+        if self._finish(job_id, raw, JobState.FAILED, {"kie_status": record.status, "error": error},
+                        expect=[JobState.SUBMITTED]) and kind == "generation_failed":
+            self._generation_failed(job_id, task_id)
+
+    def _generation_failed(self, job_id: str, task_id: str | None = None) -> None:
+        """Count one failed generation towards the provider breaker (once per failed generation)."""
+        if self.rt.breaker.failure(job_id):
+            self.store.stat("breaker_opened")
+            _log(job_id, logging.ERROR, "provider breaker opened after %d failed generations in a row; "
+                 "submission waits for a probe job", self.s.breaker_threshold, task_id=task_id)
 
     def _timed_out(self, job_id: str, raw: dict[str, str], now: float, submitted: float) -> bool:
         if now - submitted < self.s.job_timeout:
             return False
         error = _error("timed_out", f"not finished {self.s.job_timeout:.0f}s after submission")
-        self._finish(job_id, raw, JobState.FAILED, {"error": error}, expect=[JobState.SUBMITTED])
+        if self._finish(job_id, raw, JobState.FAILED, {"error": error}, expect=[JobState.SUBMITTED]):
+            self._generation_failed(job_id, raw.get("kie_task_id"))  # a provider that never finishes fails too
         return True
 
     def _next_interval(self, job_id: str, raw: dict[str, str]) -> float:
@@ -381,6 +429,8 @@ class Pipeline:
         created = float(raw.get("created_ts") or fields.get("created_ts") or time.time())
         self.store.observe("time_to_result_seconds", time.time() - created, RESULT_BUCKETS)
         error = fields.get("error")
+        if error and error.get("kind") not in ("generation_failed", "timed_out") and raw.get("state"):
+            self.rt.breaker.neutral(job_id)  # a probe that ended neither way frees the probe turn
         _log(job_id, logging.INFO if state == JobState.SUCCEEDED else logging.WARNING, "%s%s", state.value,
              f" ({error['kind']}: {error['message']})" if error else "", task_id=event.get("kie_task_id"))
         for name in handlers:
@@ -442,6 +492,13 @@ class Pipeline:
 
     def _record_code(self, code: Any, prefix: str = "submit") -> None:
         self.store.stat(f"{prefix}_code_{code}")
+
+
+def message_digest(request: Any, idempotency_key: Any, metadata: Any) -> str:
+    """SHA-256 (hex) of an extend message's content, to tell a redelivery from a reused job id."""
+    blob = json.dumps({"r": request, "k": idempotency_key, "m": metadata}, sort_keys=True, default=str,
+                      separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _safe_json(value: Any) -> Any:

@@ -30,12 +30,23 @@ _ROUTE = re.compile(rf"^/kie/callback/({JOB_ID_PATTERN.pattern})/?$")
 StartResponse = Callable[..., Any]
 
 
+def callback_task_id(body: dict[str, Any]) -> str | None:
+    """The provider's task id in a callback body: ``task_id`` or ``taskId``, in ``data`` or at the top
+    level (the provider's pages and clients use all four)."""
+    data = body.get("data") if isinstance(body.get("data"), dict) else {}
+    for where in (data, body):
+        for name in ("task_id", "taskId"):
+            value = where.get(name)
+            if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value).strip():
+                return str(value).strip()
+    return None
+
+
 def signature_ok(body: dict[str, Any], headers: dict[str, str], secret: str, now: float | None = None) -> bool:
     """The provider's callback HMAC: base64(HMAC-SHA256(secret, task_id + "." + timestamp))."""
     ts = headers.get("x-webhook-timestamp", "")
     sig = headers.get("x-webhook-signature", "")
-    data = body.get("data") if isinstance(body.get("data"), dict) else {}
-    task_id = str(data.get("task_id") or body.get("taskId") or "")
+    task_id = callback_task_id(body) or ""
     if not (ts.isdigit() and sig and task_id):
         return False
     if abs((now or time.time()) - int(ts)) > MAX_SKEW:
@@ -87,9 +98,9 @@ class CallbackApp:
                 log.warning("callback with a bad or missing signature ignored", extra={"job_id": job_id})
                 return _reply(start_response, "401 Unauthorized", {"error": "bad signature"})
         data = body.get("data") if isinstance(body.get("data"), dict) else {}
-        task_id = data.get("task_id") or body.get("taskId")
+        task_id = callback_task_id(body)
         try:
-            self.pipeline.hint(job_id, str(task_id) if task_id else None, str(data.get("callbackType") or ""))
+            self.pipeline.hint(job_id, task_id, str(data.get("callbackType") or body.get("callbackType") or ""))
         except Exception:  # the provider must get its 200 anyway; polling stays the source of truth
             log.exception("callback handling failed", extra={"job_id": job_id})
         return _reply(start_response, "200 OK", {"status": "received"})

@@ -8,6 +8,7 @@ from typing import Protocol
 
 import redis
 
+from .breaker import Breaker
 from .client import KieClient
 from .client_jobs import JobsClient
 from .config import Settings
@@ -73,8 +74,15 @@ class Runtime:
         """The global submission gates."""
         s = self.settings
         return Gates(
-            self.redis, self.keys, rate=s.submit_rate, margin=s.submit_rate_margin, max_in_flight=s.max_in_flight
+            self.redis, self.keys, rate=s.submit_rate, margin=s.submit_rate_margin, max_in_flight=s.max_in_flight,
+            probe_timeout=s.job_timeout + s.connect_timeout + s.read_timeout + s.lease,
         )
+
+    @cached_property
+    def breaker(self) -> Breaker:
+        """The provider breaker (DESIGN §13)."""
+        s = self.settings
+        return Breaker(self.redis, self.keys, threshold=s.breaker_threshold, cooldown=s.breaker_cooldown)
 
     @cached_property
     def client(self) -> KieClient:

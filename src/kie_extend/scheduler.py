@@ -14,6 +14,7 @@ import time
 
 from . import errors as E
 from .events import now_iso
+from .invariants import Invariants
 from .runtime import Dispatcher, Runtime
 
 log = logging.getLogger("kie_extend.scheduler")
@@ -38,6 +39,10 @@ class Scheduler:
         released = 0
         if not paused:
             room = self.s.max_in_flight - self.gates.in_flight()
+            breaker = self.rt.breaker.state()
+            if breaker["state"] != "closed":
+                # Only the one probe job may go while the breaker is open, once its cooldown is over.
+                room = min(room, 1) if (breaker["until"] or 0) <= now else 0
             released = self.store.release_blocked(room, now)
         # Look one tick ahead: what falls due before the next tick goes out now as a short
         # countdown, so a booked rate slot or a poll is not late by up to a whole tick.
@@ -49,7 +54,25 @@ class Scheduler:
             self.dispatch.deliver(job_id, handler)
         if random.random() < 0.01:
             self.store.trim_indexes(now - self.s.retention)
-        return {"released": released, "due": len(due), "deliveries": len(deliveries)}
+        repaired = self._sweep(now)
+        return {"released": released, "due": len(due), "deliveries": len(deliveries), "repaired": repaired}
+
+    def _sweep(self, now: float) -> int:
+        """Once per KIE_SWEEP_INTERVAL (one beat of many): put every stranded job back on a schedule."""
+        if self.s.sweep_interval <= 0:
+            return 0
+        if not self.rt.redis.set(self.rt.keys.sweep_lock, "1", nx=True, px=max(1, int(self.s.sweep_interval * 1000))):
+            return 0
+        report = Invariants(self.rt.redis, self.rt.keys).check(repair=True, grace=self.s.sweep_grace, now=now)
+        for v in report.violations:
+            # A vanished record is a lost job (evicted or deleted): an error, not a repair.
+            level = logging.ERROR if v.kind == "missing_record" else logging.WARNING
+            log.log(level, "sweep: %s: %s%s", v.kind, v.detail, " (repaired)" if v.repaired else "",
+                    extra={"job_id": v.job_id})
+            self.store.stat(f"sweep_{v.kind}")
+        self.rt.redis.hset(self.rt.keys.sweep_last, mapping={"at": repr(now), "checked": report.checked,
+                                                             "violations": len(report.violations)})
+        return report.repaired
 
     def _probe(self, paused: dict[str, str]) -> dict[str, str] | None:
         try:

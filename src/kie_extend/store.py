@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from typing import Any, Iterable
 
 import redis
@@ -17,45 +18,59 @@ import redis
 from .keys import Keys
 from .states import IN_FLIGHT, TERMINAL, TRANSITIONS, JobState
 
-# KEYS: none (single-node Redis; keys derive from the prefix).
-# ARGV: prefix, job_id, to, expected ("|"-joined, "" = no record), fields JSON, due ("" keep,
-#       "-" remove, else score), event JSON or "", handlers JSON, now, inflight flag, retention
-#       seconds, time the deliveries fall due, a counter to bump ("" none)
+#: Order of the state-index keys passed to the transition script after its six fixed keys.
+STATE_ORDER: tuple[JobState, ...] = tuple(s for s in JobState if s is not JobState.NOT_FOUND)
+
+# KEYS: job, due, blocked, inflight, deliveries, stats, then one state index per STATE_ORDER entry.
+# ARGV: job_id, to, expected ("|"-joined, "" = no record), fields JSON, due ("" keep, "-" remove,
+#       else score), event JSON or "", handlers JSON, now, inflight flag, retention seconds, time the
+#       deliveries fall due, a counter to bump ("" none), operation id.
+# The operation id makes the script safe to run twice: a client that re-sends it after a socket
+# timeout (the server was only slow) finds its own id on the record and gets "done", not a lost race.
 _TRANSITION = """
-local p, id, to = ARGV[1], ARGV[2], ARGV[3]
-local jk = p .. ':job:' .. id
+local jk, id, to, op = KEYS[1], ARGV[1], ARGV[2], ARGV[13]
+local S = {""" + ", ".join(f"['{st.value}'] = {i + 7}" for i, st in enumerate(STATE_ORDER)) + """}
+if op ~= '' and redis.call('HGET', jk, 'op') == op then return {1, to, 1} end
 local cur = redis.call('HGET', jk, 'state') or ''
 local ok = false
-for e in string.gmatch(ARGV[4] .. '|', '([^|]*)|') do
+for e in string.gmatch(ARGV[3] .. '|', '([^|]*)|') do
   if e == cur then ok = true end
 end
-if not ok then return {0, cur} end
-local fields = cjson.decode(ARGV[5])
+if not ok then return {0, cur, 0} end
+local fields = cjson.decode(ARGV[4])
 for k, v in pairs(fields) do
   if v == cjson.null then redis.call('HDEL', jk, k) else redis.call('HSET', jk, k, v) end
 end
-redis.call('HSET', jk, 'state', to)
-local created = tonumber(redis.call('HGET', jk, 'created_ts') or ARGV[9])
-if cur ~= '' then redis.call('ZREM', p .. ':state:' .. cur, id) end
-redis.call('ZADD', p .. ':state:' .. to, created, id)
-if ARGV[10] == '1' then redis.call('SADD', p .. ':inflight', id) else redis.call('SREM', p .. ':inflight', id) end
-if ARGV[6] == '-' then redis.call('ZREM', p .. ':due', id)
-elseif ARGV[6] ~= '' then redis.call('ZADD', p .. ':due', ARGV[6], id) end
-if ARGV[7] ~= '' then
-  redis.call('ZREM', p .. ':due', id)
-  redis.call('ZREM', p .. ':blocked', id)
-  redis.call('HSET', jk, 'event', ARGV[7])
-  for _, h in ipairs(cjson.decode(ARGV[8])) do
+redis.call('HSET', jk, 'state', to, 'state_ts', ARGV[8], 'op', op)
+local created = tonumber(redis.call('HGET', jk, 'created_ts') or ARGV[8])
+if cur ~= '' then redis.call('ZREM', KEYS[S[cur]], id) end
+redis.call('ZADD', KEYS[S[to]], created, id)
+if ARGV[9] == '1' then redis.call('SADD', KEYS[4], id) else redis.call('SREM', KEYS[4], id) end
+if ARGV[5] == '-' then redis.call('ZREM', KEYS[2], id)
+elseif ARGV[5] ~= '' then redis.call('ZADD', KEYS[2], ARGV[5], id) end
+if ARGV[6] ~= '' then
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('ZREM', KEYS[3], id)
+  redis.call('HSET', jk, 'event', ARGV[6])
+  for _, h in ipairs(cjson.decode(ARGV[7])) do
     redis.call('HSET', jk, 'handler:' .. h, '{"state":"pending","attempts":0}')
-    redis.call('ZADD', p .. ':deliveries', ARGV[12], id .. '|' .. h)
+    redis.call('ZADD', KEYS[5], ARGV[11], id .. '|' .. h)
   end
-  redis.call('HINCRBY', p .. ':stats', 'jobs_' .. to, 1)
-  redis.call('EXPIRE', jk, ARGV[11])
+  redis.call('HINCRBY', KEYS[6], 'jobs_' .. to, 1)
+  redis.call('EXPIRE', jk, ARGV[10])
 else
   redis.call('PERSIST', jk)
 end
-if ARGV[13] ~= '' then redis.call('HINCRBY', p .. ':stats', ARGV[13], 1) end
-return {1, cur}
+if ARGV[12] ~= '' then redis.call('HINCRBY', KEYS[6], ARGV[12], 1) end
+return {1, cur, 0}
+"""
+
+# Create a pointer record unless the key exists. KEYS: job. ARGV: ttl seconds, fields JSON.
+_POINTER = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for k, v in pairs(cjson.decode(ARGV[2])) do redis.call('HSET', KEYS[1], k, v) end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
 """
 
 # Claim up to ARGV[3] members due by ARGV[1]: push each one's score to ARGV[2] (the lease end),
@@ -108,6 +123,7 @@ class JobStore:
         self._transition = client.register_script(_TRANSITION)
         self._claim = client.register_script(_CLAIM)
         self._release = client.register_script(_RELEASE)
+        self._pointer = client.register_script(_POINTER)
 
     # -- records ---------------------------------------------------------------------------
     def get(self, job_id: str) -> dict[str, str] | None:
@@ -139,13 +155,9 @@ class JobStore:
         return int(self.redis.hincrby(self.keys.job(job_id), field, amount))
 
     def create_pointer(self, job_id: str, fields: dict[str, Any], ttl: float) -> bool:
-        """Write a record that only points at another job (idempotency duplicate); once."""
-        key = self.keys.job(job_id)
-        if not self.redis.hsetnx(key, "duplicate_of", fields["duplicate_of"]):
-            return False
-        self.redis.hset(key, mapping={k: _enc(v) for k, v in fields.items() if v is not None})
-        self.redis.expire(key, int(ttl))
-        return True
+        """Write a record that only points at another job (idempotency duplicate); once, atomically."""
+        mapping = {k: _enc(v) for k, v in fields.items() if v is not None}
+        return bool(self._pointer(keys=[self.keys.job(job_id)], args=[int(ttl), json.dumps(mapping)]))
 
     # -- the one place a state changes -------------------------------------------------------
     def transition(
@@ -178,9 +190,11 @@ class JobStore:
         encoded = {k: _enc(v) for k, v in (fields or {}).items()}
         payload = json.dumps({k: (v if v is not None else None) for k, v in encoded.items()})
         due_arg = "-" if due is None else ("" if due == "" else repr(float(due)))
+        k = self.keys
         result = self._transition(
+            keys=[k.job(job_id), k.due, k.blocked, k.inflight, k.deliveries, k.stats,
+                  *(k.state_index(st.value) for st in STATE_ORDER)],
             args=[
-                self.keys.prefix,
                 job_id,
                 to.value,
                 "|".join("" if s is None else s.value for s in expected),
@@ -193,8 +207,11 @@ class JobStore:
                 str(int(retention)),
                 repr(float(deliveries_at if deliveries_at is not None else time.time())),
                 stat,
+                uuid.uuid4().hex,
             ]
         )
+        if int(result[2]):
+            self.redis.hincrby(k.stats, "transition_replays", 1)
         return bool(int(result[0]))
 
     # -- schedules ---------------------------------------------------------------------------

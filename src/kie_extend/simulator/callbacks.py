@@ -32,7 +32,8 @@ def post_callback(url: str, body: dict[str, Any], secret: str | None, timeout: f
     headers = {"Content-Type": "application/json", "User-Agent": "kie-simulator-callback/1.0"}
     if secret:
         ts = int(time.time())
-        task_id = str((body.get("data") or {}).get("task_id") or body.get("taskId") or "")
+        data = body.get("data") or {}
+        task_id = str(data.get("task_id") or data.get("taskId") or body.get("task_id") or body.get("taskId") or "")
         headers["X-Webhook-Timestamp"] = str(ts)
         headers["X-Webhook-Signature"] = sign(task_id, ts, secret)
     try:

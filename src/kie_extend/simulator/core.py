@@ -290,6 +290,10 @@ class Simulator:
         elif self.roll("fault_callback_exception", task_rng):
             task.callback_exception = True
         task.empty_stream = self.roll("fault_empty_stream", task_rng, count=False)
+        if task.fail_code is None and not task.callback_exception and self.roll("fault_empty_success", task_rng):
+            task.empty_success = task_rng.choice(("list", "null"))
+        key = cfg.callback_task_id_key
+        task.cb_task_key = task_rng.choice(("task_id", "taskId", "top")) if key == "mixed" else key
         for _, stage in task.stages():
             plan = "missing" if self.roll("fault_missing_callback", task_rng, count=False) else \
                 "duplicate" if self.roll("fault_duplicate_callback", task_rng, count=False) else "send"

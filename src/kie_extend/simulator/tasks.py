@@ -56,6 +56,8 @@ class Task:
     fail_code: int | None = None  # GENERATE_AUDIO_FAILED at t_first with this errorCode
     callback_exception: bool = False  # ends CALLBACK_EXCEPTION at t_done, takes present
     empty_stream: bool = False
+    empty_success: str | None = None  # SUCCESS without audio: "list" (sunoData []) or "null" (response null)
+    cb_task_key: str = "task_id"  # callback spelling: task_id / taskId in data, or "top" (taskId at top level)
     cb_failures: int = 0
     cb_stopped: bool = False
     callback_plan: dict[str, str] = field(default_factory=dict)  # stage -> "send"/"missing"/"duplicate"
@@ -130,6 +132,8 @@ class Task:
         if status in (FIRST_SUCCESS, SUCCESS, CALLBACK_EXCEPTION):
             final = status != FIRST_SUCCESS
             response = {"taskId": self.task_id, "sunoData": self.take_items(final)}
+            if final and self.empty_success:
+                response = None if self.empty_success == "null" else {"taskId": self.task_id, "sunoData": []}
         failed = status == GENERATE_AUDIO_FAILED
         return {
             "taskId": self.task_id,
@@ -147,11 +151,21 @@ class Task:
         """The callback payload (snake_case items) for `stage`: text, first, complete or error."""
         if stage == "error":
             code = self.fail_code or 501
-            return {"code": code, "msg": ERROR_MESSAGES.get(code, "Audio generation failed."),
-                    "data": {"callbackType": "error", "task_id": self.task_id, "data": []}}
+            return self._named({"code": code, "msg": ERROR_MESSAGES.get(code, "Audio generation failed."),
+                                "data": {"callbackType": "error", "data": []}})
         items = [] if stage == "text" else [_snake(i) for i in self.take_items(stage == "complete")]
-        return {"code": 200, "msg": CALLBACK_MESSAGES[stage],
-                "data": {"callbackType": stage, "task_id": self.task_id, "data": items}}
+        if stage == "complete" and self.empty_success:
+            items = []
+        return self._named({"code": 200, "msg": CALLBACK_MESSAGES[stage],
+                            "data": {"callbackType": stage, "data": items}})
+
+    def _named(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Put the task id where this task's callbacks carry it (the provider uses several spellings)."""
+        if self.cb_task_key == "top":
+            body["taskId"] = self.task_id
+        else:
+            body["data"][self.cb_task_key] = self.task_id
+        return body
 
 
 _SNAKE = {

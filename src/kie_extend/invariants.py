@@ -1,0 +1,260 @@
+"""Invariants of the job store, checked by the tick's sweep and by ``kie-extend doctor``.
+
+Every unfinished job must be somewhere the tick will find it, or it waits forever:
+
+- ``unscheduled``: a ``queued`` job on neither the due schedule nor the blocked list, or a
+  ``submitting`` / ``submitted`` job not on the due schedule. Repair: put it on the due schedule now.
+- ``missing_record``: an id in a state index, the due schedule, the blocked list or the in-flight
+  set whose record is gone (evicted, or deleted by hand). Nothing can bring the job back; repair
+  removes the dangling entries so the gates count right, and the loss is logged as an error.
+- ``wrong_index``: an id in the index of a state other than its record's. Repair: move it.
+- ``inflight_leak``: an id in the in-flight set whose job holds no slot (not submitting or
+  submitted): it shrinks ``KIE_MAX_IN_FLIGHT`` for everyone. Repair: remove it.
+- ``inflight_missing``: a submitting or submitted job not in the in-flight set. Repair: add it.
+- ``finished_scheduled``: a finished job still on the due schedule or the blocked list. Repair: remove.
+
+Each repair is one Lua script that re-checks its condition on the spot, so a job that moved on
+meanwhile is left alone. Jobs younger in their state than ``grace`` seconds are skipped: between two
+writes of a normal step a job may briefly look unscheduled.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import redis
+
+from .keys import Keys
+from .states import IN_FLIGHT, TERMINAL, JobState
+
+log = logging.getLogger("kie_extend.invariants")
+
+#: Ids read per round trip while sweeping.
+CHUNK = 500
+
+_UNFINISHED = (JobState.QUEUED, JobState.SUBMITTING, JobState.SUBMITTED)
+
+# KEYS: job, due, blocked. ARGV: id, state the job must still be in, now. Puts an unscheduled job
+# on the due schedule (only if it is still in that state and still on no schedule).
+_RESCHEDULE = """
+if redis.call('HGET', KEYS[1], 'state') ~= ARGV[2] then return 0 end
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
+if ARGV[2] == 'queued' and redis.call('ZSCORE', KEYS[3], ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1
+"""
+
+# KEYS: job, due, blocked, inflight, then every state index. ARGV: id. Removes a vanished job's
+# dangling entries (only if its record is really gone).
+_FORGET = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for i = 2, #KEYS do
+  if i == 4 then redis.call('SREM', KEYS[i], ARGV[1]) else redis.call('ZREM', KEYS[i], ARGV[1]) end
+end
+return 1
+"""
+
+# KEYS: job, inflight. ARGV: id, "add" | "remove". Fixes in-flight membership from the record's state.
+_INFLIGHT = """
+local st = redis.call('HGET', KEYS[1], 'state')
+local holds = st == 'submitting' or st == 'submitted'
+if ARGV[2] == 'add' and holds then return redis.call('SADD', KEYS[2], ARGV[1]) end
+if ARGV[2] == 'remove' and not holds then return redis.call('SREM', KEYS[2], ARGV[1]) end
+return 0
+"""
+
+# KEYS: job, from index, to index. ARGV: id, state the record must be in. Moves an id between indexes.
+_REINDEX = """
+local st = redis.call('HGET', KEYS[1], 'state')
+if st ~= ARGV[2] then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], tonumber(redis.call('HGET', KEYS[1], 'created_ts') or '0'), ARGV[1])
+return 1
+"""
+
+# KEYS: job, due, blocked. ARGV: id. Takes a finished job off the schedules.
+_UNSCHEDULE_FINISHED = """
+local st = redis.call('HGET', KEYS[1], 'state')
+if st ~= 'succeeded' and st ~= 'failed' and st ~= 'cancelled' then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+return 1
+"""
+
+
+@dataclass
+class Violation:
+    """One broken invariant: its kind, the job, what was seen, and whether it was repaired."""
+
+    kind: str
+    job_id: str
+    detail: str
+    repaired: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"kind": self.kind, "job_id": self.job_id, "detail": self.detail, "repaired": self.repaired}
+
+
+@dataclass
+class Report:
+    """What a sweep found: jobs looked at and the violations (repaired or not)."""
+
+    checked: int = 0
+    violations: list[Violation] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """Violations by kind."""
+        return dict(Counter(v.kind for v in self.violations))
+
+    @property
+    def repaired(self) -> int:
+        """How many violations were repaired."""
+        return sum(1 for v in self.violations if v.repaired)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"checked": self.checked, "violations": len(self.violations), "repaired": self.repaired,
+                "by_kind": self.counts(), "items": [v.as_dict() for v in self.violations]}
+
+
+def _t(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Invariants:
+    """Checks (and optionally repairs) the job store's invariants under one key prefix."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.redis = client
+        self.keys = keys
+        self._reschedule = client.register_script(_RESCHEDULE)
+        self._forget = client.register_script(_FORGET)
+        self._inflight = client.register_script(_INFLIGHT)
+        self._reindex = client.register_script(_REINDEX)
+        self._unschedule = client.register_script(_UNSCHEDULE_FINISHED)
+
+    def _ids(self, key: str, kind: str = "zset") -> Iterator[list[str]]:
+        if kind == "set":
+            cursor = 0
+            while True:
+                cursor, members = self.redis.sscan(key, cursor, count=CHUNK)
+                if members:
+                    yield [_t(m) for m in members]
+                if cursor == 0:
+                    return
+        start = 0
+        while True:
+            members = self.redis.zrange(key, start, start + CHUNK - 1)
+            if not members:
+                return
+            yield [_t(m) for m in members]
+            start += CHUNK
+
+    def _records(self, ids: list[str]) -> list[tuple[str | None, float, bool, bool]]:
+        """For each id: (state or None when the record is gone, state_ts, on due, on blocked)."""
+        pipe = self.redis.pipeline(transaction=True)
+        for job_id in ids:
+            pipe.hmget(self.keys.job(job_id), "state", "state_ts", "created_ts", "duplicate_of")
+            pipe.zscore(self.keys.due, job_id)
+            pipe.zscore(self.keys.blocked, job_id)
+        out = pipe.execute()
+        rows = []
+        for i in range(0, len(out), 3):
+            state, state_ts, created, duplicate = out[i]
+            exists = state is not None or duplicate is not None
+            ts = float(_t(state_ts or created or 0) or 0)
+            rows.append((_t(state) if state is not None else ("" if exists else None), ts,
+                         out[i + 1] is not None, out[i + 2] is not None))
+        return rows
+
+    def check(self, *, repair: bool = False, grace: float = 30.0, now: float | None = None,
+              limit: int | None = None) -> Report:
+        """Look at every unfinished job and the shared sets; repair what is broken when ``repair``.
+
+        ``grace``: seconds a job must have been in its state before it counts as unscheduled.
+        ``limit``: stop after this many violations (None: no limit). Returns a :class:`Report`."""
+        now = now or time.time()
+        report = Report()
+        keys = self.keys
+        state_keys = [keys.state_index(s.value) for s in JobState if s is not JobState.NOT_FOUND]
+
+        def add(kind: str, job_id: str, detail: str, fix: Any) -> None:
+            v = Violation(kind, job_id, detail)
+            if repair:
+                try:
+                    v.repaired = bool(fix())
+                except redis.RedisError as exc:
+                    v.detail += f" (repair failed: {exc})"
+            report.violations.append(v)
+
+        def full() -> bool:
+            return limit is not None and len(report.violations) >= limit
+
+        seen_unfinished: set[str] = set()
+        for state in _UNFINISHED:
+            index = keys.state_index(state.value)
+            for ids in self._ids(index):
+                for job_id, (actual, ts, on_due, on_blocked) in zip(ids, self._records(ids)):
+                    report.checked += 1
+                    if actual is None:
+                        add("missing_record", job_id, f"in the {state.value} index but its record is gone",
+                            lambda j=job_id: self._forget(keys=[keys.job(j), keys.due, keys.blocked,
+                                                                keys.inflight, *state_keys], args=[j]))
+                        continue
+                    if actual != state.value:
+                        if actual in {s.value for s in JobState}:
+                            add("wrong_index", job_id, f"in the {state.value} index but {actual or 'without state'}",
+                                lambda j=job_id, a=actual, st=state: self._reindex(
+                                    keys=[keys.job(j), keys.state_index(st.value), keys.state_index(a)],
+                                    args=[j, a]))
+                        continue
+                    seen_unfinished.add(job_id)
+                    scheduled = on_due or (state is JobState.QUEUED and on_blocked)
+                    if not scheduled and now - ts >= grace:
+                        add("unscheduled", job_id, f"{state.value} for {now - ts:.0f}s on no schedule",
+                            lambda j=job_id, st=state: self._reschedule(
+                                keys=[keys.job(j), keys.due, keys.blocked], args=[j, st.value, repr(now)]))
+                    if full():
+                        return report
+        # The in-flight set against the records.
+        in_flight = set()
+        for ids in self._ids(keys.inflight, "set"):
+            in_flight.update(ids)
+            for job_id, (actual, _ts, _d, _b) in zip(ids, self._records(ids)):
+                if actual is None:
+                    add("missing_record", job_id, "holds an in-flight slot but its record is gone",
+                        lambda j=job_id: self._forget(keys=[keys.job(j), keys.due, keys.blocked, keys.inflight,
+                                                            *state_keys], args=[j]))
+                elif actual not in {s.value for s in IN_FLIGHT}:
+                    add("inflight_leak", job_id, f"holds an in-flight slot while {actual or 'without state'}",
+                        lambda j=job_id: self._inflight(keys=[keys.job(j), keys.inflight], args=[j, "remove"]))
+            if full():
+                return report
+        for state in IN_FLIGHT:
+            for ids in self._ids(keys.state_index(state.value)):
+                for job_id in ids:
+                    if job_id in seen_unfinished and job_id not in in_flight:
+                        add("inflight_missing", job_id, f"{state.value} but not counted in flight",
+                            lambda j=job_id: self._inflight(keys=[keys.job(j), keys.inflight], args=[j, "add"]))
+        # The schedules against the records.
+        for key, name in ((keys.due, "due schedule"), (keys.blocked, "blocked list")):
+            for ids in self._ids(key):
+                for job_id, (actual, _ts, _d, _b) in zip(ids, self._records(ids)):
+                    if actual is None:
+                        add("missing_record", job_id, f"on the {name} but its record is gone",
+                            lambda j=job_id: self._forget(keys=[keys.job(j), keys.due, keys.blocked, keys.inflight,
+                                                                *state_keys], args=[j]))
+                    elif actual in {s.value for s in TERMINAL} or actual == "cancelled":
+                        add("finished_scheduled", job_id, f"{actual} but still on the {name}",
+                            lambda j=job_id: self._unschedule(keys=[keys.job(j), keys.due, keys.blocked], args=[j]))
+                if full():
+                    return report
+        return report
+
+
+__all__ = ["Invariants", "Report", "Violation"]
