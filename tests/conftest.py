@@ -77,6 +77,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
                   f"{'429s':>5}  faults")
     for r in rows:
         faults = {**r["faults"], **r["sim_faults"]}
+        if r.get("transition_replays"):
+            faults["transition_replays"] = r["transition_replays"]
         tr.write_line(f"{r['scenario']:<32} {r['jobs']:>4} {r['succeeded']:>4} {r['failed']:>4} {r['lost']:>4} "
                       f"{r['double_submissions']:>6} {r['duplicate_events']:>6} {r['rate_limited_429']:>5}  "
                       f"{json.dumps(faults, sort_keys=True)}  failed_by_kind={json.dumps(r['failed_by_kind'])}")
