@@ -286,3 +286,61 @@ def test_continue_at_below_one_second_warns() -> None:
     parsed = parse_request({"uploadUrl": "https://example.com/a.mp3", "defaultParamFlag": True,
                             "instrumental": True, "continueAt": 0.5, "model": "V5", "style": "s", "title": "t"})
     assert any("continueAt" in w and "below 1" in w for w in parsed.warnings)
+
+
+# -- Redis Cluster -------------------------------------------------------------------------------
+
+def test_scripts_run_on_a_redis_cluster(tmp_path: Any) -> None:
+    """A one-node Valkey cluster refuses any script whose keys span hash slots: the
+    store, gates, breaker and sweep all run on it through redis-py's cluster client."""
+    from kie_extend.embedded import free_port, valkey_binary
+
+    port = free_port()
+    proc = subprocess.Popen([valkey_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--cluster-enabled", "yes", "--dir", str(tmp_path),
+                             "--cluster-config-file", str(tmp_path / "nodes.conf"),
+                             "--logfile", str(tmp_path / "valkey.log")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        plain = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                plain.ping()
+                break
+            except redis.RedisError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        plain.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        while b"cluster_state:ok" not in plain.execute_command("CLUSTER", "INFO"):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        client = redis.RedisCluster(host="127.0.0.1", port=port)
+        keys = Keys("cl")
+        store, breaker = JobStore(client, keys), Breaker(client, keys, threshold=2, cooldown=60)
+        gates = Gates(client, keys, rate=(5, 1.0), margin=0.0, max_in_flight=10)
+        # A script on two keys of different slots is refused (by the server, and by the client
+        # before it): what the hash tag prevents.
+        with pytest.raises(redis.ResponseError, match="same slot"):
+            plain.eval("return redis.call('MGET', KEYS[1], KEYS[2])", 2, "a", "b")
+        with pytest.raises(redis.RedisClusterException, match="same key slot"):
+            client.eval("return redis.call('MGET', KEYS[1], KEYS[2])", 2, "a", "b")
+        now = time.time()
+        assert store.transition("j", JobState.QUEUED, expect=[None], fields={"created_ts": now})
+        assert gates.acquire("j", "j:1").verdict == "ok"
+        assert store.transition("j", JobState.SUBMITTING, expect=[JobState.QUEUED], due=now + 30)
+        assert store.transition("j", JobState.SUBMITTED, expect=[JobState.SUBMITTING], due=now)
+        assert store.claim_due(now + 1, 10, 10) == [("j", now)]
+        assert store.transition("j", JobState.SUCCEEDED, expect=[JobState.SUBMITTED],
+                                event={"event": "job.succeeded"}, handlers=["redis_stream"])
+        assert store.claim_deliveries(time.time() + 1, 10, 10) == [("j", "redis_stream")]
+        assert not breaker.failure("x") and breaker.failure("y") and breaker.success("z")
+        store.transition("q", JobState.QUEUED, expect=[None], fields={"created_ts": now})
+        store.block("q", now)
+        assert store.release_blocked(1, now) == 1
+        store.create_pointer("dup", {"duplicate_of": "j"}, ttl=60)
+        assert Invariants(client, keys).check(repair=True, grace=0).violations == []
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
