@@ -26,14 +26,15 @@ log = logging.getLogger("kie_extend.tasks")
 
 def retry_later(task: Task, exc: Exception) -> NoReturn:
     """Retry ``task`` after a capped, jittered backoff (raises Celery's ``Retry``, which acks this
-    message once the retry message is published).
+    message once the retry message is published). The task must have ``max_retries=None``: an
+    explicit ``max_retries=None`` here would mean "the task's default" to Celery.
 
     If the retry cannot be published (the broker refuses writes), raises ``Reject(requeue=True)``:
     the message goes back to its queue, or, when even that write fails, stays unacknowledged and the
     broker redelivers it after its visibility timeout. Never acked without a successor.
     """
     try:
-        raise task.retry(exc=exc, countdown=retry_delay(task.request.retries), max_retries=None)
+        raise task.retry(exc=exc, countdown=retry_delay(task.request.retries))
     except Reject as unsent:  # Celery's retry() turns a failed publish into Reject(requeue=False)
         log.warning("retry of %s[%s] not published (%s); message requeued", task.name, task.request.id,
                     unsent.reason)
@@ -93,7 +94,7 @@ def register(app: Celery) -> None:
     services = _Services(app)
     app.kie_services = services  # type: ignore[attr-defined]
 
-    @app.task(name="kie_extend.extend", bind=True)
+    @app.task(name="kie_extend.extend", bind=True, max_retries=None)
     def extend(self: Task, *args: Any, request: Any = None, idempotency_key: Any = None,
                metadata: Any = None, **kwargs: Any) -> None:
         """Accept one extend request (job id = this task's id) and try to submit it.
@@ -111,7 +112,7 @@ def register(app: Celery) -> None:
                 retry_later(self, exc)
             _give_up_extend(services.get_pipeline(), str(self.request.id), exc)
 
-    @app.task(name="kie_extend.poll", bind=True)
+    @app.task(name="kie_extend.poll", bind=True, max_retries=None)
     def poll(self: Task, job_id: str) -> None:
         """Do a due job's next step (submit when queued, poll when submitted)."""
         try:
@@ -121,7 +122,7 @@ def register(app: Celery) -> None:
                 raise  # the due schedule's lease brings the job back
             retry_later(self, exc)
 
-    @app.task(name="kie_extend.deliver", bind=True)
+    @app.task(name="kie_extend.deliver", bind=True, max_retries=None)
     def deliver(self: Task, job_id: str, handler: str) -> None:
         """Deliver one job's result event to one handler."""
         try:
