@@ -17,6 +17,7 @@ from .intake import check_message, require
 from .probe import AUDIO_FILE_FIELD, AudioInfo, probe_audio
 from .runtime import Runtime
 from .states import JobState
+from .transport import broker_conf
 from .uploads import UPLOAD_TIMEOUT, UploadedAudio, upload_file
 
 log = logging.getLogger("kie_extend.api")
@@ -40,7 +41,8 @@ def producer_app(settings: Settings) -> Celery:
     if key not in _apps:
         app = Celery("kie_extend_producer", broker=settings.effective_broker_url, set_as_current=False)
         app.conf.update(task_serializer="json", accept_content=["json"], task_protocol=2,
-                        task_default_queue=settings.queue, broker_connection_retry_on_startup=True)
+                        task_default_queue=settings.queue)
+        app.conf.update(broker_conf(settings.effective_broker_url))
         _apps[key] = app
     return _apps[key]
 

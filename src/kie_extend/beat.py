@@ -12,20 +12,41 @@ from typing import Any
 
 from celery.beat import PersistentScheduler
 
+from .infra import is_infra_error
+
 log = logging.getLogger("kie_extend.beat")
 
 TICK_TASK = "kie_extend.tick"
+#: Seconds beat waits after its schedule could not run for an infrastructure reason.
+INFRA_WAIT = 1.0
 
 
 class TickScheduler(PersistentScheduler):
     """Celery's persistent scheduler, with the ``kie_extend.tick`` entry run in-process."""
 
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        """Celery's scheduler tick; a broker or store that is unavailable for a while (no connection,
+        read-only, out of memory) costs one logged line and a short wait, never the beat process."""
+        try:
+            return float(super().tick(*args, **kwargs))
+        except Exception as exc:
+            if not is_infra_error(exc):
+                raise
+            log.warning("beat could not run its schedule (%s: %s); trying again", type(exc).__name__, exc)
+            return INFRA_WAIT
+
     def apply_entry(self, entry: Any, producer: Any = None) -> None:
         """Run the tick here; hand any other entry to Celery as usual."""
         if entry.task != TICK_TASK:
-            super().apply_entry(entry, producer)
+            try:
+                super().apply_entry(entry, producer)
+            except Exception as exc:  # Celery logs send errors itself; this is a safety net
+                log.warning("could not send %s: %s: %s", entry.task, type(exc).__name__, exc)
             return
         try:
             self.app.kie_services.get_scheduler().tick()
-        except Exception:  # a failed tick is logged; the next one retries everything it missed
-            log.exception("tick failed")
+        except Exception as exc:  # a failed tick is logged; the next one retries everything it missed
+            if is_infra_error(exc):
+                log.warning("tick failed: %s: %s", type(exc).__name__, exc)
+            else:
+                log.exception("tick failed")

@@ -1,34 +1,73 @@
-"""The worker's message consumer: malformed extend messages become failed jobs, not silent drops.
+"""The worker's message consumer: malformed or misnamed messages become failed jobs, not silent drops.
 
 Celery logs and acknowledges a message it cannot decode (not JSON, or a forbidden content type
-such as Python's binary serializer), and a JSON body of the wrong shape even stops the whole
-worker with an "unrecoverable error" (and, unacknowledged, comes back to stop the next one). For ``kie_extend.extend`` the job id
-from the message headers is recorded as ``failed / invalid_request`` with its result event, and
-the message is acknowledged, so no message can lose a job or take a worker down.
+such as Python's binary serializer) or whose task name it does not know (``kie_extend.Extend``,
+``"kie_extend.extend "``), and a JSON body of the wrong shape even stops the whole worker with an
+"unrecoverable error" (and, unacknowledged, comes back to stop the next one). For every such
+message on our queue that is not one of our internal tasks and carries an id, that id (what the
+producer holds as its job id) is recorded as ``failed / invalid_request`` with its result event,
+a near miss of ``kie_extend.extend`` saying "did you mean", and then the message is acknowledged.
+So no message can lose a job or take a worker down.
+
+If the job store cannot take that record right now (a transient infrastructure error), the message
+is not acknowledged: the error is raised as a connection error, Celery reconnects, and the message
+comes back.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 from typing import Any
 
 from celery.worker.consumer import Consumer
 
+from .infra import as_connection_error, is_infra_error
+
 log = logging.getLogger("kie_extend.consumer")
+
+#: The task name producers send.
+PUBLIC_TASK = "kie_extend.extend"
+#: Our own tasks; a broken message naming one of these is no producer's job.
+INTERNAL_TASKS = frozenset({"kie_extend.poll", "kie_extend.deliver", "kie_extend.tick"})
+
+
+def did_you_mean(name: str, known: tuple[str, ...] = (PUBLIC_TASK,)) -> str:
+    """``" (did you mean `kie_extend.extend`?)"`` when ``name`` is close to one of ``known``
+    (case, surrounding spaces and small typos ignored), else ``""``."""
+    lowered = {k.lower(): k for k in known}
+    match = difflib.get_close_matches(str(name).strip().lower(), list(lowered), n=1, cutoff=0.75)
+    return f" (did you mean `{lowered[match[0]]}`?)" if match else ""
+
+
+def unknown_task_reason(name: Any) -> str:
+    """The error message of a job whose message named a task we do not run."""
+    return (f"unknown task name {str(name)[:100]!r}{did_you_mean(str(name))}: this queue runs "
+            f"`{PUBLIC_TASK}` with keyword arguments request, idempotency_key, metadata")
 
 
 class KieConsumer(Consumer):
-    """Celery's consumer plus a failed job (and result event) for every malformed extend message."""
+    """Celery's consumer plus a failed job (and result event) for every malformed or misnamed message."""
 
     def _fail_malformed(self, message: Any, reason: str) -> None:
+        """Record the message's id as a failed job; raise a connection error if the store is unavailable."""
         headers = getattr(message, "headers", None) or {}
-        if headers.get("task") != "kie_extend.extend" or not headers.get("id"):
+        if headers.get("task") in INTERNAL_TASKS or not headers.get("id"):
             return
         try:
             services = self.app.kie_services
             services.get_pipeline().reject_malformed(str(headers["id"])[:200], reason)
-        except Exception:  # never let bookkeeping crash the consumer
-            log.exception("could not record a malformed message as a failed job")
+        except Exception as exc:
+            if is_infra_error(exc):
+                log.warning("job store unavailable (%s); message %r left unacknowledged", exc, headers.get("id"))
+                raise as_connection_error(exc) from exc
+            log.exception("could not record a malformed message as a failed job")  # a bug: do not loop on it
+
+    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
+        """A task name we do not run: a failed job under the message's id, then Celery's discard."""
+        name = (getattr(message, "headers", None) or {}).get("task")
+        self._fail_malformed(message, unknown_task_reason(name))
+        super().on_unknown_task(body, message, exc)
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         """Celery's message handler, guarded: a message it chokes on is failed and acknowledged."""

@@ -16,6 +16,7 @@ import re
 import time
 from typing import Any, Callable, Iterable
 
+from .infra import is_infra_error
 from .intake import JOB_ID_PATTERN
 from .pipeline import Pipeline
 
@@ -101,8 +102,12 @@ class CallbackApp:
         task_id = callback_task_id(body)
         try:
             self.pipeline.hint(job_id, task_id, str(data.get("callbackType") or body.get("callbackType") or ""))
-        except Exception:  # the provider must get its 200 anyway; polling stays the source of truth
-            log.exception("callback handling failed", extra={"job_id": job_id})
+        except Exception as exc:  # the provider must get its 200 anyway; polling stays the source of truth
+            if is_infra_error(exc):
+                log.warning("callback not recorded, job store unavailable (%s: %s); polling will find the result",
+                            type(exc).__name__, exc, extra={"job_id": job_id})
+            else:
+                log.exception("callback handling failed", extra={"job_id": job_id})
         return _reply(start_response, "200 OK", {"status": "received"})
 
 

@@ -8,19 +8,37 @@ see beat.py, and it can also be sent as a message).
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Celery, Task
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from celery.exceptions import Reject
 
 from .delivery import Delivery
+from .infra import MAX_UNEXPECTED_RETRIES, is_infra_error, retry_delay
 from .pipeline import Pipeline
 from .runtime import Runtime
 from .scheduler import Scheduler
 
-_INFRA_ERRORS = (RedisConnectionError, RedisTimeoutError)
+log = logging.getLogger("kie_extend.tasks")
+
+
+def retry_later(task: Task, exc: Exception) -> NoReturn:
+    """Retry ``task`` after a capped, jittered backoff (raises Celery's ``Retry``, which acks this
+    message once the retry message is published). The task must have ``max_retries=None``: an
+    explicit ``max_retries=None`` here would mean "the task's default" to Celery.
+
+    If the retry cannot be published (the broker refuses writes), raises ``Reject(requeue=True)``:
+    the message goes back to its queue, or, when even that write fails, stays unacknowledged and the
+    broker redelivers it after its visibility timeout. Never acked without a successor.
+    """
+    try:
+        raise task.retry(exc=exc, countdown=retry_delay(task.request.retries))
+    except Reject as unsent:  # Celery's retry() turns a failed publish into Reject(requeue=False)
+        log.warning("retry of %s[%s] not published (%s); message requeued", task.name, task.request.id,
+                    unsent.reason)
+        raise Reject(f"retry not published: {unsent.reason}", requeue=True) from exc
 
 
 class CeleryDispatcher:
@@ -75,28 +93,63 @@ def register(app: Celery) -> None:
     """Register the tasks on ``app``."""
     services = _Services(app)
     app.kie_services = services  # type: ignore[attr-defined]
-    retry = {"autoretry_for": _INFRA_ERRORS, "retry_backoff": 1, "retry_backoff_max": 30, "max_retries": None}
 
-    @app.task(name="kie_extend.extend", bind=True, **retry)
+    @app.task(name="kie_extend.extend", bind=True, max_retries=None)
     def extend(self: Task, *args: Any, request: Any = None, idempotency_key: Any = None,
                metadata: Any = None, **kwargs: Any) -> None:
-        """Accept one extend request (job id = this task's id) and try to submit it."""
+        """Accept one extend request (job id = this task's id) and try to submit it.
+
+        Never acked before the job record is written: any error is retried (infrastructure errors
+        forever); an unexpected error that outlasts MAX_UNEXPECTED_RETRIES fails the job instead.
+        """
         extra = dict(kwargs)
         if args:
             extra["positional arguments"] = args
-        services.get_pipeline().accept(self.request.id, request, idempotency_key, metadata, extra)
+        try:
+            services.get_pipeline().accept(self.request.id, request, idempotency_key, metadata, extra)
+        except Exception as exc:
+            if is_infra_error(exc) or self.request.retries < MAX_UNEXPECTED_RETRIES:
+                retry_later(self, exc)
+            _give_up_extend(services.get_pipeline(), str(self.request.id), exc)
 
-    @app.task(name="kie_extend.poll", **retry)
-    def poll(job_id: str) -> None:
+    @app.task(name="kie_extend.poll", bind=True, max_retries=None)
+    def poll(self: Task, job_id: str) -> None:
         """Do a due job's next step (submit when queued, poll when submitted)."""
-        services.get_pipeline().advance(str(job_id))
+        try:
+            services.get_pipeline().advance(str(job_id))
+        except Exception as exc:
+            if not is_infra_error(exc):
+                raise  # the due schedule's lease brings the job back
+            retry_later(self, exc)
 
-    @app.task(name="kie_extend.deliver", **retry)
-    def deliver(job_id: str, handler: str) -> None:
+    @app.task(name="kie_extend.deliver", bind=True, max_retries=None)
+    def deliver(self: Task, job_id: str, handler: str) -> None:
         """Deliver one job's result event to one handler."""
-        services.get_delivery().deliver(str(job_id), str(handler))
+        try:
+            services.get_delivery().deliver(str(job_id), str(handler))
+        except Exception as exc:
+            if not is_infra_error(exc):
+                raise  # the delivery schedule's lease brings it back
+            retry_later(self, exc)
 
     @app.task(name="kie_extend.tick", ignore_result=True)
     def tick() -> dict[str, int]:
         """Hand due work to workers (run by beat every KIE_TICK_INTERVAL; several beats are safe)."""
         return services.get_scheduler().tick()
+
+
+def _give_up_extend(pipeline: Pipeline, job_id: str, exc: Exception) -> None:
+    """An extend message that kept failing for a non-infrastructure reason: make sure its job is
+    recorded (failed as an unprocessable message when it has no record yet) before the ack."""
+    log.error("extend %s failed %d times: %s: %s", job_id, MAX_UNEXPECTED_RETRIES + 1, type(exc).__name__, exc,
+              extra={"job_id": job_id})
+    try:
+        raw = pipeline.store.get(job_id)
+        if raw is None:
+            reason = f"the worker could not process this message: {type(exc).__name__}: {exc}"[:300]
+            if not pipeline.reject_malformed(job_id, reason) and pipeline.store.get(job_id) is None:
+                raise RuntimeError("the failed job was not recorded")
+        elif raw.get("state") == "queued":
+            pipeline.store.schedule(job_id, time.time() + pipeline.s.lease)  # the tick drives it from here
+    except Exception as again:
+        raise Reject(f"job record not written: {type(again).__name__}: {again}", requeue=True) from exc

@@ -11,6 +11,10 @@ from typing import Any
 from celery import Celery, signals
 
 from .config import Settings, load_settings
+from .transport import broker_conf
+
+#: Seconds a cold shutdown waits for running tasks before requeueing their messages.
+SOFT_SHUTDOWN_TIMEOUT = 10.0
 
 
 def create_app(settings: Settings | None = None) -> Celery:
@@ -30,8 +34,12 @@ def create_app(settings: Settings | None = None) -> Celery:
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         worker_consumer="kie_extend.consumer:KieConsumer",
-        broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": int(settings.visibility_timeout)},
+        # Cold shutdown (SIGQUIT, or SIGTERM remapped by REMAP_SIGTERM=SIGQUIT) first waits this
+        # long for running tasks, then hands every unacknowledged message, countdown retries
+        # included, straight back to the broker instead of leaving it to the visibility timeout;
+        # "on idle" does the same for a worker that only holds countdown messages.
+        worker_soft_shutdown_timeout=SOFT_SHUTDOWN_TIMEOUT,
+        worker_enable_soft_shutdown_on_idle=True,
         timezone="UTC",
         beat_scheduler="kie_extend.beat:TickScheduler",
         beat_schedule={
@@ -42,6 +50,7 @@ def create_app(settings: Settings | None = None) -> Celery:
             }
         },
     )
+    app.conf.update(broker_conf(settings.effective_broker_url, settings.visibility_timeout))
     app.kie_settings = settings  # type: ignore[attr-defined]
     _check_handlers(settings)
     from . import tasks
