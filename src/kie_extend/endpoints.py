@@ -95,6 +95,8 @@ def _check_segment(url: str, scheme: str) -> SplitResult:
                             f"that is not a number from 0 to 65535); {_HINT}") from None
     if parts.netloc.count("@") > 1:
         raise EndpointError(f"contains more than one '@' before the host; {_HINT}")
+    if re.search(r"%(?![0-9A-Fa-f]{2})", parts.netloc.rpartition("@")[0]):
+        raise EndpointError(f"contains a '%' that does not start a %XX escape; {_HINT}")
     if scheme == "unix":
         if parts.hostname or not parts.path.strip("/"):
             raise EndpointError(f"a unix:// URL needs an absolute socket path, as in "
