@@ -99,9 +99,8 @@ def _preflight(app: Any, process: str) -> None:
     if settings is None:  # an app not built by create_app
         return
     from .errors import ConfigError
-    from .preflight import run
-
     from .logs import setup_logging
+    from .preflight import run
 
     # The worker sends worker_init before it configures logging: configure it now (idempotent).
     setup_logging(settings.log_level, settings.log_format, [settings.api_key_value()])
