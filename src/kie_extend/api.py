@@ -11,6 +11,7 @@ from typing import Any, Iterable
 from celery import Celery
 
 from .config import Settings, load_settings
+from .endpoints import configure_broker
 from .errors import ConfigError, JobExistsError, ValidationError
 from .events import status_record
 from .intake import check_message, require
@@ -37,12 +38,13 @@ def _settings(settings: Settings | None) -> Settings:
 
 def producer_app(settings: Settings) -> Celery:
     """A light Celery app for sending (no tasks imported), one per broker URL and queue."""
-    key = f"{settings.effective_broker_url}|{settings.queue}"
+    key = f"{settings.effective_broker_url}|{settings.queue}|{settings.sentinel_master}"
     if key not in _apps:
         app = Celery("kie_extend_producer", broker=settings.effective_broker_url, set_as_current=False)
         app.conf.update(task_serializer="json", accept_content=["json"], task_protocol=2,
                         task_default_queue=settings.queue)
         app.conf.update(broker_conf(settings.effective_broker_url))
+        configure_broker(app, settings)
         _apps[key] = app
     return _apps[key]
 

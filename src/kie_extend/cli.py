@@ -156,12 +156,28 @@ def cmd_status(args: argparse.Namespace) -> int:
                       f"generations in a row; next probe at {br['until']}"  # type: ignore[index]
                       + (f" (probe job {br['probe']})" if br["probe"] else ""))  # type: ignore[index]
             print(f"waiting:     due={ov['due']} blocked={ov['blocked']}  dead letters: {ov['dead_letters']}")
+            print(f"redis:       {_memory_line(ov['redis_memory'])}")  # type: ignore[arg-type]
         return 0
     if args.wait:
         return _wait(settings, args.job_id, args.json)
     rec = get_job(args.job_id, settings=settings)
     print(json.dumps(rec, indent=2) if args.json else _line(rec))
     return 0 if rec["state"] != JobState.NOT_FOUND.value else 1
+
+
+def _memory_line(mem: dict[str, Any]) -> str:
+    """``12.3 MB used of 1.0 GB (policy noeviction), 0 evicted keys``."""
+    def size(n: int) -> str:
+        for unit in ("B", "KB", "MB", "GB"):
+            if n < 1024 or unit == "GB":
+                return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+            n /= 1024  # type: ignore[assignment]
+        return ""
+
+    limit = size(mem["max"]) if mem["max"] else "no limit"
+    warn = "" if mem["policy"] == "noeviction" else "  (WARNING: may evict job records)"
+    return (f"{size(mem['used'])} used of {limit} (policy {mem['policy']}), "
+            f"{mem['evicted_keys']} evicted keys{warn}")
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -242,6 +258,8 @@ def cmd_callback_server(args: argparse.Namespace) -> int:
 
     settings = _settings()
     setup_logging(settings.log_level, settings.log_format, [settings.api_key_value()])
+    if not _preflight(settings, "receiver"):
+        return 1
     rt = _runtime(settings)
     dispatcher = CeleryDispatcher(create_app(settings), settings.queue)
     secret = settings.callback_secret.get_secret_value() if settings.callback_secret else None
@@ -249,6 +267,18 @@ def cmd_callback_server(args: argparse.Namespace) -> int:
     print(f"kie-extend callback receiver on http://{args.host}:{args.port}", flush=True)
     serve(app, args.host, args.port)
     return 0
+
+
+def _preflight(settings: Settings, process: str) -> bool:
+    """Log the endpoints and run the start-up checks; False (after printing why) on a refusal."""
+    from .preflight import run
+
+    try:
+        run(settings, process)
+    except ConfigError as exc:
+        print(f"error: {process} refuses to start: {exc}", file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 def cmd_simulator(args: argparse.Namespace, rest: list[str]) -> int:

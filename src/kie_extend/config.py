@@ -15,6 +15,7 @@ from pydantic import ValidationError as PydanticValidationError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
+from .endpoints import check_url
 from .errors import ConfigError
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -63,7 +64,8 @@ class Settings(BaseSettings):
     """All kie-extend settings; each field is the environment variable ``KIE_<NAME>``."""
 
     model_config = SettingsConfigDict(
-        env_prefix="KIE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+        env_prefix="KIE_", env_file=".env", env_file_encoding="utf-8", extra="ignore",
+        hide_input_in_errors=True,  # a rejected value may hold a password or the API key
     )
 
     api_key: SecretStr | None = None
@@ -116,6 +118,21 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_format: str = "text"
+
+    # Redis endpoints: Sentinel and start-up checks (endpoints.py, preflight.py).
+    sentinel_master: str = Field("mymaster", min_length=1)  # master name, for sentinel:// URLs
+    sentinel_password: SecretStr | None = None  # the sentinels' own password, when they require one
+    allow_eviction: bool = False  # start even if Redis may evict keys (a loud warning instead)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        return check_url(value)
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, value: str | None) -> str | None:
+        return None if value is None or value == "" else check_url(value, broker=True)
 
     # -- provider breaker, invariant sweep, success checks --------------------------------------
     breaker_threshold: int = Field(5, ge=1)  # consecutive generation failures that open the breaker
@@ -183,6 +200,9 @@ class Settings(BaseSettings):
             self.poll_max_interval = self.poll_interval
         if "webhook" in self.handlers and not self.webhook_url:
             raise ValueError("KIE_HANDLERS includes 'webhook' but KIE_WEBHOOK_URL is not set")
+        if self.broker_url is None and self.redis_url.strip().lower().startswith("unix://"):
+            raise ValueError("KIE_REDIS_URL is a unix:// socket, which the Celery broker cannot use: "
+                             "set KIE_BROKER_URL to a redis://, sentinel:// or amqp:// URL")
         return self
 
     @property

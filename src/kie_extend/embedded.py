@@ -7,6 +7,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -47,8 +48,10 @@ def valkey_binary() -> str:
 class EmbeddedValkey:
     """A private Valkey on a free loopback port; ours alone, so stopping it loses nothing shared."""
 
-    def __init__(self, data_dir: str | None = None, *, appendonly: bool = False, port: int | None = None) -> None:
+    def __init__(self, data_dir: str | None = None, *, appendonly: bool = False, port: int | None = None,
+                 args: Sequence[str] = ()) -> None:
         self.port = port or free_port()
+        self.extra_args = list(args)  # more valkey-server options, e.g. ["--replicaof", "127.0.0.1", "6379"]
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="kie-valkey-"))
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -65,7 +68,7 @@ class EmbeddedValkey:
         args = [
             valkey_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
             "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
-            "--protected-mode", "no", "--logfile", str(self.data_dir / "valkey.log"),
+            "--protected-mode", "no", "--logfile", str(self.data_dir / "valkey.log"), *self.extra_args,
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True, preexec_fn=die_with_parent)
@@ -108,4 +111,58 @@ class EmbeddedValkey:
         self.stop()
 
 
-__all__ = ["EmbeddedValkey", "free_port", "valkey_binary"]
+class EmbeddedSentinel(EmbeddedValkey):
+    """A private Redis Sentinel (``valkey-server --sentinel``) watching one master on loopback.
+
+    Sentinel rewrites its config file, so each instance gets its own ``sentinel.conf`` in its
+    data directory.
+    """
+
+    def __init__(self, master_port: int, data_dir: str | None = None, *, master_name: str = "mymaster",
+                 quorum: int = 2, down_after_ms: int = 1000, failover_timeout_ms: int = 5000,
+                 port: int | None = None) -> None:
+        super().__init__(data_dir, port=port)
+        self.master_name, self.master_port = master_name, master_port
+        self.quorum, self.down_after_ms, self.failover_timeout_ms = quorum, down_after_ms, failover_timeout_ms
+
+    @property
+    def url(self) -> str:
+        """``sentinel://127.0.0.1:PORT``."""
+        return f"sentinel://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> EmbeddedSentinel:
+        """Write sentinel.conf (first start only), start the sentinel and wait until it answers PING."""
+        conf = self.data_dir / "sentinel.conf"
+        if not conf.exists():
+            conf.write_text("\n".join([
+                f"port {self.port}", "bind 127.0.0.1", "protected-mode no", f"dir {self.data_dir}",
+                f"logfile {self.data_dir / 'sentinel.log'}",
+                f"sentinel monitor {self.master_name} 127.0.0.1 {self.master_port} {self.quorum}",
+                f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}",
+                f"sentinel failover-timeout {self.master_name} {self.failover_timeout_ms}",
+                f"sentinel parallel-syncs {self.master_name} 1", "",
+            ]))
+        self.proc = subprocess.Popen([valkey_binary(), str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if client.ping():
+                    break
+            except redis.RedisError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"sentinel did not start (see {self.data_dir / 'sentinel.log'})")
+            time.sleep(0.05)
+        client.close()
+        return self
+
+    def master_port_now(self) -> int | None:
+        """The port of the master this sentinel currently names, or None."""
+        with redis.Redis(port=self.port, socket_connect_timeout=1, socket_timeout=2) as client:
+            addr = client.sentinel_get_master_addr_by_name(self.master_name)
+        return int(addr[1]) if addr else None
+
+
+__all__ = ["EmbeddedSentinel", "EmbeddedValkey", "free_port", "valkey_binary"]

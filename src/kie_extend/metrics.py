@@ -19,6 +19,13 @@ def _iso_since(paused: dict[str, str] | None) -> dict[str, str] | None:
     return paused
 
 
+def redis_memory(rt: Runtime) -> dict[str, object]:
+    """The job store's memory: ``used`` and ``max`` bytes (0 = no limit), ``policy``, ``evicted_keys``."""
+    memory, stats = rt.redis.info("memory"), rt.redis.info("stats")
+    return {"used": int(memory.get("used_memory", 0)), "max": int(memory.get("maxmemory", 0)),
+            "policy": str(memory.get("maxmemory_policy", "")), "evicted_keys": int(stats.get("evicted_keys", 0))}
+
+
 def overview(rt: Runtime) -> dict[str, object]:
     """Jobs by state, gate use and pause, for ``kie-extend status`` and ``/metrics``."""
     store, gates = rt.store, rt.gates
@@ -33,6 +40,7 @@ def overview(rt: Runtime) -> dict[str, object]:
         "blocked": int(rt.redis.zcard(rt.keys.blocked)),
         "dead_letters": int(rt.redis.llen(rt.keys.dead_letters)),
         "breaker": _breaker(rt),
+        "redis_memory": redis_memory(rt),
     }
 
 
@@ -60,6 +68,14 @@ def render(rt: Runtime) -> str:
               f"kie_extend_breaker_open {0 if breaker['state'] == 'closed' else 1}",  # type: ignore[index]
               "# TYPE kie_extend_breaker_failure_streak gauge",
               f"kie_extend_breaker_failure_streak {breaker['streak']}"]  # type: ignore[index]
+    mem: dict[str, object] = ov["redis_memory"]  # type: ignore[assignment]
+    lines += ["# HELP kie_extend_redis_used_memory_bytes Memory the job store's Redis uses.",
+              "# TYPE kie_extend_redis_used_memory_bytes gauge", f"kie_extend_redis_used_memory_bytes {mem['used']}",
+              "# HELP kie_extend_redis_maxmemory_bytes The job store's maxmemory (0: no limit).",
+              "# TYPE kie_extend_redis_maxmemory_bytes gauge", f"kie_extend_redis_maxmemory_bytes {mem['max']}",
+              "# HELP kie_extend_redis_evicted_keys_total Keys the job store's Redis evicted since it started.",
+              "# TYPE kie_extend_redis_evicted_keys_total counter",
+              f"kie_extend_redis_evicted_keys_total {mem['evicted_keys']}"]
     stats = {k.decode(): v.decode() for k, v in rt.redis.hgetall(rt.keys.stats).items()}
     responses: list[str] = []
     counters: dict[str, str] = {}

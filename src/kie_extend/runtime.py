@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis
+from redis.sentinel import Sentinel
 
 from .breaker import Breaker
 from .client import KieClient
 from .client_jobs import JobsClient
 from .config import Settings
+from .endpoints import scheme_of, sentinel_endpoint
 from .gates import Gates
 from .handlers import Handler, HandlerContext, build_handlers
 from .keys import Keys
@@ -38,15 +40,39 @@ class NoDispatch:
         """Nothing: the tick will claim it."""
 
 
-def redis_client(url: str) -> redis.Redis:
-    """A Redis client with sane timeouts and retries for the job store."""
-    return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=5,
-        socket_timeout=15,
-        health_check_interval=30,
-        retry_on_timeout=True,
-    )
+#: Timeouts (seconds) and retries of every job-store connection, direct or through Sentinel.
+REDIS_OPTIONS: dict[str, Any] = {
+    "socket_connect_timeout": 5,
+    "socket_timeout": 15,
+    "health_check_interval": 30,
+    "retry_on_timeout": True,
+}
+
+
+def redis_client(url: str, *, sentinel_master: str = "mymaster", sentinel_password: str | None = None) -> redis.Redis:
+    """A Redis client with sane timeouts and retries for the job store.
+
+    ``url`` is a ``redis://``, ``rediss://`` or ``unix://`` URL, or a ``sentinel://h1:26379;…/db``
+    URL: then the client asks the sentinels for the master named ``sentinel_master`` (and again
+    after a failover); ``sentinel_password`` authenticates to the sentinels themselves. Connects
+    lazily; raises EndpointError (ValueError) on a malformed sentinel URL.
+    """
+    if scheme_of(url) != "sentinel":
+        return redis.Redis.from_url(url, **REDIS_OPTIONS)
+    endpoint = sentinel_endpoint(url)
+    sentinel_kwargs: dict[str, Any] = {"socket_connect_timeout": 5, "socket_timeout": 5}
+    if sentinel_password:
+        sentinel_kwargs["password"] = sentinel_password
+    sentinel = Sentinel(endpoint.sentinels, sentinel_kwargs=sentinel_kwargs)
+    return sentinel.master_for(sentinel_master, redis_class=redis.Redis, db=endpoint.db,
+                               username=endpoint.username, password=endpoint.password, **REDIS_OPTIONS)
+
+
+def settings_redis(settings: Settings, url: str | None = None) -> redis.Redis:
+    """``redis_client`` for the job store (or ``url``, e.g. a Redis broker) with the settings' Sentinel options."""
+    password = settings.sentinel_password.get_secret_value() if settings.sentinel_password else None
+    return redis_client(url or settings.redis_url, sentinel_master=settings.sentinel_master,
+                        sentinel_password=password)
 
 
 @dataclass
@@ -57,7 +83,7 @@ class Runtime:
     redis: redis.Redis = field(init=False)
 
     def __post_init__(self) -> None:
-        self.redis = redis_client(self.settings.redis_url)
+        self.redis = settings_redis(self.settings)
 
     @cached_property
     def keys(self) -> Keys:

@@ -34,6 +34,7 @@ from urllib.parse import parse_qs, urlparse
 import redis
 from kombu.transport import redis as kredis
 from redis import exceptions as rx
+from redis.sentinel import SentinelManagedConnection
 
 from .infra import as_connection_error, is_infra_error
 
@@ -46,8 +47,8 @@ SOCKET_CONNECT_TIMEOUT = 5.0
 #: Seconds between health checks (PING on an idle connection before reuse; kombu's BRPOP and
 #: pub/sub health checks run at this interval too).
 HEALTH_CHECK_INTERVAL = 10
-#: Redis URL schemes that get this transport.
-REDIS_SCHEMES = ("redis", "rediss")
+#: Redis URL schemes that get this transport (``sentinel`` gets :class:`SentinelTransport`).
+REDIS_SCHEMES = ("redis", "rediss", "sentinel")
 
 
 class _InfraAwareConnection:
@@ -69,6 +70,14 @@ class InfraConnection(_InfraAwareConnection, redis.Connection):
 
 class InfraSSLConnection(_InfraAwareConnection, redis.SSLConnection):
     """A TLS broker connection (see the mixin)."""
+
+
+class InfraSentinelConnection(_InfraAwareConnection, SentinelManagedConnection):
+    """A connection to the master a Sentinel names (see the mixin)."""
+
+
+class InfraSentinelSSLConnection(_InfraAwareConnection, kredis.SentinelManagedSSLConnection):
+    """A TLS connection to the master a Sentinel names (see the mixin)."""
 
 
 class _Unsaved:
@@ -150,6 +159,13 @@ class Channel(kredis.Channel):
         return len(items)
 
 
+class SentinelChannel(Channel, kredis.SentinelChannel):
+    """kombu's Sentinel channel (the master found through the sentinels) with the same handling."""
+
+    connection_class = InfraSentinelConnection
+    connection_class_ssl = InfraSentinelSSLConnection
+
+
 class Transport(kredis.Transport):
     """kombu's Redis transport with :class:`Channel`; transient server replies count as connection errors."""
 
@@ -157,6 +173,13 @@ class Transport(kredis.Transport):
     connection_errors = kredis.Transport.connection_errors + (
         rx.ReadOnlyError, rx.OutOfMemoryError, rx.TryAgainError, rx.ClusterDownError,
     )
+
+    @property
+    def supports_batch_publish(self) -> bool:
+        """kombu's check, but False (not AttributeError) once the transport's connection is closed."""
+        if self.client is None:
+            return False
+        return bool(super().supports_batch_publish)
 
 
 def broker_conf(broker_url: str, visibility_timeout: float | None = None) -> dict[str, Any]:
@@ -181,7 +204,8 @@ def broker_conf(broker_url: str, visibility_timeout: float | None = None) -> dic
     if visibility_timeout is not None:
         options["visibility_timeout"] = int(visibility_timeout)
     conf: dict[str, Any] = {
-        "broker_transport": "kie_extend.transport:Transport",
+        "broker_transport": "kie_extend.transport:SentinelTransport" if scheme == "sentinel"
+        else "kie_extend.transport:Transport",
         "broker_transport_options": options,
         "broker_connection_retry_on_startup": True,
     }
@@ -192,4 +216,18 @@ def broker_conf(broker_url: str, visibility_timeout: float | None = None) -> dic
     return conf
 
 
-__all__ = ["Transport", "Channel", "QoS", "InfraConnection", "InfraSSLConnection", "UNSAVED", "broker_conf"]
+__all__ = ["Transport", "Channel", "SentinelTransport", "SentinelChannel", "QoS", "InfraConnection", "InfraSSLConnection", "UNSAVED", "broker_conf"]
+
+
+class SentinelTransport(kredis.SentinelTransport):
+    """kombu's Sentinel transport with :class:`SentinelChannel`; same connection errors as :class:`Transport`."""
+
+    Channel = SentinelChannel
+    connection_errors = Transport.connection_errors
+
+    @property
+    def supports_batch_publish(self) -> bool:
+        """kombu's check, but False (not AttributeError) once the transport's connection is closed."""
+        if self.client is None:
+            return False
+        return bool(super().supports_batch_publish)

@@ -6,11 +6,13 @@ that moment: importing this module reads no environment.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery, signals
 
 from .config import Settings, load_settings
+from .endpoints import configure_broker
 from .transport import broker_conf
 
 #: Seconds a cold shutdown waits for running tasks before requeueing their messages.
@@ -51,6 +53,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         },
     )
     app.conf.update(broker_conf(settings.effective_broker_url, settings.visibility_timeout))
+    configure_broker(app, settings)
     app.kie_settings = settings  # type: ignore[attr-defined]
     _check_handlers(settings)
     from . import tasks
@@ -63,9 +66,9 @@ def _check_handlers(settings: Settings) -> None:
     """Build every configured handler once, so a bad KIE_HANDLERS stops start-up with its reason."""
     from .handlers import HandlerContext, build_handlers
     from .keys import Keys
-    from .runtime import redis_client
+    from .runtime import settings_redis
 
-    build_handlers(settings.handlers, HandlerContext(settings, redis_client(settings.redis_url),
+    build_handlers(settings.handlers, HandlerContext(settings, settings_redis(settings),
                                                      Keys(settings.key_prefix)))
 
 
@@ -84,6 +87,37 @@ def __getattr__(name: str) -> Any:
     if name == "app":
         return get_app()
     raise AttributeError(name)
+
+
+@signals.worker_init.connect
+def _worker_preflight(sender: Any = None, **_: Any) -> None:
+    _preflight(getattr(sender, "app", None), "worker")
+
+
+@signals.beat_init.connect
+def _beat_preflight(sender: Any = None, **_: Any) -> None:
+    _preflight(getattr(sender, "app", None), "beat")
+
+
+def _preflight(app: Any, process: str) -> None:
+    """Log the endpoints and run the start-up checks; a refusal ends the process with its reason.
+
+    SystemExit, because Celery logs and swallows ordinary exceptions raised by signal handlers.
+    """
+    settings = getattr(app, "kie_settings", None)
+    if settings is None:  # an app not built by create_app
+        return
+    from .errors import ConfigError
+    from .logs import setup_logging
+    from .preflight import run
+
+    # The worker sends worker_init before it configures logging: configure it now (idempotent).
+    setup_logging(settings.log_level, settings.log_format, [settings.api_key_value()])
+    try:
+        run(settings, process)
+    except ConfigError as exc:
+        logging.getLogger("kie_extend.preflight").critical("%s refuses to start: %s", process, exc)
+        raise SystemExit(1) from None
 
 
 @signals.setup_logging.connect
