@@ -139,6 +139,7 @@ class Settings(BaseSettings):
     breaker_cooldown: Duration = 120.0  # wait before one probe job is let through
     sweep_interval: Duration = 60.0  # how often one beat checks every unfinished job is on a schedule
     sweep_grace: Duration = 30.0  # a job must be this long in its state before the sweep repairs it
+    redis_socket_timeout: Duration = 15.0  # job store: a reply slower than this counts as lost (the command is re-sent)
     empty_success_polls: int = Field(3, ge=0)  # re-polls of a SUCCESS without audio before failing
 
     @field_validator(
@@ -146,7 +147,7 @@ class Settings(BaseSettings):
         "poll_interval", "poll_max_interval", "poll_callback_interval", "poll_min_gap", "poll_not_found_grace",
         "tick_interval", "lease", "maintenance_backoff", "visibility_timeout", "pause_probe_interval", "retention",
         "idempotency_window", "handler_retry_base", "webhook_timeout", "submit_rate_margin",
-        "breaker_cooldown", "sweep_interval", "sweep_grace",
+        "breaker_cooldown", "sweep_interval", "sweep_grace", "redis_socket_timeout",
         mode="before",
     )
     @classmethod

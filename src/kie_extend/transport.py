@@ -127,6 +127,18 @@ class QoS(kredis.QoS):
                 raise as_connection_error(exc) from exc
             raise
 
+    def restore_unacked(self, client: Any = None) -> Any:
+        """Put this channel's unacknowledged messages back on their queues, as kombu does; when the
+        connection is already torn down (kombu then fails to rebuild its pool with AttributeError,
+        seen during a Sentinel failover) leave them in the broker's unacked index, which restores
+        them after the visibility timeout, instead of stopping the worker."""
+        try:
+            return super().restore_unacked(client)
+        except AttributeError as exc:
+            log.warning("%d unacknowledged message(s) left for the broker to restore after the visibility "
+                        "timeout (connection already closed: %s)", len(self._delivered), exc)
+            return None
+
 
 class Channel(kredis.Channel):
     """kombu's Redis channel with infra-aware connections and the kept messages put back."""
