@@ -170,7 +170,7 @@ def test_in_flight_cap_parks_jobs_in_redis(harness: Callable[..., Harness]) -> N
     jobs = [h.accept(req(h.sim)) for _ in range(5)]
     states = [h.state(j)["state"] for j in jobs]
     assert states.count("submitted") == 2 and states.count("queued") == 3
-    assert h.rt.redis.zcard(h.rt.keys.blocked) == 3
+    assert h.rt.admission.waiting() == {"5": {"default": 3}}  # waiting in their ready queue
     peak = 0
 
     def done() -> bool:

@@ -21,6 +21,7 @@ import redis
 
 from inline import Harness
 from kie_extend.api import enqueue_extend
+from kie_extend.admission import Admission
 from kie_extend.breaker import Breaker
 from kie_extend.embedded import EmbeddedValkey
 from kie_extend.errors import JobExistsError
@@ -89,42 +90,61 @@ def test_transition_resent_after_a_frozen_server_is_applied_once() -> None:
         server.stop()
 
 
+def _queue(store: JobStore, ids: list[str]) -> None:
+    now = time.time()
+    for i, job in enumerate(ids):
+        assert store.transition(job, JobState.QUEUED, expect=[None], fields={"created_ts": now + i * 1e-6, "rq": "5|t"},
+                                ready=True)
+
+
 def test_rate_token_granted_twice_takes_one_slot(rclient: redis.Redis, prefix: str) -> None:
     keys = Keys(prefix)
     gates = Gates(rclient, keys, rate=(2, 10.0), margin=0.1, max_in_flight=10)
+    admission = Admission(rclient, keys, rate=(2, 10.0), margin=0.1, max_in_flight=10, probe_timeout=60)
+    _queue(JobStore(rclient, keys), ["a", "b", "c"])
+    assert [x.job_id for x in admission.admit(5)] == ["a", "b"]
     assert gates.acquire("a", "a:1").verdict == "ok"
     assert gates.acquire("a", "a:1").verdict == "ok"  # the same call, re-sent
     assert gates.window_use() == 1
     assert gates.acquire("b", "b:1").verdict == "ok"
-    assert gates.acquire("c", "c:1").verdict == "wait"
+    assert admission.admit(5) == []  # the window is full: c waits in its ready queue
 
 
 # -- provider breaker ---------------------------------------------------------------------------
 
 def test_breaker_opens_probes_backs_off_and_closes(rclient: redis.Redis, prefix: str) -> None:
     keys = Keys(prefix)
+    store = JobStore(rclient, keys)
     breaker = Breaker(rclient, keys, threshold=3, cooldown=0.5)
     gates = Gates(rclient, keys, rate=(100, 1.0), margin=0.0, max_in_flight=100)
+    admission = Admission(rclient, keys, rate=(100, 1.0), margin=0.0, max_in_flight=100, probe_timeout=60)
+    _queue(store, ["x"])
+    assert [a.job_id for a in admission.admit(5)] == ["x"]
     assert not breaker.failure("j1") and not breaker.failure("j2")
-    assert gates.acquire("x", "x:1").verdict == "ok"
     assert breaker.failure("j3")  # the third in a row opens it
     assert breaker.state()["state"] == "open"
-    assert gates.acquire("a", "a:1").verdict == "breaker"
+    assert gates.acquire("x", "x:1").verdict == "breaker"  # admitted before, held now
+    assert store.enqueue_ready("x")  # back in line, as the pipeline does
+    _queue(store, ["a", "b"])
+    assert admission.admit(5) == []
     assert not breaker.probe_due()
     time.sleep(0.6)
     assert breaker.probe_due()
-    assert gates.acquire("a", "a:1").verdict == "ok"  # the one probe
-    assert breaker.state() | {} and breaker.state()["state"] == "half_open" and breaker.state()["probe"] == "a"
-    assert gates.acquire("b", "b:1").verdict == "breaker"  # everyone else waits for the probe
+    assert [a.job_id for a in admission.admit(5)] == ["x"]  # the one probe (the oldest waiting)
+    st = breaker.state()
+    assert st["state"] == "half_open" and st["probe"] == "x"
+    assert gates.acquire("x", "x:1").verdict == "ok"
+    assert admission.admit(5) == []  # everyone else waits for the probe
     assert not breaker.failure("j1")  # an older job's failure does not decide the probe
-    assert breaker.failure("a")  # the probe failed: open again, twice as long
+    assert breaker.failure("x")  # the probe failed: open again, twice as long
     st = breaker.state()
     assert st["state"] == "open" and 0.8 < st["until"] - time.time() <= 1.0
     time.sleep(1.05)
-    assert gates.acquire("c", "c:1").verdict == "ok"
-    assert breaker.success("c")  # the probe succeeded: closed
+    assert [a.job_id for a in admission.admit(5)] == ["a"]
+    assert gates.acquire("a", "a:1").verdict == "ok"
+    assert breaker.success("a")  # the probe succeeded: closed
     assert breaker.state()["state"] == "closed" and breaker.state()["streak"] == 0
-    assert gates.acquire("d", "d:1").verdict == "ok"
+    assert [a.job_id for a in admission.admit(5)] == ["b"]
 
 
 def test_breaker_stops_paid_resubmission_during_an_outage(harness: Callable[..., Harness]) -> None:
@@ -303,7 +323,7 @@ def test_scripts_run_on_a_redis_cluster(tmp_path: Any) -> None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         plain = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60
         while True:
             try:
                 plain.ping()
@@ -326,18 +346,25 @@ def test_scripts_run_on_a_redis_cluster(tmp_path: Any) -> None:
         with pytest.raises(redis.RedisClusterException, match="same key slot"):
             client.eval("return redis.call('MGET', KEYS[1], KEYS[2])", 2, "a", "b")
         now = time.time()
-        assert store.transition("j", JobState.QUEUED, expect=[None], fields={"created_ts": now})
+        assert store.transition("j", JobState.QUEUED, expect=[None], fields={"created_ts": now, "rq": "5|t",
+                                                                             "batch_id": "b1"}, ready=True)
+        store.declare_batch("b1", ["j"])
+        admission = Admission(client, keys, rate=(5, 1.0), margin=0.0, max_in_flight=10, probe_timeout=60)
+        assert [a.job_id for a in admission.admit(5)] == ["j"]
         assert gates.acquire("j", "j:1").verdict == "ok"
         assert store.transition("j", JobState.SUBMITTING, expect=[JobState.QUEUED], due=now + 30)
         assert store.transition("j", JobState.SUBMITTED, expect=[JobState.SUBMITTING], due=now)
         assert store.claim_due(now + 1, 10, 10) == [("j", now)]
-        assert store.transition("j", JobState.SUCCEEDED, expect=[JobState.SUBMITTED],
-                                event={"event": "job.succeeded"}, handlers=["redis_stream"])
-        assert store.claim_deliveries(time.time() + 1, 10, 10) == [("j", "redis_stream")]
+        moved = store.transition("j", JobState.SUCCEEDED, expect=[JobState.SUBMITTED],
+                                 event={"event": "job.succeeded"}, handlers=["redis_stream"])
+        assert moved and moved.batch_finished == "b1"
+        assert sorted(store.claim_deliveries(time.time() + 1, 10, 10)) == [("@batch:b1", "redis_stream"),
+                                                                           ("j", "redis_stream")]
         assert not breaker.failure("x") and breaker.failure("y") and breaker.success("z")
-        store.transition("q", JobState.QUEUED, expect=[None], fields={"created_ts": now})
-        store.block("q", now)
-        assert store.release_blocked(1, now) == 1
+        store.transition("q", JobState.QUEUED, expect=[None], fields={"created_ts": now, "rq": "5|t"}, ready=True)
+        assert [a.job_id for a in admission.admit(5)] == ["q"]
+        assert store.transition("q", JobState.CANCELLED, expect=[JobState.QUEUED],
+                                event={"event": "job.cancelled"}, handlers=[])
         store.create_pointer("dup", {"duplicate_of": "j"}, ttl=60)
         assert Invariants(client, keys).check(repair=True, grace=0).violations == []
         client.close()

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from kie_extend.admission import Admission
 from kie_extend.gates import Gates
 from kie_extend.keys import Keys
 from kie_extend.runtime import Runtime
@@ -82,38 +83,65 @@ def _gates(rt: Runtime, limit: int, window: float, max_in_flight: int = 1000) ->
     return Gates(rt.redis, rt.keys, rate=(limit, window), margin=0.0, max_in_flight=max_in_flight)
 
 
+def _admission(rt: Runtime, limit: int, window: float, max_in_flight: int = 1000) -> Admission:
+    return Admission(rt.redis, rt.keys, rate=(limit, window), margin=0.0, max_in_flight=max_in_flight,
+                     probe_timeout=60)
+
+
+def _queue(rt: Runtime, ids: list[str], rq: str = "5|t") -> None:
+    """Queued jobs waiting in one ready queue, oldest first in the order given."""
+    now = time.time()
+    for i, job in enumerate(ids):
+        assert rt.store.transition(job, JobState.QUEUED, expect=[None],
+                                   fields={"created_ts": now + i * 1e-6, "rq": rq}, ready=True)
+
+
 def test_rate_gate_books_future_slots_and_never_overfills_a_window(make_settings):
     rt = Runtime(make_settings())
-    gates = _gates(rt, 5, 1.0)
-    decisions = [gates.acquire(f"j{i}", f"j{i}:1") for i in range(12)]
-    assert [d.verdict for d in decisions[:5]] == ["ok"] * 5
-    waits = [d.wait for d in decisions[5:]]
-    assert all(d.verdict == "wait" for d in decisions[5:])
-    assert 0.9 <= waits[0] <= 1.01 and 1.9 <= waits[-2] <= 2.01  # slots booked a window apart
+    gates, admission = _gates(rt, 5, 1.0), _admission(rt, 5, 1.0)
+    ids = [f"j{i}" for i in range(12)]
+    _queue(rt, ids)
+    admitted = admission.admit(12, horizon=5.0)
+    assert [a.job_id for a in admitted] == ids  # one queue: oldest first
+    now = time.time()
+    waits = [a.at - now for a in admitted]
+    assert all(w <= 0.05 for w in waits[:5])
+    assert 0.9 <= waits[5] <= 1.05 and 1.9 <= waits[10] <= 2.05  # slots booked a window apart
+    decisions = [gates.acquire(f"j{i}", f"j{i}:1") for i in range(5)]
+    assert [d.verdict for d in decisions] == ["ok"] * 5
     # Coming back early is refused; on time it is let through.
     assert gates.acquire("j5", "j5:1").verdict == "wait"
-    time.sleep(waits[0] + 0.02)
+    time.sleep(max(0.0, admitted[5].at - time.time()) + 0.02)
     assert gates.acquire("j5", "j5:1").verdict == "ok"
+    # Without a booking there is no slot.
+    assert gates.acquire("stranger", "stranger:1").verdict == "lost"
 
 
 def test_rate_gate_concurrent_takers_respect_the_rolling_window(make_settings):
     rt = Runtime(make_settings())
-    gates = _gates(rt, 10, 0.5)
+    gates, admission = _gates(rt, 10, 0.5), _admission(rt, 10, 0.5)
+    _queue(rt, [f"w{i}" for i in range(60)])
     taken: list[float] = []
     lock = threading.Lock()
 
-    def worker(n: int) -> None:
-        for i in range(15):
-            job = f"w{n}-{i}"
-            while True:
-                d = gates.acquire(job, f"{job}:1")
-                if d.verdict == "ok":
-                    with lock:
-                        taken.append(time.time())
-                    break
-                time.sleep(d.wait)
+    def worker() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with lock:
+                if len(taken) >= 60:
+                    return
+            for a in admission.admit(3, horizon=0.05):
+                while True:
+                    d = gates.acquire(a.job_id, f"{a.job_id}:1")
+                    if d.verdict == "ok":
+                        with lock:
+                            taken.append(time.time())
+                        break
+                    assert d.verdict == "wait", d
+                    time.sleep(d.wait)
+            time.sleep(0.01)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    threads = [threading.Thread(target=worker) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
@@ -125,20 +153,28 @@ def test_rate_gate_concurrent_takers_respect_the_rolling_window(make_settings):
         assert taken[i + 10] - taken[i] >= 0.5 - 0.02
 
 
-def test_in_flight_cap_and_pause(make_settings):
+def test_in_flight_cap_and_pauses(make_settings):
     rt = Runtime(make_settings())
-    gates = _gates(rt, 100, 1.0, max_in_flight=2)
+    gates, admission = _gates(rt, 100, 1.0, max_in_flight=2), _admission(rt, 100, 1.0, max_in_flight=2)
+    _queue(rt, ["a", "b", "c", "d"])
+    assert [x.job_id for x in admission.admit(10)] == ["a", "b"]  # the cap counts admitted jobs too
     assert gates.acquire("a", "a:1").verdict == "ok"
     assert gates.acquire("b", "b:1").verdict == "ok"
-    assert gates.acquire("c", "c:1").verdict == "inflight"
-    assert gates.acquire("a", "a:2").verdict == "ok"  # a job already holding a slot keeps it
+    assert admission.admit(10) == []
     gates.release("a")
+    assert [x.job_id for x in admission.admit(10)] == ["c"]
     assert gates.acquire("c", "c:1").verdict == "ok"
+    gates.release("b")
+    gates.release("c")
     gates.pause(402, "Insufficient credits")
-    assert gates.acquire("d", "d:1").verdict == "paused"
+    assert admission.admit(10) == []
     assert gates.paused()["code"] == "402"
     gates.resume()
+    gates.pause_operator("maintenance window")
+    assert admission.admit(10) == [] and gates.operator_paused()["reason"] == "maintenance window"
     assert gates.paused() is None
+    assert gates.resume_operator()
+    assert [x.job_id for x in admission.admit(10)] == ["d"]
 
 
 def test_keys_all_under_prefix():
@@ -146,7 +182,7 @@ def test_keys_all_under_prefix():
     from redis.crc import key_slot
 
     keys = Keys("p1")
-    names = [keys.job("x"), keys.due, keys.blocked, keys.inflight, keys.rate_log, keys.pause, keys.results,
+    names = [keys.job("x"), keys.due, keys.ready(5, "t"), keys.tenants(5), keys.priorities, keys.batch("b"), keys.batch_jobs("b"), keys.deadlines, keys.operator_pause, keys.inflight, keys.rate_log, keys.pause, keys.results,
              keys.deliveries, keys.dead_letters, keys.stats, keys.idempotency("k"), keys.dedup("h", "x:y"),
              keys.breaker, keys.sweep_lock, keys.sweep_last, keys.probe_lock, *keys.states().values()]
     assert all(n.startswith("{p1}:") for n in names)

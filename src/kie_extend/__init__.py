@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .api import enqueue_extend, enqueue_many, get_job, upload_audio
+from .api import cancel, cancel_batch, enqueue_extend, enqueue_many, get_batch, get_job, pause, resume, upload_audio
 from .config import Settings, load_settings
 from .errors import KieExtendError, ValidationError
 from .states import TERMINAL, JobState
@@ -15,9 +15,14 @@ __all__ = [
     "Settings",
     "TERMINAL",
     "ValidationError",
+    "cancel",
+    "cancel_batch",
     "enqueue_extend",
     "enqueue_many",
+    "get_batch",
     "get_job",
+    "pause",
+    "resume",
     "upload_audio",
     "load_settings",
     "__version__",

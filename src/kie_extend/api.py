@@ -14,7 +14,7 @@ from .config import Settings, load_settings
 from .endpoints import configure_broker
 from .errors import ConfigError, JobExistsError, ValidationError
 from .events import status_record
-from .intake import check_message, require
+from .intake import JOB_ID_PATTERN, check_message, require
 from .probe import AUDIO_FILE_FIELD, AudioInfo, probe_audio
 from .runtime import Runtime
 from .states import JobState
@@ -27,6 +27,9 @@ log = logging.getLogger("kie_extend.api")
 PENDING_UPLOAD_URL = "https://upload.pending.invalid/audio"
 
 AudioPath = str | os.PathLike[str]
+
+#: The optional extend kwargs of DESIGN §11, passed through as given.
+OPTIONS = ("tenant", "priority", "batch_id", "not_after")
 
 _apps: dict[str, Celery] = {}
 _runtimes: dict[str, Runtime] = {}
@@ -57,15 +60,18 @@ def _runtime(settings: Settings) -> Runtime:
 
 
 def check_extend(request: Any, *, idempotency_key: str | None = None, metadata: dict[str, Any] | None = None,
-                 settings: Settings | None = None, audio_duration: float | None = None) -> dict[str, Any]:
+                 settings: Settings | None = None, audio_duration: float | None = None,
+                 **options: Any) -> dict[str, Any]:
     """Validate one extend request and its options; raise ValidationError listing every problem.
 
     With ``audio_duration`` (seconds of the source audio, when known) ``continueAt`` must be below it
-    and the source at most 8 minutes long.
+    and the source at most 8 minutes long. ``options``: ``tenant``, ``priority``, ``batch_id``,
+    ``not_after`` (DESIGN §11).
     """
     settings = _settings(settings)
     intake = require(check_message(request, settings=settings, idempotency_key=idempotency_key,
-                                   metadata=metadata, audio_duration=audio_duration))
+                                   metadata=metadata, audio_duration=audio_duration,
+                                   **{k: options.get(k) for k in OPTIONS}))
     if audio_duration is not None:
         # The worker re-checks without the duration, so warnings about it (V4_5ALL above 60 s)
         # can only be given here.
@@ -128,7 +134,9 @@ def _upload(audio_file: AudioPath, info: AudioInfo, settings: Settings) -> Uploa
 
 def enqueue_extend(request: dict[str, Any], *, audio_file: AudioPath | None = None,
                    idempotency_key: str | None = None, metadata: dict[str, Any] | None = None,
-                   settings: Settings | None = None, job_id: str | None = None) -> str:
+                   settings: Settings | None = None, job_id: str | None = None, tenant: str | None = None,
+                   priority: int | None = None, batch_id: str | None = None,
+                   not_after: str | float | None = None) -> str:
     """Validate and enqueue one extend request; returns the job id. Nothing is sent when invalid.
 
     With ``audio_file`` (a local path; the request then has no ``uploadUrl``) the file is probed
@@ -137,13 +145,16 @@ def enqueue_extend(request: dict[str, Any], *, audio_file: AudioPath | None = No
 
     ``job_id`` (optional) names the job; an id that already exists raises ``JobExistsError`` (a
     ``ValidationError`` on the field ``job_id``) and nothing is sent. Without one a UUID4 is used.
+    ``tenant``, ``priority`` (0-9), ``batch_id`` and ``not_after`` (ISO-8601 UTC or epoch seconds)
+    share the account fairly (DESIGN §11).
     """
+    options = {"tenant": tenant, "priority": priority, "batch_id": batch_id, "not_after": not_after}
     settings = _settings(settings)
     if audio_file is not None:
         uploaded = upload_audio(request, audio_file, idempotency_key=idempotency_key, metadata=metadata,
                                 settings=settings)
         request = {**request, "uploadUrl": uploaded.url}
-    check_extend(request, idempotency_key=idempotency_key, metadata=metadata, settings=settings)
+    check_extend(request, idempotency_key=idempotency_key, metadata=metadata, settings=settings, **options)
     if job_id is not None and _runtime(settings).store.exists(job_id):
         raise JobExistsError(job_id)
     job_id = job_id or str(uuid.uuid4())
@@ -152,46 +163,76 @@ def enqueue_extend(request: dict[str, Any], *, audio_file: AudioPath | None = No
         kwargs["idempotency_key"] = idempotency_key
     if metadata is not None:
         kwargs["metadata"] = metadata
+    kwargs.update({k: v for k, v in options.items() if v is not None})
+    if batch_id is not None:
+        _runtime(settings).store.declare_batch(batch_id, [job_id])
     producer_app(settings).send_task("kie_extend.extend", kwargs=kwargs, task_id=job_id, queue=settings.queue)
     return job_id
 
 
-def enqueue_many(items: Iterable[dict[str, Any]], *, settings: Settings | None = None) -> list[str]:
+def enqueue_many(items: Iterable[dict[str, Any]], *, settings: Settings | None = None,
+                 batch_id: str | None = None, tenant: str | None = None, priority: int | None = None,
+                 not_after: str | float | None = None, skip_existing: bool = False) -> list[str]:
     """Validate every item first, then enqueue them all on one connection; returns job ids in order.
 
-    Each item is ``{"request": {...}, "idempotency_key": ..., "metadata": ..., "audio_file": ...}``
-    (``audio_file`` optional, as in ``enqueue_extend``). If any item is invalid, nothing is
-    uploaded or enqueued and the ValidationError names each bad field as ``[i].field``. Files are
-    uploaded only once every item has passed.
+    Each item is ``{"request": {...}, "idempotency_key": ..., "metadata": ..., "audio_file": ...,
+    "job_id": ..., "tenant": ..., "priority": ..., "batch_id": ..., "not_after": ...}`` (all but
+    ``request`` optional; an item's own ``tenant`` … ``not_after`` win over the keyword arguments).
+    If any item is invalid, nothing is uploaded or enqueued and the ValidationError names each bad
+    field as ``[i].field``. Files are uploaded only once every item has passed. A batch's jobs are
+    declared to it before any is sent, so it cannot finish early. An explicit ``job_id`` that
+    already exists raises JobExistsError, or with ``skip_existing`` is returned without being sent
+    again (a re-run of the same batch sends nothing twice).
     """
     settings = _settings(settings)
     items = list(items)
+    defaults = {"tenant": tenant, "priority": priority, "batch_id": batch_id, "not_after": not_after}
+    options = [{k: item.get(k, defaults[k]) for k in OPTIONS} for item in items]
     problems: list[dict[str, str]] = []
     infos: dict[int, AudioInfo] = {}
     for i, item in enumerate(items):
         request, key, metadata = item.get("request"), item.get("idempotency_key"), item.get("metadata")
         try:
+            if item.get("job_id") is not None and not (isinstance(item["job_id"], str)
+                                                       and JOB_ID_PATTERN.fullmatch(item["job_id"])):
+                raise ValidationError([{"field": "job_id", "message": "must be 1-128 characters of "
+                                        "A-Z a-z 0-9 _ . : -"}])
             if item.get("audio_file") is not None:
                 infos[i] = check_audio_file(request, item["audio_file"], idempotency_key=key, metadata=metadata,
                                             settings=settings)
-            else:
-                check_extend(request, idempotency_key=key, metadata=metadata, settings=settings)
+            check_extend(request if i not in infos else {**request, "uploadUrl": PENDING_UPLOAD_URL},
+                         idempotency_key=key, metadata=metadata, settings=settings, **options[i])
         except ValidationError as exc:
             problems += _indexed(i, exc)
     if problems:
         raise ValidationError(problems)
+    ids = [str(item.get("job_id") or uuid.uuid4()) for item in items]
+    explicit = [(i, j) for i, j in enumerate(ids) if items[i].get("job_id")]
+    existing: set[int] = set()
+    if explicit:
+        pipe = _runtime(settings).redis.pipeline(transaction=False)
+        for _, j in explicit:
+            pipe.exists(_runtime(settings).keys.job(j))
+        existing = {i for (i, _), there in zip(explicit, pipe.execute()) if there}
+        if existing and not skip_existing:
+            raise JobExistsError(ids[min(existing)])
     bodies: list[dict[str, Any]] = []
     for i, item in enumerate(items):
         request = item["request"]
-        if i in infos:
+        if i in infos and i not in existing:
             request = {**request, "uploadUrl": _upload(item["audio_file"], infos[i], settings).url}
             try:
                 check_extend(request, settings=settings)
             except ValidationError as exc:
                 raise ValidationError(_indexed(i, exc)) from None
         bodies.append(request)
+    batches: dict[str, list[str]] = {}
+    for i, opts in enumerate(options):
+        if opts["batch_id"] is not None:
+            batches.setdefault(opts["batch_id"], []).append(ids[i])
+    for b, members in batches.items():
+        _runtime(settings).store.declare_batch(b, members)
     app = producer_app(settings)
-    ids: list[str] = []
     # Celery's message builder and kombu's publisher directly: the same message send_task makes,
     # without its per-call routing, sent through the default exchange (no binding look-up per
     # message) in kombu's transport batches (one pipelined round trip per 500 on Redis).
@@ -199,14 +240,15 @@ def enqueue_many(items: Iterable[dict[str, Any]], *, settings: Settings | None =
     with app.producer_or_acquire() as producer:
         producer.maybe_declare(queue)
         with producer.batch(500):
-            for item, request in zip(items, bodies):
-                job_id = str(uuid.uuid4())
+            for i, (item, request) in enumerate(zip(items, bodies)):
+                if i in existing:
+                    continue
                 kwargs = {k: item[k] for k in ("idempotency_key", "metadata") if item.get(k) is not None}
+                kwargs.update({k: v for k, v in options[i].items() if v is not None})
                 headers, properties, body, _ = app.amqp.create_task_message(
-                    job_id, "kie_extend.extend", (), {"request": request, **kwargs})
+                    ids[i], "kie_extend.extend", (), {"request": request, **kwargs})
                 producer.publish(body, exchange="", routing_key=settings.queue, serializer="json",
                                  headers=headers, **properties)
-                ids.append(job_id)
     return ids
 
 
@@ -234,3 +276,40 @@ def get_job(job_id: str, *, settings: Settings | None = None) -> dict[str, Any]:
         record["handlers"] = {}
         return record
     return status_record(raw, job_id)
+
+
+# -- cancellation, batches, operator pause (DESIGN §11) ------------------------------------------
+
+def cancel(job_id: str, *, settings: Settings | None = None) -> bool:
+    """Cancel a job not yet sent to KIE; False when it is unknown, finished, or already sent (KIE
+    has no cancel call: a sent job keeps going). Cancel and submit never both happen."""
+    from .pipeline import Pipeline
+
+    return Pipeline(_runtime(_settings(settings))).cancel(job_id) == "cancelled"
+
+
+def cancel_batch(batch_id: str, *, settings: Settings | None = None) -> int:
+    """Cancel every job of a batch not yet sent (and any that arrives later); returns how many."""
+    from .batches import cancel_batch as _cancel_batch
+    from .pipeline import Pipeline
+
+    rt = _runtime(_settings(settings))
+    return _cancel_batch(rt, batch_id, Pipeline(rt).cancel)
+
+
+def get_batch(batch_id: str, *, settings: Settings | None = None) -> dict[str, Any]:
+    """``{"batch_id", "total", "counts": {state: n}, "finished", "cancelled", "created_at",
+    "finished_at"}``, or ``{"batch_id", "state": "not_found"}``."""
+    from .batches import get_batch as _get_batch
+
+    return _get_batch(_runtime(_settings(settings)), batch_id)
+
+
+def pause(reason: str = "", *, settings: Settings | None = None) -> None:
+    """An operator's pause: no job is sent until :func:`resume` (jobs already sent keep going)."""
+    _runtime(_settings(settings)).gates.pause_operator(reason)
+
+
+def resume(*, settings: Settings | None = None) -> bool:
+    """Lift an operator's pause; False when there was none (the provider's pause lifts by itself)."""
+    return _runtime(_settings(settings)).gates.resume_operator()

@@ -146,8 +146,14 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"jobs:        {jobs}")
             print(f"in flight:   {ov['in_flight']} / {ov['max_in_flight']}")
             print(f"rate window: {ov['rate_window_use']} used of {ov['rate_limit']}")
-            paused = ov["paused"]
-            print(f"submission:  {'PAUSED since ' + str(paused.get('since')) + ' (code ' + str(paused.get('code')) + ': ' + str(paused.get('reason')) + ')' if paused else 'open'}")  # type: ignore[union-attr]
+            paused, op = ov["paused"], ov["operator_paused"]
+            if op:
+                print(f"submission:  PAUSED by an operator since {op.get('since')}: {op.get('reason')}")  # type: ignore[union-attr]
+            if paused:
+                print(f"submission:  PAUSED by the provider since {paused.get('since')} "  # type: ignore[union-attr]
+                      f"(code {paused.get('code')}: {paused.get('reason')})")  # type: ignore[union-attr]
+            if not op and not paused:
+                print("submission:  open")
             br = ov["breaker"]
             if br["state"] == "closed":  # type: ignore[index]
                 print(f"breaker:     closed ({br['streak']} of {br['threshold']} failed generations in a row)")  # type: ignore[index]
@@ -155,7 +161,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"breaker:     {str(br['state']).upper()} since {br['since']} after {br['threshold']} failed "  # type: ignore[index]
                       f"generations in a row; next probe at {br['until']}"  # type: ignore[index]
                       + (f" (probe job {br['probe']})" if br["probe"] else ""))  # type: ignore[index]
-            print(f"waiting:     due={ov['due']} blocked={ov['blocked']}  dead letters: {ov['dead_letters']}")
+            print(f"waiting:     {ov['waiting']} for a slot, due={ov['due']}  dead letters: {ov['dead_letters']}")
+            for prio, tenants in ov["waiting_by_priority"].items():  # type: ignore[union-attr]
+                print(f"  priority {prio}: " + "  ".join(f"{t}={n}" for t, n in tenants.items()))
             print(f"redis:       {_memory_line(ov['redis_memory'])}")  # type: ignore[arg-type]
         return 0
     if args.wait:
@@ -202,6 +210,51 @@ def cmd_retry(args: argparse.Namespace) -> int:
     ok = pipeline.retry(args.job_id)
     print("requeued" if ok else "not retried: the job is unknown, not failed, or its request is invalid")
     return 0 if ok else 1
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Cancel jobs not yet sent to KIE (or a whole batch); says which were too late."""
+    from .batches import cancel_batch
+    from .pipeline import Pipeline
+
+    rt = _runtime(_settings())
+    pipeline = Pipeline(rt)
+    if args.batch:
+        n = cancel_batch(rt, args.batch, pipeline.cancel)
+        print(f"batch {args.batch}: {n} job(s) cancelled; jobs already sent to KIE keep going")
+        return 0
+    if not args.job_ids:
+        print("error: give job ids, or --batch BATCH_ID", file=sys.stderr)
+        return 2
+    worst = 0
+    for job_id in args.job_ids:
+        outcome = pipeline.cancel(job_id)
+        text = {"cancelled": "cancelled",
+                "too_late": "too late: already sent to KIE, which has no cancel call; it keeps going",
+                "finished": "not cancelled: already finished",
+                "not_found": "not found"}[outcome]
+        print(f"{job_id}  {text}")
+        worst = max(worst, 0 if outcome == "cancelled" else 1)
+    return worst
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    """An operator's pause: nothing more is sent to KIE until `kie-extend resume`."""
+    gates = _runtime(_settings()).gates
+    gates.pause_operator(args.reason or "")
+    print(f"submission paused by an operator: {gates.operator_paused()['reason']}; "  # type: ignore[index]
+          "jobs already sent keep being polled; `kie-extend resume` lifts it")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Lift an operator's pause (the provider's 401/402 pause lifts by itself after a probe)."""
+    gates = _runtime(_settings()).gates
+    lifted = gates.resume_operator()
+    print("submission resumed" if lifted else "no operator pause was set")
+    if gates.paused():
+        print("note: the provider's pause is still on (401/402); it lifts by itself once a credit probe succeeds")
+    return 0
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
@@ -343,6 +396,18 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("retry", help="resubmit a failed job on purpose")
     r.add_argument("job_id")
     r.set_defaults(func=cmd_retry)
+
+    ca = sub.add_parser("cancel", help="cancel jobs not yet sent to KIE, or a whole batch")
+    ca.add_argument("job_ids", nargs="*", metavar="JOB_ID")
+    ca.add_argument("--batch", metavar="BATCH_ID", help="cancel every job of this batch not yet sent")
+    ca.set_defaults(func=cmd_cancel)
+
+    pa = sub.add_parser("pause", help="stop sending jobs to KIE until `kie-extend resume`")
+    pa.add_argument("--reason", help="shown in `kie-extend status` and the metrics")
+    pa.set_defaults(func=cmd_pause)
+
+    re_ = sub.add_parser("resume", help="lift an operator's pause")
+    re_.set_defaults(func=cmd_resume)
 
     d = sub.add_parser("dead-letters", help="show or replay failed handler deliveries")
     d.add_argument("--replay", action="store_true")

@@ -139,6 +139,8 @@ class Settings(BaseSettings):
     breaker_cooldown: Duration = 120.0  # wait before one probe job is let through
     sweep_interval: Duration = 60.0  # how often one beat checks every unfinished job is on a schedule
     sweep_grace: Duration = 30.0  # a job must be this long in its state before the sweep repairs it
+    admission: Literal["fair", "arrival"] = "fair"  # who gets a free slot: priority/tenants/age, or arrival order
+    default_tenant: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # tenant of jobs that name none
     redis_socket_timeout: Duration = 15.0  # job store: a reply slower than this counts as lost (the command is re-sent)
     empty_success_polls: int = Field(3, ge=0)  # re-polls of a SUCCESS without audio before failing
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from .events import now_iso
 from .runtime import Runtime
+from .store import BATCH_REF
 
 log = logging.getLogger("kie_extend.delivery")
 
@@ -27,6 +28,8 @@ class Delivery:
 
     def deliver(self, job_id: str, handler_name: str, event: dict[str, Any] | None = None) -> str:
         """Deliver ``job_id``'s event to one handler; returns the delivery's new state.
+
+        ``job_id`` may be ``@batch:<batch_id>``: that batch's ``batch.finished`` event.
 
         ``event`` is given only by the process that just wrote it (the first attempt, inline);
         otherwise the stored event and the handler's attempt count are read from the record.
@@ -46,9 +49,11 @@ class Delivery:
             event = json.loads(raw["event"])
             attempts = int(info.get("attempts") or 0) + 1
         extra = {"job_id": job_id, "kie_task_id": event.get("kie_task_id")}
+        # The stable dedup key: {job_id}:{event}, or {batch_id}:batch.finished.
+        dedup = f"{event['batch_id']}:{event['event']}" if job_id.startswith(BATCH_REF) else f"{job_id}:{event['event']}"
         try:
             handler = self.rt.handlers[handler_name]
-            handler.deliver(event, f"{job_id}:{event['event']}")
+            handler.deliver(event, dedup)
         except Exception as exc:  # a handler's failure is isolated, whatever it is
             detail = f"{type(exc).__name__}: {exc}"[:500]
             if attempts >= self.s.handler_max_attempts:

@@ -49,7 +49,26 @@ def build_event(raw: dict[str, str], state: JobState, fields: dict[str, Any]) ->
         "created_at": merged.get("created_at") or None,
         "submitted_at": merged.get("submitted_at") or None,
         "finished_at": merged.get("finished_at") or None,
+        **_sharing(merged),
     }
+
+
+def _sharing(raw: dict[str, str]) -> dict[str, Any]:
+    """DESIGN §11's options as stored on a record: tenant, priority, batch_id, not_after (ISO)."""
+    not_after = raw.get("not_after")
+    when = None
+    if not_after:
+        try:
+            when = datetime.fromtimestamp(float(not_after), timezone.utc).isoformat(
+                timespec="seconds").replace("+00:00", "Z")
+        except ValueError:
+            when = None
+    try:
+        priority = int(raw.get("priority") or 5)
+    except ValueError:
+        priority = 5
+    return {"tenant": raw.get("tenant") or None, "priority": priority, "batch_id": raw.get("batch_id") or None,
+            "not_after": when}
 
 
 def status_record(raw: dict[str, str], job_id: str) -> dict[str, Any]:
@@ -79,4 +98,5 @@ def status_record(raw: dict[str, str], job_id: str) -> dict[str, Any]:
         "handlers": handlers,
         "duplicate_of": raw.get("duplicate_of") or None,
         "metadata": _json(raw, "metadata", {}),
+        **_sharing(raw),
     }

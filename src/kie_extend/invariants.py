@@ -2,16 +2,17 @@
 
 Every unfinished job must be somewhere the tick will find it, or it waits forever:
 
-- ``unscheduled``: a ``queued`` job on neither the due schedule nor the blocked list, or a
-  ``submitting`` / ``submitted`` job not on the due schedule. Repair: put it on the due schedule now.
-- ``missing_record``: an id in a state index, the due schedule, the blocked list or the in-flight
-  set whose record is gone (evicted, or deleted by hand). Nothing can bring the job back; repair
+- ``unscheduled``: a ``queued`` job neither in its ready queue (where admission finds it) nor on
+  the due schedule, or a ``submitting`` / ``submitted`` job not on the due schedule. Repair: put it
+  on the due schedule now.
+- ``missing_record``: an id in a state index, the due schedule or the in-flight set whose record
+  is gone (evicted, or deleted by hand). Nothing can bring the job back; repair
   removes the dangling entries so the gates count right, and the loss is logged as an error.
 - ``wrong_index``: an id in the index of a state other than its record's. Repair: move it.
 - ``inflight_leak``: an id in the in-flight set whose job holds no slot (not submitting or
   submitted): it shrinks ``KIE_MAX_IN_FLIGHT`` for everyone. Repair: remove it.
 - ``inflight_missing``: a submitting or submitted job not in the in-flight set. Repair: add it.
-- ``finished_scheduled``: a finished job still on the due schedule or the blocked list. Repair: remove.
+- ``finished_scheduled``: a finished job still on the due schedule. Repair: remove.
 
 Each repair is one Lua script that re-checks its condition on the spot, so a job that moved on
 meanwhile is left alone. Jobs younger in their state than ``grace`` seconds are skipped: between two
@@ -29,6 +30,7 @@ from typing import Any, Iterator
 import redis
 
 from .keys import Keys
+from .lua import LIB
 from .states import IN_FLIGHT, TERMINAL, JobState
 
 log = logging.getLogger("kie_extend.invariants")
@@ -38,24 +40,52 @@ CHUNK = 500
 
 _UNFINISHED = (JobState.QUEUED, JobState.SUBMITTING, JobState.SUBMITTED)
 
-# KEYS: job, due, blocked. ARGV: id, state the job must still be in, now. Puts an unscheduled job
-# on the due schedule (only if it is still in that state and still on no schedule).
-_RESCHEDULE = """
-if redis.call('HGET', KEYS[1], 'state') ~= ARGV[2] then return 0 end
-if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
-if ARGV[2] == 'queued' and redis.call('ZSCORE', KEYS[3], ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+# KEYS: job, due. ARGV: tag, id, state the job must still be in, now. Puts an unscheduled job on
+# the due schedule (only if it is still in that state, on no schedule and in no ready queue).
+_RESCHEDULE = LIB + """
+local id = ARGV[2]
+if redis.call('HGET', KEYS[1], 'state') ~= ARGV[3] then return 0 end
+if redis.call('ZSCORE', KEYS[2], id) then return 0 end
+local rq = redis.call('HGET', KEYS[1], 'rq')
+if ARGV[3] == 'queued' and rq then
+  local _, _, rk = rq_keys(rq)
+  if redis.call('ZSCORE', rk, id) then return 0 end
+end
+redis.call('ZADD', KEYS[2], ARGV[4], id)
 return 1
 """
 
-# KEYS: job, due, blocked, inflight, then every state index. ARGV: id. Removes a vanished job's
-# dangling entries (only if its record is really gone).
+# KEYS: job, due, inflight, deadlines, then every state index. ARGV: id. Removes a vanished job's
+# dangling entries (only if its record is really gone; a ready queue drops it when admission meets it).
 _FORGET = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 for i = 2, #KEYS do
-  if i == 4 then redis.call('SREM', KEYS[i], ARGV[1]) else redis.call('ZREM', KEYS[i], ARGV[1]) end
+  if i == 3 then redis.call('SREM', KEYS[i], ARGV[1]) else redis.call('ZREM', KEYS[i], ARGV[1]) end
 end
 return 1
+"""
+
+# KEYS: due. ARGV: tag, then ids. For each id: state ('' = a record without one, false = no
+# record), the time it entered that state, whether it is on the due schedule, whether it is in
+# its ready queue.
+_INSPECT = LIB + """
+local out = {}
+for i = 2, #ARGV do
+  local id = ARGV[i]
+  local jk = T .. ':job:' .. id
+  local f = redis.call('HMGET', jk, 'state', 'state_ts', 'created_ts', 'duplicate_of', 'rq')
+  local exists = f[1] or f[4] or redis.call('EXISTS', jk) == 1
+  local ready = 0
+  if f[5] then
+    local _, _, rk = rq_keys(f[5])
+    if redis.call('ZSCORE', rk, id) then ready = 1 end
+  end
+  table.insert(out, exists and (f[1] or '') or false)
+  table.insert(out, f[2] or f[3] or '0')
+  table.insert(out, redis.call('ZSCORE', KEYS[1], id) and 1 or 0)
+  table.insert(out, ready)
+end
+return out
 """
 
 # KEYS: job, inflight. ARGV: id, "add" | "remove". Fixes in-flight membership from the record's state.
@@ -76,12 +106,11 @@ redis.call('ZADD', KEYS[3], tonumber(redis.call('HGET', KEYS[1], 'created_ts') o
 return 1
 """
 
-# KEYS: job, due, blocked. ARGV: id. Takes a finished job off the schedules.
+# KEYS: job, due. ARGV: id. Takes a finished job off the due schedule.
 _UNSCHEDULE_FINISHED = """
 local st = redis.call('HGET', KEYS[1], 'state')
 if st ~= 'succeeded' and st ~= 'failed' and st ~= 'cancelled' then return 0 end
 redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
 return 1
 """
 
@@ -137,6 +166,7 @@ class Invariants:
         self._inflight = client.register_script(_INFLIGHT)
         self._reindex = client.register_script(_REINDEX)
         self._unschedule = client.register_script(_UNSCHEDULE_FINISHED)
+        self._inspect = client.register_script(_INSPECT)
 
     def _ids(self, key: str, kind: str = "zset") -> Iterator[list[str]]:
         if kind == "set":
@@ -156,20 +186,14 @@ class Invariants:
             start += CHUNK
 
     def _records(self, ids: list[str]) -> list[tuple[str | None, float, bool, bool]]:
-        """For each id: (state or None when the record is gone, state_ts, on due, on blocked)."""
-        pipe = self.redis.pipeline(transaction=True)
-        for job_id in ids:
-            pipe.hmget(self.keys.job(job_id), "state", "state_ts", "created_ts", "duplicate_of")
-            pipe.zscore(self.keys.due, job_id)
-            pipe.zscore(self.keys.blocked, job_id)
-        out = pipe.execute()
+        """For each id: (state, or None when the record is gone; time in that state; on the due
+        schedule; in its ready queue), read in one script."""
+        out = self._inspect(keys=[self.keys.due], args=[self.keys.tag, *ids])
         rows = []
-        for i in range(0, len(out), 3):
-            state, state_ts, created, duplicate = out[i]
-            exists = state is not None or duplicate is not None
-            ts = float(_t(state_ts or created or 0) or 0)
-            rows.append((_t(state) if state is not None else ("" if exists else None), ts,
-                         out[i + 1] is not None, out[i + 2] is not None))
+        for i in range(0, len(out), 4):
+            state = out[i]
+            rows.append((None if state is None else _t(state), float(_t(out[i + 1]) or 0),
+                         bool(out[i + 2]), bool(out[i + 3])))
         return rows
 
     def check(self, *, repair: bool = False, grace: float = 30.0, now: float | None = None,
@@ -199,12 +223,12 @@ class Invariants:
         for state in _UNFINISHED:
             index = keys.state_index(state.value)
             for ids in self._ids(index):
-                for job_id, (actual, ts, on_due, on_blocked) in zip(ids, self._records(ids)):
+                for job_id, (actual, ts, on_due, on_ready) in zip(ids, self._records(ids)):
                     report.checked += 1
                     if actual is None:
                         add("missing_record", job_id, f"in the {state.value} index but its record is gone",
-                            lambda j=job_id: self._forget(keys=[keys.job(j), keys.due, keys.blocked,
-                                                                keys.inflight, *state_keys], args=[j]))
+                            lambda j=job_id: self._forget(keys=[keys.job(j), keys.due, keys.inflight,
+                                                                keys.deadlines, *state_keys], args=[j]))
                         continue
                     if actual != state.value:
                         if actual in {s.value for s in JobState}:
@@ -214,11 +238,11 @@ class Invariants:
                                     args=[j, a]))
                         continue
                     seen_unfinished.add(job_id)
-                    scheduled = on_due or (state is JobState.QUEUED and on_blocked)
+                    scheduled = on_due or (state is JobState.QUEUED and on_ready)
                     if not scheduled and now - ts >= grace:
                         add("unscheduled", job_id, f"{state.value} for {now - ts:.0f}s on no schedule",
                             lambda j=job_id, st=state: self._reschedule(
-                                keys=[keys.job(j), keys.due, keys.blocked], args=[j, st.value, repr(now)]))
+                                keys=[keys.job(j), keys.due], args=[keys.tag, j, st.value, repr(now)]))
                     if full():
                         return report
         # The in-flight set against the records.
@@ -228,7 +252,7 @@ class Invariants:
             for job_id, (actual, _ts, _d, _b) in zip(ids, self._records(ids)):
                 if actual is None:
                     add("missing_record", job_id, "holds an in-flight slot but its record is gone",
-                        lambda j=job_id: self._forget(keys=[keys.job(j), keys.due, keys.blocked, keys.inflight,
+                        lambda j=job_id: self._forget(keys=[keys.job(j), keys.due, keys.inflight, keys.deadlines,
                                                             *state_keys], args=[j]))
                 elif actual not in {s.value for s in IN_FLIGHT}:
                     add("inflight_leak", job_id, f"holds an in-flight slot while {actual or 'without state'}",
@@ -242,16 +266,16 @@ class Invariants:
                         add("inflight_missing", job_id, f"{state.value} but not counted in flight",
                             lambda j=job_id: self._inflight(keys=[keys.job(j), keys.inflight], args=[j, "add"]))
         # The schedules against the records.
-        for key, name in ((keys.due, "due schedule"), (keys.blocked, "blocked list")):
+        for key, name in ((keys.due, "due schedule"),):
             for ids in self._ids(key):
                 for job_id, (actual, _ts, _d, _b) in zip(ids, self._records(ids)):
                     if actual is None:
                         add("missing_record", job_id, f"on the {name} but its record is gone",
-                            lambda j=job_id: self._forget(keys=[keys.job(j), keys.due, keys.blocked, keys.inflight,
-                                                                *state_keys], args=[j]))
+                            lambda j=job_id: self._forget(keys=[keys.job(j), keys.due, keys.inflight,
+                                                                keys.deadlines, *state_keys], args=[j]))
                     elif actual in {s.value for s in TERMINAL} or actual == "cancelled":
                         add("finished_scheduled", job_id, f"{actual} but still on the {name}",
-                            lambda j=job_id: self._unschedule(keys=[keys.job(j), keys.due, keys.blocked], args=[j]))
+                            lambda j=job_id: self._unschedule(keys=[keys.job(j), keys.due], args=[j]))
                 if full():
                     return report
         return report

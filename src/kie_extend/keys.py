@@ -39,10 +39,46 @@ class Keys:
         """Sorted set: job id -> time its next step (submit, poll, give-up check) is due; claims lease it."""
         return f"{self.tag}:due"
 
+    def ready(self, priority: int | str, tenant: str) -> str:
+        """Sorted set: one tenant's queued jobs of one priority waiting for a submission slot, by age."""
+        return f"{self.tag}:ready:{priority}:{tenant}"
+
+    def tenants(self, priority: int | str) -> str:
+        """Sorted set: tenants with jobs waiting at ``priority``, scored by when they were last served."""
+        return f"{self.tag}:tenants:{priority}"
+
     @property
-    def blocked(self) -> str:
-        """Sorted set: queued jobs waiting for in-flight room or the end of a pause, FIFO by time."""
-        return f"{self.tag}:blocked"
+    def priorities(self) -> str:
+        """Sorted set: priorities that have waiting jobs (score = the priority)."""
+        return f"{self.tag}:prios"
+
+    @property
+    def admission_seq(self) -> str:
+        """String counter: admission turns handed out (the round robin's clock)."""
+        return f"{self.tag}:admission:seq"
+
+    @property
+    def deadlines(self) -> str:
+        """Sorted set: queued jobs with a ``not_after`` deadline, scored by it."""
+        return f"{self.tag}:deadlines"
+
+    def batch(self, batch_id: str) -> str:
+        """Hash: a batch's total, counts by state (``c:<state>``), times and its ``batch.finished`` event."""
+        return f"{self.tag}:batch:{batch_id}"
+
+    def batch_jobs(self, batch_id: str) -> str:
+        """Sorted set: a batch's job ids, scored by creation time."""
+        return f"{self.tag}:batch:{batch_id}:jobs"
+
+    @property
+    def batches(self) -> str:
+        """Sorted set: batch ids scored by creation time (``kie-extend batch list``)."""
+        return f"{self.tag}:batches"
+
+    @property
+    def operator_pause(self) -> str:
+        """Hash: present while an operator has paused submission (reason, since)."""
+        return f"{self.tag}:pause:operator"
 
     @property
     def inflight(self) -> str:

@@ -29,6 +29,8 @@ def redis_memory(rt: Runtime) -> dict[str, object]:
 def overview(rt: Runtime) -> dict[str, object]:
     """Jobs by state, gate use and pause, for ``kie-extend status`` and ``/metrics``."""
     store, gates = rt.store, rt.gates
+    by_priority = rt.admission.waiting()
+    waiting = sum(n for tenants in by_priority.values() for n in tenants.values())
     return {
         "jobs": {s.value: store.count(s) for s in JobState if s is not JobState.NOT_FOUND},
         "in_flight": gates.in_flight(),
@@ -36,8 +38,10 @@ def overview(rt: Runtime) -> dict[str, object]:
         "rate_window_use": gates.window_use(),
         "rate_limit": f"{gates.limit}/{gates.window:g}s",
         "paused": _iso_since(gates.paused()),
+        "operator_paused": _iso_since(gates.operator_paused()),
         "due": int(rt.redis.zcard(rt.keys.due)),
-        "blocked": int(rt.redis.zcard(rt.keys.blocked)),
+        "waiting": waiting,
+        "waiting_by_priority": by_priority,
         "dead_letters": int(rt.redis.llen(rt.keys.dead_letters)),
         "breaker": _breaker(rt),
         "redis_memory": redis_memory(rt),
@@ -60,9 +64,14 @@ def render(rt: Runtime) -> str:
     lines = ["# TYPE kie_extend_jobs gauge"]
     for state, n in ov["jobs"].items():  # type: ignore[union-attr]
         lines.append(f'kie_extend_jobs{{state="{state}"}} {n}')
-    for name in ("in_flight", "max_in_flight", "due", "blocked", "dead_letters", "rate_window_use"):
+    for name in ("in_flight", "max_in_flight", "due", "waiting", "dead_letters", "rate_window_use"):
         lines += [f"# TYPE kie_extend_{name} gauge", f"kie_extend_{name} {ov[name]}"]
-    lines += ["# TYPE kie_extend_paused gauge", f"kie_extend_paused {1 if ov['paused'] else 0}"]
+    lines += ["# TYPE kie_extend_paused gauge", f"kie_extend_paused {1 if ov['paused'] else 0}",
+              "# TYPE kie_extend_operator_paused gauge", f"kie_extend_operator_paused {1 if ov['operator_paused'] else 0}"]
+    lines.append("# TYPE kie_extend_waiting_jobs gauge")
+    for prio, tenants in ov["waiting_by_priority"].items():  # type: ignore[union-attr]
+        for tenant, n in tenants.items():
+            lines.append(f'kie_extend_waiting_jobs{{priority="{prio}",tenant="{tenant}"}} {n}')
     breaker = ov["breaker"]
     lines += ["# TYPE kie_extend_breaker_open gauge",
               f"kie_extend_breaker_open {0 if breaker['state'] == 'closed' else 1}",  # type: ignore[index]

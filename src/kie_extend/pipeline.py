@@ -19,7 +19,9 @@ from .client import FAILED_STATUSES, TaskRecord, track_has_audio
 from .delivery import Delivery
 from .events import build_event, now_iso
 from .intake import check_message
+from .admission import Admitted
 from .runtime import Dispatcher, NoDispatch, Runtime
+from .store import BATCH_REF
 from .states import TERMINAL, JobState
 
 log = logging.getLogger("kie_extend.pipeline")
@@ -29,6 +31,11 @@ POLL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 RESULT_BUCKETS = (10.0, 30.0, 60.0, 120.0, 180.0, 300.0, 600.0, 1200.0, 3600.0)
 #: Callback types that only report progress; the final ones (complete, error) trigger a poll.
 PROGRESS_CALLBACKS = frozenset({"text", "first"})
+#: ``error.message`` of a cancelled job, by ``error.reason``.
+CANCEL_MESSAGES = {
+    "operator": "cancelled before it was sent to KIE",
+    "deadline": "not sent to KIE before its not_after deadline",
+}
 #: Seconds a submit attempt may take before the due schedule looks at it again.
 SUBMIT_LEASE_SLACK = 5.0
 
@@ -74,19 +81,26 @@ class Pipeline:
         idempotency_key: Any = None,
         metadata: Any = None,
         extra_kwargs: dict[str, Any] | None = None,
+        *,
+        tenant: Any = None,
+        priority: Any = None,
+        batch_id: Any = None,
+        not_after: Any = None,
     ) -> None:
         """Record a new job from an extend message and try to submit it at once.
 
         Redelivered messages are harmless: an existing record is only advanced. A message that
-        breaks the rules becomes a failed job with ``invalid_request`` and its result event.
+        breaks the rules becomes a failed job with ``invalid_request`` and its result event; one
+        whose ``not_after`` has passed, or whose batch was cancelled, ends ``cancelled``.
         """
-        digest = message_digest(request, idempotency_key, metadata)
+        options = {"tenant": tenant, "priority": priority, "batch_id": batch_id, "not_after": not_after}
+        digest = message_digest(request, idempotency_key, metadata, options)
         raw = self.store.get(job_id)
         if raw is not None:
             self._known(job_id, raw, digest)
             return
         intake = check_message(request, settings=self.s, idempotency_key=idempotency_key, metadata=metadata,
-                               job_id=job_id, extra_kwargs=extra_kwargs)
+                               job_id=job_id, extra_kwargs=extra_kwargs, **options)
         problems, body, warnings = intake.problems, intake.body, intake.warnings
         metadata, idempotency_key = intake.metadata, intake.idempotency_key
         if not problems and not body.get("callBackUrl"):
@@ -109,6 +123,11 @@ class Pipeline:
             "polls": 0,
             "idempotency_key": idempotency_key,
             "msg_sha": digest,
+            "tenant": intake.tenant,
+            "priority": intake.priority,
+            "batch_id": intake.batch_id,
+            "not_after": intake.not_after,
+            "rq": self.rt.admission.queue_of(intake.tenant, intake.priority),
         }
         for w in warnings:
             _log(job_id, logging.WARNING, "request warning: %s", w)
@@ -117,25 +136,41 @@ class Pipeline:
             error = _error("invalid_request", "request failed validation", errors=problems)
             self._finish(job_id, {}, JobState.FAILED, {**base, "error": error}, expect=[None])
             return
+        reason = self._too_late_to_start(intake.not_after, intake.batch_id, now)
+        if reason:
+            error = _error("cancelled", CANCEL_MESSAGES[reason], reason=reason)
+            self._finish(job_id, {}, JobState.CANCELLED, {**base, "error": error}, expect=[None])
+            return
         if idempotency_key:
             key = self.rt.keys.idempotency(idempotency_key)
             first = self.rt.redis.set(key, job_id, nx=True, ex=int(self.s.idempotency_window), get=True)
             first = first.decode() if isinstance(first, bytes) else first
             if first and first != job_id:
                 if not self.store.create_pointer(job_id, {**base, "duplicate_of": first},
-                                                 ttl=self.s.idempotency_window):
+                                                 ttl=self.s.idempotency_window, handlers=self.s.handlers):
                     self._known(job_id, self.store.get(job_id) or {}, digest)
                     return
                 _log(job_id, logging.INFO, "duplicate of %s (idempotency key), not submitted", first)
                 return
-        if not self.store.transition(job_id, JobState.QUEUED, expect=[None], fields=base, stat="jobs_accepted"):
+        if not self.store.transition(job_id, JobState.QUEUED, expect=[None], fields=base, stat="jobs_accepted",
+                                     ready=True):
             # Another delivery of this message (or another producer's message under the same id)
             # created the record first: look at it and carry on from there.
             self._known(job_id, self.store.get(job_id) or {}, digest)
             return
         _log(job_id, logging.INFO, "queued")
         self.try_submit(job_id, {"state": JobState.QUEUED.value, "request": json.dumps(base["request"]),
-                                 "created_ts": repr(now), "attempts": "0"})
+                                 "created_ts": repr(now), "attempts": "0", "batch_id": intake.batch_id or "",
+                                 "not_after": "" if intake.not_after is None else repr(intake.not_after)},
+                        in_ready=True)
+
+    def _too_late_to_start(self, not_after: float | None, batch_id: str | None, now: float) -> str | None:
+        """``"deadline"`` or ``"operator"`` (its batch was cancelled) when a new job must not start."""
+        if not_after is not None and not_after <= now:
+            return "deadline"
+        if batch_id and self.rt.redis.hget(self.rt.keys.batch(batch_id), "cancelled"):
+            return "operator"
+        return None
 
     def _known(self, job_id: str, raw: dict[str, str], digest: str) -> None:
         """A message for a job id that already has a record: a redelivery, or a reused id."""
@@ -158,19 +193,34 @@ class Pipeline:
         return self._finish(job_id, {}, JobState.FAILED, fields, expect=[None])
 
     # -- submit ------------------------------------------------------------------------------
-    def try_submit(self, job_id: str, raw: dict[str, str] | None = None) -> None:
-        """Pass the gates and send a queued job to the provider, or park it until it may.
+    def try_submit(self, job_id: str, raw: dict[str, str] | None = None, in_ready: bool = False) -> None:
+        """Send a queued job to the provider when admission has given it a slot; otherwise put it
+        in its ready queue and let admission decide (now, or at a later tick).
 
-        ``raw`` is the record when the caller has just written it (saves a read)."""
+        ``raw`` is the record when the caller has just written it (saves a read); ``in_ready``
+        says it is already in its ready queue."""
         raw = raw or self.store.get(job_id)
         if raw is None or raw.get("state") != JobState.QUEUED.value:
             return
+        now = time.time()
+        if raw.get("not_after") and float(raw["not_after"]) <= now:
+            self.cancel(job_id, "deadline", raw)
+            return
+        if not raw.get("admitted"):
+            if not in_ready:
+                self.store.enqueue_ready(job_id)
+            mine = self._admit_now(job_id)
+            if mine is None:
+                return  # waits in its ready queue; the tick admits it when its turn comes
+            if mine.at > now + 0.005:
+                self.later(job_id, mine.at)
+                return
         attempt = int(raw.get("attempts") or 0) + 1
         # The rate-slot token names this send; it changes after every real send, never reused.
         send = int(raw.get("sends") or 0) + 1
         decision = self.gates.acquire(job_id, f"{job_id}:{send}")
-        if decision.verdict in ("paused", "breaker", "inflight"):
-            self.store.block(job_id, float(raw.get("created_ts") or time.time()))
+        if decision.verdict in ("paused", "breaker", "inflight", "lost"):
+            self.store.enqueue_ready(job_id)  # back in line, at its age; admission picks it again
             self.store.stat(f"gate_wait_{decision.verdict}")
             return
         if decision.verdict == "wait":
@@ -181,7 +231,8 @@ class Pipeline:
         lease_end = now + self.s.connect_timeout + self.s.read_timeout + SUBMIT_LEASE_SLACK
         if not self.store.transition(
             job_id, JobState.SUBMITTING, expect=[JobState.QUEUED],
-            fields={"attempts": attempt, "sends": send, "submit_started_ts": now, "submit_error": None},
+            fields={"attempts": attempt, "sends": send, "submit_started_ts": now, "submit_error": None,
+                    "admitted": None},
             due=lease_end, stat="submissions",
         ):
             state = (self.store.get(job_id) or {}).get("state")
@@ -195,6 +246,35 @@ class Pipeline:
             self._submit_failed(job_id, raw, attempt, exc)
             return
         self._submitted(job_id, task_id, stat="submit_code_200", callbacks=self._ours(body))
+
+    def _admit_now(self, job_id: str) -> Admitted | None:
+        """Run admission for the slots free right now; hand the other admitted jobs to workers and
+        return this job's admission, or None when it still waits."""
+        mine = None
+        for admitted in self.rt.admission.admit(self.s.submit_rate[0]):
+            if admitted.job_id == job_id:
+                mine = admitted
+            else:
+                self.later(admitted.job_id, admitted.at)
+        return mine
+
+    # -- cancel --------------------------------------------------------------------------------
+    def cancel(self, job_id: str, reason: str = "operator", raw: dict[str, str] | None = None) -> str:
+        """Cancel a job not yet sent to KIE: ``"cancelled"``; else why not: ``"too_late"`` (sent:
+        KIE has no cancel call, it keeps going), ``"finished"``, ``"not_found"``.
+
+        Cancel and submit race in one atomic step (the move out of ``queued``): never both."""
+        raw = raw if raw is not None else self.store.get(job_id)
+        if raw is None or not raw.get("state"):
+            return "not_found"
+        if raw.get("state") == JobState.QUEUED.value:
+            error = _error("cancelled", CANCEL_MESSAGES.get(reason, reason), reason=reason)
+            if self._finish(job_id, raw, JobState.CANCELLED, {"error": error}, expect=[JobState.QUEUED]):
+                return "cancelled"
+            raw = self.store.get(job_id) or {}
+        if raw.get("state") in (JobState.SUBMITTING.value, JobState.SUBMITTED.value):
+            return "too_late"
+        return "finished" if raw.get("state") else "not_found"
 
     def _ours(self, body: dict[str, Any]) -> bool:
         """Whether the provider's callbacks for this request come to our receiver."""
@@ -233,8 +313,7 @@ class Pipeline:
         if isinstance(exc, E.AccountError):
             self.gates.pause(exc.code, exc.msg or type(exc).__name__)
             self.store.transition(job_id, JobState.QUEUED, expect=[JobState.SUBMITTING],
-                                  fields={"attempts": attempt - 1, "submit_error": str(exc)}, due=None)
-            self.store.block(job_id, float(raw.get("created_ts") or now))
+                                  fields={"attempts": attempt - 1, "submit_error": str(exc)}, due=None, ready=True)
             _log(job_id, logging.ERROR, "provider refused the account (%s); submission paused", exc)
             return
         if exc.retryable and attempt < self.s.max_submit_attempts:
@@ -421,10 +500,10 @@ class Pipeline:
         handlers = list(self.s.handlers)
         # The deliveries are queued with the event, already leased to this process: if it dies
         # before handing them on, the tick finds them when the lease runs out.
-        ok = self.store.transition(job_id, state, expect=expect, fields=fields, event=event,
-                                   handlers=handlers, retention=self.s.retention,
-                                   deliveries_at=time.time() + self.s.lease)
-        if not ok:
+        moved = self.store.transition(job_id, state, expect=expect, fields=fields, event=event,
+                                      handlers=handlers, retention=self.s.retention,
+                                      deliveries_at=time.time() + self.s.lease)
+        if not moved:
             return False
         created = float(raw.get("created_ts") or fields.get("created_ts") or time.time())
         self.store.observe("time_to_result_seconds", time.time() - created, RESULT_BUCKETS)
@@ -433,11 +512,17 @@ class Pipeline:
             self.rt.breaker.neutral(job_id)  # a probe that ended neither way frees the probe turn
         _log(job_id, logging.INFO if state == JobState.SUCCEEDED else logging.WARNING, "%s%s", state.value,
              f" ({error['kind']}: {error['message']})" if error else "", task_id=event.get("kie_task_id"))
-        for name in handlers:
-            if getattr(self.rt.handlers.get(name), "inline", False):
-                self.delivery.deliver(job_id, name, event=event)  # fast and local: no extra message
-            else:
-                self.dispatch.deliver(job_id, name)
+        refs = [job_id]
+        if moved.batch_finished:
+            _log(job_id, logging.INFO, "batch %s finished", moved.batch_finished)
+            refs.append(BATCH_REF + moved.batch_finished)
+        for ref in refs:
+            for name in handlers:
+                if getattr(self.rt.handlers.get(name), "inline", False):
+                    # fast and local: no extra message
+                    self.delivery.deliver(ref, name, event=event if ref == job_id else None)
+                else:
+                    self.dispatch.deliver(ref, name)
         return True
 
     # -- callbacks, operators ------------------------------------------------------------------
@@ -494,10 +579,11 @@ class Pipeline:
         self.store.stat(f"{prefix}_code_{code}")
 
 
-def message_digest(request: Any, idempotency_key: Any, metadata: Any) -> str:
+def message_digest(request: Any, idempotency_key: Any, metadata: Any, options: dict[str, Any] | None = None) -> str:
     """SHA-256 (hex) of an extend message's content, to tell a redelivery from a reused job id."""
-    blob = json.dumps({"r": request, "k": idempotency_key, "m": metadata}, sort_keys=True, default=str,
-                      separators=(",", ":"))
+    blob = json.dumps({"r": request, "k": idempotency_key, "m": metadata,
+                       **{k: v for k, v in (options or {}).items() if v is not None}},
+                      sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 import redis
 from redis.sentinel import Sentinel
 
+from .admission import Admission
 from .breaker import Breaker
 from .client import KieClient
 from .client_jobs import JobsClient
@@ -108,9 +109,16 @@ class Runtime:
         """The global submission gates."""
         s = self.settings
         return Gates(
-            self.redis, self.keys, rate=s.submit_rate, margin=s.submit_rate_margin, max_in_flight=s.max_in_flight,
-            probe_timeout=s.job_timeout + s.connect_timeout + s.read_timeout + s.lease,
+            self.redis, self.keys, rate=s.submit_rate, margin=s.submit_rate_margin, max_in_flight=s.max_in_flight
         )
+
+    @cached_property
+    def admission(self) -> Admission:
+        """Who gets the next submission slot: priority, then tenants in turn, then age."""
+        s = self.settings
+        return Admission(self.redis, self.keys, rate=s.submit_rate, margin=s.submit_rate_margin,
+                         max_in_flight=s.max_in_flight, mode=s.admission,
+                         probe_timeout=s.job_timeout + s.connect_timeout + s.read_timeout + s.lease)
 
     @cached_property
     def breaker(self) -> Breaker:

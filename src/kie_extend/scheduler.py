@@ -31,19 +31,15 @@ class Scheduler:
         self.dispatch = dispatcher
 
     def tick(self) -> dict[str, int]:
-        """Hand due work to workers: released parked jobs, due steps, due deliveries, pause probe."""
+        """Hand due work to workers: admitted jobs, due steps, due deliveries, expired deadlines,
+        the pause probe and, once per KIE_SWEEP_INTERVAL, the invariant sweep."""
         now = time.time()
         paused = self.gates.paused()
         if paused and self.gates.take_probe_turn(self.s.pause_probe_interval):
-            paused = self._probe(paused)
-        released = 0
-        if not paused:
-            room = self.s.max_in_flight - self.gates.in_flight()
-            breaker = self.rt.breaker.state()
-            if breaker["state"] != "closed":
-                # Only the one probe job may go while the breaker is open, once its cooldown is over.
-                room = min(room, 1) if (breaker["until"] or 0) <= now else 0
-            released = self.store.release_blocked(room, now)
+            self._probe(paused)
+        # Admission decides at slot time, one tick ahead: the slots that free up before the next
+        # tick go to the jobs whose turn it is now (they land on the due schedule at their slot).
+        admitted = self.rt.admission.admit(self.s.claim_batch, horizon=self.s.tick_interval)
         # Look one tick ahead: what falls due before the next tick goes out now as a short
         # countdown, so a booked rate slot or a poll is not late by up to a whole tick.
         due = self.store.claim_due(now + self.s.tick_interval, self.s.lease, self.s.claim_batch)
@@ -52,10 +48,29 @@ class Scheduler:
         deliveries = self.store.claim_deliveries(now, self.s.lease, self.s.claim_batch)
         for job_id, handler in deliveries:
             self.dispatch.deliver(job_id, handler)
+        expired = self._deadlines(now)
         if random.random() < 0.01:
             self.store.trim_indexes(now - self.s.retention)
         repaired = self._sweep(now)
-        return {"released": released, "due": len(due), "deliveries": len(deliveries), "repaired": repaired}
+        return {"admitted": len(admitted), "due": len(due), "deliveries": len(deliveries), "expired": expired,
+                "repaired": repaired}
+
+    def _deadlines(self, now: float) -> int:
+        """Cancel queued jobs whose ``not_after`` has passed (reason ``deadline``)."""
+        found = self.rt.redis.zrangebyscore(self.rt.keys.deadlines, "-inf", now, start=0, num=self.s.claim_batch)
+        if not found:
+            return 0
+        from .pipeline import Pipeline
+
+        pipeline = Pipeline(self.rt, self.dispatch)
+        n = 0
+        for raw_id in found:
+            job_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            if pipeline.cancel(job_id, "deadline") == "cancelled":
+                n += 1
+            else:
+                self.rt.redis.zrem(self.rt.keys.deadlines, job_id)  # not queued any more
+        return n
 
     def _sweep(self, now: float) -> int:
         """Once per KIE_SWEEP_INTERVAL (one beat of many): put every stranded job back on a schedule."""

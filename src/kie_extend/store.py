@@ -15,63 +15,19 @@ from typing import Any, Iterable
 
 import redis
 
+from . import lua
 from .keys import Keys
 from .states import IN_FLIGHT, TERMINAL, TRANSITIONS, JobState
 
-#: Order of the state-index keys passed to the transition script after its six fixed keys.
-STATE_ORDER: tuple[JobState, ...] = tuple(s for s in JobState if s is not JobState.NOT_FOUND)
+#: Prefix of the ids of batch records in the delivery schedule (``@batch:<batch_id>``).
+BATCH_REF = "@batch:"
 
-# KEYS: job, due, blocked, inflight, deliveries, stats, then one state index per STATE_ORDER entry.
-# ARGV: job_id, to, expected ("|"-joined, "" = no record), fields JSON, due ("" keep, "-" remove,
-#       else score), event JSON or "", handlers JSON, now, inflight flag, retention seconds, time the
-#       deliveries fall due, a counter to bump ("" none), operation id.
-# The operation id makes the script safe to run twice: a client that re-sends it after a socket
-# timeout (the server was only slow) finds its own id on the record and gets "done", not a lost race.
-_TRANSITION = """
-local jk, id, to, op = KEYS[1], ARGV[1], ARGV[2], ARGV[13]
-local S = {""" + ", ".join(f"['{st.value}'] = {i + 7}" for i, st in enumerate(STATE_ORDER)) + """}
-if op ~= '' and redis.call('HGET', jk, 'op') == op then return {1, to, 1} end
-local cur = redis.call('HGET', jk, 'state') or ''
-local ok = false
-for e in string.gmatch(ARGV[3] .. '|', '([^|]*)|') do
-  if e == cur then ok = true end
-end
-if not ok then return {0, cur, 0} end
-local fields = cjson.decode(ARGV[4])
-for k, v in pairs(fields) do
-  if v == cjson.null then redis.call('HDEL', jk, k) else redis.call('HSET', jk, k, v) end
-end
-redis.call('HSET', jk, 'state', to, 'state_ts', ARGV[8], 'op', op)
-local created = tonumber(redis.call('HGET', jk, 'created_ts') or ARGV[8])
-if cur ~= '' then redis.call('ZREM', KEYS[S[cur]], id) end
-redis.call('ZADD', KEYS[S[to]], created, id)
-if ARGV[9] == '1' then redis.call('SADD', KEYS[4], id) else redis.call('SREM', KEYS[4], id) end
-if ARGV[5] == '-' then redis.call('ZREM', KEYS[2], id)
-elseif ARGV[5] ~= '' then redis.call('ZADD', KEYS[2], ARGV[5], id) end
-if ARGV[6] ~= '' then
-  redis.call('ZREM', KEYS[2], id)
-  redis.call('ZREM', KEYS[3], id)
-  redis.call('HSET', jk, 'event', ARGV[6])
-  for _, h in ipairs(cjson.decode(ARGV[7])) do
-    redis.call('HSET', jk, 'handler:' .. h, '{"state":"pending","attempts":0}')
-    redis.call('ZADD', KEYS[5], ARGV[11], id .. '|' .. h)
-  end
-  redis.call('HINCRBY', KEYS[6], 'jobs_' .. to, 1)
-  redis.call('EXPIRE', jk, ARGV[10])
-else
-  redis.call('PERSIST', jk)
-end
-if ARGV[12] ~= '' then redis.call('HINCRBY', KEYS[6], ARGV[12], 1) end
-return {1, cur, 0}
-"""
 
-# Create a pointer record unless the key exists. KEYS: job. ARGV: ttl seconds, fields JSON.
-_POINTER = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-for k, v in pairs(cjson.decode(ARGV[2])) do redis.call('HSET', KEYS[1], k, v) end
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return 1
-"""
+class Moved(int):
+    """A transition's outcome: true when the move happened; ``batch_finished`` names the batch whose
+    last job this move ended (its ``batch.finished`` event and deliveries were written with it)."""
+
+    batch_finished: str | None = None
 
 # Claim up to ARGV[3] members due by ARGV[1]: push each one's score to ARGV[2] (the lease end),
 # so a claimer that dies lets the member fall due again; returns member, due-time pairs.
@@ -81,21 +37,6 @@ local found = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES'
 for i = 1, #found, 2 do redis.call('ZADD', KEYS[1], ARGV[2], found[i]) end
 return found
 """
-
-# Move up to ARGV[1] blocked jobs (oldest first) onto the due schedule at ARGV[2].
-# KEYS: blocked, due.
-_RELEASE = """
-local n = tonumber(ARGV[1])
-if n <= 0 then return 0 end
-local ids = redis.call('ZRANGE', KEYS[1], 0, n - 1)
-for _, id in ipairs(ids) do
-  redis.call('ZREM', KEYS[1], id)
-  redis.call('ZADD', KEYS[2], 'LT', ARGV[2], id)
-  redis.call('ZADD', KEYS[2], 'NX', ARGV[2], id)
-end
-return #ids
-"""
-
 
 def _enc(value: Any) -> Any:
     """A hash field value: JSON for containers, text for scalars, null to delete."""
@@ -120,22 +61,26 @@ class JobStore:
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.redis = client
         self.keys = keys
-        self._transition = client.register_script(_TRANSITION)
+        self._transition = client.register_script(lua.TRANSITION)
         self._claim = client.register_script(_CLAIM)
-        self._release = client.register_script(_RELEASE)
-        self._pointer = client.register_script(_POINTER)
+        self._pointer = client.register_script(lua.POINTER)
+        self._ready = client.register_script(lua.READY)
+
+    def record_key(self, ref: str) -> str:
+        """The hash holding a job's record, or a batch's (``@batch:<id>``, for its deliveries)."""
+        return self.keys.batch(ref[len(BATCH_REF):]) if ref.startswith(BATCH_REF) else self.keys.job(ref)
 
     # -- records ---------------------------------------------------------------------------
     def get(self, job_id: str) -> dict[str, str] | None:
         """The raw record (field -> text), or None when no such job exists."""
-        raw = self.redis.hgetall(self.keys.job(job_id))
+        raw = self.redis.hgetall(self.record_key(job_id))
         if not raw:
             return None
         return {_text(k): _text(v) for k, v in raw.items()}
 
     def exists(self, job_id: str) -> bool:
         """Whether a record exists for ``job_id``."""
-        return bool(self.redis.exists(self.keys.job(job_id)))
+        return bool(self.redis.exists(self.record_key(job_id)))
 
     def update(self, job_id: str, **fields: Any) -> None:
         """Set non-state fields of an existing record (state changes use :meth:`transition`)."""
@@ -145,19 +90,44 @@ class JobStore:
         gone = [k for k, v in fields.items() if v is None]
         pipe = self.redis.pipeline()
         if mapping:
-            pipe.hset(self.keys.job(job_id), mapping=mapping)
+            pipe.hset(self.record_key(job_id), mapping=mapping)
         if gone:
-            pipe.hdel(self.keys.job(job_id), *gone)
+            pipe.hdel(self.record_key(job_id), *gone)
         pipe.execute()
 
     def incr(self, job_id: str, field: str, amount: int = 1) -> int:
         """Add to a counter field of a record."""
         return int(self.redis.hincrby(self.keys.job(job_id), field, amount))
 
-    def create_pointer(self, job_id: str, fields: dict[str, Any], ttl: float) -> bool:
-        """Write a record that only points at another job (idempotency duplicate); once, atomically."""
+    def create_pointer(self, job_id: str, fields: dict[str, Any], ttl: float, *, handlers: Iterable[str] = (),
+                       deliveries_at: float | None = None) -> bool:
+        """Write a record that only points at another job (idempotency duplicate); once, atomically.
+        In a batch it counts as done (``c:duplicate``); False when the key already existed."""
         mapping = {k: _enc(v) for k, v in fields.items() if v is not None}
-        return bool(self._pointer(keys=[self.keys.job(job_id)], args=[int(ttl), json.dumps(mapping)]))
+        now = time.time()
+        return bool(self._pointer(
+            keys=[self.keys.job(job_id), self.keys.deliveries, self.keys.stats],
+            args=[self.keys.tag, job_id, int(ttl), json.dumps(mapping), repr(now), _iso(now),
+                  json.dumps(list(handlers)), repr(deliveries_at or now)]))
+
+    def declare_batch(self, batch_id: str, job_ids: Iterable[str]) -> int:
+        """Name a batch's jobs before they are sent (a producer that knows them: enqueue_many,
+        ``batch submit``), so the batch cannot look finished while messages are still arriving.
+        Declaring an id twice changes nothing. Returns the batch's total."""
+        now = time.time()
+        pipe = self.redis.pipeline()
+        pipe.hsetnx(self.keys.batch(batch_id), "created_ts", repr(now))
+        pipe.zadd(self.keys.batches, {batch_id: now}, nx=True)
+        ids = list(job_ids)
+        for i in range(0, len(ids), 1000):
+            pipe.zadd(self.keys.batch_jobs(batch_id), {j: now for j in ids[i:i + 1000]}, nx=True)
+        pipe.zcard(self.keys.batch_jobs(batch_id))
+        return int(pipe.execute()[-1])
+
+    def enqueue_ready(self, job_id: str) -> bool:
+        """Put a queued, not admitted job back in its ready queue (where admission finds it)."""
+        k = self.keys
+        return bool(self._ready(keys=[k.job(job_id), k.priorities, k.admission_seq], args=[k.tag, job_id]))
 
     # -- the one place a state changes -------------------------------------------------------
     def transition(
@@ -173,13 +143,18 @@ class JobStore:
         retention: float = 7 * 86400,
         deliveries_at: float | None = None,
         stat: str = "",
-    ) -> bool:
+        ready: bool = False,
+    ) -> Moved:
         """Move ``job_id`` to ``to`` if it is in one of ``expect``; False if it was not.
 
         ``due``: a time to put the job on the due schedule, ``None`` to take it off, ``""`` to
         leave it. A terminal move needs ``event``; it is stored with the state, and one delivery
         per handler is queued (due at ``deliveries_at``, default now), all in one atomic step.
-        ``stat`` names a shared counter bumped with the move.
+        ``stat`` names a shared counter bumped with the move. ``ready``: a move to ``queued`` puts the
+        job in its ready queue, where admission (admission.py) picks it for a submission slot.
+        Leaving ``queued`` takes it out of its ready queue and the deadline index; a batch's counts
+        move with the job, and the move that ends a batch's last job writes its ``batch.finished``
+        event and deliveries too (``Moved.batch_finished``).
         """
         expected = list(expect)
         for frm in expected:
@@ -191,10 +166,12 @@ class JobStore:
         payload = json.dumps({k: (v if v is not None else None) for k, v in encoded.items()})
         due_arg = "-" if due is None else ("" if due == "" else repr(float(due)))
         k = self.keys
+        now = time.time()
         result = self._transition(
-            keys=[k.job(job_id), k.due, k.blocked, k.inflight, k.deliveries, k.stats,
-                  *(k.state_index(st.value) for st in STATE_ORDER)],
+            keys=[k.job(job_id), k.due, k.inflight, k.deliveries, k.stats, k.deadlines, k.rate_log,
+                  k.priorities, k.admission_seq, *(k.state_index(st.value) for st in lua.STATE_ORDER)],
             args=[
+                k.tag,
                 job_id,
                 to.value,
                 "|".join("" if s is None else s.value for s in expected),
@@ -202,17 +179,23 @@ class JobStore:
                 due_arg,
                 json.dumps(event, separators=(",", ":")) if event is not None else "",
                 json.dumps(list(handlers)),
-                repr(time.time()),
+                repr(now),
                 "1" if to in IN_FLIGHT else "0",
                 str(int(retention)),
-                repr(float(deliveries_at if deliveries_at is not None else time.time())),
+                repr(float(deliveries_at if deliveries_at is not None else now)),
                 stat,
                 uuid.uuid4().hex,
+                "1" if ready else "",
+                _iso(now),
             ]
         )
         if int(result[2]):
             self.redis.hincrby(k.stats, "transition_replays", 1)
-        return bool(int(result[0]))
+        moved = Moved(int(result[0]))
+        if len(result) > 3 and int(result[3]):
+            batch = self.redis.hget(k.job(job_id), "batch_id")
+            moved.batch_finished = _text(batch) if batch else None
+        return moved
 
     # -- schedules ---------------------------------------------------------------------------
     def schedule(self, job_id: str, at: float, *, only_earlier: bool = False) -> None:
@@ -247,17 +230,6 @@ class JobStore:
         else:
             self.redis.zadd(self.keys.deliveries, {member: at})
 
-    def block(self, job_id: str, since: float) -> None:
-        """Park a queued job until in-flight room frees or a pause ends (FIFO by ``since``)."""
-        pipe = self.redis.pipeline()
-        pipe.zrem(self.keys.due, job_id)
-        pipe.zadd(self.keys.blocked, {job_id: since}, nx=True)
-        pipe.execute()
-
-    def release_blocked(self, count: int, now: float) -> int:
-        """Move up to ``count`` parked jobs, oldest first, onto the due schedule now."""
-        return int(self._release(keys=[self.keys.blocked, self.keys.due], args=[count, now]))
-
     # -- listings and counters ---------------------------------------------------------------
     def list_ids(self, state: JobState, limit: int = 100) -> list[str]:
         """Newest job ids in ``state``."""
@@ -275,7 +247,7 @@ class JobStore:
     def mark_delivered(self, job_id: str, handler: str, attempts: int) -> None:
         """Record a handler's successful delivery and take it off the delivery schedule."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(self.keys.job(job_id), f"handler:{handler}",
+        pipe.hset(self.record_key(job_id), f"handler:{handler}",
                   json.dumps({"state": "delivered", "attempts": attempts}, separators=(",", ":")))
         pipe.zrem(self.keys.deliveries, f"{job_id}|{handler}")
         pipe.hincrby(self.keys.stats, "handler_deliveries", 1)
@@ -301,6 +273,13 @@ class JobStore:
     def stat(self, name: str, amount: int = 1) -> None:
         """Bump a shared counter."""
         self.redis.hincrby(self.keys.stats, name, amount)
+
+
+def _iso(ts: float) -> str:
+    """Epoch seconds as ISO-8601 UTC with milliseconds."""
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _text(value: Any) -> str:

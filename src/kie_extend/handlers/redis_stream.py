@@ -7,11 +7,12 @@ from typing import Any
 
 from . import HandlerContext
 
-# KEYS: dedup marker, stream. ARGV: ttl seconds, job_id, event name, payload JSON, max length.
+# KEYS: dedup marker, stream. ARGV: ttl seconds, id field name (job_id, or batch_id for
+# batch.finished), its value, event name, payload JSON, max length.
 _XADD_ONCE = """
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
-  return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'job_id', ARGV[2], 'event', ARGV[3],
-                    'payload', ARGV[4])
+  return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', ARGV[2], ARGV[3], 'event', ARGV[4],
+                    'payload', ARGV[5])
 end
 return false
 """
@@ -34,7 +35,9 @@ class RedisStreamHandler:
         """Append the event unless this dedup key was already appended."""
         self._script(
             keys=[self._keys.dedup(self.name, dedup_key), self._keys.results],
-            args=[self._ttl, event["job_id"], event["event"], json.dumps(event, separators=(",", ":")), self._maxlen],
+            args=[self._ttl, *(("batch_id", event["batch_id"]) if "batch_id" in event and "job_id" not in event
+                               else ("job_id", event["job_id"])),
+                  event["event"], json.dumps(event, separators=(",", ":")), self._maxlen],
         )
 
 

@@ -1,0 +1,93 @@
+"""Batches (DESIGN §11): groups of jobs with counts by state and one ``batch.finished`` event.
+
+A batch's counts move in the same atomic step as each of its jobs' transitions (lua.py), so
+reading them is O(1) whatever the batch's size. Its total is the number of its jobs: the ids a
+producer declared before sending (``enqueue_many(batch_id=…)``, ``kie-extend batch submit``) plus any
+job that arrived naming it. When the last of them ends, the transition that ends it writes the
+``batch.finished`` event and queues it for every handler (dedup key ``{batch_id}:batch.finished``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+from .runtime import Runtime
+from .states import TERMINAL, JobState
+
+#: Batch ids read per round trip when listing a batch's jobs.
+CHUNK = 500
+
+
+def _t(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _iso(ts: str | None) -> str | None:
+    if not ts:
+        return None
+    return datetime.fromtimestamp(float(ts), timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def get_batch(rt: Runtime, batch_id: str) -> dict[str, Any]:
+    """``{"batch_id", "total", "counts": {state: n}, "finished", "cancelled", "created_at",
+    "finished_at"}``; ``{"batch_id", "state": "not_found"}`` for an unknown batch."""
+    pipe = rt.redis.pipeline(transaction=True)
+    pipe.hgetall(rt.keys.batch(batch_id))
+    pipe.zcard(rt.keys.batch_jobs(batch_id))
+    raw, total = pipe.execute()
+    if not raw and not total:
+        return {"batch_id": batch_id, "state": "not_found"}
+    rec = {_t(k): _t(v) for k, v in raw.items()}
+    counts = {k[2:]: int(v) for k, v in rec.items() if k.startswith("c:") and int(v)}
+    # Declared jobs no worker has recorded yet are still in the broker.
+    seen = sum(counts.values())
+    if total > seen:
+        counts["pending"] = total - seen
+    done = sum(n for s, n in counts.items() if s in {x.value for x in TERMINAL} or s == "duplicate")
+    return {
+        "batch_id": batch_id,
+        "total": int(total),
+        "counts": counts,
+        "finished": bool(rec.get("finished_ts")) or (total > 0 and done >= total),
+        "cancelled": bool(rec.get("cancelled")),
+        "created_at": _iso(rec.get("created_ts")),
+        "finished_at": rec.get("finished_at"),
+    }
+
+
+def list_batches(rt: Runtime, limit: int = 50) -> list[dict[str, Any]]:
+    """The newest batches, newest first, each as :func:`get_batch` gives it."""
+    return [get_batch(rt, _t(b)) for b in rt.redis.zrevrange(rt.keys.batches, 0, limit - 1)]
+
+
+def batch_job_ids(rt: Runtime, batch_id: str) -> Iterator[list[str]]:
+    """A batch's job ids, oldest first, in chunks."""
+    start = 0
+    while True:
+        ids = rt.redis.zrange(rt.keys.batch_jobs(batch_id), start, start + CHUNK - 1)
+        if not ids:
+            return
+        yield [_t(i) for i in ids]
+        start += CHUNK
+
+
+def cancel_batch(rt: Runtime, batch_id: str, cancel_one: Any) -> int:
+    """Cancel every job of a batch not yet sent; returns how many were cancelled.
+
+    The batch is marked cancelled first, so a job whose message arrives later is cancelled when a
+    worker accepts it. ``cancel_one(job_id, raw)`` is ``Pipeline.cancel``."""
+    rt.redis.hset(rt.keys.batch(batch_id), "cancelled", "1")
+    n = 0
+    for ids in batch_job_ids(rt, batch_id):
+        pipe = rt.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(rt.keys.job(job_id))
+        for job_id, raw in zip(ids, pipe.execute()):
+            rec = {_t(k): _t(v) for k, v in raw.items()}
+            if rec.get("state") == JobState.QUEUED.value and cancel_one(job_id, "operator", rec) == "cancelled":
+                n += 1
+    return n
+
+
+__all__ = ["get_batch", "list_batches", "batch_job_ids", "cancel_batch"]
