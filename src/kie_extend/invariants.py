@@ -25,7 +25,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import redis
 
@@ -65,9 +65,9 @@ end
 return 1
 """
 
-# KEYS: due. ARGV: tag, then ids. For each id: state ('' = a record without one, false = no
-# record), the time it entered that state, whether it is on the due schedule, whether it is in
-# its ready queue.
+# KEYS: due, inflight. ARGV: tag, then ids. For each id: state ('' = a record without one, false
+# = no record), the time it entered that state, whether it is on the due schedule, whether it is in
+# its ready queue, whether it holds an in-flight slot.
 _INSPECT = LIB + """
 local out = {}
 for i = 2, #ARGV do
@@ -84,6 +84,7 @@ for i = 2, #ARGV do
   table.insert(out, f[2] or f[3] or '0')
   table.insert(out, redis.call('ZSCORE', KEYS[1], id) and 1 or 0)
   table.insert(out, ready)
+  table.insert(out, redis.call('SISMEMBER', KEYS[2], id))
 end
 return out
 """
@@ -135,6 +136,8 @@ class Report:
 
     checked: int = 0
     violations: list[Violation] = field(default_factory=list)
+    #: Where a bounded pass stopped (phase, position), or None when it went through everything.
+    cursor: tuple[int, int] | None = None
 
     def counts(self) -> dict[str, int]:
         """Violations by kind."""
@@ -168,44 +171,38 @@ class Invariants:
         self._unschedule = client.register_script(_UNSCHEDULE_FINISHED)
         self._inspect = client.register_script(_INSPECT)
 
-    def _ids(self, key: str, kind: str = "zset") -> Iterator[list[str]]:
-        if kind == "set":
-            cursor = 0
-            while True:
-                cursor, members = self.redis.sscan(key, cursor, count=CHUNK)
-                if members:
-                    yield [_t(m) for m in members]
-                if cursor == 0:
-                    return
-        start = 0
-        while True:
-            members = self.redis.zrange(key, start, start + CHUNK - 1)
-            if not members:
-                return
-            yield [_t(m) for m in members]
-            start += CHUNK
-
-    def _records(self, ids: list[str]) -> list[tuple[str | None, float, bool, bool]]:
+    def _records(self, ids: list[str]) -> list[tuple[str | None, float, bool, bool, bool]]:
         """For each id: (state, or None when the record is gone; time in that state; on the due
-        schedule; in its ready queue), read in one script."""
-        out = self._inspect(keys=[self.keys.due], args=[self.keys.tag, *ids])
+        schedule; in its ready queue; in the in-flight set), read in one script."""
+        out = self._inspect(keys=[self.keys.due, self.keys.inflight], args=[self.keys.tag, *ids])
         rows = []
-        for i in range(0, len(out), 4):
+        for i in range(0, len(out), 5):
             state = out[i]
             rows.append((None if state is None else _t(state), float(_t(out[i + 1]) or 0),
-                         bool(out[i + 2]), bool(out[i + 3])))
+                         bool(out[i + 2]), bool(out[i + 3]), bool(out[i + 4])))
         return rows
 
+    def _phases(self) -> list[tuple[str, str]]:
+        """What a full pass walks, in order: (kind, key)."""
+        k = self.keys
+        return [*(("state", k.state_index(s.value)) for s in _UNFINISHED), ("inflight", k.inflight), ("due", k.due)]
+
     def check(self, *, repair: bool = False, grace: float = 30.0, now: float | None = None,
-              limit: int | None = None) -> Report:
+              limit: int | None = None, cursor: tuple[int, int] = (0, 0),
+              budget: int | None = None) -> Report:
         """Look at every unfinished job and the shared sets; repair what is broken when ``repair``.
 
         ``grace``: seconds a job must have been in its state before it counts as unscheduled.
-        ``limit``: stop after this many violations (None: no limit). Returns a :class:`Report`."""
+        ``limit``: stop after this many violations (None: no limit). ``cursor``/``budget``: start
+        where a previous call stopped and look at no more than ``budget`` ids (the tick's sweep
+        does a bounded share per tick); the report's ``cursor`` says where to go on, None when the
+        pass is complete. Returns a :class:`Report`."""
         now = now or time.time()
         report = Report()
         keys = self.keys
         state_keys = [keys.state_index(s.value) for s in JobState if s is not JobState.NOT_FOUND]
+        unfinished = {s.value for s in _UNFINISHED}
+        finished = {s.value for s in TERMINAL}
 
         def add(kind: str, job_id: str, detail: str, fix: Any) -> None:
             v = Violation(kind, job_id, detail)
@@ -216,68 +213,65 @@ class Invariants:
                     v.detail += f" (repair failed: {exc})"
             report.violations.append(v)
 
-        def full() -> bool:
-            return limit is not None and len(report.violations) >= limit
+        def forget(j: str) -> Any:
+            return self._forget(keys=[keys.job(j), keys.due, keys.inflight, keys.deadlines, *state_keys], args=[j])
 
-        seen_unfinished: set[str] = set()
-        for state in _UNFINISHED:
-            index = keys.state_index(state.value)
-            for ids in self._ids(index):
-                for job_id, (actual, ts, on_due, on_ready) in zip(ids, self._records(ids)):
-                    report.checked += 1
-                    if actual is None:
-                        add("missing_record", job_id, f"in the {state.value} index but its record is gone",
-                            lambda j=job_id: self._forget(keys=[keys.job(j), keys.due, keys.inflight,
-                                                                keys.deadlines, *state_keys], args=[j]))
-                        continue
-                    if actual != state.value:
-                        if actual in {s.value for s in JobState}:
-                            add("wrong_index", job_id, f"in the {state.value} index but {actual or 'without state'}",
-                                lambda j=job_id, a=actual, st=state: self._reindex(
-                                    keys=[keys.job(j), keys.state_index(st.value), keys.state_index(a)],
-                                    args=[j, a]))
-                        continue
-                    seen_unfinished.add(job_id)
-                    scheduled = on_due or (state is JobState.QUEUED and on_ready)
-                    if not scheduled and now - ts >= grace:
-                        add("unscheduled", job_id, f"{state.value} for {now - ts:.0f}s on no schedule",
-                            lambda j=job_id, st=state: self._reschedule(
-                                keys=[keys.job(j), keys.due], args=[keys.tag, j, st.value, repr(now)]))
-                    if full():
-                        return report
-        # The in-flight set against the records.
-        in_flight = set()
-        for ids in self._ids(keys.inflight, "set"):
-            in_flight.update(ids)
-            for job_id, (actual, _ts, _d, _b) in zip(ids, self._records(ids)):
-                if actual is None:
-                    add("missing_record", job_id, "holds an in-flight slot but its record is gone",
-                        lambda j=job_id: self._forget(keys=[keys.job(j), keys.due, keys.inflight, keys.deadlines,
-                                                            *state_keys], args=[j]))
-                elif actual not in {s.value for s in IN_FLIGHT}:
-                    add("inflight_leak", job_id, f"holds an in-flight slot while {actual or 'without state'}",
-                        lambda j=job_id: self._inflight(keys=[keys.job(j), keys.inflight], args=[j, "remove"]))
-            if full():
+        phases = self._phases()
+        phase, pos = cursor
+        while phase < len(phases):
+            if (budget is not None and report.checked >= budget) or (limit is not None and len(report.violations) >= limit):
+                report.cursor = (phase, pos)
                 return report
-        for state in IN_FLIGHT:
-            for ids in self._ids(keys.state_index(state.value)):
-                for job_id in ids:
-                    if job_id in seen_unfinished and job_id not in in_flight:
-                        add("inflight_missing", job_id, f"{state.value} but not counted in flight",
+            kind, key = phases[phase]
+            if kind == "inflight":
+                pos, members = self.redis.sscan(key, pos, count=CHUNK)
+                ids = [_t(m) for m in members]
+            else:
+                ids = [_t(m) for m in self.redis.zrange(key, pos, pos + CHUNK - 1)]
+            rows = self._records(ids) if ids else []
+            removed = 0
+            for job_id, (actual, ts, on_due, on_ready, in_flight) in zip(ids, rows):
+                report.checked += 1
+                if actual is None:
+                    where = {"state": f"in the {key.rsplit(':', 1)[-1]} index", "inflight": "holds an in-flight slot",
+                             "due": "on the due schedule"}[kind]
+                    add("missing_record", job_id, f"{where} but its record is gone", lambda j=job_id: forget(j))
+                    removed += 1
+                    continue
+                if kind == "state":
+                    state = key.rsplit(":", 1)[-1]
+                    if actual != state:
+                        if actual in {s.value for s in JobState}:
+                            add("wrong_index", job_id, f"in the {state} index but {actual or 'without state'}",
+                                lambda j=job_id, a=actual, st=state: self._reindex(
+                                    keys=[keys.job(j), keys.state_index(st), keys.state_index(a)], args=[j, a]))
+                            removed += 1
+                        continue
+                    scheduled = on_due or (state == JobState.QUEUED.value and on_ready)
+                    if not scheduled and now - ts >= grace:
+                        add("unscheduled", job_id, f"{state} for {now - ts:.0f}s on no schedule",
+                            lambda j=job_id, st=state: self._reschedule(
+                                keys=[keys.job(j), keys.due], args=[keys.tag, j, st, repr(now)]))
+                    if state in {s.value for s in IN_FLIGHT} and not in_flight:
+                        add("inflight_missing", job_id, f"{state} but not counted in flight",
                             lambda j=job_id: self._inflight(keys=[keys.job(j), keys.inflight], args=[j, "add"]))
-        # The schedules against the records.
-        for key, name in ((keys.due, "due schedule"),):
-            for ids in self._ids(key):
-                for job_id, (actual, _ts, _d, _b) in zip(ids, self._records(ids)):
-                    if actual is None:
-                        add("missing_record", job_id, f"on the {name} but its record is gone",
-                            lambda j=job_id: self._forget(keys=[keys.job(j), keys.due, keys.inflight,
-                                                                keys.deadlines, *state_keys], args=[j]))
-                    elif actual in {s.value for s in TERMINAL} or actual == "cancelled":
-                        add("finished_scheduled", job_id, f"{actual} but still on the {name}",
-                            lambda j=job_id: self._unschedule(keys=[keys.job(j), keys.due], args=[j]))
-                if full():
-                    return report
+                elif kind == "inflight":
+                    if actual not in {s.value for s in IN_FLIGHT}:
+                        add("inflight_leak", job_id, f"holds an in-flight slot while {actual or 'without state'}",
+                            lambda j=job_id: self._inflight(keys=[keys.job(j), keys.inflight], args=[j, "remove"]))
+                elif actual in finished and actual not in unfinished:
+                    add("finished_scheduled", job_id, f"{actual} but still on the due schedule",
+                        lambda j=job_id: self._unschedule(keys=[keys.job(j), keys.due], args=[j]))
+                    removed += 1
+            if kind == "inflight":
+                if pos == 0:
+                    phase, pos = phase + 1, 0
+            elif len(ids) < CHUNK:
+                phase, pos = phase + 1, 0
+            else:
+                # Entries repaired out of this sorted set shift the ones after them down.
+                pos += len(ids) - (removed if repair else 0)
+        report.cursor = None
         return report
 
 

@@ -19,6 +19,9 @@ from .runtime import Dispatcher, Runtime
 
 log = logging.getLogger("kie_extend.scheduler")
 
+#: Most jobs one tick's share of the invariant sweep looks at.
+SWEEP_BUDGET = 2000
+
 
 class Scheduler:
     """One tick's worth of hand-outs, over the shared Redis schedules."""
@@ -73,21 +76,45 @@ class Scheduler:
         return n
 
     def _sweep(self, now: float) -> int:
-        """Once per KIE_SWEEP_INTERVAL (one beat of many): put every stranded job back on a schedule."""
+        """The invariant sweep: a pass starts once per KIE_SWEEP_INTERVAL (one beat of many) and
+        goes through at most SWEEP_BUDGET jobs per tick, so a tick's cost does not grow with the
+        backlog. Stranded jobs are put back on a schedule, counted and logged."""
         if self.s.sweep_interval <= 0:
             return 0
-        if not self.rt.redis.set(self.rt.keys.sweep_lock, "1", nx=True, px=max(1, int(self.s.sweep_interval * 1000))):
-            return 0
-        report = Invariants(self.rt.redis, self.rt.keys).check(repair=True, grace=self.s.sweep_grace, now=now)
-        for v in report.violations:
-            # A vanished record is a lost job (evicted or deleted): an error, not a repair.
-            level = logging.ERROR if v.kind == "missing_record" else logging.WARNING
-            log.log(level, "sweep: %s: %s%s", v.kind, v.detail, " (repaired)" if v.repaired else "",
-                    extra={"job_id": v.job_id})
-            self.store.stat(f"sweep_{v.kind}")
-        self.rt.redis.hset(self.rt.keys.sweep_last, mapping={"at": repr(now), "checked": report.checked,
-                                                             "violations": len(report.violations)})
-        return report.repaired
+        r, keys = self.rt.redis, self.rt.keys
+        if not r.set(keys.sweep_lock + ":step", "1", nx=True, px=max(1000, int(self.s.lease * 1000))):
+            return 0  # another beat is sweeping this tick
+        try:
+            state = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+                     for k, v in r.hgetall(keys.sweep_last).items()}
+            if "phase" in state:
+                cursor = (int(state["phase"]), int(state["pos"]))
+            elif r.set(keys.sweep_lock, "1", nx=True, px=max(1, int(self.s.sweep_interval * 1000))):
+                cursor = (0, 0)
+                state = {"checked_so_far": "0", "violations_so_far": "0"}
+            else:
+                return 0
+            report = Invariants(r, keys).check(repair=True, grace=self.s.sweep_grace, now=now, cursor=cursor,
+                                               budget=SWEEP_BUDGET)
+            for v in report.violations:
+                # A vanished record is a lost job (evicted or deleted): an error, not a repair.
+                level = logging.ERROR if v.kind == "missing_record" else logging.WARNING
+                log.log(level, "sweep: %s: %s%s", v.kind, v.detail, " (repaired)" if v.repaired else "",
+                        extra={"job_id": v.job_id})
+                self.store.stat(f"sweep_{v.kind}")
+            checked = int(state.get("checked_so_far") or 0) + report.checked
+            found = int(state.get("violations_so_far") or 0) + len(report.violations)
+            if report.cursor is None:
+                pipe = r.pipeline()
+                pipe.delete(keys.sweep_last)
+                pipe.hset(keys.sweep_last, mapping={"at": repr(now), "checked": checked, "violations": found})
+                pipe.execute()
+            else:
+                r.hset(keys.sweep_last, mapping={"phase": report.cursor[0], "pos": report.cursor[1],
+                                                 "checked_so_far": checked, "violations_so_far": found})
+            return report.repaired
+        finally:
+            r.delete(keys.sweep_lock + ":step")
 
     def _probe(self, paused: dict[str, str]) -> dict[str, str] | None:
         try:
