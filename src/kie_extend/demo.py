@@ -84,14 +84,20 @@ def run_demo(jobs: int = 6, time_factor: float = 0.08) -> int:
 
         samples = sample_requests(source)
         labels: dict[str, str] = {}
+        batch = f"demo-{os.getpid()}"
         for i in range(jobs - 1):
             label, request = samples[i % len(samples)]
-            labels[enqueue_extend(request, metadata={"demo": label}, settings=settings)] = label
+            # Two tenants share the account; the last job is urgent (priority 9).
+            tenant, priority = ("studio-a" if i % 2 == 0 else "studio-b"), (9 if i == jobs - 2 else 5)
+            job_id = enqueue_extend(request, metadata={"demo": label}, settings=settings, tenant=tenant,
+                                    priority=priority, batch_id=batch)
+            labels[job_id] = f"{label} [{tenant}{', p9' if priority == 9 else ''}]"
         bad_id = f"demo-invalid-{os.getpid()}"
         producer_app(settings).send_task("kie_extend.extend", kwargs={"request": INVALID_REQUEST},
                                          task_id=bad_id, queue=settings.queue)
         labels[bad_id] = "invalid, sent by name"
-        print(f"\nEnqueued {len(labels)} jobs ({len(labels) - 1} valid, 1 invalid sent by name). Progress:")
+        print(f"\nEnqueued {len(labels)} jobs ({len(labels) - 1} valid in batch {batch!r} from two tenants, "
+              "1 invalid sent by name). Progress:")
 
         started = time.monotonic()
         finished: dict[str, float] = {}
@@ -112,7 +118,7 @@ def run_demo(jobs: int = 6, time_factor: float = 0.08) -> int:
                 last_line = line
             time.sleep(0.3)
 
-        print(f"\n{'job':<38} {'request':<28} {'state':<10} {'tracks':>6} {'secs':>6}  detail")
+        print(f"\n{'job':<38} {'request':<44} {'state':<10} {'tracks':>6} {'secs':>6}  detail")
         ok = True
         for job_id, label in labels.items():
             rec = get_job(job_id, settings=settings)
@@ -124,10 +130,15 @@ def run_demo(jobs: int = 6, time_factor: float = 0.08) -> int:
             elif rec.get("tracks"):
                 detail = ", ".join(f"{t['title']} ({t['duration']:.0f}s)" for t in rec["tracks"] if t.get("duration"))
             secs = finished.get(job_id)
-            print(f"{job_id:<38} {label:<28} {rec['state']:<10} {len(rec.get('tracks') or []):>6} "
+            print(f"{job_id:<38} {label:<44} {rec['state']:<10} {len(rec.get('tracks') or []):>6} "
                   f"{secs if secs is not None else float('nan'):>6.1f}  {detail}")
             expected = "failed" if job_id == bad_id else "succeeded"
             ok = ok and rec["state"] == expected
+        from .api import get_batch
+
+        b = get_batch(batch, settings=settings)
+        print(f"\nBatch {batch}: total {b.get('total')}, counts {b.get('counts')}, finished {b.get('finished')} "
+              "(its batch.finished event is on the stream too)")
         rt_stream = Keys(stack.settings().key_prefix).results
         print(f"\nResult events are on the Redis stream {rt_stream!r} (XREAD from any language).")
         print("demo finished: " + ("every job reached the expected state" if ok else "SOME JOBS DID NOT FINISH AS EXPECTED"))
