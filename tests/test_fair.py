@@ -308,3 +308,27 @@ def test_cancel_racing_submit_with_real_workers(tmp_path: Path) -> None:
         assert {j for j, ok in outcomes.items() if ok} == cancelled  # cancel() said so exactly for these
         assert len(sent) + len(cancelled) == len(ids)  # every job either went or was cancelled
         print(f"cancel race: {len(cancelled)} cancelled, {len(sent)} sent first")
+
+
+def test_tenant_limits(harness: Callable[..., Harness]) -> None:
+    """svc-a may have 2 slots a second, svc-b is not capped: svc-b takes the slots svc-a sits out."""
+    h = harness(submit_rate="1000/1s", tenant_limits="svc-a=2/1s")
+    assert h.rt.settings.tenant_limits == {"svc-a": (2, 1.0)}
+    h.rt.gates.pause_operator()
+    a = [h.accept(req(h.sim), tenant="svc-a") for _ in range(4)]
+    b = [h.accept(req(h.sim), tenant="svc-b") for _ in range(3)]
+    h.rt.gates.resume_operator()
+    first = [x.job_id for x in h.rt.admission.admit(10)]
+    assert sorted(first) == sorted([*a[:2], *b]), first  # only 2 of svc-a now
+    assert h.rt.admission.admit(10) == []
+    assert h.rt.admission.admit(10, horizon=0.5) == []  # svc-a's window is still full
+    time.sleep(1.05)
+    assert [x.job_id for x in h.rt.admission.admit(10)] == a[2:]
+
+
+def test_tenant_limits_setting_is_checked() -> None:
+    from kie_extend.config import load_settings
+    from kie_extend.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="KIE_TENANT_LIMITS"):
+        load_settings(_env_file=None, tenant_limits="svc a=5")

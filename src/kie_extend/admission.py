@@ -13,12 +13,16 @@ due schedule at the slot's time. When that time comes a worker checks the bookin
 that really happened (``Gates.acquire``) and sends it. A job admitted but not sent (its worker died)
 comes back through its due entry; a booking that went stale puts it back in its ready queue.
 
+``KIE_TENANT_LIMITS`` (``svc-a=5/10s,svc-b=30/1m``) caps a tenant's own share on top of the
+account's rate: a tenant at its cap sits a slot out and the next tenant in turn takes it.
+
 ``KIE_ADMISSION=arrival`` puts every job in one queue: the arrival order of earlier versions,
 kept for comparison (the fairness benchmark runs both).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,7 +32,8 @@ from .keys import Keys
 from .lua import LIB
 
 # KEYS: pause, operator pause, inflight, rate log, breaker, priorities, admission seq, due.
-# ARGV: tag, max jobs, horizon ms, limit, book window ms, max in flight, probe timeout ms.
+# ARGV: tag, max jobs, horizon ms, limit, book window ms, max in flight, probe timeout ms,
+#       per-tenant caps JSON ({tenant: [count, window ms]}, "{}" for none).
 # Returns a flat list: job id, slot (ms), ... for every job admitted now.
 _ADMIT = LIB + """
 local t = redis.call('TIME')
@@ -50,6 +55,27 @@ end
 local room = maxif - redis.call('SCARD', KEYS[3]) - booked
 local n = math.min(maxn, room)
 if probe_only then n = math.min(n, 1) end
+local caps = cjson.decode(ARGV[8])
+-- A tenant with a cap (KIE_TENANT_LIMITS) that already has `count` slots in the window ending at
+-- `slot` sits this slot out; the next tenant in turn takes it.
+local function capped(tenant, slot)
+  local cap = caps[tenant]
+  if not cap then return false end
+  local lk = T .. ':tenant_rate:' .. tenant
+  redis.call('ZREMRANGEBYSCORE', lk, '-inf', now - cap[2])
+  return redis.call('ZCOUNT', lk, '(' .. (slot - cap[2]), '+inf') >= cap[1]
+end
+local function pick(slot)
+  for _, prio in ipairs(redis.call('ZREVRANGE', KEYS[6], 0, -1)) do
+    local tk = T .. ':tenants:' .. prio
+    local tenants = redis.call('ZRANGE', tk, 0, -1)
+    if #tenants == 0 then redis.call('ZREM', KEYS[6], prio) end
+    for _, tenant in ipairs(tenants) do
+      if not capped(tenant, slot) then return prio, tenant end
+    end
+  end
+  return nil
+end
 local out = {}
 local admitted, guard = 0, 0
 while admitted < n and guard < n * 4 + 16 do
@@ -64,15 +90,10 @@ while admitted < n and guard < n * 4 + 16 do
   local last = redis.call('ZRANGE', KEYS[4], -1, -1, 'WITHSCORES')
   if last[2] then slot = math.max(slot, tonumber(last[2])) end
   if slot > now + horizon then break end
-  local top = redis.call('ZREVRANGE', KEYS[6], 0, 0)
-  if #top == 0 then break end
-  local prio = top[1]
+  local prio, tenant = pick(slot)
+  if not prio then break end
   local tk = T .. ':tenants:' .. prio
-  local first = redis.call('ZRANGE', tk, 0, 0)
-  if #first == 0 then
-    redis.call('ZREM', KEYS[6], prio)
-  else
-    local tenant = first[1]
+  do
     local rk = T .. ':ready:' .. prio .. ':' .. tenant
     local popped = redis.call('ZPOPMIN', rk)
     if redis.call('EXISTS', rk) == 0 then
@@ -95,6 +116,11 @@ while admitted < n and guard < n * 4 + 16 do
           redis.call('PEXPIRE', KEYS[4], slot - now + book * 2 + 1000)
           redis.call('HSET', jk, 'admitted', slot)
           redis.call('ZADD', KEYS[8], slot / 1000, id)
+          local cap = caps[tenant]
+          if cap then
+            redis.call('ZADD', T .. ':tenant_rate:' .. tenant, slot, id)
+            redis.call('PEXPIRE', T .. ':tenant_rate:' .. tenant, slot - now + cap[2] + 1000)
+          end
           if probe_only then
             redis.call('HSET', KEYS[5], 'state', 'half_open', 'probe', id, 'until', now + tonumber(ARGV[7]))
           end
@@ -124,7 +150,8 @@ class Admission:
     """Hands free submission slots to waiting jobs by priority, then tenant, then age."""
 
     def __init__(self, client: redis.Redis, keys: Keys, *, rate: tuple[int, float], margin: float,
-                 max_in_flight: int, probe_timeout: float, mode: Mode = "fair") -> None:
+                 max_in_flight: int, probe_timeout: float, mode: Mode = "fair",
+                 tenant_limits: dict[str, tuple[int, float]] | None = None) -> None:
         self.redis = client
         self.keys = keys
         self.limit, self.window = rate
@@ -132,6 +159,8 @@ class Admission:
         self.max_in_flight = max_in_flight
         self.probe_timeout = probe_timeout
         self.mode = mode
+        # {tenant: [count, window ms]}: a tenant's own cap on top of the account's rate.
+        self._caps = json.dumps({t: [int(n), int(w * 1000)] for t, (n, w) in (tenant_limits or {}).items()})
         self._admit = client.register_script(_ADMIT)
 
     def queue_of(self, tenant: str, priority: int) -> str:
@@ -148,7 +177,8 @@ class Admission:
             keys=[k.pause, k.operator_pause, k.inflight, k.rate_log, k.breaker, k.priorities, k.admission_seq,
                   k.due],
             args=[k.tag, int(max_jobs), int(horizon * 1000), self.limit,
-                  int(round((self.window + self.margin) * 1000)), self.max_in_flight, int(self.probe_timeout * 1000)])
+                  int(round((self.window + self.margin) * 1000)), self.max_in_flight, int(self.probe_timeout * 1000),
+                  self._caps])
         return [Admitted(_t(found[i]), int(found[i + 1]) / 1000.0) for i in range(0, len(found), 2)]
 
     def waiting(self) -> dict[str, dict[str, int]]:

@@ -141,6 +141,8 @@ class Settings(BaseSettings):
     sweep_grace: Duration = 30.0  # a job must be this long in its state before the sweep repairs it
     admission: Literal["fair", "arrival"] = "fair"  # who gets a free slot: priority/tenants/age, or arrival order
     default_tenant: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # tenant of jobs that name none
+    # per-tenant caps on top of the account's rate: "svc-a=5/10s,svc-b=30/1m"
+    tenant_limits: Annotated[dict[str, tuple[int, float]], NoDecode] = Field(default_factory=dict)
     redis_socket_timeout: Duration = 15.0  # job store: a reply slower than this counts as lost (the command is re-sent)
     empty_success_polls: int = Field(3, ge=0)  # re-polls of a SUCCESS without audio before failing
 
@@ -160,6 +162,22 @@ class Settings(BaseSettings):
     @classmethod
     def _rate(cls, value: Any) -> tuple[int, float]:
         return parse_rate(value)
+
+    @field_validator("tenant_limits", mode="before")
+    @classmethod
+    def _tenant_limits(cls, value: Any) -> dict[str, tuple[int, float]]:
+        if isinstance(value, dict):
+            return {str(k): parse_rate(v) for k, v in value.items()}
+        out: dict[str, tuple[int, float]] = {}
+        for part in str(value or "").split(","):
+            if not part.strip():
+                continue
+            name, sep, rate = part.partition("=")
+            name = name.strip()
+            if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+                raise ValueError(f"{part.strip()!r} is not TENANT=COUNT/WINDOW such as svc-a=5/10s")
+            out[name] = parse_rate(rate.strip())
+        return out
 
     @field_validator("handlers", mode="before")
     @classmethod

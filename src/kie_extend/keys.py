@@ -52,6 +52,10 @@ class Keys:
         """Sorted set: priorities that have waiting jobs (score = the priority)."""
         return f"{self.tag}:prios"
 
+    def tenant_rate(self, tenant: str) -> str:
+        """Sorted set: a capped tenant's admitted slots in its own window (``KIE_TENANT_LIMITS``)."""
+        return f"{self.tag}:tenant_rate:{tenant}"
+
     @property
     def admission_seq(self) -> str:
         """String counter: admission turns handed out (the round robin's clock)."""

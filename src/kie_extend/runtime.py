@@ -117,7 +117,7 @@ class Runtime:
         """Who gets the next submission slot: priority, then tenants in turn, then age."""
         s = self.settings
         return Admission(self.redis, self.keys, rate=s.submit_rate, margin=s.submit_rate_margin,
-                         max_in_flight=s.max_in_flight, mode=s.admission,
+                         max_in_flight=s.max_in_flight, mode=s.admission, tenant_limits=s.tenant_limits,
                          probe_timeout=s.job_timeout + s.connect_timeout + s.read_timeout + s.lease)
 
     @cached_property
