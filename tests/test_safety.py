@@ -316,6 +316,8 @@ def test_scripts_run_on_a_redis_cluster(tmp_path: Any) -> None:
     from kie_extend.embedded import free_port, valkey_binary
 
     port = free_port()
+    while port + 10000 > 65535:  # a cluster node also listens on port + 10000 (the cluster bus)
+        port = free_port()
     proc = subprocess.Popen([valkey_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--cluster-enabled", "yes", "--dir", str(tmp_path),
                              "--cluster-config-file", str(tmp_path / "nodes.conf"),

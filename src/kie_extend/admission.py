@@ -33,8 +33,10 @@ from .lua import LIB
 
 # KEYS: pause, operator pause, inflight, rate log, breaker, priorities, admission seq, due.
 # ARGV: tag, max jobs, horizon ms, limit, book window ms, max in flight, probe timeout ms,
-#       per-tenant caps JSON ({tenant: [count, window ms]}, "{}" for none).
-# Returns a flat list: job id, slot (ms), ... for every job admitted now.
+#       per-tenant caps JSON ({tenant: [count, window ms]}, "{}" for none), the caller's own job id
+#       ("" none), lease seconds.
+# Returns a flat list: job id, slot (ms), granted ("1" when the slot was the caller's own and due
+# now: the send is recorded at once, as Gates.acquire would, saving the caller a round trip), ...
 _ADMIT = LIB + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -112,10 +114,19 @@ while admitted < n and guard < n * 4 + 16 do
           redis.call('ZADD', KEYS[8], now / 1000, id)
         else
           local token = id .. ':' .. (tonumber(redis.call('HGET', jk, 'sends') or '0') + 1)
-          redis.call('ZADD', KEYS[4], slot, 'b:' .. token)
+          local granted = id == ARGV[9] and slot <= now
+          if granted then
+            -- The caller sends it now: record the send and take its in-flight slot; its due entry
+            -- (a lease away) brings it back if the caller dies before moving it on.
+            redis.call('ZADD', KEYS[4], now, 's:' .. token)
+            redis.call('SADD', KEYS[3], id)
+            redis.call('ZADD', KEYS[8], now / 1000 + tonumber(ARGV[10]), id)
+          else
+            redis.call('ZADD', KEYS[4], slot, 'b:' .. token)
+            redis.call('ZADD', KEYS[8], slot / 1000, id)
+          end
           redis.call('PEXPIRE', KEYS[4], slot - now + book * 2 + 1000)
           redis.call('HSET', jk, 'admitted', slot)
-          redis.call('ZADD', KEYS[8], slot / 1000, id)
           local cap = caps[tenant]
           if cap then
             redis.call('ZADD', T .. ':tenant_rate:' .. tenant, slot, id)
@@ -126,6 +137,7 @@ while admitted < n and guard < n * 4 + 16 do
           end
           table.insert(out, id)
           table.insert(out, tostring(slot))
+          table.insert(out, granted and '1' or '0')
           admitted = admitted + 1
         end
       end
@@ -144,6 +156,8 @@ class Admitted:
 
     job_id: str
     at: float
+    #: The caller's own job, due now: its send is already recorded (no Gates.acquire needed).
+    granted: bool = False
 
 
 class Admission:
@@ -167,19 +181,22 @@ class Admission:
         """The ready queue a job of ``tenant`` at ``priority`` waits in: ``"priority|tenant"``."""
         return "5|*" if self.mode == "arrival" else f"{priority}|{tenant}"
 
-    def admit(self, max_jobs: int, horizon: float = 0.0) -> list[Admitted]:
+    def admit(self, max_jobs: int, horizon: float = 0.0, *, own: str = "", lease: float = 60.0) -> list[Admitted]:
         """Admit up to ``max_jobs`` waiting jobs whose slots fall within ``horizon`` seconds from now.
 
         Each one's slot is booked and it is on the due schedule at that time; the caller sends it
-        then (or hands it to a worker with a countdown). Returns them in admission order."""
+        then (or hands it to a worker with a countdown). When ``own`` (the caller's job) is admitted
+        to a slot that is due now, its send is recorded at once (``granted``) and its due entry is
+        ``lease`` seconds away. Returns them in admission order."""
         k = self.keys
         found = self._admit(
             keys=[k.pause, k.operator_pause, k.inflight, k.rate_log, k.breaker, k.priorities, k.admission_seq,
                   k.due],
             args=[k.tag, int(max_jobs), int(horizon * 1000), self.limit,
                   int(round((self.window + self.margin) * 1000)), self.max_in_flight, int(self.probe_timeout * 1000),
-                  self._caps])
-        return [Admitted(_t(found[i]), int(found[i + 1]) / 1000.0) for i in range(0, len(found), 2)]
+                  self._caps, own, repr(float(lease))])
+        return [Admitted(_t(found[i]), int(found[i + 1]) / 1000.0, _t(found[i + 2]) == "1")
+                for i in range(0, len(found), 3)]
 
     def waiting(self) -> dict[str, dict[str, int]]:
         """Jobs waiting for a slot: ``{priority: {tenant: n}}``, highest priority first."""

@@ -20,6 +20,7 @@ from .delivery import Delivery
 from .events import build_event, now_iso
 from .intake import check_message
 from .admission import Admitted
+from .gates import Decision
 from .runtime import Dispatcher, NoDispatch, Runtime
 from .store import BATCH_REF
 from .states import TERMINAL, JobState
@@ -206,19 +207,21 @@ class Pipeline:
         if raw.get("not_after") and float(raw["not_after"]) <= now:
             self.cancel(job_id, "deadline", raw)
             return
+        granted = False
         if not raw.get("admitted"):
             if not in_ready:
                 self.store.enqueue_ready(job_id)
             mine = self._admit_now(job_id)
             if mine is None:
                 return  # waits in its ready queue; the tick admits it when its turn comes
-            if mine.at > now + 0.005:
+            if not mine.granted:
                 self.later(job_id, mine.at)
                 return
+            granted = True
         attempt = int(raw.get("attempts") or 0) + 1
         # The rate-slot token names this send; it changes after every real send, never reused.
         send = int(raw.get("sends") or 0) + 1
-        decision = self.gates.acquire(job_id, f"{job_id}:{send}")
+        decision = Decision("ok") if granted else self.gates.acquire(job_id, f"{job_id}:{send}")
         if decision.verdict in ("paused", "breaker", "inflight", "lost"):
             self.store.enqueue_ready(job_id)  # back in line, at its age; admission picks it again
             self.store.stat(f"gate_wait_{decision.verdict}")
@@ -251,7 +254,7 @@ class Pipeline:
         """Run admission for the slots free right now; hand the other admitted jobs to workers and
         return this job's admission, or None when it still waits."""
         mine = None
-        for admitted in self.rt.admission.admit(self.s.submit_rate[0]):
+        for admitted in self.rt.admission.admit(self.s.submit_rate[0], own=job_id, lease=self.s.lease):
             if admitted.job_id == job_id:
                 mine = admitted
             else:
