@@ -129,7 +129,7 @@ def decode(data: bytes) -> str:
 def parse_jsonl(text: str) -> list[Line]:
     """One :class:`Line` per non-blank line; a line that is not a JSON object carries a problem."""
     out: list[Line] = []
-    for n, raw in enumerate(text.split("\n"), 1):
+    for n, raw in enumerate(text.removeprefix("\ufeff").split("\n"), 1):
         if not raw.strip():
             continue
         entry = Line(n)
@@ -212,7 +212,7 @@ def parse_csv(text: str) -> tuple[list[Line], list[str]]:
 
     Problems with the header itself are carried by a Line numbered as the header; BatchFileError
     when there is no header at all."""
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(text.removeprefix("\ufeff"), newline=""))
     header: list[str] | None = None
     for row in reader:
         if any(cell.strip() for cell in row):
