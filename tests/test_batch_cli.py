@@ -22,6 +22,7 @@ import pytest
 import redis
 
 from kie_extend import batch_cli as bc
+from kie_extend.api import get_job
 from kie_extend.cli import main
 from kie_extend.config import Settings
 from kie_extend.devstack import DevStack
@@ -353,7 +354,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
     with DevStack(workdir, key_prefix=f"bat{uuid.uuid4().hex[:6]}",
                   env={"KIE_POLL_FIRST": "1s", "KIE_POLL_INTERVAL": "1s", "KIE_POLL_MAX_INTERVAL": "2s",
                        "KIE_POLL_CALLBACK_INTERVAL": "2s", "KIE_TICK_INTERVAL": "0.5s",
-                       "KIE_HANDLERS": "redis_stream"}) as st:
+                       "KIE_HANDLERS": "redis_stream,download",
+                       "KIE_DOWNLOAD_DIR": str(workdir / "downloads")}) as st:
         st.start_simulator("--time-factor", "0.04", "--seed", "5")
         st.start_receiver()
         st.start_worker(concurrency=4)
@@ -398,6 +400,13 @@ def test_batch_file_end_to_end(stack: DevStack, tmp_path: Path) -> None:
     assert progress[-1].endswith("8/8 done (finished)  succeeded=7  failed=1"), status.stdout
     assert "\r" not in status.stdout  # no bar without a terminal: plain lines
 
+    settings = stack.settings()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the download handler runs after a job has finished
+        recs = [get_job(f"{batch_id}-{n}", settings=settings) for n in range(2, 10)]
+        if all(h.get("state") == "delivered" for r in recs for h in r["handlers"].values()):
+            break
+        time.sleep(0.25)
     out = kie_extend(stack, "batch", "results", batch_id, "--format", "csv", "--output", "results.csv", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     results = list(csv.DictReader((tmp_path / "results.csv").open(newline="")))
@@ -406,8 +415,11 @@ def test_batch_file_end_to_end(stack: DevStack, tmp_path: Path) -> None:
     for r in results[:-1]:
         assert r["state"] == "succeeded" and r["tracks"] == "2" and r["kie_task_id"], r
         assert len(r["audio_urls"].split(" ")) == 2 and not r["error_kind"]
+        files = r["files"].split(" ")
+        assert len(files) == 2 and all(Path(f).is_file() and Path(f).stat().st_size > 0 for f in files), r
     assert results[-1]["state"] == "failed" and results[-1]["error_kind"] == "invalid_request"
     assert "duration" in results[-1]["error_message"] and results[-1]["tracks"] == "0"
+    assert results[-1]["files"] == "" and results[-1]["audio_urls"] == ""
 
     after_first = stack.sim_stats()
     assert after_first["submissions_accepted"] - before["submissions_accepted"] == 7

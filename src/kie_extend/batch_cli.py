@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -452,7 +453,10 @@ def wait_batch(get: Any, batch_id: str, *, stream: TextIO | None = None, tty: bo
     if tty:
         from tqdm import tqdm
 
-        bar = tqdm(total=batch["total"], unit="job", desc=batch_id[:32], file=stream, dynamic_ncols=True)
+        # A terminal that reports no size (some ptys) would get no bar at all; fall back to 100x20.
+        size = shutil.get_terminal_size((100, 20))
+        bar = tqdm(total=batch["total"], unit="job", desc=batch_id[:32], file=stream, ncols=size.columns,
+                   nrows=size.lines)
     last_text, last_print = "", -math.inf
     try:
         while True:
