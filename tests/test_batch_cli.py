@@ -438,5 +438,7 @@ def test_batch_file_end_to_end(stack: DevStack, tmp_path: Path) -> None:
     assert mine and mine[0]["total"] == 8 and mine[0]["finished"] and mine[0]["done"] == 8
     jsonl = kie_extend(stack, "batch", "results", batch_id, cwd=tmp_path)
     assert [json.loads(line)["line"] for line in jsonl.stdout.splitlines()] == list(range(2, 10))
+    final = kie_extend(stack, "batch", "status", batch_id, "--wait", "--json", cwd=tmp_path)
+    assert final.returncode == 1 and json.loads(final.stdout)["counts"] == {"succeeded": 7, "failed": 1}
     missing = kie_extend(stack, "batch", "status", "no-such-batch", cwd=tmp_path)
     assert missing.returncode == 3 and "not found" in missing.stdout

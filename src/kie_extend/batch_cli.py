@@ -629,13 +629,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     rt = _runtime(_settings())
     if args.wait:
-        return wait_batch(lambda b: get_batch(rt, b), args.batch_id, interval=args.interval, timeout=args.timeout)
+        # With --json the progress goes to stderr and stdout gets the final record alone.
+        code = wait_batch(lambda b: get_batch(rt, b), args.batch_id, interval=args.interval, timeout=args.timeout,
+                          stream=sys.stderr if args.json else None)
+        if not args.json:
+            return code
     batch = get_batch(rt, args.batch_id)
     if args.json:
         print(json.dumps({**batch, "done": finished_count(batch)} if "total" in batch else batch, indent=2))
     else:
         print(status_line(batch))
-    return exit_code(batch)
+    return code if args.wait else exit_code(batch)
 
 
 def collect_rows(settings: Any, rt: Any, batch_id: str) -> list[dict[str, Any]]:
