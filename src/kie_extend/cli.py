@@ -402,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--batch", metavar="BATCH_ID", help="cancel every job of this batch not yet sent")
     ca.set_defaults(func=cmd_cancel)
 
+    from .batch_cli import add_parser as add_batch_parser
+
+    add_batch_parser(sub)
+
     pa = sub.add_parser("pause", help="stop sending jobs to KIE until `kie-extend resume`")
     pa.add_argument("--reason", help="shown in `kie-extend status` and the metrics")
     pa.set_defaults(func=cmd_pause)
