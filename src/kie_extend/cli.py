@@ -322,6 +322,63 @@ def cmd_callback_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the HTTP side: callbacks, the JSON API and the dashboard (DESIGN §12)."""
+    import asyncio
+
+    import uvicorn
+
+    from .http.app import create_app as create_http_app
+    from .logs import setup_logging
+    from .tasks import CeleryDispatcher
+    from .worker import create_app
+
+    settings = _settings()
+    setup_logging(settings.log_level, settings.log_format,
+                  [settings.api_key_value(), *(t for t in (settings.api_tokens.get_secret_value().split(",")
+                                                           if settings.api_tokens else []) if t.strip())])
+    if not settings.api_tokens and not _is_loopback(args.host):
+        print(f"error: refusing to serve the API and dashboard on {args.host} without KIE_API_TOKENS; set "
+              "KIE_API_TOKENS (comma list; prefix 'read:' for read-only tokens) or bind to 127.0.0.1. "
+              "Callbacks alone may be public: --callback-port with --callback-host.", file=sys.stderr)
+        return 2
+    if not _preflight(settings, "server"):
+        return 1
+    rt = _runtime(settings)
+    dispatcher = CeleryDispatcher(create_app(settings), settings.queue)
+    servers = []
+    if args.callback_port:
+        main_parts = ("api", "dashboard")
+        cb = create_http_app(settings, parts=("callbacks",), runtime=rt, dispatcher=dispatcher)
+        servers.append(uvicorn.Server(uvicorn.Config(cb, host=args.callback_host, port=args.callback_port,
+                                                     log_level="warning", access_log=False)))
+        print(f"kie-extend callbacks on http://{args.callback_host}:{args.callback_port}/kie/callback/", flush=True)
+    else:
+        main_parts = ("callbacks", "api", "dashboard")
+    app = create_http_app(settings, parts=main_parts, runtime=rt, dispatcher=dispatcher)
+    servers.append(uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                                 access_log=False)))
+    print(f"kie-extend serve on http://{args.host}:{args.port}  (dashboard /, API /v1, OpenAPI /openapi.json)",
+          flush=True)
+
+    async def run() -> None:
+        await asyncio.gather(*(s.serve() for s in servers))
+
+    asyncio.run(run())
+    return 0
+
+
 def _preflight(settings: Settings, process: str) -> bool:
     """Log the endpoints and run the start-up checks; False (after printing why) on a refusal."""
     from .preflight import run
@@ -428,6 +485,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("credits", help="the provider's remaining credit balance")
     c.set_defaults(func=cmd_credits)
+
+    sv = sub.add_parser("serve", help="run callbacks, the JSON API and the dashboard (one HTTP service)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8080)
+    sv.add_argument("--callback-port", type=int, help="serve KIE's callbacks on their own port (e.g. public) "
+                    "while the API and dashboard stay on --host/--port")
+    sv.add_argument("--callback-host", default="0.0.0.0")
+    sv.set_defaults(func=cmd_serve)
 
     cb = sub.add_parser("callback-server", help="run the callback receiver")
     cb.add_argument("--host", default="127.0.0.1")

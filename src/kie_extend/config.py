@@ -115,6 +115,8 @@ class Settings(BaseSettings):
     webhook_timeout: Duration = 10.0
     download_dir: str = "downloads"
     callback_secret: SecretStr | None = None
+    api_tokens: SecretStr | None = None  # KIE_API_TOKENS: comma list of bearer tokens; "read:" prefix = read-only
+    session_secret: SecretStr | None = None  # signs dashboard session cookies (default: derived from the tokens)
 
     log_level: str = "INFO"
     log_format: str = "text"

@@ -14,6 +14,9 @@ from .states import JobState
 #: States with an index key, in the order the transition script receives them after its fixed keys.
 STATE_ORDER: tuple[JobState, ...] = tuple(s for s in JobState if s is not JobState.NOT_FOUND)
 
+#: Moves kept in a job's ``history`` field ([epoch seconds, from, to], oldest first).
+HISTORY_MAX = 20
+
 #: Fixed keys of the transition script, before the state indexes.
 TRANSITION_KEYS = ("job", "due", "inflight", "deliveries", "stats", "deadlines", "rate", "priorities", "seq")
 
@@ -126,6 +129,11 @@ for k, v in pairs(fields) do
   if v == cjson.null then redis.call('HDEL', jk, k) else redis.call('HSET', jk, k, v) end
 end
 redis.call('HSET', jk, 'state', to, 'state_ts', now, 'op', op)
+-- A short history of the job's moves for the dashboard's timeline (the last HISTORY_MAX).
+local hist = cjson.decode(redis.call('HGET', jk, 'history') or '[]')
+table.insert(hist, {tonumber(now), cur, to})
+while #hist > """ + str(HISTORY_MAX) + """ do table.remove(hist, 1) end
+redis.call('HSET', jk, 'history', cjson.encode(hist))
 local created = tonumber(redis.call('HGET', jk, 'created_ts') or now)
 if cur ~= '' then redis.call('ZREM', KEYS[S[cur]], id) end
 redis.call('ZADD', KEYS[S[to]], created, id)
