@@ -18,7 +18,7 @@ class ServedApp:
     def __init__(self, app: Any) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="info", access_log=True,
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="info", access_log=True, log_config=None,
                                 lifespan="off")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
