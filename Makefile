@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test chaos bench clean
+.PHONY: venv demo test chaos browser bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ test: $(STAMP)
 
 chaos: $(STAMP)
 	$(PY) -m pytest -q -m chaos -o addopts='-ra'
+
+# The dashboard in headless Chromium (installs Debian's chromium + chromium-driver when missing, as root).
+browser: $(STAMP)
+	$(PY) -m pytest -q -m browser -o addopts='-ra'
 
 bench: $(STAMP)
 	$(PY) bench/run.py

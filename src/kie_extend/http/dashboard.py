@@ -1,10 +1,278 @@
 """The operator dashboard at ``/`` (DESIGN §12): server-rendered pages, a token login into a
-signed session cookie, CSRF-protected forms. Any JavaScript is vendored under ``static/``."""
+signed session cookie, CSRF-protected forms. No JavaScript; CSS is vendored under ``static/``.
+
+Pages (all need a session once ``KIE_API_TOKENS`` is set; without tokens, loopback only, they are
+open): ``/login``, ``/`` (overview), ``/jobs`` (filters, search, paging), ``/jobs/{id}`` (timeline,
+request, tracks), ``/batches``, ``/batches/{id}``, ``/dead-letters``. Every change is a POST that
+carries the session's CSRF token and a same-origin ``Origin`` (or ``Referer``); a read-only session
+sees no buttons and its POSTs answer 403. The token a user pastes is never logged or echoed.
+
+What the pages read lives in ``dashboard_data.py``; this module is the routes and the guards.
+"""
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+import logging
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit
+
+from fastapi import FastAPI, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+
+from ..batches import cancel_batch, get_batch
+from ..delivery import Delivery
+from ..intake import JOB_ID_PATTERN
+from . import dashboard_data as data
+from .auth import SESSION_COOKIE, SESSION_MAX_AGE, Principal
+
+log = logging.getLogger("kie_extend.http.dashboard")
+
+HERE = Path(__file__).resolve().parent
+
+#: Short outcome codes a POST redirects with (``?m=``) and the sentence each one shows.
+MESSAGES = {
+    "retried": "The job was requeued; it will be submitted again (this may cost credits).",
+    "not_retried": "Not retried: the job is not failed, or its request is invalid (fix the request instead).",
+    "cancelled": "The job was cancelled.",
+    "too_late": "Too late to cancel: the job was already sent to KIE, which has no cancel call.",
+    "finished": "Nothing to cancel: the job has already finished.",
+    "not_found": "No such job.",
+    "batch_cancelled": "Every job of the batch not yet sent was cancelled.",
+    "paused": "Submission is paused by an operator. Jobs already sent keep going.",
+    "resumed": "The operator's pause was lifted.",
+    "not_paused": "There was no operator pause to lift.",
+    "replayed": "Dead letters were put back on the delivery schedule.",
+    "logged_out": "You are logged out.",
+}
+
+#: Headers every dashboard page carries: no framing, no foreign scripts, no caching of pages.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "media-src http: https:; form-action 'self'; frame-ancestors 'none'; "
+                               "base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+class _Redirect(Exception):
+    """Raised by a guard to answer with a redirect (to the login page)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.url = url
+
+
+class _Forbidden(Exception):
+    """Raised by a guard to answer 403 with a short reason."""
 
 
 def mount(app: FastAPI) -> None:
-    """Add the dashboard's routes and static files to ``app``."""
+    """Add the dashboard's routes and static files (``/static``) to ``app``."""
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.filters["iso"] = data.iso
+    templates.env.filters["pretty"] = data.pretty
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    auth = app.state.auth
+    rt = app.state.runtime
+    pipeline = app.state.pipeline
+
+    @app.exception_handler(_Redirect)
+    async def _redirect(request: Request, exc: _Redirect) -> Response:
+        return RedirectResponse(exc.url, status_code=303)
+
+    @app.exception_handler(_Forbidden)
+    async def _forbidden(request: Request, exc: _Forbidden) -> Response:
+        return _page(request, "error.html", {"status": 403, "message": str(exc)}, None, status=403)
+
+    def principal_of(request: Request) -> Principal:
+        """The logged-in user, or a redirect to the login page."""
+        if not auth.enabled:
+            return Principal("loopback", False)
+        who = auth.from_session(request)
+        if who is None:
+            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            raise _Redirect("/login?next=" + quote(target, safe=""))
+        return who
+
+    def writer(request: Request, csrf: str | None) -> Principal:
+        """The user of a state-changing POST: logged in, allowed to write, same origin, right CSRF token."""
+        who = principal_of(request)
+        if not who.can_write:
+            raise _Forbidden("This session is read-only: it may look at everything and change nothing.")
+        if not same_origin(request):
+            raise _Forbidden("The form did not come from this dashboard (Origin/Referer check).")
+        if not auth.csrf_ok(request, csrf):
+            raise _Forbidden("The form's CSRF token does not match this session; reload the page and try again.")
+        return who
+
+    def _page(request: Request, name: str, ctx: dict[str, Any], who: Principal | None, status: int = 200) -> Response:
+        session = auth.session(request)
+        fresh = None
+        if session is None and not auth.enabled:
+            # Open dashboard (loopback, no tokens): still a session, so forms carry a CSRF token.
+            fresh = auth.new_session(Principal("loopback", False))
+            session = auth._sessions.loads(fresh)
+        context = {"request": request, "who": who, "can_write": bool(who and who.can_write),
+                   "csrf": (session or {}).get("csrf", ""), "auth_enabled": auth.enabled,
+                   "message": MESSAGES.get(request.query_params.get("m", "")),
+                   "page_url": lambda n: _page_url(request, n), **ctx}
+        resp = templates.TemplateResponse(request, name, context, status_code=status)
+        resp.headers.update(SECURITY_HEADERS)
+        if fresh:
+            _set_cookie(request, resp, fresh)
+        return resp
+
+    # -- login ---------------------------------------------------------------------------------
+    @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
+    def login_form(request: Request, next: str = "/") -> Response:
+        return _page(request, "login.html", {"next": _local(next), "error": None}, None)
+
+    @app.post("/login", response_class=HTMLResponse, include_in_schema=False)
+    def login(request: Request, token: str = Form(""), next: str = Form("/")) -> Response:
+        if not same_origin(request):
+            raise _Forbidden("The form did not come from this dashboard (Origin/Referer check).")
+        who = auth.check(token.strip()) if auth.enabled else Principal("loopback", False)
+        if who is None:
+            log.warning("dashboard login refused: unknown token")  # never the token itself
+            return _page(request, "login.html", {"next": _local(next), "error": "That token is not valid."}, None,
+                         status=401)
+        log.info("dashboard login by token %s%s", who.name, " (read-only)" if who.read_only else "")
+        resp = RedirectResponse(_local(next), status_code=303)
+        _set_cookie(request, resp, auth.new_session(who))
+        return resp
+
+    @app.post("/logout", include_in_schema=False)
+    def logout(request: Request, csrf: str = Form("")) -> Response:
+        if not (same_origin(request) and auth.csrf_ok(request, csrf)):
+            raise _Forbidden("The form's CSRF token does not match this session.")
+        resp = RedirectResponse("/login?m=logged_out" if auth.enabled else "/", status_code=303)
+        resp.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+        return resp
+
+    # -- pages ---------------------------------------------------------------------------------
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def overview(request: Request) -> Response:
+        who = principal_of(request)
+        return _page(request, "overview.html", {"ov": data.overview(rt), "credits": data.credits(rt),
+                                                "refresh": request.query_params.get("refresh") == "1"}, who)
+
+    @app.get("/jobs", response_class=HTMLResponse, include_in_schema=False)
+    def jobs(request: Request, state: str = "", batch: str = "", tenant: str = "", q: str = "",
+             page: int = 1) -> Response:
+        who = principal_of(request)
+        listing = data.list_jobs(rt, state=state, batch=batch, tenant=tenant, q=q, page=max(1, page))
+        return _page(request, "jobs.html", {"listing": listing, "states": data.STATE_NAMES,
+                                            "f": {"state": state, "batch": batch, "tenant": tenant, "q": q}}, who)
+
+    @app.get("/jobs/{job_id}", response_class=HTMLResponse, include_in_schema=False)
+    def job(request: Request, job_id: str) -> Response:
+        who = principal_of(request)
+        detail = data.job_detail(rt, job_id) if JOB_ID_PATTERN.fullmatch(job_id) else None
+        if detail is None:
+            return _page(request, "error.html", {"status": 404, "message": f"No job {job_id}."}, who, status=404)
+        return _page(request, "job.html", {"job": detail}, who)
+
+    @app.get("/batches", response_class=HTMLResponse, include_in_schema=False)
+    def batches(request: Request) -> Response:
+        who = principal_of(request)
+        return _page(request, "batches.html", {"batches": data.batches(rt)}, who)
+
+    @app.get("/batches/{batch_id}", response_class=HTMLResponse, include_in_schema=False)
+    def batch(request: Request, batch_id: str) -> Response:
+        who = principal_of(request)
+        info = get_batch(rt, batch_id)
+        if info.get("state") == "not_found":
+            return _page(request, "error.html", {"status": 404, "message": f"No batch {batch_id}."}, who, status=404)
+        listing = data.list_jobs(rt, batch=batch_id, page=max(1, int(request.query_params.get("page", 1) or 1)))
+        return _page(request, "batch.html", {"b": data.with_progress(info), "listing": listing}, who)
+
+    @app.get("/dead-letters", response_class=HTMLResponse, include_in_schema=False)
+    def dead_letters(request: Request) -> Response:
+        who = principal_of(request)
+        letters = Delivery(rt).dead_letters(limit=200)
+        total = int(rt.redis.llen(rt.keys.dead_letters))
+        return _page(request, "dead_letters.html", {"letters": letters, "total": total,
+                                                    "replayed": request.query_params.get("n")}, who)
+
+    # -- actions (POST, CSRF, Origin, write rights) --------------------------------------------
+    @app.post("/jobs/{job_id}/retry", include_in_schema=False)
+    def retry(request: Request, job_id: str, csrf: str = Form("")) -> Response:
+        who = writer(request, csrf)
+        ok = pipeline.retry(job_id)
+        log.warning("dashboard: retry %s by %s: %s", job_id, who.name, "requeued" if ok else "refused")
+        return _back(f"/jobs/{quote(job_id, safe='')}", "retried" if ok else "not_retried")
+
+    @app.post("/jobs/{job_id}/cancel", include_in_schema=False)
+    def cancel(request: Request, job_id: str, csrf: str = Form("")) -> Response:
+        who = writer(request, csrf)
+        outcome = pipeline.cancel(job_id)
+        log.warning("dashboard: cancel %s by %s: %s", job_id, who.name, outcome)
+        return _back(f"/jobs/{quote(job_id, safe='')}", outcome)
+
+    @app.post("/batches/{batch_id}/cancel", include_in_schema=False)
+    def cancel_a_batch(request: Request, batch_id: str, csrf: str = Form("")) -> Response:
+        who = writer(request, csrf)
+        if get_batch(rt, batch_id).get("state") == "not_found":
+            return _page(request, "error.html", {"status": 404, "message": f"No batch {batch_id}."}, who, status=404)
+        n = cancel_batch(rt, batch_id, pipeline.cancel)
+        log.warning("dashboard: cancel batch %s by %s: %d cancelled", batch_id, who.name, n)
+        return _back(f"/batches/{quote(batch_id, safe='')}", "batch_cancelled")
+
+    @app.post("/pause", include_in_schema=False)
+    def pause(request: Request, csrf: str = Form(""), reason: str = Form("")) -> Response:
+        who = writer(request, csrf)
+        rt.gates.pause_operator(reason.strip()[:300] or f"paused from the dashboard ({who.name})")
+        log.warning("dashboard: submission paused by %s", who.name)
+        return _back("/", "paused")
+
+    @app.post("/resume", include_in_schema=False)
+    def resume(request: Request, csrf: str = Form("")) -> Response:
+        who = writer(request, csrf)
+        ok = rt.gates.resume_operator()
+        log.warning("dashboard: resume by %s: %s", who.name, "lifted" if ok else "no pause")
+        return _back("/", "resumed" if ok else "not_paused")
+
+    @app.post("/dead-letters/replay", include_in_schema=False)
+    def replay(request: Request, csrf: str = Form(""), job_id: str = Form("")) -> Response:
+        who = writer(request, csrf)
+        n = Delivery(rt).replay(job_id or None)
+        log.warning("dashboard: %d dead letter(s) replayed by %s", n, who.name)
+        return RedirectResponse(f"/dead-letters?m=replayed&n={n}", status_code=303)
+
+
+def same_origin(request: Request) -> bool:
+    """Whether a POST came from a page of this server: its ``Origin`` (or, without one, its
+    ``Referer``) names the host the request was sent to. A request with neither is refused."""
+    host = request.headers.get("host", "")
+    source = request.headers.get("origin") or request.headers.get("referer") or ""
+    if not source or source == "null" or not host:
+        return False
+    return urlsplit(source).netloc.lower() == host.lower()
+
+
+def _set_cookie(request: Request, resp: Response, value: str) -> None:
+    resp.set_cookie(SESSION_COOKIE, value, max_age=SESSION_MAX_AGE, path="/", httponly=True, samesite="strict",
+                    secure=request.url.scheme == "https")
+
+
+def _local(target: str) -> str:
+    """``target`` if it is a path on this site, else ``/`` (no open redirects after login)."""
+    if not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    return target
+
+
+def _page_url(request: Request, page: int) -> str:
+    """This page's URL with the same filters and page number ``page``."""
+    params = [(k, v) for k, v in request.query_params.multi_items() if k not in ("page", "m")]
+    return request.url.path + "?" + urlencode([*params, ("page", str(page))])
+
+
+def _back(path: str, code: str) -> RedirectResponse:
+    return RedirectResponse(f"{path}?m={code}", status_code=303)

@@ -1,0 +1,266 @@
+"""What the dashboard's pages show, read from the job store (no HTTP, no templates here).
+
+Every function takes the process's :class:`~kie_extend.runtime.Runtime` and returns plain dicts and
+lists for the templates. Listings read the state indexes (sorted sets scored by creation time), so
+"newest first" is by creation; filters that have no index of their own (tenant, a state inside a
+batch) look at the newest :data:`SCAN_LIMIT` candidates only, and the page says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from ..batches import get_batch, list_batches
+from ..events import status_record
+from ..metrics import overview as metrics_overview
+from ..runtime import Runtime
+from ..states import TERMINAL, JobState
+
+#: Rows per page of the jobs table.
+PAGE_SIZE = 50
+#: Most candidate jobs a filtered listing looks at (newest first).
+SCAN_LIMIT = 5000
+#: Seconds the credit balance is cached, and the timeouts (connect, read) of the call that reads it.
+CREDITS_TTL = 30.0
+CREDITS_TIMEOUT = (1.5, 2.5)
+#: Jobs (newest by creation, in states that were sent) whose ``submitted_ts`` give the submission rate.
+RATE_SAMPLE = 2000
+
+#: Every state a job can be in, in the order the pages list them.
+STATE_NAMES = [s.value for s in JobState if s is not JobState.NOT_FOUND]
+
+_credits_lock = threading.Lock()
+_credits_cache: dict[str, tuple[float, dict[str, Any]]] = {}
+
+
+def _t(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def iso(ts: Any) -> str:
+    """Epoch seconds (number or text) as ``YYYY-MM-DD HH:MM:SS.mmmZ``; ISO text passes through; ``""`` for none."""
+    if ts in (None, ""):
+        return ""
+    try:
+        when = datetime.fromtimestamp(float(ts), timezone.utc)
+    except (TypeError, ValueError):
+        return str(ts)
+    return when.strftime("%Y-%m-%d %H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+
+
+def pretty(value: Any) -> str:
+    """Indented JSON for a ``<pre>`` block."""
+    return json.dumps(value, indent=2, sort_keys=True, default=str)
+
+
+# -- overview ------------------------------------------------------------------------------------
+
+def overview(rt: Runtime) -> dict[str, Any]:
+    """``metrics.overview`` plus ``submissions`` (the shared counter's total) and ``rate``:
+    ``{"last_1m", "last_5m", "last_15m", "per_min_15m", "sample"}`` counted from the ``submitted_ts``
+    of the newest :data:`RATE_SAMPLE` jobs that were sent."""
+    ov = dict(metrics_overview(rt))
+    ov["submissions"] = int(rt.redis.hget(rt.keys.stats, "submissions") or 0)
+    ov["rate"] = submission_rate(rt)
+    ov["total"] = sum(ov["jobs"].values())  # type: ignore[union-attr]
+    return ov
+
+
+def submission_rate(rt: Runtime, now: float | None = None) -> dict[str, Any]:
+    """Submissions in the last 1, 5 and 15 minutes and the 15-minute average per minute, from the
+    ``submitted_ts`` of recent jobs (a job retried counts once, at its latest submission)."""
+    now = now or time.time()
+    ids: list[str] = []
+    for state in (JobState.SUBMITTED, JobState.SUCCEEDED, JobState.FAILED):
+        ids += [_t(i) for i in rt.redis.zrevrange(rt.keys.state_index(state.value), 0, RATE_SAMPLE - 1)]
+    pipe = rt.redis.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.hget(rt.keys.job(job_id), "submitted_ts")
+    stamps = [float(x) for x in pipe.execute() if x] if ids else []
+    ages = [now - s for s in stamps]
+    n1, n5, n15 = (sum(1 for a in ages if 0 <= a <= w * 60) for w in (1, 5, 15))
+    return {"last_1m": n1, "last_5m": n5, "last_15m": n15, "per_min_15m": round(n15 / 15, 2), "sample": len(ids)}
+
+
+def credits(rt: Runtime) -> dict[str, Any]:
+    """The provider's credit balance: ``{"ok": True, "credits": float, "at": epoch}`` or
+    ``{"ok": False, "error": str, "at": epoch}``; cached :data:`CREDITS_TTL` seconds, short timeouts,
+    never raises."""
+    s = rt.settings
+    key = f"{s.base_url}|{s.route}"
+    with _credits_lock:
+        hit = _credits_cache.get(key)
+        if hit and time.monotonic() - hit[0] < CREDITS_TTL:
+            return hit[1]
+    try:
+        client = type(rt.client)(s.base_url, s.api_key_value(), connect_timeout=CREDITS_TIMEOUT[0],
+                                 read_timeout=CREDITS_TIMEOUT[1])
+        result: dict[str, Any] = {"ok": True, "credits": client.credits(), "at": time.time()}
+    except Exception as exc:  # any failure is shown as "unavailable", never breaks the page
+        result = {"ok": False, "error": type(exc).__name__, "at": time.time()}
+    with _credits_lock:
+        _credits_cache[key] = (time.monotonic(), result)
+    return result
+
+
+# -- jobs ----------------------------------------------------------------------------------------
+
+_ROW_FIELDS = ("state", "tenant", "priority", "batch_id", "created_at", "kie_status", "attempts", "error",
+               "idempotency_key", "retried", "duplicate_of")
+
+
+def _candidates(rt: Runtime, *, state: str, batch: str) -> list[tuple[str, float]]:
+    """(job id, creation time) pairs, newest first, from the narrowest index the filters allow."""
+    if batch:
+        pairs = rt.redis.zrevrange(rt.keys.batch_jobs(batch), 0, SCAN_LIMIT - 1, withscores=True)
+        return [(_t(j), float(s)) for j, s in pairs]
+    states = [state] if state in STATE_NAMES else STATE_NAMES
+    found: list[tuple[str, float]] = []
+    for st in states:
+        pairs = rt.redis.zrevrange(rt.keys.state_index(st), 0, SCAN_LIMIT - 1, withscores=True)
+        found += [(_t(j), float(s)) for j, s in pairs]
+    found.sort(key=lambda p: p[1], reverse=True)
+    return found[:SCAN_LIMIT]
+
+
+def _search_ids(rt: Runtime, q: str) -> list[str]:
+    """Job ids a search matches: the id itself, the first job of an idempotency key, a batch's jobs."""
+    out: list[str] = []
+    if rt.redis.exists(rt.keys.job(q)):
+        out.append(q)
+    first = rt.redis.get(rt.keys.idempotency(q))
+    if first:
+        out.append(_t(first))
+    out += [_t(j) for j in rt.redis.zrevrange(rt.keys.batch_jobs(q), 0, SCAN_LIMIT - 1)]
+    return out
+
+
+def list_jobs(rt: Runtime, *, state: str = "", batch: str = "", tenant: str = "", q: str = "",
+              page: int = 1) -> dict[str, Any]:
+    """One page of jobs, newest first: ``{"rows": [{job_id, state, tenant, priority, batch_id,
+    created_at, kie_status, attempts, error_kind, retried}], "page", "pages", "total", "capped"}``.
+
+    ``state``, ``batch`` and ``tenant`` filter exactly; ``q`` matches a job id, an idempotency key,
+    a batch id or a tenant. ``capped`` is true when only the newest :data:`SCAN_LIMIT` were looked at."""
+    q = q.strip()
+    pairs = _candidates(rt, state=state, batch=batch)
+    capped = len(pairs) >= SCAN_LIMIT
+    ids = [j for j, _ in pairs]
+    matched: set[str] = set()
+    if q:
+        found = _search_ids(rt, q)
+        matched = set(found)
+        seen = set(ids)
+        ids = [j for j in dict.fromkeys(found) if j not in seen] + ids
+    rows = []
+    for rec in _rows(rt, ids):
+        if not rec.get("state"):
+            if not batch:
+                continue  # expired since it was indexed
+            rec["state"] = "pending"  # declared to its batch, message not yet taken by a worker
+        if state and rec["state"] != state:
+            continue
+        if tenant and (rec.get("tenant") or "default") != tenant:
+            continue
+        if q and not (rec["job_id"] in matched or rec.get("idempotency_key") == q or rec.get("batch_id") == q
+                      or (rec.get("tenant") or "default") == q):
+            continue
+        rows.append(rec)
+    total = len(rows)
+    pages = max(1, math.ceil(total / PAGE_SIZE))
+    page = min(page, pages)
+    return {"rows": rows[(page - 1) * PAGE_SIZE: page * PAGE_SIZE], "page": page, "pages": pages, "total": total,
+            "capped": capped}
+
+
+def _rows(rt: Runtime, ids: list[str]) -> list[dict[str, Any]]:
+    """The table fields of each job (one pipelined round trip)."""
+    if not ids:
+        return []
+    pipe = rt.redis.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.hmget(rt.keys.job(job_id), *_ROW_FIELDS)
+    out = []
+    for job_id, values in zip(ids, pipe.execute()):
+        rec: dict[str, Any] = {"job_id": job_id, **{f: (_t(v) if v is not None else None)
+                                                    for f, v in zip(_ROW_FIELDS, values)}}
+        try:
+            err = json.loads(rec.pop("error") or "null")
+        except ValueError:
+            err = None
+        rec["error_kind"] = err.get("kind") if isinstance(err, dict) else None
+        if rec.get("duplicate_of") and not rec.get("state"):
+            rec["state"] = "duplicate"
+        out.append(rec)
+    return out
+
+
+def job_detail(rt: Runtime, job_id: str) -> dict[str, Any] | None:
+    """One job for its page: the §5 status record plus ``timeline`` (``[{"at", "from", "to",
+    "after"}]``, ``after`` = seconds since the previous move), ``request``, ``last_poll_at``,
+    ``retried``, ``idempotency_key``, ``can_retry``, ``can_cancel``; None for an unknown job."""
+    raw = rt.store.get(job_id)
+    if raw is None:
+        return None
+    rec = status_record(raw, job_id)
+    try:
+        history = json.loads(raw.get("history") or "[]")
+    except ValueError:
+        history = []
+    timeline, prev = [], None
+    for move in history:
+        if not isinstance(move, list) or len(move) < 3:
+            continue
+        at = float(move[0])
+        timeline.append({"at": at, "from": move[1] or "(new)", "to": move[2],
+                         "after": None if prev is None else round(at - prev, 3)})
+        prev = at
+    try:
+        request = json.loads(raw.get("request") or "{}")
+    except ValueError:
+        request = {}
+    err = rec.get("error") or {}
+    rec.update({
+        "timeline": timeline,
+        "request": request,
+        "last_poll_at": raw.get("last_poll_ts"),
+        "retried": int(raw.get("retried") or 0),
+        "idempotency_key": raw.get("idempotency_key") or None,
+        "can_retry": rec["state"] == JobState.FAILED.value
+        and not (err.get("kind") == "invalid_request" and err.get("errors")),
+        "can_cancel": rec["state"] == JobState.QUEUED.value,
+        "terminal": rec["state"] in {s.value for s in TERMINAL},
+        "tracks": [t for t in rec["tracks"]],
+    })
+    for track in rec["tracks"]:
+        url = str(track.get("audio_url") or "")
+        track["playable"] = url if url.startswith(("http://", "https://")) else None
+    return rec
+
+
+# -- batches -------------------------------------------------------------------------------------
+
+def with_progress(info: dict[str, Any]) -> dict[str, Any]:
+    """A batch record plus ``done`` (jobs that ended), ``percent`` (0-100) and ``segments``
+    (``[(state, n, percent)]`` for the progress bar)."""
+    total = int(info.get("total") or 0)
+    counts: dict[str, int] = info.get("counts") or {}
+    ended = {s.value for s in TERMINAL} | {"duplicate"}
+    done = sum(n for s, n in counts.items() if s in ended)
+    order = ["succeeded", "duplicate", "failed", "cancelled", "submitted", "submitting", "queued", "pending"]
+    segments = [(s, counts[s], round(100 * counts[s] / total, 2) if total else 0) for s in order if counts.get(s)]
+    return {**info, "done": done, "percent": round(100 * done / total) if total else 0, "segments": segments}
+
+
+def batches(rt: Runtime, limit: int = 100) -> list[dict[str, Any]]:
+    """The newest batches with their progress (see :func:`with_progress`)."""
+    return [with_progress(b) for b in list_batches(rt, limit) if b.get("state") != "not_found"]
+
+
+__all__ = ["overview", "credits", "submission_rate", "list_jobs", "job_detail", "batches", "with_progress",
+           "get_batch", "iso", "pretty"]
