@@ -31,7 +31,7 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "kie-extend.json"
 RULES = ROOT / "deploy" / "prometheus" / "kie-extend-rules.yml"
 RULES_TEST = ROOT / "deploy" / "prometheus" / "kie-extend-rules.test.yml"
 METRIC = re.compile(r"\bkie_extend_[a-zA-Z0-9_]+")
-#: Words in PromQL that are not label names of a series (legend templates use only real labels).
+#: The label lists of ``by (...)`` and ``without (...)`` in a PromQL expression.
 _PROMQL_LABELS = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
 
 
@@ -49,7 +49,7 @@ def _install_promtool() -> str | None:
                            stderr=subprocess.DEVNULL, timeout=420, check=False)
         except subprocess.TimeoutExpired:
             break
-        found = shutil.which("promtool") or (("/usr/bin/promtool") if Path("/usr/bin/promtool").exists() else None)
+        found = shutil.which("promtool") or shutil.which("promtool", path="/usr/bin")
         if found:
             return found
     return None
