@@ -402,7 +402,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run the whole system on embedded defaults and show a handful of jobs finishing."""
     from .demo import run_demo
 
-    return run_demo(jobs=args.jobs, time_factor=args.time_factor)
+    return run_demo(jobs=args.jobs, time_factor=args.time_factor, hold=args.hold)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -505,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="run the whole system on embedded defaults")
     dm.add_argument("--jobs", type=int, default=6)
     dm.add_argument("--time-factor", type=float, default=0.08)
+    dm.add_argument("--hold", action=argparse.BooleanOptionalAction, default=None,
+                    help="after the results keep the system and its dashboard up until a line on stdin "
+                         "(Enter) or Ctrl-C; default: only when stdin is a terminal")
     dm.set_defaults(func=cmd_demo)
     return p
 

@@ -1,10 +1,15 @@
-"""``kie-extend demo``: the whole system on embedded defaults, a handful of jobs, a result table."""
+"""``kie-extend demo``: the whole system on embedded defaults, a handful of jobs, a result table.
+
+It runs ``kie-extend serve`` (callbacks, the /v1 API and the dashboard) with a fresh random token,
+printed once, so a person can watch the jobs in the dashboard while the demo runs."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from typing import Any
@@ -41,8 +46,12 @@ INVALID_REQUEST = {"uploadUrl": "ftp://example.org/a.mp3", "defaultParamFlag": T
                    "model": "V3", "continueAt": -4, "styleWeight": 1.5}
 
 
-def run_demo(jobs: int = 6, time_factor: float = 0.08) -> int:
-    """Start everything, run the sample jobs, print the table, stop everything. Returns 0 on success."""
+def run_demo(jobs: int = 6, time_factor: float = 0.08, hold: bool | None = None) -> int:
+    """Start everything, run the sample jobs, print the table, stop everything. Returns 0 when
+    every job reached its expected state, 1 otherwise, 130 when interrupted.
+
+    ``hold``: keep the system (and its dashboard) up after the table until Enter or Ctrl-C;
+    None holds only when stdin is a terminal."""
     from .api import enqueue_extend, get_job, producer_app
     from .errors import ValidationError
 
@@ -67,7 +76,11 @@ def run_demo(jobs: int = 6, time_factor: float = 0.08) -> int:
         sim = stack.start_simulator("--time-factor", str(time_factor))
         print(f"  simulator        {sim}  (time factor {time_factor}: a ~65 s generation takes "
               f"~{65 * time_factor:.0f} s)")
-        print(f"  callback server  {stack.start_receiver()}")
+        # A token for this run only: set for the serve child alone, never stored or logged.
+        token = secrets.token_urlsafe(18)
+        serve = stack.start_serve(tokens=[token])
+        print(f"  serve            {serve}  (callbacks, /v1 API, dashboard)")
+        print(f"dashboard: {serve}/  token: {token}")
         stack.start_worker(concurrency=2)
         stack.start_beat()
         print(f"  worker + beat    logs in {workdir}", flush=True)
@@ -142,6 +155,13 @@ def run_demo(jobs: int = 6, time_factor: float = 0.08) -> int:
         rt_stream = Keys(stack.settings().key_prefix).results
         print(f"\nResult events are on the Redis stream {rt_stream!r} (XREAD from any language).")
         print("demo finished: " + ("every job reached the expected state" if ok else "SOME JOBS DID NOT FINISH AS EXPECTED"))
+        if hold if hold is not None else sys.stdin.isatty():
+            print(f"\nThe system stays up for the dashboard ({serve}/, token above). "
+                  "Press Enter (or Ctrl-C) to stop everything.", flush=True)
+            try:
+                sys.stdin.readline()
+            except (KeyboardInterrupt, EOFError):
+                pass
         return 0 if ok else 1
     except KeyboardInterrupt:
         print("\ninterrupted; stopping everything")

@@ -1,4 +1,4 @@
-"""A whole local system in child processes: Valkey, simulator, receiver, workers, beat.
+"""A whole local system in child processes: Valkey, simulator, receiver or serve, workers, beat.
 
 Used by ``kie-extend demo``, the end-to-end and fault tests and the benchmarks, so all three run
 exactly the commands the README shows. Every child runs in its own process group and is stopped
@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -142,6 +143,25 @@ class DevStack:
         port = free_port()
         child = self._spawn("receiver", [sys.executable, "-m", "kie_extend.cli", "callback-server",
                                          "--port", str(port)])
+        url = f"http://127.0.0.1:{port}"
+        _wait_http(url + "/healthz", 30, child)
+        self.env["KIE_CALLBACK_BASE_URL"] = url
+        return url
+
+    def start_serve(self, tokens: str | Sequence[str] | None = None) -> str:
+        """Start ``kie-extend serve`` (callbacks, the /v1 API, the dashboard) on a free loopback
+        port; its URL (``http://127.0.0.1:PORT``) becomes ``KIE_CALLBACK_BASE_URL``, as with
+        :meth:`start_receiver`.
+
+        ``tokens`` (one string, a comma list, or a sequence; ``read:`` marks a read-only one) is set
+        as ``KIE_API_TOKENS`` for this child only, so no other child or log sees it. Raises
+        RuntimeError when the server exits early or does not answer ``/healthz`` within 30 s."""
+        port = free_port()
+        env: dict[str, str] = {}
+        if tokens:
+            env["KIE_API_TOKENS"] = tokens if isinstance(tokens, str) else ",".join(tokens)
+        child = self._spawn("serve", [sys.executable, "-m", "kie_extend.cli", "serve", "--host", "127.0.0.1",
+                                      "--port", str(port)], env=env)
         url = f"http://127.0.0.1:{port}"
         _wait_http(url + "/healthz", 30, child)
         self.env["KIE_CALLBACK_BASE_URL"] = url

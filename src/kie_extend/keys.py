@@ -139,6 +139,11 @@ class Keys:
         return f"{self.tag}:sweep"
 
     @property
+    def tick_last(self) -> str:
+        """Hash: the last finished tick's time (``at``, epoch seconds), for the stalled-tick alert."""
+        return f"{self.tag}:tick:last"
+
+    @property
     def sweep_last(self) -> str:
         """Hash: the last sweep's time, jobs checked and violations found."""
         return f"{self.tag}:sweep:last"

@@ -58,6 +58,16 @@ def _breaker(rt: Runtime) -> dict[str, object]:
     return st
 
 
+def last_tick(rt: Runtime) -> float:
+    """When any beat last finished a tick, in unix seconds; 0.0 when none ever has (or the value
+    is unreadable)."""
+    raw = rt.redis.hget(rt.keys.tick_last, "at")
+    try:
+        return float(raw) if raw else 0.0
+    except ValueError:
+        return 0.0
+
+
 def render(rt: Runtime) -> str:
     """The metrics in Prometheus text format (each family grouped, with its TYPE line)."""
     ov = overview(rt)
@@ -85,6 +95,9 @@ def render(rt: Runtime) -> str:
               "# HELP kie_extend_redis_evicted_keys_total Keys the job store's Redis evicted since it started.",
               "# TYPE kie_extend_redis_evicted_keys_total counter",
               f"kie_extend_redis_evicted_keys_total {mem['evicted_keys']}"]
+    lines += ["# HELP kie_extend_last_tick_timestamp_seconds When a beat last finished a tick (unix seconds; 0: never).",
+              "# TYPE kie_extend_last_tick_timestamp_seconds gauge",
+              f"kie_extend_last_tick_timestamp_seconds {last_tick(rt):.3f}"]
     stats = {k.decode(): v.decode() for k, v in rt.redis.hgetall(rt.keys.stats).items()}
     responses: list[str] = []
     counters: dict[str, str] = {}

@@ -55,6 +55,9 @@ class Scheduler:
         if random.random() < 0.01:
             self.store.trim_indexes(now - self.s.retention)
         repaired = self._sweep(now)
+        # Written last: a tick that keeps failing part-way shows as stalled (metrics.render's
+        # kie_extend_last_tick_timestamp_seconds), not as alive.
+        self.rt.redis.hset(self.rt.keys.tick_last, "at", repr(time.time()))
         return {"admitted": len(admitted), "due": len(due), "deliveries": len(deliveries), "expired": expired,
                 "repaired": repaired}
 
