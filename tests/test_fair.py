@@ -258,7 +258,6 @@ def test_order_under_load_with_real_workers(tmp_path: Path) -> None:
         sent_states = (JobState.SUBMITTING, JobState.SUBMITTED, JobState.SUCCEEDED)
         while sum(rt.store.count(s) for s in sent_states) < 30 and time.monotonic() < deadline:
             time.sleep(0.1)
-        arrived = time.time()
         b = enqueue_many(requests_for(stack, 10), tenant="B", settings=settings)
         urgent = enqueue_many(requests_for(stack, 3), tenant="A", priority=9, settings=settings)
         deadline = time.monotonic() + 60
@@ -266,16 +265,25 @@ def test_order_under_load_with_real_workers(tmp_path: Path) -> None:
                 (get_job(j, settings=settings).get("kie_task_id")) for j in [*b, *urgent]):
             time.sleep(0.2)
         cancel_batch(batch_a, settings=settings)
-        starts = {}
+        starts, created = {}, {}
         for j in [*a, *b, *urgent]:
             raw = rt.store.get(j) or {}
             if raw.get("submit_started_ts"):
                 starts[j] = float(raw["submit_started_ts"])
-        after = sorted((ts, j) for j, ts in starts.items() if ts >= arrived)
-        slots = {j: i for i, (_, j) in enumerate(after)}
-        assert all(j in slots for j in [*b, *urgent]), "every B and urgent job was sent"
-        assert max(slots[j] for j in urgent) < 8, [slots[j] for j in urgent]
-        assert min(slots[j] for j in b) < 8 and max(slots[j] for j in b) < 40, sorted(slots[j] for j in b)
+            created[j] = float(raw.get("created_ts") or 0)
+        assert all(j in starts for j in [*b, *urgent]), "every B and urgent job was sent"
+
+        def slots_waited(j: str, since: float) -> int:
+            """Submissions that went between ``since`` and this job's own."""
+            return sum(1 for ts in starts.values() if since <= ts < starts[j])
+
+        # Counted from when a worker recorded each job (message latency on a busy machine is not
+        # admission's doing): an urgent job waits only for slots already handed out.
+        waited = [slots_waited(j, created[j]) for j in urgent]
+        assert max(waited) < 8, waited
+        first_b = min(created[j] for j in b)
+        b_waits = sorted(slots_waited(j, first_b) for j in b)
+        assert b_waits[0] < 8 and b_waits[-1] < 40, b_waits  # B gets about every other slot
         stats = stack.sim_stats()
         assert stats["rate_limited"] == 0
 
