@@ -285,6 +285,12 @@ def test_submit_many_in_one_request(stack: Stack) -> None:
     assert all(sent[i]["batch_id"] == "album" for i in ids)
     batch = stack.call("GET", "/v1/batches/album", token=READ).json()
     assert batch["total"] == 3 and batch["counts"] == {"pending": 3} and not batch["finished"]
+    listed = stack.call("GET", "/v1/jobs?batch_id=album&state=pending", token=READ).json()
+    assert sorted(j["job_id"] for j in listed["jobs"]) == sorted(ids) and listed["next_cursor"] is None
+    assert {j["state"] for j in listed["jobs"]} == {"pending"}
+    stack.consume()
+    assert stack.call("GET", "/v1/jobs?batch_id=album&state=pending", token=READ).json()["jobs"] == []
+    assert len(stack.call("GET", "/v1/jobs?batch_id=album&tenant=b", token=READ).json()["jobs"]) == 2
 
 
 # ----- listing ------------------------------------------------------------------------------------
@@ -444,6 +450,21 @@ def test_pause_resume_and_system(stack: Stack) -> None:
     assert stack.call("POST", "/v1/pause").status_code == 200  # no body: no reason
     r = stack.call("POST", "/v1/pause", json={"reason": 5, "why": "x"})
     assert r.status_code == 422 and {e["field"] for e in r.json()["error"]["errors"]} == {"reason", "why"}
+
+
+def test_an_unavailable_job_store_is_a_json_503(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", api_tokens=WRITE,
+                             redis_socket_timeout=1)
+    served = Served(create_app(settings))
+    try:
+        for method, path in (("GET", "/v1/system"), ("GET", "/v1/jobs"), ("GET", "/v1/jobs/x"),
+                             ("POST", "/v1/jobs/x/cancel")):
+            r = requests.request(method, served.url + path, headers={"Authorization": f"Bearer {WRITE}"},
+                                 timeout=20)
+            assert r.status_code == 503, (path, r.text)
+            assert r.json()["error"]["kind"] == "unavailable" and WRITE not in r.text
+    finally:
+        served.stop()
 
 
 # ----- the OpenAPI document ---------------------------------------------------------------------------
@@ -610,3 +631,55 @@ def test_go_example_runs(stack: Stack, tmp_path: Path) -> None:
     assert p.returncode == 0, p.stdout + p.stderr
     [(job_id, _)] = stack.messages()
     assert job_id in p.stdout
+
+
+# ----- end to end: kie-extend serve, a real Celery worker and beat --------------------------------------
+
+def test_end_to_end_with_serve_and_a_real_worker(valkey: EmbeddedValkey, prefix: str, tmp_path: Path) -> None:
+    """Jobs sent over HTTP reach a real worker, KIE's callbacks come back to serve's callback route,
+    and the API shows them succeed."""
+    from kie_extend.devstack import DevStack, _wait_http
+
+    env = {"KIE_POLL_FIRST": "0.5s", "KIE_POLL_INTERVAL": "0.5s", "KIE_POLL_MAX_INTERVAL": "1s",
+           "KIE_POLL_CALLBACK_INTERVAL": "1s", "KIE_TICK_INTERVAL": "0.2s", "KIE_QUEUE": prefix}
+    with DevStack(tmp_path, redis_url=valkey.url, key_prefix=prefix, env=env) as st:
+        st.start_simulator("--time-factor", "0.03", "--seed", "5")
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        serve_child = st._spawn("serve", [sys.executable, "-m", "kie_extend.cli", "serve", "--port", str(port)],
+                                env={"KIE_API_TOKENS": f"{WRITE},read:{READ}"})
+        _wait_http(url + "/healthz", 30, serve_child)
+        st.env["KIE_CALLBACK_BASE_URL"] = url  # the worker names serve's callback route to KIE
+        st.start_worker(concurrency=2)
+        st.start_beat()
+        auth = {"Authorization": f"Bearer {WRITE}"}
+        body = {"uploadUrl": f"{st.sim_url}/files/source/30s.mp3", "defaultParamFlag": True,
+                "instrumental": True, "continueAt": 5, "model": "V5", "style": "rock", "title": "E2E"}
+        r = requests.post(url + "/v1/jobs", headers=auth, timeout=10,
+                          json={"jobs": [{"request": body, "metadata": {"n": i}} for i in range(3)],
+                                "batch_id": "e2e"})
+        assert r.status_code == 202, r.text
+        ids = r.json()["job_ids"]
+        deadline = time.monotonic() + 90
+        while True:
+            recs = [requests.get(f"{url}/v1/jobs/{j}", headers={"Authorization": f"Bearer {READ}"},
+                                 timeout=10).json() for j in ids]
+            if all(rec.get("state") in ("succeeded", "failed") for rec in recs):
+                break
+            assert time.monotonic() < deadline, [rec.get("state") for rec in recs]
+            time.sleep(0.3)
+        assert [rec["state"] for rec in recs] == ["succeeded"] * 3
+        assert [rec["metadata"] for rec in recs] == [{"n": 0}, {"n": 1}, {"n": 2}]
+        assert all(rec["tracks"] and rec["batch_id"] == "e2e" for rec in recs)
+        batch = requests.get(f"{url}/v1/batches/e2e", headers=auth, timeout=10).json()
+        assert batch["finished"] and batch["counts"] == {"succeeded": 3}
+        stats = st.sim_stats()
+        assert stats["submissions_accepted"] == 3
+        by_url = stats["submissions_by_callback_url"]
+        assert sorted(by_url) == sorted(f"{url}/kie/callback/{j}" for j in ids)  # callbacks go to serve
+        assert set(by_url.values()) == {1}  # each sent once
+        assert stats.get("callbacks_sent", 0) >= 3 and not stats.get("callbacks_failed")  # serve answered 200
+        listed = requests.get(f"{url}/v1/jobs?state=succeeded&batch_id=e2e&limit=2", headers=auth, timeout=10).json()
+        assert len(listed["jobs"]) == 2 and listed["next_cursor"]
+        logged = (tmp_path / "serve.log").read_text()
+        assert WRITE not in logged and READ not in logged
