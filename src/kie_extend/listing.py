@@ -132,15 +132,20 @@ def list_jobs(rt: Runtime, *, state: str | None = None, batch_id: str | None = N
         source = heapq.merge(*(_walk(rt, rt.keys.state_index(s), after) for s in states), reverse=True)
 
     page: list[dict[str, Any]] = []
+    shown: set[str] = set()
     last: Entry | None = None
     seen = 0
-    for chunk in _chunks(source):
+    # Records are read a chunk at a time; without filters that drop jobs a page's worth is enough.
+    size = min(CHUNK, limit) if tenant is None and not (batch_id is not None and state is not None) else CHUNK
+    for chunk in _chunks(source, size):
         stop = False
         for entry, raw in zip(chunk, _records(rt, [job_id for _, job_id in chunk])):
             seen += 1
             last = entry
             record = _record(rt, entry[1], raw, in_batch=batch_id is not None)
-            if record is not None and _keep(record, state, tenant):
+            # A job that moved between two state indexes while they were read appears once.
+            if record is not None and entry[1] not in shown and _keep(record, state, tenant):
+                shown.add(entry[1])
                 page.append(record)
             if len(page) == limit or seen >= SCAN_BUDGET:
                 stop = True
@@ -155,9 +160,9 @@ def list_jobs(rt: Runtime, *, state: str | None = None, batch_id: str | None = N
     return page, encode_cursor(*last)
 
 
-def _chunks(source: Iterator[Entry]) -> Iterator[list[Entry]]:
+def _chunks(source: Iterator[Entry], size: int) -> Iterator[list[Entry]]:
     while True:
-        chunk = list(islice(source, CHUNK))
+        chunk = list(islice(source, size))
         if not chunk:
             return
         yield chunk
