@@ -379,6 +379,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_openapi(args: argparse.Namespace) -> int:
+    """Write the OpenAPI document of ``serve``'s app (no server, no Redis connection)."""
+    from .http.app import openapi_text
+
+    text = openapi_text()
+    if args.out == "-":
+        sys.stdout.write(text)
+    else:
+        with open(args.out, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
 def _preflight(settings: Settings, process: str) -> bool:
     """Log the endpoints and run the start-up checks; False (after printing why) on a refusal."""
     from .preflight import run
@@ -493,6 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "while the API and dashboard stay on --host/--port")
     sv.add_argument("--callback-host", default="0.0.0.0")
     sv.set_defaults(func=cmd_serve)
+
+    oa = sub.add_parser("openapi", help="write the HTTP API's OpenAPI document (JSON)")
+    oa.add_argument("--out", default="-", help="file to write ('-' = stdout; docs/openapi.json in the repo)")
+    oa.set_defaults(func=cmd_openapi)
 
     cb = sub.add_parser("callback-server", help="run the callback receiver")
     cb.add_argument("--host", default="127.0.0.1")

@@ -1,24 +1,342 @@
-"""The JSON API under ``/v1`` (DESIGN §12). Every route needs a bearer token (``auth.py``)."""
+"""The JSON API under ``/v1`` (DESIGN §12). Every route needs a bearer token (``auth.py``); routes
+that change anything need a write token (403 for a ``read:`` one).
+
+Bodies are parsed here and validated by the Python API's own code path, so a field error reads the
+same from every language; every error is ``{"error": {"kind", "message", "errors"?}}``. Store and
+broker calls block, so they run in the thread pool and the event loop stays free for callbacks.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Security
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic.json_schema import models_json_schema
+from starlette.concurrency import run_in_threadpool
 
-from ..api import get_job
+from .. import api
+from ..batches import get_batch, list_batches
+from ..errors import JobExistsError, ValidationError
+from ..intake import JOB_ID_PATTERN
+from ..listing import DEFAULT_LIMIT, MAX_LIMIT, list_jobs
+from ..metrics import overview
+from ..states import JobState
+from .auth import Auth, Principal
+from .schemas import (MAX_JOBS_PER_REQUEST, Batch, BatchCancelled, BatchList, BatchSubmission, CancelOutcome,
+                      ErrorBody, JobAccepted, JobPage, JobRecord, JobsAccepted, JobSubmission, PauseRequest,
+                      PauseState, ResumeOutcome, RetryOutcome, SystemOverview)
 
-router = APIRouter(prefix="/v1")
+#: Largest request body ``POST /v1/jobs`` reads, in bytes.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+#: Fields of one job object (``audio_file`` is the Python API's only: a server-side path is no input).
+ITEM_FIELDS = ("request", "idempotency_key", "metadata", "tenant", "priority", "batch_id", "not_after", "job_id")
+#: Fields of ``{"jobs": [...]}`` besides ``jobs``: defaults for every job.
+BATCH_FIELDS = ("tenant", "priority", "batch_id", "not_after")
+
+T = TypeVar("T")
+
+_bearer = HTTPBearer(auto_error=False, description="A token from KIE_API_TOKENS; a read: token may only read.")
 
 
-@router.get("/jobs/{job_id}")
-def read_job(job_id: str, request: Request) -> Any:
+def reader(request: Request, _: HTTPAuthorizationCredentials | None = Security(_bearer)) -> Principal:
+    """Any valid token; raises 401 (JSON) otherwise."""
+    return request.app.state.auth.from_request(request)
+
+
+def writer(principal: Principal = Depends(reader)) -> Principal:
+    """A token that may change things; raises 403 for a read-only one."""
+    Auth.require_write(principal)
+    return principal
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    described = {401: "no valid bearer token", 403: "read-only token", 404: "unknown id",
+                 409: "conflict with the job's state", 422: "invalid request: every bad field listed",
+                 503: "the job store is unavailable"}
+    return {c: {"model": ErrorBody, "description": described[c]} for c in (401, *codes)}
+
+
+def fail(status: int, kind: str, message: str, errors: list[dict[str, str]] | None = None) -> HTTPException:
+    """An HTTPException the app renders in DESIGN §12's error shape."""
+    detail: dict[str, Any] = {"kind": kind, "message": message}
+    if errors is not None:
+        detail["errors"] = errors
+    return HTTPException(status, detail=detail)
+
+
+def invalid(errors: list[dict[str, str]]) -> HTTPException:
+    """422 listing every bad field."""
+    return fail(422, "invalid_request", f"the request failed validation ({len(errors)} problem(s))", errors)
+
+
+async def _blocking(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    return await run_in_threadpool(fn, *args, **kwargs)
+
+
+async def _json_body(request: Request, *, optional: bool = False) -> Any:
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise fail(413, "too_large", f"the body is larger than {MAX_BODY_BYTES} bytes")
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise fail(413, "too_large", f"the body is larger than {MAX_BODY_BYTES} bytes")
+    if not raw.strip() and optional:
+        return {}
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise invalid([{"field": "body", "message": f"not valid JSON ({exc})"}]) from None
+
+
+def _schema_ref(*names: str) -> dict[str, Any]:
+    refs = [{"$ref": f"#/components/schemas/{n}"} for n in names]
+    schema = refs[0] if len(refs) == 1 else {"oneOf": refs}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+router = APIRouter(prefix="/v1", tags=["v1"])
+
+
+# -- jobs --------------------------------------------------------------------------------------
+
+@router.post("/jobs", status_code=202, response_model=JobAccepted | JobsAccepted,
+             responses=_errors(403, 409, 422), openapi_extra=_schema_ref("JobSubmission", "BatchSubmission"))
+async def submit_jobs(request: Request, principal: Principal = Depends(writer)) -> JSONResponse:
+    """Validate and enqueue one job (a ``JobSubmission``) or several (``{"jobs": [...]}``).
+
+    202 ``{"job_id"}`` or ``{"job_ids": [...]}`` in the order given. 422 lists every bad field with
+    the Python API's names and messages (``request.continueAt``; ``[2].request.model`` in a list)
+    and nothing is enqueued. 409 when an explicit ``job_id`` already exists (nothing enqueued)."""
+    body = await _json_body(request)
+    if not isinstance(body, dict):
+        raise invalid([{"field": "body", "message": 'must be a JSON object: one job, or {"jobs": [...]}'}])
+    settings = request.app.state.settings
+    try:
+        if "jobs" in body:
+            ids = await _blocking(_submit_many, body, settings)
+            return JSONResponse({"job_ids": ids}, status_code=202)
+        job_id = await _blocking(_submit_one, body, settings)
+        return JSONResponse({"job_id": job_id}, status_code=202)
+    except JobExistsError as exc:
+        raise fail(409, "job_exists", exc.errors[0]["message"], exc.errors) from None
+    except ValidationError as exc:
+        raise invalid(exc.errors) from None
+
+
+def _unknown(obj: dict[str, Any], known: tuple[str, ...], prefix: str = "") -> list[dict[str, str]]:
+    return [{"field": f"{prefix}{k}", "message": "unknown field"} for k in sorted(set(obj) - set(known))]
+
+
+def _bad_job_id(job_id: Any, prefix: str = "") -> list[dict[str, str]]:
+    if job_id is None or (isinstance(job_id, str) and JOB_ID_PATTERN.fullmatch(job_id)):
+        return []
+    return [{"field": f"{prefix}job_id", "message": "must be 1-128 characters of A-Z a-z 0-9 _ . : -"}]
+
+
+def _submit_one(body: dict[str, Any], settings: Any) -> str:
+    problems = _unknown(body, ITEM_FIELDS) + _bad_job_id(body.get("job_id"))
+    kwargs = {k: body.get(k) for k in ITEM_FIELDS if k != "request"}
+    if problems:
+        # Report the rest too, from the same checks, and send nothing.
+        try:
+            api.check_extend(body.get("request"), settings=settings,
+                             **{k: v for k, v in kwargs.items() if k != "job_id"})
+        except ValidationError as exc:
+            problems += exc.errors
+        raise ValidationError(problems)
+    return api.enqueue_extend(body.get("request"), settings=settings, **kwargs)  # type: ignore[arg-type]
+
+
+def _submit_many(body: dict[str, Any], settings: Any) -> list[str]:
+    jobs = body["jobs"]
+    problems = _unknown(body, ("jobs", *BATCH_FIELDS))
+    if not isinstance(jobs, list) or not jobs:
+        raise ValidationError(problems + [{"field": "jobs", "message": "must be a non-empty list of job objects"}])
+    if len(jobs) > MAX_JOBS_PER_REQUEST:
+        raise ValidationError(problems + [{"field": "jobs", "message": f"at most {MAX_JOBS_PER_REQUEST} jobs per "
+                                           "request; send several with the same batch_id"}])
+    for i, item in enumerate(jobs):
+        if not isinstance(item, dict):
+            problems.append({"field": f"[{i}]", "message": "must be a JSON object"})
+        else:
+            problems += _unknown(item, ITEM_FIELDS, f"[{i}].")
+    if problems:
+        # Run the item checks as well (skipping non-objects) so the answer lists every problem.
+        items = [{k: v for k, v in item.items() if k in ITEM_FIELDS} if isinstance(item, dict) else None
+                 for item in jobs]
+        for i, item in enumerate(items):
+            if item is None:
+                continue
+            try:
+                api.check_extend(item.get("request"), settings=settings,
+                                 **{k: item.get(k, body.get(k)) for k in ("idempotency_key", "metadata",
+                                                                         *BATCH_FIELDS)})
+            except ValidationError as exc:
+                problems += [{"field": f"[{i}].{e['field']}", "message": e["message"]} for e in exc.errors]
+            problems += _bad_job_id(item.get("job_id"), f"[{i}].")
+        raise ValidationError(problems)
+    return api.enqueue_many(jobs, settings=settings, **{k: body.get(k) for k in BATCH_FIELDS})
+
+
+@router.get("/jobs/{job_id}", response_model=JobRecord, responses=_errors(404))
+async def read_job(job_id: str, request: Request, principal: Principal = Depends(reader)) -> JSONResponse:
     """One job's status record (DESIGN §5); 404 with ``state: not_found`` for an unknown id."""
-    request.app.state.auth.from_request(request)
-    rec = get_job(job_id, settings=request.app.state.settings)
-    if rec["state"] == "not_found":
-        from fastapi.responses import JSONResponse
-
+    rec = await _blocking(api.get_job, job_id, settings=request.app.state.settings)
+    if rec["state"] == JobState.NOT_FOUND.value:
         return JSONResponse({"job_id": job_id, "state": "not_found",
                              "error": {"kind": "not_found", "message": f"no job {job_id}"}}, status_code=404)
-    return rec
+    return JSONResponse(rec)
+
+
+@router.get("/jobs", response_model=JobPage, responses=_errors(422))
+async def list_jobs_route(
+    request: Request,
+    state: str | None = Query(None, description="queued, submitting, submitted, succeeded, failed, cancelled "
+                                                "(and pending with batch_id)"),
+    batch_id: str | None = Query(None, description="only this batch's jobs"),
+    tenant: str | None = Query(None, description="only this tenant's jobs"),
+    limit: int = Query(DEFAULT_LIMIT, description=f"jobs per page, 1-{MAX_LIMIT}"),
+    cursor: str | None = Query(None, description="next_cursor from the previous page"),
+    principal: Principal = Depends(reader),
+) -> JSONResponse:
+    """Jobs newest first (by creation time), filtered, one page at a time: follow ``next_cursor``
+    until it is null. A page may be short while ``next_cursor`` is set when filters skip many."""
+    try:
+        jobs, nxt = await _blocking(list_jobs, request.app.state.runtime, state=state, batch_id=batch_id,
+                                    tenant=tenant, limit=limit, cursor=cursor)
+    except ValidationError as exc:
+        raise invalid(exc.errors) from None
+    return JSONResponse({"jobs": jobs, "next_cursor": nxt})
+
+
+_TOO_LATE = ("job {job_id} was already sent to KIE (state {state}); KIE has no cancel call, so it keeps going")
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=CancelOutcome, responses=_errors(403, 404, 409))
+async def cancel_job(job_id: str, request: Request, principal: Principal = Depends(writer)) -> JSONResponse:
+    """Cancel a job not yet sent to KIE. 409 ``too_late`` once it was sent (it keeps going), 409
+    ``finished`` when it already ended, 404 for an unknown id."""
+    outcome = await _blocking(request.app.state.pipeline.cancel, job_id)
+    if outcome == "cancelled":
+        return JSONResponse({"job_id": job_id, "outcome": "cancelled"})
+    if outcome == "not_found":
+        raise fail(404, "not_found", f"no job {job_id}")
+    state = (await _blocking(api.get_job, job_id, settings=request.app.state.settings))["state"]
+    if outcome == "too_late":
+        raise fail(409, "too_late", _TOO_LATE.format(job_id=job_id, state=state))
+    raise fail(409, "finished", f"job {job_id} already ended ({state}); nothing to cancel")
+
+
+@router.post("/jobs/{job_id}/retry", response_model=RetryOutcome, responses=_errors(403, 404, 409))
+async def retry_job(job_id: str, request: Request, principal: Principal = Depends(writer)) -> JSONResponse:
+    """Send a failed job to KIE again (it may cost credits again). 409 when the job is not failed,
+    or failed on field errors (fix the request and enqueue a new job); 404 for an unknown id."""
+    if await _blocking(request.app.state.pipeline.retry, job_id):
+        return JSONResponse({"job_id": job_id, "outcome": "queued"})
+    rec = await _blocking(api.get_job, job_id, settings=request.app.state.settings)
+    if rec["state"] == JobState.NOT_FOUND.value:
+        raise fail(404, "not_found", f"no job {job_id}")
+    if rec["state"] == JobState.FAILED.value:
+        raise fail(409, "not_retryable", f"job {job_id} failed on invalid fields; sending it again would fail the "
+                                         "same way: fix the request and enqueue a new job")
+    raise fail(409, "not_retryable", f"job {job_id} is {rec['state']}; only a failed job can be retried")
+
+
+# -- batches -----------------------------------------------------------------------------------
+
+@router.get("/batches", response_model=BatchList, responses=_errors(422))
+async def list_batches_route(request: Request, limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
+                             principal: Principal = Depends(reader)) -> JSONResponse:
+    """The newest batches, newest first."""
+    return JSONResponse({"batches": await _blocking(list_batches, request.app.state.runtime, limit)})
+
+
+@router.get("/batches/{batch_id}", response_model=Batch, responses=_errors(404))
+async def read_batch(batch_id: str, request: Request, principal: Principal = Depends(reader)) -> JSONResponse:
+    """A batch's counts by state; 404 for an unknown batch."""
+    rec = await _blocking(get_batch, request.app.state.runtime, batch_id)
+    if rec.get("state") == "not_found":
+        raise fail(404, "not_found", f"no batch {batch_id}")
+    return JSONResponse(rec)
+
+
+@router.post("/batches/{batch_id}/cancel", response_model=BatchCancelled, responses=_errors(403, 404))
+async def cancel_batch_route(batch_id: str, request: Request, principal: Principal = Depends(writer)) -> JSONResponse:
+    """Cancel every job of the batch not yet sent, and any that arrives later; ``cancelled`` counts
+    the jobs cancelled now. 404 for an unknown batch."""
+    settings = request.app.state.settings
+    if (await _blocking(get_batch, request.app.state.runtime, batch_id)).get("state") == "not_found":
+        raise fail(404, "not_found", f"no batch {batch_id}")
+    n = await _blocking(api.cancel_batch, batch_id, settings=settings)
+    return JSONResponse({"batch_id": batch_id, "cancelled": n})
+
+
+# -- operator pause and the system view ----------------------------------------------------------
+
+@router.post("/pause", response_model=PauseState, responses=_errors(403, 422),
+             openapi_extra={"requestBody": {"required": False, "content": {"application/json": {
+                 "schema": {"$ref": "#/components/schemas/PauseRequest"}}}}})
+async def pause(request: Request, principal: Principal = Depends(writer)) -> JSONResponse:
+    """An operator's pause: no job is sent to KIE until resume (jobs already sent keep going).
+    Body optional: ``{"reason": "..."}``."""
+    body = await _json_body(request, optional=True)
+    reason = body.get("reason", "") if isinstance(body, dict) else None
+    problems = [] if isinstance(body, dict) else [{"field": "body", "message": "must be a JSON object"}]
+    if isinstance(body, dict):
+        problems += _unknown(body, ("reason",))
+        if not isinstance(reason, str) or len(reason) > 500:
+            problems.append({"field": "reason", "message": "must be a string of at most 500 characters"})
+    if problems:
+        raise invalid(problems)
+    rt = request.app.state.runtime
+    await _blocking(rt.gates.pause_operator, reason)
+    return JSONResponse({"operator_paused": (await _blocking(_system, rt))["operator_paused"]})
+
+
+@router.post("/resume", response_model=ResumeOutcome, responses=_errors(403))
+async def resume(request: Request, principal: Principal = Depends(writer)) -> JSONResponse:
+    """Lift an operator's pause (the provider's pause, 401/402 or the breaker, lifts by itself)."""
+    rt = request.app.state.runtime
+    resumed = await _blocking(rt.gates.resume_operator)
+    return JSONResponse({"resumed": bool(resumed), "operator_paused": (await _blocking(_system, rt))["operator_paused"]})
+
+
+@router.get("/system", response_model=SystemOverview, responses=_errors())
+async def system(request: Request, principal: Principal = Depends(reader)) -> JSONResponse:
+    """Gates, pauses (the provider's and an operator's apart), breaker, in-flight, rate use,
+    waiting jobs by priority and tenant, dead letters and the job store's memory."""
+    return JSONResponse(await _blocking(_system, request.app.state.runtime))
+
+
+def _system(rt: Any) -> dict[str, Any]:
+    view = overview(rt)
+    by_priority = {str(p): {str(t): int(n) for t, n in tenants.items()}
+                   for p, tenants in view["waiting_by_priority"].items()}  # type: ignore[attr-defined]
+    by_tenant: dict[str, int] = {}
+    for tenants in by_priority.values():
+        for t, n in tenants.items():
+            by_tenant[t] = by_tenant.get(t, 0) + n
+    return {**view, "waiting_by_priority": by_priority, "waiting_by_tenant": by_tenant}
+
+
+def install(app: FastAPI) -> None:
+    """Add the /v1 routes, and put the documented body models (parsed by hand, see above) in the
+    OpenAPI document's components."""
+    app.include_router(router)
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = default_openapi()
+        _, defs = models_json_schema([(m, "validation") for m in (JobSubmission, BatchSubmission, PauseRequest)],
+                                     ref_template="#/components/schemas/{model}")
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -70,9 +70,19 @@ def create_app(settings: Settings, *, parts: Iterable[str] = PARTS, runtime: Run
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body",
+        errors = [{"field": ".".join(str(p) for p in _field_loc(e.get("loc", ()))) or "body",
                    "message": str(e.get("msg", "invalid"))} for e in exc.errors()]
         return JSONResponse(error_body("invalid_request", "the request failed validation", errors), status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # No detail on the wire: it could name internals; the log has the traceback.
+        if is_infra_error(exc):
+            log.warning("job store unavailable: %s", type(exc).__name__)
+            return JSONResponse(error_body("unavailable", "the job store is unavailable; try again"),
+                                status_code=503, headers={"Retry-After": "5"})
+        log.exception("unexpected error in %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal", "unexpected server error"), status_code=500)
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:
@@ -87,9 +97,9 @@ def create_app(settings: Settings, *, parts: Iterable[str] = PARTS, runtime: Run
     if "callbacks" in parts:
         _callbacks(app, settings)
     if "api" in parts:
-        from .api_v1 import router as api_router
+        from .api_v1 import install
 
-        app.include_router(api_router)
+        install(app)
     if "dashboard" in parts:
         from .dashboard import mount as mount_dashboard
 
@@ -132,6 +142,19 @@ def _callbacks(app: FastAPI, settings: Settings) -> None:
             else:
                 log.exception("callback handling failed", extra={"job_id": job_id})
         return JSONResponse({"status": "received"})
+
+
+def openapi_text() -> str:
+    """The OpenAPI document of the full app as stable JSON text (``docs/openapi.json``). Builds the
+    app on default settings; nothing connects to Redis."""
+    settings = Settings(_env_file=None, redis_url="redis://127.0.0.1:6379/0", api_tokens="openapi")
+    return json.dumps(create_app(settings).openapi(), indent=2, ensure_ascii=False) + "\n"
+
+
+def _field_loc(loc: Iterable[Any]) -> list[Any]:
+    """A validation error's location without FastAPI's ``body``/``query``/``path`` head."""
+    parts = list(loc)
+    return parts[1:] if parts and parts[0] in ("body", "query", "path", "header") else parts
 
 
 def _version() -> str:
