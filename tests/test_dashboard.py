@@ -124,3 +124,23 @@ def test_same_origin_compares_origin_then_referer_with_the_host() -> None:
     assert not same_origin(_Req({**host, "origin": "https://evil.example"}))  # type: ignore[arg-type]
     assert not same_origin(_Req({**host, "origin": "null"}))  # type: ignore[arg-type]
     assert not same_origin(_Req(host))  # type: ignore[arg-type]
+
+
+def test_a_dashboard_session_does_not_open_the_json_api(make_settings: Callable[..., Settings]) -> None:
+    """/v1 takes bearer tokens only: its POSTs carry no CSRF token, so a logged-in browser's cookie
+    must not be enough (a cross-site form would otherwise pause submission)."""
+    settings = make_settings(base_url="http://127.0.0.1:9", api_tokens="admin-token,read:viewer-token")
+    app = ServedApp(create_app(settings, parts=("api", "dashboard")))
+    try:
+        _check_cookie_is_not_a_bearer(app)
+    finally:
+        app.stop()
+
+
+def _check_cookie_is_not_a_bearer(app: ServedApp) -> None:
+    s, r = _login(app, "admin-token")
+    assert r.status_code in (200, 303) and s.cookies
+    assert s.get(app.url + "/v1/system").status_code == 401
+    assert s.post(app.url + "/v1/pause", json={"reason": "x"}).status_code == 401
+    ok = requests.get(app.url + "/v1/system", headers={"Authorization": "Bearer admin-token"})
+    assert ok.status_code == 200 and ok.json()["operator_paused"] is None

@@ -155,6 +155,9 @@ def enqueue_extend(request: dict[str, Any], *, audio_file: AudioPath | None = No
                                 settings=settings)
         request = {**request, "uploadUrl": uploaded.url}
     check_extend(request, idempotency_key=idempotency_key, metadata=metadata, settings=settings, **options)
+    if job_id is not None and not (isinstance(job_id, str) and JOB_ID_PATTERN.fullmatch(job_id)):
+        raise ValidationError([{"field": "job_id", "message": "must be 1-128 characters of A-Z a-z 0-9 _ . : - "
+                                "(it is part of the job's callback URL)"}])
     if job_id is not None and _runtime(settings).store.exists(job_id):
         raise JobExistsError(job_id)
     job_id = job_id or str(uuid.uuid4())

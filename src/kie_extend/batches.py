@@ -76,7 +76,10 @@ def cancel_batch(rt: Runtime, batch_id: str, cancel_one: Any) -> int:
     """Cancel every job of a batch not yet sent; returns how many were cancelled.
 
     The batch is marked cancelled first, so a job whose message arrives later is cancelled when a
-    worker accepts it. ``cancel_one(job_id, raw)`` is ``Pipeline.cancel``."""
+    worker accepts it. ``cancel_one(job_id, raw)`` is ``Pipeline.cancel``. An unknown batch cancels
+    nothing and is not created."""
+    if not rt.redis.exists(rt.keys.batch(batch_id), rt.keys.batch_jobs(batch_id)):
+        return 0
     rt.redis.hset(rt.keys.batch(batch_id), "cancelled", "1")
     n = 0
     for ids in batch_job_ids(rt, batch_id):
