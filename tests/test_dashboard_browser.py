@@ -247,13 +247,32 @@ def _scripts_ok(driver: Any) -> bool:
 
 def click(driver: Any, css: str) -> None:
     """Click what matches ``css`` and wait until the browser has loaded the next page."""
-    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
     page = find(driver, "html")
     find(driver, css).click()
-    WebDriverWait(driver, 20).until(ec.staleness_of(page))
-    WebDriverWait(driver, 20).until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+    def gone(_: Any) -> bool:
+        # Selenium's staleness_of only knows StaleElementReferenceException; Chromium may instead
+        # answer "Node with given id does not belong to the document" while the next page loads.
+        try:
+            page.is_enabled()
+            return False
+        except WebDriverException:
+            return True
+
+    WebDriverWait(driver, 20).until(gone)
+    WebDriverWait(driver, 20).until(lambda d: _ready(d))
+
+
+def _ready(driver: Any) -> bool:
+    from selenium.common.exceptions import WebDriverException
+
+    try:
+        return bool(driver.execute_script("return document.readyState") == "complete")
+    except WebDriverException:
+        return False
 
 
 def login(driver: Any, base: str, token: str) -> None:
