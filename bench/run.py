@@ -50,9 +50,12 @@ from harness import (  # noqa: E402
 )
 from gate_model import run_models  # noqa: E402
 from kie_extend.api import enqueue_many, get_job  # noqa: E402
+from kie_extend.keys import Keys  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 PREFIX = "bench"
+# Key names as the project builds them (under the prefix's hash tag: "{bench}:job:...").
+K = Keys(PREFIX)
 
 # The provider allows 20 new submissions per 10 s; the benchmarks scale that window to 1 s.
 LIMIT, WINDOW = 20, 1.0
@@ -176,12 +179,13 @@ def scenario_limit(res: Results, workdir: Path) -> None:
                 child.stop()
         tick = float(TICK.rstrip("s"))
         models = run_models(st.redis_url, [0.0, tick], n=n, limit=LIMIT, window=WINDOW,
-                            margin=float(MARGIN.rstrip("s")), timeout=60)
+                            margin=float(MARGIN.rstrip("s")), tick=tick, timeout=60)
         res.detail("limit", gate_model=models)
         for m in models:
             res.add("limit", f"gate alone: rate / limit, dispatch lateness U(0, {m['lateness']:g}s)", m["ratio"],
-                    "", None, note=f"real Gates.acquire on Valkey, no Celery; {m['wait_verdicts']} wait verdicts "
-                                   f"for {n - LIMIT} jobs that had to wait (bench/gate_model.py)")
+                    "", None, note=f"real Admission.admit (tick {tick:g}s ahead) + Gates.acquire on Valkey, no "
+                                   f"Celery; {m['wait_verdicts']} wait / {m['lost_verdicts']} lost verdicts "
+                                   f"(bench/gate_model.py)")
 
 
 # ==================================================================================================
@@ -375,7 +379,7 @@ def noop_throughput(st: BenchStack, n: int, concurrency: int) -> tuple[float, di
 
 def finished_count(r: Any) -> tuple[int, int]:
     s = stats_hash(r, PREFIX)
-    return int(s.get("jobs_succeeded", 0) + s.get("jobs_failed", 0)), int(r.xlen(f"{PREFIX}:results"))
+    return int(s.get("jobs_succeeded", 0) + s.get("jobs_failed", 0)), int(r.xlen(K.results))
 
 
 def run_instant(st: BenchStack, n: int, timeout: float) -> float:
@@ -454,19 +458,20 @@ def inflight_bytes(res: Results, workdir: Path) -> None:
         time.sleep(1.0)
         before = int(r.info("memory")["used_memory"])
         ids, _, _ = enqueue(st, n, callback_url="http://127.0.0.1:9/kie/callback/unused")
-        wait_until(lambda: r.zcard(f"{PREFIX}:state:submitted") >= n and queue_drained(r, "kie_extend"),
+        wait_until(lambda: r.zcard(K.state_index("submitted")) >= n and queue_drained(r, "kie_extend"),
                    180, 0.2, f"{n} jobs in flight")
         time.sleep(2.5)  # the submission-rate log expires ~2 s after the last submission
         after = int(r.info("memory")["used_memory"])
         per_job = (after - before) / n
         sample = random.Random(5).sample(ids, 50)
-        key_bytes = [int(r.memory_usage(f"{PREFIX}:job:{j}", samples=0) or 0) for j in sample]
-        encoding = r.object("encoding", f"{PREFIX}:job:{sample[0]}")
+        key_bytes = [int(r.memory_usage(K.job(j), samples=0) or 0) for j in sample]
+        encoding = r.object("encoding", K.job(sample[0]))
         encoding = encoding.decode() if isinstance(encoding, bytes) else encoding
-        fields = r.hlen(f"{PREFIX}:job:{sample[0]}")
-        struct = {name: int(r.memory_usage(f"{PREFIX}:{name}", samples=0) or 0)
-                  for name in ("state:submitted", "due", "inflight")}
-        longest = max(len(v) for v in r.hvals(f"{PREFIX}:job:{sample[0]}"))
+        fields = r.hlen(K.job(sample[0]))
+        struct = {name: int(r.memory_usage(key, samples=0) or 0)
+                  for name, key in (("state:submitted", K.state_index("submitted")), ("due", K.due),
+                                    ("inflight", K.inflight))}
+        longest = max(len(v) for v in r.hvals(K.job(sample[0])))
         res.detail("memory", inflight_jobs=n, used_memory_before=before, used_memory_after=after,
                    bytes_per_job_used_memory=per_job, job_hash_bytes_mean=sum(key_bytes) / len(key_bytes),
                    job_hash_encoding=encoding,
@@ -549,13 +554,13 @@ def rss_and_retention(res: Results, workdir: Path) -> None:
                 note=f"pool processes {rss0 / 1024:.1f} -> {rss1 / 1024:.1f} MiB after a {warm}-job warm-up")
 
         # TTL of a finished job with the default retention
-        ttls = [r.ttl(k) for k in list(r.scan_iter(f"{PREFIX}:job:*", count=1000))[:20]]
+        ttls = [r.ttl(k) for k in list(r.scan_iter(K.job("*"), count=1000))[:20]]
         retention = 7 * 86400
         ok = all(retention - 600 <= t <= retention for t in ttls)
         res.add("memory", "TTL of finished job keys (default KIE_RETENTION 7 d)", min(ttls), f"== {retention} s",
                 ok, "s", note=f"min..max of 20 keys: {min(ttls)}..{max(ttls)}")
-        stream_len = r.xlen(f"{PREFIX}:results")
-        stream_bytes = int(r.memory_usage(f"{PREFIX}:results", samples=0) or 0)
+        stream_len = r.xlen(K.results)
+        stream_bytes = int(r.memory_usage(K.results, samples=0) or 0)
         from kie_extend.config import Settings
 
         cap = Settings.model_fields["results_maxlen"].default if "results_maxlen" in Settings.model_fields else None
@@ -569,14 +574,14 @@ def rss_and_retention(res: Results, workdir: Path) -> None:
         st.env["KIE_RETENTION"] = "5s"
         worker2 = st.start_worker(concurrency=2, name="worker-ret")
         wait_ready(worker2)
-        before_stream = r.xlen(f"{PREFIX}:results")
+        before_stream = r.xlen(K.results)
         ids, _, _ = enqueue(st, 20, callback_url="http://127.0.0.1:9/kie/callback/unused")
-        wait_until(lambda: r.xlen(f"{PREFIX}:results") - before_stream >= 20, 60, 0.05, "retention jobs")
-        ttl = [r.ttl(f"{PREFIX}:job:{j}") for j in ids]
+        wait_until(lambda: r.xlen(K.results) - before_stream >= 20, 60, 0.05, "retention jobs")
+        ttl = [r.ttl(K.job(j)) for j in ids]
         time.sleep(6.0)
-        left = sum(r.exists(f"{PREFIX}:job:{j}") for j in ids)
-        in_index = sum(r.zscore(f"{PREFIX}:state:succeeded", j) is not None for j in ids)
-        dedup = sum(r.exists(f"{PREFIX}:dedup:redis_stream:{j}:job.succeeded") for j in ids)
+        left = sum(r.exists(K.job(j)) for j in ids)
+        in_index = sum(r.zscore(K.state_index("succeeded"), j) is not None for j in ids)
+        dedup = sum(r.exists(K.dedup("redis_stream", f"{j}:job.succeeded")) for j in ids)
         res.detail("memory", short_retention={"ttl": ttl, "job_keys_left_after_6s": left,
                                               "state_index_members_left": in_index, "dedup_keys_left": dedup})
         res.add("memory", "KIE_RETENTION=5s: TTL of finished job keys", max(ttl), "<= 5 s",
