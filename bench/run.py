@@ -411,9 +411,11 @@ def scenario_overhead(res: Results, workdir: Path) -> None:
         wait_ready(worker)
         run_instant(st, 200, 120)  # warm-up: connections, imports
         r = st.redis()
+        offset = Path(worker.log_path).stat().st_size
         cmd0, cpu0 = r.info("commandstats"), stack_cpu(st)
         kie = run_instant(st, n, 240)
         cmd1, cpu1 = r.info("commandstats"), stack_cpu(st)
+        msgs = worker_messages(str(worker.log_path), offset, n)
         cpu_ms = cpu_delta(cpu0, cpu1, n)
         res.detail("overhead", cpu_ms_per_job=cpu_ms)
         ratio = kie / noop
@@ -430,6 +432,16 @@ def scenario_overhead(res: Results, workdir: Path) -> None:
         res.add("overhead", "kie-extend jobs/s / no-op tasks/s", ratio, ">= 25 %", ratio >= 0.25,
                 note=f"{sum(per_job.values()):.0f} Redis commands per job (broker included), "
                      f"EVALSHA {per_job.get('evalsha', 0):g}, HINCRBY {per_job.get('hincrby', 0):g}")
+        res.detail("overhead", celery_messages_per_job=msgs)
+        res.add("overhead", "Celery messages received per job (worker log)", round(sum(msgs.values()), 3), "", None,
+                note=", ".join(f"{k.split('.')[-1]} {v:g}" for k, v in msgs.items())
+                     + f"; LPUSH per job {per_job.get('lpush', 0):g}")
+        prof = roundtrip_profile(st)
+        res.detail("overhead", roundtrip_profile=prof)
+        top = list(prof["by_site"].items())[:6]
+        res.add("overhead", "Redis round trips per job (in-process Pipeline, no Celery)", prof["round_trips_per_job"],
+                "", None, note=f"{prof['redis_ms_per_job']:.2f} ms of {prof['wall_ms_per_job']:.2f} ms per job waiting on "
+                "Redis; top: " + ", ".join(f"{k} {v['per_job']:g}" for k, v in top))
 
 
 # ==================================================================================================
@@ -656,6 +668,379 @@ def scenario_scale(res: Results, workdir: Path) -> None:
 
 
 # ==================================================================================================
+# 7. fairness: one account shared by tenants and priorities (DESIGN §11)
+# ==================================================================================================
+DEAD_CB = "http://127.0.0.1:9/kie/callback/unused"  # the provider requires a callBackUrl; nobody listens
+FAIR_ENV = {**KIE_LIMIT, "KIE_TICK_INTERVAL": TICK, "KIE_MAX_IN_FLIGHT": "100000",
+            "KIE_POLL_FIRST": "0.5s", "KIE_POLL_INTERVAL": "1s", "KIE_POLL_MAX_INTERVAL": "2s"}
+FAIR_SIM = ("--time-factor", "0.01", *SIM_LIMIT, "--no-callbacks")
+
+
+def all_recorded(settings: Any, batch_id: str) -> bool:
+    """Every declared job of the batch has a record (no extend message left in the broker)."""
+    from kie_extend.api import get_batch
+
+    return not get_batch(batch_id, settings=settings)["counts"].get("pending")
+
+
+def fairness_run(workdir: Path, mode: str, n_a: int = 5000, n_b: int = 20, n_hi: int = 5,
+                 slots: int = 300) -> dict[str, Any]:
+    """5,000 jobs of tenant A waiting and flowing; then 20 of B and 5 of A at priority 9 arrive in one
+    enqueue_many call. Returns the submission ranks (1 = the first submission after they arrived)."""
+    from kie_extend.api import cancel_batch
+
+    env = {**FAIR_ENV, "KIE_ADMISSION": mode}
+    with BenchStack(workdir / f"fairness-{mode}", env=env, key_prefix=PREFIX) as st:
+        st.start_simulator(*FAIR_SIM, "--seed", "7")
+        worker = st.start_worker(concurrency=2)
+        st.start_beat()
+        wait_ready(worker)
+        r = st.redis()
+        settings = st.settings()
+        assert st.sim_url
+        batch_a, batch_late = f"fair-A-{mode}", f"fair-late-{mode}"
+        items = [{"request": extend_request(st.sim_url, i, DEAD_CB)} for i in range(n_a)]
+        t_a = time.time()
+        enqueue_many(items, settings=settings, batch_id=batch_a, tenant="A", priority=5)
+        wait_until(lambda: all_recorded(settings, batch_a), 120, 0.2, f"{n_a} A jobs recorded")
+        wait_until(lambda: int(st.sim_stats()["submissions_accepted"]) >= 2 * LIMIT, 30, 0.1, "submissions flowing")
+        t_recorded = time.time()
+        late = [{"request": extend_request(st.sim_url, 10_000 + i, DEAD_CB), "tenant": "B", "priority": 5}
+                for i in range(n_b)]
+        late += [{"request": extend_request(st.sim_url, 20_000 + i, DEAD_CB), "tenant": "A", "priority": 9}
+                 for i in range(n_hi)]
+        t_arr = time.time()
+        late_ids = enqueue_many(late, settings=settings, batch_id=batch_late)
+        ids_b, ids_hi = late_ids[:n_b], late_ids[n_b:]
+
+        def after() -> int:
+            return sum(1 for t in st.sim_tasks().values() if t["created"] >= t_arr)
+        wait_until(lambda: after() >= slots and time.time() >= t_arr + 11, 90, 0.5, f"{slots} submissions")
+        tasks = st.sim_tasks()
+        sim = st.sim_stats()
+        recs = job_records(r, PREFIX, late_ids)
+        t = time.perf_counter()
+        cancelled = cancel_batch(batch_a, settings=settings) + cancel_batch(batch_late, settings=settings)
+        cancel_s = time.perf_counter() - t
+        order = sorted((t["created"], tid) for tid, t in tasks.items() if t["created"] >= t_arr)
+        rank = {tid: i + 1 for i, (_, tid) in enumerate(order)}
+
+        def ranks(ids: list[str]) -> list[int | None]:
+            return sorted((rank.get(recs[j].get("kie_task_id", "")) for j in ids),
+                          key=lambda x: (x is None, x or 0))
+        in_10 = sum(1 for c, _ in order if c < t_arr + 10.0)
+        return {"mode": mode, "observed_slots": len(order), "ranks_hi": ranks(ids_hi), "ranks_b": ranks(ids_b),
+                "utilisation_10s": in_10 / (10 * LIMIT / WINDOW), "sent_in_10s": in_10,
+                "rate_limited": int(sim["rate_limited"]), "accepted_total": int(sim["submissions_accepted"]),
+                "a_record_s": t_recorded - t_a, "cancelled_after": cancelled, "cancel_s": cancel_s}
+
+
+def scenario_fairness(res: Results, workdir: Path) -> None:
+    """Fair admission vs arrival order (KIE_ADMISSION=arrival), side by side."""
+    runs = {mode: fairness_run(workdir, mode) for mode in ("fair", "arrival")}
+    res.detail("fairness", env=FAIR_ENV, sim_flags=list(FAIR_SIM), runs=runs,
+               setup="worker c=2 + beat; 5,000 A (prio 5, one batch) recorded and flowing; then one enqueue_many "
+                     "of 20 B (prio 5) + 5 A (prio 9); ranks count submissions accepted by the simulator after "
+                     "that call (1 = the first)")
+
+    def worst(values: list[int | None], k: int, seen: int) -> tuple[Any, bool]:
+        """The k-th smallest rank, or '> seen' when fewer than k were sent in the observed slots."""
+        got = [v for v in values if v is not None]
+        return (got[k - 1], True) if len(got) >= k else (f"> {seen}", False)
+
+    for mode, run in runs.items():
+        judged = mode == "fair"
+        seen = run["observed_slots"]
+        label = "fair" if judged else "KIE_ADMISSION=arrival"
+        hi, hi_ok = worst(run["ranks_hi"], len(run["ranks_hi"]), seen)
+        b1, b1_ok = worst(run["ranks_b"], 1, seen)
+        b20, b20_ok = worst(run["ranks_b"], len(run["ranks_b"]), seen)
+        res.add("fairness", f"[{label}] all 5 prio-9 sent by slot", hi, "<= 8",
+                (hi_ok and hi <= 8) if judged else None,
+                note=f"ranks {run['ranks_hi']} of {seen} submissions observed after they arrived")
+        res.add("fairness", f"[{label}] B's first job sent at slot", b1, "<= 8", (b1_ok and b1 <= 8) if judged else None)
+        res.add("fairness", f"[{label}] all 20 B sent by slot", b20, "<= 50", (b20_ok and b20 <= 50) if judged else None,
+                note=f"B ranks {run['ranks_b']}")
+        res.add("fairness", f"[{label}] provider utilisation, first 10 s after arrival", run["utilisation_10s"],
+                ">= 0.95", run["utilisation_10s"] >= 0.95 if judged else None,
+                note=f"{run['sent_in_10s']} accepted in 10 windows of 1 s (limit {LIMIT}/window); 5,000 A "
+                     f"recorded {run['a_record_s']:.1f}s after enqueue_many")
+        res.add("fairness", f"[{label}] 429 answers received", run["rate_limited"], "== 0",
+                run["rate_limited"] == 0 if judged else None)
+
+
+# ==================================================================================================
+# 8. cancel a 5,000-job batch while submissions flow
+# ==================================================================================================
+def scenario_cancel(res: Results, workdir: Path) -> None:
+    from kie_extend.api import cancel_batch, get_batch
+
+    n, batch = 5000, "cancel-1"
+    with BenchStack(workdir / "cancel", env=FAIR_ENV, key_prefix=PREFIX) as st:
+        st.start_simulator(*FAIR_SIM, "--seed", "8")
+        worker = st.start_worker(concurrency=2)
+        st.start_beat()
+        wait_ready(worker)
+        r = st.redis()
+        settings = st.settings()
+        assert st.sim_url
+        # Explicit job ids in the callback URLs: the simulator's tasks name their jobs by themselves.
+        items = [{"job_id": f"cx{i}", "request": extend_request(st.sim_url, i, f"http://127.0.0.1:9/kie/callback/cx{i}")}
+                 for i in range(n)]
+        ids = enqueue_many(items, settings=settings, batch_id=batch)
+        wait_until(lambda: all_recorded(settings, batch), 120, 0.2, f"{n} jobs recorded")
+        wait_until(lambda: int(st.sim_stats()["submissions_accepted"]) >= 2 * LIMIT, 30, 0.1, "submissions flowing")
+        sent_before = int(st.sim_stats()["submissions_accepted"])
+        cmd0 = r.info("commandstats")
+        t = time.perf_counter()
+        cancelled = cancel_batch(batch, settings=settings)
+        took = time.perf_counter() - t
+        t_end = time.time()
+        cmd1 = r.info("commandstats")
+        time.sleep(3.0)  # settle: a few windows; submits in flight at the cancel finish
+        recs = job_records(r, PREFIX, ids)
+        by_job = {str(t["callback_url"]).rsplit("/", 1)[-1]: t for t in st.sim_tasks().values()}
+        state = {j: x.get("state") for j, x in recs.items()}
+        cancelled_ids = [j for j, s in state.items() if s == "cancelled"]
+        bad_records = [j for j in cancelled_ids if recs[j].get("kie_task_id") or int(recs[j].get("sends") or 0) > 0]
+        bad_sim = [j for j in cancelled_ids if j in by_job]
+        sent_after = sorted(j for j, t in by_job.items() if t["created"] > t_end)
+        batch_view = get_batch(batch, settings=settings)
+        calls = sum(v["calls"] - cmd0.get(k, {}).get("calls", 0) for k, v in cmd1.items())
+        res.detail("cancel", jobs=n, cancelled=cancelled, cancel_seconds=took, sent_before_cancel=sent_before,
+                   sim_tasks=len(by_job), sent_after_cancel_returned=sent_after[:50], batch=batch_view,
+                   redis_commands_during_cancel=calls, redis_commands_per_cancelled_job=calls / max(cancelled, 1),
+                   states={s: list(state.values()).count(s) for s in set(state.values())})
+        res.add("cancel", f"cancel_batch of {n:,} queued jobs (call time)", took, "<= 5 s", took <= 5.0, "s",
+                note=f"{cancelled:,} cancelled ({cancelled / took:,.0f}/s) while submissions flowed at "
+                     f"{LIMIT}/{WINDOW:g}s; {calls / max(cancelled, 1):.0f} Redis commands per cancelled job")
+        res.add("cancel", "cancelled jobs sent to the provider", len(set(bad_records) | set(bad_sim)), "== 0",
+                not bad_records and not bad_sim,
+                note=f"checked 3 s after the call: records (kie_task_id/sends) and simulator tasks by callback "
+                     f"URL; {len(sent_after)} batch jobs accepted by the provider after the call returned "
+                     f"(too late to cancel: already submitting), batch counts {batch_view['counts']}")
+
+
+# ==================================================================================================
+# 9. a 100,000-job backlog
+# ==================================================================================================
+def scenario_backlog(res: Results, workdir: Path) -> None:
+    from kie_extend.api import pause, resume
+    from kie_extend.invariants import Invariants
+    from kie_extend.runtime import NoDispatch, Runtime
+    from kie_extend.scheduler import Scheduler
+
+    small, n = 1000, 100_000
+    batch = "backlog-1"
+    with BenchStack(workdir / "backlog", env={**FAIR_ENV, "KIE_SWEEP_INTERVAL": "0"}, key_prefix=PREFIX) as st:
+        st.start_simulator(*FAIR_SIM, "--seed", "9")
+        r = st.redis()
+        settings = st.settings()
+        assert st.sim_url
+        pause("bench: backlog", settings=settings)
+        url = st.sim_url
+
+        def items(lo: int, hi: int) -> list[dict[str, Any]]:
+            return [{"request": extend_request(url, i, DEAD_CB)} for i in range(lo, hi)]
+        enqueue_many(items(-1, 0), settings=settings, batch_id=batch)  # warm-up: connections, the producer app
+        worker = st.start_worker(concurrency=2)
+        wait_ready(worker)
+        wait_until(lambda: all_recorded(settings, batch), 30, 0.1, "warm-up job")
+        time.sleep(0.5)
+        before = int(r.info("memory")["used_memory"])
+        enqueue_many(items(0, small - 1), settings=settings, batch_id=batch)
+        wait_until(lambda: all_recorded(settings, batch) and queue_drained(r, settings.queue), 120, 0.1,
+                   f"{small} jobs recorded")
+        rt = Runtime(settings.model_copy(update={"sweep_interval": 0.0}))
+        tick_small, admit_small = backlog_tick(rt)
+        waiting_small = sum(sum(t.values()) for t in rt.admission.waiting().values())
+        pause("bench: backlog", settings=settings)
+
+        # The big enqueue alone: the worker is stopped so it takes no CPU from the producer.
+        worker.stop()
+        big = items(small - 1, n - 1)
+        t = time.perf_counter()
+        enqueue_many(big, settings=settings, batch_id=batch)
+        enq_s = time.perf_counter() - t
+        worker = st.start_worker(concurrency=2, name="worker-2")
+        wait_ready(worker)
+        t = time.perf_counter()
+        wait_until(lambda: all_recorded(settings, batch) and queue_drained(r, settings.queue), 400, 0.5,
+                   f"{n:,} jobs recorded")
+        record_s = time.perf_counter() - t
+        time.sleep(1.0)
+        after = int(r.info("memory")["used_memory"])
+        per_job = (after - before) / (n - 1)
+        waiting = sum(sum(t.values()) for t in rt.admission.waiting().values())
+        sample = random.Random(9).sample(range(n), 50)
+        ids = [j.decode() for j in r.zrange(K.state_index("queued"), 0, -1)]
+        sample_ids = [ids[i % len(ids)] for i in sample]
+        hash_bytes = [int(r.memory_usage(K.job(j), samples=0) or 0) for j in sample_ids]
+        structs = {"ready queue": K.ready(5, settings.default_tenant), "state:queued": K.state_index("queued"),
+                   "batch jobs": K.batch_jobs(batch)}
+        struct_bytes = {name: int(r.memory_usage(key, samples=0) or 0) / n for name, key in structs.items()}
+        tick_big, admit_big = backlog_tick(rt)
+        worker.stop()
+        t = time.perf_counter()
+        report = Invariants(rt.redis, rt.keys).check(repair=False, grace=3600)
+        sweep_s = time.perf_counter() - t
+        resume(settings=settings)
+        rate = (n - small) / enq_s
+        res.detail("backlog", jobs=n, used_memory_before=before, used_memory_after=after, bytes_per_job=per_job,
+                   job_hash_bytes_mean=sum(hash_bytes) / len(hash_bytes), index_bytes_per_job=struct_bytes,
+                   waiting_small=waiting_small, waiting_big=waiting, enqueue_s=enq_s, record_s=record_s,
+                   worker_accept_per_s=(n - small) / record_s, tick_ms={"1k": tick_small, "100k": tick_big},
+                   admit_ms={"1k": admit_small, "100k": admit_big}, sweep_check_s=sweep_s,
+                   sweep_checked=getattr(report, "checked", None))
+        res.add("backlog", f"Redis bytes per queued job ({n:,} queued, used_memory delta)", per_job, "<= 1024 B",
+                per_job <= 1024, "B", note=f"job hash {sum(hash_bytes) / len(hash_bytes):.0f} B + per job: "
+                + ", ".join(f"{k} {v:.0f} B" for k, v in struct_bytes.items())
+                + f"; worker recorded {(n - small) / record_s:,.0f} jobs/s (c=2), operator pause on")
+        res.add("backlog", f"enqueue_many({n - small:,}) jobs/s (batch, no worker running)", rate, ">= 5,000 /s",
+                rate >= 5000, "/s", note=f"{enq_s:.1f}s")
+        ratio = tick_big["median"] / tick_small["median"]
+        res.add("backlog", f"Scheduler.tick() admitting 20: {waiting:,} waiting / {waiting_small:,}", ratio,
+                "~1 (<= 1.5)", ratio <= 1.5,
+                note=f"median tick {tick_small['median']:.2f} ms vs {tick_big['median']:.2f} ms; the admit script "
+                     f"alone {admit_small['median']:.2f} vs {admit_big['median']:.2f} ms (20 admitted per call)")
+        res.add("backlog", f"invariant sweep (kie-extend doctor check) over {n:,} queued jobs", sweep_s, "", None, "s",
+                note="the tick runs it once per KIE_SWEEP_INTERVAL (60 s default): O(all unfinished jobs)")
+
+
+def backlog_tick(rt: Any, trials: int = 40) -> tuple[dict[str, float], dict[str, float]]:
+    """Median milliseconds of Scheduler.tick() (no dispatch) and of the admit script alone, each
+    admitting a full window (20) from the waiting jobs; the admitted jobs go back in line after each."""
+    from kie_extend.runtime import NoDispatch
+    from kie_extend.scheduler import Scheduler
+
+    r, k = rt.redis, rt.keys
+    rt.gates.resume_operator()
+    sched = Scheduler(rt, NoDispatch())
+
+    def restore() -> int:
+        ids = [x.decode() for x in r.zrange(k.due, 0, -1)]
+        for j in ids:
+            rt.store.enqueue_ready(j)
+        r.delete(k.due, k.rate_log)
+        return len(ids)
+
+    restore()
+    out = []
+    for fn in (lambda: sched.tick(), lambda: rt.admission.admit(LIMIT, horizon=0.1)):
+        samples, admitted = [], []
+        for _ in range(trials):
+            t = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t) * 1000)
+            admitted.append(restore())
+        out.append({"median": median(samples), "p90": pct(samples, 0.9), "admitted_per_call": median(admitted)})
+    return out[0], out[1]
+
+
+# ==================================================================================================
+# overhead profile: Redis round trips per job by call site, in-process
+# ==================================================================================================
+def roundtrip_profile(st: BenchStack, n: int = 200) -> dict[str, Any]:
+    """Drive ``n`` jobs through the real Pipeline in this process (accept -> submit -> poll -> finish ->
+    inline redis_stream delivery; follow-up steps run in time order instead of as Celery messages) and
+    count every Redis round trip (a command, a pipeline, a script call) by the project function that made it."""
+    import heapq as _heapq
+    from collections import Counter
+
+    import redis as _redis
+
+    from kie_extend.pipeline import Pipeline
+    from kie_extend.runtime import Runtime
+
+    settings = st.settings(key_prefix="rtprof")
+    rt = Runtime(settings)
+    heap: list[tuple[float, int, str, str]] = []
+    seq = iter(range(10**9))
+
+    class Inline:
+        def poll(self, job_id: str, at: float | None = None) -> None:
+            _heapq.heappush(heap, (at or 0.0, next(seq), "poll", job_id))
+
+        def deliver(self, job_id: str, handler: str) -> None:
+            _heapq.heappush(heap, (0.0, next(seq), "deliver:" + handler, job_id))
+
+    pipeline = Pipeline(rt, Inline())
+    trips: Counter[str] = Counter()
+    secs: Counter[str] = Counter()
+    messages: Counter[str] = Counter()
+
+    def site() -> str:
+        f = sys._getframe(2)
+        while f is not None:
+            fn = f.f_code.co_filename
+            if "/kie_extend/" in fn:
+                return f"{Path(fn).stem}.{f.f_code.co_name}"
+            f = f.f_back  # type: ignore[assignment]
+        return "other"
+
+    orig_cmd, orig_pipe = _redis.Redis.execute_command, _redis.client.Pipeline.execute
+
+    def cmd(self: Any, *args: Any, **kw: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return orig_cmd(self, *args, **kw)
+        finally:
+            s = site()
+            trips[s] += 1
+            secs[s] += time.perf_counter() - t
+
+    def pipe(self: Any, *args: Any, **kw: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return orig_pipe(self, *args, **kw)
+        finally:
+            s = site() + " (pipeline)"
+            trips[s] += 1
+            secs[s] += time.perf_counter() - t
+
+    assert st.sim_url
+    reqs = [extend_request(st.sim_url, i, DEAD_CB) for i in range(n)]
+    pipeline.accept("rtprof-warm", reqs[0])  # scripts loaded, connections open
+    _redis.Redis.execute_command, _redis.client.Pipeline.execute = cmd, pipe  # type: ignore[method-assign]
+    try:
+        t0 = time.perf_counter()
+        for i in range(n):
+            messages["kie_extend.extend"] += 1
+            pipeline.accept(f"rtprof-{i}", reqs[i])
+            while heap:
+                at, _, kind, job = _heapq.heappop(heap)
+                if at > time.time():
+                    time.sleep(at - time.time())
+                if kind == "poll":
+                    messages["kie_extend.poll"] += 1
+                    pipeline.advance(job)
+                else:
+                    messages["kie_extend.deliver"] += 1
+                    pipeline.delivery.deliver(job, kind.split(":", 1)[1])
+        wall = time.perf_counter() - t0
+    finally:
+        _redis.Redis.execute_command, _redis.client.Pipeline.execute = orig_cmd, orig_pipe  # type: ignore[method-assign]
+    states = Counter(rt.store.get(f"rtprof-{i}").get("state") for i in range(n))  # type: ignore[union-attr]
+    by_site = {k: {"per_job": round(v / n, 2), "ms_per_job": round(secs[k] / n * 1000, 3)}
+               for k, v in trips.most_common()}
+    return {"jobs": n, "states": dict(states), "round_trips_per_job": round(sum(trips.values()) / n, 2),
+            "redis_ms_per_job": round(sum(secs.values()) / n * 1000, 3), "wall_ms_per_job": round(wall / n * 1000, 3),
+            "by_site": by_site, "messages_per_job": {k: v / n for k, v in messages.items()}}
+
+
+def worker_messages(log_path: str, offset: int, n: int) -> dict[str, float]:
+    """Celery messages received per job, by task name, from a worker's log after ``offset``."""
+    import re
+    from collections import Counter
+
+    with open(log_path, errors="replace") as fh:
+        fh.seek(offset)
+        text = fh.read()
+    found = Counter(re.findall(r"Task (kie_extend\.\w+)\[[^\]]+\] received", text))
+    return {k: round(v / n, 3) for k, v in found.most_common()}
+
+
+# ==================================================================================================
 SCENARIOS: dict[str, tuple[Callable[[Results, Path], None], int, str]] = {
     "limit": (scenario_limit, 240, "1. at the limit: submission rate vs 20/1 s, no 429"),
     "slots": (scenario_slots, 480, "2. few slots: makespan vs rate-bound ideal, naive design"),
@@ -663,6 +1048,9 @@ SCENARIOS: dict[str, tuple[Callable[[Results, Path], None], int, str]] = {
     "overhead": (scenario_overhead, 300, "4. overhead vs raw Celery no-op"),
     "memory": (scenario_memory, 540, "5. memory per in-flight job, RSS growth, TTL, tick cost"),
     "scale": (scenario_scale, 240, "6. enqueue_many rate, get_job O(1)"),
+    "fairness": (scenario_fairness, 240, "7. fairness: tenants and priorities vs arrival order"),
+    "cancel": (scenario_cancel, 150, "8. cancel a 5,000-job batch while submissions flow"),
+    "backlog": (scenario_backlog, 480, "9. 100,000 queued: memory, enqueue rate, tick cost"),
 }
 
 
