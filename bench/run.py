@@ -20,7 +20,9 @@ import tempfile
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -804,10 +806,12 @@ def scenario_cancel(res: Results, workdir: Path) -> None:
         wait_until(lambda: int(st.sim_stats()["submissions_accepted"]) >= 2 * LIMIT, 30, 0.1, "submissions flowing")
         sent_before = int(st.sim_stats()["submissions_accepted"])
         cmd0 = r.info("commandstats")
-        t = time.perf_counter()
-        cancelled = cancel_batch(batch, settings=settings)
-        took = time.perf_counter() - t
+        with count_roundtrips() as (trips, _):
+            t = time.perf_counter()
+            cancelled = cancel_batch(batch, settings=settings)
+            took = time.perf_counter() - t
         t_end = time.time()
+        per_site = {k: round(v / max(cancelled, 1), 2) for k, v in trips.most_common()}
         cmd1 = r.info("commandstats")
         time.sleep(3.0)  # settle: a few windows; submits in flight at the cancel finish
         recs = job_records(r, PREFIX, ids)
@@ -822,10 +826,13 @@ def scenario_cancel(res: Results, workdir: Path) -> None:
         res.detail("cancel", jobs=n, cancelled=cancelled, cancel_seconds=took, sent_before_cancel=sent_before,
                    sim_tasks=len(by_job), sent_after_cancel_returned=sent_after[:50], batch=batch_view,
                    redis_commands_during_cancel=calls, redis_commands_per_cancelled_job=calls / max(cancelled, 1),
+                   cancel_round_trips_per_job_by_site=per_site,
                    states={s: list(state.values()).count(s) for s in set(state.values())})
         res.add("cancel", f"cancel_batch of {n:,} queued jobs (call time)", took, "<= 5 s", took <= 5.0, "s",
                 note=f"{cancelled:,} cancelled ({cancelled / took:,.0f}/s) while submissions flowed at "
-                     f"{LIMIT}/{WINDOW:g}s; {calls / max(cancelled, 1):.0f} Redis commands per cancelled job")
+                     f"{LIMIT}/{WINDOW:g}s; {calls / max(cancelled, 1):.0f} Redis commands (all clients) and "
+                     f"{sum(per_site.values()):.1f} round trips of the cancelling process per cancelled job: "
+                     + ", ".join(f"{k} {v:g}" for k, v in list(per_site.items())[:5]))
         res.add("cancel", "cancelled jobs sent to the provider", len(set(bad_records) | set(bad_sim)), "== 0",
                 not bad_records and not bad_sim,
                 note=f"checked 3 s after the call: records (kie_task_id/sends) and simulator tasks by callback "
@@ -952,34 +959,14 @@ def backlog_tick(rt: Any, trials: int = 40) -> tuple[dict[str, float], dict[str,
 # ==================================================================================================
 # overhead profile: Redis round trips per job by call site, in-process
 # ==================================================================================================
-def roundtrip_profile(st: BenchStack, n: int = 200) -> dict[str, Any]:
-    """Drive ``n`` jobs through the real Pipeline in this process (accept -> submit -> poll -> finish ->
-    inline redis_stream delivery; follow-up steps run in time order instead of as Celery messages) and
-    count every Redis round trip (a command, a pipeline, a script call) by the project function that made it."""
-    import heapq as _heapq
-    from collections import Counter
-
+@contextmanager
+def count_roundtrips() -> Iterator[tuple[Counter[str], Counter[str]]]:
+    """Count every Redis round trip this process makes (a command, a pipeline, a script call) and the
+    seconds spent in it, by the project function that made it (``module.function``)."""
     import redis as _redis
 
-    from kie_extend.pipeline import Pipeline
-    from kie_extend.runtime import Runtime
-
-    settings = st.settings(key_prefix="rtprof")
-    rt = Runtime(settings)
-    heap: list[tuple[float, int, str, str]] = []
-    seq = iter(range(10**9))
-
-    class Inline:
-        def poll(self, job_id: str, at: float | None = None) -> None:
-            _heapq.heappush(heap, (at or 0.0, next(seq), "poll", job_id))
-
-        def deliver(self, job_id: str, handler: str) -> None:
-            _heapq.heappush(heap, (0.0, next(seq), "deliver:" + handler, job_id))
-
-    pipeline = Pipeline(rt, Inline())
     trips: Counter[str] = Counter()
     secs: Counter[str] = Counter()
-    messages: Counter[str] = Counter()
 
     def site() -> str:
         f = sys._getframe(2)
@@ -1010,11 +997,43 @@ def roundtrip_profile(st: BenchStack, n: int = 200) -> dict[str, Any]:
             trips[s] += 1
             secs[s] += time.perf_counter() - t
 
+    _redis.Redis.execute_command, _redis.client.Pipeline.execute = cmd, pipe  # type: ignore[method-assign]
+    try:
+        yield trips, secs
+    finally:
+        _redis.Redis.execute_command, _redis.client.Pipeline.execute = orig_cmd, orig_pipe  # type: ignore[method-assign]
+
+
+def roundtrip_profile(st: BenchStack, n: int = 200) -> dict[str, Any]:
+    """Drive ``n`` jobs through the real Pipeline in this process (accept -> submit -> poll -> finish ->
+    inline redis_stream delivery; follow-up steps run in time order instead of as Celery messages) and
+    count every Redis round trip (a command, a pipeline, a script call) by the project function that made it."""
+    import heapq as _heapq
+    from collections import Counter
+
+    from kie_extend.pipeline import Pipeline
+    from kie_extend.runtime import Runtime
+
+    settings = st.settings(key_prefix="rtprof")
+    rt = Runtime(settings)
+    heap: list[tuple[float, int, str, str]] = []
+    seq = iter(range(10**9))
+
+    class Inline:
+        def poll(self, job_id: str, at: float | None = None) -> None:
+            _heapq.heappush(heap, (at or 0.0, next(seq), "poll", job_id))
+
+        def deliver(self, job_id: str, handler: str) -> None:
+            _heapq.heappush(heap, (0.0, next(seq), "deliver:" + handler, job_id))
+
+    pipeline = Pipeline(rt, Inline())
+    messages: Counter[str] = Counter()
+
     assert st.sim_url
     reqs = [extend_request(st.sim_url, i, DEAD_CB) for i in range(n)]
     pipeline.accept("rtprof-warm", reqs[0])  # scripts loaded, connections open
-    _redis.Redis.execute_command, _redis.client.Pipeline.execute = cmd, pipe  # type: ignore[method-assign]
-    try:
+    slept = 0.0
+    with count_roundtrips() as (trips, secs):
         t0 = time.perf_counter()
         for i in range(n):
             messages["kie_extend.extend"] += 1
@@ -1022,16 +1041,16 @@ def roundtrip_profile(st: BenchStack, n: int = 200) -> dict[str, Any]:
             while heap:
                 at, _, kind, job = _heapq.heappop(heap)
                 if at > time.time():
-                    time.sleep(at - time.time())
+                    pause = at - time.time()
+                    time.sleep(pause)
+                    slept += pause
                 if kind == "poll":
                     messages["kie_extend.poll"] += 1
                     pipeline.advance(job)
                 else:
                     messages["kie_extend.deliver"] += 1
                     pipeline.delivery.deliver(job, kind.split(":", 1)[1])
-        wall = time.perf_counter() - t0
-    finally:
-        _redis.Redis.execute_command, _redis.client.Pipeline.execute = orig_cmd, orig_pipe  # type: ignore[method-assign]
+        wall = time.perf_counter() - t0 - slept  # not the waits for a poll's due time
     states = Counter(rt.store.get(f"rtprof-{i}").get("state") for i in range(n))  # type: ignore[union-attr]
     by_site = {k: {"per_job": round(v / n, 2), "ms_per_job": round(secs[k] / n * 1000, 3)}
                for k, v in trips.most_common()}
