@@ -698,7 +698,7 @@ def all_recorded(settings: Any, batch_id: str) -> bool:
 
 
 def fairness_run(workdir: Path, mode: str, n_a: int = 5000, n_b: int = 20, n_hi: int = 5,
-                 slots: int = 300) -> dict[str, Any]:
+                 slots: int = 300, n_waves: int = 1) -> dict[str, Any]:
     """5,000 jobs of tenant A waiting and flowing; then 20 of B and 5 of A at priority 9 arrive in one
     enqueue_many call. Returns the submission ranks (1 = the first submission after they arrived)."""
     from kie_extend.api import cancel_batch
@@ -719,39 +719,63 @@ def fairness_run(workdir: Path, mode: str, n_a: int = 5000, n_b: int = 20, n_hi:
         wait_until(lambda: all_recorded(settings, batch_a), 120, 0.2, f"{n_a} A jobs recorded")
         wait_until(lambda: int(st.sim_stats()["submissions_accepted"]) >= 2 * LIMIT, 30, 0.1, "submissions flowing")
         t_recorded = time.time()
-        late = [{"request": extend_request(st.sim_url, 10_000 + i, DEAD_CB), "tenant": "B", "priority": 5}
-                for i in range(n_b)]
-        late += [{"request": extend_request(st.sim_url, 20_000 + i, DEAD_CB), "tenant": "A", "priority": 9}
-                 for i in range(n_hi)]
-        t_arr = time.time()
-        late_ids = enqueue_many(late, settings=settings, batch_id=batch_late)
-        ids_b, ids_hi = late_ids[:n_b], late_ids[n_b:]
+        # Each wave: 20 of B + 5 of A at priority 9 in one call, at a random phase of the provider window
+        # (where the arrival falls against the bursts of booked slots changes what it meets).
+        rng = random.Random(7)
+        waves: list[dict[str, Any]] = []
+        all_late: list[str] = []
+        for w in range(n_waves):
+            time.sleep(rng.uniform(0, WINDOW))
+            late = [{"request": extend_request(st.sim_url, 10_000 + 100 * w + i, DEAD_CB), "tenant": "B",
+                     "priority": 5} for i in range(n_b)]
+            late += [{"request": extend_request(st.sim_url, 20_000 + 100 * w + i, DEAD_CB), "tenant": "A",
+                      "priority": 9} for i in range(n_hi)]
+            t_arr = time.time()
+            late_ids = enqueue_many(late, settings=settings, batch_id=batch_late)
+            all_late += late_ids
+            waves.append({"t_arr": t_arr, "ids_b": late_ids[:n_b], "ids_hi": late_ids[n_b:]})
+            if w + 1 < n_waves:  # the next wave once this one is all sent (or 8 s)
+                try:
+                    wait_until(lambda ids=late_ids: all(x.get("kie_task_id") for x in
+                                                        job_records(r, PREFIX, ids).values()), 8, 0.2, "wave sent")
+                except TimeoutError:
+                    pass
+        t_first = waves[0]["t_arr"]
 
         def after() -> int:
-            return sum(1 for t in st.sim_tasks().values() if t["created"] >= t_arr)
-        wait_until(lambda: after() >= slots and time.time() >= t_arr + 11, 90, 0.5, f"{slots} submissions")
+            return sum(1 for t in st.sim_tasks().values() if t["created"] >= t_first)
+        wait_until(lambda: after() >= slots and time.time() >= t_first + 11, 90, 0.5, f"{slots} submissions")
         tasks = st.sim_tasks()
         sim = st.sim_stats()
-        recs = job_records(r, PREFIX, late_ids)
+        recs = job_records(r, PREFIX, all_late)
         t = time.perf_counter()
         cancelled = cancel_batch(batch_a, settings=settings) + cancel_batch(batch_late, settings=settings)
         cancel_s = time.perf_counter() - t
-        order = sorted((t["created"], tid) for tid, t in tasks.items() if t["created"] >= t_arr)
-        rank = {tid: i + 1 for i, (_, tid) in enumerate(order)}
+        out_waves = []
+        for wave in waves:
+            order = sorted((t["created"], tid) for tid, t in tasks.items() if t["created"] >= wave["t_arr"])
+            rank = {tid: i + 1 for i, (_, tid) in enumerate(order)}
 
-        def ranks(ids: list[str]) -> list[int | None]:
-            return sorted((rank.get(recs[j].get("kie_task_id", "")) for j in ids),
-                          key=lambda x: (x is None, x or 0))
-        in_10 = sum(1 for c, _ in order if c < t_arr + 10.0)
-        return {"mode": mode, "observed_slots": len(order), "ranks_hi": ranks(ids_hi), "ranks_b": ranks(ids_b),
-                "utilisation_10s": in_10 / (10 * LIMIT / WINDOW), "sent_in_10s": in_10,
+            def ranks(ids: list[str]) -> list[int | None]:
+                return sorted((rank.get(recs[j].get("kie_task_id", "")) for j in ids),
+                              key=lambda x: (x is None, x or 0))
+            out_waves.append({"ranks_hi": ranks(wave["ids_hi"]), "ranks_b": ranks(wave["ids_b"]),
+                              "observed_slots": len(order),
+                              "phase_s": round(wave["t_arr"] - t_first, 3)})
+        first = sorted(t["created"] for t in tasks.values() if t["created"] >= t_first)
+        in_10 = sum(1 for c in first if c < t_first + 10.0)
+        util, _, span = rate_ratio(first[:slots])  # as in `limit`: (N - LIMIT) / span over the rate
+        return {"mode": mode, "waves": out_waves, "utilisation": util, "util_span_s": span,
+                "util_n": len(first[:slots]), "utilisation_10s": in_10 / (10 * LIMIT / WINDOW), "sent_in_10s": in_10,
                 "rate_limited": int(sim["rate_limited"]), "accepted_total": int(sim["submissions_accepted"]),
                 "a_record_s": t_recorded - t_a, "cancelled_after": cancelled, "cancel_s": cancel_s}
 
 
 def scenario_fairness(res: Results, workdir: Path) -> None:
     """Fair admission vs arrival order (KIE_ADMISSION=arrival), side by side."""
-    runs = {mode: fairness_run(workdir, mode) for mode in ("fair", "arrival")}
+    # Fair: three waves at random phases, judged on the worst; arrival order: one wave (it never gets
+    # past A's backlog in the observed slots).
+    runs = {mode: fairness_run(workdir, mode, n_waves=3 if mode == "fair" else 1) for mode in ("fair", "arrival")}
     res.detail("fairness", env=FAIR_ENV, sim_flags=list(FAIR_SIM), runs=runs,
                setup="worker c=2 + beat; 5,000 A (prio 5, one batch) recorded and flowing; then one enqueue_many "
                      "of 20 B (prio 5) + 5 A (prio 9); ranks count submissions accepted by the simulator after "
@@ -764,21 +788,36 @@ def scenario_fairness(res: Results, workdir: Path) -> None:
 
     for mode, run in runs.items():
         judged = mode == "fair"
-        seen = run["observed_slots"]
         label = "fair" if judged else "KIE_ADMISSION=arrival"
-        hi, hi_ok = worst(run["ranks_hi"], len(run["ranks_hi"]), seen)
-        b1, b1_ok = worst(run["ranks_b"], 1, seen)
-        b20, b20_ok = worst(run["ranks_b"], len(run["ranks_b"]), seen)
-        res.add("fairness", f"[{label}] all 5 prio-9 sent by slot", hi, "<= 8",
+        per = []
+        for wave in run["waves"]:
+            seen = wave["observed_slots"]
+            per.append((worst(wave["ranks_hi"], len(wave["ranks_hi"]), seen), worst(wave["ranks_b"], 1, seen),
+                        worst(wave["ranks_b"], len(wave["ranks_b"]), seen)))
+
+        def pick(i: int) -> tuple[Any, bool]:
+            """The worst wave's figure: an unsent '> N' beats any rank."""
+            vals = [p[i] for p in per]
+            missing = [v for v, ok in vals if not ok]
+            return (missing[0], False) if missing else (max(v for v, _ in vals), True)
+        hi, hi_ok = pick(0)
+        b1, b1_ok = pick(1)
+        b20, b20_ok = pick(2)
+        waves_note = "; ".join(f"wave {k + 1} (+{w['phase_s']:.1f}s): prio-9 {w['ranks_hi']}, B first "
+                               f"{w['ranks_b'][0]}, B last {w['ranks_b'][-1]}" for k, w in enumerate(run["waves"]))
+        res.add("fairness", f"[{label}] all 5 prio-9 sent by slot (worst wave)", hi, "<= 8",
                 (hi_ok and hi <= 8) if judged else None,
-                note=f"ranks {run['ranks_hi']} of {seen} submissions observed after they arrived")
-        res.add("fairness", f"[{label}] B's first job sent at slot", b1, "<= 8", (b1_ok and b1 <= 8) if judged else None)
-        res.add("fairness", f"[{label}] all 20 B sent by slot", b20, "<= 50", (b20_ok and b20 <= 50) if judged else None,
-                note=f"B ranks {run['ranks_b']}")
-        res.add("fairness", f"[{label}] provider utilisation, first 10 s after arrival", run["utilisation_10s"],
-                ">= 0.95", run["utilisation_10s"] >= 0.95 if judged else None,
-                note=f"{run['sent_in_10s']} accepted in 10 windows of 1 s (limit {LIMIT}/window); 5,000 A "
-                     f"recorded {run['a_record_s']:.1f}s after enqueue_many")
+                note=f"{len(run['waves'])} wave(s) of 20 B + 5 A prio 9 at random phases; slots counted from each "
+                     f"wave's enqueue_many; {waves_note}")
+        res.add("fairness", f"[{label}] B's first job sent at slot (worst wave)", b1, "<= 8",
+                (b1_ok and b1 <= 8) if judged else None)
+        res.add("fairness", f"[{label}] all 20 B sent by slot (worst wave)", b20, "<= 50",
+                (b20_ok and b20 <= 50) if judged else None)
+        res.add("fairness", f"[{label}] provider utilisation over the measured span", run["utilisation"],
+                ">= 0.95", run["utilisation"] >= 0.95 if judged else None,
+                note=f"first {run['util_n']} submissions after the first wave over {run['util_span_s']:.2f}s: "
+                     f"(N-{LIMIT})/span / {LIMIT / WINDOW:g}/s as in `limit`; {run['sent_in_10s']} accepted in the "
+                     f"first 10 windows; 5,000 A recorded {run['a_record_s']:.1f}s after enqueue_many")
         res.add("fairness", f"[{label}] 429 answers received", run["rate_limited"], "== 0",
                 run["rate_limited"] == 0 if judged else None)
 
