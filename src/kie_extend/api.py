@@ -297,7 +297,7 @@ def cancel_batch(batch_id: str, *, settings: Settings | None = None) -> int:
     from .pipeline import Pipeline
 
     rt = _runtime(_settings(settings))
-    return _cancel_batch(rt, batch_id, Pipeline(rt).cancel)
+    return _cancel_batch(rt, batch_id, Pipeline(rt).cancel_many)
 
 
 def get_batch(batch_id: str, *, settings: Settings | None = None) -> dict[str, Any]:

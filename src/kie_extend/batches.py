@@ -72,12 +72,12 @@ def batch_job_ids(rt: Runtime, batch_id: str) -> Iterator[list[str]]:
         start += CHUNK
 
 
-def cancel_batch(rt: Runtime, batch_id: str, cancel_one: Any) -> int:
+def cancel_batch(rt: Runtime, batch_id: str, cancel_many: Any) -> int:
     """Cancel every job of a batch not yet sent; returns how many were cancelled.
 
     The batch is marked cancelled first, so a job whose message arrives later is cancelled when a
-    worker accepts it. ``cancel_one(job_id, raw)`` is ``Pipeline.cancel``. An unknown batch cancels
-    nothing and is not created."""
+    worker accepts it. ``cancel_many([(job_id, record), …])`` is ``Pipeline.cancel_many`` (one round
+    trip per chunk of CHUNK jobs). An unknown batch cancels nothing and is not created."""
     if not rt.redis.exists(rt.keys.batch(batch_id), rt.keys.batch_jobs(batch_id)):
         return 0
     rt.redis.hset(rt.keys.batch(batch_id), "cancelled", "1")
@@ -86,10 +86,12 @@ def cancel_batch(rt: Runtime, batch_id: str, cancel_one: Any) -> int:
         pipe = rt.redis.pipeline(transaction=False)
         for job_id in ids:
             pipe.hgetall(rt.keys.job(job_id))
+        queued = []
         for job_id, raw in zip(ids, pipe.execute()):
             rec = {_t(k): _t(v) for k, v in raw.items()}
-            if rec.get("state") == JobState.QUEUED.value and cancel_one(job_id, "operator", rec) == "cancelled":
-                n += 1
+            if rec.get("state") == JobState.QUEUED.value:
+                queued.append((job_id, rec))
+        n += cancel_many(queued, "operator")
     return n
 
 

@@ -220,7 +220,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     rt = _runtime(_settings())
     pipeline = Pipeline(rt)
     if args.batch:
-        n = cancel_batch(rt, args.batch, pipeline.cancel)
+        n = cancel_batch(rt, args.batch, pipeline.cancel_many)
         print(f"batch {args.batch}: {n} job(s) cancelled; jobs already sent to KIE keep going")
         return 0
     if not args.job_ids:

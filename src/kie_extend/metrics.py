@@ -8,6 +8,12 @@ from datetime import datetime, timezone
 from .runtime import Runtime
 from .states import JobState
 
+#: Histogram bucket bounds (seconds): one record-info call, and a job's time to result.
+POLL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+RESULT_BUCKETS = (10.0, 30.0, 60.0, 120.0, 180.0, 300.0, 600.0, 1200.0, 3600.0)
+#: Every histogram render() exports, by name, with its bounds.
+HISTOGRAMS = {"poll_seconds": POLL_BUCKETS, "time_to_result_seconds": RESULT_BUCKETS}
+
 
 def _iso_since(paused: dict[str, str] | None) -> dict[str, str] | None:
     if paused and paused.get("since"):
@@ -115,11 +121,13 @@ def render(rt: Runtime) -> str:
         lines += ["# TYPE kie_extend_provider_responses_total counter", *responses]
     for metric, value in counters.items():
         lines += [f"# TYPE kie_extend_{metric}_total counter", f"kie_extend_{metric}_total {value}"]
-    for metric, parts in sorted(hists.items()):
-        buckets = sorted(((k[3:], v) for k, v in parts.items() if k.startswith("le:")),
-                         key=lambda kv: float("inf") if kv[0] == "+Inf" else float(kv[0]))
+    for metric, bounds in sorted(HISTOGRAMS.items()):
+        parts = hists.get(metric, {})
         lines.append(f"# TYPE kie_extend_{metric} histogram")
-        lines += [f'kie_extend_{metric}_bucket{{le="{le}"}} {n}' for le, n in buckets]
+        running = 0
+        for le in [f"{b:g}" for b in bounds] + ["+Inf"]:  # every bucket, even empty ones
+            running += int(parts.get(f"bin:{le}", 0))
+            lines.append(f'kie_extend_{metric}_bucket{{le="{le}"}} {running}')
         lines += [f"kie_extend_{metric}_sum {parts.get('sum', '0')}",
-                  f"kie_extend_{metric}_count {parts.get('le:+Inf', '0')}"]
+                  f"kie_extend_{metric}_count {parts.get('count', '0')}"]
     return "\n".join(lines) + "\n"

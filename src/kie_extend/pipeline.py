@@ -19,6 +19,7 @@ from .client import FAILED_STATUSES, TaskRecord, track_has_audio
 from .delivery import Delivery
 from .events import build_event, now_iso
 from .intake import check_message
+from .metrics import POLL_BUCKETS, RESULT_BUCKETS
 from .admission import Admitted
 from .gates import Decision
 from .runtime import Dispatcher, NoDispatch, Runtime
@@ -27,9 +28,6 @@ from .states import TERMINAL, JobState
 
 log = logging.getLogger("kie_extend.pipeline")
 
-#: Histogram buckets (seconds) of one record-info call and of a job's time to result.
-POLL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-RESULT_BUCKETS = (10.0, 30.0, 60.0, 120.0, 180.0, 300.0, 600.0, 1200.0, 3600.0)
 #: Callback types that only report progress; the final ones (complete, error) trigger a poll.
 PROGRESS_CALLBACKS = frozenset({"text", "first"})
 #: ``error.message`` of a cancelled job, by ``error.reason``.
@@ -279,6 +277,32 @@ class Pipeline:
             return "too_late"
         return "finished" if raw.get("state") else "not_found"
 
+    def cancel_many(self, jobs: list[tuple[str, dict[str, str]]], reason: str = "operator") -> int:
+        """Cancel many queued jobs in one round trip (``(job_id, record)`` pairs, as read); returns
+        how many were cancelled. Each move is the same atomic step as :meth:`cancel`; their events
+        go through the outbox (the tick hands the deliveries out) instead of inline delivery."""
+        if not jobs:
+            return 0
+        error = _error("cancelled", CANCEL_MESSAGES.get(reason, reason), reason=reason)
+        handlers = list(self.s.handlers)
+        now = time.time()
+        pipe = self.rt.redis.pipeline(transaction=False)
+        for job_id, raw in jobs:
+            fields = {"error": error, "finished_at": now_iso()}
+            event = build_event({**raw, "job_id": job_id}, JobState.CANCELLED, fields)
+            self.store.transition(job_id, JobState.CANCELLED, expect=[JobState.QUEUED], fields=fields, event=event,
+                                  handlers=handlers, retention=self.s.retention, deliveries_at=now, pipe=pipe)
+        results = pipe.execute()
+        n = 0
+        for (job_id, raw), result in zip(jobs, results):
+            if int(result[0]):
+                n += 1
+                if raw.get("admitted"):
+                    self.rt.breaker.neutral(job_id)  # it may have been the breaker's probe
+        if n:
+            log.warning("%d job(s) cancelled (%s)", n, reason)
+        return n
+
     def _ours(self, body: dict[str, Any]) -> bool:
         """Whether the provider's callbacks for this request come to our receiver."""
         base = self.s.callback_base_url
@@ -509,9 +533,11 @@ class Pipeline:
         if not moved:
             return False
         created = float(raw.get("created_ts") or fields.get("created_ts") or time.time())
-        self.store.observe("time_to_result_seconds", time.time() - created, RESULT_BUCKETS)
+        if state is not JobState.CANCELLED:  # a cancelled job never had a result to wait for
+            self.store.observe("time_to_result_seconds", time.time() - created, RESULT_BUCKETS)
         error = fields.get("error")
-        if error and error.get("kind") not in ("generation_failed", "timed_out") and raw.get("state"):
+        if (error and error.get("kind") not in ("generation_failed", "timed_out") and raw.get("state")
+                and (state is not JobState.CANCELLED or raw.get("admitted"))):
             self.rt.breaker.neutral(job_id)  # a probe that ended neither way frees the probe turn
         _log(job_id, logging.INFO if state == JobState.SUCCEEDED else logging.WARNING, "%s%s", state.value,
              f" ({error['kind']}: {error['message']})" if error else "", task_id=event.get("kie_task_id"))

@@ -144,6 +144,7 @@ class JobStore:
         deliveries_at: float | None = None,
         stat: str = "",
         ready: bool = False,
+        pipe: Any = None,
     ) -> Moved:
         """Move ``job_id`` to ``to`` if it is in one of ``expect``; False if it was not.
 
@@ -154,7 +155,9 @@ class JobStore:
         job in its ready queue, where admission (admission.py) picks it for a submission slot.
         Leaving ``queued`` takes it out of its ready queue and the deadline index; a batch's counts
         move with the job, and the move that ends a batch's last job writes its ``batch.finished``
-        event and deliveries too (``Moved.batch_finished``).
+        event and deliveries too (``Moved.batch_finished``). With ``pipe`` (a redis-py pipeline) the
+        script is only queued on it and ``Moved(0)`` is returned: the caller reads each move's
+        outcome from ``pipe.execute()`` (first element 1 = moved).
         """
         expected = list(expect)
         for frm in expected:
@@ -187,8 +190,11 @@ class JobStore:
                 uuid.uuid4().hex,
                 "1" if ready else "",
                 _iso(now),
-            ]
+            ],
+            **({"client": pipe} if pipe is not None else {}),
         )
+        if pipe is not None:
+            return Moved(0)
         if int(result[2]):
             self.redis.hincrby(k.stats, "transition_replays", 1)
         moved = Moved(int(result[0]))
@@ -262,11 +268,13 @@ class JobStore:
         pipe.execute()
 
     def observe(self, name: str, value: float, buckets: tuple[float, ...]) -> None:
-        """Add one observation to a shared histogram (cumulative buckets, sum and count)."""
+        """Add one observation to a shared histogram: its bin (the smallest bucket bound at or above
+        ``value``, else ``+Inf``), the sum and the count; metrics.render adds the bins up into
+        Prometheus's cumulative buckets. Three writes in one round trip."""
+        le = next((f"{b:g}" for b in buckets if value <= b), "+Inf")
         pipe = self.redis.pipeline(transaction=False)
-        for le in buckets:  # every bucket exists, even empty ones
-            pipe.hincrby(self.keys.stats, f"hist:{name}:le:{le:g}", 1 if value <= le else 0)
-        pipe.hincrby(self.keys.stats, f"hist:{name}:le:+Inf", 1)
+        pipe.hincrby(self.keys.stats, f"hist:{name}:bin:{le}", 1)
+        pipe.hincrby(self.keys.stats, f"hist:{name}:count", 1)
         pipe.hincrbyfloat(self.keys.stats, f"hist:{name}:sum", value)
         pipe.execute()
 

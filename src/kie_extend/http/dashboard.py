@@ -220,7 +220,7 @@ def mount(app: FastAPI) -> None:
         who = writer(request, csrf)
         if get_batch(rt, batch_id).get("state") == "not_found":
             return _page(request, "error.html", {"status": 404, "message": f"No batch {batch_id}."}, who, status=404)
-        n = cancel_batch(rt, batch_id, pipeline.cancel)
+        n = cancel_batch(rt, batch_id, pipeline.cancel_many)
         log.warning("dashboard: cancel batch %s by %s: %d cancelled", batch_id, who.name, n)
         return _back(f"/batches/{quote(batch_id, safe='')}", "batch_cancelled")
 
