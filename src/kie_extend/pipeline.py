@@ -23,7 +23,7 @@ from .metrics import POLL_BUCKETS, RESULT_BUCKETS
 from .admission import Admitted
 from .gates import Decision
 from .runtime import Dispatcher, NoDispatch, Runtime
-from .store import BATCH_REF
+from .store import BATCH_REF, Moved
 from .states import TERMINAL, JobState
 
 log = logging.getLogger("kie_extend.pipeline")
@@ -414,12 +414,12 @@ class Pipeline:
         try:
             record = self.rt.client.record_info(task_id)
         except E.ProviderError as exc:
-            self._record_code(getattr(exc, "code", type(exc).__name__), prefix="poll")
+            # The latency and the answer's code are written in one round trip.
+            self.store.observe("poll_seconds", time.monotonic() - started, POLL_BUCKETS,
+                               stat=f"poll_code_{getattr(exc, 'code', None) or type(exc).__name__}")
             self._poll_failed(job_id, raw, exc, now, submitted)
             return
-        finally:
-            self.store.observe("poll_seconds", time.monotonic() - started, POLL_BUCKETS)
-        self._record_code(200, prefix="poll")
+        self.store.observe("poll_seconds", time.monotonic() - started, POLL_BUCKETS, stat="poll_code_200")
         self._apply_record(job_id, raw, record, now, submitted)
 
     def _poll_failed(self, job_id: str, raw: dict[str, str], exc: E.ProviderError, now: float, submitted: float) -> None:
@@ -454,9 +454,9 @@ class Pipeline:
             return
         if record.status == "SUCCESS" or (record.status == "CALLBACK_EXCEPTION" and with_audio):
             fields = {"kie_status": record.status, "tracks": tracks}
-            if self._finish(job_id, raw, JobState.SUCCEEDED, fields, expect=[JobState.SUBMITTED]):
-                if self.rt.breaker.success(job_id):
-                    _log(job_id, logging.WARNING, "provider breaker closed: a generation succeeded", task_id=task_id)
+            moved = self._finish(job_id, raw, JobState.SUCCEEDED, fields, expect=[JobState.SUBMITTED])
+            if moved and moved.breaker_closed:  # the same step reset the breaker (store.transition)
+                _log(job_id, logging.WARNING, "provider breaker closed: a generation succeeded", task_id=task_id)
             return
         if record.failed:
             self._task_failed(job_id, raw, record)
@@ -519,8 +519,9 @@ class Pipeline:
 
     # -- finish --------------------------------------------------------------------------------
     def _finish(self, job_id: str, raw: dict[str, str], state: JobState, fields: dict[str, Any],
-                expect: list[JobState | None]) -> bool:
-        """The terminal move: state, result event and handler deliveries in one atomic step."""
+                expect: list[JobState | None]) -> Moved | bool:
+        """The terminal move: state, result event and handler deliveries in one atomic step; the
+        store's Moved (true) when it happened, False when the job was no longer in ``expect``."""
         fields = {**fields, "finished_at": now_iso()}
         merged_raw = {**raw, "job_id": job_id}
         event = build_event(merged_raw, state, fields)
@@ -552,7 +553,7 @@ class Pipeline:
                     self.delivery.deliver(ref, name, event=event if ref == job_id else None)
                 else:
                     self.dispatch.deliver(ref, name)
-        return True
+        return moved
 
     # -- callbacks, operators ------------------------------------------------------------------
     def hint(self, job_id: str, task_id: str | None, callback_type: str | None) -> bool:

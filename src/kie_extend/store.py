@@ -28,6 +28,8 @@ class Moved(int):
     last job this move ended (its ``batch.finished`` event and deliveries were written with it)."""
 
     batch_finished: str | None = None
+    #: A move to ``succeeded`` that closed the provider breaker (see breaker.py).
+    breaker_closed: bool = False
 
 # Claim up to ARGV[3] members due by ARGV[1]: push each one's score to ARGV[2] (the lease end),
 # so a claimer that dies lets the member fall due again; returns member, due-time pairs.
@@ -151,7 +153,8 @@ class JobStore:
         ``due``: a time to put the job on the due schedule, ``None`` to take it off, ``""`` to
         leave it. A terminal move needs ``event``; it is stored with the state, and one delivery
         per handler is queued (due at ``deliveries_at``, default now), all in one atomic step.
-        ``stat`` names a shared counter bumped with the move. ``ready``: a move to ``queued`` puts the
+        ``stat`` names a shared counter bumped with the move. A move to ``succeeded`` also resets
+        the provider breaker's streak and closes it when open (``Moved.breaker_closed``). ``ready``: a move to ``queued`` puts the
         job in its ready queue, where admission (admission.py) picks it for a submission slot.
         Leaving ``queued`` takes it out of its ready queue and the deadline index; a batch's counts
         move with the job, and the move that ends a batch's last job writes its ``batch.finished``
@@ -172,7 +175,7 @@ class JobStore:
         now = time.time()
         result = self._transition(
             keys=[k.job(job_id), k.due, k.inflight, k.deliveries, k.stats, k.deadlines, k.rate_log,
-                  k.priorities, k.admission_seq, *(k.state_index(st.value) for st in lua.STATE_ORDER)],
+                  k.priorities, k.admission_seq, k.breaker, *(k.state_index(st.value) for st in lua.STATE_ORDER)],
             args=[
                 k.tag,
                 job_id,
@@ -198,6 +201,7 @@ class JobStore:
         if int(result[2]):
             self.redis.hincrby(k.stats, "transition_replays", 1)
         moved = Moved(int(result[0]))
+        moved.breaker_closed = len(result) > 4 and bool(int(result[4]))
         if len(result) > 3 and int(result[3]):
             batch = self.redis.hget(k.job(job_id), "batch_id")
             moved.batch_finished = _text(batch) if batch else None
@@ -267,15 +271,17 @@ class JobStore:
         pipe.hincrby(self.keys.stats, "polls", 1)
         pipe.execute()
 
-    def observe(self, name: str, value: float, buckets: tuple[float, ...]) -> None:
+    def observe(self, name: str, value: float, buckets: tuple[float, ...], stat: str = "") -> None:
         """Add one observation to a shared histogram: its bin (the smallest bucket bound at or above
         ``value``, else ``+Inf``), the sum and the count; metrics.render adds the bins up into
-        Prometheus's cumulative buckets. Three writes in one round trip."""
+        Prometheus's cumulative buckets. ``stat`` names a counter bumped in the same round trip."""
         le = next((f"{b:g}" for b in buckets if value <= b), "+Inf")
         pipe = self.redis.pipeline(transaction=False)
         pipe.hincrby(self.keys.stats, f"hist:{name}:bin:{le}", 1)
         pipe.hincrby(self.keys.stats, f"hist:{name}:count", 1)
         pipe.hincrbyfloat(self.keys.stats, f"hist:{name}:sum", value)
+        if stat:
+            pipe.hincrby(self.keys.stats, stat, 1)
         pipe.execute()
 
     def stat(self, name: str, amount: int = 1) -> None:
