@@ -18,6 +18,7 @@ from . import errors as E
 from .client import FAILED_STATUSES, TaskRecord, track_has_audio
 from .delivery import Delivery
 from .events import build_event, now_iso
+from .infra import is_infra_error
 from .intake import check_message
 from .metrics import POLL_BUCKETS, RESULT_BUCKETS
 from .admission import Admitted
@@ -246,7 +247,27 @@ class Pipeline:
         except E.ProviderError as exc:
             self._submit_failed(job_id, raw, attempt, exc)
             return
-        self._submitted(job_id, task_id, stat="submit_code_200", callbacks=self._ours(body))
+        self._record_submitted(job_id, task_id, callbacks=self._ours(body))
+
+    def _record_submitted(self, job_id: str, task_id: str, callbacks: bool) -> None:
+        """Write down a task KIE accepted. Its id exists only in this process until then, so an
+        infrastructure error (Redis out of memory, read-only, failing over) is retried here with
+        backoff for up to KIE_LEASE rather than given up: otherwise the paid task could only be
+        found again through a callback."""
+        delay, deadline = 0.2, time.monotonic() + self.s.lease
+        while True:
+            try:
+                self._submitted(job_id, task_id, stat="submit_code_200", callbacks=callbacks)
+                return
+            except Exception as exc:
+                if not is_infra_error(exc) or time.monotonic() + delay > deadline:
+                    _log(job_id, logging.ERROR, "KIE accepted task %s but it could not be recorded (%s: %s)",
+                         task_id, type(exc).__name__, exc, task_id=task_id)
+                    raise
+                _log(job_id, logging.WARNING, "recording accepted task %s failed (%s); trying again in %.1fs",
+                     task_id, type(exc).__name__, delay, task_id=task_id)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def _admit_now(self, job_id: str) -> Admitted | None:
         """Run admission for the slots free right now; hand the other admitted jobs to workers and
