@@ -73,3 +73,26 @@ class Harness:
 
     def finished(self, job_id: str) -> Callable[[], bool]:
         return lambda: self.state(job_id).get("state") in ("succeeded", "failed")
+
+
+#: Settings for in-process runs against a fast simulator: short polls, leases and timeouts.
+FAST_SETTINGS: dict[str, Any] = {
+    "poll_first": 0.2, "poll_interval": 0.2, "poll_max_interval": 0.3, "poll_min_gap": 0.0,
+    "handler_retry_base": 0.05, "lease": 5, "connect_timeout": 1, "read_timeout": 3, "poll_callback_interval": 0.4,
+}
+
+
+def harness_factory(make_settings: Callable[..., Any], sim: SimServer,
+                    **defaults: Any) -> Callable[..., Harness]:
+    """A builder of Harnesses on ``sim`` with FAST_SETTINGS, then ``defaults``, then its own overrides."""
+    def build(**overrides: Any) -> Harness:
+        settings = make_settings(**{"base_url": sim.url, **FAST_SETTINGS, **defaults, **overrides})
+        return Harness(Runtime(settings), sim)
+
+    return build
+
+
+def sample_request(sim: SimServer, **extra: Any) -> dict[str, Any]:
+    """A valid instrumental V5 request on the simulator's 30 s source file, with ``extra`` fields."""
+    return {"uploadUrl": f"{sim.url}/files/source/30s.mp3", "defaultParamFlag": True, "instrumental": True,
+            "continueAt": 3, "model": "V5", "style": "jazz", "title": "T", **extra}

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from inline import Harness
+from inline import Harness, harness_factory, sample_request
 from kie_extend.api import cancel, cancel_batch, enqueue_extend, enqueue_many, get_batch, get_job, pause, resume
 from kie_extend.devstack import DevStack
 from kie_extend.errors import ValidationError
@@ -32,20 +32,10 @@ def sim() -> Iterator[SimServer]:
 
 @pytest.fixture
 def harness(make_settings: Callable[..., Any], sim: SimServer) -> Callable[..., Harness]:
-    def build(**overrides: Any) -> Harness:
-        base = {"base_url": sim.url, "poll_first": 0.2, "poll_interval": 0.2, "poll_max_interval": 0.3,
-                "poll_min_gap": 0.0, "handler_retry_base": 0.05, "lease": 5, "tick_interval": 0.1,
-                "connect_timeout": 1, "read_timeout": 3, "poll_callback_interval": 0.4}
-        return Harness(Runtime(make_settings(**{**base, **overrides})), sim)
-
-    return build
+    return harness_factory(make_settings, sim, tick_interval=0.1)
 
 
-def req(sim: SimServer, **extra: Any) -> dict[str, Any]:
-    body = {"uploadUrl": f"{sim.url}/files/source/30s.mp3", "defaultParamFlag": True, "instrumental": True,
-            "continueAt": 3, "model": "V5", "style": "jazz", "title": "T"}
-    body.update(extra)
-    return body
+req = sample_request
 
 
 def sent_order(h: Harness, jobs: list[str]) -> list[str]:

@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from inline import Harness
-from kie_extend.runtime import Runtime
+from inline import Harness, harness_factory, sample_request
 from kie_extend.simulator import SimConfig, SimServer, serve
 
 
@@ -23,20 +22,10 @@ def sim() -> Iterator[SimServer]:
 
 @pytest.fixture
 def harness(make_settings: Callable[..., Any], sim: SimServer) -> Callable[..., Harness]:
-    def build(**overrides: Any) -> Harness:
-        base = {"base_url": sim.url, "poll_first": 0.2, "poll_interval": 0.2, "poll_max_interval": 0.3,
-                "poll_min_gap": 0.0, "handler_retry_base": 0.05, "lease": 5,
-                "connect_timeout": 1, "read_timeout": 3, "poll_callback_interval": 0.4}
-        return Harness(Runtime(make_settings(**{**base, **overrides})), sim)
-
-    return build
+    return harness_factory(make_settings, sim)
 
 
-def req(sim: SimServer, **extra: Any) -> dict[str, Any]:
-    body = {"uploadUrl": f"{sim.url}/files/source/30s.mp3", "defaultParamFlag": True, "instrumental": True,
-            "continueAt": 3, "model": "V5", "style": "jazz", "title": "T"}
-    body.update(extra)
-    return body
+req = sample_request
 
 
 def test_happy_path_inline(harness: Callable[..., Harness]) -> None:

@@ -72,19 +72,27 @@ class EmbeddedValkey:
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True, preexec_fn=die_with_parent)
+        self._wait_ready(timeout, "valkey-server", self.data_dir / "valkey.log")
+        return self
+
+    def _wait_ready(self, timeout: float, what: str, log: Path) -> None:
+        """Wait until the started process answers PING; RuntimeError naming ``log`` if it exits or
+        ``timeout`` seconds pass."""
+        assert self.proc is not None
         client = redis.Redis(port=self.port, socket_connect_timeout=1)
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if client.ping():
-                    break
-            except redis.RedisError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"valkey-server did not start (see {self.data_dir / 'valkey.log'})")
-            time.sleep(0.05)
-        client.close()
-        return self
+        try:
+            while True:
+                try:
+                    if client.ping():
+                        return
+                except redis.RedisError:
+                    pass
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{what} did not start (see {log})")
+                time.sleep(0.05)
+        finally:
+            client.close()
 
     def kill(self) -> None:
         """Stop the server abruptly (SIGKILL), keeping its data directory."""
@@ -144,18 +152,7 @@ class EmbeddedSentinel(EmbeddedValkey):
             ]))
         self.proc = subprocess.Popen([valkey_binary(), str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if client.ping():
-                    break
-            except redis.RedisError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"sentinel did not start (see {self.data_dir / 'sentinel.log'})")
-            time.sleep(0.05)
-        client.close()
+        self._wait_ready(timeout, "sentinel", self.data_dir / "sentinel.log")
         return self
 
     def master_port_now(self) -> int | None:
