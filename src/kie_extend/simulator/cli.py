@@ -1,4 +1,4 @@
-"""Command line: `python -m kie_extend.simulator [--host H] [--port P] [--knob value ...]`."""
+"""Command line: `python -m kie_extend.simulator [--host H] [--port P] [--state-file PATH] [--knob value ...]`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 from .config import SimConfig
 from .server import serve
+from .state import StateError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=int(os.environ.get("KIE_SIM_PORT", "8787")),
                         help="port to listen on, 0 = any free port [env KIE_SIM_PORT, default 8787]")
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    parser.add_argument("--state-file", default=os.environ.get("KIE_SIM_STATE_FILE") or None, metavar="PATH",
+                        help="keep tasks, credits, counters and uploads in this JSON file (written atomically) "
+                             "and start from it, so a restarted simulator still knows its tasks "
+                             "[env KIE_SIM_STATE_FILE, default: memory only]")
     SimConfig.add_arguments(parser)
     return parser
 
@@ -35,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        server = serve(config, host=args.host, port=args.port, verbose=args.verbose)
+        server = serve(config, host=args.host, port=args.port, verbose=args.verbose, state_file=args.state_file)
+    except StateError as exc:
+        print(f"KIE simulator: {exc} (move it away to start empty)", file=sys.stderr, flush=True)
+        return 1
     except OSError as exc:
         print(f"KIE simulator could not listen on {args.host}:{args.port}: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -44,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
-    print(f"KIE simulator listening on {server.url}", flush=True)
+    known = len(server.simulator.tasks)
+    kept = f"; state in {args.state_file} ({known} task(s) restored)" if args.state_file else ""
+    print(f"KIE simulator listening on {server.url}{kept}", flush=True)
     try:
         while not stop.wait(0.5):
             pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import random
 import threading
 import time
@@ -18,6 +19,7 @@ from .jobs import FAIL_CODES, RESULT_SHAPES, JobsTask, legacy_view, validate_cre
 from .limits import RollingLimiter
 from .protocol import SimReply, SimRequest, envelope, json_reply
 from .rules import SourceFetchError, validate_submit
+from .state import StateFile
 from .stats import Stats
 from .tasks import Take, Task
 from .uploads import UploadStore
@@ -40,7 +42,10 @@ def number(value: float) -> float | int:
 class Simulator:
     """All simulator state (tasks, counters, limits, uploads) and the logic behind every route."""
 
-    def __init__(self, config: SimConfig | None = None, base_url: str = "http://127.0.0.1:8787") -> None:
+    def __init__(self, config: SimConfig | None = None, base_url: str = "http://127.0.0.1:8787",
+                 state_file: str | os.PathLike[str] | None = None) -> None:
+        """``state_file``: keep tasks, credits and counters in this JSON file and start from it when
+        it exists (module ``state``); raises ``StateError`` when it exists but is not simulator state."""
         self.config = config or SimConfig()
         self.config.check()
         self.base_url = base_url
@@ -70,6 +75,10 @@ class Simulator:
             ("POST", "/_sim/config"): self._config_route,
             ("GET", "/_sim/health"): lambda r: envelope(200, "ok", {"tasks": len(self.tasks)}),
         }
+        self.state = StateFile(state_file) if state_file else None
+        if self.state is not None and self.state.load(self):
+            for task in list(self.tasks.values()):  # the callback stages that had not gone out yet
+                self._schedule_callbacks(task)
 
     # ----- dispatch -------------------------------------------------------------------------------
 
@@ -210,6 +219,7 @@ class Simulator:
             task = self._create_task(body, key, self.public_base(req), route)
         self.stats.add("submissions_accepted")
         self.stats.tally("submissions_by_callback_url", task.callback_url)
+        self.persist()  # before the answer: an accepted task survives a restart
         self._schedule_callbacks(task)
         reply = envelope(200, "success", {"taskId": task.task_id})
         reply.drop = self.roll("fault_drop_after_accept")
@@ -307,7 +317,9 @@ class Simulator:
         if not self.config.callbacks or not task.callback_url:  # callBackUrl is optional on createTask
             return
         for elapsed, stage in task.stages():
-            self.scheduler.call_at(task.created + elapsed, task.task_id, functools.partial(self._fire, task, stage))
+            if stage not in task.done_stages:
+                self.scheduler.call_at(task.created + elapsed, task.task_id,
+                                       functools.partial(self._fire, task, stage))
 
     def _current(self, task: Task) -> bool:
         return self.tasks.get(task.task_id) is task
@@ -319,11 +331,14 @@ class Simulator:
         plan = task.callback_plan.get(stage, "send")
         if plan == "missing":
             self.stats.tally("faults", "fault_missing_callback")
-            return
-        self._attempt(task, stage, 0)
-        if plan == "duplicate":
-            self.stats.tally("faults", "fault_duplicate_callback")
+        else:
             self._attempt(task, stage, 0)
+            if plan == "duplicate":
+                self.stats.tally("faults", "fault_duplicate_callback")
+                self._attempt(task, stage, 0)
+        with self.lock:
+            task.done_stages.append(stage)
+            self.persist()
 
     def _attempt(self, task: Task, stage: str, retry: int) -> None:
         """One delivery attempt; on failure schedule the next retry or stop the task's callbacks."""
@@ -348,6 +363,18 @@ class Simulator:
 
     # ----- control --------------------------------------------------------------------------------
 
+    def persist(self) -> None:
+        """Write the state file now (no-op without one); module ``state`` says what it holds."""
+        if self.state is not None:
+            with self.lock:
+                self.state.save(self)
+
+    def uploaded(self, upload: Any) -> None:
+        """A file was uploaded: its bytes and the state go to disk (with a state file)."""
+        if self.state is not None:
+            self.state.save_upload(upload)
+            self.persist()
+
     def stats_snapshot(self) -> dict[str, Any]:
         """The `/_sim/stats` document."""
         out = self.stats.snapshot()
@@ -371,6 +398,7 @@ class Simulator:
             self.stats.reset()
             self.credits = self.config.credits
             self.rng = random.Random(self.config.seed)
+            self.persist()
 
     def update_config(self, values: dict[str, Any]) -> dict[str, Any]:
         """Apply knob changes at run time; returns the masked config. ValueError on bad knobs."""
@@ -378,6 +406,7 @@ class Simulator:
             self.config = self.config.updated(values)
             if "credits" in values:
                 self.credits = self.config.credits
+                self.persist()
             if "seed" in values:
                 self.rng = random.Random(self.config.seed)
             return self.config.public_dict()
@@ -398,5 +427,6 @@ class Simulator:
             return envelope(400, str(exc))
 
     def close(self) -> None:
-        """Stop background threads."""
+        """Stop background threads; with a state file, write it a last time (the counters too)."""
         self.scheduler.close()
+        self.persist()

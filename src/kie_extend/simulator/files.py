@@ -69,6 +69,7 @@ def _store(sim: Simulator, req: SimRequest, data: bytes, mime: str | None, origi
         duration = audio_duration(data)
     upload = sim.uploads.put(path, data, mime, duration, sim.upload_ttl())
     sim.stats.add("uploads")
+    sim.uploaded(upload)
     return json_reply(upload.response(sim.public_base(req)))
 
 

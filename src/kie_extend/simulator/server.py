@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import sys
@@ -146,12 +147,20 @@ class SimServer:
 
 
 def serve(config: SimConfig | None = None, host: str = "127.0.0.1", port: int = 0,
-          verbose: bool = False) -> SimServer:
-    """Start a simulator on `host:port` (0 = any free port) in a background thread."""
+          verbose: bool = False, state_file: str | os.PathLike[str] | None = None) -> SimServer:
+    """Start a simulator on `host:port` (0 = any free port) in a background thread.
+
+    `state_file`: keep the simulator's tasks in this JSON file and start from it (see `state`);
+    raises `StateError` (a ValueError) when it exists but is not simulator state, OSError when
+    the address is taken."""
     config = config or SimConfig()
-    httpd = (_Server6 if ":" in host else _Server)((host, port), SimHandler)
+    simulator = Simulator(config, state_file=state_file)
+    try:
+        httpd = (_Server6 if ":" in host else _Server)((host, port), SimHandler)
+    except OSError:
+        simulator.scheduler.close()
+        raise
     httpd.verbose = verbose
-    simulator = Simulator(config)
     httpd.simulator = simulator
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
                               name="kie-simulator-http", daemon=True)

@@ -24,6 +24,17 @@ class Stats:
             self._tallies: dict[str, collections.Counter[str]] = {n: collections.Counter() for n in TALLIES}
             self._codes: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
 
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        """Set everything from a :meth:`snapshot` (unknown names are ignored)."""
+        with self._lock:
+            for name in COUNTERS:
+                self._counters[name] = int(snapshot.get(name) or 0)
+            for name in TALLIES:
+                self._tallies[name] = collections.Counter({str(k): int(v) for k, v in (snapshot.get(name) or {}).items()})
+            self._codes = collections.defaultdict(collections.Counter)
+            for route, codes in (snapshot.get("codes") or {}).items():
+                self._codes[route] = collections.Counter({str(k): int(v) for k, v in codes.items()})
+
     def add(self, name: str, n: int = 1) -> None:
         """Increase the counter `name`."""
         with self._lock:

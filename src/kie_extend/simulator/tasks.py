@@ -61,6 +61,7 @@ class Task:
     cb_failures: int = 0
     cb_stopped: bool = False
     callback_plan: dict[str, str] = field(default_factory=dict)  # stage -> "send"/"missing"/"duplicate"
+    done_stages: list[str] = field(default_factory=list)  # callback stages already gone out (or dropped)
 
     @property
     def model(self) -> str:

@@ -76,6 +76,16 @@ class UploadStore:
                 return None
             return upload
 
+    def all(self) -> list[Upload]:
+        """Every stored file (expired ones included until the next put or get drops them)."""
+        with self._lock:
+            return list(self._files.values())
+
+    def restore(self, upload: Upload) -> None:
+        """Put back a file read from saved state, as it was."""
+        with self._lock:
+            self._files[upload.path] = upload
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._files)
