@@ -682,7 +682,7 @@ def scenario_scale(res: Results, workdir: Path) -> None:
 
 
 # ==================================================================================================
-# 7. fairness: one account shared by tenants and priorities (DESIGN §11)
+# 7. fairness: one account shared by tenants and priorities
 # ==================================================================================================
 DEAD_CB = "http://127.0.0.1:9/kie/callback/unused"  # the provider requires a callBackUrl; nobody listens
 FAIR_ENV = {**KIE_LIMIT, "KIE_TICK_INTERVAL": TICK, "KIE_MAX_IN_FLIGHT": "100000",

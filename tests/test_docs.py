@@ -1,7 +1,7 @@
 """The README and docs/ agree with the repository: links, anchors, section references, defaults.
 
 - Every relative link (``[text](path)``, ``[text](path#anchor)``, ``[text](#anchor)``, images,
-  reference-style links) in README.md and docs/*.md resolves to a file or folder inside the
+  reference-style links) in README.md, docs/*.md and bench/README.md resolves to a file or folder inside the
   repository, and every anchor to a heading of the target page (GitHub's anchor slugs).
 - Section references name sections that exist: no numbered ``§`` references (the docs have no
   numbered sections) and no document outside the repository; ``README, "Title"`` names a README
@@ -24,7 +24,7 @@ import pytest
 from kie_extend.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "README.md"]
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
 CODE_SPAN = re.compile(r"`[^`\n]*`")
 INLINE_LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")

@@ -1,4 +1,4 @@
-"""Sharing one account (DESIGN §11): admission by priority then tenants in turn, batches, cancellation,
+"""Sharing one account (README "Sharing one account"): admission by priority then tenants in turn, batches, cancellation,
 deadlines and the operator's pause — the domain code on a real Valkey and the simulator over HTTP,
 and real workers for the order under load and the cancel/submit race."""
 

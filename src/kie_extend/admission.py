@@ -1,4 +1,4 @@
-"""Admission: which waiting job gets the next submission slot (DESIGN §11).
+"""Admission: which waiting job gets the next submission slot (README "Sharing one account").
 
 Queued jobs wait in ready queues, one per (priority, tenant), oldest first. When a submission slot
 is free (the rolling rate window has room and so does the in-flight cap, nothing is paused and the

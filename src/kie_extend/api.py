@@ -28,7 +28,7 @@ PENDING_UPLOAD_URL = "https://upload.pending.invalid/audio"
 
 AudioPath = str | os.PathLike[str]
 
-#: The optional extend kwargs of DESIGN §11, passed through as given.
+#: The optional sharing kwargs of the extend task (README "Sharing one account"), passed through as given.
 OPTIONS = ("tenant", "priority", "batch_id", "not_after")
 
 _apps: dict[str, Celery] = {}
@@ -66,7 +66,7 @@ def check_extend(request: Any, *, idempotency_key: str | None = None, metadata: 
 
     With ``audio_duration`` (seconds of the source audio, when known) ``continueAt`` must be below it
     and the source at most 8 minutes long. ``options``: ``tenant``, ``priority``, ``batch_id``,
-    ``not_after`` (DESIGN §11).
+    ``not_after`` (README "Sharing one account").
     """
     settings = _settings(settings)
     intake = require(check_message(request, settings=settings, idempotency_key=idempotency_key,
@@ -146,7 +146,7 @@ def enqueue_extend(request: dict[str, Any], *, audio_file: AudioPath | None = No
     ``job_id`` (optional) names the job; an id that already exists raises ``JobExistsError`` (a
     ``ValidationError`` on the field ``job_id``) and nothing is sent. Without one a UUID4 is used.
     ``tenant``, ``priority`` (0-9), ``batch_id`` and ``not_after`` (ISO-8601 UTC or epoch seconds)
-    share the account fairly (DESIGN §11).
+    share the account fairly (README "Sharing one account").
     """
     options = {"tenant": tenant, "priority": priority, "batch_id": batch_id, "not_after": not_after}
     settings = _settings(settings)
@@ -281,7 +281,7 @@ def get_job(job_id: str, *, settings: Settings | None = None) -> dict[str, Any]:
     return status_record(raw, job_id)
 
 
-# -- cancellation, batches, operator pause (DESIGN §11) ------------------------------------------
+# -- cancellation, batches, operator pause --------------------------------------------------------
 
 def cancel(job_id: str, *, settings: Settings | None = None) -> bool:
     """Cancel a job not yet sent to KIE; False when it is unknown, finished, or already sent (KIE

@@ -43,7 +43,7 @@ from .intake import JOB_ID_PATTERN, Intake, check_options
 from .models import ExtendRequest
 from .states import TERMINAL
 
-#: Keys a line may carry beside the request fields: extend kwargs (DESIGN §4, §11) and a local file.
+#: Keys a line may carry beside the request fields: extend kwargs (idempotency, metadata, sharing options) and a local file.
 LINE_KEYS: tuple[str, ...] = ("tenant", "priority", "not_after", "metadata", "idempotency_key", "audio_file")
 #: Keys ``batch submit`` sets itself; a line that gives them is refused.
 OWN_KEYS: tuple[str, ...] = ("job_id", "batch_id")

@@ -1,4 +1,4 @@
-"""Batches (DESIGN §11): groups of jobs with counts by state and one ``batch.finished`` event.
+"""Batches (README "Sharing one account"): groups of jobs with counts by state and one ``batch.finished`` event.
 
 A batch's counts move in the same atomic step as each of its jobs' transitions (lua.py), so
 reading them is O(1) whatever the batch's size. Its total is the number of its jobs: the ids a

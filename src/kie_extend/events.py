@@ -1,4 +1,4 @@
-"""Result events (DESIGN §7) and the public status record (DESIGN §5), built from a job record."""
+"""Result events (README "Result events and handlers") and the public status record, built from a job record."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def build_event(raw: dict[str, str], state: JobState, fields: dict[str, Any]) ->
 
 
 def _sharing(raw: dict[str, str]) -> dict[str, Any]:
-    """DESIGN §11's options as stored on a record: tenant, priority, batch_id, not_after (ISO)."""
+    """The sharing options (README "Sharing one account") as stored on a record: tenant, priority, batch_id, not_after (ISO)."""
     not_after = raw.get("not_after")
     when = None
     if not_after:

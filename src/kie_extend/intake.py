@@ -20,7 +20,7 @@ MAX_REQUEST_BYTES = 64 * 1024
 MAX_IDEMPOTENCY_KEY = 256
 #: Job ids the callback receiver can route (the id is a path segment of the callback URL).
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
-#: Tenant names (DESIGN §11).
+#: Tenant names (README "Sharing one account").
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: Longest batch id; it may hold any printable characters but ``|`` (a separator in the store).
 MAX_BATCH_ID = 128
@@ -86,7 +86,7 @@ def check_message(request: Any, *, settings: Settings, idempotency_key: Any = No
     """Check one extend message; problems are collected, never raised (see :func:`require`).
 
     ``tenant`` (default KIE_DEFAULT_TENANT), ``priority`` (0-9, default 5), ``batch_id`` and
-    ``not_after`` (ISO-8601 UTC or epoch seconds; it becomes epoch seconds) are DESIGN §11's options."""
+    ``not_after`` (ISO-8601 UTC or epoch seconds; it becomes epoch seconds) are the sharing options (README "Sharing one account")."""
     out = Intake(tenant=settings.default_tenant)
     problems = out.problems
     check_options(out, tenant=tenant, priority=priority, batch_id=batch_id, not_after=not_after)

@@ -130,7 +130,7 @@ class Keys:
 
     @property
     def breaker(self) -> str:
-        """Hash: the provider breaker (state, failure streak, cooldown, probe job) (DESIGN §13)."""
+        """Hash: the provider breaker (state, failure streak, cooldown, probe job) (README "The provider breaker")."""
         return f"{self.tag}:breaker"
 
     @property

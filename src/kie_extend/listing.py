@@ -102,7 +102,7 @@ def _records(rt: Runtime, ids: list[str]) -> list[dict[str, str] | None]:
 
 def list_jobs(rt: Runtime, *, state: str | None = None, batch_id: str | None = None, tenant: str | None = None,
               limit: int = DEFAULT_LIMIT, cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
-    """One page of job status records (DESIGN §5 shape), newest first, and the next page's cursor
+    """One page of job status records (the shape of ``status_record``), newest first, and the next page's cursor
     (``None`` on the last page).
 
     ``state``: a JobState value (``pending`` too with ``batch_id``: declared, not yet recorded);

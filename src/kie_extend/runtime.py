@@ -122,7 +122,7 @@ class Runtime:
 
     @cached_property
     def breaker(self) -> Breaker:
-        """The provider breaker (DESIGN §13)."""
+        """The provider breaker (README "The provider breaker")."""
         s = self.settings
         return Breaker(self.redis, self.keys, threshold=s.breaker_threshold, cooldown=s.breaker_cooldown)
 
