@@ -236,3 +236,50 @@ def test_the_licence_is_an_spdx_expression() -> None:
     assert any(re.fullmatch(r"setuptools>=(\d+).*", r) and int(re.match(r"setuptools>=(\d+)", r)[1]) >= 77
                for r in requires), requires
     assert not any("License ::" in c for c in project["project"].get("classifiers", []))
+
+
+# ----- documented shapes against the code ------------------------------------------------------------
+
+def _top_level_keys(block: str) -> set[str]:
+    """The keys of the outermost object of a JSON-like example (placeholders such as … allowed)."""
+    keys, depth, i = set(), 0, 0
+    while i < len(block):
+        ch = block[i]
+        if ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+        elif ch == '"':
+            end = block.index('"', i + 1)
+            if depth == 1 and block[end + 1:].lstrip().startswith(":"):
+                keys.add(block[i + 1:end])
+            i = end
+        i += 1
+    return keys
+
+
+def _json_block_after(text: str, marker: str) -> str:
+    start = text.index(marker)
+    block = text[text.index("```json", start) + len("```json"):]
+    return block[:block.index("```")]
+
+
+def test_the_documented_status_record_and_event_have_the_codes_fields() -> None:
+    from kie_extend.events import build_event, status_record
+    from kie_extend.states import JobState
+
+    readme = (ROOT / "README.md").read_text()
+    record = _top_level_keys(_json_block_after(readme, "`kie-extend status JOB_ID --json` (or `kie_extend.get_job`)"))
+    assert record == set(status_record({}, "j")), "README's status record example"
+    event = _top_level_keys(_json_block_after(readme, "## Result events and handlers"))
+    assert event == set(build_event({"job_id": "j"}, JobState.SUCCEEDED, {})), "README's result event example"
+    producers = (ROOT / "docs" / "producers.md").read_text()
+    documented = set(re.findall(r"^\| `(job\.\w+|batch\.\w+)` \|", producers, re.M))
+    assert documented == {"job.succeeded", "job.failed", "job.cancelled", "batch.finished"}
+    from kie_extend.states import EVENT_FOR
+
+    assert set(EVENT_FOR.values()) | {"batch.finished"} == documented
+    lua = (ROOT / "src" / "kie_extend" / "lua.py").read_text()
+    batch_fields = set(re.findall(r"(\w+) = ", lua[lua.index("cjson.encode({event = 'batch.finished'"):][:200]))
+    row = next(line for line in producers.splitlines() if line.startswith("| `batch.finished`"))
+    assert all(f"`{name}`" in row for name in batch_fields), (batch_fields, row)
