@@ -6,7 +6,8 @@ Routes: `POST /api/v1/generate/upload-extend`, `GET /api/v1/generate/record-info
 `GET /uploads/<filePath>`,
 `GET /files/source/<N>s.mp3` (a short real MP3 whose nominal duration is N seconds), the takes' files
 under `/files/...`, and the control routes `GET /_sim/stats`, `POST /_sim/reset`, `GET|POST /_sim/config`.
-Knobs: `SimConfig` (env `KIE_SIM_<KNOB>`, CLI `--knob-name`).
+Knobs: `SimConfig` (env `KIE_SIM_<KNOB>`, CLI `--knob-name`). State lives in memory unless a state file is
+given (`--state-file`, env `KIE_SIM_STATE_FILE`; module `state`): then a restarted simulator still knows its tasks.
 """
 
 from .audio import audio_duration, mp3_bytes, mp3_duration, png_bytes, wav_bytes
