@@ -22,6 +22,10 @@ What this reader guarantees (docs/producers.md, "Reading results with a consumer
   and acknowledged. The reader never wedges on one entry.
 - An event kind this reader does not know (a newer kie-extend) is treated the same way: copied to
   the unhandled stream, logged and acknowledged, so it is kept for a newer reader and blocks nothing.
+- Redis lost while running (a restart, a failover): it logs it and reconnects with backoff (0.5 s
+  doubling to 30 s), then takes back its pending entries as on start. A Redis it cannot reach at
+  start is an error (exit 2), as is a command Redis refuses; a group deleted meanwhile is created
+  again.
 - SIGINT or SIGTERM: it finishes the entry in hand and exits 0.
 
     KIE_REDIS_URL=redis://localhost:6379/0 python examples/consume_results.py --group billing
@@ -319,13 +323,32 @@ def main(argv: list[str] | None = None, handlers: dict[str, Handler] | None = No
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    try:
-        reader.ensure_group("$" if args.new_only else "0")
-        reader.run(count=args.count, idle_timeout=args.timeout)
-    except redis.RedisError as exc:
-        where = urlsplit(url)  # host and port only: the URL may hold a password
-        log.error("Redis at %s:%s failed: %s", where.hostname, where.port or 6379, exc)
-        return 2
+    where = urlsplit(url)  # host and port only: the URL may hold a password
+    redis_at = f"{where.hostname}:{where.port or 6379}"
+    connected, delay = False, 0.5
+    while not reader.stopping:
+        try:
+            reader.ensure_group("$" if args.new_only else "0")
+            connected, delay = True, 0.5
+            reader.run(count=args.count, idle_timeout=args.timeout)
+            break
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                log.error("Redis at %s refused a command: %s", redis_at, exc)
+                return 2
+            log.warning("consumer group %s on %s is gone (%s); creating it again", args.group, stream, exc)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if not connected:  # never reached: a wrong URL or a stopped server; say so and stop
+                log.error("Redis at %s cannot be reached: %s", redis_at, exc)
+                return 2
+            log.warning("lost Redis at %s (%s); trying again in %.1f s", redis_at, exc, delay)
+            deadline = time.monotonic() + delay
+            while not reader.stopping and time.monotonic() < deadline:
+                time.sleep(0.1)
+            delay = min(delay * 2, 30.0)
+        except redis.RedisError as exc:
+            log.error("Redis at %s failed: %s", redis_at, exc)
+            return 2
     log.info("handled %d event(s) from %s as %s/%s; %d set aside", reader.handled, stream, args.group,
              args.consumer, reader.set_aside)
     return 0
