@@ -24,6 +24,7 @@ from fastapi.templating import Jinja2Templates
 
 from ..batches import cancel_batch, get_batch
 from ..delivery import Delivery
+from ..endpoints import mask_url
 from ..intake import JOB_ID_PATTERN
 from . import dashboard_data as data
 from .auth import SESSION_COOKIE, SESSION_MAX_AGE, Principal
@@ -47,6 +48,9 @@ MESSAGES = {
     "replayed": "Dead letters were put back on the delivery schedule.",
     "logged_out": "You are logged out.",
 }
+
+#: Seconds between reloads of the "job store unreachable" page.
+UNAVAILABLE_REFRESH = 5
 
 #: Headers every dashboard page carries: no framing, no foreign scripts, no caching of pages.
 SECURITY_HEADERS = {
@@ -127,6 +131,19 @@ def mount(app: FastAPI) -> None:
         if fresh:
             _set_cookie(request, resp, fresh)
         return resp
+
+    def unavailable(request: Request, exc: Exception) -> Response:
+        """The page every dashboard route answers while the job store is unreachable: 503, the usual
+        navigation, what is wrong (the store's URL with its password masked, for a logged-in user
+        only) and a reload every :data:`UNAVAILABLE_REFRESH` seconds."""
+        who = (auth.from_session(request) if auth.enabled else Principal("loopback", False))
+        ctx = {"status": 503, "error": type(exc).__name__, "refresh": True, "refresh_seconds": UNAVAILABLE_REFRESH,
+               "store_url": mask_url(rt.settings.redis_url) if who else None}
+        resp = _page(request, "unavailable.html", ctx, who, status=503)
+        resp.headers["Retry-After"] = str(UNAVAILABLE_REFRESH)
+        return resp
+
+    app.state.unavailable_page = unavailable
 
     # -- login ---------------------------------------------------------------------------------
     @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
