@@ -142,6 +142,7 @@ def create_app(settings: Settings, *, parts: Iterable[str] = PARTS, runtime: Run
 
 def _callbacks(app: FastAPI, settings: Settings) -> None:
     secret = settings.callback_secret.get_secret_value() if settings.callback_secret else None
+    unrecorded_log = Throttled(UNAVAILABLE_LOG_EVERY)
 
     @app.post("/kie/callback/{job_id}", include_in_schema=False)
     async def callback(job_id: str, request: Request) -> JSONResponse:
@@ -170,8 +171,8 @@ def _callbacks(app: FastAPI, settings: Settings) -> None:
             await run_in_threadpool(app.state.pipeline.hint, job_id, callback_task_id(body), kind)
         except Exception as exc:  # KIE gets its 200 anyway; polling stays the source of truth
             if is_infra_error(exc):
-                log.warning("callback not recorded, job store unavailable (%s: %s); polling will find the result",
-                            type(exc).__name__, exc, extra={"job_id": job_id})
+                unrecorded_log.warning(log, "callback for %s not recorded, job store unavailable (%s: %s); polling "
+                                            "will find the result", job_id, type(exc).__name__, exc)
             else:
                 log.exception("callback handling failed", extra={"job_id": job_id})
         return JSONResponse({"status": "received"})
