@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -30,6 +31,10 @@ log = logging.getLogger("kie_extend.http")
 
 #: The parts one app can serve; ``kie-extend serve --callback-port`` splits them over two ports.
 PARTS = ("callbacks", "api", "dashboard")
+#: Where ``/docs`` loads Swagger UI's script and stylesheet from (vendored, version in its README).
+DOCS_ASSETS = "/docs/assets"
+#: The vendored Swagger UI (``static/swagger-ui``).
+SWAGGER_UI_VERSION = "5.35.0"
 #: Seconds a client is told to wait (``Retry-After``) while the job store is unavailable.
 RETRY_AFTER = 5
 #: Seconds between two "job store unavailable" log lines (the ones between are counted, not logged).
@@ -62,7 +67,7 @@ def create_app(settings: Settings, *, parts: Iterable[str] = PARTS, runtime: Run
     app = FastAPI(title="kie-extend", version=_version(),
                   description="Jobs for KIE.AI's Suno Upload And Extend Audio API: the JSON API for "
                               "services that do not speak Celery (DESIGN §12).",
-                  docs_url="/docs" if "api" in parts else None, redoc_url=None,
+                  docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json" if "api" in parts else None)
     app.state.settings = settings
     app.state.runtime = rt
@@ -133,6 +138,7 @@ def create_app(settings: Settings, *, parts: Iterable[str] = PARTS, runtime: Run
         from .api_v1 import install
 
         install(app)
+        _docs(app)
     if "dashboard" in parts:
         from .dashboard import mount as mount_dashboard
 
@@ -176,6 +182,28 @@ def _callbacks(app: FastAPI, settings: Settings) -> None:
             else:
                 log.exception("callback handling failed", extra={"job_id": job_id})
         return JSONResponse({"status": "received"})
+
+
+def _docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI from the vendored files under ``static/swagger-ui`` (no CDN, so it
+    works offline and behind a proxy that blocks one; see that folder's README)."""
+    from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+    from fastapi.responses import HTMLResponse
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(Path(__file__).resolve().parent / "static" / "swagger-ui")),
+              name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - API docs",
+                                   oauth2_redirect_url="/docs/oauth2-redirect",
+                                   swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css", swagger_favicon_url="data:,")
+
+    @app.get("/docs/oauth2-redirect", include_in_schema=False)
+    def docs_oauth2_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
 
 
 def openapi_text() -> str:
