@@ -177,6 +177,7 @@ def mount(app: FastAPI) -> None:
     def overview(request: Request) -> Response:
         who = principal_of(request)
         return _page(request, "overview.html", {"ov": data.overview(rt), "credits": data.credits(rt),
+                                                "charts": data.chart_data(rt),
                                                 "refresh": request.query_params.get("refresh") == "1"}, who)
 
     @app.get("/jobs", response_class=HTMLResponse, include_in_schema=False)
