@@ -414,6 +414,7 @@ def test_dead_letters_replay_one_then_all(system: System, browser: Any) -> None:
 def test_pause_cancel_a_queued_batch_and_resume(system: System, browser: Any) -> None:
     settings = system.stack.settings()
     before = system.stack.sim_stats()["submissions_accepted"]
+    login(browser, system.url, "admin-token")  # so the test also runs on its own (by node id)
     browser.get(system.url + "/")
     find(browser, "#pause-reason").send_keys("maintenance window")
     click(browser, "#pause")

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from html import escape
 
 #: Drawing size (SVG user units; the element scales to its card's width).
-WIDTH, HEIGHT = 600, 180
+WIDTH, HEIGHT = 480, 170
 #: Room for the axis labels: left, right, top, bottom.
-PAD_L, PAD_R, PAD_T, PAD_B = 44, 10, 10, 22
+PAD_L, PAD_R, PAD_T, PAD_B = 40, 10, 10, 24
 
 
 @dataclass(frozen=True)
