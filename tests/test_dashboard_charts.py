@@ -106,6 +106,12 @@ def test_jobs_fill_the_minute_series_and_the_overview_draws_it(harness: Harness,
     assert sum(series["finished"]) == 4 and sum(series["succeeded"]) == 3 and sum(series["failed"]) == 1
     assert sum(merge_bins(series["time_to_result"]).values()) == 4
     assert any(v is not None for v in series["queued"])  # the ticks sampled the depth
+    rt.gates.pause_operator("hold one")  # a queued job cancelled counts as finished and cancelled
+    held = harness.accept(sample_request(sim, title="held"))
+    assert harness.pipeline.cancel(held) == "cancelled"
+    rt.gates.resume_operator()
+    series = minute_series(rt)
+    assert sum(series["finished"]) == 5 and sum(series["cancelled"]) == 1 and sum(series["submitted"]) == 3
     ttl = rt.redis.ttl(keys.minute(int(time.time() // 60)))
     assert 0 < ttl <= MINUTE_TTL
     # A deeper queue in the same minute raises the minute's figure; the highest one stays.
@@ -126,7 +132,7 @@ def test_jobs_fill_the_minute_series_and_the_overview_draws_it(harness: Harness,
         assert m, chart_id
         root = _parse(m.group(0))
         assert root.findall(f"{SVG}polyline") or root.findall(f"{SVG}circle"), chart_id
-    assert re.search(r"Last hour: 3 submitted, 4 finished\s+\(1 failed\)", html)
+    assert re.search(r"Last hour: 3 submitted, 5 finished\s+\(1 failed, 1 cancelled\)", html)
     assert re.search(r"p50 [0-9.]+ s, p90 [0-9.]+ s, p99 [0-9.]+ s", html)
     assert "<script" not in html
 

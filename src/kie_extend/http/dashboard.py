@@ -7,7 +7,12 @@ request, tracks), ``/batches``, ``/batches/{id}``, ``/dead-letters``. Every chan
 carries the session's CSRF token and a same-origin ``Origin`` (or ``Referer``); a read-only session
 sees no buttons and its POSTs answer 403. The token a user pastes is never logged or echoed.
 
-What the pages read lives in ``dashboard_data.py``; this module is the routes and the guards.
+While the job store is unreachable every page answers 503 with ``unavailable.html``: the usual
+navigation, what is wrong, and a reload every :data:`UNAVAILABLE_REFRESH` seconds (app.py's
+handler for infrastructure errors calls ``app.state.unavailable_page``).
+
+What the pages read lives in ``dashboard_data.py`` (the charts' SVG in ``charts.py``); this module
+is the routes and the guards.
 """
 
 from __future__ import annotations

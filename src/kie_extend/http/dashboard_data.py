@@ -100,7 +100,8 @@ def _hhmm(ts: float) -> str:
 def chart_data(rt: Runtime, now: float | None = None) -> dict[str, Any]:
     """The overview's charts of the last hour from the per-minute series (``metrics.minute_series``):
     ``{"throughput", "depth", "ttr"}``, each ``{"svg": markup, "legend": markup}``, plus ``hour``:
-    ``{"submitted", "finished", "failed", "p50", "p90", "p99"}`` (percentiles in seconds or None)."""
+    ``{"submitted", "finished", "failed", "cancelled", "p50", "p90", "p99"}`` (percentiles in seconds
+    or None; ``finished`` counts succeeded, failed and cancelled jobs)."""
     series = minute_series(rt, now=now)
     n, start = series["minutes"], series["start"]
     labels = [_hhmm(start + 60 * i) + " UTC" * (i == n - 1) for i in range(n)]
@@ -121,7 +122,7 @@ def chart_data(rt: Runtime, now: float | None = None) -> dict[str, Any]:
         "ttr": {"svg": svg.line_chart(ttr, ttr_labels, title=f"Time to result per {TTR_WINDOW} minutes",
                                       unit=" s", chart_id="chart-ttr"), "legend": svg.legend(ttr)},
         "hour": {"submitted": sum(series["submitted"]), "finished": sum(series["finished"]),
-                 "failed": sum(series["failed"]), **{name: quantile(hour, q) for name, q in
+                 "failed": sum(series["failed"]), "cancelled": sum(series["cancelled"]), **{name: quantile(hour, q) for name, q in
                                                       (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))}},
     }
 
