@@ -155,7 +155,8 @@ class Keys:
         """Hash: what happened in one minute (``minute`` = unix seconds // 60), for the dashboard's
         charts: ``submitted`` and ``finished``/``succeeded``/``failed``/``cancelled`` (bumped by the
         transition script), ``queued``/``in_flight`` (the highest depth a tick saw that minute) and
-        ``time_to_result_seconds:<le>`` histogram bins. Expires :data:`MINUTE_TTL` s after its last write."""
+        ``time_to_result_seconds:<le>`` histogram bins. Expires :data:`MINUTE_TTL` s after its last write.
+        The transition script (lua.py) builds the same name from the tag: keep the two in step."""
         return f"{self.tag}:min:{int(minute)}"
 
     @property
