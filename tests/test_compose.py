@@ -269,3 +269,19 @@ def test_serve_healthcheck_command_passes(compose: ComposeRun) -> None:
     args = [compose.rewrite(a).replace("127.0.0.1:8080", compose.host_url("serve", 8080)) for a in check[1:]]
     args[0] = sys.executable if args[0] == "python" else args[0]
     assert subprocess.run(args, timeout=30).returncode == 0
+
+
+def test_serve_healthcheck_is_readiness_and_fails_while_redis_is_down(compose: ComposeRun) -> None:
+    """Last in the module: it stops the compose run's Redis."""
+    check = compose.services["serve"]["healthcheck"]["test"]
+    assert any("/readyz" in a for a in check), check
+    args = [compose.rewrite(a).replace("127.0.0.1:8080", compose.host_url("serve", 8080)) for a in check[1:]]
+    args[0] = sys.executable if args[0] == "python" else args[0]
+    assert compose.valkey is not None
+    compose.valkey.stop()
+    out = subprocess.run(args, timeout=30, capture_output=True, text=True)
+    assert out.returncode != 0 and "503" in out.stderr, out.stderr[-2000:]
+    serve = f"http://{compose.host_url('serve', 8080)}"
+    assert requests.get(f"{serve}/livez", timeout=5).json() == {"status": "ok"}  # liveness stays cheap
+    ready = requests.get(f"{serve}/readyz", timeout=10)
+    assert ready.status_code == 503 and "job store unreachable" in ready.json()["reason"]

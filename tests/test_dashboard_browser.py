@@ -214,10 +214,13 @@ def _dead_count(system: System) -> int:
 
 # -- helpers on pages ---------------------------------------------------------------------------------
 
-def _by(css: str) -> tuple[str, str]:
+def _by(css: str, what: str | None = None) -> tuple[str, str]:
+    """A Selenium locator: ``_by(css)``, or ``_by("xpath", expr)`` / ``_by("css", selector)``."""
     from selenium.webdriver.common.by import By
 
-    return (By.CSS_SELECTOR, css)
+    if what is None:
+        return (By.CSS_SELECTOR, css)
+    return (By.XPATH if css == "xpath" else By.CSS_SELECTOR, what)
 
 
 def find(driver: Any, css: str) -> Any:
@@ -228,13 +231,30 @@ def finds(driver: Any, css: str) -> list[Any]:
     return driver.find_elements(*_by(css))
 
 
-def shot(driver: Any, name: str) -> None:
-    """Save a PNG of the whole page (the window is grown to the page's height first)."""
+def viewport(driver: Any, width: int, height: int = 1000) -> None:
+    """Lay the page out in a viewport of exactly ``width`` x ``height`` CSS pixels (Chromium's device
+    metrics override: the window's own size is capped by the headless screen)."""
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+
+
+def shot(driver: Any, name: str, width: int = 1400) -> None:
+    """Save a PNG of the whole page laid out ``width`` px wide (the viewport grown to the page's height)."""
     SHOTS.mkdir(parents=True, exist_ok=True)
+    viewport(driver, width)
     height = driver.execute_script("return document.documentElement.scrollHeight") if _scripts_ok(driver) else 1000
-    driver.set_window_size(1400, max(800, min(int(height) + 40, 2400)))
-    assert driver.save_screenshot(str(SHOTS / f"{name}.png"))
-    driver.set_window_size(1400, 1000)
+    viewport(driver, width, max(600, min(int(height), 4000)))
+    try:
+        assert driver.save_screenshot(str(SHOTS / f"{name}.png"))
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def inside(inner: Any, outer: Any) -> bool:
+    """Whether element ``inner``'s box lies within ``outer``'s (WebDriver rects, CSS pixels)."""
+    a, b = inner.rect, outer.rect
+    return (a["x"] >= b["x"] - 0.5 and a["y"] >= b["y"] - 0.5 and a["x"] + a["width"] <= b["x"] + b["width"] + 0.5
+            and a["y"] + a["height"] <= b["y"] + b["height"] + 0.5)
 
 
 def _scripts_ok(driver: Any) -> bool:
@@ -394,6 +414,7 @@ def test_dead_letters_replay_one_then_all(system: System, browser: Any) -> None:
 def test_pause_cancel_a_queued_batch_and_resume(system: System, browser: Any) -> None:
     settings = system.stack.settings()
     before = system.stack.sim_stats()["submissions_accepted"]
+    login(browser, system.url, "admin-token")  # so the test also runs on its own (by node id)
     browser.get(system.url + "/")
     find(browser, "#pause-reason").send_keys("maintenance window")
     click(browser, "#pause")
@@ -424,6 +445,107 @@ def test_pause_cancel_a_queued_batch_and_resume(system: System, browser: Any) ->
     assert finds(browser, "#pause")  # the pause form is back
     time.sleep(1.5)  # a few beat ticks: nothing cancelled may be sent
     assert system.stack.sim_stats()["submissions_accepted"] == before
+
+
+def test_overview_in_both_pause_states_fits_its_cards_at_1280_and_1920(system: System, browser: Any) -> None:
+    """The Pause form once spilled out of its card at 1400 px and wider; the Resume form is the other
+    state. Each form, its field and its button lie inside the card at both widths; the charts draw."""
+    from kie_extend.api import pause, resume
+
+    settings = system.stack.settings()
+    login(browser, system.url, "admin-token")
+    try:
+        for state in ("running", "paused"):
+            if state == "paused":
+                pause("maintenance window: new storage backend", settings=settings)
+            else:
+                resume(settings=settings)
+            for width in (1280, 1920):
+                browser.get(system.url + "/")
+                viewport(browser, width)
+                form = find(browser, "form[action='/pause']" if state == "running" else "form[action='/resume']")
+                card = form.find_element(*_by("xpath", "./ancestor::div[contains(@class, 'card')][1]"))
+                for part in [form, *form.find_elements(*_by("css", "input[type=text], button"))]:
+                    assert inside(part, card), (state, width, part.get_attribute("outerHTML")[:80], part.rect, card.rect)
+                for chart in ("#chart-throughput", "#chart-depth", "#chart-ttr"):
+                    box = find(browser, chart)
+                    assert box.rect["width"] > 200 and inside(box, box.find_element(
+                        *_by("xpath", "./ancestor::div[contains(@class, 'card')][1]"))), chart
+                assert finds(browser, "#chart-throughput polyline")  # this run's jobs are on it
+                shot(browser, f"overview-{state}-{width}", width=width)
+    finally:
+        resume(settings=settings)
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def test_the_redis_down_page_has_navigation_says_what_is_wrong_and_reloads(system: System, browser: Any,
+                                                                           tmp_path: Path) -> None:
+    """A dashboard whose job store is unreachable (a closed port, with a password in its URL)."""
+    from kie_extend.embedded import free_port
+
+    closed = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    app = create_app(system.stack.settings(api_tokens=TOKENS, session_secret="dash-test-secret", redis_url=closed,
+                                           redis_socket_timeout=1), parts=("api", "dashboard"))
+    served = ServedApp(app)
+    try:
+        login(browser, served.url, "admin-token")  # the login itself needs no job store
+        for page in ("/", "/jobs", "/batches", "/dead-letters", "/jobs/some-job"):
+            browser.get(served.url + page)
+            assert find(browser, "h1").text == "Job store unreachable", page
+            assert [a.text for a in finds(browser, "header nav a")] == ["Overview", "Jobs", "Batches", "Dead letters"]
+            assert find(browser, "#store-url").text == closed.replace("hunter2", "***")
+            assert "hunter2" not in browser.page_source
+            refresh = find(browser, "meta[http-equiv='refresh']").get_attribute("content")
+            assert refresh == "5" and "reloads itself every 5 seconds" in find(browser, "#refresh-note").text
+        browser.get(served.url + "/")
+        shot(browser, "redis-down")
+        s = requests.Session()
+        s.post(served.url + "/login", data={"token": "admin-token", "next": "/"}, headers={"Origin": served.url})
+        r = s.get(served.url + "/", allow_redirects=False)
+        assert r.status_code == 503 and r.headers["content-type"].startswith("text/html")
+        assert requests.get(served.url + "/v1/system", headers={"Authorization": "Bearer admin-token"},
+                            timeout=10).json()["error"]["kind"] == "unavailable"
+    finally:
+        served.stop()
+
+
+def test_docs_render_with_the_network_blocked(system: System, tmp_path: Path) -> None:
+    """/docs in a Chromium that can reach loopback only (every other host goes to a closed proxy
+    port and resolves to nothing): Swagger UI still renders the API, from the vendored files."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    from kie_extend.embedded import free_port
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1400,1000", f"--user-data-dir={tmp_path / 'profile'}",
+                 f"--proxy-server=http://127.0.0.1:{free_port()}",
+                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
+        opts.add_argument(flag)
+    offline = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    offline.set_page_load_timeout(30)
+    try:
+        # The block works: the CDN Swagger UI used to come from is unreachable.
+        try:
+            offline.get("https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css")
+        except Exception:
+            pass
+        assert ".swagger-ui" not in offline.page_source  # an error page, not the stylesheet
+        offline.get(system.url + "/docs")
+        _wait("Swagger UI to render", lambda: finds(offline, ".swagger-ui .info .title"), timeout=20)
+        assert "kie-extend" in find(offline, ".swagger-ui .info .title").text
+        _wait("the operations", lambda: len(finds(offline, ".opblock")) >= 5, timeout=20)
+        paths = {e.text for e in finds(offline, ".opblock-summary-path")}
+        assert "/v1/jobs" in paths, paths
+        assert all(src.startswith(system.url) for src in
+                   [e.get_attribute("src") for e in finds(offline, "script[src]")] +
+                   [e.get_attribute("href") for e in finds(offline, "link[rel=stylesheet]")])
+        shot(offline, "api-docs-offline")
+    finally:
+        offline.quit()
 
 
 def test_read_only_session_sees_no_buttons_and_its_posts_are_refused(system: System, browser: Any) -> None:

@@ -452,19 +452,133 @@ def test_pause_resume_and_system(stack: Stack) -> None:
     assert r.status_code == 422 and {e["field"] for e in r.json()["error"]["errors"]} == {"reason", "why"}
 
 
-def test_an_unavailable_job_store_is_a_json_503(make_settings: Callable[..., Settings]) -> None:
-    settings = make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", api_tokens=WRITE,
+def test_an_unavailable_job_store_is_a_json_503(make_settings: Callable[..., Settings],
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Every route of the app while Redis is down: 503 (JSON for the API, HTML for the dashboard),
+    one throttled WARNING line, never "Exception in ASGI application" or a traceback."""
+    settings = make_settings(redis_url=f"redis://:s3cret@127.0.0.1:{free_port()}/0", api_tokens=WRITE,
                              redis_socket_timeout=1)
-    served = Served(create_app(settings))
+    app = create_app(settings)
+    served = Served(app)
+    caplog.set_level(logging.INFO)
+    auth = {"Authorization": f"Bearer {WRITE}"}
     try:
         for method, path in (("GET", "/v1/system"), ("GET", "/v1/jobs"), ("GET", "/v1/jobs/x"),
                              ("POST", "/v1/jobs/x/cancel")):
-            r = requests.request(method, served.url + path, headers={"Authorization": f"Bearer {WRITE}"},
-                                 timeout=20)
+            r = requests.request(method, served.url + path, headers=auth, timeout=20)
             assert r.status_code == 503, (path, r.text)
             assert r.json()["error"]["kind"] == "unavailable" and WRITE not in r.text
+            assert r.headers["retry-after"] == "5"
+        # Every other route too, found from the app itself (path parameters filled in); dashboard
+        # routes in a logged-in session whose CSRF token comes from the 503 page's logout form.
+        browser = requests.Session()
+        r = browser.post(served.url + "/login", data={"token": WRITE, "next": "/"}, headers={"Origin": served.url})
+        assert r.status_code == 503 and "Job store unreachable" in r.text
+        csrf = re.search(r'name="csrf" value="([^"]+)"', r.text).group(1)  # type: ignore[union-attr]
+        sample = {"job_id": "j-1", "batch_id": "b-1"}
+        seen = 0
+        for path, methods in _routes(app):
+            if path in ("/healthz", "/livez", "/readyz", "/docs", "/openapi.json", "/login", "/logout") or \
+                    path.startswith(("/static", "/docs")):
+                continue
+            url = served.url + re.sub(r"\{(\w+)\}", lambda m: sample.get(m.group(1), "x"), path)
+            for method in (m for m in methods if m in ("GET", "POST")):
+                body: Any = None
+                if path == "/v1/jobs" and method == "POST":
+                    body = {"request": {"uploadUrl": "https://example.com/a.mp3", "defaultParamFlag": False,
+                                        "model": "V5"}}
+                elif path == "/v1/batches" and method == "POST":
+                    body = {"jobs": [{"request": {"uploadUrl": "https://example.com/a.mp3",
+                                                  "defaultParamFlag": False, "model": "V5"}}]}
+                if path.startswith(("/v1", "/kie", "/metrics")):
+                    r = requests.request(method, url, headers=auth, json=body, timeout=20, allow_redirects=False)
+                else:
+                    r = browser.request(method, url, data={"csrf": csrf} if method == "POST" else None,
+                                        headers={"Origin": served.url}, timeout=20, allow_redirects=False)
+                    assert r.status_code == 503 and "Job store unreachable" in r.text, (method, path, r.status_code)
+                seen += 1
+                if path.startswith("/kie/callback/"):  # KIE gets its 200 anyway; polling finds the result
+                    assert r.status_code == 200, r.text
+                    continue
+                assert r.status_code in (503, 403, 422), (method, path, r.status_code, r.text[:300])
+                if path.startswith(("/v1", "/kie", "/metrics")):
+                    assert r.status_code != 503 or r.json()["error"]["kind"] == "unavailable"
+                assert "s3cret" not in r.text
+        assert seen >= 20, seen
+        messages = [rec.getMessage() for rec in caplog.records]
+        assert not any("Exception in ASGI application" in m or "unexpected error" in m for m in messages), messages
+        assert not any(rec.exc_info for rec in caplog.records if rec.levelno >= logging.WARNING)
+        warned = [m for m in messages if m.startswith("job store unavailable")]
+        assert len(warned) == 1, warned  # throttled: one line per 10 s, not one per request
     finally:
         served.stop()
+
+
+def _routes(app: Any) -> list[tuple[str, list[str]]]:
+    """``(path, methods)`` of every route: the API's from the OpenAPI document (its routers are
+    included lazily), the others (dashboard, callbacks, probes) from the app's own list."""
+    found = {p: [m.upper() for m in ops] for p, ops in app.openapi()["paths"].items()}
+    for route in app.routes:
+        if getattr(route, "path", None) and getattr(route, "methods", None):
+            found.setdefault(route.path, []).extend(m for m in route.methods if m not in found.get(route.path, []))
+    return sorted(found.items())
+
+
+def test_readiness_checks_the_job_store_and_the_broker_liveness_stays_cheap(
+        make_settings: Callable[..., Settings], valkey: EmbeddedValkey) -> None:
+    closed = f"redis://:s3cret@127.0.0.1:{free_port()}/0"
+    cases = [("up", make_settings(), 200, {"job_store": True, "broker": True}),
+             ("store down", make_settings(redis_url=closed), 503, {"job_store": False, "broker": False}),
+             ("broker down", make_settings(broker_url=closed), 503, {"job_store": True, "broker": False}),
+             ("own broker up", make_settings(broker_url=valkey.url.rsplit("/", 1)[0] + "/3"), 200,
+              {"job_store": True, "broker": True})]
+    for name, settings, status, oks in cases:
+        served = Served(create_app(settings, parts=("callbacks",)))
+        try:
+            started = time.monotonic()
+            r = requests.get(served.url + "/readyz", timeout=10)
+            assert time.monotonic() - started < 8, name  # bounded, not redis-py's 15 s timeout
+            assert r.status_code == status, (name, r.text)
+            body = r.json()
+            assert {k: v["ok"] for k, v in body["checks"].items()} == oks, (name, body)
+            assert body["status"] == ("ready" if status == 200 else "not_ready")
+            if status == 503:
+                assert "unreachable" in body["reason"] and r.headers["retry-after"] == "5"
+            assert "s3cret" not in r.text and "127.0.0.1" not in r.text  # no URL on the wire
+            for live in ("/healthz", "/livez"):  # liveness answers whatever Redis does
+                assert requests.get(served.url + live, timeout=5).json() == {"status": "ok"}
+        finally:
+            served.stop()
+
+
+def test_the_wsgi_callback_receiver_has_the_same_probes(make_settings: Callable[..., Settings]) -> None:
+    """``kie-extend callback-server`` (receiver.CallbackApp): liveness, readiness, and /metrics
+    answering 503 rather than a traceback while the job store is down."""
+    import io
+
+    from kie_extend.http.health import Readiness
+    from kie_extend.metrics import render
+    from kie_extend.pipeline import Pipeline
+    from kie_extend.receiver import CallbackApp
+
+    def get(app: CallbackApp, path: str) -> tuple[str, dict[str, Any] | str]:
+        seen: list[str] = []
+        body = b"".join(app({"REQUEST_METHOD": "GET", "PATH_INFO": path, "wsgi.input": io.BytesIO()},
+                            lambda status, headers: seen.append(status)))
+        return seen[0], (json.loads(body) if body.startswith(b"{") else body.decode())
+
+    for settings, ready in ((make_settings(), True),
+                            (make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_socket_timeout=1), False)):
+        rt = Runtime(settings)
+        app = CallbackApp(Pipeline(rt, None), None, metrics=lambda: render(rt), ready=Readiness(settings).check)
+        assert get(app, "/livez") == ("200 OK", {"status": "ok"})
+        status, body = get(app, "/readyz")
+        assert status.startswith("200" if ready else "503") and body["status"] == ("ready" if ready else "not_ready")
+        status, body = get(app, "/metrics")
+        if ready:
+            assert status.startswith("200") and "kie_extend_jobs" in body
+        else:
+            assert status.startswith("503") and body["error"]["kind"] == "unavailable"
 
 
 # ----- the OpenAPI document ---------------------------------------------------------------------------

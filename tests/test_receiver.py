@@ -447,8 +447,9 @@ def test_empty_body_is_an_empty_hint(receiver: Receiver) -> None:
 
 
 def test_healthz_and_routing(receiver: Receiver) -> None:
-    health = requests.get(f"{receiver.url}/healthz", timeout=5)
-    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    for live in ("/healthz", "/livez"):
+        health = requests.get(f"{receiver.url}{live}", timeout=5)
+        assert health.status_code == 200 and health.json() == {"status": "ok"}
     assert requests.get(f"{receiver.url}/kie/callback/job-1", timeout=5).status_code == 405
     assert requests.post(f"{receiver.url}/kie/callback/", json={}, timeout=5).status_code == 404
     assert requests.post(f"{receiver.url}/kie/callback/a%20b", json={}, timeout=5).status_code == 404

@@ -316,7 +316,9 @@ def cmd_callback_server(args: argparse.Namespace) -> int:
     rt = _runtime(settings)
     dispatcher = CeleryDispatcher(create_app(settings), settings.queue)
     secret = settings.callback_secret.get_secret_value() if settings.callback_secret else None
-    app = CallbackApp(Pipeline(rt, dispatcher), secret, metrics=lambda: render(rt))
+    from .http.health import Readiness
+
+    app = CallbackApp(Pipeline(rt, dispatcher), secret, metrics=lambda: render(rt), ready=Readiness(settings).check)
     print(f"kie-extend callback receiver on http://{args.host}:{args.port}", flush=True)
     serve(app, args.host, args.port)
     return 0

@@ -12,15 +12,25 @@ So no message can lose a job or take a worker down.
 If the job store cannot take that record right now (a transient infrastructure error), the message
 is not acknowledged: the error is raised as a connection error, Celery reconnects, and the message
 comes back.
+
+A message handled that way is an ordinary producer mistake, not a worker fault: Celery's own
+multi-line ERROR (``Received unregistered task of type …``, ``Received invalid task message``,
+``Can't decode message body``, each with a traceback) is replaced by one WARNING line from
+``kie_extend.consumer`` naming the message id, the job's state and the reason. A message we did not
+record (one of our internal tasks, no id, the store unavailable) keeps Celery's ERROR.
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from celery.worker.consumer import Consumer
+from celery.worker.consumer import consumer as celery_consumer
 
 from .infra import as_connection_error, is_infra_error
 
@@ -46,28 +56,66 @@ def unknown_task_reason(name: Any) -> str:
             f"`{PUBLIC_TASK}` with keyword arguments request, idempotency_key, metadata")
 
 
+#: Celery's log templates for the messages this consumer records as failed jobs.
+CELERY_TEMPLATES = frozenset({celery_consumer.UNKNOWN_TASK_ERROR, celery_consumer.INVALID_TASK_ERROR,
+                              celery_consumer.MESSAGE_DECODE_ERROR})
+
+_handled = threading.local()
+
+
+class HandledMessageFilter(logging.Filter):
+    """Drops Celery's ERROR/CRITICAL record about a bad message while :func:`_recorded` is active
+    (the message became a failed job and our own WARNING line says so); passes everything else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (getattr(_handled, "active", False) and record.msg in CELERY_TEMPLATES)
+
+
+_FILTER = HandledMessageFilter()
+if not any(isinstance(f, HandledMessageFilter) for f in celery_consumer.logger.filters):
+    celery_consumer.logger.addFilter(_FILTER)
+
+
+@contextmanager
+def _recorded(active: bool) -> Iterator[None]:
+    """While inside, Celery's bad-message ERROR is dropped when ``active`` (see HandledMessageFilter)."""
+    before = getattr(_handled, "active", False)
+    _handled.active = active
+    try:
+        yield
+    finally:
+        _handled.active = before
+
+
 class KieConsumer(Consumer):
     """Celery's consumer plus a failed job (and result event) for every malformed or misnamed message."""
 
-    def _fail_malformed(self, message: Any, reason: str) -> None:
-        """Record the message's id as a failed job; raise a connection error if the store is unavailable."""
+    def _fail_malformed(self, message: Any, reason: str) -> bool:
+        """Record the message's id as a failed job and log one WARNING; True when recorded, False
+        when the message is not a producer's job (internal task, no id) or recording failed with a
+        bug. Raises a connection error if the store is unavailable."""
         headers = getattr(message, "headers", None) or {}
         if headers.get("task") in INTERNAL_TASKS or not headers.get("id"):
-            return
+            return False
+        job_id = str(headers["id"])[:200]
         try:
             services = self.app.kie_services
-            services.get_pipeline().reject_malformed(str(headers["id"])[:200], reason)
+            services.get_pipeline().reject_malformed(job_id, reason)
         except Exception as exc:
             if is_infra_error(exc):
                 log.warning("job store unavailable (%s); message %r left unacknowledged", exc, headers.get("id"))
                 raise as_connection_error(exc) from exc
             log.exception("could not record a malformed message as a failed job")  # a bug: do not loop on it
+            return False
+        log.warning("message %s recorded as failed (invalid_request) and discarded: %s", job_id, reason,
+                    extra={"job_id": job_id})
+        return True
 
     def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
         """A task name we do not run: a failed job under the message's id, then Celery's discard."""
         name = (getattr(message, "headers", None) or {}).get("task")
-        self._fail_malformed(message, unknown_task_reason(name))
-        super().on_unknown_task(body, message, exc)
+        with _recorded(self._fail_malformed(message, unknown_task_reason(name))):
+            super().on_unknown_task(body, message, exc)
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         """Celery's message handler, guarded: a message it chokes on is failed and acknowledged."""
@@ -80,9 +128,10 @@ class KieConsumer(Consumer):
             except connection_errors:
                 raise
             except Exception as exc:
-                log.error("unreadable task message %r acknowledged: %s",
-                          (getattr(message, "headers", None) or {}).get("id"), exc)
-                self._fail_malformed(message, f"message is not a valid task call: {type(exc).__name__}: {exc}"[:300])
+                if not self._fail_malformed(message, f"message is not a valid task call: "
+                                                     f"{type(exc).__name__}: {exc}"[:300]):
+                    log.error("unreadable task message %r acknowledged: %s",
+                              (getattr(message, "headers", None) or {}).get("id"), exc)
                 try:
                     message.ack()
                 except Exception:
@@ -93,10 +142,11 @@ class KieConsumer(Consumer):
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         """A body that is not JSON (or a forbidden content type)."""
-        self._fail_malformed(message, f"message body could not be decoded as JSON: {type(exc).__name__}: {exc}"[:300])
-        super().on_decode_error(message, exc)
+        reason = f"message body could not be decoded as JSON: {type(exc).__name__}: {exc}"[:300]
+        with _recorded(self._fail_malformed(message, reason)):
+            super().on_decode_error(message, exc)
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
         """A JSON body that is not a valid task call."""
-        self._fail_malformed(message, f"message is not a valid task call: {exc}"[:300])
-        super().on_invalid_task(body, message, exc)
+        with _recorded(self._fail_malformed(message, f"message is not a valid task call: {exc}"[:300])):
+            super().on_invalid_task(body, message, exc)

@@ -11,6 +11,14 @@ import re
 from dataclasses import dataclass
 
 
+#: Seconds a per-minute series bucket (:meth:`Keys.minute`) lives after its last write: the
+#: dashboard charts the last hour, so two hours keep every minute it shows.
+MINUTE_TTL = 2 * 3600
+#: Histograms whose observations are also counted per minute (field ``<name>:<le>``), so the
+#: dashboard can chart the last hour's percentiles rather than all-time ones.
+MINUTE_HISTOGRAMS = frozenset({"time_to_result_seconds"})
+
+
 @dataclass(frozen=True)
 class Keys:
     """Names of all Redis keys for one prefix; tests isolate themselves with a unique prefix."""
@@ -142,6 +150,14 @@ class Keys:
     def tick_last(self) -> str:
         """Hash: the last finished tick's time (``at``, epoch seconds), for the stalled-tick alert."""
         return f"{self.tag}:tick:last"
+
+    def minute(self, minute: int) -> str:
+        """Hash: what happened in one minute (``minute`` = unix seconds // 60), for the dashboard's
+        charts: ``submitted`` and ``finished``/``succeeded``/``failed``/``cancelled`` (bumped by the
+        transition script), ``queued``/``in_flight`` (the highest depth a tick saw that minute) and
+        ``time_to_result_seconds:<le>`` histogram bins. Expires :data:`MINUTE_TTL` s after its last write.
+        The transition script (lua.py) builds the same name from the tag: keep the two in step."""
+        return f"{self.tag}:min:{int(minute)}"
 
     @property
     def sweep_last(self) -> str:

@@ -9,6 +9,7 @@ fields (its ready queue, its batch) are built here from ``T``, the tag, and stay
 
 from __future__ import annotations
 
+from .keys import MINUTE_TTL
 from .states import JobState
 
 #: States with an index key, in the order the transition script receives them after its fixed keys.
@@ -172,6 +173,13 @@ if bevent then
   redis.call('HINCRBY', KEYS[5], 'batches_finished', 1)
 end
 if ARGV[13] ~= '' then redis.call('HINCRBY', KEYS[5], ARGV[13], 1) end
+-- The dashboard's per-minute series (Keys.minute): submissions and finished jobs.
+if ARGV[13] == 'submissions' or ARGV[7] ~= '' then
+  local mk = T .. ':min:' .. math.floor(tonumber(now) / 60)
+  if ARGV[13] == 'submissions' then redis.call('HINCRBY', mk, 'submitted', 1) end
+  if ARGV[7] ~= '' then redis.call('HINCRBY', mk, 'finished', 1); redis.call('HINCRBY', mk, to, 1) end
+  redis.call('EXPIRE', mk, """ + str(MINUTE_TTL) + """)
+end
 -- A successful generation resets the provider breaker's streak and closes it if open (as
 -- Breaker.success does), in the same step: no extra round trip per job.
 local bclosed = 0

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import re
+import time
 from datetime import datetime, timezone
+from typing import Any
 
+from .keys import MINUTE_TTL
 from .runtime import Runtime
 from .states import JobState
 
@@ -72,6 +76,92 @@ def last_tick(rt: Runtime) -> float:
         return float(raw) if raw else 0.0
     except ValueError:
         return 0.0
+
+
+# -- the per-minute series behind the dashboard's charts -----------------------------------------
+
+#: Minutes the dashboard charts (the last hour).
+SERIES_MINUTES = 60
+#: Counters of a minute's hash (``Keys.minute``) that :func:`minute_series` returns, 0 when absent.
+SERIES_COUNTS = ("submitted", "finished", "succeeded", "failed", "cancelled")
+#: Gauges of a minute's hash, None for a minute no tick sampled.
+SERIES_GAUGES = ("queued", "in_flight")
+
+# The tick's last write: its time, and this minute's highest queue depth and in-flight count, in
+# one round trip. KEYS: tick_last, state:queued, inflight, this minute's hash. ARGV: now, ttl.
+_TICK = """
+redis.call('HSET', KEYS[1], 'at', ARGV[1])
+local q, f = redis.call('ZCARD', KEYS[2]), redis.call('SCARD', KEYS[3])
+if q > tonumber(redis.call('HGET', KEYS[4], 'queued') or '-1') then redis.call('HSET', KEYS[4], 'queued', q) end
+if f > tonumber(redis.call('HGET', KEYS[4], 'in_flight') or '-1') then redis.call('HSET', KEYS[4], 'in_flight', f) end
+redis.call('EXPIRE', KEYS[4], ARGV[2])
+return q
+"""
+
+
+def record_tick(rt: Runtime, now: float | None = None) -> None:
+    """Mark a finished tick (``Keys.tick_last``) and sample the queue depth (queued jobs) and the
+    in-flight count into this minute's series hash, keeping the minute's highest; one round trip."""
+    now = time.time() if now is None else now
+    k = rt.keys
+    rt.redis.eval(_TICK, 4, k.tick_last, k.state_index(JobState.QUEUED.value), k.inflight,
+                  k.minute(int(now // 60)), repr(now), MINUTE_TTL)
+
+
+def minute_series(rt: Runtime, minutes: int = SERIES_MINUTES, now: float | None = None) -> dict[str, Any]:
+    """The last ``minutes`` whole and current minutes, oldest first, in one pipelined read:
+    ``{"start": unix seconds of the first minute, "minutes": n, <each of SERIES_COUNTS>: [int],
+    <each of SERIES_GAUGES>: [int | None], "time_to_result": [{le: count}]}`` (``le`` as text,
+    ``"+Inf"`` last, per minute)."""
+    now = time.time() if now is None else now
+    last = int(now // 60)
+    first = last - minutes + 1
+    pipe = rt.redis.pipeline(transaction=False)
+    for m in range(first, last + 1):
+        pipe.hgetall(rt.keys.minute(m))
+    rows = [{_text(k): _text(v) for k, v in row.items()} for row in pipe.execute()]
+    out: dict[str, Any] = {"start": first * 60, "minutes": minutes}
+    for name in SERIES_COUNTS:
+        out[name] = [int(row.get(name, 0)) for row in rows]
+    for name in SERIES_GAUGES:
+        out[name] = [int(row[name]) if name in row else None for row in rows]
+    prefix = "time_to_result_seconds:"
+    out["time_to_result"] = [{f[len(prefix):]: int(v) for f, v in row.items() if f.startswith(prefix)} for row in rows]
+    return out
+
+
+def quantile(bins: dict[str, int], q: float) -> float | None:
+    """The ``q`` quantile (0 < q < 1) of histogram ``bins`` (``{le: count}``, not cumulative, ``le``
+    a bucket's upper bound in seconds as text or ``"+Inf"``), by linear interpolation inside the
+    bucket as Prometheus's ``histogram_quantile`` does; None when empty. A quantile in ``+Inf``
+    is reported as the highest finite bound."""
+    bounds = sorted(((math.inf if le == "+Inf" else float(le)), n) for le, n in bins.items() if n > 0)
+    total = sum(n for _, n in bounds)
+    if not total:
+        return None
+    rank, seen, lower = q * total, 0, 0.0
+    finite = [b for b, _ in bounds if b != math.inf]
+    for upper, n in bounds:
+        if seen + n >= rank:
+            if upper == math.inf:
+                return max(finite) if finite else None
+            return lower + (upper - lower) * ((rank - seen) / n)
+        seen += n
+        lower = upper
+    return None  # pragma: no cover - rank <= total always ends the loop
+
+
+def merge_bins(rows: list[dict[str, int]]) -> dict[str, int]:
+    """Histogram bins of several minutes added up."""
+    merged: dict[str, int] = {}
+    for row in rows:
+        for le, n in row.items():
+            merged[le] = merged.get(le, 0) + n
+    return merged
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def render(rt: Runtime) -> str:

@@ -57,21 +57,35 @@ def signature_ok(body: dict[str, Any], headers: dict[str, str], secret: str, now
 
 
 class CallbackApp:
-    """WSGI app for provider callbacks, ``/healthz`` and ``/metrics``."""
+    """WSGI app for provider callbacks, liveness (``/healthz``, ``/livez``), readiness (``/readyz``,
+    when ``ready`` is given: a callable answering ``(ready, body)``, see http/health.py) and
+    ``/metrics`` (503 while the job store is unavailable)."""
 
     def __init__(self, pipeline: Pipeline, secret: str | None = None,
-                 metrics: Callable[[], str] | None = None) -> None:
+                 metrics: Callable[[], str] | None = None,
+                 ready: Callable[[], tuple[bool, dict[str, Any]]] | None = None) -> None:
         self.pipeline = pipeline
         self.secret = secret
         self.metrics = metrics
+        self.ready = ready
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "")
-        if path == "/healthz":
+        if path in ("/healthz", "/livez"):
             return _reply(start_response, "200 OK", {"status": "ok"})
+        if path == "/readyz" and self.ready is not None:
+            ok, state = self.ready()
+            return _reply(start_response, "200 OK" if ok else "503 Service Unavailable", state)
         if path == "/metrics" and self.metrics is not None:
-            body = self.metrics().encode()
+            try:
+                body = self.metrics().encode()
+            except Exception as exc:
+                if not is_infra_error(exc):
+                    raise
+                log.warning("metrics not available, job store unavailable (%s)", type(exc).__name__)
+                return _reply(start_response, "503 Service Unavailable",
+                              {"error": {"kind": "unavailable", "message": "the job store is unavailable; try again"}})
             start_response("200 OK", [("Content-Type", "text/plain; version=0.0.4"), ("Content-Length", str(len(body)))])
             return [body]
         match = _ROUTE.match(path)

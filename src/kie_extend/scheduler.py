@@ -15,6 +15,7 @@ import time
 from . import errors as E
 from .events import now_iso
 from .invariants import Invariants
+from .metrics import record_tick
 from .runtime import Dispatcher, Runtime
 
 log = logging.getLogger("kie_extend.scheduler")
@@ -56,8 +57,9 @@ class Scheduler:
             self.store.trim_indexes(now - self.s.retention)
         repaired = self._sweep(now)
         # Written last: a tick that keeps failing part-way shows as stalled (metrics.render's
-        # kie_extend_last_tick_timestamp_seconds), not as alive.
-        self.rt.redis.hset(self.rt.keys.tick_last, "at", repr(time.time()))
+        # kie_extend_last_tick_timestamp_seconds), not as alive. The same round trip samples the
+        # queue depth for the dashboard's charts.
+        record_tick(self.rt)
         return {"admitted": len(admitted), "due": len(due), "deliveries": len(deliveries), "expired": expired,
                 "repaired": repaired}
 

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import redis
 
 from . import lua
-from .keys import Keys
+from .keys import MINUTE_HISTOGRAMS, MINUTE_TTL, Keys
 from .states import IN_FLIGHT, TERMINAL, TRANSITIONS, JobState
 
 #: Prefix of the ids of batch records in the delivery schedule (``@batch:<batch_id>``).
@@ -274,12 +274,18 @@ class JobStore:
     def observe(self, name: str, value: float, buckets: tuple[float, ...], stat: str = "") -> None:
         """Add one observation to a shared histogram: its bin (the smallest bucket bound at or above
         ``value``, else ``+Inf``), the sum and the count; metrics.render adds the bins up into
-        Prometheus's cumulative buckets. ``stat`` names a counter bumped in the same round trip."""
+        Prometheus's cumulative buckets. ``stat`` names a counter bumped in the same round trip.
+        A histogram named in ``keys.MINUTE_HISTOGRAMS`` also counts its bin in this minute's
+        series hash (``Keys.minute``), in the same round trip."""
         le = next((f"{b:g}" for b in buckets if value <= b), "+Inf")
         pipe = self.redis.pipeline(transaction=False)
         pipe.hincrby(self.keys.stats, f"hist:{name}:bin:{le}", 1)
         pipe.hincrby(self.keys.stats, f"hist:{name}:count", 1)
         pipe.hincrbyfloat(self.keys.stats, f"hist:{name}:sum", value)
+        if name in MINUTE_HISTOGRAMS:
+            minute = self.keys.minute(int(time.time() // 60))
+            pipe.hincrby(minute, f"{name}:{le}", 1)
+            pipe.expire(minute, MINUTE_TTL)
         if stat:
             pipe.hincrby(self.keys.stats, stat, 1)
         pipe.execute()

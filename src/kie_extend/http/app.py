@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..config import Settings
@@ -24,11 +25,22 @@ from ..intake import JOB_ID_PATTERN
 from ..receiver import MAX_BODY, callback_task_id, signature_ok
 from ..runtime import Runtime
 from .auth import Auth, parse_tokens
+from .health import Readiness, Throttled
 
 log = logging.getLogger("kie_extend.http")
 
 #: The parts one app can serve; ``kie-extend serve --callback-port`` splits them over two ports.
 PARTS = ("callbacks", "api", "dashboard")
+#: Where ``/docs`` loads Swagger UI's script and stylesheet from (vendored, version in its README).
+DOCS_ASSETS = "/docs/assets"
+#: The vendored Swagger UI (``static/swagger-ui``).
+SWAGGER_UI_VERSION = "5.35.0"
+#: Seconds a client is told to wait (``Retry-After``) while the job store is unavailable.
+RETRY_AFTER = 5
+#: Seconds between two "job store unavailable" log lines (the ones between are counted, not logged).
+UNAVAILABLE_LOG_EVERY = 10.0
+#: Path prefixes that are not dashboard pages: they answer JSON (or text) even with the dashboard on.
+NOT_PAGES = ("/v1/", "/v1", "/kie/", "/metrics", "/healthz", "/livez", "/readyz", "/openapi.json", "/docs", "/static/")
 
 
 def error_body(kind: str, message: str, errors: list[dict[str, str]] | None = None) -> dict[str, Any]:
@@ -55,7 +67,7 @@ def create_app(settings: Settings, *, parts: Iterable[str] = PARTS, runtime: Run
     app = FastAPI(title="kie-extend", version=_version(),
                   description="Jobs for KIE.AI's Suno Upload And Extend Audio API: the JSON API for "
                               "services that do not speak Celery (DESIGN §12).",
-                  docs_url="/docs" if "api" in parts else None, redoc_url=None,
+                  docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json" if "api" in parts else None)
     app.state.settings = settings
     app.state.runtime = rt
@@ -74,19 +86,45 @@ def create_app(settings: Settings, *, parts: Iterable[str] = PARTS, runtime: Run
                    "message": str(e.get("msg", "invalid"))} for e in exc.errors()]
         return JSONResponse(error_body("invalid_request", "the request failed validation", errors), status_code=422)
 
+    unavailable_log = Throttled(UNAVAILABLE_LOG_EVERY)
+
+    async def _unavailable(request: Request, exc: Exception) -> Response:
+        """A transient Redis/broker error: 503 and one throttled WARNING line, no traceback. Handlers
+        registered per exception class run inside Starlette's ExceptionMiddleware, which (unlike the
+        catch-all ``Exception`` handler) does not re-raise to the server after answering."""
+        if not is_infra_error(exc):
+            raise exc  # e.g. a WRONGTYPE reply: a bug, answered 500 with its traceback below
+        unavailable_log.warning(log, "job store unavailable (%s) on %s %s; answering 503", type(exc).__name__,
+                                request.method, request.url.path)
+        page = getattr(app.state, "unavailable_page", None)
+        if page is not None and _is_page(request.url.path):
+            return page(request, exc)
+        return JSONResponse(error_body("unavailable", "the job store is unavailable; try again"),
+                            status_code=503, headers={"Retry-After": str(RETRY_AFTER)})
+
+    for cls in _infra_classes():
+        app.add_exception_handler(cls, _unavailable)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # No detail on the wire: it could name internals; the log has the traceback.
-        if is_infra_error(exc):
-            log.warning("job store unavailable: %s", type(exc).__name__)
-            return JSONResponse(error_body("unavailable", "the job store is unavailable; try again"),
-                                status_code=503, headers={"Retry-After": "5"})
         log.exception("unexpected error in %s %s", request.method, request.url.path)
         return JSONResponse(error_body("internal", "unexpected server error"), status_code=500)
 
+    app.state.readiness = Readiness(settings)
+
     @app.get("/healthz", include_in_schema=False)
+    @app.get("/livez", include_in_schema=False)
     def healthz() -> dict[str, str]:
+        """Liveness: the process serves HTTP. Touches nothing else (see health.py)."""
         return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    def readyz() -> JSONResponse:
+        """Readiness: the job store and the broker answer (200), or 503 with the reason."""
+        ready, body = app.state.readiness.check()
+        return JSONResponse(body, status_code=200 if ready else 503,
+                            headers={"Cache-Control": "no-store", **({} if ready else {"Retry-After": str(RETRY_AFTER)})})
 
     @app.get("/metrics", include_in_schema=False, response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
@@ -100,6 +138,7 @@ def create_app(settings: Settings, *, parts: Iterable[str] = PARTS, runtime: Run
         from .api_v1 import install
 
         install(app)
+        _docs(app)
     if "dashboard" in parts:
         from .dashboard import mount as mount_dashboard
 
@@ -109,6 +148,7 @@ def create_app(settings: Settings, *, parts: Iterable[str] = PARTS, runtime: Run
 
 def _callbacks(app: FastAPI, settings: Settings) -> None:
     secret = settings.callback_secret.get_secret_value() if settings.callback_secret else None
+    unrecorded_log = Throttled(UNAVAILABLE_LOG_EVERY)
 
     @app.post("/kie/callback/{job_id}", include_in_schema=False)
     async def callback(job_id: str, request: Request) -> JSONResponse:
@@ -137,11 +177,33 @@ def _callbacks(app: FastAPI, settings: Settings) -> None:
             await run_in_threadpool(app.state.pipeline.hint, job_id, callback_task_id(body), kind)
         except Exception as exc:  # KIE gets its 200 anyway; polling stays the source of truth
             if is_infra_error(exc):
-                log.warning("callback not recorded, job store unavailable (%s: %s); polling will find the result",
-                            type(exc).__name__, exc, extra={"job_id": job_id})
+                unrecorded_log.warning(log, "callback for %s not recorded, job store unavailable (%s: %s); polling "
+                                            "will find the result", job_id, type(exc).__name__, exc)
             else:
                 log.exception("callback handling failed", extra={"job_id": job_id})
         return JSONResponse({"status": "received"})
+
+
+def _docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI from the vendored files under ``static/swagger-ui`` (no CDN, so it
+    works offline and behind a proxy that blocks one; see that folder's README)."""
+    from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+    from fastapi.responses import HTMLResponse
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(Path(__file__).resolve().parent / "static" / "swagger-ui")),
+              name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - API docs",
+                                   oauth2_redirect_url="/docs/oauth2-redirect",
+                                   swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css", swagger_favicon_url="data:,")
+
+    @app.get("/docs/oauth2-redirect", include_in_schema=False)
+    def docs_oauth2_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
 
 
 def openapi_text() -> str:
@@ -149,6 +211,25 @@ def openapi_text() -> str:
     app on default settings; nothing connects to Redis."""
     settings = Settings(_env_file=None, redis_url="redis://127.0.0.1:6379/0", api_tokens="openapi")
     return json.dumps(create_app(settings).openapi(), indent=2, ensure_ascii=False) + "\n"
+
+
+def _is_page(path: str) -> bool:
+    """Whether ``path`` is a dashboard page (HTML) rather than the API, callbacks or probes."""
+    return not any(path == p or path.startswith(p if p.endswith("/") else p + "/") for p in NOT_PAGES)
+
+
+def _infra_classes() -> tuple[type[BaseException], ...]:
+    """The exception classes that may be transient infrastructure errors (``is_infra_error`` decides)."""
+    import redis
+
+    classes: list[type[BaseException]] = [redis.exceptions.RedisError, ConnectionError, TimeoutError]
+    try:
+        from kombu.exceptions import OperationalError
+
+        classes.append(OperationalError)
+    except ImportError:  # pragma: no cover - kombu is a dependency
+        pass
+    return tuple(classes)
 
 
 def _field_loc(loc: Iterable[Any]) -> list[Any]:

@@ -7,7 +7,12 @@ request, tracks), ``/batches``, ``/batches/{id}``, ``/dead-letters``. Every chan
 carries the session's CSRF token and a same-origin ``Origin`` (or ``Referer``); a read-only session
 sees no buttons and its POSTs answer 403. The token a user pastes is never logged or echoed.
 
-What the pages read lives in ``dashboard_data.py``; this module is the routes and the guards.
+While the job store is unreachable every page answers 503 with ``unavailable.html``: the usual
+navigation, what is wrong, and a reload every :data:`UNAVAILABLE_REFRESH` seconds (app.py's
+handler for infrastructure errors calls ``app.state.unavailable_page``).
+
+What the pages read lives in ``dashboard_data.py`` (the charts' SVG in ``charts.py``); this module
+is the routes and the guards.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from fastapi.templating import Jinja2Templates
 
 from ..batches import cancel_batch, get_batch
 from ..delivery import Delivery
+from ..endpoints import mask_url
 from ..intake import JOB_ID_PATTERN
 from . import dashboard_data as data
 from .auth import SESSION_COOKIE, SESSION_MAX_AGE, Principal
@@ -47,6 +53,9 @@ MESSAGES = {
     "replayed": "Dead letters were put back on the delivery schedule.",
     "logged_out": "You are logged out.",
 }
+
+#: Seconds between reloads of the "job store unreachable" page.
+UNAVAILABLE_REFRESH = 5
 
 #: Headers every dashboard page carries: no framing, no foreign scripts, no caching of pages.
 SECURITY_HEADERS = {
@@ -128,6 +137,19 @@ def mount(app: FastAPI) -> None:
             _set_cookie(request, resp, fresh)
         return resp
 
+    def unavailable(request: Request, exc: Exception) -> Response:
+        """The page every dashboard route answers while the job store is unreachable: 503, the usual
+        navigation, what is wrong (the store's URL with its password masked, for a logged-in user
+        only) and a reload every :data:`UNAVAILABLE_REFRESH` seconds."""
+        who = (auth.from_session(request) if auth.enabled else Principal("loopback", False))
+        ctx = {"status": 503, "error": type(exc).__name__, "refresh": True, "refresh_seconds": UNAVAILABLE_REFRESH,
+               "store_url": mask_url(rt.settings.redis_url) if who else None}
+        resp = _page(request, "unavailable.html", ctx, who, status=503)
+        resp.headers["Retry-After"] = str(UNAVAILABLE_REFRESH)
+        return resp
+
+    app.state.unavailable_page = unavailable
+
     # -- login ---------------------------------------------------------------------------------
     @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
     def login_form(request: Request, next: str = "/") -> Response:
@@ -160,6 +182,7 @@ def mount(app: FastAPI) -> None:
     def overview(request: Request) -> Response:
         who = principal_of(request)
         return _page(request, "overview.html", {"ov": data.overview(rt), "credits": data.credits(rt),
+                                                "charts": data.chart_data(rt),
                                                 "refresh": request.query_params.get("refresh") == "1"}, who)
 
     @app.get("/jobs", response_class=HTMLResponse, include_in_schema=False)

@@ -17,7 +17,9 @@ from typing import Any
 
 from ..batches import get_batch, list_batches
 from ..events import status_record
+from ..metrics import merge_bins, minute_series, quantile
 from ..metrics import overview as metrics_overview
+from . import charts as svg
 from ..runtime import Runtime
 from ..states import TERMINAL, JobState
 
@@ -85,6 +87,44 @@ def submission_rate(rt: Runtime, now: float | None = None) -> dict[str, Any]:
     ages = [now - s for s in stamps]
     n1, n5, n15 = (sum(1 for a in ages if 0 <= a <= w * 60) for w in (1, 5, 15))
     return {"last_1m": n1, "last_5m": n5, "last_15m": n15, "per_min_15m": round(n15 / 15, 2), "sample": len(ids)}
+
+
+#: Minutes per point of the time-to-result percentile chart.
+TTR_WINDOW = 5
+
+
+def _hhmm(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%H:%M")
+
+
+def chart_data(rt: Runtime, now: float | None = None) -> dict[str, Any]:
+    """The overview's charts of the last hour from the per-minute series (``metrics.minute_series``):
+    ``{"throughput", "depth", "ttr"}``, each ``{"svg": markup, "legend": markup}``, plus ``hour``:
+    ``{"submitted", "finished", "failed", "cancelled", "p50", "p90", "p99"}`` (percentiles in seconds
+    or None; ``finished`` counts succeeded, failed and cancelled jobs)."""
+    series = minute_series(rt, now=now)
+    n, start = series["minutes"], series["start"]
+    labels = [_hhmm(start + 60 * i) + " UTC" * (i == n - 1) for i in range(n)]
+    flow = [svg.Series("submitted", series["submitted"], "c-1"), svg.Series("finished", series["finished"], "c-2"),
+            svg.Series("failed", series["failed"], "c-3")]
+    depth = [svg.Series("queued", series["queued"], "c-1"), svg.Series("in flight", series["in_flight"], "c-4")]
+    windows = [series["time_to_result"][i:i + TTR_WINDOW] for i in range(0, n, TTR_WINDOW)]
+    merged = [merge_bins(w) for w in windows]
+    ttr = [svg.Series(name, [quantile(b, q) for b in merged], css)
+           for name, q, css in (("p50", 0.5, "c-1"), ("p90", 0.9, "c-4"), ("p99", 0.99, "c-3"))]
+    ttr_labels = [_hhmm(start + 60 * TTR_WINDOW * i) for i in range(len(windows))]
+    hour = merge_bins(series["time_to_result"])
+    return {
+        "throughput": {"svg": svg.line_chart(flow, labels, title="Submissions and finished jobs per minute",
+                                             chart_id="chart-throughput"), "legend": svg.legend(flow)},
+        "depth": {"svg": svg.line_chart(depth, labels, title="Queue depth (highest per minute)",
+                                        chart_id="chart-depth"), "legend": svg.legend(depth)},
+        "ttr": {"svg": svg.line_chart(ttr, ttr_labels, title=f"Time to result per {TTR_WINDOW} minutes",
+                                      unit=" s", chart_id="chart-ttr"), "legend": svg.legend(ttr)},
+        "hour": {"submitted": sum(series["submitted"]), "finished": sum(series["finished"]),
+                 "failed": sum(series["failed"]), "cancelled": sum(series["cancelled"]), **{name: quantile(hour, q) for name, q in
+                                                      (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))}},
+    }
 
 
 def credits(rt: Runtime) -> dict[str, Any]:
@@ -262,5 +302,5 @@ def batches(rt: Runtime, limit: int = 100) -> list[dict[str, Any]]:
     return [with_progress(b) for b in list_batches(rt, limit) if b.get("state") != "not_found"]
 
 
-__all__ = ["overview", "credits", "submission_rate", "list_jobs", "job_detail", "batches", "with_progress",
+__all__ = ["overview", "chart_data", "credits", "submission_rate", "list_jobs", "job_detail", "batches", "with_progress",
            "get_batch", "iso", "pretty"]
