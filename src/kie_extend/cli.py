@@ -152,7 +152,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             if paused:
                 print(f"submission:  PAUSED by the provider since {paused.get('since')} "  # type: ignore[union-attr]
                       f"(code {paused.get('code')}: {paused.get('reason')})")  # type: ignore[union-attr]
-            if not op and not paused:
+            reach = ov["provider"]
+            if not reach["reachable"]:  # type: ignore[index]
+                print(f"submission:  PAUSED: {_unreachable_line(reach)}")  # type: ignore[arg-type]
+            if not op and not paused and reach["reachable"]:  # type: ignore[index]
                 print("submission:  open")
             br = ov["breaker"]
             if br["state"] == "closed":  # type: ignore[index]
@@ -236,6 +239,13 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         print(f"{job_id}  {text}")
         worst = max(worst, 0 if outcome == "cancelled" else 1)
     return worst
+
+
+def _unreachable_line(reach: dict[str, object]) -> str:
+    """``provider unreachable since …, last error: …, next probe in N s`` for ``status``."""
+    nxt = reach.get("next_probe_in")
+    return (f"provider unreachable since {reach.get('since')}, last error: {reach.get('last_error') or '?'}, "
+            + (f"next probe in {float(nxt):.0f} s" if nxt is not None else "probe due"))  # type: ignore[arg-type]
 
 
 def cmd_pause(args: argparse.Namespace) -> int:

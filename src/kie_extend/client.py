@@ -20,7 +20,9 @@ from requests.exceptions import ChunkedEncodingError, ConnectTimeout, ReadTimeou
 from requests.exceptions import ConnectionError as RequestsConnectionError
 
 from .errors import (
+    EDGE_STATUSES,
     ConnectError,
+    EdgeError,
     OutcomeUnknownError,
     ProviderCodeError,
     TransportError,
@@ -213,7 +215,8 @@ def _classify_connection_error(exc: Exception, where: str) -> TransportError:
 
 
 def _envelope_data(resp: requests.Response) -> Any:
-    """Read the JSON envelope: body ``code`` wins, HTTP status when the body has none."""
+    """Read the JSON envelope: body ``code`` wins, HTTP status when the body has none (an edge's
+    5xx without the envelope raises EdgeError)."""
     try:
         body = resp.json()
     except ValueError:
@@ -224,6 +227,10 @@ def _envelope_data(resp: requests.Response) -> Any:
             raise UnavailableError(502, "answer without a JSON envelope")
         if status == 403:
             raise error_for_code(403, (resp.text or "")[:200])
+        if status in EDGE_STATUSES:
+            # A proxy or CDN in front of KIE answered for it: KIE itself was not reached (or did
+            # not answer in time). The status line is enough; an HTML error page is not kept.
+            raise EdgeError(status, f"HTTP {status} from an edge in front of KIE ({resp.reason or 'no reason'})")
         raise error_for_code(status, (resp.text or "")[:200] if body is None else str(body)[:200])
     try:
         code = int(body.get("code"))
