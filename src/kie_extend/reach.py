@@ -55,8 +55,8 @@ return 0
 # KEYS: reach. ARGV: who ("probe" or "answer"). KIE answered: clear the count; end an outage.
 # Returns 1 when it ended one.
 _ANSWERED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local st = redis.call('HGET', KEYS[1], 'state')
-if not st then return 0 end
 redis.call('HSET', KEYS[1], 'streak', 0, 'first', 0)
 if st ~= 'unreachable' then return 0 end
 local t = redis.call('TIME')
