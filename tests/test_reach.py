@@ -123,8 +123,10 @@ def test_which_errors_mean_unreachable_and_which_cost_nothing() -> None:
         assert E.is_unreachable(E.EdgeError(code)) and E.costs_nothing(E.EdgeError(code)), code
     for code in (502, 504, 520, 524):  # the edge may have handed the request on: attempts still count
         assert E.is_unreachable(E.EdgeError(code)) and not E.costs_nothing(E.EdgeError(code)), code
-    for exc in (E.OutcomeUnknownError("read timeout"), E.UnavailableError(500, "x"), E.UnavailableError(503, "x"),
-                E.RateLimitedError(429), E.AccountError(402)):
+    timeout = E.OutcomeUnknownError("read timeout")  # no answer, but it may have reached KIE
+    assert E.is_unreachable(timeout) and not E.costs_nothing(timeout)
+    for exc in (E.UnavailableError(500, "x"), E.UnavailableError(503, "x"), E.RateLimitedError(429),
+                E.AccountError(402), E.InvalidRequestError(422)):  # answers from KIE itself
         assert not E.is_unreachable(exc) and not E.costs_nothing(exc), exc
     edge = E.EdgeError(503, "m")
     assert isinstance(edge, E.UnavailableError) and edge.retryable
@@ -235,17 +237,27 @@ def test_edge_502_counts_attempts_but_still_pauses(harness: Callable[..., Harnes
     assert all(h.state(j)["state"] == "succeeded" for j in jobs)
 
 
-def test_read_timeout_after_sending_is_still_outcome_unknown(harness: Callable[..., Harness]) -> None:
-    """A submission that went out and got no answer may be paid for: never resent, not counted as
-    "unreachable" (existing submit_outcome_unknown handling)."""
+def test_read_timeouts_stay_outcome_unknown_and_a_hung_kie_pauses(harness: Callable[..., Harness]) -> None:
+    """A submission that went out and got no answer may be paid for: never resent, it ends
+    submit_outcome_unknown as before. But a run of them pauses submission, so a KIE that hangs does
+    not swallow every new job: the jobs after the threshold wait unsent and succeed later."""
     h = harness(read_timeout=0.5, submit_unknown_window=0.5)
     h.sim.simulator.update_config({"fault_slow": 1.0, "slow_seconds": 1.5})
-    job = h.accept(req(h.sim))
-    raw = h.state(job)
-    assert raw["state"] == "submitting" and raw.get("outcome_unknown") == "1"
-    assert h.rt.reach.state()["streak"] == 0 and h.rt.reach.state()["reachable"]
-    h.run_until(h.finished(job))
-    assert json.loads(h.state(job)["error"])["kind"] == "submit_outcome_unknown"
+    jobs = [h.accept(req(h.sim)) for _ in range(5)]
+    sent, held = jobs[:3], jobs[3:]
+    for job in sent:
+        raw = h.state(job)
+        assert raw["state"] == "submitting" and raw.get("outcome_unknown") == "1", raw
+    assert not h.rt.reach.state()["reachable"] and "read timeout" in h.rt.reach.state()["last_error"]
+    for job in held:
+        assert h.state(job)["state"] == "queued" and int(h.state(job).get("attempts") or 0) == 0
+    h.sim.simulator.update_config({"fault_slow": 0.0})
+    h.run_until(lambda: all(h.finished(j)() for j in jobs), timeout=60)
+    for job in sent:
+        assert json.loads(h.state(job)["error"])["kind"] == "submit_outcome_unknown"
+    for job in held:
+        assert h.state(job)["state"] == "succeeded"
+    assert h.sim.simulator.stats_snapshot()["submissions_accepted"] == 5  # each sent once, never again
 
 
 def test_kie_500_with_its_envelope_still_ends_provider_unavailable(harness: Callable[..., Harness]) -> None:

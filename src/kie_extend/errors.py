@@ -199,10 +199,11 @@ EDGE_MAY_HAVE_REACHED = frozenset({502, 504, 520, 524})
 
 
 def is_unreachable(exc: BaseException) -> bool:
-    """Whether ``exc`` says KIE could not be reached at all: a connect-level failure (refused, DNS,
-    TLS, connect timeout; :class:`ConnectError`) or an edge's 5xx (:class:`EdgeError`). A read
-    timeout after sending is not one: KIE may be working on the request (OutcomeUnknownError)."""
-    return isinstance(exc, (ConnectError, EdgeError))
+    """Whether ``exc`` says no answer came from KIE itself: a connect-level failure (refused, DNS,
+    TLS, connect timeout; :class:`ConnectError`), an edge's 5xx (:class:`EdgeError`), or a request
+    that went out and got no answer (read timeout, dropped; :class:`OutcomeUnknownError`, which
+    keeps its own never-resend handling: it only counts towards the pause, see reach.py)."""
+    return isinstance(exc, (TransportError, EdgeError))
 
 
 def costs_nothing(exc: BaseException) -> bool:

@@ -350,7 +350,7 @@ class Pipeline:
         True when the provider counts as unreachable now (this failure, or an earlier run of them)."""
         if self.rt.reach.failure(str(exc)):
             self.store.stat("provider_unreachable")
-            _log(job_id, logging.ERROR, "KIE cannot be reached (%d connect failures or edge errors within %gs, "
+            _log(job_id, logging.ERROR, "KIE cannot be reached (%d connect failures, edge errors or timeouts within %gs, "
                  "the last: %s); submission paused for every job, probing every %gs", self.s.unreachable_threshold,
                  self.s.unreachable_window, exc, self.s.unreachable_probe_interval, task_id=task_id)
             return True

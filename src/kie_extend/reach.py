@@ -1,8 +1,11 @@
 """Provider reachability: KIE cannot be reached at all, so submission waits for everyone.
 
 A connection that is refused, a name that does not resolve, a TLS handshake that fails, a connect
-timeout, or a 5xx from an edge in front of KIE (``errors.is_unreachable``) says nothing about the
-job that met it. When ``KIE_UNREACHABLE_THRESHOLD`` such failures (any workers, submissions and
+timeout, a 5xx from an edge in front of KIE, or a request that got no answer at all (read timeout,
+connection dropped) (``errors.is_unreachable``) says nothing about the job that met it. The last
+kind may have reached KIE, so the job that met it keeps its never-resend handling
+(``submit_outcome_unknown``); it only counts towards the pause, so a KIE that hangs does not swallow
+every new job in turn. When ``KIE_UNREACHABLE_THRESHOLD`` such failures (any workers, submissions and
 polls alike) fall within ``KIE_UNREACHABLE_WINDOW`` seconds of the first one, the provider is
 *unreachable*: admission and the submission gate hold every job in ``queued`` (as the 401/402 pause
 and the breaker do, see gates.py, admission.py); submitted jobs keep being polled, and a poll that

@@ -142,7 +142,7 @@ class Scheduler:
         try:
             self.rt.client.credits()
         except E.ProviderError as exc:
-            if E.is_unreachable(exc) or isinstance(exc, E.TransportError):
+            if E.is_unreachable(exc):
                 reach.probe_failed(str(exc))
                 log.warning("KIE still cannot be reached (%s); next probe in %gs", exc, reach.probe_interval)
                 return False
