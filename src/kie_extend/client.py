@@ -164,11 +164,13 @@ class KieClient:
             "User-Agent": USER_AGENT,
         }
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        """Send one request and return the envelope's ``data``; raise the typed error otherwise."""
+    def _call(self, method: str, path: str, *, timeout: tuple[float, float] | None = None, **kwargs: Any) -> Any:
+        """Send one request and return the envelope's ``data``; raise the typed error otherwise.
+        ``timeout``: (connect, read) seconds instead of the client's own."""
         url = self.base_url + path
         try:
-            resp = self.session.request(method, url, headers=self._headers(), timeout=self.timeout, **kwargs)
+            resp = self.session.request(method, url, headers=self._headers(), timeout=timeout or self.timeout,
+                                        **kwargs)
         except ConnectTimeout as exc:
             raise ConnectError(f"connect timeout to {self.base_url}") from exc
         except ReadTimeout as exc:
@@ -196,9 +198,10 @@ class KieClient:
             raise ProviderCodeError(422, "recordInfo is null")
         return parse_record(data)
 
-    def credits(self) -> float:
-        """GET the remaining credit balance (free; the probe that ends a pause)."""
-        data = self._call("GET", CREDIT_PATH)
+    def credits(self, timeout: tuple[float, float] | None = None) -> float:
+        """GET the remaining credit balance (free; the probe that ends a pause). ``timeout``:
+        (connect, read) seconds instead of the client's own (a probe keeps it short)."""
+        data = self._call("GET", CREDIT_PATH, timeout=timeout)
         try:
             return float(data)
         except (TypeError, ValueError):

@@ -20,6 +20,8 @@ from .runtime import Dispatcher, Runtime
 
 log = logging.getLogger("kie_extend.scheduler")
 
+#: Longest connect and read timeout (seconds) of the reachability probe, which runs in the tick.
+PROBE_TIMEOUT = 3.0
 #: Most jobs one tick's share of the invariant sweep looks at.
 SWEEP_BUDGET = 2000
 
@@ -139,8 +141,10 @@ class Scheduler:
         """Ask the credit endpoint whether KIE can be reached again; True when it answered (any
         code: KIE itself answered) and submission resumed."""
         reach = self.rt.reach
+        # Short timeouts: the probe runs in beat's tick, which must not stall behind a KIE that hangs.
+        timeout = (min(self.s.connect_timeout, PROBE_TIMEOUT), min(self.s.read_timeout, PROBE_TIMEOUT))
         try:
-            self.rt.client.credits()
+            self.rt.client.credits(timeout=timeout)
         except E.ProviderError as exc:
             if E.is_unreachable(exc):
                 reach.probe_failed(str(exc))
