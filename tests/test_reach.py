@@ -283,3 +283,49 @@ def test_a_blip_below_the_threshold_costs_no_attempt_and_no_pause(harness: Calla
     raw = h.state(job)
     assert raw["state"] == "succeeded" and raw["attempts"] == "1"
     assert h.rt.reach.state()["streak"] == 0  # the answer cleared the count
+
+
+# ----- where it shows: the dashboard and the CLI -----------------------------------------------------
+
+def test_dashboard_and_status_show_kie_unreachable(make_settings: Callable[..., Any]) -> None:
+    import os
+    import re
+    import subprocess
+    import sys
+
+    import requests
+
+    from dash_server import ServedApp
+    from kie_extend.http.app import create_app
+
+    settings = make_settings(base_url="http://127.0.0.1:9", api_tokens="admin-token")
+    rt = Runtime(settings)
+    app = ServedApp(create_app(settings, parts=("dashboard",)))
+    try:
+        s = requests.Session()
+        s.post(app.url + "/login", data={"token": "admin-token", "next": "/"}, headers={"Origin": app.url})
+
+        def reach_cell() -> str:
+            html = s.get(app.url + "/", timeout=10).text
+            m = re.search(r'<dd id="provider-reach">(.*?)</dd>', html, re.S)
+            assert m, html[:2000]
+            return m.group(1)
+
+        assert ">yes<" in reach_cell()
+        for _ in range(3):
+            rt.reach.failure("could not connect to http://127.0.0.1:9")
+        cell = reach_cell()
+        assert "unreachable" in cell and "could not connect" in cell and "next probe in" in cell
+    finally:
+        app.stop()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KIE_")}
+    env.update({"KIE_REDIS_URL": settings.redis_url, "KIE_KEY_PREFIX": settings.key_prefix,
+                "KIE_BASE_URL": "http://127.0.0.1:9"})
+    out = subprocess.run([sys.executable, "-m", "kie_extend.cli", "status"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    line = next(x for x in out.stdout.splitlines() if x.startswith("submission:"))
+    assert re.fullmatch(r"submission:  PAUSED: provider unreachable since \S+Z, last error: could not connect to "
+                        r"http://127\.0\.0\.1:9, next probe in \d+ s", line), out.stdout + out.stderr
+    js = subprocess.run([sys.executable, "-m", "kie_extend.cli", "status", "--json"], env=env, capture_output=True,
+                        text=True, timeout=60)
+    assert json.loads(js.stdout)["provider"]["reachable"] is False
