@@ -329,3 +329,6 @@ def test_dashboard_and_status_show_kie_unreachable(make_settings: Callable[..., 
     js = subprocess.run([sys.executable, "-m", "kie_extend.cli", "status", "--json"], env=env, capture_output=True,
                         text=True, timeout=60)
     assert json.loads(js.stdout)["provider"]["reachable"] is False
+    resumed = subprocess.run([sys.executable, "-m", "kie_extend.cli", "resume"], env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert "KIE cannot be reached, so submission still waits" in resumed.stdout, resumed.stdout + resumed.stderr

@@ -259,11 +259,15 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     """Lift an operator's pause (the provider's 401/402 pause lifts by itself after a probe)."""
-    gates = _runtime(_settings()).gates
+    rt = _runtime(_settings())
+    gates = rt.gates
     lifted = gates.resume_operator()
     print("submission resumed" if lifted else "no operator pause was set")
     if gates.paused():
         print("note: the provider's pause is still on (401/402); it lifts by itself once a credit probe succeeds")
+    if rt.reach.unreachable():
+        print("note: KIE cannot be reached, so submission still waits; it resumes by itself when KIE answers "
+              "(`kie-extend status` shows the last error and the next probe)")
     return 0
 
 

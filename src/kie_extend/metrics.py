@@ -112,8 +112,8 @@ def render(rt: Runtime) -> str:
               "# TYPE kie_extend_breaker_failure_streak gauge",
               f"kie_extend_breaker_failure_streak {breaker['streak']}"]  # type: ignore[index]
     reach = ov["provider"]
-    lines += ["# HELP kie_extend_provider_reachable 1 while KIE can be reached; 0 while connect failures or "
-              "edge 5xx hold submission (provider unreachable).",
+    lines += ["# HELP kie_extend_provider_reachable 1 while KIE can be reached; 0 while connect failures, "
+              "edge 5xx or unanswered requests hold submission (provider unreachable).",
               "# TYPE kie_extend_provider_reachable gauge",
               f"kie_extend_provider_reachable {1 if reach['reachable'] else 0}"]  # type: ignore[index]
     mem: dict[str, object] = ov["redis_memory"]  # type: ignore[assignment]

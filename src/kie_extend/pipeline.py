@@ -346,8 +346,9 @@ class Pipeline:
         return ok
 
     def _unreachable(self, exc: E.ProviderError, job_id: str, task_id: str | None = None) -> bool:
-        """Count a connect-level failure or edge 5xx towards "provider unreachable" (reach.py);
-        True when the provider counts as unreachable now (this failure, or an earlier run of them)."""
+        """Count a failure with no answer from KIE itself (connect-level, edge 5xx, read timeout;
+        errors.is_unreachable) towards "provider unreachable" (reach.py); True when the provider
+        counts as unreachable now (this failure, or an earlier run of them)."""
         if self.rt.reach.failure(str(exc)):
             self.store.stat("provider_unreachable")
             _log(job_id, logging.ERROR, "KIE cannot be reached (%d connect failures, edge errors or timeouts within %gs, "
