@@ -156,6 +156,11 @@ def test_edge_answers_from_the_simulator_are_edge_errors(sim: SimServer, status:
     assert sim.simulator.stats_snapshot()["submissions_accepted"] == 0  # KIE never saw it
 
 
+def test_the_edge_knob_takes_only_5xx() -> None:
+    with pytest.raises(ValueError, match="edge_status"):
+        SimConfig(edge_status=200).check()
+
+
 # ----- the pipeline ------------------------------------------------------------------------------------
 
 def _settle(h: Harness, seconds: float) -> None:

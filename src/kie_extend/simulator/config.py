@@ -121,6 +121,8 @@ class SimConfig:
             raise ValueError("stage times must satisfy 0 < text_seconds <= first_seconds <= complete_seconds")
         if self.rate_limit < 0 or self.poll_limit < 0:
             raise ValueError("limits must not be negative")
+        if not 500 <= self.edge_status <= 599:
+            raise ValueError("edge_status must be a 5xx status")
 
     def public_dict(self) -> dict[str, Any]:
         """All knobs as JSON-ready values, secret fields masked."""
