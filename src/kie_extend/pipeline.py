@@ -338,7 +338,7 @@ class Pipeline:
         ok = self.store.transition(
             job_id, JobState.SUBMITTED, expect=[JobState.SUBMITTING],
             fields={"kie_task_id": task_id, "submitted_at": now_iso(), "submitted_ts": now,
-                    "poll_interval": self.s.poll_interval, "outcome_unknown": None},
+                    "poll_interval": self.s.poll_interval, "outcome_unknown": None, "unreached": None},
             due=now + _jitter(first, 0.1), stat=stat,
         )
         if ok:
