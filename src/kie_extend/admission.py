@@ -1,8 +1,8 @@
 """Admission: which waiting job gets the next submission slot (README "Sharing one account").
 
 Queued jobs wait in ready queues, one per (priority, tenant), oldest first. When a submission slot
-is free (the rolling rate window has room and so does the in-flight cap, nothing is paused and the
-breaker lets jobs through), the job admitted is the oldest job of the highest priority present,
+is free (the rolling rate window has room and so does the in-flight cap, nothing is paused, the
+provider is reachable (reach.py) and the breaker lets jobs through), the job admitted is the oldest job of the highest priority present,
 taking that priority's tenants in turn (round robin: the tenant served longest ago goes next; a
 tenant that starts waiting goes next too). The choice is made by one Lua script at slot time, at
 most one tick ahead: a job is never promised a slot minutes in advance, so a later, more urgent job
@@ -31,7 +31,7 @@ import redis
 from .keys import Keys
 from .lua import LIB
 
-# KEYS: pause, operator pause, inflight, rate log, breaker, priorities, admission seq, due.
+# KEYS: pause, operator pause, inflight, rate log, breaker, priorities, admission seq, due, reach.
 # ARGV: tag, max jobs, horizon ms, limit, book window ms, max in flight, probe timeout ms,
 #       per-tenant caps JSON ({tenant: [count, window ms]}, "{}" for none), the caller's own job id
 #       ("" none), lease seconds.
@@ -41,6 +41,8 @@ _ADMIT = LIB + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then return {} end
+-- KIE cannot be reached (reach.py): nobody is admitted until a probe or a poll gets an answer.
+if redis.call('HGET', KEYS[9], 'state') == 'unreachable' then return {} end
 local maxn, horizon = tonumber(ARGV[2]), tonumber(ARGV[3])
 local limit, book, maxif = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local probe_only = false
@@ -191,7 +193,7 @@ class Admission:
         k = self.keys
         found = self._admit(
             keys=[k.pause, k.operator_pause, k.inflight, k.rate_log, k.breaker, k.priorities, k.admission_seq,
-                  k.due],
+                  k.due, k.reach],
             args=[k.tag, int(max_jobs), int(horizon * 1000), self.limit,
                   int(round((self.window + self.margin) * 1000)), self.max_in_flight, int(self.probe_timeout * 1000),
                   self._caps, own, repr(float(lease))])

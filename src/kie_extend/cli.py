@@ -152,7 +152,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             if paused:
                 print(f"submission:  PAUSED by the provider since {paused.get('since')} "  # type: ignore[union-attr]
                       f"(code {paused.get('code')}: {paused.get('reason')})")  # type: ignore[union-attr]
-            if not op and not paused:
+            reach = ov["provider"]
+            if not reach["reachable"]:  # type: ignore[index]
+                print(f"submission:  PAUSED: {_unreachable_line(reach)}")  # type: ignore[arg-type]
+            if not op and not paused and reach["reachable"]:  # type: ignore[index]
                 print("submission:  open")
             br = ov["breaker"]
             if br["state"] == "closed":  # type: ignore[index]
@@ -238,6 +241,13 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return worst
 
 
+def _unreachable_line(reach: dict[str, object]) -> str:
+    """``provider unreachable since …, last error: …, next probe in N s`` for ``status``."""
+    nxt = reach.get("next_probe_in")
+    return (f"provider unreachable since {reach.get('since')}, last error: {reach.get('last_error') or '?'}, "
+            + (f"next probe in {float(nxt):.0f} s" if nxt is not None else "probe due"))  # type: ignore[arg-type]
+
+
 def cmd_pause(args: argparse.Namespace) -> int:
     """An operator's pause: nothing more is sent to KIE until `kie-extend resume`."""
     gates = _runtime(_settings()).gates
@@ -249,11 +259,15 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     """Lift an operator's pause (the provider's 401/402 pause lifts by itself after a probe)."""
-    gates = _runtime(_settings()).gates
+    rt = _runtime(_settings())
+    gates = rt.gates
     lifted = gates.resume_operator()
     print("submission resumed" if lifted else "no operator pause was set")
     if gates.paused():
         print("note: the provider's pause is still on (401/402); it lifts by itself once a credit probe succeeds")
+    if rt.reach.unreachable():
+        print("note: KIE cannot be reached, so submission still waits; it resumes by itself when KIE answers "
+              "(`kie-extend status` shows the last error and the next probe)")
     return 0
 
 

@@ -20,7 +20,9 @@ from requests.exceptions import ChunkedEncodingError, ConnectTimeout, ReadTimeou
 from requests.exceptions import ConnectionError as RequestsConnectionError
 
 from .errors import (
+    EDGE_STATUSES,
     ConnectError,
+    EdgeError,
     OutcomeUnknownError,
     ProviderCodeError,
     TransportError,
@@ -162,11 +164,13 @@ class KieClient:
             "User-Agent": USER_AGENT,
         }
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        """Send one request and return the envelope's ``data``; raise the typed error otherwise."""
+    def _call(self, method: str, path: str, *, timeout: tuple[float, float] | None = None, **kwargs: Any) -> Any:
+        """Send one request and return the envelope's ``data``; raise the typed error otherwise.
+        ``timeout``: (connect, read) seconds instead of the client's own."""
         url = self.base_url + path
         try:
-            resp = self.session.request(method, url, headers=self._headers(), timeout=self.timeout, **kwargs)
+            resp = self.session.request(method, url, headers=self._headers(), timeout=timeout or self.timeout,
+                                        **kwargs)
         except ConnectTimeout as exc:
             raise ConnectError(f"connect timeout to {self.base_url}") from exc
         except ReadTimeout as exc:
@@ -194,9 +198,10 @@ class KieClient:
             raise ProviderCodeError(422, "recordInfo is null")
         return parse_record(data)
 
-    def credits(self) -> float:
-        """GET the remaining credit balance (free; the probe that ends a pause)."""
-        data = self._call("GET", CREDIT_PATH)
+    def credits(self, timeout: tuple[float, float] | None = None) -> float:
+        """GET the remaining credit balance (free; the probe that ends a pause). ``timeout``:
+        (connect, read) seconds instead of the client's own (a probe keeps it short)."""
+        data = self._call("GET", CREDIT_PATH, timeout=timeout)
         try:
             return float(data)
         except (TypeError, ValueError):
@@ -213,7 +218,8 @@ def _classify_connection_error(exc: Exception, where: str) -> TransportError:
 
 
 def _envelope_data(resp: requests.Response) -> Any:
-    """Read the JSON envelope: body ``code`` wins, HTTP status when the body has none."""
+    """Read the JSON envelope: body ``code`` wins, HTTP status when the body has none (an edge's
+    5xx without the envelope raises EdgeError)."""
     try:
         body = resp.json()
     except ValueError:
@@ -224,6 +230,10 @@ def _envelope_data(resp: requests.Response) -> Any:
             raise UnavailableError(502, "answer without a JSON envelope")
         if status == 403:
             raise error_for_code(403, (resp.text or "")[:200])
+        if status in EDGE_STATUSES:
+            # A proxy or CDN in front of KIE answered for it: KIE itself was not reached (or did
+            # not answer in time). The status line is enough; an HTML error page is not kept.
+            raise EdgeError(status, f"HTTP {status} from an edge in front of KIE ({resp.reason or 'no reason'})")
         raise error_for_code(status, (resp.text or "")[:200] if body is None else str(body)[:200])
     try:
         code = int(body.get("code"))

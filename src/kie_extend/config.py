@@ -147,6 +147,10 @@ class Settings(BaseSettings):
     tenant_limits: Annotated[dict[str, tuple[int, float]], NoDecode] = Field(default_factory=dict)
     redis_socket_timeout: Duration = 15.0  # job store: a reply slower than this counts as lost (the command is re-sent)
     empty_success_polls: int = Field(3, ge=0)  # re-polls of a SUCCESS without audio before failing
+    # -- provider unreachable (reach.py): connect failures and edge 5xx pause submission ---------------
+    unreachable_threshold: int = Field(3, ge=1)  # such failures (any workers) within the window: unreachable
+    unreachable_window: Duration = 30.0  # seconds from the first failure in which the threshold must be met
+    unreachable_probe_interval: Duration = 5.0  # one credit probe per interval while unreachable
 
     @field_validator(
         "job_timeout", "connect_timeout", "read_timeout", "submit_unknown_window", "poll_first",
@@ -154,6 +158,7 @@ class Settings(BaseSettings):
         "tick_interval", "lease", "maintenance_backoff", "visibility_timeout", "pause_probe_interval", "retention",
         "idempotency_window", "handler_retry_base", "webhook_timeout", "submit_rate_margin",
         "breaker_cooldown", "sweep_interval", "sweep_grace", "redis_socket_timeout",
+        "unreachable_window", "unreachable_probe_interval",
         mode="before",
     )
     @classmethod
@@ -219,6 +224,12 @@ class Settings(BaseSettings):
         if self.lease < self.connect_timeout + self.read_timeout:
             raise ValueError("KIE_LEASE must be longer than KIE_CONNECT_TIMEOUT + KIE_READ_TIMEOUT "
                              "(a claimed step must finish before its lease runs out)")
+        if self.unreachable_window <= 0:
+            raise ValueError("KIE_UNREACHABLE_WINDOW must be greater than 0 (seconds in which "
+                             "KIE_UNREACHABLE_THRESHOLD connect failures make the provider unreachable)")
+        if self.unreachable_probe_interval <= 0:
+            raise ValueError("KIE_UNREACHABLE_PROBE_INTERVAL must be greater than 0 (how often an "
+                             "unreachable provider is probed)")
         if self.poll_max_interval < self.poll_interval:
             self.poll_max_interval = self.poll_interval
         if "webhook" in self.handlers and not self.webhook_url:

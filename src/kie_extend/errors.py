@@ -13,13 +13,16 @@
           │    ├── AccountError           401, 402, 433: pause all submission, fail no job
           │    ├── RateLimitedError       429: not queued by KIE, send again later
           │    ├── UnavailableError       455, 500, 408, 502-504, other 5xx        retryable, bounded
+          │    │    └── EdgeError         a proxy's 5xx without KIE's envelope     provider unreachable
           │    └── GenerationFailedError  501, 531                                 kind generation_failed
           └── TransportError              no usable answer (.sent says whether KIE may have the request)
                ├── ConnectError           never reached KIE: retry freely
                └── OutcomeUnknownError    sent, then timed out or dropped: never resend blindly
 
 `error_for_code` is the one place a provider code becomes an exception; `retry_delay` is the one
-place that decides how long to wait before trying again. Constructor arguments stay plain strings
+place that decides how long to wait before trying again; `is_unreachable` and `costs_nothing` say
+which errors mean "KIE cannot be reached" (they pause submission for everyone, see reach.py) and
+which of those provably never reached KIE (a submission that met one keeps its attempt). Constructor arguments stay plain strings
 and ints so Celery can rebuild them, and nothing in them ever carries the API key.
 """
 
@@ -117,6 +120,19 @@ class UnavailableError(ProviderCodeError):
     retryable = True
 
 
+class EdgeError(UnavailableError):
+    """A 5xx from something in front of KIE (a proxy, load balancer or CDN): the HTTP status is one
+    of :data:`EDGE_STATUSES` and the body is not KIE's JSON envelope. KIE itself did not answer, so
+    this counts towards "provider unreachable" (reach.py) like a refused connection."""
+
+    @property
+    def may_have_reached(self) -> bool:
+        """Whether the edge may have handed the request on to KIE before failing (bad gateway or
+        an unusable answer: 502, 520; a gateway timeout: 504, 524), so a submission that met it
+        keeps counting an attempt."""
+        return self.code in EDGE_MAY_HAVE_REACHED
+
+
 class GenerationFailedError(ProviderCodeError):
     """The provider accepted the work but produced no music (501, 531)."""
 
@@ -171,6 +187,33 @@ def error_for_code(code: int, msg: str = "") -> ProviderCodeError:
     if code in (408, 455) or code >= 500:
         return UnavailableError(code, msg)
     return RejectedError(code, msg)
+
+
+#: HTTP statuses that, without KIE's JSON envelope, come from an edge in front of KIE: bad gateway,
+#: service unavailable, gateway timeout, and the CDN's origin-unreachable family (520-526, 530).
+EDGE_STATUSES = frozenset({502, 503, 504, 520, 521, 522, 523, 524, 525, 526, 530})
+#: Edge statuses after which the request may have been handed on to KIE: the upstream's answer was
+#: broken (502, 520) or late (504, 524). The others (503, 521-523, 525, 526, 530) mean the edge
+#: found no upstream to talk to.
+EDGE_MAY_HAVE_REACHED = frozenset({502, 504, 520, 524})
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says no answer came from KIE itself: a connect-level failure (refused, DNS,
+    TLS, connect timeout; :class:`ConnectError`), an edge's 5xx (:class:`EdgeError`), or a request
+    that went out and got no answer (read timeout, dropped; :class:`OutcomeUnknownError`, which
+    keeps its own never-resend handling: it only counts towards the pause, see reach.py)."""
+    return isinstance(exc, (TransportError, EdgeError))
+
+
+def costs_nothing(exc: BaseException) -> bool:
+    """Whether a submission that failed with ``exc`` provably never reached KIE, so it is put back
+    without counting an attempt: a connect-level failure, or the 5xx of an edge that found no
+    upstream (503, 521-523, 525, 526, 530). Everything else keeps counting attempts
+    (an edge 502/504 may have handed the request on; never-pay-twice)."""
+    if isinstance(exc, ConnectError):
+        return True
+    return isinstance(exc, EdgeError) and not exc.may_have_reached
 
 
 #: Base delay (seconds) of the exponential backoff for retryable provider errors.

@@ -8,7 +8,8 @@ that comes late never pushes a window over the limit; if it must wait a little m
 place and waits only until the oldest send in the window ages out.
 
 Two pauses stop admission: the provider's (401/402/433, lifted by a credit probe) and an
-operator's (``kie-extend pause`` / ``resume``).
+operator's (``kie-extend pause`` / ``resume``); so does a provider that cannot be reached
+(reach.py, lifted by a credit probe or any answer from KIE).
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import redis
 
 from .keys import Keys
 
-# KEYS: pause, operator pause, inflight, rate log, breaker. ARGV: job_id, token, limit,
+# KEYS: pause, operator pause, inflight, rate log, breaker, reach. ARGV: job_id, token, limit,
 # book_window_ms, check_window_ms, max_inflight.
 # The log holds "s:<token>" for sends that happened (scored by send time) and "b:<token>" for slots
 # booked by admission (scored by the slot; admission.py). Returns {verdict, wait_ms}: verdict ok |
-# paused | breaker | inflight | wait | lost (no booking: the job must be admitted again).
+# paused | unreachable | breaker | inflight | wait | lost (no booking: the job must be admitted again).
 # A send already granted to this token is granted again (the script may run twice when a client
 # re-sends it after a timeout), so one token never takes two slots.
 _ACQUIRE = """
@@ -40,6 +41,10 @@ end
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('ZREM', KEYS[4], booked)
   return {'paused', 0}
+end
+if redis.call('HGET', KEYS[6], 'state') == 'unreachable' then
+  redis.call('ZREM', KEYS[4], booked)
+  return {'unreachable', 0}
 end
 local bst = redis.call('HGET', KEYS[5], 'state')
 if (bst == 'open' or bst == 'half_open') and redis.call('HGET', KEYS[5], 'probe') ~= job then
@@ -74,7 +79,7 @@ redis.call('ZADD', KEYS[4], slot, booked)
 return {'wait', slot - now}
 """
 
-Verdict = Literal["ok", "paused", "breaker", "inflight", "wait", "lost"]
+Verdict = Literal["ok", "paused", "unreachable", "breaker", "inflight", "wait", "lost"]
 
 
 @dataclass(frozen=True)
@@ -102,7 +107,7 @@ class Gates:
         """Ask to submit ``job_id`` now (``token`` names this attempt's rate slot).
 
         ``ok``: send now (an in-flight slot is taken); ``wait``: the booked slot is ``wait`` seconds
-        ahead; ``paused`` / ``breaker`` / ``inflight`` / ``lost``: the booking is gone, the job goes
+        ahead; ``paused`` / ``unreachable`` / ``breaker`` / ``inflight`` / ``lost``: the booking is gone, the job goes
         back to its ready queue until admission picks it again."""
         # Slots are booked a full window plus the margin apart; a send is checked against the sends
         # of the last window plus half the margin, which leaves the other half for lateness and
@@ -110,7 +115,8 @@ class Gates:
         book_ms = int(round((self.window + self.margin) * 1000))
         check_ms = int(round((self.window + self.margin / 2) * 1000))
         verdict, wait_ms = self._acquire(
-            keys=[self.keys.pause, self.keys.operator_pause, self.keys.inflight, self.keys.rate_log, self.keys.breaker],
+            keys=[self.keys.pause, self.keys.operator_pause, self.keys.inflight, self.keys.rate_log, self.keys.breaker,
+                  self.keys.reach],
             args=[job_id, token, self.limit, book_ms, check_ms, self.max_in_flight],
         )
         verdict = verdict.decode() if isinstance(verdict, bytes) else verdict

@@ -142,6 +142,11 @@ class Keys:
         return f"{self.tag}:breaker"
 
     @property
+    def reach(self) -> str:
+        """Hash: whether KIE can be reached (state, failure streak, since, next probe, last error)."""
+        return f"{self.tag}:reach"
+
+    @property
     def sweep_lock(self) -> str:
         """String with a TTL: one invariant sweep per KIE_SWEEP_INTERVAL across all beats."""
         return f"{self.tag}:sweep"

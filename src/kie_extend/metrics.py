@@ -54,8 +54,25 @@ def overview(rt: Runtime) -> dict[str, object]:
         "waiting_by_priority": by_priority,
         "dead_letters": int(rt.redis.llen(rt.keys.dead_letters)),
         "breaker": _breaker(rt),
+        "provider": provider_reach(rt),
         "redis_memory": redis_memory(rt),
     }
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat(
+        timespec="seconds").replace("+00:00", "Z")
+
+
+def provider_reach(rt: Runtime) -> dict[str, object]:
+    """Whether KIE can be reached (reach.py): Reachability.state() with its times as ISO-8601 UTC,
+    plus ``next_probe_in`` (seconds, or None when reachable)."""
+    st: dict[str, object] = rt.reach.state()
+    nxt = st.get("next_probe")
+    st["next_probe_in"] = None if st["reachable"] or nxt is None else round(max(0.0, float(nxt) - time.time()), 1)  # type: ignore[arg-type]
+    for name in ("since", "next_probe", "last_failure", "last_probe", "recovered"):
+        st[name] = _iso(st.get(name))  # type: ignore[arg-type]
+    return st
 
 
 def _breaker(rt: Runtime) -> dict[str, object]:
@@ -183,6 +200,11 @@ def render(rt: Runtime) -> str:
               f"kie_extend_breaker_open {0 if breaker['state'] == 'closed' else 1}",  # type: ignore[index]
               "# TYPE kie_extend_breaker_failure_streak gauge",
               f"kie_extend_breaker_failure_streak {breaker['streak']}"]  # type: ignore[index]
+    reach = ov["provider"]
+    lines += ["# HELP kie_extend_provider_reachable 1 while KIE can be reached; 0 while connect failures, "
+              "edge 5xx or unanswered requests hold submission (provider unreachable).",
+              "# TYPE kie_extend_provider_reachable gauge",
+              f"kie_extend_provider_reachable {1 if reach['reachable'] else 0}"]  # type: ignore[index]
     mem: dict[str, object] = ov["redis_memory"]  # type: ignore[assignment]
     lines += ["# HELP kie_extend_redis_used_memory_bytes Memory the job store's Redis uses.",
               "# TYPE kie_extend_redis_used_memory_bytes gauge", f"kie_extend_redis_used_memory_bytes {mem['used']}",

@@ -221,7 +221,7 @@ class Pipeline:
         # The rate-slot token names this send; it changes after every real send, never reused.
         send = int(raw.get("sends") or 0) + 1
         decision = Decision("ok") if granted else self.gates.acquire(job_id, f"{job_id}:{send}")
-        if decision.verdict in ("paused", "breaker", "inflight", "lost"):
+        if decision.verdict in ("paused", "unreachable", "breaker", "inflight", "lost"):
             self.store.enqueue_ready(job_id)  # back in line, at its age; admission picks it again
             self.store.stat(f"gate_wait_{decision.verdict}")
             return
@@ -248,6 +248,7 @@ class Pipeline:
             self._submit_failed(job_id, raw, attempt, exc)
             return
         self._record_submitted(job_id, task_id, callbacks=self._ours(body))
+        self._answered()
 
     def _record_submitted(self, job_id: str, task_id: str, callbacks: bool) -> None:
         """Write down a task KIE accepted. Its id exists only in this process until then, so an
@@ -337,17 +338,56 @@ class Pipeline:
         ok = self.store.transition(
             job_id, JobState.SUBMITTED, expect=[JobState.SUBMITTING],
             fields={"kie_task_id": task_id, "submitted_at": now_iso(), "submitted_ts": now,
-                    "poll_interval": self.s.poll_interval, "outcome_unknown": None},
+                    "poll_interval": self.s.poll_interval, "outcome_unknown": None, "unreached": None},
             due=now + _jitter(first, 0.1), stat=stat,
         )
         if ok:
             _log(job_id, logging.INFO, "submitted", task_id=task_id)
         return ok
 
+    def _unreachable(self, exc: E.ProviderError, job_id: str, task_id: str | None = None) -> bool:
+        """Count a failure with no answer from KIE itself (connect-level, edge 5xx, read timeout;
+        errors.is_unreachable) towards "provider unreachable" (reach.py); True when the provider
+        counts as unreachable now (this failure, or an earlier run of them)."""
+        if self.rt.reach.failure(str(exc)):
+            self.store.stat("provider_unreachable")
+            _log(job_id, logging.ERROR, "KIE cannot be reached (%d connect failures, edge errors or timeouts within %gs, "
+                 "the last: %s); submission paused for every job, probing every %gs", self.s.unreachable_threshold,
+                 self.s.unreachable_window, exc, self.s.unreachable_probe_interval, task_id=task_id)
+            return True
+        return self.rt.reach.unreachable()
+
+    def _answered(self) -> None:
+        """KIE answered this process: clear its run of connect failures (ends an outage too)."""
+        if self.rt.reach.answered():
+            self.store.stat("provider_reachable_again")
+            log.warning("KIE answers again; submission resumed")
+
     def _submit_failed(self, job_id: str, raw: dict[str, str], attempt: int, exc: E.ProviderError) -> None:
         code = getattr(exc, "code", None)
         self._record_code(code if code is not None else type(exc).__name__)
         now = time.time()
+        if E.is_unreachable(exc):
+            paused = self._unreachable(exc, job_id)
+            if E.costs_nothing(exc):
+                # It never reached KIE: the attempt is given back. While KIE is unreachable the job
+                # waits in its ready queue (admission holds it); before that, it tries again after
+                # a backoff that grows with its own run of such failures.
+                unreached = int(raw.get("unreached") or 0) + 1
+                fields = {"attempts": attempt - 1, "submit_error": str(exc), "unreached": unreached}
+                if paused:
+                    self.store.transition(job_id, JobState.QUEUED, expect=[JobState.SUBMITTING], fields=fields,
+                                          due=None, ready=True)
+                    _log(job_id, logging.WARNING, "KIE cannot be reached (%s); waiting in queued", exc)
+                else:
+                    delay = E.retry_delay(exc, unreached, rate_window=self.gates.window)
+                    self.store.transition(job_id, JobState.QUEUED, expect=[JobState.SUBMITTING], fields=fields,
+                                          due=now + delay)
+                    _log(job_id, logging.WARNING, "KIE could not be reached (%s); trying again in %.1fs "
+                         "(no attempt counted)", exc, delay)
+                return
+        elif isinstance(exc, E.ProviderCodeError):
+            self._answered()  # KIE itself answered, with an error
         if isinstance(exc, E.OutcomeUnknownError):
             # Never resend: the provider may hold (and bill) this request. A callback on the job's
             # own URL can still tell us its taskId; otherwise it fails after the window.
@@ -441,17 +481,27 @@ class Pipeline:
             self._poll_failed(job_id, raw, exc, now, submitted)
             return
         self.store.observe("poll_seconds", time.monotonic() - started, POLL_BUCKETS, stat="poll_code_200")
+        self._answered()
         self._apply_record(job_id, raw, record, now, submitted)
 
     def _poll_failed(self, job_id: str, raw: dict[str, str], exc: E.ProviderError, now: float, submitted: float) -> None:
         task_id = raw.get("kie_task_id")
         code = getattr(exc, "code", None)
+        if isinstance(exc, E.ProviderCodeError) and not E.is_unreachable(exc):
+            self._answered()  # KIE itself answered, with an error
         if code in (404, 422) and now - submitted > self.s.poll_not_found_grace:
             error = _error("rejected", f"the provider no longer knows task {task_id}: {exc}", code=code)
             self._finish(job_id, raw, JobState.FAILED, {"error": error}, expect=[JobState.SUBMITTED])
             return
         if isinstance(exc, E.AccountError):
             self.gates.pause(exc.code, exc.msg)
+        if E.is_unreachable(exc):
+            # KIE could not be asked: that says nothing about the task, so it is never timed out on
+            # such a poll (KIE_JOB_TIMEOUT is judged by the first poll KIE answers); it backs off.
+            self._unreachable(exc, job_id, task_id)
+            _log(job_id, logging.WARNING, "poll could not reach KIE (%s); polling again later", exc, task_id=task_id)
+            self.later(job_id, now + self._next_interval(job_id, raw))
+            return
         if not self._timed_out(job_id, raw, now, submitted):
             _log(job_id, logging.WARNING, "poll failed (%s); polling again later", exc, task_id=task_id)
             self.later(job_id, now + self._next_interval(job_id, raw))

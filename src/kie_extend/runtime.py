@@ -11,6 +11,7 @@ from redis.sentinel import Sentinel
 
 from .admission import Admission
 from .breaker import Breaker
+from .reach import Reachability
 from .client import KieClient
 from .client_jobs import JobsClient
 from .config import Settings
@@ -125,6 +126,13 @@ class Runtime:
         """The provider breaker (README "The provider breaker")."""
         s = self.settings
         return Breaker(self.redis, self.keys, threshold=s.breaker_threshold, cooldown=s.breaker_cooldown)
+
+    @cached_property
+    def reach(self) -> Reachability:
+        """Whether KIE can be reached at all (connect failures, edge 5xx); see reach.py."""
+        s = self.settings
+        return Reachability(self.redis, self.keys, threshold=s.unreachable_threshold, window=s.unreachable_window,
+                            probe_interval=s.unreachable_probe_interval)
 
     @cached_property
     def client(self) -> KieClient:

@@ -3,7 +3,8 @@
 It releases parked jobs when there is room and no pause, claims what falls due before the next
 tick under a lease and sends it out with a countdown to its exact time, claims due handler
 deliveries, and, while submission is paused, lets one caller per KIE_PAUSE_PROBE_INTERVAL probe
-the provider's credit endpoint. Every claim is one Lua script, so any number of beats is safe.
+the provider's credit endpoint (one per KIE_UNREACHABLE_PROBE_INTERVAL while KIE cannot be reached,
+see reach.py). Every claim is one Lua script, so any number of beats is safe.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from .runtime import Dispatcher, Runtime
 
 log = logging.getLogger("kie_extend.scheduler")
 
+#: Longest connect and read timeout (seconds) of the reachability probe, which runs in the tick.
+PROBE_TIMEOUT = 3.0
 #: Most jobs one tick's share of the invariant sweep looks at.
 SWEEP_BUDGET = 2000
 
@@ -41,6 +44,8 @@ class Scheduler:
         paused = self.gates.paused()
         if paused and self.gates.take_probe_turn(self.s.pause_probe_interval):
             self._probe(paused)
+        if self.rt.reach.probe_turn():
+            self._probe_reach()
         # Admission decides at slot time, one tick ahead: the slots that free up before the next
         # tick go to the jobs whose turn it is now (they land on the due schedule at their slot).
         admitted = self.rt.admission.admit(self.s.claim_batch, horizon=self.s.tick_interval)
@@ -134,3 +139,22 @@ class Scheduler:
         log.warning("provider probe succeeded (credits %.1f); submission resumed", balance)
         return None
 
+    def _probe_reach(self) -> bool:
+        """Ask the credit endpoint whether KIE can be reached again; True when it answered (any
+        code: KIE itself answered) and submission resumed."""
+        reach = self.rt.reach
+        # Short timeouts: the probe runs in beat's tick, which must not stall behind a KIE that hangs.
+        timeout = (min(self.s.connect_timeout, PROBE_TIMEOUT), min(self.s.read_timeout, PROBE_TIMEOUT))
+        try:
+            self.rt.client.credits(timeout=timeout)
+        except E.ProviderError as exc:
+            if E.is_unreachable(exc):
+                reach.probe_failed(str(exc))
+                log.warning("KIE still cannot be reached (%s); next probe in %gs", exc, reach.probe_interval)
+                return False
+            if isinstance(exc, E.AccountError):
+                self.gates.pause(exc.code, exc.msg or type(exc).__name__)  # reachable, but the account is not
+        if reach.answered("probe"):
+            self.store.stat("provider_reachable_again")
+            log.warning("KIE answers again; submission resumed")
+        return True

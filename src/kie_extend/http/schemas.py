@@ -224,6 +224,8 @@ class SystemOverview(BaseModel):
     waiting_by_tenant: dict[str, int] = Field(description="tenant -> jobs waiting, all priorities")
     dead_letters: int
     breaker: dict[str, Any]
+    provider: dict[str, Any] = Field(description="whether KIE can be reached: reachable (bool), state, since, "
+                                     "last_error, next_probe, next_probe_in (seconds), streak, threshold, outages")
     redis_memory: dict[str, Any] = Field(description="used and max bytes, policy, evicted_keys")
 
 

@@ -69,6 +69,9 @@ class SimConfig:
     fault_empty_stream: float = _knob(0.0, "fraction of tasks whose stream URLs answer 200 with an empty body")
     fault_callback_exception: float = _knob(0.0, "fraction of tasks ending CALLBACK_EXCEPTION with tracks present")
     fault_poll_500: float = _knob(0.0, "fraction of record-info requests answered 500")
+    fault_edge: float = _knob(0.0, "fraction of API requests answered by an edge in front of KIE: HTTP "
+                                   "edge_status with an HTML body, no envelope (the request goes no further)")
+    edge_status: int = _knob(503, "HTTP status of an edge answer (fault_edge): 502, 503, 504, 52x")
     fault_empty_success: float = _knob(0.0, "fraction of tasks ending SUCCESS without any audio (sunoData [] or "
                                             "response null, alternately)")
     callback_task_id_key: str = _knob("task_id", "how callbacks name the task: task_id or taskId inside data, "
@@ -118,6 +121,8 @@ class SimConfig:
             raise ValueError("stage times must satisfy 0 < text_seconds <= first_seconds <= complete_seconds")
         if self.rate_limit < 0 or self.poll_limit < 0:
             raise ValueError("limits must not be negative")
+        if not 500 <= self.edge_status <= 599:
+            raise ValueError("edge_status must be a 5xx status")
 
     def public_dict(self) -> dict[str, Any]:
         """All knobs as JSON-ready values, secret fields masked."""

@@ -100,6 +100,13 @@ class Simulator:
     def handle(self, req: SimRequest) -> SimReply:
         """Answer one request and count it (the `/_sim/` control routes are not counted)."""
         label, handler = self.route_of(req)
+        if req.path.startswith("/api/") and self.roll("fault_edge"):
+            # A proxy or CDN answering for KIE: no envelope, and KIE never sees the request.
+            status = int(self.config.edge_status)
+            reply = SimReply(status=status, body=f"<html><body><h1>{status} edge error</h1></body></html>".encode(),
+                             content_type="text/html", code=status)
+            self.stats.answered(label, reply.code)
+            return reply
         reply = handler(req) if handler else envelope(404, "Not Found", status=404)
         if not req.path.startswith("/_sim/"):
             self.stats.answered(label, reply.code)
