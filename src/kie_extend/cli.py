@@ -433,7 +433,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async def run() -> None:
         await asyncio.gather(*(s.serve() for s in servers))
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except SystemExit as exc:
+        if exc.code != 3:  # uvicorn's "startup failed": it logged why (a port in use, most often)
+            raise
+        print("error: serve could not start (see the line above); choose a free --port / --callback-port",
+              file=sys.stderr, flush=True)
+        return EXIT_USAGE
     return 0
 
 

@@ -113,7 +113,7 @@ def _describe(exc: BaseException, settings: Any) -> tuple[int, str]:
     if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
         return EXIT_USAGE, "cannot listen: the address is already in use; stop the process using it or choose --port"
     if isinstance(exc, OSError) and exc.filename is not None:
-        return EXIT_USAGE, f"{exc.filename}: {exc.strerror or exc}"
+        return EXIT_USAGE, f"cannot open {exc.filename}: {exc.strerror or exc}"
     return EXIT_INTERNAL, f"unexpected {type(exc).__name__}: {exc}"
 
 
