@@ -644,14 +644,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def collect_rows(settings: Any, rt: Any, batch_id: str) -> list[dict[str, Any]]:
-    """One row per job of the batch, in file-line order."""
+    """One row per job of the batch, in file-line order; a job no worker has recorded yet is ``pending``
+    (as in ``batch status`` and ``GET /v1/jobs?batch_id=``)."""
     from .api import get_job
     from .batches import batch_job_ids
+    from .listing import PENDING
 
     rows = []
     for ids in batch_job_ids(rt, batch_id):
         for job_id in ids:
             rec = get_job(job_id, settings=settings)
+            if rec["state"] == "not_found":  # declared by batch submit, not yet recorded by a worker
+                rec = {**rec, "state": PENDING}
             rows.append(result_row(rec, line_of(batch_id, job_id), downloaded_files(settings.download_dir, rec)))
     return sort_rows(rows)
 
