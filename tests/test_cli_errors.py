@@ -203,7 +203,8 @@ def test_bad_request_files_and_metadata(tmp_path: Path) -> None:
         (["enqueue", "broken.json"], r"error: request file broken\.json is not valid JSON \(Expecting property "
                                      r"name enclosed in double quotes at line 1 column 16\); it must be one JSON "
                                      r"object such as \{\"order\": 42\}"),
-        (["enqueue", "list.json"], r"error: request file list\.json must hold a JSON object \{\.\.\.\}, not a JSON list"),
+        (["enqueue", "list.json"],
+         r"error: request file list\.json must hold a JSON object \{\.\.\.\}, not a JSON list"),
         (["enqueue", "latin1.json"], r"error: request file latin1\.json is not UTF-8 text; save it as UTF-8 JSON"),
         (["enqueue", "."], r"error: cannot read request file \.: Is a directory"),
         (["enqueue", "ok.json", "--metadata", "{order: 7}"], r"error: --metadata is not valid JSON \(Expecting "
@@ -222,6 +223,22 @@ def test_bad_request_files_and_metadata(tmp_path: Path) -> None:
         assert re.fullmatch(pattern, line), (args, line)
     piped = kie("enqueue", "-", env=closed_env(), cwd=tmp_path, stdin="not json")
     assert piped.returncode == 2 and "request file - is not valid JSON" in one_error_line(piped)
+
+
+def test_an_upload_with_the_file_host_unreachable(tmp_path: Path) -> None:
+    import wave
+
+    with wave.open(str(tmp_path / "song.wav"), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(1)
+        w.setframerate(8000)
+        w.writeframes(b"\x80" * 8000 * 20)
+    env = closed_env(KIE_UPLOAD_BASE_URL=f"http://127.0.0.1:{CLOSED}", KIE_ALLOW_PRIVATE_URLS="true")
+    proc = kie("enqueue", "--file", "song.wav", "--model", "V5", "--default-mode", "--prompt", "a calm song",
+               "--continue-at", "5", env=env, cwd=tmp_path)
+    assert proc.returncode == ce.EXIT_PROVIDER == 7, proc.stderr
+    assert one_error_line(proc) == (f"error: upload failed: could not connect to http://127.0.0.1:{CLOSED}; "
+                                    "check KIE_UPLOAD_BASE_URL and the network")
 
 
 def test_openapi_to_an_unwritable_file(tmp_path: Path) -> None:

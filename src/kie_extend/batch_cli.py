@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from .cli_errors import InputError
+from .cli_errors import (EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_OK, EXIT_PROVIDER,
+                         EXIT_TIMEOUT, EXIT_USAGE, InputError)
 from .errors import ConfigError, ValidationError
 from .intake import JOB_ID_PATTERN, Intake, check_options
 from .models import ExtendRequest
@@ -55,8 +56,8 @@ PLAIN_INTERVAL = 5.0
 #: Columns of ``batch results``, in order.
 RESULT_COLUMNS: tuple[str, ...] = ("job_id", "line", "state", "error_kind", "error_message", "tracks",
                                    "audio_urls", "files", "kie_task_id")
-#: Exit codes of ``batch status`` (and ``batch submit --wait``).
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+#: Exit codes of ``batch status`` (and ``batch submit --wait``): the CLI's table (:mod:`.cli_errors`).
+EXIT_INVALID = EXIT_USAGE
 
 Format = Literal["jsonl", "csv"]
 
@@ -612,7 +613,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     except (ProviderError, ConfigError) as exc:
         _err(f"error: upload failed: {exc}; run the same command again to resume (nothing is sent twice)")
-        return EXIT_FAILED
+        return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_PROVIDER
     from .batches import get_batch
 
     total = get_batch(rt, batch_id).get("total", sent + existed)

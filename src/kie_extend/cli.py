@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cli_errors import EXIT_CONFIG, EXIT_FAILED, EXIT_PROVIDER, EXIT_USAGE, InputError, debug_requested
+from .cli_errors import EXIT_CONFIG, EXIT_PROVIDER, EXIT_USAGE, InputError, debug_requested
 from .cli_errors import run as run_command
 from .config import Settings, load_settings
 from .errors import ConfigError, ValidationError
@@ -79,7 +79,7 @@ def _json_object(text: str, what: str) -> dict[str, Any]:
 def cmd_enqueue(args: argparse.Namespace) -> int:
     """Validate and enqueue one request (uploading ``--file`` first); prints the job id."""
     from .api import enqueue_extend, upload_audio
-    from .errors import ProviderError
+    from .errors import ConnectError, ProviderError
 
     settings = _settings()
     request = _request_from_args(args)
@@ -98,7 +98,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             print(f"  {e['field']}: {e['message']}", file=sys.stderr)
         return EXIT_USAGE
     except ProviderError as exc:
-        print(f"error: upload failed: {exc}", file=sys.stderr)
+        hint = "; check KIE_UPLOAD_BASE_URL and the network" if isinstance(exc, ConnectError) else ""
+        print(f"error: upload failed: {exc}{hint}", file=sys.stderr)
         return EXIT_PROVIDER
     except ConfigError as exc:
         print(f"error: upload failed: {exc}", file=sys.stderr)
