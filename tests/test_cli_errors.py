@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -53,10 +52,44 @@ def kie(*args: str, env: dict[str, str], cwd: Path, stdin: str | None = None,
                           input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
 
 
-def kie_many(runs: list[tuple[list[str], dict[str, str]]], cwd: Path) -> list[subprocess.CompletedProcess[str]]:
-    """``kie(*args, env=env)`` for each run, several at a time (the commands are independent)."""
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        return list(pool.map(lambda run: kie(*run[0], env=run[1], cwd=cwd), runs))
+#: Runs ``kie_extend.cli.main`` once per argv (JSON on stdin), each in its own forked process with
+#: its own stdout/stderr and exit code: a whole sweep of commands pays for one interpreter start.
+FORK_DRIVER = r"""
+import json, os, sys, tempfile, traceback
+from kie_extend.cli import main
+results = []
+for argv in json.load(sys.stdin):
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    status = os.waitpid(pid, 0)[1]
+    out.seek(0)
+    err.seek(0)
+    results.append([os.waitstatus_to_exitcode(status), out.read().decode(), err.read().decode()])
+print(json.dumps(results))
+"""
+
+
+def kie_many(runs: list[list[str]], env: dict[str, str], cwd: Path) -> list[subprocess.CompletedProcess[str]]:
+    """Each argv of ``runs`` as its own process (forked from one that imported kie_extend once)."""
+    driver = subprocess.run([sys.executable, "-c", FORK_DRIVER], input=json.dumps(runs), env=env, cwd=cwd,
+                            capture_output=True, text=True, timeout=120)
+    assert driver.returncode == 0, driver.stderr
+    return [subprocess.CompletedProcess(argv, code, out, err)
+            for argv, (code, out, err) in zip(runs, json.loads(driver.stdout))]
 
 
 def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
@@ -126,8 +159,8 @@ def test_the_tables_name_every_command() -> None:
 
 def test_every_command_with_the_job_store_unreachable(tmp_path: Path, batch_file: Path) -> None:
     (tmp_path / "request.json").write_text(json.dumps(REQUEST))
-    runs = [([a.replace("{dir}", str(tmp_path)) for a in args], closed_env()) for args in STORE_COMMANDS.values()]
-    for name, proc in zip(STORE_COMMANDS, kie_many(runs, tmp_path)):
+    runs = [[a.replace("{dir}", str(tmp_path)) for a in args] for args in STORE_COMMANDS.values()]
+    for name, proc in zip(STORE_COMMANDS, kie_many(runs, closed_env(), tmp_path)):
         line = one_error_line(proc)
         assert proc.returncode == ce.EXIT_UNREACHABLE == 6, (name, proc.returncode, line)
         assert line == (f"error: cannot use the job store and broker (KIE_REDIS_URL=redis://:***@127.0.0.1:"
@@ -136,11 +169,12 @@ def test_every_command_with_the_job_store_unreachable(tmp_path: Path, batch_file
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
-    runs = [(["--debug", "jobs"], closed_env()), (["batch", "list", "--debug"], closed_env()),
-            (["doctor"], closed_env(KIE_LOG_LEVEL="debug"))]
-    for (args, _), proc in zip(runs, kie_many(runs, tmp_path)):
+    procs = [kie("--debug", "jobs", env=closed_env(), cwd=tmp_path)]
+    procs += kie_many([["batch", "list", "--debug"], ["doctor", "--debug"]], closed_env(), tmp_path)
+    procs += kie_many([["doctor"]], closed_env(KIE_LOG_LEVEL="debug"), tmp_path)
+    for proc in procs:
         assert proc.returncode == 6, proc.stderr
-        assert "Traceback (most recent call last)" in proc.stderr and "ConnectionError" in proc.stderr, args
+        assert "Traceback (most recent call last)" in proc.stderr and "ConnectionError" in proc.stderr, proc.args
         assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot use the job store"), proc.stderr
         assert PASSWORD not in proc.stdout + proc.stderr
 
@@ -216,7 +250,7 @@ def test_bad_request_files_and_metadata(tmp_path: Path) -> None:
         (["openapi", "--out", "no/such/dir/openapi.json"],
          r"error: cannot open no/such/dir/openapi\.json: No such file or directory"),
     ]
-    procs = kie_many([(args, closed_env()) for args, _ in cases], tmp_path)
+    procs = kie_many([args for args, _ in cases], closed_env(), tmp_path)
     for (args, pattern), proc in zip(cases, procs):
         line = one_error_line(proc)
         assert proc.returncode == ce.EXIT_USAGE == 2, (args, proc.returncode, line)
@@ -250,16 +284,15 @@ def test_openapi_to_an_unwritable_file(tmp_path: Path) -> None:
 
 def test_a_bad_setting_is_one_line_naming_it(tmp_path: Path) -> None:
     (tmp_path / "ok.json").write_text(json.dumps(REQUEST))
-    # Settings are read in one place for every command: a few commands show it.
-    tick = (closed_env(KIE_TICK_INTERVAL="-1"), "KIE_TICK_INTERVAL")
-    url = (env_with(KIE_REDIS_URL=f"redis://:{PASSWORD}#x@127.0.0.1:{CLOSED}/0"), "KIE_REDIS_URL")
-    cases = [(["status"], tick), (["enqueue", "ok.json"], tick), (["batch", "list", "--json"], url),
-             (["credits"], url), (["serve", "--port", "0"], tick)]
-    runs = [(args, env) for args, (env, _) in cases]
-    names = [name for _, (_, name) in cases]
-    for (args, _), name, proc in zip(runs, names, kie_many(runs, tmp_path)):
-        assert proc.returncode == ce.EXIT_CONFIG == 5, (args, proc.stderr)
-        assert one_error_line(proc).startswith(f"error: invalid configuration: {name}: "), (args, proc.stderr)
+    commands = [[a.replace("{dir}", str(tmp_path)) for a in args] for args in STORE_COMMANDS.values()]
+    commands += [["credits"], ["serve", "--port", "0"], ["callback-server", "--port", "0"]]
+    tick = closed_env(KIE_TICK_INTERVAL="-1")
+    url = env_with(KIE_REDIS_URL=f"redis://:{PASSWORD}#x@127.0.0.1:{CLOSED}/0")
+    for env, name in ((tick, "KIE_TICK_INTERVAL"), (url, "KIE_REDIS_URL")):
+        procs = [kie("status", env=env, cwd=tmp_path)] + kie_many(commands, env, tmp_path)
+        for proc in procs:
+            assert proc.returncode == ce.EXIT_CONFIG == 5, (proc.args, proc.stderr)
+            assert one_error_line(proc).startswith(f"error: invalid configuration: {name}: "), (proc.args, proc.stderr)
 
 
 # -- the provider, servers -----------------------------------------------------------------------
