@@ -224,6 +224,21 @@ def test_a_refused_password_is_named_and_masked(locked: EmbeddedValkey, tmp_path
                                            f"{locked.port}/1): it refused the credentials")
 
 
+def test_an_unexpected_error_points_to_debug(locked: EmbeddedValkey, tmp_path: Path) -> None:
+    from kie_extend.keys import Keys
+
+    client = redis.Redis(port=locked.port, password=PASSWORD)
+    client.set(Keys("cli_errors_test").job("wrong-type"), "not a hash")  # WRONGTYPE: no outage, a broken store
+    env = env_with(KIE_REDIS_URL=f"redis://:{PASSWORD}@127.0.0.1:{locked.port}/0")
+    proc = kie("status", "wrong-type", env=env, cwd=tmp_path)
+    assert proc.returncode == ce.EXIT_INTERNAL == 70
+    line = one_error_line(proc)
+    assert line.startswith("error: unexpected ResponseError: WRONGTYPE") and line.endswith(
+        "(a bug: run again with --debug for the traceback and report it)"), line
+    debug = kie("status", "wrong-type", "--debug", env=env, cwd=tmp_path)
+    assert debug.returncode == 70 and "Traceback" in debug.stderr
+
+
 # -- files and flags -----------------------------------------------------------------------------
 
 def test_bad_request_files_and_metadata(tmp_path: Path) -> None:
