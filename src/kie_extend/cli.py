@@ -525,8 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_status)
 
     j = sub.add_parser("jobs", help="list jobs, newest first")
-    j.add_argument("--state", choices=[s.value for s in JobState if s is not JobState.NOT_FOUND],
-                   help="only jobs in this state")
+    j.add_argument("--state", choices=[s.value for s in JobState if s is not JobState.NOT_FOUND] + ["pending"],
+                   help="only jobs in this state (pending: with --batch, declared but not yet recorded)")
     j.add_argument("--tenant", help="only this tenant's jobs")
     j.add_argument("--batch", metavar="BATCH_ID", help="only this batch's jobs")
     j.add_argument("--cursor", help="the next page: the cursor the previous page gave")
