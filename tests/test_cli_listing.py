@@ -189,3 +189,15 @@ def test_jobs_json_from_the_installed_command(jobs: list[tuple[str, str]], cli_e
     page = json.loads(proc.stdout)
     assert [j["job_id"] for j in page["jobs"]] == [j for j, s in reversed(jobs) if s == "queued"][:3]
     assert page["next_cursor"]
+
+
+def test_a_closed_pipe_is_quiet(jobs: list[tuple[str, str]], cli_env: dict[str, str], tmp_path: Path) -> None:
+    """``kie-extend jobs | head -0``: the reader is gone before anything is written."""
+    exe = Path(sys.executable).with_name("kie-extend")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "kie_extend.cli"]
+    env: dict[str, Any] = {k: v for k, v in os.environ.items() if not k.startswith("KIE_")} | cli_env
+    proc = subprocess.Popen([*cmd, "jobs"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 141 and err == "", err

@@ -20,6 +20,7 @@ code  meaning
 7     the provider (KIE, or its file host) cannot be reached or refused the call
 70    an unexpected error: a bug; ``--debug`` shows its traceback
 130   interrupted (Ctrl-C)
+141   stdout was closed early (``kie-extend jobs | head``); nothing is printed
 ====  =====================================================================================
 
 No traceback is printed unless ``--debug`` is given or ``KIE_LOG_LEVEL=DEBUG``; then the
@@ -49,6 +50,7 @@ EXIT_UNREACHABLE = 6
 EXIT_PROVIDER = 7
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
 
 
 class InputError(KieExtendError):
@@ -63,13 +65,15 @@ def debug_requested(flag: bool = False) -> bool:
 def run(func: Callable[[], int], *, debug: bool = False) -> int:
     """Call ``func`` and return its exit code; any exception becomes one line on stderr and its code."""
     try:
-        return int(func() or 0)
+        code = int(func() or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
     except SystemExit:
         raise
     except BrokenPipeError:
         # stdout went away (``kie-extend jobs | head``): not an error worth a line.
         _silence_stdout()
-        return 141
+        return EXIT_BROKEN_PIPE
     except BaseException as exc:  # noqa: BLE001 - everything becomes one line and a code
         code, line = describe(exc)
         if debug_requested(debug):
@@ -237,5 +241,5 @@ def _password(url: str | None) -> str | None:
 
 
 __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_NOT_FOUND", "EXIT_TIMEOUT", "EXIT_CONFIG",
-           "EXIT_UNREACHABLE", "EXIT_PROVIDER", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "InputError", "run",
-           "describe", "debug_requested", "mask_text", "unreachable_reason"]
+           "EXIT_UNREACHABLE", "EXIT_PROVIDER", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_BROKEN_PIPE", "InputError",
+           "run", "describe", "debug_requested", "mask_text", "unreachable_reason"]
