@@ -239,6 +239,20 @@ def test_an_unexpected_error_points_to_debug(locked: EmbeddedValkey, tmp_path: P
     assert debug.returncode == 70 and "Traceback" in debug.stderr
 
 
+def test_a_sentinel_without_that_master(locked: EmbeddedValkey, tmp_path: Path) -> None:
+    from kie_extend.embedded import EmbeddedSentinel
+
+    with EmbeddedSentinel(locked.port, quorum=1) as sentinel:
+        env = env_with(KIE_REDIS_URL=f"sentinel://:{PASSWORD}@127.0.0.1:{sentinel.port}/0",
+                       KIE_SENTINEL_MASTER="not-monitored")
+        proc = kie("jobs", env=env, cwd=tmp_path)
+    assert proc.returncode == 6
+    assert one_error_line(proc) == (
+        f"error: cannot use the job store and broker (KIE_REDIS_URL=sentinel://:***@127.0.0.1:{sentinel.port}/0): "
+        "the sentinels name no such master; check KIE_SENTINEL_MASTER (the name the sentinels monitor) and the "
+        "sentinels in KIE_REDIS_URL")
+
+
 # -- files and flags -----------------------------------------------------------------------------
 
 def test_bad_request_files_and_metadata(tmp_path: Path) -> None:

@@ -178,6 +178,9 @@ def unreachable_reason(exc: BaseException) -> tuple[str, str]:
             m in low for m in ("wrongpass", "noauth", "invalid password", "invalid username-password",
                                "authentication required", "access_refused", "auth <password> called without")):
         return "it refused the credentials", "check the user and password in {var} (percent-encode special characters)"
+    if any(type(e).__name__ == "MasterNotFoundError" for e in _chain(exc)) and "refused" not in low:
+        return ("the sentinels name no such master", "check KIE_SENTINEL_MASTER (the name the sentinels "
+                "monitor) and the sentinels in {var}")
     if "connection refused" in low or "errno 111" in low or "error 111" in low:
         return "connection refused (nothing listens there)", "start Redis there or point {var} at a running server"
     if any(m in low for m in ("name or service not known", "nodename nor servname", "temporary failure in name",
