@@ -434,7 +434,7 @@ def test_batch_file_end_to_end(stack: DevStack, tmp_path: Path) -> None:
     assert after_again["uploads"] == after_first["uploads"]
 
     listed = kie_extend(stack, "batch", "list", "--json", cwd=tmp_path)
-    mine = [json.loads(line) for line in listed.stdout.splitlines() if json.loads(line)["batch_id"] == batch_id]
+    mine = [b for b in json.loads(listed.stdout)["batches"] if b["batch_id"] == batch_id]
     assert mine and mine[0]["total"] == 8 and mine[0]["finished"] and mine[0]["done"] == 8
     jsonl = kie_extend(stack, "batch", "results", batch_id, cwd=tmp_path)
     assert [json.loads(line)["line"] for line in jsonl.stdout.splitlines()] == list(range(2, 10))

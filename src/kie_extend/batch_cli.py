@@ -38,7 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from .errors import ConfigError, KieExtendError, ValidationError
+from .cli_errors import (EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_OK, EXIT_PROVIDER,
+                         EXIT_TIMEOUT, EXIT_USAGE, InputError)
+from .errors import ConfigError, ValidationError
 from .intake import JOB_ID_PATTERN, Intake, check_options
 from .models import ExtendRequest
 from .states import TERMINAL
@@ -54,8 +56,8 @@ PLAIN_INTERVAL = 5.0
 #: Columns of ``batch results``, in order.
 RESULT_COLUMNS: tuple[str, ...] = ("job_id", "line", "state", "error_kind", "error_message", "tracks",
                                    "audio_urls", "files", "kie_task_id")
-#: Exit codes of ``batch status`` (and ``batch submit --wait``).
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+#: Exit codes of ``batch status`` (and ``batch submit --wait``): the CLI's table (:mod:`.cli_errors`).
+EXIT_INVALID = EXIT_USAGE
 
 Format = Literal["jsonl", "csv"]
 
@@ -79,7 +81,7 @@ def _field_kinds() -> dict[str, type]:
 FIELD_KINDS: dict[str, type] = _field_kinds()
 
 
-class BatchFileError(KieExtendError):
+class BatchFileError(InputError):
     """The batch file cannot be read at all (missing, not UTF-8, no header); no line was looked at."""
 
 
@@ -611,7 +613,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     except (ProviderError, ConfigError) as exc:
         _err(f"error: upload failed: {exc}; run the same command again to resume (nothing is sent twice)")
-        return EXIT_FAILED
+        return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_PROVIDER
     from .batches import get_batch
 
     total = get_batch(rt, batch_id).get("total", sent + existed)
@@ -643,14 +645,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def collect_rows(settings: Any, rt: Any, batch_id: str) -> list[dict[str, Any]]:
-    """One row per job of the batch, in file-line order."""
+    """One row per job of the batch, in file-line order; a job no worker has recorded yet is ``pending``
+    (as in ``batch status`` and ``GET /v1/jobs?batch_id=``)."""
     from .api import get_job
     from .batches import batch_job_ids
+    from .listing import PENDING
 
     rows = []
     for ids in batch_job_ids(rt, batch_id):
         for job_id in ids:
             rec = get_job(job_id, settings=settings)
+            if rec["state"] == "not_found":  # declared by batch submit, not yet recorded by a worker
+                rec = {**rec, "state": PENDING}
             rows.append(result_row(rec, line_of(batch_id, job_id), downloaded_files(settings.download_dir, rec)))
     return sort_rows(rows)
 
@@ -667,6 +673,13 @@ def cmd_results(args: argparse.Namespace) -> int:
         _err(f"error: batch {args.batch_id} not found")
         return EXIT_NOT_FOUND
     rows = collect_rows(settings, rt, args.batch_id)
+    if args.json:
+        if args.format or args.output:
+            _err("error: --json prints one JSON document to stdout; it cannot be combined with --format or --output")
+            return EXIT_INVALID
+        print(json.dumps({"batch_id": args.batch_id, "results": rows}, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    args.format = args.format or "jsonl"
     if args.output:
         write_atomic(args.output, rows, args.format)
         _err(f"wrote {len(rows)} row(s) to {args.output} ({status_line(batch)})")
@@ -681,12 +694,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     from .cli import _runtime, _settings
 
     batches = list_batches(_runtime(_settings()), args.limit)
+    if args.json:
+        print(json.dumps({"batches": [{**batch, "done": finished_count(batch)} for batch in batches]}, indent=2))
+        return EXIT_OK
     for batch in batches:
-        if args.json:
-            print(json.dumps({**batch, "done": finished_count(batch)}))
-        else:
-            print(f"{status_line(batch)}  created {batch.get('created_at') or '?'}")
-    if not batches and not args.json:
+        print(f"{status_line(batch)}  created {batch.get('created_at') or '?'}")
+    if not batches:
         print("no batches")
     return EXIT_OK
 
@@ -717,15 +730,18 @@ def add_parser(sub: Any) -> None:
     st.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds (exit 4)")
     st.set_defaults(func=cmd_status)
 
-    r = bs.add_parser("results", help="one row per job: state, tracks, audio URLs, files, error")
+    r = bs.add_parser("results", help="one row per job, in file order: state, tracks, audio URLs, files, error")
     r.add_argument("batch_id")
-    r.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    r.add_argument("--format", choices=["jsonl", "csv"], help="a results file: one JSON row per line (default) "
+                   "or CSV with a header")
     r.add_argument("--output", "-o", help="file to write (atomically); default stdout")
+    r.add_argument("--json", action="store_true", help='one JSON document instead: {"batch_id": ..., "results": [...]}')
     r.set_defaults(func=cmd_results)
 
-    ls = bs.add_parser("list", help="the newest batches")
-    ls.add_argument("--limit", type=int, default=20)
-    ls.add_argument("--json", action="store_true")
+    from .cli import add_listing_args
+
+    ls = bs.add_parser("list", help="the newest batches, newest first")
+    add_listing_args(ls, "batches")
     ls.set_defaults(func=cmd_list)
 
 

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .cli_errors import EXIT_CONFIG, EXIT_PROVIDER, EXIT_USAGE, InputError, debug_requested
+from .cli_errors import run as run_command
 from .config import Settings, load_settings
 from .errors import ConfigError, ValidationError
 from .states import TERMINAL, JobState
@@ -17,11 +19,8 @@ _TERMINAL = {s.value for s in TERMINAL}
 
 
 def _settings() -> Settings:
-    try:
-        return load_settings()
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    """Settings from the environment; a ConfigError reaches :func:`main`, which prints it (exit 5)."""
+    return load_settings()
 
 
 def _runtime(settings: Settings) -> Any:
@@ -33,11 +32,7 @@ def _runtime(settings: Settings) -> Any:
 def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
     request: dict[str, Any] = {}
     if args.file:
-        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
-        loaded = json.loads(text)
-        if not isinstance(loaded, dict):
-            raise SystemExit("error: the request file must hold a JSON object")
-        request.update(loaded)
+        request.update(_json_object(_read_text(args.file, "request file"), f"request file {args.file}"))
     flags = {
         "upload_url": "uploadUrl", "model": "model", "prompt": "prompt", "style": "style", "title": "title",
         "continue_at": "continueAt", "callback_url": "callBackUrl", "negative_tags": "negativeTags",
@@ -55,14 +50,40 @@ def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return request
 
 
+def _read_text(path: str, what: str) -> str:
+    """The text of ``path`` (``-`` is stdin); InputError naming the file when it cannot be read."""
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{what} {path} does not exist; give the path of a JSON file, or '-' for stdin") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{what} {path} is not UTF-8 text; save it as UTF-8 JSON") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def _json_object(text: str, what: str) -> dict[str, Any]:
+    """``text`` parsed as a JSON object; InputError naming ``what`` (a file or a flag) otherwise."""
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{what} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
+                         "it must be one JSON object such as {\"order\": 42}") from None
+    if not isinstance(loaded, dict):
+        raise InputError(f"{what} must hold a JSON object {{...}}, not a JSON {type(loaded).__name__}")
+    return loaded
+
+
 def cmd_enqueue(args: argparse.Namespace) -> int:
     """Validate and enqueue one request (uploading ``--file`` first); prints the job id."""
     from .api import enqueue_extend, upload_audio
-    from .errors import ProviderError
+    from .errors import ConnectError, ProviderError
 
     settings = _settings()
     request = _request_from_args(args)
-    metadata = json.loads(args.metadata) if args.metadata else None
+    metadata = _json_object(args.metadata, "--metadata") if args.metadata else None
     try:
         if args.audio_file is not None:
             uploaded = upload_audio(request, args.audio_file, idempotency_key=args.idempotency_key,
@@ -75,10 +96,14 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         print("error: the request is invalid:", file=sys.stderr)
         for e in exc.errors:
             print(f"  {e['field']}: {e['message']}", file=sys.stderr)
-        return 2
-    except (ProviderError, ConfigError) as exc:
+        return EXIT_USAGE
+    except ProviderError as exc:
+        hint = "; check KIE_UPLOAD_BASE_URL and the network" if isinstance(exc, ConnectError) else ""
+        print(f"error: upload failed: {exc}{hint}", file=sys.stderr)
+        return EXIT_PROVIDER
+    except ConfigError as exc:
         print(f"error: upload failed: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_CONFIG
     print(job_id)
     if args.wait:
         return _wait(settings, job_id, as_json=False, fresh=True)
@@ -191,17 +216,47 @@ def _memory_line(mem: dict[str, Any]) -> str:
             f"{mem['evicted_keys']} evicted keys{warn}")
 
 
-def cmd_jobs(args: argparse.Namespace) -> int:
-    """List jobs, newest first, optionally in one state."""
-    from .api import get_job
+def limit_arg(text: str) -> int:
+    """``--limit`` of every listing command: an integer from 1 to ``listing.MAX_LIMIT``."""
+    from .listing import MAX_LIMIT
 
-    settings = _settings()
-    store = _runtime(settings).store
-    states = [JobState(args.state)] if args.state else [s for s in JobState if s is not JobState.NOT_FOUND]
-    for state in states:
-        for job_id in store.list_ids(state, args.limit):
-            rec = get_job(job_id, settings=settings)
-            print(json.dumps(rec) if args.json else _line(rec))
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_LIMIT}, got {text!r}") from None
+    if not 1 <= value <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_LIMIT}, got {value}")
+    return value
+
+
+def add_listing_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--limit N`` and ``--json``, the same on every listing command (newest first, one page)."""
+    from .listing import DEFAULT_LIMIT, MAX_LIMIT
+
+    parser.add_argument("--limit", type=limit_arg, default=DEFAULT_LIMIT, metavar="N",
+                        help=f"at most N {what}, newest first (1-{MAX_LIMIT}, default {DEFAULT_LIMIT})")
+    parser.add_argument("--json", action="store_true", help="print one JSON document (see the README)")
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """One page of jobs, newest first (by creation time), filtered like ``GET /v1/jobs``.
+
+    ``--json`` prints ``{"jobs": [...], "next_cursor": ...}``, the HTTP API's page; in text, one
+    line per job and, when more follow, a hint with ``--cursor`` on stderr."""
+    from .listing import list_jobs
+
+    rt = _runtime(_settings())
+    jobs, nxt = list_jobs(rt, state=args.state, batch_id=args.batch, tenant=args.tenant, limit=args.limit,
+                          cursor=args.cursor)
+    if args.json:
+        print(json.dumps({"jobs": jobs, "next_cursor": nxt}, indent=2))
+        return 0
+    for rec in jobs:
+        print(_line(rec))
+    if not jobs:
+        print("no jobs")
+    if nxt:
+        print(f"more: add --cursor {nxt}", file=sys.stderr)
     return 0
 
 
@@ -279,8 +334,18 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     if args.replay:
         print(f"replayed {delivery.replay(args.job_id)}")
         return 0
-    for item in delivery.dead_letters(args.limit):
-        print(json.dumps(item))
+    if args.job_id:
+        items = [item for item in delivery.dead_letters(2**31) if item.get("job_id") == args.job_id][:args.limit]
+    else:
+        items = delivery.dead_letters(args.limit)
+    if args.json:
+        print(json.dumps({"dead_letters": items}, indent=2))
+        return 0
+    for item in items:
+        print(f"{item.get('at')}  {item.get('job_id')}  {item.get('handler')}  {item.get('event')}  "
+              f"attempts={item.get('attempts')}  {item.get('error')}")
+    if not items:
+        print("no dead letters")
     return 0
 
 
@@ -303,14 +368,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_credits(args: argparse.Namespace) -> int:
-    """Ask the provider for the remaining credit balance."""
-    from .errors import ProviderError
-
-    try:
-        print(_runtime(_settings()).client.credits())
-    except ProviderError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    """Ask the provider for the remaining credit balance (a ProviderError exits 7 through :func:`main`)."""
+    print(_runtime(_settings()).client.credits())
     return 0
 
 
@@ -326,7 +385,7 @@ def cmd_callback_server(args: argparse.Namespace) -> int:
     settings = _settings()
     setup_logging(settings.log_level, settings.log_format, [settings.api_key_value()])
     if not _preflight(settings, "receiver"):
-        return 1
+        return EXIT_CONFIG
     rt = _runtime(settings)
     dispatcher = CeleryDispatcher(create_app(settings), settings.queue)
     secret = settings.callback_secret.get_secret_value() if settings.callback_secret else None
@@ -370,7 +429,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "Callbacks alone may be public: --callback-port with --callback-host.", file=sys.stderr)
         return 2
     if not _preflight(settings, "server"):
-        return 1
+        return EXIT_CONFIG
     rt = _runtime(settings)
     dispatcher = CeleryDispatcher(create_app(settings), settings.queue)
     servers = []
@@ -391,7 +450,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async def run() -> None:
         await asyncio.gather(*(s.serve() for s in servers))
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except SystemExit as exc:
+        if exc.code != 3:  # uvicorn's "startup failed": it logged why (a port in use, most often)
+            raise
+        print("error: serve could not start (see the line above); choose a free --port / --callback-port",
+              file=sys.stderr, flush=True)
+        return EXIT_USAGE
     return 0
 
 
@@ -474,10 +540,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wait", action="store_true", help="show live progress until the job is terminal")
     s.set_defaults(func=cmd_status)
 
-    j = sub.add_parser("jobs", help="list jobs")
-    j.add_argument("--state", choices=[s.value for s in JobState if s is not JobState.NOT_FOUND])
-    j.add_argument("--limit", type=int, default=50)
-    j.add_argument("--json", action="store_true")
+    j = sub.add_parser("jobs", help="list jobs, newest first")
+    j.add_argument("--state", choices=[s.value for s in JobState if s is not JobState.NOT_FOUND] + ["pending"],
+                   help="only jobs in this state (pending: with --batch, declared but not yet recorded)")
+    j.add_argument("--tenant", help="only this tenant's jobs")
+    j.add_argument("--batch", metavar="BATCH_ID", help="only this batch's jobs")
+    j.add_argument("--cursor", help="the next page: the cursor the previous page gave")
+    add_listing_args(j, "jobs")
     j.set_defaults(func=cmd_jobs)
 
     r = sub.add_parser("retry", help="resubmit a failed job on purpose")
@@ -500,10 +569,10 @@ def build_parser() -> argparse.ArgumentParser:
     re_ = sub.add_parser("resume", help="lift an operator's pause")
     re_.set_defaults(func=cmd_resume)
 
-    d = sub.add_parser("dead-letters", help="show or replay failed handler deliveries")
-    d.add_argument("--replay", action="store_true")
-    d.add_argument("--job-id")
-    d.add_argument("--limit", type=int, default=100)
+    d = sub.add_parser("dead-letters", help="show or replay failed handler deliveries, newest first")
+    d.add_argument("--replay", action="store_true", help="deliver them again (all, or --job-id's)")
+    d.add_argument("--job-id", help="only this job's dead letters")
+    add_listing_args(d, "dead letters")
     d.set_defaults(func=cmd_dead_letters)
 
     dr = sub.add_parser("doctor", help="check the job store's invariants (exit 1 when any is broken)")
@@ -546,13 +615,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_debug(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """``--debug`` on the main parser and, recursively, on every subcommand (before or after it)."""
+    parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="show the traceback of an error (also KIE_LOG_LEVEL=DEBUG)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in {id(p): p for p in action.choices.values()}.values():
+                if sub.add_help:
+                    _add_debug(sub, top=False)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``kie-extend`` command."""
+    """Entry point of the ``kie-extend`` command: exit codes in :mod:`kie_extend.cli_errors`.
+
+    An ordinary mistake or outage is one line on stderr; ``--debug`` adds its traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "simulator":
-        return cmd_simulator(argparse.Namespace(), argv[1:])
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+        return run_command(lambda: cmd_simulator(argparse.Namespace(), argv[1:]), debug=debug_requested())
+    parser = build_parser()
+    _add_debug(parser)
+    args = parser.parse_args(argv)
+    return run_command(lambda: args.func(args), debug=debug_requested(args.debug))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from requests.exceptions import ChunkedEncodingError, ConnectTimeout, ReadTimeout
@@ -213,7 +214,8 @@ def _classify_connection_error(exc: Exception, where: str) -> TransportError:
     text = repr(exc)
     never_sent = ("NewConnectionError", "NameResolution", "Connection refused", "SSLError", "ProxyError")
     if any(marker in text for marker in never_sent):
-        return ConnectError(f"could not connect to {where.split('/api')[0]}")
+        parts = urlsplit(where)
+        return ConnectError(f"could not connect to {parts.scheme}://{parts.netloc}")
     return OutcomeUnknownError(f"connection dropped after sending to {where}")
 
 

@@ -87,8 +87,13 @@ def check_eviction(settings: Settings, connect: Callable[[str], redis.Redis] | N
         try:
             policy = eviction_policy(client)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            warnings.append(f"{what} ({mask_url(url)}): not reachable to check maxmemory-policy "
-                            f"({type(exc).__name__}); will retry connecting")
+            from .cli_errors import unreachable_reason
+
+            happened, fix = unreachable_reason(exc)
+            var = what[what.index("(") + 1:what.index(")")]
+            warnings.append(f"{what} ({mask_url(url)}) is not reachable: {happened}; {fix.format(var=var)}. "
+                            "Starting anyway: connections are retried until it answers "
+                            "(its maxmemory-policy could not be checked)")
             continue
         finally:
             client.close()

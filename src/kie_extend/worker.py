@@ -7,11 +7,14 @@ that moment: importing this module reads no environment.
 from __future__ import annotations
 
 import logging
-from typing import Any
+import sys
+import traceback
+from typing import Any, NoReturn
 
 from celery import Celery, signals
 
 from .config import Settings, load_settings
+from .errors import ConfigError
 from .endpoints import configure_broker
 from .transport import broker_conf
 
@@ -85,8 +88,25 @@ def get_app() -> Celery:
 
 def __getattr__(name: str) -> Any:
     if name == "app":
-        return get_app()
+        # ``celery -A kie_extend.worker worker|beat`` lands here. Celery prints its own traceback
+        # for an ordinary exception while it loads the app; a bad setting is one line and exit 5.
+        try:
+            return get_app()
+        except ConfigError as exc:
+            _refuse(str(exc) + " (set it in the environment or in .env)")
     raise AttributeError(name)
+
+
+def _refuse(message: str) -> NoReturn:
+    """Print ``error: message`` on stderr (a traceback too under KIE_LOG_LEVEL=DEBUG) and exit 5.
+
+    SystemExit, because Celery prints a traceback for, or logs and swallows, anything else."""
+    from .cli_errors import EXIT_CONFIG, debug_requested, mask_text
+
+    if debug_requested():
+        traceback.print_exc()
+    print(f"error: {mask_text(message)}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_CONFIG)
 
 
 @signals.worker_init.connect
@@ -107,7 +127,7 @@ def _preflight(app: Any, process: str) -> None:
     settings = getattr(app, "kie_settings", None)
     if settings is None:  # an app not built by create_app
         return
-    from .errors import ConfigError
+    from .cli_errors import EXIT_CONFIG
     from .logs import setup_logging
     from .preflight import run
 
@@ -117,7 +137,7 @@ def _preflight(app: Any, process: str) -> None:
         run(settings, process)
     except ConfigError as exc:
         logging.getLogger("kie_extend.preflight").critical("%s refuses to start: %s", process, exc)
-        raise SystemExit(1) from None
+        raise SystemExit(EXIT_CONFIG) from None
 
 
 @signals.setup_logging.connect
