@@ -419,6 +419,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(jobs=args.jobs, time_factor=args.time_factor, hold=args.hold)
 
 
+def cmd_dev(args: argparse.Namespace) -> int:
+    """Run the whole system in the foreground for development until Ctrl-C (see kie_extend.dev)."""
+    from .dev import run_dev
+
+    return run_dev(workdir=args.dir, port=args.port, sim_port=args.sim_port, redis_port=args.redis_port,
+                   sim_time_factor=args.sim_time_factor, workers=args.workers, concurrency=args.concurrency)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser."""
     p = argparse.ArgumentParser(prog="kie-extend", description="Enqueue KIE Suno upload-and-extend jobs, follow "
@@ -527,6 +535,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after the results keep the system and its dashboard up until a line on stdin "
                          "(Enter) or Ctrl-C; default: only when stdin is a terminal")
     dm.set_defaults(func=cmd_demo)
+
+    from . import dev
+
+    dv = sub.add_parser("dev", help="run the whole system in the foreground for development (until Ctrl-C); "
+                        "writes a .env for other shells")
+    dv.add_argument("--dir", default=".dev", help="where the .env, the logs and the data go (default .dev)")
+    dv.add_argument("--port", type=int, default=dev.DEFAULT_SERVE_PORT,
+                    help=f"port of serve: dashboard, /v1, callbacks (default {dev.DEFAULT_SERVE_PORT}; 0 = any free)")
+    dv.add_argument("--sim-port", type=int, default=dev.DEFAULT_SIM_PORT,
+                    help=f"port of the simulator (default {dev.DEFAULT_SIM_PORT}; 0 = any free)")
+    dv.add_argument("--redis-port", type=int, default=dev.DEFAULT_REDIS_PORT,
+                    help=f"port of the embedded Valkey (default {dev.DEFAULT_REDIS_PORT}; 0 = any free; "
+                         "unused when KIE_REDIS_URL is set)")
+    dv.add_argument("--sim-time-factor", type=float, default=0.1,
+                    help="scale of the simulator's generation times (default 0.1: ~6.5 s a job)")
+    dv.add_argument("--workers", type=int, default=1, help="Celery worker processes (default 1)")
+    dv.add_argument("--concurrency", type=int, default=2, help="pool size of each worker (default 2)")
+    dv.set_defaults(func=cmd_dev)
     return p
 
 

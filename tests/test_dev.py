@@ -1,0 +1,163 @@
+"""``kie-extend dev``: the whole system in the foreground, a ``.env`` another shell sources, and
+nothing left running after Ctrl-C or SIGTERM. Real processes throughout."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from kie_extend.dev import env_file_text
+from test_demo import alive_in_groups, children_of
+
+BIN = Path(sys.executable).parent
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KIE_")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+class DevRun:
+    """``kie-extend dev`` started in ``cwd`` with its output read line by line."""
+
+    def __init__(self, cwd: Path, *flags: str) -> None:
+        self.proc = subprocess.Popen([str(BIN / "kie-extend"), "dev", *flags], cwd=cwd, env=_clean_env(),
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.out: list[str] = []
+        threading.Thread(target=lambda: [self.lines.put(x) for x in self.proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+
+    def read_until(self, pattern: str, timeout: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.5)
+            except queue.Empty:
+                assert self.proc.poll() is None, "dev exited early:\n" + "".join(self.out)
+                continue
+            self.out.append(line)
+            m = re.search(pattern, line)
+            if m:
+                return m
+        raise AssertionError(f"no line matching {pattern!r}:\n" + "".join(self.out))
+
+    def rest(self) -> str:
+        while True:
+            try:
+                self.out.append(self.lines.get(timeout=1))
+            except queue.Empty:
+                return "".join(self.out)
+
+    def groups(self) -> set[int]:
+        """Process groups of every child (each runs in its own session)."""
+        return {os.getpgid(p) for p in children_of(self.proc.pid)}
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def _assert_all_gone(groups: set[int], url: str) -> None:
+    deadline = time.monotonic() + 10
+    while alive_in_groups(groups) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive_in_groups(groups), "a child of `kie-extend dev` is still running"
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/healthz", timeout=2)
+
+
+def test_dev_runs_the_stack_a_sourced_env_enqueues_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    dev = DevRun(tmp_path, "--port", "0", "--sim-port", "0", "--redis-port", "0", "--sim-time-factor", "0.05")
+    try:
+        dash = dev.read_until(r"dashboard\s+(http://127\.0\.0\.1:\d+)/  token: (\S+)", 90)
+        url, token = dash.group(1), dash.group(2)
+        dev.read_until(r"Press Ctrl-C to stop everything", 30)
+        printed = "".join(dev.out)
+        for label in ("simulator", "API", "API docs", "callbacks", "redis", "env file"):
+            assert re.search(rf"^  {label}\s+\S", printed, re.M), printed
+        env_path = tmp_path / ".dev" / ".env"
+        assert oct(env_path.stat().st_mode & 0o777) == "0o600"  # it holds the token
+        groups = dev.groups()
+        assert len(groups) >= 5, "Valkey, simulator, serve, worker and beat each run in their own group"
+
+        # Another shell, exactly as printed: source the file, then use the CLI against the stack.
+        script = ("set -e; set -a; . .dev/.env; set +a\n"
+                  'kie-extend enqueue --upload-url "$KIE_BASE_URL/files/source/30s.mp3" --model V5 --custom '
+                  "--instrumental --continue-at 12 --style 'ambient piano' --title Drift --wait\n")
+        done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=_clean_env(), capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        job_id = done.stdout.splitlines()[0].strip()
+        assert "succeeded" in done.stdout.splitlines()[-1], done.stdout
+        # The same job through the printed API URL and token, and through `kie-extend status`.
+        got = requests.get(f"{url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {token}"}, timeout=5)
+        assert got.status_code == 200 and got.json()["state"] == "succeeded", got.text
+        status = subprocess.run(["bash", "-c", f"set -a; . .dev/.env; set +a; kie-extend status {job_id}"],
+                                cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0 and "succeeded" in status.stdout, status.stdout + status.stderr
+        assert requests.get(f"{url}/docs", timeout=5).status_code == 200
+
+        dev.proc.send_signal(signal.SIGINT)
+        assert dev.proc.wait(60) == 0, dev.rest()
+    finally:
+        dev.kill()
+    assert "stopped" in dev.rest()
+    _assert_all_gone(groups, url)
+
+
+def test_dev_stops_every_child_on_sigterm(tmp_path: Path) -> None:
+    dev = DevRun(tmp_path, "--port", "0", "--sim-port", "0", "--redis-port", "0", "--workers", "2")
+    try:
+        url = dev.read_until(r"dashboard\s+(http://127\.0\.0\.1:\d+)/", 90).group(1)
+        dev.read_until(r"Press Ctrl-C", 30)
+        assert "2 x concurrency 2, 1 beat" in "".join(dev.out)
+        groups = dev.groups()
+        assert len(groups) >= 6, "Valkey, simulator, serve, two workers and beat"
+        dev.proc.send_signal(signal.SIGTERM)
+        assert dev.proc.wait(60) == 0, dev.rest()
+    finally:
+        dev.kill()
+    _assert_all_gone(groups, url)
+
+
+def test_dev_refuses_a_taken_port_naming_the_flag(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run([str(BIN / "kie-extend"), "dev", "--port", str(port), "--sim-port", "0",
+                               "--redis-port", "0"], cwd=tmp_path, env=_clean_env(), capture_output=True,
+                              text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"port {port} (serve) is in use: pass --port N, or --port 0" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert not (tmp_path / ".dev" / ".env").exists()
+
+
+def test_env_file_is_read_alike_by_the_shell_and_the_settings(tmp_path: Path) -> None:
+    from kie_extend.config import Settings
+
+    values = {"KIE_REDIS_URL": "redis://127.0.0.1:6390/0", "KIE_API_TOKENS": "a-b_c", "KIE_QUEUE": "q 1"}
+    path = tmp_path / ".env"
+    path.write_text(env_file_text(values))
+    shell = subprocess.run(["bash", "-c", f"set -a; . {path}; set +a; echo \"$KIE_QUEUE|$KIE_API_TOKENS\""],
+                           capture_output=True, text=True, env={"PATH": os.environ["PATH"]}, timeout=10)
+    assert shell.stdout.strip() == "q 1|a-b_c"
+    settings = Settings(_env_file=str(path))
+    assert settings.queue == "q 1" and settings.redis_url == "redis://127.0.0.1:6390/0"
+    with pytest.raises(ValueError):
+        env_file_text({"KIE_X": "it's"})
