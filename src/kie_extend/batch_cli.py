@@ -339,7 +339,7 @@ def check_item(item: dict[str, Any], settings: Any) -> list[dict[str, str]]:
         except ValidationError as exc:
             problems += exc.errors
         out = Intake()
-        check_options(out, **options)
+        check_options(out, **options, refuse_past=True)
         return problems + out.problems
     except ValidationError as exc:
         return list(exc.errors)
@@ -365,7 +365,7 @@ def check_defaults(settings: Any, batch_id: str, tenant: str | None, priority: i
                    not_after: str | None) -> list[Problem]:
     """Problems with the command line's batch id and defaults (reported as ``file: --flag: …``)."""
     out = Intake(tenant=settings.default_tenant)
-    check_options(out, tenant=tenant, priority=priority, batch_id=batch_id, not_after=not_after)
+    check_options(out, tenant=tenant, priority=priority, batch_id=batch_id, not_after=not_after, refuse_past=True)
     flag = {"batch_id": "--batch-id", "tenant": "--tenant", "priority": "--priority", "not_after": "--not-after"}
     return [Problem(None, flag.get(p["field"], p["field"]), p["message"]) for p in out.problems]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Settings, load_settings
-from .errors import ConfigError, ValidationError
+from .errors import ConfigError, ValidationError, describe_error
 from .states import TERMINAL, JobState
 
 _TERMINAL = {s.value for s in TERMINAL}
@@ -94,7 +94,7 @@ def _line(rec: dict[str, Any]) -> str:
     if rec.get("tracks"):
         bits.append(f"tracks={len(rec['tracks'])}")
     if rec.get("error"):
-        bits.append(f"error={rec['error'].get('kind')}: {rec['error'].get('message')}")
+        bits.append(f"error={describe_error(rec['error'])}")
     if rec.get("duplicate_of"):
         bits.append(f"duplicate_of={rec['duplicate_of']}")
     return "  ".join(bits)
@@ -170,7 +170,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return _wait(settings, args.job_id, args.json)
     rec = get_job(args.job_id, settings=settings)
     print(json.dumps(rec, indent=2) if args.json else _line(rec))
-    return 0 if rec["state"] != JobState.NOT_FOUND.value else 1
+    return 0 if rec["state"] != JobState.NOT_FOUND.value else EXIT_NOT_FOUND
 
 
 def _memory_line(mem: dict[str, Any]) -> str:
@@ -202,24 +202,37 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Exit code of a command about one job (status, retry, cancel) when no such job exists.
+EXIT_NOT_FOUND = 3
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
-    """Resubmit a failed job on purpose (it may cost credits again)."""
+    """Resubmit a failed job on purpose (it may cost credits again). Exit 0 requeued, 1 refused
+    (the reason is printed, as the HTTP API gives it), 3 unknown job."""
+    from .actions import retry_job
     from .pipeline import Pipeline
 
-    pipeline = Pipeline(_runtime(_settings()))
-    ok = pipeline.retry(args.job_id)
-    print("requeued" if ok else "not retried: the job is unknown, not failed, or its request is invalid")
-    return 0 if ok else 1
+    result = retry_job(Pipeline(_runtime(_settings())), args.job_id)
+    if result.ok:
+        print(result.message)
+        return 0
+    print(f"error: not retried: {result.message}", file=sys.stderr)
+    return EXIT_NOT_FOUND if result.outcome == "not_found" else 1
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    """Cancel jobs not yet sent to KIE (or a whole batch); says which were too late."""
-    from .batches import cancel_batch
+    """Cancel jobs not yet sent to KIE (or a whole batch); says which were too late and why.
+    Exit 0 when every job was cancelled, 1 when any was refused, 3 when any is unknown."""
+    from .actions import cancel_job
+    from .batches import cancel_batch, get_batch
     from .pipeline import Pipeline
 
     rt = _runtime(_settings())
     pipeline = Pipeline(rt)
     if args.batch:
+        if get_batch(rt, args.batch).get("state") == "not_found":
+            print(f"error: no batch {args.batch}", file=sys.stderr)
+            return EXIT_NOT_FOUND
         n = cancel_batch(rt, args.batch, pipeline.cancel_many)
         print(f"batch {args.batch}: {n} job(s) cancelled; jobs already sent to KIE keep going")
         return 0
@@ -228,13 +241,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         return 2
     worst = 0
     for job_id in args.job_ids:
-        outcome = pipeline.cancel(job_id)
-        text = {"cancelled": "cancelled",
-                "too_late": "too late: already sent to KIE, which has no cancel call; it keeps going",
-                "finished": "not cancelled: already finished",
-                "not_found": "not found"}[outcome]
-        print(f"{job_id}  {text}")
-        worst = max(worst, 0 if outcome == "cancelled" else 1)
+        result = cancel_job(pipeline, job_id)
+        print(result.message if result.ok else f"not cancelled: {result.message}")
+        worst = max(worst, 0 if result.ok else EXIT_NOT_FOUND if result.outcome == "not_found" else 1)
     return worst
 
 

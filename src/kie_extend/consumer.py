@@ -23,6 +23,7 @@ from typing import Any
 from celery.worker.consumer import Consumer
 
 from .infra import as_connection_error, is_infra_error
+from .intake import EXTEND_KWARGS
 
 log = logging.getLogger("kie_extend.consumer")
 
@@ -43,7 +44,7 @@ def did_you_mean(name: str, known: tuple[str, ...] = (PUBLIC_TASK,)) -> str:
 def unknown_task_reason(name: Any) -> str:
     """The error message of a job whose message named a task we do not run."""
     return (f"unknown task name {str(name)[:100]!r}{did_you_mean(str(name))}: this queue runs "
-            f"`{PUBLIC_TASK}` with keyword arguments request, idempotency_key, metadata")
+            f"`{PUBLIC_TASK}` with keyword arguments {', '.join(EXTEND_KWARGS)}")
 
 
 class KieConsumer(Consumer):

@@ -1,7 +1,7 @@
 """Who may call the API and use the dashboard.
 
 Tokens come from ``KIE_API_TOKENS`` (comma list). A token prefixed ``read:`` is read-only: it may
-read everything and change nothing. Presented tokens are compared with every configured one in
+read everything and change nothing; clients may send it with or without the prefix. Presented tokens are compared with every configured one in
 constant time (``hmac.compare_digest``), and a token never reaches a log line or an error.
 
 The dashboard logs in with a token and keeps a signed, HttpOnly, SameSite=Strict session cookie
@@ -76,13 +76,20 @@ class Auth:
 
     def check(self, presented: str | None) -> Principal | None:
         """The principal for a presented token, or None. Every configured token is compared, in
-        constant time, whatever matches first."""
+        constant time, whatever matches first.
+
+        A read-only token may be presented with or without its ``read:`` prefix (as it is written in
+        ``KIE_API_TOKENS``, or bare); either way it stays read-only. A write token with ``read:`` in
+        front matches nothing: the prefix never names a token it was not configured on."""
         if presented is None:
             return None
         found: Principal | None = None
         given = presented.encode()
         for token, read_only in self.tokens:
-            if hmac.compare_digest(given, token.encode()) and found is None:
+            as_written = (READ_ONLY_PREFIX + token) if read_only else token
+            bare = hmac.compare_digest(given, token.encode())
+            written = hmac.compare_digest(given, as_written.encode())
+            if (bare or written) and found is None:
                 found = Principal(fingerprint(token), read_only)
         return found
 
