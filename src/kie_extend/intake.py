@@ -144,6 +144,8 @@ def check_message(request: Any, *, settings: Settings, idempotency_key: Any = No
         else:
             problems.append({"field": "idempotency_key",
                              "message": f"must be a string of 1-{MAX_IDEMPOTENCY_KEY} characters"})
+    if request is None and POSITIONAL_FIELD in (extra_kwargs or {}):
+        return out  # the request came positionally: that is the one problem to report
     size = _json_size(request)
     if size is None:
         problems.append({"field": "request", "message": "must be JSON-serialisable"})
