@@ -265,3 +265,25 @@ def test_a_real_worker_names_every_kwarg_for_positional_args_unknown_kwargs_and_
                                 f"unknown keyword argument; did you mean idempotency_key? accepted: {everything}"}]
     misnamed = recs["misnamed"]["error"]["message"]
     assert "did you mean `kie_extend.extend`?" in misnamed and f"keyword arguments {everything}" in misnamed
+
+
+def test_a_refused_bearer_token_is_told_why_without_echoing_it(harness: Callable[..., Harness]) -> None:
+    h = harness()
+    served = Served(create_app(h.rt.settings, runtime=h.rt, dispatcher=h.dispatch))
+    try:
+        def reason(headers: dict[str, str]) -> str:
+            r = requests.get(f"{served.url}/v1/system", headers=headers, timeout=10)
+            assert r.status_code == 401
+            return str(r.json()["error"]["message"])
+
+        assert "header is required" in reason({})
+        assert "must be 'Bearer <token>'" in reason({"Authorization": f"Token {WRITE}x"})
+        wrong = reason({"Authorization": f"Bearer {WRITE}x"})
+        assert "not one of KIE_API_TOKENS" in wrong and WRITE not in wrong
+        r = requests.post(f"{served.url}/v1/jobs", headers={"Authorization": f"Bearer {WRITE}"}, timeout=10,
+                          json={"request": sample_request(h.sim, continueAt=-1)})
+        assert r.status_code == 422
+        assert r.json()["error"]["message"] == ("the request failed validation (1 problem(s)): continueAt: "
+                                                "must be greater than 0 seconds, got -1")
+    finally:
+        served.stop()

@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import actions, api
 from ..actions import ActionResult
 from ..batches import get_batch, list_batches
-from ..errors import JobExistsError, ValidationError
+from ..errors import JobExistsError, ValidationError, describe_problems
 from ..intake import JOB_ID_PATTERN
 from ..listing import DEFAULT_LIMIT, MAX_LIMIT, list_jobs
 from ..metrics import overview
@@ -71,7 +71,8 @@ def fail(status: int, kind: str, message: str, errors: list[dict[str, str]] | No
 
 def invalid(errors: list[dict[str, str]]) -> HTTPException:
     """422 listing every bad field."""
-    return fail(422, "invalid_request", f"the request failed validation ({len(errors)} problem(s))", errors)
+    return fail(422, "invalid_request", f"the request failed validation ({len(errors)} problem(s)): "
+                f"{describe_problems(errors)}", errors)
 
 
 async def _blocking(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -55,6 +55,17 @@ def parse_tokens(raw: str | None) -> list[tuple[str, bool]]:
     return [(t, ro) for t, ro in out if t]
 
 
+def unauthorized_reason(header: str) -> str:
+    """Why an ``Authorization`` header opens nothing, without echoing any part of it: missing, not
+    the Bearer scheme, or a token that is not configured."""
+    scheme, _, value = header.partition(" ")
+    if not header.strip():
+        return "an Authorization: Bearer <token> header is required (a token from KIE_API_TOKENS)"
+    if scheme.lower() != "bearer" or not value.strip():
+        return "the Authorization header must be 'Bearer <token>' (a token from KIE_API_TOKENS)"
+    return "this bearer token is not one of KIE_API_TOKENS (a read-only token may be sent with or without 'read:')"
+
+
 def fingerprint(token: str) -> str:
     """A short, non-secret name for a token (the first 8 hex of its SHA-256)."""
     return hashlib.sha256(token.encode()).hexdigest()[:8]
@@ -106,8 +117,7 @@ class Auth:
         # CSRF token (the dashboard calls the domain code itself).
         principal = self.check(value.strip()) if scheme.lower() == "bearer" else None
         if principal is None:
-            raise HTTPException(401, detail={"kind": "unauthorized",
-                                             "message": "a valid Authorization: Bearer token is required"},
+            raise HTTPException(401, detail={"kind": "unauthorized", "message": unauthorized_reason(header)},
                                 headers={"WWW-Authenticate": "Bearer"})
         return principal
 
