@@ -32,8 +32,8 @@ def _clean_env() -> dict[str, str]:
 class DevRun:
     """``kie-extend dev`` started in ``cwd`` with its output read line by line."""
 
-    def __init__(self, cwd: Path, *flags: str) -> None:
-        self.proc = subprocess.Popen([str(BIN / "kie-extend"), "dev", *flags], cwd=cwd, env=_clean_env(),
+    def __init__(self, cwd: Path, *flags: str, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen([str(BIN / "kie-extend"), "dev", *flags], cwd=cwd, env=env or _clean_env(),
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         self.lines: queue.Queue[str] = queue.Queue()
@@ -119,19 +119,29 @@ def test_dev_runs_the_stack_a_sourced_env_enqueues_and_ctrl_c_stops_everything(t
     _assert_all_gone(groups, url)
 
 
-def test_dev_stops_every_child_on_sigterm(tmp_path: Path) -> None:
-    dev = DevRun(tmp_path, "--port", "0", "--sim-port", "0", "--redis-port", "0", "--workers", "2")
+def test_dev_on_a_given_redis_uses_its_own_namespace_and_stops_every_child_on_sigterm(tmp_path: Path,
+                                                                                      valkey: object) -> None:
+    import redis
+
+    url_of_redis = valkey.url  # type: ignore[attr-defined]
+    env = {**_clean_env(), "KIE_REDIS_URL": url_of_redis}
+    dev = DevRun(tmp_path, "--port", "0", "--sim-port", "0", "--workers", "2", env=env)
     try:
         url = dev.read_until(r"dashboard\s+(http://127\.0\.0\.1:\d+)/", 90).group(1)
         dev.read_until(r"Press Ctrl-C", 30)
-        assert "2 x concurrency 2, 1 beat" in "".join(dev.out)
+        printed = "".join(dev.out)
+        assert "2 x concurrency 2, 1 beat" in printed and "keys and queue 'kie_extend_dev'" in printed
+        written = (tmp_path / ".dev" / ".env").read_text()
+        for line in (f"KIE_REDIS_URL='{url_of_redis}'", "KIE_KEY_PREFIX='kie_extend_dev'", "KIE_QUEUE='kie_extend_dev'"):
+            assert line in written, written
         groups = dev.groups()
-        assert len(groups) >= 6, "Valkey, simulator, serve, two workers and beat"
+        assert len(groups) >= 5, "simulator, serve, two workers and beat (the Redis is not ours)"
         dev.proc.send_signal(signal.SIGTERM)
         assert dev.proc.wait(60) == 0, dev.rest()
     finally:
         dev.kill()
     _assert_all_gone(groups, url)
+    assert redis.Redis.from_url(url_of_redis).ping(), "the given Redis is left running"
 
 
 def test_dev_refuses_a_taken_port_naming_the_flag(tmp_path: Path) -> None:

@@ -190,7 +190,7 @@ async def read_job(job_id: str, request: Request, principal: Principal = Depends
     rec = await _blocking(api.get_job, job_id, settings=request.app.state.settings)
     if rec["state"] == JobState.NOT_FOUND.value:
         return JSONResponse({"job_id": job_id, "state": "not_found",
-                             "error": {"kind": "not_found", "message": f"no job {job_id}"}}, status_code=404)
+                             "error": {"kind": "not_found", "message": actions.not_found(job_id)}}, status_code=404)
     return JSONResponse(rec)
 
 
