@@ -103,6 +103,19 @@ def test_dev_runs_the_stack_a_sourced_env_enqueues_and_ctrl_c_stops_everything(t
         assert done.returncode == 0, done.stdout + done.stderr
         job_id = done.stdout.splitlines()[0].strip()
         assert "succeeded" in done.stdout.splitlines()[-1], done.stdout
+        # Python's enqueue_extend in a shell that sourced the same file.
+        (tmp_path / "enqueue.py").write_text(
+            "import os\nfrom kie_extend import enqueue_extend\n"
+            "print(enqueue_extend({'uploadUrl': os.environ['KIE_BASE_URL'] + '/files/source/30s.mp3',\n"
+            "                      'defaultParamFlag': False, 'model': 'V5', 'prompt': 'calm piano', 'continueAt': 8}))\n")
+        # (a job still in the broker answers not_found: wait until a worker has recorded it)
+        py = (f'set -e; set -a; . .dev/.env; set +a\nid=$({sys.executable} enqueue.py)\n'
+              'for i in $(seq 100); do kie-extend status "$id" >/dev/null && break; sleep 0.2; done\n'
+              'kie-extend status "$id" --wait\n')
+        by_python = subprocess.run(["bash", "-c", py], cwd=tmp_path, env=_clean_env(), capture_output=True,
+                                   text=True, timeout=120)
+        assert by_python.returncode == 0 and "succeeded" in by_python.stdout.splitlines()[-1], \
+            by_python.stdout + by_python.stderr
         # The same job through the printed API URL and token, and through `kie-extend status`.
         got = requests.get(f"{url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {token}"}, timeout=5)
         assert got.status_code == 200 and got.json()["state"] == "succeeded", got.text
