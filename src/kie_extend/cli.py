@@ -169,8 +169,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.wait:
         return _wait(settings, args.job_id, args.json)
     rec = get_job(args.job_id, settings=settings)
-    print(json.dumps(rec, indent=2) if args.json else _line(rec))
-    return 0 if rec["state"] != JobState.NOT_FOUND.value else EXIT_NOT_FOUND
+    missing = rec["state"] == JobState.NOT_FOUND.value
+    print(json.dumps(rec, indent=2) if args.json else _line(rec) + (
+        f"  (no record: an unknown id, a record expired after KIE_RETENTION, or a message no worker on "
+        f"queue {settings.queue!r} has taken yet)" if missing else ""))
+    return EXIT_NOT_FOUND if missing else 0
 
 
 def _memory_line(mem: dict[str, Any]) -> str:
