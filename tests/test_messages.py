@@ -287,5 +287,10 @@ def test_a_refused_bearer_token_is_told_why_without_echoing_it(harness: Callable
         assert r.status_code == 422
         assert r.json()["error"]["message"] == ("the request failed validation (1 problem(s)): continueAt: "
                                                 "must be greater than 0 seconds, got -1")
+        r = requests.post(f"{served.url}/v1/jobs", headers={"Authorization": f"Bearer {WRITE}"}, timeout=10,
+                          json={"request": sample_request(h.sim), "idempotencyKey": "k"})
+        assert r.status_code == 422 and r.json()["error"]["errors"] == [{"field": "idempotencyKey", "message": (
+            "unknown field; did you mean idempotency_key? accepted: request, idempotency_key, metadata, tenant, "
+            "priority, batch_id, not_after, job_id")}]
     finally:
         served.stop()

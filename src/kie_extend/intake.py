@@ -41,18 +41,24 @@ def kwargs_hint() -> str:
     return ", ".join(f"{name}=…" for name in EXTEND_KWARGS)
 
 
-def unknown_kwarg_message(name: str) -> str:
-    """The problem text for a kwarg ``kie_extend.extend`` does not take, with a near miss named."""
+def unknown_name_message(name: str, accepted: tuple[str, ...], what: str = "keyword argument") -> str:
+    """``unknown field; did you mean batch_id? accepted: …``: the problem text for a name that is
+    not one of ``accepted``, with a near miss (case, ``_`` and ``-`` ignored, or a small typo)."""
     import difflib
 
     def norm(text: str) -> str:
         return text.lower().replace("_", "").replace("-", "")
 
-    by_norm = {norm(k): k for k in EXTEND_KWARGS}
+    by_norm = {norm(k): k for k in accepted}
     close = by_norm.get(norm(str(name))) or next(iter(difflib.get_close_matches(
-        str(name), EXTEND_KWARGS, n=1, cutoff=0.7)), None)
+        str(name), accepted, n=1, cutoff=0.7)), None)
     hint = f"did you mean {close}? " if close else ""
-    return f"unknown keyword argument; {hint}accepted: {', '.join(EXTEND_KWARGS)}"
+    return f"unknown {what}; {hint}accepted: {', '.join(accepted)}"
+
+
+def unknown_kwarg_message(name: str) -> str:
+    """The problem text for a kwarg ``kie_extend.extend`` does not take, with a near miss named."""
+    return unknown_name_message(name, EXTEND_KWARGS)
 
 
 def parse_not_after(value: Any) -> float:

@@ -22,7 +22,7 @@ from .. import actions, api
 from ..actions import ActionResult
 from ..batches import get_batch, list_batches
 from ..errors import JobExistsError, ValidationError, describe_problems
-from ..intake import JOB_ID_PATTERN
+from ..intake import EXTEND_KWARGS, EXTEND_OPTIONS, JOB_ID_PATTERN, unknown_name_message
 from ..listing import DEFAULT_LIMIT, MAX_LIMIT, list_jobs
 from ..metrics import overview
 from ..states import JobState
@@ -34,9 +34,9 @@ from .schemas import (MAX_JOBS_PER_REQUEST, Batch, BatchCancelled, BatchList, Ba
 #: Largest request body ``POST /v1/jobs`` reads, in bytes.
 MAX_BODY_BYTES = 16 * 1024 * 1024
 #: Fields of one job object (``audio_file`` is the Python API's only: a server-side path is no input).
-ITEM_FIELDS = ("request", "idempotency_key", "metadata", "tenant", "priority", "batch_id", "not_after", "job_id")
+ITEM_FIELDS = (*EXTEND_KWARGS, "job_id")
 #: Fields of ``{"jobs": [...]}`` besides ``jobs``: defaults for every job.
-BATCH_FIELDS = ("tenant", "priority", "batch_id", "not_after")
+BATCH_FIELDS = EXTEND_OPTIONS
 
 T = TypeVar("T")
 
@@ -130,7 +130,8 @@ async def submit_jobs(request: Request, principal: Principal = Depends(writer)) 
 
 
 def _unknown(obj: dict[str, Any], known: tuple[str, ...], prefix: str = "") -> list[dict[str, str]]:
-    return [{"field": f"{prefix}{k}", "message": "unknown field"} for k in sorted(set(obj) - set(known))]
+    return [{"field": f"{prefix}{k}", "message": unknown_name_message(k, known, "field")}
+            for k in sorted(set(obj) - set(known))]
 
 
 def _bad_job_id(job_id: Any, prefix: str = "") -> list[dict[str, str]]:
