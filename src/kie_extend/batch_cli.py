@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Literal, TextIO
 
 from .errors import ConfigError, KieExtendError, ValidationError
-from .intake import JOB_ID_PATTERN, Intake, check_options
+from .intake import JOB_ID_PATTERN, Intake, check_options, near_miss
 from .models import ExtendRequest
 from .states import TERMINAL
 
@@ -233,7 +233,9 @@ def parse_csv(text: str) -> tuple[list[Line], list[str]]:
         if name in OWN_KEYS:
             head.problems.append({"field": name, "message": _OWN_MESSAGE})
         elif name and name not in FIELD_KINDS and name not in LINE_KEYS:
-            warnings.append(f"column {name!r} is not a field of the KIE request; it is sent as text")
+            close = near_miss(name, [*FIELD_KINDS, *LINE_KEYS])
+            warnings.append(f"column {name!r} is not a field of the KIE request"
+                            + (f" (did you mean {close}?)" if close else "") + "; it is sent as text")
     if head.problems:
         out.append(head)
     previous = header_line

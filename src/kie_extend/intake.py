@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,17 +42,24 @@ def kwargs_hint() -> str:
     return ", ".join(f"{name}=…" for name in EXTEND_KWARGS)
 
 
-def unknown_name_message(name: str, accepted: tuple[str, ...], what: str = "keyword argument") -> str:
-    """``unknown field; did you mean batch_id? accepted: …``: the problem text for a name that is
-    not one of ``accepted``, with a near miss (case, ``_`` and ``-`` ignored, or a small typo)."""
+def near_miss(name: str, accepted: Iterable[str]) -> str | None:
+    """The one of ``accepted`` that ``name`` probably meant (case, ``_`` and ``-`` ignored, or a
+    small typo), or None."""
     import difflib
 
     def norm(text: str) -> str:
         return text.lower().replace("_", "").replace("-", "")
 
+    accepted = list(accepted)
     by_norm = {norm(k): k for k in accepted}
-    close = by_norm.get(norm(str(name))) or next(iter(difflib.get_close_matches(
-        str(name), accepted, n=1, cutoff=0.7)), None)
+    return by_norm.get(norm(str(name))) or next(iter(difflib.get_close_matches(str(name), accepted, n=1,
+                                                                                cutoff=0.7)), None)
+
+
+def unknown_name_message(name: str, accepted: tuple[str, ...], what: str = "keyword argument") -> str:
+    """``unknown field; did you mean batch_id? accepted: …``: the problem text for a name that is
+    not one of ``accepted``, with a near miss (see :func:`near_miss`)."""
+    close = near_miss(name, accepted)
     hint = f"did you mean {close}? " if close else ""
     return f"unknown {what}; {hint}accepted: {', '.join(accepted)}"
 
