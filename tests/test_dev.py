@@ -157,6 +157,24 @@ def test_dev_on_a_given_redis_uses_its_own_namespace_and_stops_every_child_on_si
     assert redis.Redis.from_url(url_of_redis).ping(), "the given Redis is left running"
 
 
+def test_a_child_that_dies_stops_the_rest_and_dev_exits_1_naming_its_log(tmp_path: Path) -> None:
+    dev = DevRun(tmp_path, "--port", "0", "--sim-port", "0", "--redis-port", "0")
+    try:
+        url = dev.read_until(r"dashboard\s+(http://127\.0\.0\.1:\d+)/", 90).group(1)
+        dev.read_until(r"Press Ctrl-C", 30)
+        groups = dev.groups()
+        sim = [p for p in children_of(dev.proc.pid)
+               if b"kie_extend.simulator" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(sim) == 1
+        os.kill(sim[0], signal.SIGKILL)
+        assert dev.proc.wait(60) == 1, dev.rest()
+    finally:
+        dev.kill()
+    out = dev.rest()
+    assert "error: simulator exited (code -9); see " in out and "simulator.log. Stopping everything." in out, out
+    _assert_all_gone(groups, url)
+
+
 def test_dev_refuses_a_taken_port_naming_the_flag(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
