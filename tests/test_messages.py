@@ -223,6 +223,11 @@ def test_a_read_token_with_its_prefix_reads_and_cannot_write(harness: Callable[.
             assert requests.post(f"{served.url}/v1/pause", headers=auth, timeout=10).status_code == 403
         bad = requests.get(f"{served.url}/v1/system", headers={"Authorization": f"Bearer read:{WRITE}"}, timeout=10)
         assert bad.status_code == 401
+        # The dashboard's login takes the same forms.
+        for token, status in ((f"read:{READ}", 303), (READ, 303), (f"read:{WRITE}", 401)):
+            r = requests.post(f"{served.url}/login", data={"token": token, "next": "/"},
+                              headers={"Origin": served.url}, allow_redirects=False, timeout=10)
+            assert r.status_code == status, (token[:5], r.status_code)
     finally:
         served.stop()
 
