@@ -81,6 +81,9 @@ def _assert_all_gone(groups: set[int], url: str) -> None:
 
 
 def test_dev_runs_the_stack_a_sourced_env_enqueues_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    # A project .env in the working directory is read by every process; the queue and prefix dev
+    # pins (and writes to .dev/.env) must win over it, or workers and producers would drift apart.
+    (tmp_path / ".env").write_text("KIE_QUEUE=elsewhere\nKIE_KEY_PREFIX=elsewhere\n")
     dev = DevRun(tmp_path, "--port", "0", "--sim-port", "0", "--redis-port", "0", "--sim-time-factor", "0.05")
     try:
         dash = dev.read_until(r"dashboard\s+(http://127\.0\.0\.1:\d+)/  token: (\S+)", 90)

@@ -112,7 +112,10 @@ def run_dev(*, workdir: str | Path = ".dev", port: int = DEFAULT_SERVE_PORT, sim
         workdir.mkdir(parents=True, exist_ok=True)
         print("kie-extend dev: starting " + (f"on the Redis in KIE_REDIS_URL (keys and queue {EXTERNAL_NAMESPACE!r})"
                                              if external else "an embedded Valkey"), file=out, flush=True)
-        namespace = {"KIE_KEY_PREFIX": EXTERNAL_NAMESPACE, "KIE_QUEUE": EXTERNAL_NAMESPACE} if external else {}
+        # Pinned (and written to the .env) so a .env in the working directory, which every process
+        # also reads, cannot send workers and producers to different queues.
+        ns = EXTERNAL_NAMESPACE if external else "kie_extend"
+        namespace = {"KIE_KEY_PREFIX": ns, "KIE_QUEUE": ns}
         stack = DevStack(workdir, redis_url=external, env=namespace, valkey_port=redis_port or None)
         sim = stack.start_simulator("--time-factor", str(sim_time_factor), port=sim_port or None)
         token = secrets.token_urlsafe(18)
