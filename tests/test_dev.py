@@ -71,11 +71,12 @@ class DevRun:
             self.proc.wait(10)
 
 
-def _assert_all_gone(groups: set[int], url: str) -> None:
+def _assert_all_gone(groups: set[int], url: str, cwd: Path) -> None:
     deadline = time.monotonic() + 10
-    while alive_in_groups(groups) and time.monotonic() < deadline:
+    while (alive_in_groups(groups) or _running_in(cwd)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not alive_in_groups(groups), "a child of `kie-extend dev` is still running"
+    assert not _running_in(cwd), "a process started by `kie-extend dev` is still running"
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/healthz", timeout=2)
 
@@ -132,7 +133,7 @@ def test_dev_runs_the_stack_a_sourced_env_enqueues_and_ctrl_c_stops_everything(t
     finally:
         dev.kill()
     assert "stopped" in dev.rest()
-    _assert_all_gone(groups, url)
+    _assert_all_gone(groups, url, tmp_path)
 
 
 def test_dev_on_a_given_redis_uses_its_own_namespace_and_stops_every_child_on_sigterm(tmp_path: Path,
@@ -156,7 +157,7 @@ def test_dev_on_a_given_redis_uses_its_own_namespace_and_stops_every_child_on_si
         assert dev.proc.wait(60) == 0, dev.rest()
     finally:
         dev.kill()
-    _assert_all_gone(groups, url)
+    _assert_all_gone(groups, url, tmp_path)
     assert redis.Redis.from_url(url_of_redis).ping(), "the given Redis is left running"
 
 
@@ -175,7 +176,37 @@ def test_a_child_that_dies_stops_the_rest_and_dev_exits_1_naming_its_log(tmp_pat
         dev.kill()
     out = dev.rest()
     assert "error: simulator exited (code -9); see " in out and "simulator.log. Stopping everything." in out, out
-    _assert_all_gone(groups, url)
+    _assert_all_gone(groups, url, tmp_path)
+
+
+def _running_in(cwd: Path) -> list[int]:
+    """Live processes whose working directory is ``cwd`` (every child of dev inherits it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if os.readlink(entry / "cwd") == str(cwd) and (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_ctrl_c_while_starting_still_stops_everything(tmp_path: Path) -> None:
+    dev = DevRun(tmp_path, "--port", "0", "--sim-port", "0", "--redis-port", "0")
+    try:
+        dev.read_until(r"kie-extend dev: starting", 30)
+        time.sleep(1.0)  # some children are up, some not yet
+        dev.proc.send_signal(signal.SIGINT)
+        assert dev.proc.wait(90) == 0, dev.rest()
+    finally:
+        dev.kill()
+    assert "stopping every process" in dev.rest()
+    deadline = time.monotonic() + 10
+    while _running_in(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _running_in(tmp_path), "a child started before Ctrl-C is still running"
 
 
 def test_dev_refuses_a_taken_port_naming_the_flag(tmp_path: Path) -> None:
