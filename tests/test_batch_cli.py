@@ -97,7 +97,7 @@ def test_csv_header_problems_and_warnings() -> None:
     head, row = lines
     assert head.header and head.line == 1
     assert {p["field"] for p in head.problems} == {"job_id", "model"}
-    assert warnings == ["column 'contineAt' is not a field of the KIE request; it is sent as text"]
+    assert warnings == ["column 'contineAt' is not a field of the KIE request (did you mean continueAt?); it is sent as text"]
     assert row.line == 2 and row.problems[0]["field"] == "row" and "6 cells" in row.problems[0]["message"]
     with pytest.raises(bc.BatchFileError, match="no header"):
         bc.parse_csv("\n  \n")

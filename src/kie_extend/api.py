@@ -14,7 +14,7 @@ from .config import Settings, load_settings
 from .endpoints import configure_broker
 from .errors import ConfigError, JobExistsError, ValidationError
 from .events import status_record
-from .intake import JOB_ID_PATTERN, check_message, require
+from .intake import EXTEND_OPTIONS, JOB_ID_PATTERN, check_message, require
 from .probe import AUDIO_FILE_FIELD, AudioInfo, probe_audio
 from .runtime import Runtime
 from .states import JobState
@@ -28,8 +28,8 @@ PENDING_UPLOAD_URL = "https://upload.pending.invalid/audio"
 
 AudioPath = str | os.PathLike[str]
 
-#: The optional sharing kwargs of the extend task (README "Sharing one account"), passed through as given.
-OPTIONS = ("tenant", "priority", "batch_id", "not_after")
+#: The optional extend kwargs (README "Sharing one account"), passed through as given.
+OPTIONS = EXTEND_OPTIONS
 
 _apps: dict[str, Celery] = {}
 _runtimes: dict[str, Runtime] = {}
@@ -66,11 +66,11 @@ def check_extend(request: Any, *, idempotency_key: str | None = None, metadata: 
 
     With ``audio_duration`` (seconds of the source audio, when known) ``continueAt`` must be below it
     and the source at most 8 minutes long. ``options``: ``tenant``, ``priority``, ``batch_id``,
-    ``not_after`` (README "Sharing one account").
+    ``not_after`` (README "Sharing one account"; a time already past is refused: such a job could never run).
     """
     settings = _settings(settings)
     intake = require(check_message(request, settings=settings, idempotency_key=idempotency_key,
-                                   metadata=metadata, audio_duration=audio_duration,
+                                   metadata=metadata, audio_duration=audio_duration, refuse_past=True,
                                    **{k: options.get(k) for k in OPTIONS}))
     if audio_duration is not None:
         # The worker re-checks without the duration, so warnings about it (V4_5ALL above 60 s)

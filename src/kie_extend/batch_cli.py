@@ -41,7 +41,7 @@ from typing import Any, Literal, TextIO
 from .cli_errors import (EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_OK, EXIT_PROVIDER,
                          EXIT_TIMEOUT, EXIT_USAGE, InputError)
 from .errors import ConfigError, ValidationError
-from .intake import JOB_ID_PATTERN, Intake, check_options
+from .intake import JOB_ID_PATTERN, Intake, check_options, near_miss
 from .models import ExtendRequest
 from .states import TERMINAL
 
@@ -235,7 +235,9 @@ def parse_csv(text: str) -> tuple[list[Line], list[str]]:
         if name in OWN_KEYS:
             head.problems.append({"field": name, "message": _OWN_MESSAGE})
         elif name and name not in FIELD_KINDS and name not in LINE_KEYS:
-            warnings.append(f"column {name!r} is not a field of the KIE request; it is sent as text")
+            close = near_miss(name, [*FIELD_KINDS, *LINE_KEYS])
+            warnings.append(f"column {name!r} is not a field of the KIE request"
+                            + (f" (did you mean {close}?)" if close else "") + "; it is sent as text")
     if head.problems:
         out.append(head)
     previous = header_line
@@ -341,7 +343,7 @@ def check_item(item: dict[str, Any], settings: Any) -> list[dict[str, str]]:
         except ValidationError as exc:
             problems += exc.errors
         out = Intake()
-        check_options(out, **options)
+        check_options(out, **options, refuse_past=True)
         return problems + out.problems
     except ValidationError as exc:
         return list(exc.errors)
@@ -367,7 +369,7 @@ def check_defaults(settings: Any, batch_id: str, tenant: str | None, priority: i
                    not_after: str | None) -> list[Problem]:
     """Problems with the command line's batch id and defaults (reported as ``file: --flag: …``)."""
     out = Intake(tenant=settings.default_tenant)
-    check_options(out, tenant=tenant, priority=priority, batch_id=batch_id, not_after=not_after)
+    check_options(out, tenant=tenant, priority=priority, batch_id=batch_id, not_after=not_after, refuse_past=True)
     flag = {"batch_id": "--batch-id", "tenant": "--tenant", "priority": "--priority", "not_after": "--not-after"}
     return [Problem(None, flag.get(p["field"], p["field"]), p["message"]) for p in out.problems]
 

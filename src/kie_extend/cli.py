@@ -12,7 +12,7 @@ from typing import Any
 from .cli_errors import EXIT_CONFIG, EXIT_PROVIDER, EXIT_USAGE, InputError, debug_requested
 from .cli_errors import run as run_command
 from .config import Settings, load_settings
-from .errors import ConfigError, ValidationError
+from .errors import ConfigError, ValidationError, describe_error
 from .states import TERMINAL, JobState
 
 _TERMINAL = {s.value for s in TERMINAL}
@@ -119,7 +119,7 @@ def _line(rec: dict[str, Any]) -> str:
     if rec.get("tracks"):
         bits.append(f"tracks={len(rec['tracks'])}")
     if rec.get("error"):
-        bits.append(f"error={rec['error'].get('kind')}: {rec['error'].get('message')}")
+        bits.append(f"error={describe_error(rec['error'])}")
     if rec.get("duplicate_of"):
         bits.append(f"duplicate_of={rec['duplicate_of']}")
     return "  ".join(bits)
@@ -197,8 +197,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.wait:
         return _wait(settings, args.job_id, args.json)
     rec = get_job(args.job_id, settings=settings)
-    print(json.dumps(rec, indent=2) if args.json else _line(rec))
-    return 0 if rec["state"] != JobState.NOT_FOUND.value else 1
+    missing = rec["state"] == JobState.NOT_FOUND.value
+    print(json.dumps(rec, indent=2) if args.json else _line(rec) + (
+        f"  (no record: an unknown id, a record expired after KIE_RETENTION, or a message no worker on "
+        f"queue {settings.queue!r} has taken yet)" if missing else ""))
+    return EXIT_NOT_FOUND if missing else 0
 
 
 def _memory_line(mem: dict[str, Any]) -> str:
@@ -260,24 +263,37 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Exit code of a command about one job (status, retry, cancel) when no such job exists.
+EXIT_NOT_FOUND = 3
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
-    """Resubmit a failed job on purpose (it may cost credits again)."""
+    """Resubmit a failed job on purpose (it may cost credits again). Exit 0 requeued, 1 refused
+    (the reason is printed, as the HTTP API gives it), 3 unknown job."""
+    from .actions import retry_job
     from .pipeline import Pipeline
 
-    pipeline = Pipeline(_runtime(_settings()))
-    ok = pipeline.retry(args.job_id)
-    print("requeued" if ok else "not retried: the job is unknown, not failed, or its request is invalid")
-    return 0 if ok else 1
+    result = retry_job(Pipeline(_runtime(_settings())), args.job_id)
+    if result.ok:
+        print(result.message)
+        return 0
+    print(f"error: not retried: {result.message}", file=sys.stderr)
+    return EXIT_NOT_FOUND if result.outcome == "not_found" else 1
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    """Cancel jobs not yet sent to KIE (or a whole batch); says which were too late."""
-    from .batches import cancel_batch
+    """Cancel jobs not yet sent to KIE (or a whole batch); says which were too late and why.
+    Exit 0 when every job was cancelled, 1 when any was refused, 3 when any is unknown."""
+    from .actions import cancel_job
+    from .batches import cancel_batch, get_batch
     from .pipeline import Pipeline
 
     rt = _runtime(_settings())
     pipeline = Pipeline(rt)
     if args.batch:
+        if get_batch(rt, args.batch).get("state") == "not_found":
+            print(f"error: no batch {args.batch}", file=sys.stderr)
+            return EXIT_NOT_FOUND
         n = cancel_batch(rt, args.batch, pipeline.cancel_many)
         print(f"batch {args.batch}: {n} job(s) cancelled; jobs already sent to KIE keep going")
         return 0
@@ -286,13 +302,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         return 2
     worst = 0
     for job_id in args.job_ids:
-        outcome = pipeline.cancel(job_id)
-        text = {"cancelled": "cancelled",
-                "too_late": "too late: already sent to KIE, which has no cancel call; it keeps going",
-                "finished": "not cancelled: already finished",
-                "not_found": "not found"}[outcome]
-        print(f"{job_id}  {text}")
-        worst = max(worst, 0 if outcome == "cancelled" else 1)
+        result = cancel_job(pipeline, job_id)
+        print(result.message if result.ok else f"not cancelled: {result.message}")
+        worst = max(worst, 0 if result.ok else EXIT_NOT_FOUND if result.outcome == "not_found" else 1)
     return worst
 
 
@@ -501,6 +513,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(jobs=args.jobs, time_factor=args.time_factor, hold=args.hold)
 
 
+def cmd_dev(args: argparse.Namespace) -> int:
+    """Run the whole system in the foreground for development until Ctrl-C (see kie_extend.dev)."""
+    from .dev import run_dev
+
+    return run_dev(workdir=args.dir, port=args.port, sim_port=args.sim_port, redis_port=args.redis_port,
+                   sim_time_factor=args.sim_time_factor, workers=args.workers, concurrency=args.concurrency)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser."""
     p = argparse.ArgumentParser(prog="kie-extend", description="Enqueue KIE Suno upload-and-extend jobs, follow "
@@ -612,6 +632,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after the results keep the system and its dashboard up until a line on stdin "
                          "(Enter) or Ctrl-C; default: only when stdin is a terminal")
     dm.set_defaults(func=cmd_demo)
+
+    from . import dev
+
+    dv = sub.add_parser("dev", help="run the whole system in the foreground for development (until Ctrl-C); "
+                        "writes a .env for other shells")
+    dv.add_argument("--dir", default=".dev", help="where the .env, the logs and the data go (default .dev)")
+    dv.add_argument("--port", type=int, default=dev.DEFAULT_SERVE_PORT,
+                    help=f"port of serve: dashboard, /v1, callbacks (default {dev.DEFAULT_SERVE_PORT}; 0 = any free)")
+    dv.add_argument("--sim-port", type=int, default=dev.DEFAULT_SIM_PORT,
+                    help=f"port of the simulator (default {dev.DEFAULT_SIM_PORT}; 0 = any free)")
+    dv.add_argument("--redis-port", type=int, default=dev.DEFAULT_REDIS_PORT,
+                    help=f"port of the embedded Valkey (default {dev.DEFAULT_REDIS_PORT}; 0 = any free; "
+                         "unused when KIE_REDIS_URL is set)")
+    dv.add_argument("--sim-time-factor", type=float, default=0.1,
+                    help="scale of the simulator's generation times (default 0.1: ~6.5 s a job)")
+    dv.add_argument("--workers", type=int, default=1, help="Celery worker processes (default 1)")
+    dv.add_argument("--concurrency", type=int, default=2, help="pool size of each worker (default 2)")
+    dv.set_defaults(func=cmd_dev)
     return p
 
 

@@ -33,6 +33,7 @@ from celery.worker.consumer import Consumer
 from celery.worker.consumer import consumer as celery_consumer
 
 from .infra import as_connection_error, is_infra_error
+from .intake import EXTEND_KWARGS
 
 log = logging.getLogger("kie_extend.consumer")
 
@@ -53,7 +54,7 @@ def did_you_mean(name: str, known: tuple[str, ...] = (PUBLIC_TASK,)) -> str:
 def unknown_task_reason(name: Any) -> str:
     """The error message of a job whose message named a task we do not run."""
     return (f"unknown task name {str(name)[:100]!r}{did_you_mean(str(name))}: this queue runs "
-            f"`{PUBLIC_TASK}` with keyword arguments request, idempotency_key, metadata")
+            f"`{PUBLIC_TASK}` with keyword arguments {', '.join(EXTEND_KWARGS)}")
 
 
 #: Celery's log templates for the messages this consumer records as failed jobs.

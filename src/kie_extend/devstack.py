@@ -91,12 +91,14 @@ class DevStack:
     """Starts and stops the parts of a local kie-extend system."""
 
     def __init__(self, workdir: str | Path, *, redis_url: str | None = None, appendonly: bool = False,
-                 env: dict[str, str] | None = None, key_prefix: str | None = None) -> None:
+                 env: dict[str, str] | None = None, key_prefix: str | None = None,
+                 valkey_port: int | None = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.valkey: EmbeddedValkey | None = None
         if redis_url is None:
-            self.valkey = EmbeddedValkey(str(self.workdir / "valkey"), appendonly=appendonly).start()
+            self.valkey = EmbeddedValkey(str(self.workdir / "valkey"), appendonly=appendonly,
+                                         port=valkey_port).start()
             redis_url = self.valkey.url
         self.redis_url = redis_url
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("KIE_")}
@@ -125,10 +127,11 @@ class DevStack:
             os.environ.clear()
             os.environ.update(saved)
 
-    def start_simulator(self, *flags: str, command: list[str] | None = None) -> str:
-        """Start the provider simulator (or ``command``, a compatible one); its URL becomes
-        ``KIE_BASE_URL`` for what starts later."""
-        port = free_port()
+    def start_simulator(self, *flags: str, command: list[str] | None = None, port: int | None = None) -> str:
+        """Start the provider simulator (or ``command``, a compatible one) on ``port`` (default: a
+        free one); its URL becomes ``KIE_BASE_URL`` and ``KIE_UPLOAD_BASE_URL`` (it hosts uploads
+        too) for what starts later."""
+        port = port or free_port()
         command = command or [sys.executable, "-m", "kie_extend.simulator"]
         child = self._spawn("simulator", [*command, "--port", str(port), *flags])
         self.sim_url = f"http://127.0.0.1:{port}"
@@ -148,15 +151,16 @@ class DevStack:
         self.env["KIE_CALLBACK_BASE_URL"] = url
         return url
 
-    def start_serve(self, tokens: str | Sequence[str] | None = None) -> str:
+    def start_serve(self, tokens: str | Sequence[str] | None = None, port: int | None = None) -> str:
         """Start ``kie-extend serve`` (callbacks, the /v1 API, the dashboard) on a free loopback
         port; its URL (``http://127.0.0.1:PORT``) becomes ``KIE_CALLBACK_BASE_URL``, as with
         :meth:`start_receiver`.
 
         ``tokens`` (one string, a comma list, or a sequence; ``read:`` marks a read-only one) is set
-        as ``KIE_API_TOKENS`` for this child only, so no other child or log sees it. Raises
-        RuntimeError when the server exits early or does not answer ``/healthz`` within 30 s."""
-        port = free_port()
+        as ``KIE_API_TOKENS`` for this child only, so no other child or log sees it. ``port``:
+        default a free one. Raises RuntimeError when the server exits early or does not answer
+        ``/healthz`` within 30 s."""
+        port = port or free_port()
         env: dict[str, str] = {}
         if tokens:
             env["KIE_API_TOKENS"] = tokens if isinstance(tokens, str) else ",".join(tokens)

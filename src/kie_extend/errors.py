@@ -29,6 +29,7 @@ and ints so Celery can rebuild them, and nothing in them ever carries the API ke
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 ErrorKind = Literal[
@@ -49,13 +50,39 @@ class ConfigError(KieExtendError):
     """A setting is missing or malformed; the message names the environment variable."""
 
 
+def describe_problems(errors: Iterable[Mapping[str, Any]], limit: int = 1000) -> str:
+    """``continueAt: must be > 0; title: required``: field problems on one line, at most ``limit``
+    characters (cut with ``…``). A problem filed under the field ``message`` (the whole message
+    was unusable) is given without its field name."""
+    parts = [str(e.get("message", "")) if e.get("field") == "message" else f"{e.get('field')}: {e.get('message')}"
+             for e in errors]
+    text = "; ".join(parts)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def describe_error(error: Mapping[str, Any] | None) -> str:
+    """A job record's ``error`` as one line that names the cause: ``invalid_request: continueAt:
+    must be > 0; title: required``, ``rejected (code 451): …``, ``cancelled (deadline): …``.
+    ``""`` for no error."""
+    if not error:
+        return ""
+    message = str(error.get("message") or "")
+    head = str(error.get("kind") or "error")
+    if error.get("reason"):
+        head += f" ({error['reason']})"
+    elif error.get("code") is not None and str(error["code"]) not in message:
+        head += f" (code {error['code']})"
+    problems = error.get("errors")
+    text = describe_problems(problems) if isinstance(problems, list) and problems else message
+    return f"{head}: {text}" if text else head
+
+
 class ValidationError(KieExtendError, ValueError):
     """A request breaks the provider's rules; ``errors`` lists every bad field."""
 
     def __init__(self, errors: list[dict[str, str]]) -> None:
         self.errors = list(errors)
-        lines = "; ".join(f"{e['field']}: {e['message']}" for e in self.errors)
-        super().__init__(f"invalid request ({len(self.errors)} problem(s)): {lines}")
+        super().__init__(f"invalid request ({len(self.errors)} problem(s)): {describe_problems(self.errors)}")
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.errors,))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,45 @@ MAX_BATCH_ID = 128
 #: Priorities: higher is admitted first.
 PRIORITIES = range(0, 10)
 DEFAULT_PRIORITY = 5
+#: The sharing options, optional kwargs of ``kie_extend.extend``.
+EXTEND_OPTIONS = ("tenant", "priority", "batch_id", "not_after")
+#: Every keyword argument ``kie_extend.extend`` accepts, in the order the docs give them: the one
+#: list hints, the Python API and the task's signature (a test compares them) agree on.
+EXTEND_KWARGS = ("request", "idempotency_key", "metadata", *EXTEND_OPTIONS)
+#: The field under which a message's positional arguments are reported (they are never accepted).
+POSITIONAL_FIELD = "positional arguments"
+
+
+def kwargs_hint() -> str:
+    """``request=…, idempotency_key=…, …``: every accepted kwarg, for messages that name them."""
+    return ", ".join(f"{name}=…" for name in EXTEND_KWARGS)
+
+
+def near_miss(name: str, accepted: Iterable[str]) -> str | None:
+    """The one of ``accepted`` that ``name`` probably meant (case, ``_`` and ``-`` ignored, or a
+    small typo), or None."""
+    import difflib
+
+    def norm(text: str) -> str:
+        return text.lower().replace("_", "").replace("-", "")
+
+    accepted = list(accepted)
+    by_norm = {norm(k): k for k in accepted}
+    return by_norm.get(norm(str(name))) or next(iter(difflib.get_close_matches(str(name), accepted, n=1,
+                                                                                cutoff=0.7)), None)
+
+
+def unknown_name_message(name: str, accepted: tuple[str, ...], what: str = "keyword argument") -> str:
+    """``unknown field; did you mean batch_id? accepted: …``: the problem text for a name that is
+    not one of ``accepted``, with a near miss (see :func:`near_miss`)."""
+    close = near_miss(name, accepted)
+    hint = f"did you mean {close}? " if close else ""
+    return f"unknown {what}; {hint}accepted: {', '.join(accepted)}"
+
+
+def unknown_kwarg_message(name: str) -> str:
+    """The problem text for a kwarg ``kie_extend.extend`` does not take, with a near miss named."""
+    return unknown_name_message(name, EXTEND_KWARGS)
 
 
 def parse_not_after(value: Any) -> float:
@@ -82,19 +122,26 @@ def _json_size(value: Any) -> int | None:
 def check_message(request: Any, *, settings: Settings, idempotency_key: Any = None, metadata: Any = None,
                   job_id: str | None = None, extra_kwargs: dict[str, Any] | None = None,
                   audio_duration: float | None = None, tenant: Any = None, priority: Any = None,
-                  batch_id: Any = None, not_after: Any = None) -> Intake:
+                  batch_id: Any = None, not_after: Any = None, refuse_past: bool = False) -> Intake:
     """Check one extend message; problems are collected, never raised (see :func:`require`).
 
     ``tenant`` (default KIE_DEFAULT_TENANT), ``priority`` (0-9, default 5), ``batch_id`` and
-    ``not_after`` (ISO-8601 UTC or epoch seconds; it becomes epoch seconds) are the sharing options (README "Sharing one account")."""
+    ``not_after`` (ISO-8601 UTC or epoch seconds; it becomes epoch seconds) are the sharing options (README "Sharing one account").
+    ``refuse_past`` (producers: the Python API, the HTTP API, the CLI) makes a ``not_after`` already
+    past a problem; the worker leaves it off and cancels such a job with reason ``deadline``."""
     out = Intake(tenant=settings.default_tenant)
     problems = out.problems
-    check_options(out, tenant=tenant, priority=priority, batch_id=batch_id, not_after=not_after)
+    check_options(out, tenant=tenant, priority=priority, batch_id=batch_id, not_after=not_after,
+                  refuse_past=refuse_past)
     if job_id is not None and not JOB_ID_PATTERN.fullmatch(job_id):
         problems.append({"field": "job_id", "message": "must be 1-128 characters of A-Z a-z 0-9 _ . : - "
                          "(it is part of the job's callback URL)"})
     for name in sorted(extra_kwargs or {}):
-        problems.append({"field": name, "message": "unknown keyword argument"})
+        if name == POSITIONAL_FIELD:
+            problems.append({"field": name, "message": "positional arguments are not accepted; send keyword "
+                             f"arguments: {kwargs_hint()}"})
+        else:
+            problems.append({"field": name, "message": unknown_kwarg_message(name)})
     if metadata is not None:
         size = _json_size(metadata)
         if not isinstance(metadata, dict):
@@ -111,6 +158,8 @@ def check_message(request: Any, *, settings: Settings, idempotency_key: Any = No
         else:
             problems.append({"field": "idempotency_key",
                              "message": f"must be a string of 1-{MAX_IDEMPOTENCY_KEY} characters"})
+    if request is None and POSITIONAL_FIELD in (extra_kwargs or {}):
+        return out  # the request came positionally: that is the one problem to report
     size = _json_size(request)
     if size is None:
         problems.append({"field": "request", "message": "must be JSON-serialisable"})
@@ -128,8 +177,9 @@ def check_message(request: Any, *, settings: Settings, idempotency_key: Any = No
 
 
 def check_options(out: Intake, *, tenant: Any = None, priority: Any = None, batch_id: Any = None,
-                  not_after: Any = None) -> None:
-    """Check the sharing options into ``out`` (values, or problems naming the field)."""
+                  not_after: Any = None, refuse_past: bool = False) -> None:
+    """Check the sharing options into ``out`` (values, or problems naming the field); with
+    ``refuse_past``, a ``not_after`` at or before now is a problem (see :func:`past_deadline`)."""
     problems = out.problems
     if tenant is not None:
         if isinstance(tenant, str) and TENANT_PATTERN.fullmatch(tenant):
@@ -154,6 +204,26 @@ def check_options(out: Intake, *, tenant: Any = None, priority: Any = None, batc
             out.not_after = parse_not_after(not_after)
         except ValueError as exc:
             problems.append({"field": "not_after", "message": str(exc)[:200]})
+        else:
+            reason = past_deadline(out.not_after) if refuse_past else None
+            if reason:
+                problems.append({"field": "not_after", "message": reason})
+
+
+def past_deadline(not_after: float, now: float | None = None) -> str | None:
+    """Why a ``not_after`` (epoch seconds) at or before ``now`` cannot be enqueued, else None."""
+    import time
+    from datetime import datetime, timezone
+
+    now = time.time() if now is None else now
+    if not_after > now:
+        return None
+    ago = now - not_after
+    span = (f"{ago:.0f} s" if ago < 120 else f"{ago / 60:.0f} min" if ago < 7200 else
+            f"{ago / 3600:.0f} h" if ago < 172800 else f"{ago / 86400:.0f} days")
+    when = datetime.fromtimestamp(not_after, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return (f"is already past ({when}, {span} ago): a job not sent to KIE by then is cancelled, so this one "
+            "could never run; give a later time, or none")
 
 
 def require(intake: Intake) -> Intake:

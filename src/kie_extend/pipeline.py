@@ -133,7 +133,8 @@ class Pipeline:
             _log(job_id, logging.WARNING, "request warning: %s", w)
         if problems:
             _log(job_id, logging.WARNING, "invalid request: %s", problems)
-            error = _error("invalid_request", "request failed validation", errors=problems)
+            error = _error("invalid_request", f"request failed validation: {E.describe_problems(problems)}",
+                           errors=problems)
             self._finish(job_id, {}, JobState.FAILED, {**base, "error": error}, expect=[None])
             return
         reason = self._too_late_to_start(intake.not_after, intake.batch_id, now)

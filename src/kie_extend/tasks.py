@@ -17,6 +17,7 @@ from celery.exceptions import Reject
 
 from .delivery import Delivery
 from .infra import MAX_UNEXPECTED_RETRIES, is_infra_error, retry_delay
+from .intake import POSITIONAL_FIELD
 from .pipeline import Pipeline
 from .runtime import Runtime
 from .scheduler import Scheduler
@@ -105,7 +106,7 @@ def register(app: Celery) -> None:
         """
         extra = dict(kwargs)
         if args:
-            extra["positional arguments"] = args
+            extra[POSITIONAL_FIELD] = args
         try:
             services.get_pipeline().accept(self.request.id, request, idempotency_key, metadata, extra,
                                            tenant=tenant, priority=priority, batch_id=batch_id, not_after=not_after)

@@ -18,10 +18,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 
-from .. import api
+from .. import actions, api
+from ..actions import ActionResult
 from ..batches import get_batch, list_batches
-from ..errors import JobExistsError, ValidationError
-from ..intake import JOB_ID_PATTERN
+from ..errors import JobExistsError, ValidationError, describe_problems
+from ..intake import EXTEND_KWARGS, EXTEND_OPTIONS, JOB_ID_PATTERN, unknown_name_message
 from ..listing import DEFAULT_LIMIT, MAX_LIMIT, list_jobs
 from ..metrics import overview
 from ..states import JobState
@@ -33,9 +34,9 @@ from .schemas import (MAX_JOBS_PER_REQUEST, Batch, BatchCancelled, BatchList, Ba
 #: Largest request body ``POST /v1/jobs`` reads, in bytes.
 MAX_BODY_BYTES = 16 * 1024 * 1024
 #: Fields of one job object (``audio_file`` is the Python API's only: a server-side path is no input).
-ITEM_FIELDS = ("request", "idempotency_key", "metadata", "tenant", "priority", "batch_id", "not_after", "job_id")
+ITEM_FIELDS = (*EXTEND_KWARGS, "job_id")
 #: Fields of ``{"jobs": [...]}`` besides ``jobs``: defaults for every job.
-BATCH_FIELDS = ("tenant", "priority", "batch_id", "not_after")
+BATCH_FIELDS = EXTEND_OPTIONS
 
 T = TypeVar("T")
 
@@ -70,7 +71,8 @@ def fail(status: int, kind: str, message: str, errors: list[dict[str, str]] | No
 
 def invalid(errors: list[dict[str, str]]) -> HTTPException:
     """422 listing every bad field."""
-    return fail(422, "invalid_request", f"the request failed validation ({len(errors)} problem(s))", errors)
+    return fail(422, "invalid_request", f"the request failed validation ({len(errors)} problem(s)): "
+                f"{describe_problems(errors)}", errors)
 
 
 async def _blocking(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -128,7 +130,8 @@ async def submit_jobs(request: Request, principal: Principal = Depends(writer)) 
 
 
 def _unknown(obj: dict[str, Any], known: tuple[str, ...], prefix: str = "") -> list[dict[str, str]]:
-    return [{"field": f"{prefix}{k}", "message": "unknown field"} for k in sorted(set(obj) - set(known))]
+    return [{"field": f"{prefix}{k}", "message": unknown_name_message(k, known, "field")}
+            for k in sorted(set(obj) - set(known))]
 
 
 def _bad_job_id(job_id: Any, prefix: str = "") -> list[dict[str, str]]:
@@ -188,7 +191,7 @@ async def read_job(job_id: str, request: Request, principal: Principal = Depends
     rec = await _blocking(api.get_job, job_id, settings=request.app.state.settings)
     if rec["state"] == JobState.NOT_FOUND.value:
         return JSONResponse({"job_id": job_id, "state": "not_found",
-                             "error": {"kind": "not_found", "message": f"no job {job_id}"}}, status_code=404)
+                             "error": {"kind": "not_found", "message": actions.not_found(job_id)}}, status_code=404)
     return JSONResponse(rec)
 
 
@@ -213,37 +216,32 @@ async def list_jobs_route(
     return JSONResponse({"jobs": jobs, "next_cursor": nxt})
 
 
-_TOO_LATE = ("job {job_id} was already sent to KIE (state {state}); KIE has no cancel call, so it keeps going")
+_STATUS = {"not_found": 404}
+
+
+def _refused(result: ActionResult) -> HTTPException:
+    """The HTTP error for a refused retry or cancel: the same outcome code and sentence as the CLI."""
+    return fail(_STATUS.get(result.outcome, 409), result.outcome, result.message)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=CancelOutcome, responses=_errors(403, 404, 409))
 async def cancel_job(job_id: str, request: Request, principal: Principal = Depends(writer)) -> JSONResponse:
     """Cancel a job not yet sent to KIE. 409 ``too_late`` once it was sent (it keeps going), 409
     ``finished`` when it already ended, 404 for an unknown id."""
-    outcome = await _blocking(request.app.state.pipeline.cancel, job_id)
-    if outcome == "cancelled":
-        return JSONResponse({"job_id": job_id, "outcome": "cancelled"})
-    if outcome == "not_found":
-        raise fail(404, "not_found", f"no job {job_id}")
-    state = (await _blocking(api.get_job, job_id, settings=request.app.state.settings))["state"]
-    if outcome == "too_late":
-        raise fail(409, "too_late", _TOO_LATE.format(job_id=job_id, state=state))
-    raise fail(409, "finished", f"job {job_id} already ended ({state}); nothing to cancel")
+    result = await _blocking(actions.cancel_job, request.app.state.pipeline, job_id)
+    if not result.ok:
+        raise _refused(result)
+    return JSONResponse({"job_id": job_id, "outcome": "cancelled"})
 
 
 @router.post("/jobs/{job_id}/retry", response_model=RetryOutcome, responses=_errors(403, 404, 409))
 async def retry_job(job_id: str, request: Request, principal: Principal = Depends(writer)) -> JSONResponse:
     """Send a failed job to KIE again (it may cost credits again). 409 when the job is not failed,
     or failed on field errors (fix the request and enqueue a new job); 404 for an unknown id."""
-    if await _blocking(request.app.state.pipeline.retry, job_id):
-        return JSONResponse({"job_id": job_id, "outcome": "queued"})
-    rec = await _blocking(api.get_job, job_id, settings=request.app.state.settings)
-    if rec["state"] == JobState.NOT_FOUND.value:
-        raise fail(404, "not_found", f"no job {job_id}")
-    if rec["state"] == JobState.FAILED.value:
-        raise fail(409, "not_retryable", f"job {job_id} failed on invalid fields; sending it again would fail the "
-                                         "same way: fix the request and enqueue a new job")
-    raise fail(409, "not_retryable", f"job {job_id} is {rec['state']}; only a failed job can be retried")
+    result = await _blocking(actions.retry_job, request.app.state.pipeline, job_id)
+    if not result.ok:
+        raise _refused(result)
+    return JSONResponse({"job_id": job_id, "outcome": "queued"})
 
 
 # -- batches -----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..config import Settings
+from ..errors import describe_problems
 from ..infra import is_infra_error
 from ..intake import JOB_ID_PATTERN
 from ..receiver import MAX_BODY, callback_task_id, signature_ok
@@ -84,7 +85,8 @@ def create_app(settings: Settings, *, parts: Iterable[str] = PARTS, runtime: Run
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{"field": ".".join(str(p) for p in _field_loc(e.get("loc", ()))) or "body",
                    "message": str(e.get("msg", "invalid"))} for e in exc.errors()]
-        return JSONResponse(error_body("invalid_request", "the request failed validation", errors), status_code=422)
+        return JSONResponse(error_body("invalid_request", f"the request failed validation: {describe_problems(errors)}",
+                                       errors), status_code=422)
 
     unavailable_log = Throttled(UNAVAILABLE_LOG_EVERY)
 

@@ -1,7 +1,7 @@
 """Who may call the API and use the dashboard.
 
 Tokens come from ``KIE_API_TOKENS`` (comma list). A token prefixed ``read:`` is read-only: it may
-read everything and change nothing. Presented tokens are compared with every configured one in
+read everything and change nothing; clients may send it with or without the prefix. Presented tokens are compared with every configured one in
 constant time (``hmac.compare_digest``), and a token never reaches a log line or an error.
 
 The dashboard logs in with a token and keeps a signed, HttpOnly, SameSite=Strict session cookie
@@ -55,6 +55,17 @@ def parse_tokens(raw: str | None) -> list[tuple[str, bool]]:
     return [(t, ro) for t, ro in out if t]
 
 
+def unauthorized_reason(header: str) -> str:
+    """Why an ``Authorization`` header opens nothing, without echoing any part of it: missing, not
+    the Bearer scheme, or a token that is not configured."""
+    scheme, _, value = header.partition(" ")
+    if not header.strip():
+        return "an Authorization: Bearer <token> header is required (a token from KIE_API_TOKENS)"
+    if scheme.lower() != "bearer" or not value.strip():
+        return "the Authorization header must be 'Bearer <token>' (a token from KIE_API_TOKENS)"
+    return "this bearer token is not one of KIE_API_TOKENS (a read-only token may be sent with or without 'read:')"
+
+
 def fingerprint(token: str) -> str:
     """A short, non-secret name for a token (the first 8 hex of its SHA-256)."""
     return hashlib.sha256(token.encode()).hexdigest()[:8]
@@ -76,13 +87,20 @@ class Auth:
 
     def check(self, presented: str | None) -> Principal | None:
         """The principal for a presented token, or None. Every configured token is compared, in
-        constant time, whatever matches first."""
+        constant time, whatever matches first.
+
+        A read-only token may be presented with or without its ``read:`` prefix (as it is written in
+        ``KIE_API_TOKENS``, or bare); either way it stays read-only. A write token with ``read:`` in
+        front matches nothing: the prefix never names a token it was not configured on."""
         if presented is None:
             return None
         found: Principal | None = None
         given = presented.encode()
         for token, read_only in self.tokens:
-            if hmac.compare_digest(given, token.encode()) and found is None:
+            as_written = (READ_ONLY_PREFIX + token) if read_only else token
+            bare = hmac.compare_digest(given, token.encode())
+            written = hmac.compare_digest(given, as_written.encode())
+            if (bare or written) and found is None:
                 found = Principal(fingerprint(token), read_only)
         return found
 
@@ -99,8 +117,7 @@ class Auth:
         # CSRF token (the dashboard calls the domain code itself).
         principal = self.check(value.strip()) if scheme.lower() == "bearer" else None
         if principal is None:
-            raise HTTPException(401, detail={"kind": "unauthorized",
-                                             "message": "a valid Authorization: Bearer token is required"},
+            raise HTTPException(401, detail={"kind": "unauthorized", "message": unauthorized_reason(header)},
                                 headers={"WWW-Authenticate": "Bearer"})
         return principal
 
