@@ -84,7 +84,9 @@ def extend_request_schema() -> dict[str, Any]:
             "before anything is sent (the Python API's rules). Custom mode (defaultParamFlag=true) requires "
             "style, title and continueAt, and prompt (the lyrics) when instrumental=false; its maximum lengths "
             f"in characters depend on the model ({limits}); prompt is not limited when instrumental=true. "
-            "Default mode (defaultParamFlag=false) refuses personaId. Unknown fields are sent to KIE unchanged. "
+            "An empty style, title or prompt passes with a warning (KIE may treat it as missing and refuse the "
+            "job). Default mode (defaultParamFlag=false) refuses personaId (a blank one is ignored). Unknown "
+            "fields are sent to KIE unchanged (a snake_case spelling of a known field draws a warning). "
             f"The whole request must be at most {MAX_REQUEST_BYTES // 1024} KB of JSON."),
         "type": "object",
         "required": ["uploadUrl", "defaultParamFlag", "model"],
