@@ -55,17 +55,17 @@ def writer(principal: Principal = Depends(reader)) -> Principal:
     return principal
 
 
-def _errors(*codes: int, **extra: Any) -> dict[int | str, dict[str, Any]]:
-    """The documented error answers: 401 and 503 on every route, and ``codes``; ``extra`` is merged
-    into the success answer's entry (``{202: {"links": ...}}``)."""
+def _errors(*codes: int, success: tuple[int, dict[str, Any]] | None = None) -> dict[int | str, dict[str, Any]]:
+    """The documented error answers: 401 and 503 on every route, and ``codes``; ``success`` is
+    ``(status, entry)`` merged into the success answer (its description and links)."""
     described = {401: "no valid bearer token", 403: "read-only token", 404: "unknown id",
                  409: "conflict with the job's state", 413: f"the body is larger than {MAX_BODY_BYTES} bytes",
                  422: "invalid request: every bad field listed (also the rules the schema can only describe)",
                  503: "the job store is unavailable (Retry-After: seconds)"}
     out: dict[int | str, dict[str, Any]] = {c: {"model": ErrorBody, "description": described[c]}
                                             for c in (401, *codes, 503)}
-    for code, entry in extra.items():
-        out[int(code.lstrip("_"))] = entry
+    if success is not None:
+        out[success[0]] = success[1]
     return out
 
 
@@ -77,9 +77,9 @@ BatchIdPath = Annotated[str, Path(description="a batch id: 1-128 printable chara
                         WithJsonSchema({"type": "string", "pattern": BATCH_ID_SCHEMA_PATTERN})]
 
 
-def _job_links(expr: str, where: str) -> dict[str, Any]:
+def _job_links(expr: str, where: str, suffix: str = "") -> dict[str, Any]:
     """OpenAPI links from an answer naming a job (``expr``: a runtime expression) to the job routes."""
-    return {name: {"operationId": op, "parameters": {"job_id": expr}, "description": f"{what} {where}"}
+    return {name + suffix: {"operationId": op, "parameters": {"job_id": expr}, "description": f"{what} {where}"}
             for name, op, what in (("GetJob", "getJob", "The status record of the job"),
                                    ("CancelJob", "cancelJob", "Cancel the job"),
                                    ("RetryJob", "retryJob", "Retry the job"))}
@@ -97,10 +97,7 @@ def _batch_links(expr: str, where: str) -> dict[str, Any]:
 
 _SUBMIT_LINKS = {
     **_job_links("$response.body#/job_id", "just submitted (a single job)"),
-    **{f"{name}First": {**link, "parameters": {"job_id": "$response.body#/job_ids/0"},
-                        "description": link["description"].replace("just submitted (a single job)",
-                                                                   "first in a {\"jobs\": [...]} submission")}
-       for name, link in _job_links("", "just submitted (a single job)").items()},
+    **_job_links("$response.body#/job_ids/0", 'first in a {"jobs": [...]} submission', "First"),
     **_batch_links("$request.body#/batch_id", "named by the submission's batch_id"),
 }
 
@@ -149,8 +146,8 @@ router = APIRouter(prefix="/v1", tags=["v1"])
 # -- jobs --------------------------------------------------------------------------------------
 
 @router.post("/jobs", status_code=202, response_model=JobAccepted | JobsAccepted, operation_id="submitJobs",
-             responses=_errors(403, 409, 413, 422, _202={"description": "Accepted: the job ids, in the order given",
-                                                         "links": _SUBMIT_LINKS}),
+             responses=_errors(403, 409, 413, 422, success=(202, {"description": "Accepted: the job ids, in the order "
+                                                                               "given", "links": _SUBMIT_LINKS})),
              openapi_extra=_schema_ref("JobSubmission", "BatchSubmission"))
 async def submit_jobs(request: Request, principal: Principal = Depends(writer)) -> JSONResponse:
     """Validate and enqueue one job (a ``JobSubmission``) or several (``{"jobs": [...]}``).
@@ -244,10 +241,10 @@ _LISTED_STATES = [s.value for s in JobState if s is not JobState.NOT_FOUND]
 
 
 @router.get("/jobs", response_model=JobPage, operation_id="listJobs",
-            responses=_errors(422, _200={"description": "One page of jobs", "links": {
+            responses=_errors(422, success=(200, {"description": "One page of jobs", "links": {
                 **_job_links("$response.body#/jobs/0/job_id", "first on the page"),
                 "NextPage": {"operationId": "listJobs", "parameters": {"cursor": "$response.body#/next_cursor"},
-                             "description": "The next page (same filters); absent on the last page"}}}))
+                             "description": "The next page (same filters); absent on the last page"}}})))
 async def list_jobs_route(
     request: Request,
     state: Annotated[str | None, Query(description=(
@@ -313,8 +310,8 @@ async def retry_job(job_id: JobIdPath, request: Request, principal: Principal = 
 # -- batches -----------------------------------------------------------------------------------
 
 @router.get("/batches", response_model=BatchList, operation_id="listBatches",
-            responses=_errors(422, _200={"description": "The newest batches",
-                                         "links": _batch_links("$response.body#/batches/0/batch_id", "listed first")}))
+            responses=_errors(422, success=(200, {"description": "The newest batches", "links": _batch_links(
+                "$response.body#/batches/0/batch_id", "listed first")})))
 async def list_batches_route(request: Request, limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT,
                                                                   description=f"batches to list, 1-{MAX_LIMIT}"),
                              principal: Principal = Depends(reader)) -> JSONResponse:
