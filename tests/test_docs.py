@@ -283,3 +283,13 @@ def test_the_documented_status_record_and_event_have_the_codes_fields() -> None:
     batch_fields = set(re.findall(r"(\w+) = ", lua[lua.index("cjson.encode({event = 'batch.finished'"):][:200]))
     row = next(line for line in producers.splitlines() if line.startswith("| `batch.finished`"))
     assert all(f"`{name}`" in row for name in batch_fields), (batch_fields, row)
+
+
+def test_no_source_refers_to_a_design_file_outside_the_repository() -> None:
+    """Docstrings end up in the OpenAPI document and in help texts: they must not cite a file users do not have."""
+    problems = []
+    for path in sorted((ROOT / "src").rglob("*.py")) + [ROOT / "docs" / "openapi.json"]:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"\bDESIGN(?:\.md)?\b|§\s*\d", line):
+                problems.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not problems, "\n".join(problems)

@@ -1,4 +1,4 @@
-"""The JSON API under /v1 (DESIGN §12) against a real uvicorn server, our own Valkey and the simulator.
+"""The JSON API under /v1 against a real uvicorn server, our own Valkey and the simulator.
 
 Jobs sent through ``POST /v1/jobs`` land in the broker (a Redis list named after the queue); the
 tests read those messages back and hand them to the pipeline in this process (tests/inline.py),

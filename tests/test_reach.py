@@ -267,7 +267,7 @@ def test_read_timeouts_stay_outcome_unknown_and_a_hung_kie_pauses(harness: Calla
 
 def test_kie_500_with_its_envelope_still_ends_provider_unavailable(harness: Callable[..., Harness]) -> None:
     """KIE itself answering 500 is not an outage of the connection: attempts are bounded and the
-    job ends provider_unavailable (DESIGN §5), and the provider counts as reachable throughout."""
+    job ends provider_unavailable, and the provider counts as reachable throughout."""
     h = harness(max_submit_attempts=2)
     h.sim.simulator.update_config({"fault_500": 1.0})
     job = h.accept(req(h.sim))

@@ -1,4 +1,4 @@
-"""The provider breaker (DESIGN §13): a run of failed generations across jobs stops submission.
+"""The provider breaker: a run of failed generations across jobs stops submission.
 
 During an outage at the provider every generation fails, and each failed generation was paid for.
 After ``KIE_BREAKER_THRESHOLD`` consecutive generation failures (any jobs) the breaker opens:

@@ -421,7 +421,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the HTTP side: callbacks, the JSON API and the dashboard (DESIGN §12)."""
+    """Run the HTTP side: callbacks, the JSON API and the dashboard."""
     import asyncio
 
     import uvicorn

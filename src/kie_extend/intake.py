@@ -187,6 +187,8 @@ def check_options(out: Intake, *, tenant: Any = None, priority: Any = None, batc
         else:
             problems.append({"field": "tenant", "message": "must be 1-64 characters of A-Z a-z 0-9 _ . -"})
     if priority is not None:
+        if isinstance(priority, float) and priority.is_integer():
+            priority = int(priority)  # JSON's 7.0 is the integer 7 (JSON Schema says so too)
         if isinstance(priority, int) and not isinstance(priority, bool) and priority in PRIORITIES:
             out.priority = priority
         else:

@@ -3,8 +3,8 @@
 The sources are sorted sets scored by a job's creation time (epoch seconds): a state's index
 (``Keys.state_index``), a batch's job set (``Keys.batch_jobs``), or, with no state given, every
 state's index merged. Order is (score, id) descending, which is Redis' own reverse order, ties
-included. A cursor is the opaque, URL-safe base64 of ``[score, id]`` of the last job returned; the
-next page resumes just after it, so jobs that change state meanwhile neither repeat nor shift
+included. A cursor is ``<score>~<id>`` of the last job returned (opaque to callers; its form is in the
+OpenAPI document); the next page resumes just after it, so jobs that change state meanwhile neither repeat nor shift
 the rest.
 
 Filters read the job records (tenant; state within a batch). One page looks at no more than
@@ -14,9 +14,8 @@ Filters read the job records (tenant; state within a batch). One page looks at n
 
 from __future__ import annotations
 
-import base64
 import heapq
-import json
+import math
 from collections.abc import Iterator
 from itertools import islice
 from typing import Any
@@ -44,19 +43,21 @@ def _t(value: Any) -> str:
 
 
 def encode_cursor(score: float, job_id: str) -> str:
-    """The opaque cursor for resuming after ``(score, job_id)``."""
-    raw = json.dumps([repr(score), job_id], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    """The cursor for resuming after ``(score, job_id)``: ``<score>~<job id>`` (URL-safe; treat it as
+    opaque; its form is stated so API tools can tell a well-formed one)."""
+    return f"{score!r}~{job_id}"
 
 
 def decode_cursor(cursor: str) -> Entry:
     """``(score, job_id)`` from a cursor; raises ValidationError (field ``cursor``) on a bad one."""
+    score, sep, job_id = cursor.partition("~")
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        score, job_id = json.loads(raw)
-        return float(score), str(job_id)
-    except (ValueError, TypeError, UnicodeDecodeError):
-        raise ValidationError([{"field": "cursor", "message": "not a cursor this API returned"}]) from None
+        value = float(score)
+    except ValueError:
+        value = math.nan
+    if not sep or not job_id or not math.isfinite(value) or value < 0:
+        raise ValidationError([{"field": "cursor", "message": "not a cursor this API returned"}])
+    return value, job_id
 
 
 def _walk(rt: Runtime, key: str, after: Entry | None) -> Iterator[Entry]:

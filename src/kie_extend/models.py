@@ -1,6 +1,6 @@
 """Client-side validation of "Upload And Extend Audio" requests (legacy route, camelCase body).
 
-The rules follow the KIE API reference (§1.1, §2 and §8 point 2): strict where the
+The rules follow KIE's API documentation: strict where the
 provider's rule is clear, never stricter than the provider, and a warning (not an error) where the
 rule is unsettled. Pydantic checks the field types; plain functions then check the rules that span
 fields and tolerate wrongly typed values, so one pass reports every problem at once.

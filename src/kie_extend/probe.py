@@ -1,7 +1,7 @@
 """Probe a local audio file (duration, type, size) before it is uploaded, using mutagen.
 
 Knowing the duration lets the producer check ``continueAt`` and the 8-minute limit before any
-byte leaves the machine (KIE API reference §2.4, §2.5).
+byte leaves the machine (KIE's rules for the source audio).
 """
 
 from __future__ import annotations

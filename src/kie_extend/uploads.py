@@ -1,4 +1,4 @@
-"""Make a local audio file reachable as ``uploadUrl`` through KIE's file stream upload (reference §6.1).
+"""Make a local audio file reachable as ``uploadUrl`` through KIE's file stream upload API.
 
 The upload host (``KIE_UPLOAD_BASE_URL``, default ``https://kieai.redpandaai.co``) takes the same
 Bearer key as the API and answers in the same ``code``/``msg``/``data`` envelope, so the transport

@@ -1,6 +1,6 @@
 """``download``: fetch every take of a succeeded job into ``KIE_DOWNLOAD_DIR/{job_id}/``.
 
-For each track the URLs are tried in the order the provider reference recommends (§8 point 8):
+For each track the URLs are tried in the order KIE recommends:
 ``audio_url`` → ``source_audio_url`` → ``stream_audio_url`` → ``source_stream_audio_url``, empty
 ones skipped. Every URL, and every redirect it leads to, passes the SSRF guard
 (:func:`kie_extend.urlcheck.check_public_url`) first. A body is streamed into a temp file in the

@@ -1,4 +1,4 @@
-"""The HTTP side (DESIGN §12): ``kie-extend serve`` runs the callback receiver, the JSON API under
+"""The HTTP side: ``kie-extend serve`` runs the callback receiver, the JSON API under
 ``/v1`` and the operator dashboard at ``/`` in one ASGI app (FastAPI on uvicorn).
 
 - ``app.py``: the app factory, error shape, ``/healthz``/``/livez``, ``/readyz``, ``/metrics``, ``/docs``

@@ -1,4 +1,4 @@
-"""The JSON API under ``/v1`` (DESIGN §12). Every route needs a bearer token (``auth.py``); routes
+"""The JSON API under ``/v1``. Every route needs a bearer token (``auth.py``); routes
 that change anything need a write token (403 for a ``read:`` one).
 
 Bodies are parsed here and validated by the Python API's own code path, so a field error reads the
@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Security
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Security
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import WithJsonSchema
 from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 
@@ -27,9 +28,10 @@ from ..listing import DEFAULT_LIMIT, MAX_LIMIT, list_jobs
 from ..metrics import overview
 from ..states import JobState
 from .auth import Auth, Principal
-from .schemas import (MAX_JOBS_PER_REQUEST, Batch, BatchCancelled, BatchList, BatchSubmission, CancelOutcome,
-                      ErrorBody, JobAccepted, JobPage, JobRecord, JobsAccepted, JobSubmission, PauseRequest,
-                      PauseState, ResumeOutcome, RetryOutcome, SystemOverview)
+from .schemas import (BATCH_ID_SCHEMA_PATTERN, CURSOR_SCHEMA_PATTERN, JOB_ID_SCHEMA_PATTERN, MAX_JOBS_PER_REQUEST,
+                      MAX_PAUSE_REASON, Batch, BatchCancelled, BatchList, BatchSubmission, CancelOutcome, ErrorBody,
+                      JobAccepted, JobPage, JobRecord, JobsAccepted, JobSubmission, PauseRequest, PauseState,
+                      ResumeOutcome, RetryOutcome, SystemOverview)
 
 #: Largest request body ``POST /v1/jobs`` reads, in bytes.
 MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -54,15 +56,55 @@ def writer(principal: Principal = Depends(reader)) -> Principal:
     return principal
 
 
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+def _errors(*codes: int, success: tuple[int, dict[str, Any]] | None = None) -> dict[int | str, dict[str, Any]]:
+    """The documented error answers: 401 and 503 on every route, and ``codes``; ``success`` is
+    ``(status, entry)`` merged into the success answer (its description and links)."""
     described = {401: "no valid bearer token", 403: "read-only token", 404: "unknown id",
-                 409: "conflict with the job's state", 422: "invalid request: every bad field listed",
-                 503: "the job store is unavailable"}
-    return {c: {"model": ErrorBody, "description": described[c]} for c in (401, *codes)}
+                 409: "conflict with the job's state", 413: f"the body is larger than {MAX_BODY_BYTES} bytes",
+                 422: "invalid request: every bad field listed (also the rules the schema can only describe)",
+                 503: "the job store is unavailable (Retry-After: seconds)"}
+    out: dict[int | str, dict[str, Any]] = {c: {"model": ErrorBody, "description": described[c]}
+                                            for c in (401, *codes, 503)}
+    if success is not None:
+        out[success[0]] = success[1]
+    return out
+
+
+#: Path parameters as documented: ids this API can have issued (others answer 404).
+JobIdPath = Annotated[str, Path(description="a job id: 1-128 characters of A-Z a-z 0-9 _ . : -"),
+                      WithJsonSchema({"type": "string", "pattern": JOB_ID_SCHEMA_PATTERN})]
+BatchIdPath = Annotated[str, Path(description="a batch id: 1-128 printable characters without '|' (the pattern "
+                                              "shows printable ASCII)"),
+                        WithJsonSchema({"type": "string", "pattern": BATCH_ID_SCHEMA_PATTERN})]
+
+
+def _job_links(expr: str, where: str, suffix: str = "") -> dict[str, Any]:
+    """OpenAPI links from an answer naming a job (``expr``: a runtime expression) to the job routes."""
+    return {name + suffix: {"operationId": op, "parameters": {"job_id": expr}, "description": f"{what} {where}"}
+            for name, op, what in (("GetJob", "getJob", "The status record of the job"),
+                                   ("CancelJob", "cancelJob", "Cancel the job"),
+                                   ("RetryJob", "retryJob", "Retry the job"))}
+
+
+def _batch_links(expr: str, where: str) -> dict[str, Any]:
+    """OpenAPI links from an answer or request naming a batch to the batch routes."""
+    return {"GetBatch": {"operationId": "getBatch", "parameters": {"batch_id": expr},
+                         "description": f"The progress of the batch {where}"},
+            "CancelBatch": {"operationId": "cancelBatch", "parameters": {"batch_id": expr},
+                            "description": f"Cancel the batch {where}"},
+            "ListBatchJobs": {"operationId": "listJobs", "parameters": {"batch_id": expr},
+                              "description": f"The jobs of the batch {where}"}}
+
+
+_SUBMIT_LINKS = {
+    **_job_links("$response.body#/job_id", "just submitted (a single job)"),
+    **_job_links("$response.body#/job_ids/0", 'first in a {"jobs": [...]} submission', "First"),
+    **_batch_links("$request.body#/batch_id", "named by the submission's batch_id"),
+}
 
 
 def fail(status: int, kind: str, message: str, errors: list[dict[str, str]] | None = None) -> HTTPException:
-    """An HTTPException the app renders in DESIGN §12's error shape."""
+    """An HTTPException the app renders in the API's error shape."""
     detail: dict[str, Any] = {"kind": kind, "message": message}
     if errors is not None:
         detail["errors"] = errors
@@ -105,14 +147,17 @@ router = APIRouter(prefix="/v1", tags=["v1"])
 
 # -- jobs --------------------------------------------------------------------------------------
 
-@router.post("/jobs", status_code=202, response_model=JobAccepted | JobsAccepted,
-             responses=_errors(403, 409, 422), openapi_extra=_schema_ref("JobSubmission", "BatchSubmission"))
+@router.post("/jobs", status_code=202, response_model=JobAccepted | JobsAccepted, operation_id="submitJobs",
+             responses=_errors(403, 409, 413, 422, success=(202, {"description": "Accepted: the job ids, in the order "
+                                                                               "given", "links": _SUBMIT_LINKS})),
+             openapi_extra=_schema_ref("JobSubmission", "BatchSubmission"))
 async def submit_jobs(request: Request, principal: Principal = Depends(writer)) -> JSONResponse:
     """Validate and enqueue one job (a ``JobSubmission``) or several (``{"jobs": [...]}``).
 
     202 ``{"job_id"}`` or ``{"job_ids": [...]}`` in the order given. 422 lists every bad field with
-    the Python API's names and messages (``request.continueAt``; ``[2].request.model`` in a list)
-    and nothing is enqueued. 409 when an explicit ``job_id`` already exists (nothing enqueued)."""
+    the Python API's names and messages (``continueAt``; ``[2].model`` in a list)
+    and nothing is enqueued; it also covers the rules the schema can only describe (the JSON size of
+    ``request`` and ``metadata``). 409 when an explicit ``job_id`` already exists (nothing enqueued)."""
     body = await _json_body(request)
     if not isinstance(body, dict):
         raise invalid([{"field": "body", "message": 'must be a JSON object: one job, or {"jobs": [...]}'}])
@@ -185,9 +230,9 @@ def _submit_many(body: dict[str, Any], settings: Any) -> list[str]:
     return api.enqueue_many(jobs, settings=settings, **{k: body.get(k) for k in BATCH_FIELDS})
 
 
-@router.get("/jobs/{job_id}", response_model=JobRecord, responses=_errors(404))
-async def read_job(job_id: str, request: Request, principal: Principal = Depends(reader)) -> JSONResponse:
-    """One job's status record (DESIGN §5); 404 with ``state: not_found`` for an unknown id."""
+@router.get("/jobs/{job_id}", response_model=JobRecord, responses=_errors(404), operation_id="getJob")
+async def read_job(job_id: JobIdPath, request: Request, principal: Principal = Depends(reader)) -> JSONResponse:
+    """One job's status record; 404 with ``state: not_found`` for an unknown id."""
     rec = await _blocking(api.get_job, job_id, settings=request.app.state.settings)
     if rec["state"] == JobState.NOT_FOUND.value:
         return JSONResponse({"job_id": job_id, "state": "not_found",
@@ -195,15 +240,29 @@ async def read_job(job_id: str, request: Request, principal: Principal = Depends
     return JSONResponse(rec)
 
 
-@router.get("/jobs", response_model=JobPage, responses=_errors(422))
+_LISTED_STATES = [s.value for s in JobState if s is not JobState.NOT_FOUND]
+
+
+@router.get("/jobs", response_model=JobPage, operation_id="listJobs",
+            responses=_errors(422, success=(200, {"description": "One page of jobs", "links": {
+                **_job_links("$response.body#/jobs/0/job_id", "first on the page"),
+                "NextPage": {"operationId": "listJobs", "parameters": {"cursor": "$response.body#/next_cursor"},
+                             "description": "The next page (same filters); absent on the last page"}}})))
 async def list_jobs_route(
     request: Request,
-    state: str | None = Query(None, description="queued, submitting, submitted, succeeded, failed, cancelled "
-                                                "(and pending with batch_id)"),
-    batch_id: str | None = Query(None, description="only this batch's jobs"),
-    tenant: str | None = Query(None, description="only this tenant's jobs"),
-    limit: int = Query(DEFAULT_LIMIT, description=f"jobs per page, 1-{MAX_LIMIT}"),
-    cursor: str | None = Query(None, description="next_cursor from the previous page"),
+    state: Annotated[str | None, Query(description=(
+        "only jobs in this state. With batch_id, also pending: declared in the batch, not yet recorded by a "
+        "worker (OpenAPI cannot tie one parameter's values to another's, so the enum lists the states valid "
+        "without batch_id; 422 for pending without batch_id)")),
+        WithJsonSchema({"type": "string", "enum": _LISTED_STATES})] = None,
+    batch_id: Annotated[str | None, Query(description="only this batch's jobs"),
+                        WithJsonSchema({"type": "string"})] = None,
+    tenant: Annotated[str | None, Query(description="only this tenant's jobs"), WithJsonSchema({"type": "string"})] = None,
+    limit: Annotated[int, Query(description=f"jobs per page, 1-{MAX_LIMIT}"),
+                     WithJsonSchema({"type": "integer", "minimum": 1, "maximum": MAX_LIMIT})] = DEFAULT_LIMIT,
+    cursor: Annotated[str | None, Query(description="next_cursor from the previous page (opaque; its form is "
+                                                    "<creation time>~<job id>)"),
+                      WithJsonSchema({"type": "string", "pattern": CURSOR_SCHEMA_PATTERN})] = None,
     principal: Principal = Depends(reader),
 ) -> JSONResponse:
     """Jobs newest first (by creation time), filtered, one page at a time: follow ``next_cursor``
@@ -224,8 +283,9 @@ def _refused(result: ActionResult) -> HTTPException:
     return fail(_STATUS.get(result.outcome, 409), result.outcome, result.message)
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=CancelOutcome, responses=_errors(403, 404, 409))
-async def cancel_job(job_id: str, request: Request, principal: Principal = Depends(writer)) -> JSONResponse:
+@router.post("/jobs/{job_id}/cancel", response_model=CancelOutcome, responses=_errors(403, 404, 409),
+             operation_id="cancelJob")
+async def cancel_job(job_id: JobIdPath, request: Request, principal: Principal = Depends(writer)) -> JSONResponse:
     """Cancel a job not yet sent to KIE. 409 ``too_late`` once it was sent (it keeps going), 409
     ``finished`` when it already ended, 404 for an unknown id."""
     result = await _blocking(actions.cancel_job, request.app.state.pipeline, job_id)
@@ -234,8 +294,9 @@ async def cancel_job(job_id: str, request: Request, principal: Principal = Depen
     return JSONResponse({"job_id": job_id, "outcome": "cancelled"})
 
 
-@router.post("/jobs/{job_id}/retry", response_model=RetryOutcome, responses=_errors(403, 404, 409))
-async def retry_job(job_id: str, request: Request, principal: Principal = Depends(writer)) -> JSONResponse:
+@router.post("/jobs/{job_id}/retry", response_model=RetryOutcome, responses=_errors(403, 404, 409),
+             operation_id="retryJob")
+async def retry_job(job_id: JobIdPath, request: Request, principal: Principal = Depends(writer)) -> JSONResponse:
     """Send a failed job to KIE again (it may cost credits again). 409 when the job is not failed,
     or failed on field errors (fix the request and enqueue a new job); 404 for an unknown id."""
     result = await _blocking(actions.retry_job, request.app.state.pipeline, job_id)
@@ -246,15 +307,18 @@ async def retry_job(job_id: str, request: Request, principal: Principal = Depend
 
 # -- batches -----------------------------------------------------------------------------------
 
-@router.get("/batches", response_model=BatchList, responses=_errors(422))
-async def list_batches_route(request: Request, limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
+@router.get("/batches", response_model=BatchList, operation_id="listBatches",
+            responses=_errors(422, success=(200, {"description": "The newest batches", "links": _batch_links(
+                "$response.body#/batches/0/batch_id", "listed first")})))
+async def list_batches_route(request: Request, limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT,
+                                                                  description=f"batches to list, 1-{MAX_LIMIT}"),
                              principal: Principal = Depends(reader)) -> JSONResponse:
     """The newest batches, newest first."""
     return JSONResponse({"batches": await _blocking(list_batches, request.app.state.runtime, limit)})
 
 
-@router.get("/batches/{batch_id}", response_model=Batch, responses=_errors(404))
-async def read_batch(batch_id: str, request: Request, principal: Principal = Depends(reader)) -> JSONResponse:
+@router.get("/batches/{batch_id}", response_model=Batch, responses=_errors(404), operation_id="getBatch")
+async def read_batch(batch_id: BatchIdPath, request: Request, principal: Principal = Depends(reader)) -> JSONResponse:
     """A batch's counts by state; 404 for an unknown batch."""
     rec = await _blocking(get_batch, request.app.state.runtime, batch_id)
     if rec.get("state") == "not_found":
@@ -262,8 +326,9 @@ async def read_batch(batch_id: str, request: Request, principal: Principal = Dep
     return JSONResponse(rec)
 
 
-@router.post("/batches/{batch_id}/cancel", response_model=BatchCancelled, responses=_errors(403, 404))
-async def cancel_batch_route(batch_id: str, request: Request, principal: Principal = Depends(writer)) -> JSONResponse:
+@router.post("/batches/{batch_id}/cancel", response_model=BatchCancelled, responses=_errors(403, 404),
+             operation_id="cancelBatch")
+async def cancel_batch_route(batch_id: BatchIdPath, request: Request, principal: Principal = Depends(writer)) -> JSONResponse:
     """Cancel every job of the batch not yet sent, and any that arrives later; ``cancelled`` counts
     the jobs cancelled now. 404 for an unknown batch."""
     settings = request.app.state.settings
@@ -275,7 +340,7 @@ async def cancel_batch_route(batch_id: str, request: Request, principal: Princip
 
 # -- operator pause and the system view ----------------------------------------------------------
 
-@router.post("/pause", response_model=PauseState, responses=_errors(403, 422),
+@router.post("/pause", response_model=PauseState, responses=_errors(403, 413, 422), operation_id="pause",
              openapi_extra={"requestBody": {"required": False, "content": {"application/json": {
                  "schema": {"$ref": "#/components/schemas/PauseRequest"}}}}})
 async def pause(request: Request, principal: Principal = Depends(writer)) -> JSONResponse:
@@ -286,8 +351,9 @@ async def pause(request: Request, principal: Principal = Depends(writer)) -> JSO
     problems = [] if isinstance(body, dict) else [{"field": "body", "message": "must be a JSON object"}]
     if isinstance(body, dict):
         problems += _unknown(body, ("reason",))
-        if not isinstance(reason, str) or len(reason) > 500:
-            problems.append({"field": "reason", "message": "must be a string of at most 500 characters"})
+        if not isinstance(reason, str) or len(reason) > MAX_PAUSE_REASON:
+            problems.append({"field": "reason", "message": f"must be a string of at most {MAX_PAUSE_REASON} "
+                                                           "characters"})
     if problems:
         raise invalid(problems)
     rt = request.app.state.runtime
@@ -295,7 +361,7 @@ async def pause(request: Request, principal: Principal = Depends(writer)) -> JSO
     return JSONResponse({"operator_paused": (await _blocking(_system, rt))["operator_paused"]})
 
 
-@router.post("/resume", response_model=ResumeOutcome, responses=_errors(403))
+@router.post("/resume", response_model=ResumeOutcome, responses=_errors(403), operation_id="resume")
 async def resume(request: Request, principal: Principal = Depends(writer)) -> JSONResponse:
     """Lift an operator's pause (the provider's pause, 401/402 or the breaker, lifts by itself)."""
     rt = request.app.state.runtime
@@ -303,7 +369,7 @@ async def resume(request: Request, principal: Principal = Depends(writer)) -> JS
     return JSONResponse({"resumed": bool(resumed), "operator_paused": (await _blocking(_system, rt))["operator_paused"]})
 
 
-@router.get("/system", response_model=SystemOverview, responses=_errors())
+@router.get("/system", response_model=SystemOverview, responses=_errors(), operation_id="getSystem")
 async def system(request: Request, principal: Principal = Depends(reader)) -> JSONResponse:
     """Gates, pauses (the provider's and an operator's apart), breaker, in-flight, rate use,
     waiting jobs by priority and tenant, dead letters and the job store's memory."""
@@ -323,7 +389,8 @@ def _system(rt: Any) -> dict[str, Any]:
 
 def install(app: FastAPI) -> None:
     """Add the /v1 routes, and put the documented body models (parsed by hand, see above) in the
-    OpenAPI document's components."""
+    OpenAPI document's components. FastAPI's own 422 shape (``HTTPValidationError``) is dropped: this
+    app answers every invalid request in the API's error shape, documented where a 422 can happen."""
     app.include_router(router)
     default_openapi = app.openapi
 
@@ -333,7 +400,15 @@ def install(app: FastAPI) -> None:
         schema = default_openapi()
         _, defs = models_json_schema([(m, "validation") for m in (JobSubmission, BatchSubmission, PauseRequest)],
                                      ref_template="#/components/schemas/{model}")
-        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(defs.get("$defs", {}))
+        for item in schema.get("paths", {}).values():
+            for operation in item.values():
+                answer = operation.get("responses", {}).get("422", {})
+                if "HTTPValidationError" in json.dumps(answer):
+                    del operation["responses"]["422"]
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
         app.openapi_schema = schema
         return schema
 

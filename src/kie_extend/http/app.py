@@ -2,7 +2,7 @@
 
 FastAPI (on Starlette, served by uvicorn) gives the OpenAPI document from the code and pydantic
 models we already use; see the README's design notes. The callback route keeps the receiver's
-behaviour (DESIGN §8): it answers 200 fast, verifies KIE's HMAC when ``KIE_CALLBACK_SECRET`` is set,
+behaviour: it answers 200 fast, verifies KIE's HMAC when ``KIE_CALLBACK_SECRET`` is set,
 caps the body and only makes the job's next poll happen now.
 """
 
@@ -45,7 +45,7 @@ NOT_PAGES = ("/v1/", "/v1", "/kie/", "/metrics", "/healthz", "/livez", "/readyz"
 
 
 def error_body(kind: str, message: str, errors: list[dict[str, str]] | None = None) -> dict[str, Any]:
-    """DESIGN §12's error shape: ``{"error": {"kind", "message", "errors"?}}``."""
+    """The API's error shape: ``{"error": {"kind", "message", "errors"?}}``."""
     err: dict[str, Any] = {"kind": kind, "message": message}
     if errors is not None:
         err["errors"] = errors
@@ -67,7 +67,7 @@ def create_app(settings: Settings, *, parts: Iterable[str] = PARTS, runtime: Run
     rt = runtime or Runtime(settings)
     app = FastAPI(title="kie-extend", version=_version(),
                   description="Jobs for KIE.AI's Suno Upload And Extend Audio API: the JSON API for "
-                              "services that do not speak Celery (DESIGN §12).",
+                              "services that do not speak Celery.",
                   docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json" if "api" in parts else None)
     app.state.settings = settings

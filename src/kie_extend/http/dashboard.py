@@ -1,4 +1,4 @@
-"""The operator dashboard at ``/`` (DESIGN §12): server-rendered pages, a token login into a
+"""The operator dashboard at ``/``: server-rendered pages, a token login into a
 signed session cookie, CSRF-protected forms. No JavaScript; CSS is vendored under ``static/``.
 
 Pages (all need a session once ``KIE_API_TOKENS`` is set; without tokens, loopback only, they are

@@ -241,7 +241,7 @@ def _rows(rt: Runtime, ids: list[str]) -> list[dict[str, Any]]:
 
 
 def job_detail(rt: Runtime, job_id: str) -> dict[str, Any] | None:
-    """One job for its page: the §5 status record plus ``timeline`` (``[{"at", "from", "to",
+    """One job for its page: the status record plus ``timeline`` (``[{"at", "from", "to",
     "after"}]``, ``after`` = seconds since the previous move), ``request``, ``last_poll_at``,
     ``retried``, ``idempotency_key``, ``can_retry``, ``can_cancel``; None for an unknown job."""
     raw = rt.store.get(job_id)

@@ -3,29 +3,165 @@
 Request bodies are validated by the same code path as the Python API (``api.enqueue_extend`` /
 ``enqueue_many`` → ``intake.check_message``), so every field error has the same field name and
 message in every language. These models describe the wire shapes; the routes parse bodies
-themselves and answer 422 with DESIGN §12's error shape listing every bad field.
+themselves and answer 422 with the API's error shape listing every bad field.
+
+The schemas say what that validation enforces, so a request valid against the OpenAPI document is
+accepted (202, or 409 for an id already in use). Rules JSON Schema can state are stated: types,
+enums, bounds, lengths, patterns, and the custom-mode rules as ``if``/``then``. The patterns of
+``uploadUrl``, ``batch_id`` and the not_after time describe a safe subset of what is accepted (a
+public DNS name; printable ASCII; RFC 3339); their descriptions give the full rule. Two limits have
+no JSON Schema form and are described only: the JSON size of ``request`` (64 KB) and of
+``metadata`` (``KIE_METADATA_MAX_BYTES``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, RootModel, WithJsonSchema
 
+from ..intake import MAX_BATCH_ID, MAX_IDEMPOTENCY_KEY, MAX_REQUEST_BYTES
 from ..listing import MAX_LIMIT
+from ..models import _MODEL_ORDER, LENGTH_LIMITS, V6_MODELS
 
 #: Most jobs one ``POST /v1/jobs`` may carry (larger sets: several requests with the same batch_id).
 MAX_JOBS_PER_REQUEST = 1000
 
-_REQUEST_DOC = (
-    "The KIE request body in KIE's own camelCase field names: uploadUrl, defaultParamFlag, "
-    "instrumental, continueAt, model, prompt, style, title, negativeTags, vocalGender, styleWeight, "
-    "weirdnessConstraint, audioWeight, personaId, callBackUrl (optional: filled from "
-    "KIE_CALLBACK_BASE_URL). Validated by kie-extend's own rules (the Python API's), not by this schema.")
+#: Job ids (``intake.JOB_ID_PATTERN`` in JSON Schema's spelling).
+JOB_ID_SCHEMA_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+#: Tenant names (``intake.TENANT_PATTERN``).
+TENANT_SCHEMA_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+#: Batch ids as documented: printable ASCII without ``|`` (the API also takes other printable characters).
+BATCH_ID_SCHEMA_PATTERN = r"^[ -{}~]{1,%d}$" % MAX_BATCH_ID
+#: A ``GET /v1/jobs`` cursor: ``<creation time>~<job id>`` (``listing.encode_cursor``).
+CURSOR_SCHEMA_PATTERN = r"^[0-9]{1,12}(\.[0-9]{1,9})?~[A-Za-z0-9_.:-]{1,128}$"
+
+_TAIL = r"(/[A-Za-z0-9._~!$&'()*+,;=:@/-]*)?(\?[A-Za-z0-9._~!$&'()*+,;=:@/?-]*)?(#[A-Za-z0-9._~!$&'()*+,;=:@/?-]*)?$"
+#: An http(s) URL on a DNS name with a letters-only top-level label (no IP literal, no bare localhost),
+#: an optional port and a path, query and fragment of URI characters. Kept short on purpose: API
+#: testers generate strings from it.
+PUBLIC_URL_PATTERN = r"^https?://[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,63}(:[0-9]{1,4})?" + _TAIL
+#: An http(s) URL on any host name or IPv4 address.
+ANY_URL_PATTERN = r"^https?://[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*(:[0-9]{1,4})?" + _TAIL
+#: An RFC 3339 time from 1970 to 2999 (``2026-12-01T12:00:00Z``), the not_after form every client can produce.
+TIME_PATTERN = (r"^(19[7-9][0-9]|2[0-9]{3})-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])[Tt ]([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+                r"(\.[0-9]{1,6})?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$")
+
+_CUSTOM = "defaultParamFlag=true (custom mode)"
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _length_rules() -> list[dict[str, Any]]:
+    """``if``/``then`` per group of models sharing custom-mode length limits (``models.LENGTH_LIMITS``)."""
+    groups: dict[tuple[int, int, int], list[str]] = {}
+    for model in _MODEL_ORDER:
+        groups.setdefault(LENGTH_LIMITS[model], []).append(model)
+    rules = []
+    for (prompt, style, title), models in groups.items():
+        custom = {"defaultParamFlag": {"const": True}, "model": {"enum": models}}
+        rules.append({"if": {"properties": custom, "required": ["defaultParamFlag", "model"]},
+                      "then": {"properties": {"style": {"maxLength": style}, "title": {"maxLength": title}}}})
+        # prompt is checked unless instrumental=true (then it is unused, sent anyway with a warning).
+        rules.append({"if": {"properties": {**custom, "instrumental": {"not": {"const": True}}},
+                             "required": ["defaultParamFlag", "model"]},
+                      "then": {"properties": {"prompt": {"maxLength": prompt}}}})
+    return rules
+
+
+def extend_request_schema() -> dict[str, Any]:
+    """The JSON Schema of KIE's extend request body as ``models.parse_request`` checks it (with
+    ``KIE_ALLOW_PRIVATE_URLS`` off). Unknown fields are passed through to KIE unchanged."""
+    limits = "; ".join(f"{m}: prompt {p}, style {s}, title {t}" for m, (p, s, t) in LENGTH_LIMITS.items())
+    weight = {"type": "number", "minimum": 0, "maximum": 1, "multipleOf": 0.01}
+    text = {"type": "string"}
+    return {
+        "title": "ExtendRequest",
+        "description": (
+            "KIE's Upload And Extend Audio request in KIE's own camelCase field names, checked by kie-extend "
+            "before anything is sent (the Python API's rules). Custom mode (defaultParamFlag=true) requires "
+            "style, title and continueAt, and prompt (the lyrics) when instrumental=false; its maximum lengths "
+            f"in characters depend on the model ({limits}); prompt is not limited when instrumental=true. "
+            "An empty style, title or prompt passes with a warning (KIE may treat it as missing and refuse the "
+            "job). Default mode (defaultParamFlag=false) refuses personaId (a blank one is ignored). Unknown "
+            "fields are sent to KIE unchanged (a snake_case spelling of a known field draws a warning). "
+            f"The whole request must be at most {MAX_REQUEST_BYTES // 1024} KB of JSON."),
+        "type": "object",
+        "required": ["uploadUrl", "defaultParamFlag", "model"],
+        "properties": {
+            "uploadUrl": {"type": "string", "pattern": PUBLIC_URL_PATTERN, "description": (
+                "The source audio: an http or https URL KIE can fetch, with a host that is not local or private "
+                "(localhost, loopback, private, link-local or reserved IP addresses are refused unless "
+                "KIE_ALLOW_PRIVATE_URLS=true). The pattern shows the portable form: a DNS name, a port below 10000.")},
+            "defaultParamFlag": {"type": "boolean", "description": "true: custom mode (style, title, continueAt "
+                                 "and usually prompt required); false: default mode (KIE picks the parameters)"},
+            "model": {"type": "string", "enum": list(_MODEL_ORDER), "description": (
+                f"Suno model; {', '.join(sorted(V6_MODELS))} are documented only on KIE's createTask route and "
+                "are accepted with a warning")},
+            "instrumental": _nullable({"type": "boolean", "description": "absent: sent as false"}),
+            "continueAt": _nullable({"type": "number", "exclusiveMinimum": 0, "description": (
+                "seconds into the source audio to continue from: above 0 (below 1 s draws a warning) and below "
+                "the source's duration when it is known; required in custom mode")}),
+            "callBackUrl": _nullable({"type": "string", "pattern": ANY_URL_PATTERN,
+                                      "description": "http(s) URL with a host (private hosts allowed); absent: "
+                                                     "filled from KIE_CALLBACK_BASE_URL"}),
+            "prompt": _nullable({**text, "description": "lyrics (custom mode, instrumental=false) or the idea "
+                                                        "(default mode)"}),
+            "style": _nullable(text),
+            "title": _nullable(text),
+            "negativeTags": _nullable(text),
+            "vocalGender": _nullable({"type": "string", "enum": ["m", "f", ""]}),
+            "styleWeight": _nullable(weight),
+            "weirdnessConstraint": _nullable(weight),
+            "audioWeight": _nullable(weight),
+            "personaId": _nullable({**text, "description": "custom mode only (blank is ignored in default mode)"}),
+            "personaModel": _nullable(text),
+        },
+        "additionalProperties": True,
+        "allOf": [
+            {"if": {"properties": {"defaultParamFlag": {"const": True}}, "required": ["defaultParamFlag"]},
+             "then": {"required": ["style", "title", "continueAt"],
+                      "properties": {"style": text, "title": text, "continueAt": {"type": "number"}}},
+             "else": {"properties": {"personaId": _nullable({"type": "string", "pattern": r"^\s*$"})}}},
+            {"if": {"properties": {"defaultParamFlag": {"const": True}, "instrumental": {"const": False}},
+                    "required": ["defaultParamFlag", "instrumental"]},
+             "then": {"required": ["prompt"], "properties": {"prompt": text}}},
+            *_length_rules(),
+        ],
+    }
+
+
+class ExtendRequest(RootModel[dict[str, Any]]):
+    """KIE's request body; its JSON Schema is :func:`extend_request_schema` (validation is ``models.py``'s)."""
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: GetJsonSchemaHandler) -> dict[str, Any]:
+        return extend_request_schema()
+
+
+_NOT_AFTER_DOC = ("A job not yet sent to KIE by then ends cancelled (reason deadline): an ISO-8601 time (UTC when it "
+                  "has no offset, e.g. 2026-12-01T12:00:00Z; the pattern shows RFC 3339, other ISO-8601 forms such "
+                  "as 2026-12-01 are accepted too), or epoch seconds as a number or a string of digits. A time already "
+                  "past is refused (422): such a job could never run.")
+NotAfter = Annotated[str | float | None, WithJsonSchema({"anyOf": [
+    {"type": "string", "pattern": TIME_PATTERN},
+    {"type": "string", "pattern": r"^[0-9]{1,10}(\.[0-9]{1,6})?$"},
+    {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1e11},
+    {"type": "null"}]})]
+Tenant = Annotated[str | None, WithJsonSchema(_nullable({"type": "string", "pattern": TENANT_SCHEMA_PATTERN}))]
+BatchId = Annotated[str | None, WithJsonSchema(_nullable({"type": "string", "pattern": BATCH_ID_SCHEMA_PATTERN}))]
+Priority = Annotated[int | None, WithJsonSchema(_nullable({"type": "integer", "minimum": 0, "maximum": 9}))]
+
+_TENANT_DOC = "Fairness key: 1-64 characters of A-Z a-z 0-9 _ . - (default KIE_DEFAULT_TENANT)."
+_BATCH_DOC = (f"Groups jobs (GET /v1/batches/{{id}}): 1-{MAX_BATCH_ID} printable characters without '|' (the "
+              "pattern shows printable ASCII; other printable Unicode characters are accepted too).")
+_PRIORITY_DOC = "0-9, default 5; higher is admitted first."
 
 
 class JobSubmission(BaseModel):
-    """One extend job: the KIE request and DESIGN §4/§11's optional kwargs."""
+    """One extend job: the KIE request and the extend task's optional kwargs."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "request": {"uploadUrl": "https://files.example.org/song.mp3", "defaultParamFlag": True,
@@ -33,18 +169,17 @@ class JobSubmission(BaseModel):
                     "style": "indie folk", "title": "Song (Extended)"},
         "idempotency_key": "order-1234", "metadata": {"order": 1234}, "tenant": "shop", "priority": 7}]})
 
-    request: dict[str, Any] = Field(description=_REQUEST_DOC)
-    idempotency_key: str | None = Field(None, max_length=256, description=(
+    request: ExtendRequest
+    idempotency_key: str | None = Field(None, min_length=1, max_length=MAX_IDEMPOTENCY_KEY, description=(
         "A second job with a key already used (24 h window) is not submitted again; its status names the first job."))
-    metadata: dict[str, Any] | None = Field(None, description="Opaque, at most 16 KB of JSON, handed to every result "
-                                                              "handler unchanged.")
-    tenant: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$",
-                               description="Fairness key; default KIE_DEFAULT_TENANT.")
-    priority: int | None = Field(None, ge=0, le=9, description="0-9, default 5; higher is admitted first.")
-    batch_id: str | None = Field(None, max_length=128, description="Groups jobs (GET /v1/batches/{id}).")
-    not_after: str | float | None = Field(None, description=(
-        "ISO-8601 UTC time or epoch seconds: a job not yet sent to KIE by then ends cancelled (reason deadline)."))
-    job_id: str | None = Field(None, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$", description=(
+    metadata: dict[str, Any] | None = Field(None, description="Opaque, at most KIE_METADATA_MAX_BYTES (16 KB by "
+                                                              "default) of JSON, handed to every result handler "
+                                                              "unchanged.")
+    tenant: Tenant = Field(None, description=_TENANT_DOC)
+    priority: Priority = Field(None, description=_PRIORITY_DOC)
+    batch_id: BatchId = Field(None, description=_BATCH_DOC)
+    not_after: NotAfter = Field(None, description=_NOT_AFTER_DOC)
+    job_id: str | None = Field(None, max_length=128, pattern=JOB_ID_SCHEMA_PATTERN, description=(
         "Names the job (default: a new UUID4). An id already used answers 409."))
 
 
@@ -55,10 +190,10 @@ class BatchSubmission(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     jobs: list[JobSubmission] = Field(min_length=1, max_length=MAX_JOBS_PER_REQUEST)
-    tenant: str | None = None
-    priority: int | None = Field(None, ge=0, le=9)
-    batch_id: str | None = Field(None, max_length=128)
-    not_after: str | float | None = None
+    tenant: Tenant = Field(None, description=_TENANT_DOC)
+    priority: Priority = Field(None, description=_PRIORITY_DOC)
+    batch_id: BatchId = Field(None, description=_BATCH_DOC)
+    not_after: NotAfter = Field(None, description=_NOT_AFTER_DOC)
 
 
 class JobAccepted(BaseModel):
@@ -74,7 +209,8 @@ class JobsAccepted(BaseModel):
 
 
 class FieldError(BaseModel):
-    """One bad field: ``field`` is the Python API's name (``request.continueAt``, ``[2].priority``)."""
+    """One bad field: ``field`` is the Python API's name: a KIE request field by its own name
+    (``continueAt``), an option by its name (``priority``); ``[2].`` prefixed in a ``{"jobs": [...]}`` list."""
 
     field: str
     message: str
@@ -89,13 +225,13 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    """DESIGN §12's error shape."""
+    """The API's error shape."""
 
     error: ErrorDetail
 
 
 class Track(BaseModel):
-    """One generated track (DESIGN §7)."""
+    """One generated track."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -111,7 +247,7 @@ class Track(BaseModel):
 
 
 class JobRecord(BaseModel):
-    """A job's status record (DESIGN §5); times are ISO-8601 UTC."""
+    """A job's status record; times are ISO-8601 UTC."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -125,7 +261,7 @@ class JobRecord(BaseModel):
     created_at: str | None = None
     submitted_at: str | None = None
     finished_at: str | None = None
-    error: dict[str, Any] | None = Field(None, description='{"kind", "message", ...}; kind as in DESIGN §5')
+    error: dict[str, Any] | None = Field(None, description='{"kind", "message", ...}; kind as listed under Job states in the README')
     tracks: list[Track] = []
     handlers: dict[str, dict[str, Any]] = {}
     duplicate_of: str | None = None
@@ -159,7 +295,7 @@ class RetryOutcome(BaseModel):
 
 
 class Batch(BaseModel):
-    """A batch's progress (DESIGN §11)."""
+    """A batch's progress."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -185,12 +321,16 @@ class BatchCancelled(BaseModel):
     cancelled: int
 
 
+#: Longest operator pause reason.
+MAX_PAUSE_REASON = 500
+
+
 class PauseRequest(BaseModel):
     """An operator's pause."""
 
     model_config = ConfigDict(extra="forbid")
 
-    reason: str = Field("", max_length=500)
+    reason: str = Field("", max_length=MAX_PAUSE_REASON)
 
 
 class PauseState(BaseModel):
@@ -231,4 +371,5 @@ class SystemOverview(BaseModel):
 
 __all__ = ["JobSubmission", "BatchSubmission", "JobAccepted", "JobsAccepted", "ErrorBody", "JobRecord",
            "JobPage", "CancelOutcome", "RetryOutcome", "Batch", "BatchList", "BatchCancelled", "PauseRequest",
-           "PauseState", "ResumeOutcome", "SystemOverview", "MAX_JOBS_PER_REQUEST", "MAX_LIMIT"]
+           "PauseState", "ResumeOutcome", "SystemOverview", "MAX_JOBS_PER_REQUEST", "MAX_LIMIT", "MAX_PAUSE_REASON",
+           "extend_request_schema", "JOB_ID_SCHEMA_PATTERN", "BATCH_ID_SCHEMA_PATTERN", "CURSOR_SCHEMA_PATTERN"]

@@ -20,7 +20,7 @@ WEIGHT_KEYS = ("style_weight", "weirdness_constraint", "audio_weight")
 TEXT_KEYS = ("upload_url", "model", "prompt", "lyrics", "style", "title", "negative_tags", "vocal_gender",
              "persona_id", "persona_model")
 #: Task failure codes of this route and their messages; 400 + "try again later" is a refunded
-#: upstream failure (the reference's §7.2 quirk), not a bad request.
+#: upstream failure (a quirk of KIE's), not a bad request.
 FAIL_CODES = (400, 500, 501)
 FAIL_MESSAGES = {
     400: "Upstream generation failed, credits refunded. Please try again later.",
