@@ -110,7 +110,8 @@ def sim() -> Iterator[SimServer]:
 def stack(make_settings: Callable[..., Settings], sim: SimServer) -> Iterator[Stack]:
     settings = make_settings(api_tokens=f"{WRITE},read:{READ}", base_url=sim.url, poll_first=0.2,
                              poll_interval=0.2, poll_max_interval=0.3, poll_min_gap=0.0, handler_retry_base=0.05,
-                             lease=5, connect_timeout=1, read_timeout=3, poll_callback_interval=0.4)
+                             lease=5, connect_timeout=1, read_timeout=3, poll_callback_interval=0.4,
+                             http_auth_failures=(10_000, 60.0))  # these tests present many wrong tokens on purpose
     rt = Runtime(settings)
     h = Harness(rt, sim)
     served = Served(create_app(settings, runtime=rt, dispatcher=h.dispatch))

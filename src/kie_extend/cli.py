@@ -403,9 +403,11 @@ def cmd_callback_server(args: argparse.Namespace) -> int:
     secret = settings.callback_secret.get_secret_value() if settings.callback_secret else None
     from .http.health import Readiness
 
-    app = CallbackApp(Pipeline(rt, dispatcher), secret, metrics=lambda: render(rt), ready=Readiness(settings).check)
+    app = CallbackApp(Pipeline(rt, dispatcher), secret, metrics=lambda: render(rt), ready=Readiness(settings).check,
+                      max_body=settings.http_callback_max_body)
     print(f"kie-extend callback receiver on http://{args.host}:{args.port}", flush=True)
-    serve(app, args.host, args.port)
+    serve(app, args.host, args.port, max_body=settings.http_callback_max_body,
+          channel_timeout=settings.http_body_timeout)
     return 0
 
 
@@ -427,6 +429,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .http.app import create_app as create_http_app
+    from .http.limits import guarded_protocol
     from .logs import setup_logging
     from .tasks import CeleryDispatcher
     from .worker import create_app
@@ -445,17 +448,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     rt = _runtime(settings)
     dispatcher = CeleryDispatcher(create_app(settings), settings.queue)
     servers = []
+    # Slow clients: headers within KIE_HTTP_HEADER_TIMEOUT (the body's deadline is the app's, see
+    # http/limits.py), idle keep-alive connections closed after KIE_HTTP_KEEP_ALIVE.
+    guards: dict[str, Any] = {"http": guarded_protocol(settings.http_header_timeout),
+                              "timeout_keep_alive": settings.http_keep_alive}
     if args.callback_port:
         main_parts = ("api", "dashboard")
         cb = create_http_app(settings, parts=("callbacks",), runtime=rt, dispatcher=dispatcher)
         servers.append(uvicorn.Server(uvicorn.Config(cb, host=args.callback_host, port=args.callback_port,
-                                                     log_level="warning", access_log=False)))
+                                                     log_level="warning", access_log=False, **guards)))
         print(f"kie-extend callbacks on http://{args.callback_host}:{args.callback_port}/kie/callback/", flush=True)
     else:
         main_parts = ("callbacks", "api", "dashboard")
     app = create_http_app(settings, parts=main_parts, runtime=rt, dispatcher=dispatcher)
     servers.append(uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                                 access_log=False)))
+                                                 access_log=False, **guards)))
     print(f"kie-extend serve on http://{args.host}:{args.port}  (dashboard /, API /v1, OpenAPI /openapi.json)",
           flush=True)
 

@@ -117,6 +117,14 @@ class Settings(BaseSettings):
     callback_secret: SecretStr | None = None
     api_tokens: SecretStr | None = None  # KIE_API_TOKENS: comma list of bearer tokens; "read:" prefix = read-only
     session_secret: SecretStr | None = None  # signs dashboard session cookies (default: derived from the tokens)
+    http_callback_max_body: int = Field(256 * 1024, ge=1024)  # bytes: largest body of POST /kie/callback/{job_id}
+    http_api_max_body: int = Field(16 * 1024 * 1024, ge=1024)  # bytes: largest body of a /v1 request
+    http_form_max_body: int = Field(64 * 1024, ge=1024)  # bytes: largest body of any other request (dashboard forms)
+    http_json_max_depth: int = Field(64, ge=2)  # deepest nesting of arrays/objects a JSON body may have
+    http_body_timeout: Duration = 30.0  # a request's whole body must arrive within this (else 408)
+    http_header_timeout: Duration = 10.0  # a request's headers must arrive within this (else the connection is closed)
+    http_keep_alive: Duration = 5.0  # an idle keep-alive connection is closed after this
+    http_auth_failures: Annotated[tuple[int, float], NoDecode] = (20, 60.0)  # failed logins per client address
 
     log_level: str = "INFO"
     log_format: str = "text"
@@ -158,14 +166,15 @@ class Settings(BaseSettings):
         "tick_interval", "lease", "maintenance_backoff", "visibility_timeout", "pause_probe_interval", "retention",
         "idempotency_window", "handler_retry_base", "webhook_timeout", "submit_rate_margin",
         "breaker_cooldown", "sweep_interval", "sweep_grace", "redis_socket_timeout",
-        "unreachable_window", "unreachable_probe_interval",
+        "unreachable_window", "unreachable_probe_interval", "http_body_timeout", "http_header_timeout",
+        "http_keep_alive",
         mode="before",
     )
     @classmethod
     def _duration(cls, value: Any) -> float:
         return parse_duration(value)
 
-    @field_validator("submit_rate", mode="before")
+    @field_validator("submit_rate", "http_auth_failures", mode="before")
     @classmethod
     def _rate(cls, value: Any) -> tuple[int, float]:
         return parse_rate(value)

@@ -156,6 +156,11 @@ class Keys:
         """Hash: the last finished tick's time (``at``, epoch seconds), for the stalled-tick alert."""
         return f"{self.tag}:tick:last"
 
+    def session_revoked(self, sid: str) -> str:
+        """String: a logged-out dashboard session id (``sid`` from its cookie), kept for the
+        session's remaining life so the old cookie opens nothing."""
+        return f"{self.tag}:session:revoked:{sid}"
+
     def minute(self, minute: int) -> str:
         """Hash: what happened in one minute (``minute`` = unix seconds // 60), for the dashboard's
         charts: ``submitted`` and ``finished``/``succeeded``/``failed``/``cancelled`` (bumped by the

@@ -24,6 +24,8 @@ log = logging.getLogger("kie_extend.receiver")
 
 #: Largest callback body accepted (bytes); real ones are a few KB.
 MAX_BODY = 256 * 1024
+#: Deepest JSON nesting a callback body may have.
+JSON_MAX_DEPTH = 64
 #: Oldest signature timestamp accepted (seconds), against replay.
 MAX_SKEW = 300
 
@@ -63,8 +65,9 @@ class CallbackApp:
 
     def __init__(self, pipeline: Pipeline, secret: str | None = None,
                  metrics: Callable[[], str] | None = None,
-                 ready: Callable[[], tuple[bool, dict[str, Any]]] | None = None) -> None:
+                 ready: Callable[[], tuple[bool, dict[str, Any]]] | None = None, max_body: int = MAX_BODY) -> None:
         self.pipeline = pipeline
+        self.max_body = max_body
         self.secret = secret
         self.metrics = metrics
         self.ready = ready
@@ -97,13 +100,18 @@ class CallbackApp:
             length = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
             length = 0
-        if length > MAX_BODY:
+        if length > self.max_body:
             return _reply(start_response, "413 Payload Too Large", {"error": "body too large"})
+        # waitress de-chunks a chunked body and sets CONTENT_LENGTH; it read at most its own limit.
         raw = environ["wsgi.input"].read(length) if length else b""
         try:
-            body = json.loads(raw or b"{}")
+            from .http.limits import TooDeep, loads
+
+            body = loads(raw or b"{}", JSON_MAX_DEPTH)
             if not isinstance(body, dict):
                 raise ValueError("not an object")
+        except TooDeep:
+            return _reply(start_response, "422 Unprocessable Entity", {"error": "body nested too deep"})
         except ValueError:
             return _reply(start_response, "400 Bad Request", {"error": "body must be a JSON object"})
         job_id = match.group(1)
@@ -131,8 +139,12 @@ def _reply(start_response: StartResponse, status: str, payload: dict[str, Any]) 
     return [body]
 
 
-def serve(app: CallbackApp, host: str = "127.0.0.1", port: int = 8080, threads: int = 8) -> None:
-    """Serve the receiver with waitress until interrupted."""
+def serve(app: CallbackApp, host: str = "127.0.0.1", port: int = 8080, threads: int = 8, *,
+          max_body: int = MAX_BODY, channel_timeout: float = 30.0) -> None:
+    """Serve the receiver with waitress until interrupted; bodies over ``max_body`` bytes get 413."""
     from waitress import serve as waitress_serve
 
-    waitress_serve(app, host=host, port=port, threads=threads, ident="kie-extend", _quiet=True)
+    # waitress counts the body as it reads it (chunked or not) and answers 413 past the limit; a
+    # connection silent for channel_timeout seconds is closed.
+    waitress_serve(app, host=host, port=port, threads=threads, ident="kie-extend", _quiet=True,
+                   max_request_body_size=max_body, channel_timeout=channel_timeout)

@@ -28,13 +28,12 @@ from ..listing import DEFAULT_LIMIT, MAX_LIMIT, list_jobs
 from ..metrics import overview
 from ..states import JobState
 from .auth import Auth, Principal
+from .limits import TooDeep, loads
 from .schemas import (BATCH_ID_SCHEMA_PATTERN, CURSOR_SCHEMA_PATTERN, JOB_ID_SCHEMA_PATTERN, MAX_JOBS_PER_REQUEST,
                       MAX_PAUSE_REASON, Batch, BatchCancelled, BatchList, BatchSubmission, CancelOutcome, ErrorBody,
                       JobAccepted, JobPage, JobRecord, JobsAccepted, JobSubmission, PauseRequest, PauseState,
                       ResumeOutcome, RetryOutcome, SystemOverview)
 
-#: Largest request body ``POST /v1/jobs`` reads, in bytes.
-MAX_BODY_BYTES = 16 * 1024 * 1024
 #: Fields of one job object (``audio_file`` is the Python API's only: a server-side path is no input).
 ITEM_FIELDS = (*EXTEND_KWARGS, "job_id")
 #: Fields of ``{"jobs": [...]}`` besides ``jobs``: defaults for every job.
@@ -60,11 +59,15 @@ def _errors(*codes: int, success: tuple[int, dict[str, Any]] | None = None) -> d
     """The documented error answers: 401 and 503 on every route, and ``codes``; ``success`` is
     ``(status, entry)`` merged into the success answer (its description and links)."""
     described = {401: "no valid bearer token", 403: "read-only token", 404: "unknown id",
-                 409: "conflict with the job's state", 413: f"the body is larger than {MAX_BODY_BYTES} bytes",
+                 408: "the body did not arrive within KIE_HTTP_BODY_TIMEOUT",
+                 409: "conflict with the job's state", 413: "the body is larger than KIE_HTTP_API_MAX_BODY bytes",
                  422: "invalid request: every bad field listed (also the rules the schema can only describe)",
+                 429: "too many failed authentications from this address (Retry-After: seconds)",
                  503: "the job store is unavailable (Retry-After: seconds)"}
+    if 413 in codes:
+        codes = (408, *codes)
     out: dict[int | str, dict[str, Any]] = {c: {"model": ErrorBody, "description": described[c]}
-                                            for c in (401, *codes, 503)}
+                                            for c in sorted((401, *codes, 429, 503))}
     if success is not None:
         out[success[0]] = success[1]
     return out
@@ -122,16 +125,13 @@ async def _blocking(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 async def _json_body(request: Request, *, optional: bool = False) -> Any:
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise fail(413, "too_large", f"the body is larger than {MAX_BODY_BYTES} bytes")
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise fail(413, "too_large", f"the body is larger than {MAX_BODY_BYTES} bytes")
+    raw = await request.body()  # bounded while read: limits.BodyLimit answers 413 past KIE_HTTP_API_MAX_BODY
     if not raw.strip() and optional:
         return {}
     try:
-        return json.loads(raw)
+        return loads(raw, request.app.state.limits.json_max_depth)
+    except TooDeep as exc:
+        raise invalid([{"field": "body", "message": f"JSON {exc} (KIE_HTTP_JSON_MAX_DEPTH)"}]) from None
     except ValueError as exc:
         raise invalid([{"field": "body", "message": f"not valid JSON ({exc})"}]) from None
 

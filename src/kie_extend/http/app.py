@@ -23,10 +23,11 @@ from ..config import Settings
 from ..errors import describe_problems
 from ..infra import is_infra_error
 from ..intake import JOB_ID_PATTERN
-from ..receiver import MAX_BODY, callback_task_id, signature_ok
+from ..receiver import callback_task_id, signature_ok
 from ..runtime import Runtime
-from .auth import Auth, parse_tokens
+from .auth import Auth, FailureLimit, Revocations, parse_tokens
 from .health import Readiness, Throttled
+from .limits import BodyLimit, Limits, TooDeep, loads
 
 log = logging.getLogger("kie_extend.http")
 
@@ -74,7 +75,12 @@ def create_app(settings: Settings, *, parts: Iterable[str] = PARTS, runtime: Run
     app.state.runtime = rt
     app.state.pipeline = Pipeline(rt, dispatcher)
     app.state.auth = Auth(parse_tokens(settings.api_tokens.get_secret_value() if settings.api_tokens else ""),
-                          settings.session_secret.get_secret_value() if settings.session_secret else None)
+                          settings.session_secret.get_secret_value() if settings.session_secret else None,
+                          failures=FailureLimit(*settings.http_auth_failures),
+                          revocations=Revocations(rt.redis, rt.keys.session_revoked))
+    app.state.limits = limits = Limits.from_settings(settings)
+    # Outermost of the app's own middleware: no route ever sees more body than its limit allows.
+    app.add_middleware(BodyLimit, limits=limits)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -156,16 +162,13 @@ def _callbacks(app: FastAPI, settings: Settings) -> None:
     async def callback(job_id: str, request: Request) -> JSONResponse:
         if not JOB_ID_PATTERN.fullmatch(job_id):
             return JSONResponse({"error": "not found"}, status_code=404)
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > MAX_BODY:
-            return JSONResponse({"error": "body too large"}, status_code=413)
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            return JSONResponse({"error": "body too large"}, status_code=413)
+        raw = await request.body()  # at most KIE_HTTP_CALLBACK_MAX_BODY bytes: BodyLimit answered 413 otherwise
         try:
-            body = json.loads(raw or b"{}")
+            body = loads(raw or b"{}", app.state.limits.json_max_depth)
             if not isinstance(body, dict):
                 raise ValueError("not an object")
+        except TooDeep as exc:
+            return JSONResponse({"error": f"body {exc}"}, status_code=422)
         except ValueError:
             return JSONResponse({"error": "body must be a JSON object"}, status_code=400)
         if secret:

@@ -32,7 +32,7 @@ from ..delivery import Delivery
 from ..endpoints import mask_url
 from ..intake import JOB_ID_PATTERN
 from . import dashboard_data as data
-from .auth import SESSION_COOKIE, SESSION_MAX_AGE, Principal
+from .auth import SESSION_COOKIE, SESSION_MAX_AGE, Principal, client_address, fingerprint
 
 log = logging.getLogger("kie_extend.http.dashboard")
 
@@ -120,12 +120,13 @@ def mount(app: FastAPI) -> None:
             raise _Forbidden("The form's CSRF token does not match this session; reload the page and try again.")
         return who
 
-    def _page(request: Request, name: str, ctx: dict[str, Any], who: Principal | None, status: int = 200) -> Response:
-        session = auth.session(request)
+    def _page(request: Request, name: str, ctx: dict[str, Any], who: Principal | None, status: int = 200,
+              store_down: bool = False) -> Response:
+        session = auth.session(request, check_revoked=not store_down)
         fresh = None
         if session is None and not auth.enabled:
             # Open dashboard (loopback, no tokens): still a session, so forms carry a CSRF token.
-            fresh = auth.new_session(Principal("loopback", False))
+            fresh = auth.new_session()
             session = auth._sessions.loads(fresh)
         context = {"request": request, "who": who, "can_write": bool(who and who.can_write),
                    "csrf": (session or {}).get("csrf", ""), "auth_enabled": auth.enabled,
@@ -141,10 +142,10 @@ def mount(app: FastAPI) -> None:
         """The page every dashboard route answers while the job store is unreachable: 503, the usual
         navigation, what is wrong (the store's URL with its password masked, for a logged-in user
         only) and a reload every :data:`UNAVAILABLE_REFRESH` seconds."""
-        who = (auth.from_session(request) if auth.enabled else Principal("loopback", False))
+        who = (auth.from_session(request, check_revoked=False) if auth.enabled else Principal("loopback", False))
         ctx = {"status": 503, "error": type(exc).__name__, "refresh": True, "refresh_seconds": UNAVAILABLE_REFRESH,
                "store_url": mask_url(rt.settings.redis_url) if who else None}
-        resp = _page(request, "unavailable.html", ctx, who, status=503)
+        resp = _page(request, "unavailable.html", ctx, who, status=503, store_down=True)
         resp.headers["Retry-After"] = str(UNAVAILABLE_REFRESH)
         return resp
 
@@ -159,20 +160,33 @@ def mount(app: FastAPI) -> None:
     def login(request: Request, token: str = Form(""), next: str = Form("/")) -> Response:
         if not same_origin(request):
             raise _Forbidden("The form did not come from this dashboard (Origin/Referer check).")
-        who = auth.check(token.strip()) if auth.enabled else Principal("loopback", False)
-        if who is None:
+        if not auth.enabled:
+            resp = RedirectResponse(_local(next), status_code=303)
+            _set_cookie(request, resp, auth.new_session())
+            return resp
+        wait = auth.failures.retry_after(client_address(request))
+        if wait > 0:
+            resp = _page(request, "login.html", {"next": _local(next), "error": "Too many failed logins from this "
+                                                 f"address; try again in {int(wait) + 1} s."}, None, status=429)
+            resp.headers["Retry-After"] = str(int(wait) + 1)
+            return resp
+        match = auth.match(token.strip())
+        if match is None:
+            auth.failures.failed(client_address(request))
             log.warning("dashboard login refused: unknown token")  # never the token itself
             return _page(request, "login.html", {"next": _local(next), "error": "That token is not valid."}, None,
                          status=401)
+        who = Principal(fingerprint(match[0]), match[1])
         log.info("dashboard login by token %s%s", who.name, " (read-only)" if who.read_only else "")
         resp = RedirectResponse(_local(next), status_code=303)
-        _set_cookie(request, resp, auth.new_session(who))
+        _set_cookie(request, resp, auth.new_session(match[0]))
         return resp
 
     @app.post("/logout", include_in_schema=False)
     def logout(request: Request, csrf: str = Form("")) -> Response:
         if not (same_origin(request) and auth.csrf_ok(request, csrf)):
             raise _Forbidden("The form's CSRF token does not match this session.")
+        auth.end_session(request)
         resp = RedirectResponse("/login?m=logged_out" if auth.enabled else "/", status_code=303)
         resp.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
         return resp
