@@ -4,7 +4,9 @@
   ``http.request`` messages as they arrive (chunked or not, whatever ``Content-Length`` claims) and
   answers ``413`` in the API's error shape as soon as a route's limit is passed: a declared
   ``Content-Length`` over the limit is refused before the app runs, a body that grows past it is cut
-  off at the first chunk over it. The app never holds more than the limit. The whole body must also
+  off at the first chunk over it. The app never holds more than the limit. A request with both
+  ``Content-Length`` and ``Transfer-Encoding`` is refused (400), as a proxy in front could frame it
+  differently. The whole body must also
   arrive within ``KIE_HTTP_BODY_TIMEOUT`` seconds of the request's start, else ``408``. After either
   answer the connection is closed (``Connection: close``) and the app sees a client disconnect.
 * :func:`guarded_protocol` is uvicorn's h11 protocol with a header deadline: a connection whose
@@ -77,7 +79,12 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         limit = self.limits.for_path(scope.get("path", ""))
-        declared = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), None)
+        headers = scope.get("headers", ())
+        declared = next((v for k, v in headers if k == b"content-length"), None)
+        if declared is not None and any(k == b"transfer-encoding" for k, _ in headers):
+            # Two framings at once (RFC 9112 6.3): the classic request-smuggling shape; refused.
+            await _answer(send, 400, "bad_request", "Content-Length and Transfer-Encoding together")
+            return
         if declared is not None and declared.strip().isdigit() and int(declared) > limit:
             await _answer(send, 413, "too_large", f"the body is larger than {limit} bytes")
             return
