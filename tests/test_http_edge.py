@@ -444,3 +444,25 @@ def test_the_old_callback_server_bounds_bodies_too(start: Callable[..., Server])
     assert status == 413
     assert server.request("POST", "/kie/callback/abc", nested(1000))[0] == 422
     assert server.request("POST", "/kie/callback/abc", b"{}")[0] == 200
+
+
+def test_the_failure_limit_forgets_an_address_after_its_window() -> None:
+    """The counting itself, on a clock the test moves: the block lasts until the oldest failure is a
+    window old, addresses are counted apart, and only ``max_addresses`` are remembered."""
+    from kie_extend.http.auth import FailureLimit
+
+    now = [1000.0]
+    limit = FailureLimit(3, 60.0, max_addresses=2, clock=lambda: now[0])
+    for _ in range(3):
+        assert limit.retry_after("a") == 0.0
+        limit.failed("a")
+        now[0] += 10
+    assert limit.retry_after("a") == pytest.approx(30.0)  # first failure at 1000, now 1030
+    assert limit.retry_after("b") == 0.0
+    now[0] += 30
+    assert limit.retry_after("a") == 0.0  # the first failure left the window
+    limit.failed("a")
+    assert limit.retry_after("a") == pytest.approx(10.0)
+    limit.failed("b")
+    limit.failed("c")  # a third address: the least recently failing one ("a") is forgotten
+    assert limit.retry_after("a") == 0.0
