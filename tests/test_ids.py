@@ -92,8 +92,11 @@ def test_file_derived_batch_ids_fit_the_grammar() -> None:
 def test_text_problems_name_the_field() -> None:
     assert ids.text_problem("line\nbreak\ttab") is None
     assert ids.text_problem("a\ud800") and ids.text_problem("a\x00") and ids.text_problem("\x1b[31m")
-    got = ids.text_problems({"a": ["ok", "\udc80"], "b": {"c": "\x07"}}, "metadata")
+    got = ids.text_problems({"a": ["ok", "\udc80"], "b": {"c": "\x07"}}, "metadata", controls=True)
     assert [p["field"] for p in got] == ["metadata.a[1]", "metadata.b.c"]
+    # Metadata never goes to KIE: only what cannot be stored as text is refused there.
+    got = ids.text_problems({"a": ["ok", "\udc80"], "b": {"c": "\x07"}}, "metadata")
+    assert [p["field"] for p in got] == ["metadata.a[1]"]
 
 
 def test_header_values_are_ascii() -> None:

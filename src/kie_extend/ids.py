@@ -89,39 +89,50 @@ def check_id(kind: str, value: Any, field: str | None = None) -> str:
 _ALLOWED_CONTROLS = frozenset("\t\n\r")
 
 
-def text_problem(value: str) -> str | None:
+#: The same rule as a JSON Schema pattern (no control character but tab and line breaks; JSON
+#: text in UTF-8 cannot hold an unpaired surrogate anyway).
+TEXT_SCHEMA_PATTERN = "^[^\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f-\\u009f]*$"
+#: KIE's text fields: controls are refused in these (any field refuses what is not UTF-8).
+TEXT_FIELDS = ("prompt", "style", "title", "negativeTags", "personaId", "personaModel", "vocalGender")
+
+
+def text_problem(value: str, controls: bool = True) -> str | None:
     """Why ``value`` cannot be sent or stored as text, else None: an unpaired surrogate (or anything
-    else that does not encode as UTF-8), or a NUL or other control character but tab and line breaks."""
+    else that does not encode as UTF-8), or, with ``controls``, a NUL or other control character
+    (Unicode category Cc) but tab and line breaks."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         return (f"is not valid Unicode text: {ascii(value[exc.start:exc.end])} at character {exc.start} "
                 "cannot be encoded as UTF-8 (an unpaired surrogate?)")
+    if not controls:
+        return None
     for i, ch in enumerate(value):
         if ch not in _ALLOWED_CONTROLS and unicodedata.category(ch) == "Cc":
             return f"holds the control character U+{ord(ch):04X} at character {i}; only tab and line breaks are allowed"
     return None
 
 
-def text_problems(value: Any, field: str, depth: int = 0) -> list[dict[str, str]]:
+def text_problems(value: Any, field: str, depth: int = 0, controls: bool = False) -> list[dict[str, str]]:
     """Every string in ``value`` (and every key of its objects, recursively) that fails
-    :func:`text_problem`, as problems naming ``field`` (``metadata.a.b``, ``request.title``)."""
+    :func:`text_problem` (``controls`` as there), as problems naming ``field`` (``metadata.a.b``)."""
     out: list[dict[str, str]] = []
     if depth > 64:
         return out
     if isinstance(value, str):
-        why = text_problem(value)
+        why = text_problem(value, controls)
         if why:
             out.append({"field": field, "message": why})
     elif isinstance(value, dict):
         for k, v in value.items():
-            name = f"{field}.{k}" if isinstance(k, str) and not text_problem(k) else f"{field}.<key>"
-            if isinstance(k, str) and text_problem(k):
-                out.append({"field": name, "message": f"key {text_problem(k)}"})
-            out += text_problems(v, name, depth + 1)
+            bad_key = text_problem(k, False) if isinstance(k, str) else None
+            name = f"{field}.<key>" if bad_key else f"{field}.{k}"
+            if bad_key:
+                out.append({"field": name, "message": f"key {bad_key}"})
+            out += text_problems(v, name, depth + 1, controls)
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            out += text_problems(v, f"{field}[{i}]", depth + 1)
+            out += text_problems(v, f"{field}[{i}]", depth + 1, controls)
     return out
 
 
@@ -155,4 +166,4 @@ def derived_job_id(raw: Any) -> str:
 
 __all__ = ["MAX_ID", "MAX_TENANT", "MAX_IDEMPOTENCY_KEY", "JOB_ID_PATTERN", "BATCH_ID_PATTERN",
            "TENANT_PATTERN", "schema_pattern", "rule", "is_valid", "id_problem", "check_id", "text_problem",
-           "text_problems", "idempotency_problem", "header_value", "derived_job_id"]
+           "text_problems", "idempotency_problem", "TEXT_SCHEMA_PATTERN", "TEXT_FIELDS", "header_value", "derived_job_id"]

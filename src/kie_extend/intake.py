@@ -14,7 +14,7 @@ from typing import Any
 from .config import Settings
 from .errors import ValidationError
 from .ids import (JOB_ID_PATTERN, MAX_ID, MAX_IDEMPOTENCY_KEY, TENANT_PATTERN,  # noqa: F401 (re-exported)
-                  id_problem, idempotency_problem, text_problems)
+                  TEXT_FIELDS, id_problem, idempotency_problem, text_problems)
 from .models import parse_request
 
 #: Largest request body accepted (bytes of JSON); the provider's own limits are far below it.
@@ -166,8 +166,10 @@ def check_message(request: Any, *, settings: Settings, idempotency_key: Any = No
         problems.append({"field": "request", "message": f"is {size} bytes of JSON; at most {MAX_REQUEST_BYTES}"})
         return out
     if isinstance(request, dict):
-        # Text KIE could not take (an unpaired surrogate, NUL): refused before anything is sent.
-        bad_text = [p for k, v in request.items() for p in text_problems(v, str(k))]
+        # Text KIE could not take (an unpaired surrogate anywhere; NUL or another control character
+        # in its text fields): refused before anything is sent. Metadata is never sent to KIE: only
+        # what cannot be stored as text is refused there.
+        bad_text = [p for k, v in request.items() for p in text_problems(v, str(k), controls=k in TEXT_FIELDS)]
         bad_text += [{"field": "request", "message": f"field name {k!r} is not valid text"}
                      for k in request if isinstance(k, str) and text_problems(k, "request")]
         if bad_text:

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, RootModel, WithJsonSchema
 
-from ..ids import rule, schema_pattern
+from ..ids import TEXT_SCHEMA_PATTERN, rule, schema_pattern
 from ..intake import MAX_IDEMPOTENCY_KEY, MAX_REQUEST_BYTES
 from ..listing import MAX_LIMIT
 from ..models import _MODEL_ORDER, LENGTH_LIMITS, V6_MODELS
@@ -76,7 +76,7 @@ def extend_request_schema() -> dict[str, Any]:
     ``KIE_ALLOW_PRIVATE_URLS`` off). Unknown fields are passed through to KIE unchanged."""
     limits = "; ".join(f"{m}: prompt {p}, style {s}, title {t}" for m, (p, s, t) in LENGTH_LIMITS.items())
     weight = {"type": "number", "minimum": 0, "maximum": 1, "multipleOf": 0.01}
-    text = {"type": "string"}
+    text = {"type": "string", "pattern": TEXT_SCHEMA_PATTERN}
     return {
         "title": "ExtendRequest",
         "description": (
@@ -169,7 +169,8 @@ class JobSubmission(BaseModel):
         "idempotency_key": "order-1234", "metadata": {"order": 1234}, "tenant": "shop", "priority": 7}]})
 
     request: ExtendRequest
-    idempotency_key: str | None = Field(None, min_length=1, max_length=MAX_IDEMPOTENCY_KEY, description=(
+    idempotency_key: str | None = Field(None, min_length=1, max_length=MAX_IDEMPOTENCY_KEY,
+                                        pattern=TEXT_SCHEMA_PATTERN, description=(
         "A second job with a key already used (24 h window) is not submitted again; its status names the first job. "
         "Free text (no control characters)."))
     metadata: dict[str, Any] | None = Field(None, description="Opaque, at most KIE_METADATA_MAX_BYTES (16 KB by "
