@@ -90,11 +90,17 @@ def migrate_legacy_job_lists(rt: Runtime, limit: int = 100_000) -> int:
     to :meth:`Keys.batch_jobs`; returns how many were moved. Idempotent; run by every worker and beat
     at start-up. A list present under both names is merged (earliest score wins)."""
     moved = 0
-    for b in rt.redis.zrange(rt.keys.batches, 0, limit - 1):
-        batch_id = _t(b)
-        old, new = rt.keys.legacy_batch_jobs(batch_id), rt.keys.batch_jobs(batch_id)
-        if rt.redis.type(old) not in (b"zset", "zset"):
+    batch_ids = [_t(b) for b in rt.redis.zrange(rt.keys.batches, 0, limit - 1)]
+    types = []
+    for i in range(0, len(batch_ids), CHUNK):  # one round trip per CHUNK batches
+        pipe = rt.redis.pipeline(transaction=False)
+        for batch_id in batch_ids[i:i + CHUNK]:
+            pipe.type(rt.keys.legacy_batch_jobs(batch_id))
+        types += pipe.execute()
+    for batch_id, kind in zip(batch_ids, types):
+        if _t(kind) != "zset":
             continue
+        old, new = rt.keys.legacy_batch_jobs(batch_id), rt.keys.batch_jobs(batch_id)
         pipe = rt.redis.pipeline(transaction=True)
         pipe.zunionstore(new, [new, old], aggregate="MIN")
         pipe.delete(old)
