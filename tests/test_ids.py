@@ -321,6 +321,26 @@ def test_a_foreign_message_with_a_bad_task_id_is_recorded_under_a_derived_id(sta
     assert int(rc.hget(Keys(settings.key_prefix).stats, "bad_job_ids") or 0) == 3
 
 
+def test_an_unreadable_message_with_a_bad_task_id_is_recorded_under_a_derived_id(stack: DevStack) -> None:
+    """The consumer's path (a body that is not JSON): never recorded under the bad id either."""
+    from kombu import Connection, Queue
+
+    raw = f"m{uuid.uuid4().hex[:6]}:jobs"
+    queue = stack.settings().queue
+    headers = {"lang": "py", "task": "kie_extend.extend", "argsrepr": "", "kwargsrepr": "", "origin": "test",
+               "id": raw, "root_id": raw}
+    with Connection(stack.redis_url) as conn:
+        conn.Producer().publish(b"{not json", routing_key=queue, content_type="application/json",
+                                content_encoding="utf-8", headers=headers, declare=[Queue(queue)], serializer=None)
+    derived = ids.derived_job_id(raw)
+    rec = _wait(lambda: (lambda x: x if x["state"] != "not_found" else None)(get_job(derived, settings=stack.settings())))
+    assert rec["state"] == "failed" and rec["error"]["kind"] == "invalid_request", rec
+    assert raw in rec["error"]["message"] and "decoded" in rec["error"]["message"]
+    rc = redis.Redis.from_url(stack.redis_url)
+    assert not rc.exists(Keys(stack.settings().key_prefix).job(raw))
+    assert int(rc.hget(Keys(stack.settings().key_prefix).stats, "bad_job_ids") or 0) == 4
+
+
 def test_job_lists_of_an_earlier_version_move_at_start_up(stack: DevStack) -> None:
     from kie_extend.batches import migrate_legacy_job_lists
     from kie_extend.runtime import Runtime
@@ -379,7 +399,7 @@ def test_fuzz_cli_agrees_with_the_grammar(stack: DevStack, tmp_path_factory: Any
     out = _cli(stack, "batch", "submit", str(f), f"--batch-id={value}", "--dry-run", cwd=tmp)
     assert "Traceback" not in out.stderr, out.stderr
     assert (out.returncode == 0) == ids.is_valid("batch_id", value), (value, out.stdout, out.stderr)
-    out = _cli(stack, "status", f"--json", "--", value, cwd=tmp)
+    out = _cli(stack, "status", "--json", "--", value, cwd=tmp)
     assert "Traceback" not in out.stderr and json.loads(out.stdout)["state"] == "not_found", out.stdout + out.stderr
 
 
