@@ -14,7 +14,8 @@ from .config import Settings, load_settings
 from .endpoints import configure_broker
 from .errors import ConfigError, JobExistsError, ValidationError
 from .events import status_record
-from .intake import EXTEND_OPTIONS, JOB_ID_PATTERN, check_message, require
+from .ids import id_problem, is_valid
+from .intake import EXTEND_OPTIONS, check_message, require
 from .probe import AUDIO_FILE_FIELD, AudioInfo, probe_audio
 from .runtime import Runtime
 from .states import JobState
@@ -155,9 +156,8 @@ def enqueue_extend(request: dict[str, Any], *, audio_file: AudioPath | None = No
                                 settings=settings)
         request = {**request, "uploadUrl": uploaded.url}
     check_extend(request, idempotency_key=idempotency_key, metadata=metadata, settings=settings, **options)
-    if job_id is not None and not (isinstance(job_id, str) and JOB_ID_PATTERN.fullmatch(job_id)):
-        raise ValidationError([{"field": "job_id", "message": "must be 1-128 characters of A-Z a-z 0-9 _ . : - "
-                                "(it is part of the job's callback URL)"}])
+    if job_id is not None and id_problem("job_id", job_id):
+        raise ValidationError([id_problem("job_id", job_id)])  # type: ignore[list-item]
     if job_id is not None and _runtime(settings).store.exists(job_id):
         raise JobExistsError(job_id)
     job_id = job_id or str(uuid.uuid4())
@@ -196,10 +196,8 @@ def enqueue_many(items: Iterable[dict[str, Any]], *, settings: Settings | None =
     for i, item in enumerate(items):
         request, key, metadata = item.get("request"), item.get("idempotency_key"), item.get("metadata")
         try:
-            if item.get("job_id") is not None and not (isinstance(item["job_id"], str)
-                                                       and JOB_ID_PATTERN.fullmatch(item["job_id"])):
-                raise ValidationError([{"field": "job_id", "message": "must be 1-128 characters of "
-                                        "A-Z a-z 0-9 _ . : -"}])
+            if item.get("job_id") is not None and id_problem("job_id", item["job_id"]):
+                raise ValidationError([id_problem("job_id", item["job_id"])])  # type: ignore[list-item]
             if item.get("audio_file") is not None:
                 infos[i] = check_audio_file(request, item["audio_file"], idempotency_key=key, metadata=metadata,
                                             settings=settings)
@@ -261,8 +259,11 @@ def _indexed(i: int, exc: ValidationError) -> list[dict[str, str]]:
 
 
 def get_job(job_id: str, *, settings: Settings | None = None) -> dict[str, Any]:
-    """The job's status record; ``{"job_id": id, "state": "not_found"}`` for an unknown id."""
+    """The job's status record; ``{"job_id": id, "state": "not_found"}`` for an unknown id (or one
+    outside the id grammar, never looked up)."""
     settings = _settings(settings)
+    if not is_valid("job_id", job_id):
+        return {"job_id": job_id, "state": JobState.NOT_FOUND.value}
     store = _runtime(settings).store
     raw = store.get(job_id)
     if raw is None:
@@ -287,6 +288,9 @@ def cancel(job_id: str, *, settings: Settings | None = None) -> bool:
     """Cancel a job not yet sent to KIE; False when it is unknown, finished, or already sent (KIE
     has no cancel call: a sent job keeps going). Cancel and submit never both happen."""
     from .pipeline import Pipeline
+
+    if not is_valid("job_id", job_id):
+        return False
 
     return Pipeline(_runtime(_settings(settings))).cancel(job_id) == "cancelled"
 

@@ -280,7 +280,9 @@ def parse_batch(data: bytes, name: str, fmt: Format | None = None) -> tuple[list
 
 def default_batch_id(path: str | os.PathLike[str], data: bytes) -> str:
     """``{stem}-{8 hex of the content's SHA-256}``: the same file always gets the same batch id."""
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(path).stem).strip("-.")[:64] or "batch"
+    # The stem in the id grammar (ids.py): other characters become '-', and it starts and ends
+    # with a letter or digit.
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(path).stem, flags=re.ASCII).strip("-._")[:64].strip("-._") or "batch"
     return f"{stem}-{hashlib.sha256(data).hexdigest()[:8]}"
 
 

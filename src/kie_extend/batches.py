@@ -9,14 +9,18 @@ job that arrived naming it. When the last of them ends, the transition that ends
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
+from .ids import is_valid
 from .runtime import Runtime
 from .states import TERMINAL, JobState
 
 #: Batch ids read per round trip when listing a batch's jobs.
 CHUNK = 500
+
+log = logging.getLogger("kie_extend.batches")
 
 
 def _t(value: Any) -> str:
@@ -31,7 +35,11 @@ def _iso(ts: str | None) -> str | None:
 
 def get_batch(rt: Runtime, batch_id: str) -> dict[str, Any]:
     """``{"batch_id", "total", "counts": {state: n}, "finished", "cancelled", "created_at",
-    "finished_at"}``; ``{"batch_id", "state": "not_found"}`` for an unknown batch."""
+    "finished_at"}``; ``{"batch_id", "state": "not_found"}`` for an unknown batch or an id outside
+    the grammar (ids.py; such an id is never looked up). Raises ValueError for a record that cannot
+    be read (a corrupt count)."""
+    if not is_valid("batch_id", batch_id):
+        return {"batch_id": batch_id, "state": "not_found"}
     pipe = rt.redis.pipeline(transaction=True)
     pipe.hgetall(rt.keys.batch(batch_id))
     pipe.zcard(rt.keys.batch_jobs(batch_id))
@@ -57,8 +65,50 @@ def get_batch(rt: Runtime, batch_id: str) -> dict[str, Any]:
 
 
 def list_batches(rt: Runtime, limit: int = 50) -> list[dict[str, Any]]:
-    """The newest batches, newest first, each as :func:`get_batch` gives it."""
-    return [get_batch(rt, _t(b)) for b in rt.redis.zrevrange(rt.keys.batches, 0, limit - 1)]
+    """The newest batches, newest first, each as :func:`get_batch` gives it.
+
+    An entry that cannot be read (an id outside the grammar written by an earlier version, a key of
+    another type under its name, a corrupt count) is left out and logged: one bad record never
+    takes the listing down."""
+    out = []
+    for b in rt.redis.zrevrange(rt.keys.batches, 0, limit - 1):
+        batch_id = b.decode("utf-8", "replace") if isinstance(b, bytes) else str(b)
+        if not is_valid("batch_id", batch_id):
+            log.warning("batch list: skipping batch id %r (outside the id grammar)", batch_id[:200])
+            continue
+        try:
+            out.append(get_batch(rt, batch_id))
+        except Exception as exc:
+            if type(exc).__module__.startswith("redis") and "WRONGTYPE" not in str(exc):
+                raise  # the store is unavailable: that is no bad record
+            log.warning("batch list: skipping unreadable batch %r: %s: %s", batch_id, type(exc).__name__, exc)
+    return out
+
+
+def migrate_legacy_job_lists(rt: Runtime, limit: int = 100_000) -> int:
+    """Move every batch job list written under its old name (``{p}:batch:<id>:jobs``, up to 0.1.0)
+    to :meth:`Keys.batch_jobs`; returns how many were moved. Idempotent; run by every worker and beat
+    at start-up. A list present under both names is merged (earliest score wins)."""
+    moved = 0
+    batch_ids = [_t(b) for b in rt.redis.zrange(rt.keys.batches, 0, limit - 1)]
+    types = []
+    for i in range(0, len(batch_ids), CHUNK):  # one round trip per CHUNK batches
+        pipe = rt.redis.pipeline(transaction=False)
+        for batch_id in batch_ids[i:i + CHUNK]:
+            pipe.type(rt.keys.legacy_batch_jobs(batch_id))
+        types += pipe.execute()
+    for batch_id, kind in zip(batch_ids, types):
+        if _t(kind) != "zset":
+            continue
+        old, new = rt.keys.legacy_batch_jobs(batch_id), rt.keys.batch_jobs(batch_id)
+        pipe = rt.redis.pipeline(transaction=True)
+        pipe.zunionstore(new, [new, old], aggregate="MIN")
+        pipe.delete(old)
+        pipe.execute()
+        moved += 1
+    if moved:
+        log.info("moved %d batch job lists to their new key names", moved)
+    return moved
 
 
 def batch_job_ids(rt: Runtime, batch_id: str) -> Iterator[list[str]]:
@@ -77,7 +127,10 @@ def cancel_batch(rt: Runtime, batch_id: str, cancel_many: Any) -> int:
 
     The batch is marked cancelled first, so a job whose message arrives later is cancelled when a
     worker accepts it. ``cancel_many([(job_id, record), …])`` is ``Pipeline.cancel_many`` (one round
-    trip per chunk of CHUNK jobs). An unknown batch cancels nothing and is not created."""
+    trip per chunk of CHUNK jobs). An unknown batch, or an id outside the grammar, cancels nothing
+    and is not created."""
+    if not is_valid("batch_id", batch_id):
+        return 0
     if not rt.redis.exists(rt.keys.batch(batch_id), rt.keys.batch_jobs(batch_id)):
         return 0
     rt.redis.hset(rt.keys.batch(batch_id), "cancelled", "1")
@@ -95,4 +148,4 @@ def cancel_batch(rt: Runtime, batch_id: str, cancel_many: Any) -> int:
     return n
 
 
-__all__ = ["get_batch", "list_batches", "batch_job_ids", "cancel_batch"]
+__all__ = ["get_batch", "list_batches", "batch_job_ids", "cancel_batch", "migrate_legacy_job_lists"]

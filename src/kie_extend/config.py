@@ -17,6 +17,7 @@ from pydantic_settings.exceptions import SettingsError
 
 from .endpoints import check_url
 from .errors import ConfigError
+from .ids import is_valid, schema_pattern
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -150,7 +151,7 @@ class Settings(BaseSettings):
     sweep_interval: Duration = 60.0  # how often one beat checks every unfinished job is on a schedule
     sweep_grace: Duration = 30.0  # a job must be this long in its state before the sweep repairs it
     admission: Literal["fair", "arrival"] = "fair"  # who gets a free slot: priority/tenants/age, or arrival order
-    default_tenant: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # tenant of jobs that name none
+    default_tenant: str = Field("default", pattern=schema_pattern("tenant"))  # tenant of jobs that name none (ids.py)
     # per-tenant caps on top of the account's rate: "svc-a=5/10s,svc-b=30/1m"
     tenant_limits: Annotated[dict[str, tuple[int, float]], NoDecode] = Field(default_factory=dict)
     redis_socket_timeout: Duration = 15.0  # job store: a reply slower than this counts as lost (the command is re-sent)
@@ -190,7 +191,7 @@ class Settings(BaseSettings):
                 continue
             name, sep, rate = part.partition("=")
             name = name.strip()
-            if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            if not sep or not is_valid("tenant", name):
                 raise ValueError(f"{part.strip()!r} is not TENANT=COUNT/WINDOW such as svc-a=5/10s")
             out[name] = parse_rate(rate.strip())
         return out

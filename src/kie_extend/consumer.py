@@ -33,6 +33,7 @@ from celery.worker.consumer import Consumer
 from celery.worker.consumer import consumer as celery_consumer
 
 from .infra import as_connection_error, is_infra_error
+from .ids import derived_job_id, is_valid
 from .intake import EXTEND_KWARGS
 
 log = logging.getLogger("kie_extend.consumer")
@@ -99,9 +100,16 @@ class KieConsumer(Consumer):
         if headers.get("task") in INTERNAL_TASKS or not headers.get("id"):
             return False
         job_id = str(headers["id"])[:200]
+        derived = not is_valid("job_id", headers["id"])
+        if derived:
+            # Never recorded under an id outside the grammar (ids.py): under a derived one.
+            from .tasks import bad_id_reason
+
+            reason, job_id = f"{bad_id_reason(headers['id'])}; also: {reason}"[:600], derived_job_id(headers["id"])
         try:
             services = self.app.kie_services
-            services.get_pipeline().reject_malformed(job_id, reason)
+            if services.get_pipeline().reject_malformed(job_id, reason) and derived:
+                services.get_pipeline().store.stat("bad_job_ids")
         except Exception as exc:
             if is_infra_error(exc):
                 log.warning("job store unavailable (%s); message %r left unacknowledged", exc, headers.get("id"))

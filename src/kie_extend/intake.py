@@ -13,18 +13,15 @@ from typing import Any
 
 from .config import Settings
 from .errors import ValidationError
+from .ids import (JOB_ID_PATTERN, MAX_ID, MAX_IDEMPOTENCY_KEY, TENANT_PATTERN,  # noqa: F401 (re-exported)
+                  TEXT_FIELDS, id_problem, idempotency_problem, text_problems)
 from .models import parse_request
 
 #: Largest request body accepted (bytes of JSON); the provider's own limits are far below it.
 MAX_REQUEST_BYTES = 64 * 1024
-#: Longest idempotency key accepted.
-MAX_IDEMPOTENCY_KEY = 256
-#: Job ids the callback receiver can route (the id is a path segment of the callback URL).
-JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
-#: Tenant names (README "Sharing one account").
-TENANT_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-#: Longest batch id; it may hold any printable characters but ``|`` (a separator in the store).
-MAX_BATCH_ID = 128
+#: Longest batch id. Job ids, batch ids and tenants follow one grammar (ids.py, README "Identifiers");
+#: JOB_ID_PATTERN, TENANT_PATTERN and MAX_IDEMPOTENCY_KEY are re-exported from there.
+MAX_BATCH_ID = MAX_ID
 #: Priorities: higher is admitted first.
 PRIORITIES = range(0, 10)
 DEFAULT_PRIORITY = 5
@@ -133,9 +130,8 @@ def check_message(request: Any, *, settings: Settings, idempotency_key: Any = No
     problems = out.problems
     check_options(out, tenant=tenant, priority=priority, batch_id=batch_id, not_after=not_after,
                   refuse_past=refuse_past)
-    if job_id is not None and not JOB_ID_PATTERN.fullmatch(job_id):
-        problems.append({"field": "job_id", "message": "must be 1-128 characters of A-Z a-z 0-9 _ . : - "
-                         "(it is part of the job's callback URL)"})
+    if job_id is not None and id_problem("job_id", job_id):
+        problems.append(id_problem("job_id", job_id))  # type: ignore[arg-type]
     for name in sorted(extra_kwargs or {}):
         if name == POSITIONAL_FIELD:
             problems.append({"field": name, "message": "positional arguments are not accepted; send keyword "
@@ -150,14 +146,16 @@ def check_message(request: Any, *, settings: Settings, idempotency_key: Any = No
             problems.append({"field": "metadata", "message": "must be JSON-serialisable"})
         elif size > settings.metadata_max_bytes:
             problems.append({"field": "metadata", "message": f"larger than {settings.metadata_max_bytes} bytes"})
+        elif text_problems(metadata, "metadata"):
+            problems += text_problems(metadata, "metadata")
         else:
             out.metadata = metadata
     if idempotency_key is not None:
-        if isinstance(idempotency_key, str) and 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
-            out.idempotency_key = idempotency_key
+        bad_key = idempotency_problem(idempotency_key)
+        if bad_key:
+            problems.append(bad_key)
         else:
-            problems.append({"field": "idempotency_key",
-                             "message": f"must be a string of 1-{MAX_IDEMPOTENCY_KEY} characters"})
+            out.idempotency_key = idempotency_key
     if request is None and POSITIONAL_FIELD in (extra_kwargs or {}):
         return out  # the request came positionally: that is the one problem to report
     size = _json_size(request)
@@ -167,6 +165,16 @@ def check_message(request: Any, *, settings: Settings, idempotency_key: Any = No
     if size > MAX_REQUEST_BYTES:
         problems.append({"field": "request", "message": f"is {size} bytes of JSON; at most {MAX_REQUEST_BYTES}"})
         return out
+    if isinstance(request, dict):
+        # Text KIE could not take (an unpaired surrogate anywhere; NUL or another control character
+        # in its text fields): refused before anything is sent. Metadata is never sent to KIE: only
+        # what cannot be stored as text is refused there.
+        bad_text = [p for k, v in request.items() for p in text_problems(v, str(k), controls=k in TEXT_FIELDS)]
+        bad_text += [{"field": "request", "message": f"field name {k!r} is not valid text"}
+                     for k in request if isinstance(k, str) and text_problems(k, "request")]
+        if bad_text:
+            problems += bad_text
+            return out
     try:
         parsed = parse_request(request, allow_private_urls=settings.allow_private_urls,
                                audio_duration=audio_duration)
@@ -182,10 +190,10 @@ def check_options(out: Intake, *, tenant: Any = None, priority: Any = None, batc
     ``refuse_past``, a ``not_after`` at or before now is a problem (see :func:`past_deadline`)."""
     problems = out.problems
     if tenant is not None:
-        if isinstance(tenant, str) and TENANT_PATTERN.fullmatch(tenant):
-            out.tenant = tenant
+        if id_problem("tenant", tenant):
+            problems.append(id_problem("tenant", tenant))  # type: ignore[arg-type]
         else:
-            problems.append({"field": "tenant", "message": "must be 1-64 characters of A-Z a-z 0-9 _ . -"})
+            out.tenant = tenant
     if priority is not None:
         if isinstance(priority, float) and priority.is_integer():
             priority = int(priority)  # JSON's 7.0 is the integer 7 (JSON Schema says so too)
@@ -195,12 +203,10 @@ def check_options(out: Intake, *, tenant: Any = None, priority: Any = None, batc
             problems.append({"field": "priority", "message": f"must be an integer from 0 to 9 (higher goes first), "
                              f"got {priority!r}"[:200]})
     if batch_id is not None:
-        if (isinstance(batch_id, str) and 0 < len(batch_id) <= MAX_BATCH_ID and batch_id.isprintable()
-                and "|" not in batch_id):
-            out.batch_id = batch_id
+        if id_problem("batch_id", batch_id):
+            problems.append(id_problem("batch_id", batch_id))  # type: ignore[arg-type]
         else:
-            problems.append({"field": "batch_id", "message": f"must be 1-{MAX_BATCH_ID} printable characters "
-                             "without '|'"})
+            out.batch_id = batch_id
     if not_after is not None:
         try:
             out.not_after = parse_not_after(not_after)

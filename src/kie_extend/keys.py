@@ -3,6 +3,11 @@
 Every name starts with the prefix in braces, ``{kie_extend}:...``: a Redis Cluster hash tag, so all
 keys of one prefix live in one hash slot and every Lua script can touch them together on a cluster
 as on a single server. A prefix that already holds a ``{...}`` tag is used as it is.
+
+A name built from an id (job, batch, tenant, idempotency key) is a fixed family followed by the id,
+always last: ``{p}:job:<id>``, ``{p}:batch:<id>``, ``{p}:batchjobs:<id>``, ``{p}:idem:<key>``. No
+family's name is another's followed by more text, so whatever an id holds (the grammar in ids.py
+already keeps ``:`` out) it cannot spell a key of another family or another id's key.
 """
 
 from __future__ import annotations
@@ -79,7 +84,13 @@ class Keys:
         return f"{self.tag}:batch:{batch_id}"
 
     def batch_jobs(self, batch_id: str) -> str:
-        """Sorted set: a batch's job ids, scored by creation time."""
+        """Sorted set: a batch's job ids, scored by creation time. (Up to 0.1.0 it was
+        ``{p}:batch:<id>:jobs``, which a batch id ending in ``:jobs`` could spell; see
+        :meth:`legacy_batch_jobs` and ``batches.migrate_legacy_job_lists``.)"""
+        return f"{self.tag}:batchjobs:{batch_id}"
+
+    def legacy_batch_jobs(self, batch_id: str) -> str:
+        """The name a batch's job list had in earlier versions (read once, to move it)."""
         return f"{self.tag}:batch:{batch_id}:jobs"
 
     @property

@@ -68,7 +68,7 @@ local function batch_move(jk, id, cur, to, now, now_iso)
   local b = redis.call('HGET', jk, 'batch_id')
   if not b or b == '' then return nil end
   local bk = T .. ':batch:' .. b
-  local members = T .. ':batch:' .. b .. ':jobs'
+  local members = T .. ':batchjobs:' .. b
   if cur == '' then
     if redis.call('HSETNX', bk, 'created_ts', now) == 1 then
       redis.call('ZADD', T .. ':batches', now, b)

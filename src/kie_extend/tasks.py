@@ -17,6 +17,7 @@ from celery.exceptions import Reject
 
 from .delivery import Delivery
 from .infra import MAX_UNEXPECTED_RETRIES, is_infra_error, retry_delay
+from .ids import derived_job_id, is_valid, rule
 from .intake import POSITIONAL_FIELD
 from .pipeline import Pipeline
 from .runtime import Runtime
@@ -107,6 +108,9 @@ def register(app: Celery) -> None:
         extra = dict(kwargs)
         if args:
             extra[POSITIONAL_FIELD] = args
+        if not is_valid("job_id", self.request.id):
+            _bad_task_id(self, services.get_pipeline(), self.request.id)
+            return
         try:
             services.get_pipeline().accept(self.request.id, request, idempotency_key, metadata, extra,
                                            tenant=tenant, priority=priority, batch_id=batch_id, not_after=not_after)
@@ -139,6 +143,35 @@ def register(app: Celery) -> None:
     def tick() -> dict[str, int]:
         """Hand due work to workers (run by beat every KIE_TICK_INTERVAL; several beats are safe)."""
         return services.get_scheduler().tick()
+
+
+def bad_id_reason(raw: Any) -> str:
+    """The error message of a job recorded under a derived id (see :func:`record_bad_task_id`)."""
+    shown = str(raw)[:200].encode("ascii", "backslashreplace").decode("ascii")
+    return (f"the message's task id {shown!r} is not a valid job id ({rule('job_id')}); the job is recorded "
+            f"under the derived id {derived_job_id(raw)} and nothing was sent")
+
+
+def record_bad_task_id(pipeline: Pipeline, raw: Any) -> str:
+    """Record a message whose task id breaks the id grammar: never under that id, but as a
+    ``failed / invalid_request`` job under :func:`~kie_extend.ids.derived_job_id` (the same message
+    always maps to the same id, so a redelivery changes nothing), counted as ``bad_job_ids``.
+    Returns the derived id."""
+    job_id = derived_job_id(raw)
+    log.warning("extend message with an invalid task id %r recorded as failed job %s", str(raw)[:200], job_id,
+                extra={"job_id": job_id})
+    if pipeline.reject_malformed(job_id, bad_id_reason(raw)):
+        pipeline.store.stat("bad_job_ids")
+    return job_id
+
+
+def _bad_task_id(task: Task, pipeline: Pipeline, raw: Any) -> None:
+    try:
+        record_bad_task_id(pipeline, raw)
+    except Exception as exc:
+        if is_infra_error(exc):
+            retry_later(task, exc)
+        raise
 
 
 def _give_up_extend(pipeline: Pipeline, job_id: str, exc: Exception) -> None:

@@ -138,6 +138,19 @@ def _preflight(app: Any, process: str) -> None:
     except ConfigError as exc:
         logging.getLogger("kie_extend.preflight").critical("%s refuses to start: %s", process, exc)
         raise SystemExit(EXIT_CONFIG) from None
+    _migrate(settings)
+
+
+def _migrate(settings: Settings) -> None:
+    """Move data an earlier version wrote under old key names (README "Identifiers"); a failure is
+    logged, never fatal (the next process to start tries again)."""
+    from .batches import migrate_legacy_job_lists
+    from .runtime import Runtime
+
+    try:
+        migrate_legacy_job_lists(Runtime(settings))
+    except Exception as exc:
+        logging.getLogger("kie_extend.batches").warning("could not move old batch job lists: %s", exc)
 
 
 @signals.setup_logging.connect

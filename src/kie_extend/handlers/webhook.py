@@ -5,7 +5,8 @@ Each request carries:
 - ``Content-Type: application/json``; the body is the event as compact JSON, and those exact
   bytes are what is signed;
 - ``Idempotency-Key: {job_id}:{event}``: the same on every repeat of a delivery (they are at least
-  once), so a receiver can drop duplicates;
+  once), so a receiver can drop duplicates. Always printable ASCII: ids follow the id grammar
+  (ids.py); a non-ASCII one an earlier version accepted is sent percent-escaped (UTF-8);
 - ``X-Kie-Extend-Timestamp``: unix seconds when the request was signed;
 - ``X-Kie-Extend-Signature: sha256=<hex HMAC-SHA256(secret, timestamp + "." + body)>`` when
   ``KIE_WEBHOOK_SECRET`` is set.
@@ -39,6 +40,7 @@ import requests
 from ..client import USER_AGENT
 from ..config import Settings
 from ..errors import ConfigError, KieExtendError
+from ..ids import header_value
 from . import HandlerContext
 
 #: Header carrying the delivery's stable dedup key.
@@ -128,7 +130,7 @@ class WebhookHandler:
         headers = {
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
-            IDEMPOTENCY_HEADER: dedup_key,
+            IDEMPOTENCY_HEADER: header_value(dedup_key),
             TIMESTAMP_HEADER: timestamp,
         }
         if self._secret:

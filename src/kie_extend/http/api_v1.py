@@ -23,7 +23,8 @@ from .. import actions, api
 from ..actions import ActionResult
 from ..batches import get_batch, list_batches
 from ..errors import JobExistsError, ValidationError, describe_problems
-from ..intake import EXTEND_KWARGS, EXTEND_OPTIONS, JOB_ID_PATTERN, unknown_name_message
+from ..ids import id_problem, rule
+from ..intake import EXTEND_KWARGS, EXTEND_OPTIONS, unknown_name_message
 from ..listing import DEFAULT_LIMIT, MAX_LIMIT, list_jobs
 from ..metrics import overview
 from ..states import JobState
@@ -74,10 +75,9 @@ def _errors(*codes: int, success: tuple[int, dict[str, Any]] | None = None) -> d
 
 
 #: Path parameters as documented: ids this API can have issued (others answer 404).
-JobIdPath = Annotated[str, Path(description="a job id: 1-128 characters of A-Z a-z 0-9 _ . : -"),
+JobIdPath = Annotated[str, Path(description=f"a job id: {rule('job_id').removeprefix('must be ')}"),
                       WithJsonSchema({"type": "string", "pattern": JOB_ID_SCHEMA_PATTERN})]
-BatchIdPath = Annotated[str, Path(description="a batch id: 1-128 printable characters without '|' (the pattern "
-                                              "shows printable ASCII)"),
+BatchIdPath = Annotated[str, Path(description=f"a batch id: {rule('batch_id').removeprefix('must be ')}"),
                         WithJsonSchema({"type": "string", "pattern": BATCH_ID_SCHEMA_PATTERN})]
 
 
@@ -180,9 +180,8 @@ def _unknown(obj: dict[str, Any], known: tuple[str, ...], prefix: str = "") -> l
 
 
 def _bad_job_id(job_id: Any, prefix: str = "") -> list[dict[str, str]]:
-    if job_id is None or (isinstance(job_id, str) and JOB_ID_PATTERN.fullmatch(job_id)):
-        return []
-    return [{"field": f"{prefix}job_id", "message": "must be 1-128 characters of A-Z a-z 0-9 _ . : -"}]
+    problem = None if job_id is None else id_problem("job_id", job_id)
+    return [{**problem, "field": f"{prefix}job_id"}] if problem else []
 
 
 def _submit_one(body: dict[str, Any], settings: Any) -> str:

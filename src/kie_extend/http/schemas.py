@@ -20,19 +20,19 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, RootModel, WithJsonSchema
 
-from ..intake import MAX_BATCH_ID, MAX_IDEMPOTENCY_KEY, MAX_REQUEST_BYTES
+from ..ids import TEXT_SCHEMA_PATTERN, rule, schema_pattern
+from ..intake import MAX_IDEMPOTENCY_KEY, MAX_REQUEST_BYTES
 from ..listing import MAX_LIMIT
 from ..models import _MODEL_ORDER, LENGTH_LIMITS, V6_MODELS
 
 #: Most jobs one ``POST /v1/jobs`` may carry (larger sets: several requests with the same batch_id).
 MAX_JOBS_PER_REQUEST = 1000
 
-#: Job ids (``intake.JOB_ID_PATTERN`` in JSON Schema's spelling).
-JOB_ID_SCHEMA_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
-#: Tenant names (``intake.TENANT_PATTERN``).
-TENANT_SCHEMA_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+#: Job ids, tenant names and batch ids: the one id grammar (ids.py) in JSON Schema's spelling.
+JOB_ID_SCHEMA_PATTERN = schema_pattern("job_id")
+TENANT_SCHEMA_PATTERN = schema_pattern("tenant")
 #: Batch ids as documented: printable ASCII without ``|`` (the API also takes other printable characters).
-BATCH_ID_SCHEMA_PATTERN = r"^[ -{}~]{1,%d}$" % MAX_BATCH_ID
+BATCH_ID_SCHEMA_PATTERN = schema_pattern("batch_id")
 #: A ``GET /v1/jobs`` cursor: ``<creation time>~<job id>`` (``listing.encode_cursor``).
 CURSOR_SCHEMA_PATTERN = r"^[0-9]{1,12}(\.[0-9]{1,9})?~[A-Za-z0-9_.:-]{1,128}$"
 
@@ -76,7 +76,7 @@ def extend_request_schema() -> dict[str, Any]:
     ``KIE_ALLOW_PRIVATE_URLS`` off). Unknown fields are passed through to KIE unchanged."""
     limits = "; ".join(f"{m}: prompt {p}, style {s}, title {t}" for m, (p, s, t) in LENGTH_LIMITS.items())
     weight = {"type": "number", "minimum": 0, "maximum": 1, "multipleOf": 0.01}
-    text = {"type": "string"}
+    text = {"type": "string", "pattern": TEXT_SCHEMA_PATTERN}
     return {
         "title": "ExtendRequest",
         "description": (
@@ -154,9 +154,8 @@ Tenant = Annotated[str | None, WithJsonSchema(_nullable({"type": "string", "patt
 BatchId = Annotated[str | None, WithJsonSchema(_nullable({"type": "string", "pattern": BATCH_ID_SCHEMA_PATTERN}))]
 Priority = Annotated[int | None, WithJsonSchema(_nullable({"type": "integer", "minimum": 0, "maximum": 9}))]
 
-_TENANT_DOC = "Fairness key: 1-64 characters of A-Z a-z 0-9 _ . - (default KIE_DEFAULT_TENANT)."
-_BATCH_DOC = (f"Groups jobs (GET /v1/batches/{{id}}): 1-{MAX_BATCH_ID} printable characters without '|' (the "
-              "pattern shows printable ASCII; other printable Unicode characters are accepted too).")
+_TENANT_DOC = f"Fairness key (default KIE_DEFAULT_TENANT): {rule('tenant').removeprefix('must be ')}."
+_BATCH_DOC = f"Groups jobs (GET /v1/batches/{{id}}): {rule('batch_id').removeprefix('must be ')}."
 _PRIORITY_DOC = "0-9, default 5; higher is admitted first."
 
 
@@ -170,8 +169,10 @@ class JobSubmission(BaseModel):
         "idempotency_key": "order-1234", "metadata": {"order": 1234}, "tenant": "shop", "priority": 7}]})
 
     request: ExtendRequest
-    idempotency_key: str | None = Field(None, min_length=1, max_length=MAX_IDEMPOTENCY_KEY, description=(
-        "A second job with a key already used (24 h window) is not submitted again; its status names the first job."))
+    idempotency_key: str | None = Field(None, min_length=1, max_length=MAX_IDEMPOTENCY_KEY,
+                                        pattern=TEXT_SCHEMA_PATTERN, description=(
+        "A second job with a key already used (24 h window) is not submitted again; its status names the first job. "
+        "Free text (no control characters)."))
     metadata: dict[str, Any] | None = Field(None, description="Opaque, at most KIE_METADATA_MAX_BYTES (16 KB by "
                                                               "default) of JSON, handed to every result handler "
                                                               "unchanged.")
@@ -180,7 +181,8 @@ class JobSubmission(BaseModel):
     batch_id: BatchId = Field(None, description=_BATCH_DOC)
     not_after: NotAfter = Field(None, description=_NOT_AFTER_DOC)
     job_id: str | None = Field(None, max_length=128, pattern=JOB_ID_SCHEMA_PATTERN, description=(
-        "Names the job (default: a new UUID4). An id already used answers 409."))
+        f"Names the job (default: a new UUID4): {rule('job_id').removeprefix('must be ')}. "
+        "An id already used answers 409."))
 
 
 class BatchSubmission(BaseModel):
