@@ -295,7 +295,7 @@ def enqueue_many_sent(items: Iterable[dict[str, Any]], *, settings: Settings | N
     If any item is invalid, nothing is uploaded or enqueued and the ValidationError names each bad
     field as ``[i].field``. Files are uploaded only once every item has passed. A batch's jobs are
     declared to it before any is sent, so it cannot finish early. An explicit ``job_id`` is claimed
-    before its message is published (README "Idempotency"): the same item again is not published
+    before its message is published (README "Idempotency keys and explicit job ids"): the same item again is not published
     twice, whether or not a worker recorded it yet; an id that another request holds raises
     JobExistsError, or with ``skip_existing`` is returned without being sent. An idempotency key
     another request holds in the tenant raises IdempotencyConflictError. Returns the ids in order
