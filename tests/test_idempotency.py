@@ -199,6 +199,17 @@ def test_explicit_id_retry_and_python_api(stack: Stack) -> None:
     with pytest.raises(JobExistsError):
         api.enqueue_extend(req(stack.sim, title="Other"), job_id=job_id, settings=stack.settings)
     assert stack.messages() == []
+    # Every kwarg counts in "the same message": the worker's record is matched after JSON.
+    full = {"idempotency_key": f"k-{job_id}", "metadata": {"order": 1, "tags": ["a"]}, "tenant": "shop",
+            "priority": 7, "batch_id": f"b-{job_id}", "not_after": "2999-01-01T00:00:00Z"}
+    other = f"{job_id}-full"
+    assert api.enqueue_extend(req(stack.sim), job_id=other, settings=stack.settings, **full) == other
+    stack.consume()
+    assert record(stack, other)["state"] in ("queued", "submitting", "submitted", "succeeded")
+    assert api.enqueue_extend(req(stack.sim), job_id=other, settings=stack.settings, **full) == other
+    assert stack.messages() == []
+    with pytest.raises(JobExistsError):
+        api.enqueue_extend(req(stack.sim), job_id=other, settings=stack.settings, **{**full, "priority": 6})
 
 
 def test_a_claim_without_a_message_expires(stack: Stack, make_settings: Callable[..., Settings]) -> None:
