@@ -27,7 +27,6 @@ from kie_extend.errors import IdempotencyConflictError, JobExistsError
 from kie_extend.idempotency import CONFLICT_MESSAGE, request_fingerprint
 from test_http_api import READ, Stack, req, sim, stack  # noqa: F401  (fixtures)
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def events(stack: Stack) -> list[dict[str, Any]]:
@@ -73,6 +72,10 @@ def test_same_key_same_request_is_a_duplicate(stack: Stack) -> None:
     assert rec["duplicate_of"] == first and rec["state"] == "succeeded" and rec["metadata"] == {"try": 2}
     assert stack.sim.simulator.stats_snapshot()["submissions_accepted"] == 1
     assert events_for(stack, second) == [] and len(events_for(stack, first)) == 1
+    # The dashboard's search finds the key's first job (in the default tenant).
+    from kie_extend.http.dashboard_data import _search_ids
+
+    assert first in _search_ids(stack.rt, key)
 
 
 def test_same_key_other_request_python_api(stack: Stack) -> None:
@@ -212,7 +215,7 @@ def test_explicit_id_retry_and_python_api(stack: Stack) -> None:
         api.enqueue_extend(req(stack.sim), job_id=other, settings=stack.settings, **{**full, "priority": 6})
 
 
-def test_a_claim_without_a_message_expires(stack: Stack, make_settings: Callable[..., Settings]) -> None:
+def test_a_claim_without_a_message_expires(stack: Stack) -> None:
     """A producer that died between claim and publish strands nothing: the claim is a key with a TTL
     (no record, nothing for the sweep), and the same request re-sent is published."""
     job_id = f"lost-{uuid.uuid4().hex[:8]}"

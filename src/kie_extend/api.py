@@ -146,8 +146,14 @@ def enqueue_extend(request: dict[str, Any], *, audio_file: AudioPath | None = No
     and the request checked against its duration first, then the file is uploaded and its URL
     becomes ``uploadUrl``. Nothing is uploaded or enqueued when the check fails.
 
-    ``job_id`` (optional) names the job; an id that already exists raises ``JobExistsError`` (a
-    ``ValidationError`` on the field ``job_id``) and nothing is sent. Without one a UUID4 is used.
+    ``job_id`` (optional) names the job and is claimed before the message is published: an id that
+    another request holds (a job, or another producer's claim) raises ``JobExistsError`` (a
+    ``ValidationError`` on the field ``job_id``) and nothing is sent; the same message again
+    returns the id without publishing it twice. Without one a UUID4 is used. An
+    ``idempotency_key`` that a different request holds in the tenant raises
+    ``IdempotencyConflictError`` (nothing sent; the refusal is recorded as a failed job with its own
+    event, named by ``job_ids``); for the same request the job becomes a duplicate of the first
+    (README "Idempotency keys and explicit job ids").
     ``tenant``, ``priority`` (0-9), ``batch_id`` and ``not_after`` (ISO-8601 UTC or epoch seconds)
     share the account fairly (README "Sharing one account").
     """
