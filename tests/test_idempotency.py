@@ -78,6 +78,18 @@ def test_same_key_same_request_is_a_duplicate(stack: Stack) -> None:
     assert first in _search_ids(stack.rt, key)
 
 
+def test_a_key_written_before_the_upgrade_still_dedups(stack: Stack) -> None:
+    """A key from before tenant scoping (a plain string under the old name) lives out its window."""
+    key = f"k-{uuid.uuid4().hex}"
+    first = api.enqueue_extend(req(stack.sim), settings=stack.settings)
+    stack.consume()
+    stack.rt.redis.set(stack.rt.keys.legacy_idempotency(key), first, ex=3600)
+    second = api.enqueue_extend(req(stack.sim, title="Any"), idempotency_key=key, tenant="shop",
+                                settings=stack.settings)
+    stack.consume()
+    assert record(stack, second)["duplicate_of"] == first
+
+
 def test_same_key_other_request_python_api(stack: Stack) -> None:
     key = f"k-{uuid.uuid4().hex}"
     first = api.enqueue_extend(req(stack.sim), idempotency_key=key, settings=stack.settings)

@@ -32,13 +32,19 @@ CONFLICT_MESSAGE = "idempotency key reused with a different request"
 #: Suffix of a claim whose message was published.
 SENT = ":sent"
 
-# KEYS[1]: the idempotency key (Keys.idempotency). ARGV: job id, fingerprint, ttl seconds, "1" to
-# only look (write nothing). Returns {outcome, first job id}: "first" (this job holds the key: the
-# first use, or a redelivery of the first job's message), "duplicate" (same fingerprint) or
-# "conflict" (another request holds the key). A key written before fingerprints (a plain string)
-# counts as the same request.
+# KEYS[1]: the idempotency key (Keys.idempotency), KEYS[2]: its name before keys were scoped by
+# tenant (Keys.legacy_idempotency). ARGV: job id, fingerprint, ttl seconds, "1" to only look (write
+# nothing). Returns {outcome, first job id}: "first" (this job holds the key: the first use, or a
+# redelivery of the first job's message), "duplicate" (same fingerprint) or "conflict" (another
+# request holds the key). A key written before fingerprints (a plain string, under either name,
+# still alive in its window after an upgrade) counts as the same request, as it did then.
 IDEM = """
 local t = redis.call('TYPE', KEYS[1])['ok']
+if t == 'none' and redis.call('TYPE', KEYS[2])['ok'] == 'string' then
+  local old = redis.call('GET', KEYS[2])
+  if old == ARGV[1] then return {'first', old} end
+  return {'duplicate', old}
+end
 if t == 'none' then
   if ARGV[4] ~= '1' then
     redis.call('HSET', KEYS[1], 'job', ARGV[1], 'fp', ARGV[2])
@@ -135,7 +141,7 @@ class Idempotency:
     def use_key(self, key: str, tenant: str, job_id: str, fingerprint: str, *, look: bool = False) -> tuple[str, str]:
         """``(outcome, first job id)`` for ``job_id`` using idempotency ``key`` in ``tenant``; the
         outcome is ``first``, ``duplicate`` or ``conflict``. ``look``: write nothing."""
-        out = self._idem(keys=[self.keys.idempotency(key, tenant)],
+        out = self._idem(keys=[self.keys.idempotency(key, tenant), self.keys.legacy_idempotency(key)],
                          args=[job_id, fingerprint, self.ttl, "1" if look else ""])
         return _t(out[0]), _t(out[1])
 
@@ -144,7 +150,8 @@ class Idempotency:
         (one pipelined round trip): what the worker would decide now."""
         pipe = self.redis.pipeline(transaction=False)
         for key, tenant, job_id, fp in uses:
-            self._idem(keys=[self.keys.idempotency(key, tenant)], args=[job_id, fp, self.ttl, "1"], client=pipe)
+            self._idem(keys=[self.keys.idempotency(key, tenant), self.keys.legacy_idempotency(key)],
+                       args=[job_id, fp, self.ttl, "1"], client=pipe)
         return [(_t(o), _t(f)) for o, f in pipe.execute()] if uses else []
 
     def first_job(self, key: str, tenant: str) -> str | None:

@@ -43,6 +43,11 @@ class Keys:
         request's fingerprint (``fp``); expires after the window. Tenants hold no ``:``."""
         return f"{self.tag}:idem:{tenant}:{key}"
 
+    def legacy_idempotency(self, key: str) -> str:
+        """String: an idempotency key's first job as written before keys were scoped by tenant (only
+        read, until the last such key expires with its window)."""
+        return f"{self.tag}:idem:{key}"
+
     def job_claim(self, job_id: str) -> str:
         """String: an explicit job id claimed by a producer before its message is published: the
         message's digest, with ``:sent`` appended once published (expires after the idempotency window)."""
