@@ -227,6 +227,18 @@ def test_explicit_id_retry_and_python_api(stack: Stack) -> None:
         api.enqueue_extend(req(stack.sim), job_id=other, settings=stack.settings, **{**full, "priority": 6})
 
 
+def test_one_id_twice_in_one_list(stack: Stack) -> None:
+    """Two items of one list under one id with different requests: refused before anything is sent."""
+    job_id = f"twice-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(JobExistsError):
+        api.enqueue_many([{"request": req(stack.sim), "job_id": job_id},
+                          {"request": req(stack.sim, title="Other"), "job_id": job_id}], settings=stack.settings)
+    assert stack.messages() == []
+    # The claim was given back: the id is free for the next request.
+    assert api.enqueue_many([{"request": req(stack.sim, title="Other"), "job_id": job_id}],
+                            settings=stack.settings) == [job_id]
+
+
 def test_a_claim_without_a_message_expires(stack: Stack) -> None:
     """A producer that died between claim and publish strands nothing: the claim is a key with a TTL
     (no record, nothing for the sweep), and the same request re-sent is published."""
