@@ -185,6 +185,37 @@ def test_idempotency_key_submits_once(stack: DevStack) -> None:
     assert [e["job_id"] for e in stream_events(stack) if e["job_id"] in (a, b)] == [original]
 
 
+def test_idempotency_key_reused_by_foreign_producers(stack: DevStack) -> None:
+    """Two plain Celery messages share a key with different requests, sent together to real workers
+    (concurrency 2): the worker's atomic step lets one through; the other ends failed with its own
+    event, never with the first job's tracks. A third with the winner's request is its duplicate."""
+    settings = stack.settings()
+    key = f"idem-{uuid.uuid4()}"
+    app = producer_app(settings)
+    ids = {title: f"foreign-{title}-{uuid.uuid4().hex[:8]}" for title in ("A", "B")}
+    for title, job_id in ids.items():
+        app.send_task("kie_extend.extend", task_id=job_id, queue=settings.queue,
+                      kwargs={"request": valid_request(stack, title=title), "idempotency_key": key})
+    recs = wait_terminal(stack, list(ids.values()))
+    states = sorted(r["state"] for r in recs.values())
+    assert states == ["failed", "succeeded"], recs
+    loser = next(j for j, r in recs.items() if r["state"] == "failed")
+    winner = next(j for j, r in recs.items() if r["state"] == "succeeded")
+    assert recs[loser]["error"]["kind"] == "invalid_request"
+    assert recs[loser]["error"]["message"] == "idempotency key reused with a different request"
+    assert not recs[loser]["tracks"] and not recs[loser].get("duplicate_of")
+    assert submissions_for(stack, winner) == 1 and submissions_for(stack, loser) == 0
+    events = {e["job_id"]: json.loads(e["payload"]) for e in stream_events(stack) if e["job_id"] in ids.values()}
+    assert events[loser]["event"] == "job.failed" and events[loser]["tracks"] == []
+    assert events[winner]["event"] == "job.succeeded"
+    title = next(t for t, j in ids.items() if j == winner)
+    third = f"foreign-C-{uuid.uuid4().hex[:8]}"
+    app.send_task("kie_extend.extend", task_id=third, queue=settings.queue,
+                  kwargs={"request": valid_request(stack, title=title), "idempotency_key": key})
+    rec = wait_terminal(stack, [third])[third]
+    assert rec["duplicate_of"] == winner and rec["state"] == "succeeded"
+
+
 def test_provider_rejection_fails_job(stack: DevStack) -> None:
     """The provider's own validation (continueAt beyond the 30 s source) fails the job as invalid_request."""
     settings = stack.settings()

@@ -217,13 +217,19 @@ def test_explicit_job_id_and_409_when_taken(stack: Stack) -> None:
     r = stack.call("POST", "/v1/jobs", json={"request": req(stack.sim), "job_id": "order-42"})
     assert r.status_code == 202 and r.json() == {"job_id": "order-42"}
     stack.consume()
+    # The same submission again (a retry whose answer was lost): the same id, nothing sent twice.
     r = stack.call("POST", "/v1/jobs", json={"request": req(stack.sim), "job_id": "order-42"})
+    assert r.status_code == 202 and r.json() == {"job_id": "order-42"} and stack.messages() == []
+    r = stack.call("POST", "/v1/jobs", json={"request": req(stack.sim, title="Other"), "job_id": "order-42"})
     assert r.status_code == 409 and r.json()["error"]["kind"] == "job_exists"
     assert r.json()["error"]["errors"][0]["field"] == "job_id" and "already exists" in r.json()["error"]["message"]
     r = stack.call("POST", "/v1/jobs", json={"jobs": [{"request": req(stack.sim), "job_id": "fresh-1"},
-                                                      {"request": req(stack.sim), "job_id": "order-42"}]})
+                                                      {"request": req(stack.sim, title="Other"), "job_id": "order-42"}]})
     assert r.status_code == 409
     assert stack.messages() == []
+    # fresh-1's claim was given back with the refusal: another request may take the id.
+    r = stack.call("POST", "/v1/jobs", json={"request": req(stack.sim, title="Third"), "job_id": "fresh-1"})
+    assert r.status_code == 202
 
 
 BAD = {"model": "V9", "continueAt": -3, "uploadUrl": "ftp://example.org/a.mp3", "title": "x" * 300}

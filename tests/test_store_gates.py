@@ -183,7 +183,7 @@ def test_keys_all_under_prefix():
 
     keys = Keys("p1")
     names = [keys.job("x"), keys.due, keys.ready(5, "t"), keys.tenants(5), keys.priorities, keys.batch("b"), keys.batch_jobs("b"), keys.deadlines, keys.operator_pause, keys.inflight, keys.rate_log, keys.pause, keys.results,
-             keys.deliveries, keys.dead_letters, keys.stats, keys.idempotency("k"), keys.dedup("h", "x:y"),
+             keys.deliveries, keys.dead_letters, keys.stats, keys.idempotency("k", "t"), keys.job_claim("x"), keys.dedup("h", "x:y"),
              keys.breaker, keys.sweep_lock, keys.sweep_last, keys.tick_last, keys.probe_lock, *keys.states().values()]
     assert all(n.startswith("{p1}:") for n in names)
     assert len({key_slot(n.encode()) for n in names}) == 1

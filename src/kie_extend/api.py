@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Any, Iterable
@@ -12,8 +14,9 @@ from celery import Celery
 
 from .config import Settings, load_settings
 from .endpoints import configure_broker
-from .errors import ConfigError, JobExistsError, ValidationError
-from .events import status_record
+from .errors import ConfigError, IdempotencyConflictError, JobExistsError, ValidationError
+from .events import now_iso, status_record
+from .idempotency import Idempotency, kwargs_digest, request_fingerprint
 from .ids import id_problem, is_valid
 from .intake import EXTEND_OPTIONS, check_message, require
 from .probe import AUDIO_FILE_FIELD, AudioInfo, probe_audio
@@ -144,8 +147,14 @@ def enqueue_extend(request: dict[str, Any], *, audio_file: AudioPath | None = No
     and the request checked against its duration first, then the file is uploaded and its URL
     becomes ``uploadUrl``. Nothing is uploaded or enqueued when the check fails.
 
-    ``job_id`` (optional) names the job; an id that already exists raises ``JobExistsError`` (a
-    ``ValidationError`` on the field ``job_id``) and nothing is sent. Without one a UUID4 is used.
+    ``job_id`` (optional) names the job and is claimed before the message is published: an id that
+    another request holds (a job, or another producer's claim) raises ``JobExistsError`` (a
+    ``ValidationError`` on the field ``job_id``) and nothing is sent; the same message again
+    returns the id without publishing it twice. Without one a UUID4 is used. An
+    ``idempotency_key`` that a different request holds in the tenant raises
+    ``IdempotencyConflictError`` (nothing sent; the refusal is recorded as a failed job with its own
+    event, named by ``job_ids``); for the same request the job becomes a duplicate of the first
+    (README "Idempotency keys and explicit job ids").
     ``tenant``, ``priority`` (0-9), ``batch_id`` and ``not_after`` (ISO-8601 UTC or epoch seconds)
     share the account fairly (README "Sharing one account").
     """
@@ -158,8 +167,7 @@ def enqueue_extend(request: dict[str, Any], *, audio_file: AudioPath | None = No
     check_extend(request, idempotency_key=idempotency_key, metadata=metadata, settings=settings, **options)
     if job_id is not None and id_problem("job_id", job_id):
         raise ValidationError([id_problem("job_id", job_id)])  # type: ignore[list-item]
-    if job_id is not None and _runtime(settings).store.exists(job_id):
-        raise JobExistsError(job_id)
+    explicit = job_id is not None
     job_id = job_id or str(uuid.uuid4())
     kwargs: dict[str, Any] = {"request": request}
     if idempotency_key is not None:
@@ -167,15 +175,124 @@ def enqueue_extend(request: dict[str, Any], *, audio_file: AudioPath | None = No
     if metadata is not None:
         kwargs["metadata"] = metadata
     kwargs.update({k: v for k, v in options.items() if v is not None})
-    if batch_id is not None:
-        _runtime(settings).store.declare_batch(batch_id, [job_id])
-    producer_app(settings).send_task("kie_extend.extend", kwargs=kwargs, task_id=job_id, queue=settings.queue)
-    return job_id
+    return _send(settings, [job_id], [kwargs], explicit=[explicit], skip_existing=False,
+                 fields=["idempotency_key"])[0][0]
+
+
+def _send(settings: Settings, ids: list[str], messages: list[dict[str, Any]], *, explicit: list[bool],
+          skip_existing: bool, fields: list[str], uploads: dict[int, Any] | None = None) -> tuple[list[str], set[int]]:
+    """Publish checked extend messages (kwargs) under their job ids; returns the ids and the indexes
+    actually published. In order: explicit ids are claimed (:mod:`idempotency`: one of two
+    simultaneous producers wins; the same message again is not published twice once sent; another
+    request under a taken id raises JobExistsError, or is skipped with ``skip_existing``),
+    idempotency keys are looked at (a key another request holds in the tenant refuses the call: the
+    refusal is recorded as a failed job with its event, and IdempotencyConflictError raised), files in
+    ``uploads`` (index -> callable giving the uploaded URL) are uploaded, batches are declared, the
+    messages published and their claims marked sent."""
+    rt = _runtime(settings)
+    idem = Idempotency(rt.redis, rt.keys, settings.idempotency_window)
+    uploads = uploads or {}
+    digests = {i: kwargs_digest(m) for i, m in enumerate(messages) if explicit[i] and i not in uploads}
+    wanted = [i for i in range(len(ids)) if explicit[i]]
+    outcomes = dict(zip(wanted, idem.claim([(ids[i], digests.get(i, "")) for i in wanted])))
+    # Claims this call holds and has not published yet: given back if it stops before publishing.
+    claimed = [i for i, o in outcomes.items() if o in ("won", "unsent") and i in digests]
+    sent: set[int] = set()
+    try:
+        taken = [i for i, o in outcomes.items() if o == "taken"]
+        if taken and not skip_existing:
+            raise JobExistsError(ids[min(taken)])
+        skip = {i for i, o in outcomes.items() if o in ("taken", "sent", "recorded")}
+        _refuse_reused_keys(settings, rt, idem, ids, messages, skip | set(uploads), fields)
+        for i, upload in uploads.items():
+            if i in skip:
+                continue
+            messages[i] = {**messages[i], "request": {**messages[i]["request"], "uploadUrl": upload()}}
+            if explicit[i]:
+                digests[i] = kwargs_digest(messages[i])
+                late = idem.claim([(ids[i], digests[i])])[0]
+                if late in ("won", "unsent"):
+                    claimed.append(i)
+                elif late == "taken" and not skip_existing:
+                    raise JobExistsError(ids[i])
+                else:
+                    skip.add(i)
+        batches: dict[str, list[str]] = {}
+        for i, m in enumerate(messages):
+            if m.get("batch_id") is not None and i not in skip:
+                batches.setdefault(m["batch_id"], []).append(ids[i])
+        for b, members in batches.items():
+            rt.store.declare_batch(b, members)
+        app = producer_app(settings)
+        # Celery's message builder and kombu's publisher directly: the same message send_task makes,
+        # without its per-call routing, sent through the default exchange (no binding look-up per
+        # message) in kombu's transport batches (one pipelined round trip per 500 on Redis).
+        queue = app.amqp.queues[settings.queue]
+        with app.producer_or_acquire() as producer:
+            producer.maybe_declare(queue)
+            with producer.batch(500):
+                for i, m in enumerate(messages):
+                    if i in skip:
+                        continue
+                    headers, properties, body, _ = app.amqp.create_task_message(ids[i], "kie_extend.extend", (), m)
+                    producer.publish(body, exchange="", routing_key=settings.queue, serializer="json",
+                                     headers=headers, **properties)
+                    sent.add(i)
+    except BaseException:
+        idem.release([(ids[i], digests[i]) for i in claimed if i not in sent])
+        raise
+    idem.mark_sent([(ids[i], digests[i]) for i in claimed if i in sent])
+    return ids, sent
+
+
+def _refuse_reused_keys(settings: Settings, rt: Runtime, idem: Idempotency, ids: list[str],
+                        messages: list[dict[str, Any]], skip: set[int], fields: list[str]) -> None:
+    """Raise IdempotencyConflictError when a message's idempotency key is held, in its tenant, by
+    another request; each refused message is recorded first as a failed job with its own event
+    (unless its id already has a record). A message whose request is not final yet (a file to
+    upload) is left to the worker, which decides the same way."""
+    from .pipeline import Pipeline
+
+    tenant_of = {i: m.get("tenant") or settings.default_tenant for i, m in enumerate(messages)}
+    keyed = [i for i, m in enumerate(messages) if m.get("idempotency_key") and i not in skip]
+    looks = idem.look_keys([(messages[i]["idempotency_key"], tenant_of[i], ids[i],
+                             request_fingerprint(_json(messages[i]["request"]), tenant_of[i])) for i in keyed])
+    conflicts = [i for i, (outcome, _) in zip(keyed, looks) if outcome == "conflict"]
+    if conflicts:
+        pipeline = Pipeline(rt)
+        for i in conflicts:
+            pipeline.refuse_conflict(ids[i], _refusal_fields(settings, ids[i], messages[i]))
+        raise IdempotencyConflictError([ids[i] for i in conflicts], [fields[i] for i in conflicts])
+
+
+def _json(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _refusal_fields(settings: Settings, job_id: str, message: dict[str, Any]) -> dict[str, Any]:
+    """The record of a message refused at the producer (its idempotency key is held by another request)."""
+    now = time.time()
+    intake = check_message(message.get("request"), settings=settings, idempotency_key=message.get("idempotency_key"),
+                           metadata=message.get("metadata"), **{k: message.get(k) for k in OPTIONS})
+    return {"job_id": job_id, "request": _json(message.get("request")), "metadata": intake.metadata,
+            "created_at": now_iso(), "created_ts": now, "attempts": 0, "polls": 0,
+            "idempotency_key": intake.idempotency_key, "tenant": intake.tenant, "priority": intake.priority,
+            "batch_id": intake.batch_id, "not_after": intake.not_after}
 
 
 def enqueue_many(items: Iterable[dict[str, Any]], *, settings: Settings | None = None,
                  batch_id: str | None = None, tenant: str | None = None, priority: int | None = None,
                  not_after: str | float | None = None, skip_existing: bool = False) -> list[str]:
+    """Validate every item first, then enqueue them all; returns job ids in order (see
+    :func:`enqueue_many_sent`, which also says which items this call published)."""
+    return enqueue_many_sent(items, settings=settings, batch_id=batch_id, tenant=tenant, priority=priority,
+                             not_after=not_after, skip_existing=skip_existing)[0]
+
+
+def enqueue_many_sent(items: Iterable[dict[str, Any]], *, settings: Settings | None = None,
+                      batch_id: str | None = None, tenant: str | None = None, priority: int | None = None,
+                      not_after: str | float | None = None,
+                      skip_existing: bool = False) -> tuple[list[str], set[int]]:
     """Validate every item first, then enqueue them all on one connection; returns job ids in order.
 
     Each item is ``{"request": {...}, "idempotency_key": ..., "metadata": ..., "audio_file": ...,
@@ -183,9 +300,12 @@ def enqueue_many(items: Iterable[dict[str, Any]], *, settings: Settings | None =
     ``request`` optional; an item's own ``tenant`` … ``not_after`` win over the keyword arguments).
     If any item is invalid, nothing is uploaded or enqueued and the ValidationError names each bad
     field as ``[i].field``. Files are uploaded only once every item has passed. A batch's jobs are
-    declared to it before any is sent, so it cannot finish early. An explicit ``job_id`` that
-    already exists raises JobExistsError, or with ``skip_existing`` is returned without being sent
-    again (a re-run of the same batch sends nothing twice).
+    declared to it before any is sent, so it cannot finish early. An explicit ``job_id`` is claimed
+    before its message is published (README "Idempotency keys and explicit job ids"): the same item again is not published
+    twice, whether or not a worker recorded it yet; an id that another request holds raises
+    JobExistsError, or with ``skip_existing`` is returned without being sent. An idempotency key
+    another request holds in the tenant raises IdempotencyConflictError. Returns the ids in order
+    and the indexes of the items this call published.
     """
     settings = _settings(settings)
     items = list(items)
@@ -207,50 +327,32 @@ def enqueue_many(items: Iterable[dict[str, Any]], *, settings: Settings | None =
             problems += _indexed(i, exc)
     if problems:
         raise ValidationError(problems)
+    return _enqueue_checked(items, options, infos, settings, skip_existing)
+
+
+def _enqueue_checked(items: list[dict[str, Any]], options: list[dict[str, Any]], infos: dict[int, AudioInfo],
+                     settings: Settings, skip_existing: bool) -> tuple[list[str], set[int]]:
+    """enqueue_many after its checks: the ids in order, and the indexes published by this call."""
     ids = [str(item.get("job_id") or uuid.uuid4()) for item in items]
-    explicit = [(i, j) for i, j in enumerate(ids) if items[i].get("job_id")]
-    existing: set[int] = set()
-    if explicit:
-        pipe = _runtime(settings).redis.pipeline(transaction=False)
-        for _, j in explicit:
-            pipe.exists(_runtime(settings).keys.job(j))
-        existing = {i for (i, _), there in zip(explicit, pipe.execute()) if there}
-        if existing and not skip_existing:
-            raise JobExistsError(ids[min(existing)])
-    bodies: list[dict[str, Any]] = []
+    messages: list[dict[str, Any]] = []
     for i, item in enumerate(items):
-        request = item["request"]
-        if i in infos and i not in existing:
-            request = {**request, "uploadUrl": _upload(item["audio_file"], infos[i], settings).url}
+        kwargs = {k: item[k] for k in ("idempotency_key", "metadata") if item.get(k) is not None}
+        kwargs.update({k: v for k, v in options[i].items() if v is not None})
+        messages.append({"request": item["request"], **kwargs})
+
+    def uploader(i: int) -> Any:
+        def upload() -> str:
+            url = _upload(items[i]["audio_file"], infos[i], settings).url
             try:
-                check_extend(request, settings=settings)
+                check_extend({**items[i]["request"], "uploadUrl": url}, settings=settings)
             except ValidationError as exc:
                 raise ValidationError(_indexed(i, exc)) from None
-        bodies.append(request)
-    batches: dict[str, list[str]] = {}
-    for i, opts in enumerate(options):
-        if opts["batch_id"] is not None:
-            batches.setdefault(opts["batch_id"], []).append(ids[i])
-    for b, members in batches.items():
-        _runtime(settings).store.declare_batch(b, members)
-    app = producer_app(settings)
-    # Celery's message builder and kombu's publisher directly: the same message send_task makes,
-    # without its per-call routing, sent through the default exchange (no binding look-up per
-    # message) in kombu's transport batches (one pipelined round trip per 500 on Redis).
-    queue = app.amqp.queues[settings.queue]
-    with app.producer_or_acquire() as producer:
-        producer.maybe_declare(queue)
-        with producer.batch(500):
-            for i, (item, request) in enumerate(zip(items, bodies)):
-                if i in existing:
-                    continue
-                kwargs = {k: item[k] for k in ("idempotency_key", "metadata") if item.get(k) is not None}
-                kwargs.update({k: v for k, v in options[i].items() if v is not None})
-                headers, properties, body, _ = app.amqp.create_task_message(
-                    ids[i], "kie_extend.extend", (), {"request": request, **kwargs})
-                producer.publish(body, exchange="", routing_key=settings.queue, serializer="json",
-                                 headers=headers, **properties)
-    return ids
+            return url
+        return upload
+
+    return _send(settings, ids, messages, explicit=[bool(item.get("job_id")) for item in items],
+                 skip_existing=skip_existing, fields=[f"[{i}].idempotency_key" for i in range(len(items))],
+                 uploads={i: uploader(i) for i in infos})
 
 
 def _indexed(i: int, exc: ValidationError) -> list[dict[str, str]]:

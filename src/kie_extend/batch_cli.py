@@ -15,8 +15,9 @@ anything is uploaded or enqueued):
 Line numbers are the file's own (in a CSV the header is line 1). Line ``N`` of batch ``B`` becomes
 job ``B-N`` (``b<hash of B>-N`` when that is not a valid job id), with idempotency key ``B:N``
 unless the line gives its own. Running the same command again after a crash or Ctrl-C therefore
-sends nothing twice: a job that exists is skipped, and a message sent twice for the same job id is
-a redelivery to the worker. ``audio_file`` paths are relative to the batch file's directory.
+sends nothing twice: a job that exists is skipped, a job whose message an earlier run published
+(its id's claim is marked sent, see idempotency.py) is skipped even before a worker recorded it,
+and a message sent twice for the same job id is a redelivery to the worker. ``audio_file`` paths are relative to the batch file's directory.
 """
 
 from __future__ import annotations
@@ -389,23 +390,27 @@ def existing_ids(rt: Any, job_ids: list[str]) -> set[str]:
 def submit(items: list[dict[str, Any]], *, settings: Any, rt: Any, batch_id: str, tenant: str | None = None,
            priority: int | None = None, not_after: str | None = None, chunk: int = CHUNK,
            progress: Any = None) -> tuple[int, int]:
-    """Enqueue checked items in chunks, skipping jobs that exist; returns ``(sent, already_there)``.
+    """Enqueue checked items in chunks; returns ``(sent, already_there)``.
 
-    ``progress(done, total)`` is called after each chunk. Raises what ``enqueue_many`` raises
+    A line is "already there" when a worker recorded its job, or when an earlier run published its
+    message (each job id is claimed, and marked sent with its message: see ``enqueue_many``), so
+    a re-run sends nothing twice even before any worker picked the batch up. ``progress(done,
+    total)`` is called after each chunk. Raises what ``enqueue_many`` raises
     (``ProviderError``/``ConfigError`` from an upload); what was sent before stays sent, and a
     re-run resumes."""
-    from .api import enqueue_many
+    from .api import enqueue_many_sent
 
     sent = existed = 0
     for start in range(0, len(items), chunk):
         part = items[start:start + chunk]
         there = existing_ids(rt, [it["job_id"] for it in part])
+        published: set[int] = set()
         if len(there) < len(part):
-            enqueue_many([{k: v for k, v in it.items() if k != "line"} for it in part], settings=settings,
-                         batch_id=batch_id, tenant=tenant, priority=priority, not_after=not_after,
-                         skip_existing=True)
-        sent += len(part) - len(there)
-        existed += len(there)
+            _, published = enqueue_many_sent([{k: v for k, v in it.items() if k != "line"} for it in part],
+                                             settings=settings, batch_id=batch_id, tenant=tenant,
+                                             priority=priority, not_after=not_after, skip_existing=True)
+        sent += len(published)
+        existed += len(part) - len(published)
         if progress is not None:
             progress(start + len(part), len(items))
     return sent, existed

@@ -5,7 +5,8 @@
     KieExtendError
      ├── ConfigError                      bad setting, named by its variable
      ├── ValidationError                  a request breaks the provider's rules (.errors lists them all)
-     │    └── JobExistsError              an explicit job id that is already taken
+     │    ├── JobExistsError              an explicit job id that is already taken
+     │    └── IdempotencyConflictError    an idempotency key another request holds (in its tenant)
      └── ProviderError                    anything that went wrong talking to KIE
           ├── ProviderCodeError           KIE answered with a non-200 code (.code, .retryable, .kind)
           │    ├── InvalidRequestError    400, 413, 422, 500 "field is required"   kind invalid_request
@@ -98,6 +99,21 @@ class JobExistsError(ValidationError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.job_id,))
+
+
+class IdempotencyConflictError(ValidationError):
+    """An idempotency key that another request already holds in the same tenant; nothing was sent.
+    The refusal is recorded as a failed job (``invalid_request``, with its own result event):
+    ``job_ids`` names it (one per refused item; ``fields`` the items' field names)."""
+
+    def __init__(self, job_ids: list[str], fields: list[str] | None = None) -> None:
+        self.job_ids = list(job_ids)
+        self.fields = list(fields or ["idempotency_key"] * len(self.job_ids))
+        super().__init__([{"field": f, "message": "idempotency key reused with a different request"}
+                          for f in self.fields])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.job_ids, self.fields))
 
 
 class ProviderError(KieExtendError):

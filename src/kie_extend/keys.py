@@ -43,9 +43,20 @@ class Keys:
         """Sorted set of job ids in ``state`` scored by creation time (for ``kie-extend jobs``)."""
         return f"{self.tag}:state:{state}"
 
-    def idempotency(self, key: str) -> str:
-        """String: the first job id that used an idempotency key (expires after the window)."""
+    def idempotency(self, key: str, tenant: str) -> str:
+        """Hash: the first job that used an idempotency key within one tenant (``job``) and its
+        request's fingerprint (``fp``); expires after the window. Tenants hold no ``:``."""
+        return f"{self.tag}:idem:{tenant}:{key}"
+
+    def legacy_idempotency(self, key: str) -> str:
+        """String: an idempotency key's first job as written before keys were scoped by tenant (only
+        read, until the last such key expires with its window)."""
         return f"{self.tag}:idem:{key}"
+
+    def job_claim(self, job_id: str) -> str:
+        """String: an explicit job id claimed by a producer before its message is published: the
+        message's digest, with ``:sent`` appended once published (expires after the idempotency window)."""
+        return f"{self.tag}:claim:{job_id}"
 
     @property
     def due(self) -> str:

@@ -7,7 +7,6 @@ it back to a worker when it is due.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -19,6 +18,7 @@ from .client import FAILED_STATUSES, TaskRecord, track_has_audio
 from .delivery import Delivery
 from .events import build_event, now_iso
 from .infra import is_infra_error
+from .idempotency import CONFLICT_MESSAGE, Idempotency, message_digest, request_fingerprint
 from .intake import check_message
 from .metrics import POLL_BUCKETS, RESULT_BUCKETS
 from .admission import Admitted
@@ -62,6 +62,7 @@ class Pipeline:
         self.gates = rt.gates
         self.dispatch = dispatcher or NoDispatch()
         self.delivery = Delivery(rt)
+        self.idem = Idempotency(rt.redis, rt.keys, self.s.idempotency_window)
 
     def later(self, job_id: str, at: float) -> None:
         """Run ``job_id``'s next step at ``at``: a wait shorter than a tick goes out now as a short
@@ -143,10 +144,12 @@ class Pipeline:
             self._finish(job_id, {}, JobState.CANCELLED, {**base, "error": error}, expect=[None])
             return
         if idempotency_key:
-            key = self.rt.keys.idempotency(idempotency_key)
-            first = self.rt.redis.set(key, job_id, nx=True, ex=int(self.s.idempotency_window), get=True)
-            first = first.decode() if isinstance(first, bytes) else first
-            if first and first != job_id:
+            outcome, first = self.idem.use_key(idempotency_key, intake.tenant, job_id,
+                                               request_fingerprint(request, intake.tenant))
+            if outcome == "conflict":
+                self.refuse_conflict(job_id, base)
+                return
+            if outcome == "duplicate":
                 if not self.store.create_pointer(job_id, {**base, "duplicate_of": first},
                                                  ttl=self.s.idempotency_window, handlers=self.s.handlers):
                     self._known(job_id, self.store.get(job_id) or {}, digest)
@@ -164,6 +167,14 @@ class Pipeline:
                                  "created_ts": repr(now), "attempts": "0", "batch_id": intake.batch_id or "",
                                  "not_after": "" if intake.not_after is None else repr(intake.not_after)},
                         in_ready=True)
+
+    def refuse_conflict(self, job_id: str, base: dict[str, Any]) -> bool:
+        """Record a job whose idempotency key another request holds (in its tenant) as failed with
+        ``invalid_request`` and its own result event; False when ``job_id`` already has a record."""
+        self.store.stat("idempotency_conflicts")
+        error = _error("invalid_request", CONFLICT_MESSAGE,
+                       errors=[{"field": "idempotency_key", "message": CONFLICT_MESSAGE}])
+        return bool(self._finish(job_id, {}, JobState.FAILED, {**base, "error": error}, expect=[None]))
 
     def _too_late_to_start(self, not_after: float | None, batch_id: str | None, now: float) -> str | None:
         """``"deadline"`` or ``"operator"`` (its batch was cancelled) when a new job must not start."""
@@ -679,14 +690,6 @@ class Pipeline:
 
     def _record_code(self, code: Any, prefix: str = "submit") -> None:
         self.store.stat(f"{prefix}_code_{code}")
-
-
-def message_digest(request: Any, idempotency_key: Any, metadata: Any, options: dict[str, Any] | None = None) -> str:
-    """SHA-256 (hex) of an extend message's content, to tell a redelivery from a reused job id."""
-    blob = json.dumps({"r": request, "k": idempotency_key, "m": metadata,
-                       **{k: v for k, v in (options or {}).items() if v is not None}},
-                      sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _safe_json(value: Any) -> Any:

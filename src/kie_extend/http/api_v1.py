@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import actions, api
 from ..actions import ActionResult
 from ..batches import get_batch, list_batches
-from ..errors import JobExistsError, ValidationError, describe_problems
+from ..errors import IdempotencyConflictError, JobExistsError, ValidationError, describe_problems
 from ..ids import id_problem, rule
 from ..intake import EXTEND_KWARGS, EXTEND_OPTIONS, unknown_name_message
 from ..listing import DEFAULT_LIMIT, MAX_LIMIT, list_jobs
@@ -157,7 +157,10 @@ async def submit_jobs(request: Request, principal: Principal = Depends(writer)) 
     202 ``{"job_id"}`` or ``{"job_ids": [...]}`` in the order given. 422 lists every bad field with
     the Python API's names and messages (``continueAt``; ``[2].model`` in a list)
     and nothing is enqueued; it also covers the rules the schema can only describe (the JSON size of
-    ``request`` and ``metadata``). 409 when an explicit ``job_id`` already exists (nothing enqueued)."""
+    ``request`` and ``metadata``). 409 ``job_exists`` when an explicit ``job_id`` is held by another
+    request (nothing enqueued; the same submission again is answered 202 with the same id). 409
+    ``conflict`` when the ``idempotency_key`` is held, in the tenant, by a different request (the
+    refusal is recorded as a failed job with its own event; ``job_ids`` names it)."""
     body = await _json_body(request)
     if not isinstance(body, dict):
         raise invalid([{"field": "body", "message": 'must be a JSON object: one job, or {"jobs": [...]}'}])
@@ -170,6 +173,11 @@ async def submit_jobs(request: Request, principal: Principal = Depends(writer)) 
         return JSONResponse({"job_id": job_id}, status_code=202)
     except JobExistsError as exc:
         raise fail(409, "job_exists", exc.errors[0]["message"], exc.errors) from None
+    except IdempotencyConflictError as exc:
+        # The refusal was recorded as a failed job with its own event: its id comes with the error.
+        error = fail(409, "conflict", exc.errors[0]["message"], exc.errors)
+        error.detail["job_ids"] = exc.job_ids
+        raise error from None
     except ValidationError as exc:
         raise invalid(exc.errors) from None
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..batches import get_batch, list_batches
 from ..events import status_record
+from ..idempotency import Idempotency
 from ..metrics import merge_bins, minute_series, quantile
 from ..metrics import overview as metrics_overview
 from . import charts as svg
@@ -173,7 +174,7 @@ def _search_ids(rt: Runtime, q: str) -> list[str]:
     out: list[str] = []
     if rt.redis.exists(rt.keys.job(q)):
         out.append(q)
-    first = rt.redis.get(rt.keys.idempotency(q))
+    first = Idempotency(rt.redis, rt.keys, rt.settings.idempotency_window).first_job(q, rt.settings.default_tenant)
     if first:
         out.append(_t(first))
     out += [_t(j) for j in rt.redis.zrevrange(rt.keys.batch_jobs(q), 0, SCAN_LIMIT - 1)]

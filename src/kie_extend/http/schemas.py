@@ -224,6 +224,9 @@ class ErrorDetail(BaseModel):
     kind: str = Field(description="invalid_request, unauthorized, forbidden, not_found, conflict, ...")
     message: str
     errors: list[FieldError] | None = None
+    job_ids: list[str] | None = Field(None, description=(
+        "kind conflict (an idempotency key reused with a different request): the refused jobs, "
+        "recorded as failed with their own events"))
 
 
 class ErrorBody(BaseModel):
