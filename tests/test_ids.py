@@ -75,7 +75,7 @@ def test_key_families_cannot_collide_whatever_the_ids(a: str, b: str) -> None:
     k = Keys("p")
     assert k.batch(a) != k.batch_jobs(b)
     assert k.batches not in (k.batch(a), k.batch_jobs(b))
-    assert k.job(a) not in (k.batch(b), k.batch_jobs(b), k.idempotency(b))
+    assert k.job(a) not in (k.batch(b), k.batch_jobs(b), k.idempotency(b, "default"), k.job_claim(b))
     if a != b:
         assert k.batch(a) != k.batch(b) and k.batch_jobs(a) != k.batch_jobs(b)
 
