@@ -29,6 +29,28 @@ def _runtime(settings: Settings) -> Any:
     return Runtime(settings)
 
 
+#: Commands that skip :func:`_startup_check`: servers (they start anyway and say why), commands that
+#: use no job store or broker, and ``status`` without an id (it shows each part's state instead).
+_UNCHECKED = {"serve", "callback-server", "demo", "dev", "openapi", "credits", "simulator"}
+
+
+def _startup_check(args: argparse.Namespace) -> None:
+    """Before a command runs: a job store or broker that refuses our credentials stops it with
+    infra_check.InfraUnavailable (exit 6, one line naming the setting, URL masked), even when the
+    command would use only one of them (``enqueue`` publishes to the broker alone, ``jobs`` reads the
+    job store alone). Other failures are met, and named, at first use."""
+    if args.command in _UNCHECKED or (args.command == "status" and not args.job_id) \
+            or getattr(args, "dry_run", False):
+        return
+    from .infra_check import InfraProbe
+
+    probe = InfraProbe(_settings())
+    try:
+        probe.require()
+    finally:
+        probe.close()
+
+
 def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
     request: dict[str, Any] = {}
     if args.file:
@@ -167,6 +189,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(ov, indent=2))
         else:
+            from .infra_check import state_line
+
+            for part, st in ov["infrastructure"].items():  # type: ignore[union-attr]
+                name, _, rest = state_line(part, st).partition(": ")
+                print(f"{name + ':':<12} {rest}")
             jobs = "  ".join(f"{k}={v}" for k, v in ov["jobs"].items())  # type: ignore[union-attr]
             print(f"jobs:        {jobs}")
             print(f"in flight:   {ov['in_flight']} / {ov['max_in_flight']}")
@@ -193,6 +220,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             for prio, tenants in ov["waiting_by_priority"].items():  # type: ignore[union-attr]
                 print(f"  priority {prio}: " + "  ".join(f"{t}={n}" for t, n in tenants.items()))
             print(f"redis:       {_memory_line(ov['redis_memory'])}")  # type: ignore[arg-type]
+        sys.stdout.flush()
+        _fail_on_infra(ov["infrastructure"])  # type: ignore[arg-type]
         return 0
     if args.wait:
         return _wait(settings, args.job_id, args.json)
@@ -202,6 +231,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"  (no record: an unknown id, a record expired after KIE_RETENTION, or a message no worker on "
         f"queue {settings.queue!r} has taken yet)" if missing else ""))
     return EXIT_NOT_FOUND if missing else 0
+
+
+def _fail_on_infra(infra: dict[str, dict[str, Any]]) -> None:
+    """Raise infra_check.InfraUnavailable (exit 6 and its one line) for the first part that is not up."""
+    from .infra_check import InfraUnavailable
+
+    for part, st in infra.items():
+        if not st["up"]:
+            raise InfraUnavailable(part, st)
 
 
 def _memory_line(mem: dict[str, Any]) -> str:
@@ -674,7 +712,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     _add_debug(parser)
     args = parser.parse_args(argv)
-    return run_command(lambda: args.func(args), debug=debug_requested(args.debug))
+
+    def command() -> int:
+        _startup_check(args)
+        return int(args.func(args) or 0)
+
+    return run_command(command, debug=debug_requested(args.debug))
 
 
 if __name__ == "__main__":
