@@ -20,6 +20,8 @@ When the broker is the job store (``KIE_BROKER_URL`` unset or equal), one probe 
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -181,5 +183,58 @@ def state_line(part: str, state: dict[str, Any]) -> str:
     return f"{name}: {said} at {state['url']}; check {state['setting']}"
 
 
-__all__ = ["InfraProbe", "InfraUnavailable", "classify", "public", "state_line", "PROBE_TIMEOUT", "REASONS",
+#: Loggers of Celery's "cannot connect to the broker, trying again" lines (worker and beat).
+RETRY_LOGGERS = ("celery.worker.consumer.consumer", "celery.beat")
+_RETRY_MARKERS = ("Cannot connect to", "Connection error:", "Connection to broker lost")
+
+
+class BrokerRetryNote(logging.Filter):
+    """Completes Celery's "cannot connect to the broker, trying again" lines of workers and beat
+    with the setting to check, its URL (masked) and why, in our words::
+
+        consumer: Cannot connect to …: invalid username-password pair …. Trying again in 10.00 seconds...
+        (attempt 5; retrying until it answers) [broker KIE_BROKER_URL=redis://:***@h:p/0: it refused
+        the credentials; check the user and password in KIE_BROKER_URL …]
+
+    The lines keep Celery's pace (its backoff: 2, 4, … up to 30 s apart), so a broker that refuses
+    us for hours is a line every 30 s, not a flood. Install with :meth:`install`."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        shared = settings.effective_broker_url == settings.redis_url
+        self.what = "job store and broker" if shared else "broker"
+        self.setting = "KIE_REDIS_URL" if shared else "KIE_BROKER_URL"
+        self.url = mask_url(settings.effective_broker_url)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a record we cannot format is left to the handler
+            return True
+        if record.levelno < logging.WARNING or self.setting in text or not any(m in text for m in _RETRY_MARKERS):
+            return True
+        from .cli_errors import unreachable_reason
+
+        args = record.args if isinstance(record.args, tuple) else ()
+        exc = next((a for a in args if isinstance(a, BaseException)), None)
+        happened, fix = unreachable_reason(exc) if exc is not None else ("it does not answer", "check {var}")
+        text = re.sub(r"\((\d+)/(None|0)\)", r"(attempt \1; retrying until it answers)", text.rstrip())
+        record.msg = (f"{text} [{self.what} {self.setting}={self.url}: {happened}; "
+                      f"{fix.format(var=self.setting)}]")
+        record.args = ()
+        return True
+
+    @classmethod
+    def install(cls, settings: Settings) -> BrokerRetryNote:
+        """Add one note to each of :data:`RETRY_LOGGERS` (replacing an earlier one); returns it."""
+        note = cls(settings)
+        for name in RETRY_LOGGERS:
+            logger = logging.getLogger(name)
+            for old in [f for f in logger.filters if isinstance(f, cls)]:
+                logger.removeFilter(old)
+            logger.addFilter(note)
+        return note
+
+
+__all__ = ["InfraProbe", "BrokerRetryNote", "RETRY_LOGGERS", "InfraUnavailable", "classify", "public", "state_line", "PROBE_TIMEOUT", "REASONS",
            "PARTS"]
