@@ -113,8 +113,10 @@ class Intake:
 
 
 def _json_size(value: Any) -> int | None:
+    """Bytes of ``value`` as JSON; None when it is not JSON (NaN and Infinity are not: a record
+    holding one could not be answered on /v1 or sent in an event)."""
     try:
-        return len(json.dumps(value))
+        return len(json.dumps(value, allow_nan=False))
     except (TypeError, ValueError):
         return None
 
@@ -147,7 +149,7 @@ def check_message(request: Any, *, settings: Settings, idempotency_key: Any = No
         if not isinstance(metadata, dict):
             problems.append({"field": "metadata", "message": "must be a JSON object"})
         elif size is None:
-            problems.append({"field": "metadata", "message": "must be JSON-serialisable"})
+            problems.append({"field": "metadata", "message": "must be JSON-serialisable (no NaN or Infinity)"})
         elif size > settings.metadata_max_bytes:
             problems.append({"field": "metadata", "message": f"larger than {settings.metadata_max_bytes} bytes"})
         else:
@@ -162,7 +164,7 @@ def check_message(request: Any, *, settings: Settings, idempotency_key: Any = No
         return out  # the request came positionally: that is the one problem to report
     size = _json_size(request)
     if size is None:
-        problems.append({"field": "request", "message": "must be JSON-serialisable"})
+        problems.append({"field": "request", "message": "must be JSON-serialisable (no NaN or Infinity)"})
         return out
     if size > MAX_REQUEST_BYTES:
         problems.append({"field": "request", "message": f"is {size} bytes of JSON; at most {MAX_REQUEST_BYTES}"})
