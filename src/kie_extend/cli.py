@@ -257,6 +257,19 @@ def _memory_line(mem: dict[str, Any]) -> str:
             f"{mem['evicted_keys']} evicted keys{warn}")
 
 
+def seconds_arg(text: str) -> float:
+    """A duration flag in seconds: a finite number >= 0 (``nan``, ``inf`` and negatives refused)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
 def limit_arg(text: str) -> int:
     """``--limit`` of every listing command: an integer from 1 to ``listing.MAX_LIMIT``."""
     from .listing import MAX_LIMIT
@@ -635,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dr = sub.add_parser("doctor", help="check the job store's invariants (exit 1 when any is broken)")
     dr.add_argument("--repair", action="store_true", help="fix every violation that can be fixed")
-    dr.add_argument("--grace", type=float, default=30.0,
+    dr.add_argument("--grace", type=seconds_arg, default=30.0,
                     help="seconds a job must be in its state before it counts as unscheduled (default 30)")
     dr.add_argument("--json", action="store_true")
     dr.set_defaults(func=cmd_doctor)

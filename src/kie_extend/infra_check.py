@@ -215,8 +215,12 @@ class BrokerRetryNote(logging.Filter):
             return True
         from .cli_errors import unreachable_reason
 
+        from .infra import is_infra_error
+
         args = record.args if isinstance(record.args, tuple) else ()
         exc = next((a for a in args if isinstance(a, BaseException)), None)
+        if exc is not None and not is_infra_error(exc):
+            return True  # not the broker's fault (a bug, a poison message): no note that blames it
         happened, fix = unreachable_reason(exc) if exc is not None else ("it does not answer", "check {var}")
         text = re.sub(r"\((\d+)/(None|0)\)", r"(attempt \1; retrying until it answers)", text.rstrip())
         record.msg = (f"{text} [{self.what} {self.setting}={self.url}: {happened}; "

@@ -112,11 +112,12 @@ class Intake:
     problems: list[dict[str, str]] = field(default_factory=list)
 
 
-def _json_size(value: Any) -> int | None:
-    """Bytes of ``value`` as JSON; None when it is not JSON (NaN and Infinity are not: a record
-    holding one could not be answered on /v1 or sent in an event)."""
+def _json_size(value: Any, strict: bool = False) -> int | None:
+    """Bytes of ``value`` as JSON; None when it is not JSON. ``strict``: NaN and Infinity are not
+    JSON either (a record holding one could not be answered on /v1 or sent in an event); the
+    request's fields get their own "must be a finite number" instead."""
     try:
-        return len(json.dumps(value, allow_nan=False))
+        return len(json.dumps(value, allow_nan=not strict))
     except (TypeError, ValueError):
         return None
 
@@ -145,7 +146,7 @@ def check_message(request: Any, *, settings: Settings, idempotency_key: Any = No
         else:
             problems.append({"field": name, "message": unknown_kwarg_message(name)})
     if metadata is not None:
-        size = _json_size(metadata)
+        size = _json_size(metadata, strict=True)
         if not isinstance(metadata, dict):
             problems.append({"field": "metadata", "message": "must be a JSON object"})
         elif size is None:
@@ -164,7 +165,7 @@ def check_message(request: Any, *, settings: Settings, idempotency_key: Any = No
         return out  # the request came positionally: that is the one problem to report
     size = _json_size(request)
     if size is None:
-        problems.append({"field": "request", "message": "must be JSON-serialisable (no NaN or Infinity)"})
+        problems.append({"field": "request", "message": "must be JSON-serialisable"})
         return out
     if size > MAX_REQUEST_BYTES:
         problems.append({"field": "request", "message": f"is {size} bytes of JSON; at most {MAX_REQUEST_BYTES}"})
