@@ -4,9 +4,15 @@ everyone), and a web page driving a token-less loopback API through the visitor'
 
 from __future__ import annotations
 
+import json
+import time
+import uuid
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 import requests
 from test_http_api import Served
 
@@ -59,3 +65,50 @@ def test_a_tokenless_api_refuses_other_sites_browsers(make_settings: Callable[..
             assert requests.post(served.url + "/v1/resume", headers=headers, timeout=10).json()["resumed"] is True
     finally:
         served.stop()
+
+
+def test_task_messages_with_odd_headers_do_not_stop_the_worker(valkey: Any, prefix: str, tmp_path: Path) -> None:
+    """A message without an ``id`` header used to read as a lost connection and come back forever
+    (no worker consumed anything again); a ``timelimit`` of strings ended the worker process, and the
+    next worker's too. Each is now failed (when it has an id) and acknowledged; the worker lives on
+    and runs the job sent after them."""
+    from kombu import Connection, Producer, Queue
+
+    from kie_extend.api import get_job
+    from kie_extend.devstack import DevStack
+
+    request = {"uploadUrl": "http://127.0.0.1:9/a.mp3", "defaultParamFlag": False, "model": "V5",
+               "prompt": "calm", "continueAt": 5}
+    with DevStack(tmp_path, redis_url=valkey.url, key_prefix=prefix,
+                  env={"KIE_QUEUE": prefix, "KIE_CALLBACK_BASE_URL": "http://127.0.0.1:9/unused",
+                       "KIE_ALLOW_PRIVATE_URLS": "true"}) as stack:
+        stack.start_worker(concurrency=1)
+        settings = stack.settings()
+        odd = {"no-id": {"id": None}, "int-id": {"id": 4711}, "timelimit": {"timelimit": ["a", "b"]},
+               "retries": {"retries": "many"}, "last": {}}
+        ids = {}
+        with Connection(settings.redis_url) as conn:
+            producer = Producer(conn)
+            for name, extra in odd.items():
+                job_id = f"{name}-{uuid.uuid4().hex[:8]}"
+                ids[name] = job_id
+                headers = {"lang": "py", "task": "kie_extend.extend", "id": job_id, "root_id": job_id,
+                           "parent_id": None, "group": None, "retries": 0, "timelimit": [None, None], **extra}
+                headers = {k: v for k, v in headers.items() if not (k == "id" and v is None)}
+                producer.publish(json.dumps([[], {"request": request}, {}]), routing_key=settings.queue, exchange="",
+                                 headers=headers, content_type="application/json", content_encoding="utf-8",
+                                 declare=[Queue(settings.queue)])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and get_job(ids["last"], settings=settings)["state"] == "not_found":
+            time.sleep(0.3)
+        log = (tmp_path / "worker1.log").read_text()
+        assert get_job(ids["last"], settings=settings)["state"] != "not_found", log[-3000:]
+        assert "Unrecoverable error" not in log and "Connection to broker lost" not in log, log[-3000:]
+        assert "task message without an id (task 'kie_extend.extend') acknowledged and discarded" in log
+        for name, why in (("int-id", "the 'id' header must be a non-empty string"),
+                          ("timelimit", "the 'timelimit' header must be [soft, hard] seconds"),
+                          ("retries", "the 'retries' header must be a non-negative integer")):
+            job_id = "4711" if name == "int-id" else ids[name]
+            rec = get_job(job_id, settings=settings)
+            assert rec["state"] == "failed" and why in rec["error"]["message"], (name, rec)
+        assert redis.Redis.from_url(settings.redis_url).llen(settings.queue) == 0
