@@ -112,3 +112,16 @@ def test_task_messages_with_odd_headers_do_not_stop_the_worker(valkey: Any, pref
             rec = get_job(job_id, settings=settings)
             assert rec["state"] == "failed" and why in rec["error"]["message"], (name, rec)
         assert redis.Redis.from_url(settings.redis_url).llen(settings.queue) == 0
+
+
+@pytest.mark.parametrize("argv", [["doctor", "--grace", "nan"], ["doctor", "--grace", "-5"],
+                                  ["batch", "status", "b", "--timeout", "nan"], ["batch", "status", "b", "--interval", "-1"],
+                                  ["demo", "--time-factor", "nan"], ["dev", "--sim-time-factor", "0"]])
+def test_duration_flags_refuse_nan_infinity_and_negatives(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """``doctor --repair --grace -5`` would have repaired jobs in the middle of a transition."""
+    from kie_extend.cli import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    assert f"argument {argv[-2]}: must be a finite number" in capsys.readouterr().err

@@ -270,6 +270,19 @@ def seconds_arg(text: str) -> float:
     return value
 
 
+def factor_arg(text: str) -> float:
+    """A time factor flag: a finite number > 0."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
 def limit_arg(text: str) -> int:
     """``--limit`` of every listing command: an integer from 1 to ``listing.MAX_LIMIT``."""
     from .listing import MAX_LIMIT
@@ -678,7 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", help="run the whole system on embedded defaults")
     dm.add_argument("--jobs", type=int, default=6)
-    dm.add_argument("--time-factor", type=float, default=0.08)
+    dm.add_argument("--time-factor", type=factor_arg, default=0.08)
     dm.add_argument("--hold", action=argparse.BooleanOptionalAction, default=None,
                     help="after the results keep the system and its dashboard up until a line on stdin "
                          "(Enter) or Ctrl-C; default: only when stdin is a terminal")
@@ -696,7 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
     dv.add_argument("--redis-port", type=int, default=dev.DEFAULT_REDIS_PORT,
                     help=f"port of the embedded Valkey (default {dev.DEFAULT_REDIS_PORT}; 0 = any free; "
                          "unused when KIE_REDIS_URL is set)")
-    dv.add_argument("--sim-time-factor", type=float, default=0.1,
+    dv.add_argument("--sim-time-factor", type=factor_arg, default=0.1,
                     help="scale of the simulator's generation times (default 0.1: ~6.5 s a job)")
     dv.add_argument("--workers", type=int, default=1, help="Celery worker processes (default 1)")
     dv.add_argument("--concurrency", type=int, default=2, help="pool size of each worker (default 2)")
