@@ -222,3 +222,28 @@ def test_worker_and_beat_retry_saying_why_then_recover(tmp_path: Path) -> None:
                 p.kill()
         store.stop()
         broker.stop()
+
+
+def _rabbit_up() -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _rabbit_up(), reason="no RabbitMQ answers on 127.0.0.1:5672 (the amqp case needs one)")
+def test_rabbitmq_access_refused(servers: tuple[EmbeddedValkey, EmbeddedValkey], tmp_path: Path) -> None:
+    """A RabbitMQ broker that refuses the password (ACCESS_REFUSED): the same line, exit 6. Only a
+    login is attempted on it; nothing is declared or published."""
+    env = env_with(KIE_REDIS_URL=urls(servers)["KIE_REDIS_URL"], KIE_BROKER_URL=f"amqp://guest:{WRONG}@127.0.0.1:5672//")
+    runs = [["status"], ["jobs"], STORE_COMMANDS["enqueue"]]
+    for argv, proc in zip(runs, kie_many(runs, env, tmp_path)):
+        assert proc.returncode == 6, (argv, proc.stderr)
+        assert the_line(proc) == ("error: cannot use the broker (KIE_BROKER_URL=amqp://guest:***@127.0.0.1:5672//): "
+                                  f"{FIX.format(var='KIE_BROKER_URL')}"), argv
+        if argv == ["status"]:
+            assert ("broker:      REFUSED credentials (wrong user or password) at amqp://guest:***@127.0.0.1:5672//; "
+                    "check KIE_BROKER_URL") in proc.stdout
