@@ -734,9 +734,11 @@ def add_parser(sub: Any) -> None:
     st.add_argument("batch_id")
     st.add_argument("--wait", action="store_true", help="live progress until the batch is finished")
     st.add_argument("--json", action="store_true")
-    st.add_argument("--interval", type=float, default=PLAIN_INTERVAL,
+    from .cli import seconds_arg
+
+    st.add_argument("--interval", type=seconds_arg, default=PLAIN_INTERVAL,
                     help="seconds between progress lines when stdout is not a terminal (default 5)")
-    st.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds (exit 4)")
+    st.add_argument("--timeout", type=seconds_arg, help="with --wait: give up after this many seconds (exit 4)")
     st.set_defaults(func=cmd_status)
 
     r = bs.add_parser("results", help="one row per job, in file order: state, tracks, audio URLs, files, error")

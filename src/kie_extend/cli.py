@@ -29,6 +29,28 @@ def _runtime(settings: Settings) -> Any:
     return Runtime(settings)
 
 
+#: Commands that skip :func:`_startup_check`: servers (they start anyway and say why), commands that
+#: use no job store or broker, and ``status`` without an id (it shows each part's state instead).
+_UNCHECKED = {"serve", "callback-server", "demo", "dev", "openapi", "credits", "simulator"}
+
+
+def _startup_check(args: argparse.Namespace) -> None:
+    """Before a command runs: a job store or broker that refuses our credentials stops it with
+    infra_check.InfraUnavailable (exit 6, one line naming the setting, URL masked), even when the
+    command would use only one of them (``enqueue`` publishes to the broker alone, ``jobs`` reads the
+    job store alone). Other failures are met, and named, at first use."""
+    if args.command in _UNCHECKED or (args.command == "status" and not args.job_id) \
+            or getattr(args, "dry_run", False):
+        return
+    from .infra_check import InfraProbe
+
+    probe = InfraProbe(_settings())
+    try:
+        probe.require()
+    finally:
+        probe.close()
+
+
 def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
     request: dict[str, Any] = {}
     if args.file:
@@ -167,6 +189,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(ov, indent=2))
         else:
+            from .infra_check import state_line
+
+            for part, st in ov["infrastructure"].items():  # type: ignore[union-attr]
+                name, _, rest = state_line(part, st).partition(": ")
+                print(f"{name + ':':<12} {rest}")
             jobs = "  ".join(f"{k}={v}" for k, v in ov["jobs"].items())  # type: ignore[union-attr]
             print(f"jobs:        {jobs}")
             print(f"in flight:   {ov['in_flight']} / {ov['max_in_flight']}")
@@ -193,6 +220,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             for prio, tenants in ov["waiting_by_priority"].items():  # type: ignore[union-attr]
                 print(f"  priority {prio}: " + "  ".join(f"{t}={n}" for t, n in tenants.items()))
             print(f"redis:       {_memory_line(ov['redis_memory'])}")  # type: ignore[arg-type]
+        sys.stdout.flush()
+        _fail_on_infra(ov["infrastructure"])  # type: ignore[arg-type]
         return 0
     if args.wait:
         return _wait(settings, args.job_id, args.json)
@@ -202,6 +231,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"  (no record: an unknown id, a record expired after KIE_RETENTION, or a message no worker on "
         f"queue {settings.queue!r} has taken yet)" if missing else ""))
     return EXIT_NOT_FOUND if missing else 0
+
+
+def _fail_on_infra(infra: dict[str, dict[str, Any]]) -> None:
+    """Raise infra_check.InfraUnavailable (exit 6 and its one line) for the first part that is not up."""
+    from .infra_check import InfraUnavailable
+
+    for part, st in infra.items():
+        if not st["up"]:
+            raise InfraUnavailable(part, st)
 
 
 def _memory_line(mem: dict[str, Any]) -> str:
@@ -217,6 +255,32 @@ def _memory_line(mem: dict[str, Any]) -> str:
     warn = "" if mem["policy"] == "noeviction" else "  (WARNING: may evict job records)"
     return (f"{size(mem['used'])} used of {limit} (policy {mem['policy']}), "
             f"{mem['evicted_keys']} evicted keys{warn}")
+
+
+def seconds_arg(text: str) -> float:
+    """A duration flag in seconds: a finite number >= 0 (``nan``, ``inf`` and negatives refused)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
+def factor_arg(text: str) -> float:
+    """A time factor flag: a finite number > 0."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
 
 
 def limit_arg(text: str) -> int:
@@ -604,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dr = sub.add_parser("doctor", help="check the job store's invariants (exit 1 when any is broken)")
     dr.add_argument("--repair", action="store_true", help="fix every violation that can be fixed")
-    dr.add_argument("--grace", type=float, default=30.0,
+    dr.add_argument("--grace", type=seconds_arg, default=30.0,
                     help="seconds a job must be in its state before it counts as unscheduled (default 30)")
     dr.add_argument("--json", action="store_true")
     dr.set_defaults(func=cmd_doctor)
@@ -634,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", help="run the whole system on embedded defaults")
     dm.add_argument("--jobs", type=int, default=6)
-    dm.add_argument("--time-factor", type=float, default=0.08)
+    dm.add_argument("--time-factor", type=factor_arg, default=0.08)
     dm.add_argument("--hold", action=argparse.BooleanOptionalAction, default=None,
                     help="after the results keep the system and its dashboard up until a line on stdin "
                          "(Enter) or Ctrl-C; default: only when stdin is a terminal")
@@ -652,7 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     dv.add_argument("--redis-port", type=int, default=dev.DEFAULT_REDIS_PORT,
                     help=f"port of the embedded Valkey (default {dev.DEFAULT_REDIS_PORT}; 0 = any free; "
                          "unused when KIE_REDIS_URL is set)")
-    dv.add_argument("--sim-time-factor", type=float, default=0.1,
+    dv.add_argument("--sim-time-factor", type=factor_arg, default=0.1,
                     help="scale of the simulator's generation times (default 0.1: ~6.5 s a job)")
     dv.add_argument("--workers", type=int, default=1, help="Celery worker processes (default 1)")
     dv.add_argument("--concurrency", type=int, default=2, help="pool size of each worker (default 2)")
@@ -681,7 +745,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     _add_debug(parser)
     args = parser.parse_args(argv)
-    return run_command(lambda: args.func(args), debug=debug_requested(args.debug))
+
+    def command() -> int:
+        _startup_check(args)
+        return int(args.func(args) or 0)
+
+    return run_command(command, debug=debug_requested(args.debug))
 
 
 if __name__ == "__main__":

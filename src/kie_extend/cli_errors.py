@@ -162,7 +162,10 @@ def _endpoint(exc: BaseException, settings: Any) -> tuple[str, str, str]:
         return "the job store or broker", "KIE_REDIS_URL / KIE_BROKER_URL", "?"
     if settings.broker_url is None or settings.broker_url == settings.redis_url:
         return "the job store and broker", "KIE_REDIS_URL", mask_url(settings.redis_url)
-    if _from_broker(exc):
+    from .infra_check import InfraUnavailable
+
+    part = next((e.part for e in _chain(exc) if isinstance(e, InfraUnavailable)), None)
+    if part == "broker" or (part is None and _from_broker(exc)):
         return "the broker", "KIE_BROKER_URL", mask_url(settings.broker_url)
     return "the job store", "KIE_REDIS_URL", mask_url(settings.redis_url)
 
@@ -172,9 +175,12 @@ def unreachable_reason(exc: BaseException) -> tuple[str, str]:
     stands for the setting's name. Neither part contains a password."""
     from redis import exceptions as rx
 
+    from .infra_check import InfraUnavailable
+
     texts = " | ".join(f"{type(e).__name__}: {e}" for e in _chain(exc))
     low = texts.lower()
-    if any(isinstance(e, rx.AuthenticationError) for e in _chain(exc)) or any(
+    probed = next((e.state["reason"] for e in _chain(exc) if isinstance(e, InfraUnavailable)), None)
+    if probed == "refused_credentials" or any(isinstance(e, rx.AuthenticationError) for e in _chain(exc)) or any(
             m in low for m in ("wrongpass", "noauth", "invalid password", "invalid username-password",
                                "authentication required", "access_refused", "auth <password> called without")):
         return "it refused the credentials", "check the user and password in {var} (percent-encode special characters)"
@@ -186,7 +192,8 @@ def unreachable_reason(exc: BaseException) -> tuple[str, str]:
     if any(m in low for m in ("name or service not known", "nodename nor servname", "temporary failure in name",
                               "name resolution", "getaddrinfo failed", "no address associated")):
         return "the host name does not resolve", "check the host in {var}"
-    if any(isinstance(e, (rx.TimeoutError, TimeoutError)) for e in _chain(exc)) or "timed out" in low:
+    if probed == "timeout" or any(isinstance(e, (rx.TimeoutError, TimeoutError)) for e in _chain(exc)) \
+            or "timed out" in low:
         return "the connection timed out", "check that the host and port in {var} are reachable from here"
     inner = list(_chain(exc))[-1]
     detail = f"{inner}".strip() or type(inner).__name__

@@ -89,6 +89,26 @@ def _recorded(active: bool) -> Iterator[None]:
         _handled.active = before
 
 
+def bad_headers(headers: Any) -> str | None:
+    """Why a protocol-2 task message's headers would break Celery outside the message handler, or
+    None: ``id`` must be a non-empty string, ``timelimit`` absent or two numbers/nulls, ``retries``
+    absent or a non-negative integer."""
+    if not isinstance(headers, dict) or "task" not in headers:
+        return None
+    task_id = headers.get("id")
+    if not isinstance(task_id, str) or not task_id:
+        return "the 'id' header must be a non-empty string"
+    limit = headers.get("timelimit")
+    if limit is not None and not (isinstance(limit, (list, tuple)) and len(limit) == 2 and all(
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e9) for v in limit)):
+        return "the 'timelimit' header must be [soft, hard] seconds (numbers or null)"
+    retries = headers.get("retries")
+    if retries is not None and not (isinstance(retries, int) and not isinstance(retries, bool)
+                                    and 0 <= retries < 2**31):
+        return "the 'retries' header must be a non-negative integer"
+    return None
+
+
 class KieConsumer(Consumer):
     """Celery's consumer plus a failed job (and result event) for every malformed or misnamed message."""
 
@@ -132,6 +152,21 @@ class KieConsumer(Consumer):
         connection_errors = tuple(self.connection_errors or ())
 
         def guarded(message: Any) -> Any:
+            headers = getattr(message, "headers", None)
+            bad = bad_headers(headers)
+            if bad:
+                # Celery would fail on these later, outside this guard (in the pool's callbacks): a
+                # missing id read as a lost connection and the message came back forever; a bad
+                # time limit ended the worker process ("Unrecoverable error"), and every worker
+                # that got the message next. Fail it (when it has an id to record) and acknowledge.
+                if not self._fail_malformed(message, f"message is not a valid task call: {bad}"):
+                    log.error("task message without an id (task %r) acknowledged and discarded",
+                              str(headers.get("task"))[:200])
+                try:
+                    message.ack()
+                except Exception:
+                    log.exception("could not acknowledge an unreadable message")
+                return None
             try:
                 return handler(message)
             except connection_errors:

@@ -109,9 +109,12 @@ class Intake:
     problems: list[dict[str, str]] = field(default_factory=list)
 
 
-def _json_size(value: Any) -> int | None:
+def _json_size(value: Any, strict: bool = False) -> int | None:
+    """Bytes of ``value`` as JSON; None when it is not JSON. ``strict``: NaN and Infinity are not
+    JSON either (a record holding one could not be answered on /v1 or sent in an event); the
+    request's fields get their own "must be a finite number" instead."""
     try:
-        return len(json.dumps(value))
+        return len(json.dumps(value, allow_nan=not strict))
     except (TypeError, ValueError):
         return None
 
@@ -139,11 +142,11 @@ def check_message(request: Any, *, settings: Settings, idempotency_key: Any = No
         else:
             problems.append({"field": name, "message": unknown_kwarg_message(name)})
     if metadata is not None:
-        size = _json_size(metadata)
+        size = _json_size(metadata, strict=True)
         if not isinstance(metadata, dict):
             problems.append({"field": "metadata", "message": "must be a JSON object"})
         elif size is None:
-            problems.append({"field": "metadata", "message": "must be JSON-serialisable"})
+            problems.append({"field": "metadata", "message": "must be JSON-serialisable (no NaN or Infinity)"})
         elif size > settings.metadata_max_bytes:
             problems.append({"field": "metadata", "message": f"larger than {settings.metadata_max_bytes} bytes"})
         elif text_problems(metadata, "metadata"):

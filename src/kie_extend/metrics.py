@@ -37,7 +37,11 @@ def redis_memory(rt: Runtime) -> dict[str, object]:
 
 
 def overview(rt: Runtime) -> dict[str, object]:
-    """Jobs by state, gate use and pause, for ``kie-extend status`` and ``/metrics``."""
+    """Jobs by state, gate use and pause, for ``kie-extend status``, ``/v1/system`` and ``/metrics``.
+
+    ``infrastructure`` is ``{"job_store": state, "broker": state}`` (infra_check.InfraProbe.check:
+    up, reason, detail, setting, masked url); the broker is probed here (up to
+    infra_check.PROBE_TIMEOUT seconds), since nothing else in this view touches it."""
     store, gates = rt.store, rt.gates
     by_priority = rt.admission.waiting()
     waiting = sum(n for tenants in by_priority.values() for n in tenants.values())
@@ -55,6 +59,7 @@ def overview(rt: Runtime) -> dict[str, object]:
         "dead_letters": int(rt.redis.llen(rt.keys.dead_letters)),
         "breaker": _breaker(rt),
         "provider": provider_reach(rt),
+        "infrastructure": rt.infra.check(),
         "redis_memory": redis_memory(rt),
     }
 
@@ -205,6 +210,12 @@ def render(rt: Runtime) -> str:
               "edge 5xx or unanswered requests hold submission (provider unreachable).",
               "# TYPE kie_extend_provider_reachable gauge",
               f"kie_extend_provider_reachable {1 if reach['reachable'] else 0}"]  # type: ignore[index]
+    infra: dict[str, dict[str, Any]] = ov["infrastructure"]  # type: ignore[assignment]
+    lines += ["# HELP kie_extend_infra_up 1 while a part (job_store, broker) answers us; 0 with the reason "
+              "(refused_credentials, unreachable, timeout, not_ready, error).",
+              "# TYPE kie_extend_infra_up gauge"]
+    for part, st in infra.items():
+        lines.append(f'kie_extend_infra_up{{part="{part}",reason="{st["reason"]}"}} {1 if st["up"] else 0}')
     mem: dict[str, object] = ov["redis_memory"]  # type: ignore[assignment]
     lines += ["# HELP kie_extend_redis_used_memory_bytes Memory the job store's Redis uses.",
               "# TYPE kie_extend_redis_used_memory_bytes gauge", f"kie_extend_redis_used_memory_bytes {mem['used']}",

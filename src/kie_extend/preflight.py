@@ -91,7 +91,8 @@ def check_eviction(settings: Settings, connect: Callable[[str], redis.Redis] | N
 
             happened, fix = unreachable_reason(exc)
             var = what[what.index("(") + 1:what.index(")")]
-            warnings.append(f"{what} ({mask_url(url)}) is not reachable: {happened}; {fix.format(var=var)}. "
+            state = "cannot be used" if happened == "it refused the credentials" else "is not reachable"
+            warnings.append(f"{what} ({mask_url(url)}) {state}: {happened}; {fix.format(var=var)}. "
                             "Starting anyway: connections are retried until it answers "
                             "(its maxmemory-policy could not be checked)")
             continue

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
 from redis.sentinel import Sentinel
@@ -20,6 +20,9 @@ from .gates import Gates
 from .handlers import Handler, HandlerContext, build_handlers
 from .keys import Keys
 from .store import JobStore
+
+if TYPE_CHECKING:
+    from .infra_check import InfraProbe
 
 
 class Dispatcher(Protocol):
@@ -133,6 +136,13 @@ class Runtime:
         s = self.settings
         return Reachability(self.redis, self.keys, threshold=s.unreachable_threshold, window=s.unreachable_window,
                             probe_interval=s.unreachable_probe_interval)
+
+    @cached_property
+    def infra(self) -> InfraProbe:
+        """Probes whether the job store and the broker answer, and why not (infra_check.py)."""
+        from .infra_check import InfraProbe
+
+        return InfraProbe(self.settings)
 
     @cached_property
     def client(self) -> KieClient:

@@ -38,6 +38,9 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
+        # A broker that is down or refuses our credentials is retried until it answers (Celery's
+        # default gives up after 100 attempts); each attempt logs why (infra_check.BrokerRetryNote).
+        broker_connection_max_retries=None,
         worker_consumer="kie_extend.consumer:KieConsumer",
         # Cold shutdown (SIGQUIT, or SIGTERM remapped by REMAP_SIGTERM=SIGQUIT) first waits this
         # long for running tasks, then hands every unacknowledged message, countdown retries
@@ -133,6 +136,9 @@ def _preflight(app: Any, process: str) -> None:
 
     # The worker sends worker_init before it configures logging: configure it now (idempotent).
     setup_logging(settings.log_level, settings.log_format, [settings.api_key_value()])
+    from .infra_check import BrokerRetryNote
+
+    BrokerRetryNote.install(settings)  # "cannot connect to the broker" lines name the setting and why
     try:
         run(settings, process)
     except ConfigError as exc:

@@ -50,16 +50,37 @@ def reader(request: Request, _: HTTPAuthorizationCredentials | None = Security(_
     return request.app.state.auth.from_request(request)
 
 
-def writer(principal: Principal = Depends(reader)) -> Principal:
-    """A token that may change things; raises 403 for a read-only one."""
+def writer(request: Request, principal: Principal = Depends(reader)) -> Principal:
+    """A token that may change things; raises 403 for a read-only one, and, without KIE_API_TOKENS,
+    for a request a browser sent from another site (see :func:`_cross_site`; with tokens, a page
+    cannot add the Authorization header without a CORS preflight this app never grants)."""
     Auth.require_write(principal)
+    if not request.app.state.auth.enabled and _cross_site(request):
+        raise fail(403, "forbidden", "a browser request from another site (Origin/Sec-Fetch-Site) may not change "
+                                     "anything here; call the API from a program, or use the dashboard")
     return principal
+
+
+def _cross_site(request: Request) -> bool:
+    """Whether a browser sent this request from another site: ``Sec-Fetch-Site: cross-site`` or an
+    ``Origin`` other than this server's. Without KIE_API_TOKENS (loopback only) a web page could
+    otherwise make the visitor's browser enqueue paid jobs or pause submission with a plain form
+    (``text/plain``, no preflight). Programs send neither header."""
+    if request.headers.get("sec-fetch-site", "").lower() == "cross-site":
+        return True
+    origin = request.headers.get("origin")
+    if not origin:
+        return False
+    host = request.headers.get("host", "")
+    return origin.rstrip("/").lower() not in {f"http://{host}".lower(), f"https://{host}".lower()}
 
 
 def _errors(*codes: int, success: tuple[int, dict[str, Any]] | None = None) -> dict[int | str, dict[str, Any]]:
     """The documented error answers: 401 and 503 on every route, and ``codes``; ``success`` is
     ``(status, entry)`` merged into the success answer (its description and links)."""
-    described = {401: "no valid bearer token", 403: "read-only token", 404: "unknown id",
+    described = {401: "no valid bearer token", 403: "read-only token (without KIE_API_TOKENS: a browser request from "
+                                                                 "another site)",
+                 404: "unknown id",
                  408: "the body did not arrive within KIE_HTTP_BODY_TIMEOUT",
                  409: "conflict with the job's state", 413: "the body is larger than KIE_HTTP_API_MAX_BODY bytes",
                  422: "invalid request: every bad field listed (also the rules the schema can only describe)",

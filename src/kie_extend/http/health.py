@@ -5,7 +5,8 @@
   bring Redis back).
 - Readiness (``/readyz``) answers 200 only when the job store and the Celery broker answer, within
   :data:`READY_TIMEOUT` seconds in all; otherwise 503 with a JSON reason. The body names the failed
-  dependency and the error's type, never a URL, password or token.
+  dependency, why (credentials refused, unreachable, not ready: a closed set) and the setting to
+  check, never a URL, password or token.
 - :class:`Throttled` logs "job store unavailable" once per interval instead of once per request.
 """
 
@@ -14,89 +15,51 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
 from ..config import Settings
-from ..endpoints import is_redis
-from ..runtime import REDIS_OPTIONS, redis_client
+from ..infra_check import PROBE_TIMEOUT, InfraProbe
+from ..runtime import REDIS_OPTIONS
 
 #: Seconds a readiness check may take in all (each connection attempt gets the same bound).
-READY_TIMEOUT = 2.0
+READY_TIMEOUT = PROBE_TIMEOUT
 
 log = logging.getLogger("kie_extend.http")
 
 
+#: What ``/readyz``'s reason says for each failure reason (infra_check.REASONS).
+_SAYS = {"refused_credentials": "refused credentials", "unreachable": "unreachable", "timeout": "unreachable",
+         "not_ready": "not ready", "error": "unreachable"}
+
+
 class Readiness:
-    """Checks the job store and the broker for ``/readyz``; clients are built once and reused."""
+    """Checks the job store and the broker for ``/readyz`` (infra_check.InfraProbe, clients reused)."""
 
     def __init__(self, settings: Settings, timeout: float = READY_TIMEOUT) -> None:
         self.settings = settings
         self.timeout = timeout
-        self._clients: dict[str, redis.Redis] = {}
-        self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="readyz")
-
-    def _redis(self, url: str) -> redis.Redis:
-        with self._lock:
-            if url not in self._clients:
-                password = self.settings.sentinel_password
-                client = redis_client(url, sentinel_master=self.settings.sentinel_master,
-                                      sentinel_password=password.get_secret_value() if password else None,
-                                      socket_timeout=self.timeout)
-                # Short connect timeout too, and no retries: a probe answers now or says why not.
-                for pool in _pools(client):
-                    pool.connection_kwargs.update(socket_connect_timeout=self.timeout, retry_on_error=[],
-                                                  retry=Retry(NoBackoff(), 0))
-                    if "orig_socket_connect_timeout" in pool.connection_kwargs:
-                        pool.connection_kwargs["orig_socket_connect_timeout"] = self.timeout
-                self._clients[url] = client
-            return self._clients[url]
-
-    def _ping_redis(self, url: str) -> None:
-        self._redis(url).ping()
-
-    def _ping_broker(self, url: str) -> None:
-        if is_redis(url):
-            self._ping_redis(url)
-            return
-        from kombu import Connection
-
-        with Connection(url, connect_timeout=self.timeout) as conn:
-            conn.ensure_connection(max_retries=1, timeout=self.timeout)
+        self.probe = InfraProbe(settings, timeout)
 
     def check(self) -> tuple[bool, dict[str, Any]]:
         """``(ready, body)``: body is ``{"status": "ready"|"not_ready", "checks": {"job_store":
-        {"ok": bool, "error"?: str}, "broker": {...}}, "reason"?: str}``; at most ``timeout`` seconds."""
-        broker = self.settings.effective_broker_url
-        jobs = {"job_store": self._pool.submit(self._ping_redis, self.settings.redis_url)}
-        jobs["broker"] = jobs["job_store"] if broker == self.settings.redis_url else \
-            self._pool.submit(self._ping_broker, broker)
-        deadline = time.monotonic() + self.timeout
+        {"ok": bool, "reason": str, "error"?: str, "setting": str}, "broker": {...}}, "reason"?: str}``.
+
+        A check's ``reason`` is one of infra_check.REASONS (``refused_credentials`` apart from
+        ``unreachable``, ``timeout``, ``not_ready``, ``error``); ``error`` says what happened in words;
+        ``setting`` names the variable to fix. No URL, password or token. At most ``timeout`` seconds."""
+        states = self.probe.check()
         checks: dict[str, dict[str, Any]] = {}
-        for name, fut in jobs.items():
-            try:
-                fut.result(timeout=max(0.0, deadline - time.monotonic()))
-                checks[name] = {"ok": True}
-            except FutureTimeout:
-                checks[name] = {"ok": False, "error": f"no answer within {self.timeout:g} s"}
-            except Exception as exc:  # any failure is "not ready"; only its type goes on the wire
-                checks[name] = {"ok": False, "error": type(exc).__name__}
+        for name, st in states.items():
+            checks[name] = {"ok": st["up"], "reason": st["reason"], "setting": st["setting"]}
+            if not st["up"]:
+                checks[name]["error"] = st["detail"]
         failed = [n for n, c in checks.items() if not c["ok"]]
         body: dict[str, Any] = {"status": "not_ready" if failed else "ready", "checks": checks}
         if failed:
-            body["reason"] = "; ".join(f"{n.replace('_', ' ')} unreachable ({checks[n]['error']})" for n in failed)
+            body["reason"] = "; ".join(
+                f"{n.replace('_', ' ')} {_SAYS.get(checks[n]['reason'], 'unreachable')} ({checks[n]['error']}; "
+                f"check {checks[n]['setting']})" for n in failed)
         return not failed, body
-
-
-def _pools(client: redis.Redis) -> list[Any]:
-    pool = client.connection_pool
-    return [pool] if hasattr(pool, "connection_kwargs") else []
 
 
 class Throttled:

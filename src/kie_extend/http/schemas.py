@@ -351,6 +351,25 @@ class ResumeOutcome(BaseModel):
     operator_paused: dict[str, Any] | None
 
 
+class InfraPart(BaseModel):
+    """Whether one part (the job store, the broker) answers us, and if not, why (no password)."""
+
+    up: bool
+    reason: Literal["ok", "refused_credentials", "unreachable", "timeout", "not_ready", "error"] = Field(
+        description="ok, or why not: refused_credentials (wrong user or password, NOAUTH, ACCESS_REFUSED), "
+                    "unreachable, timeout, not_ready (loading, read-only, no such sentinel master), error")
+    detail: str = Field(description="what happened, in words")
+    setting: Literal["KIE_REDIS_URL", "KIE_BROKER_URL"] = Field(description="the variable to check")
+    url: str = Field(description="the server's URL, password masked")
+
+
+class Infrastructure(BaseModel):
+    """The job store and the broker (the same server when KIE_BROKER_URL is unset)."""
+
+    job_store: InfraPart
+    broker: InfraPart
+
+
 class SystemOverview(BaseModel):
     """Gates, pauses, breaker, in-flight, rate use, waiting work and the job store's memory."""
 
@@ -371,10 +390,11 @@ class SystemOverview(BaseModel):
     breaker: dict[str, Any]
     provider: dict[str, Any] = Field(description="whether KIE can be reached: reachable (bool), state, since, "
                                      "last_error, next_probe, next_probe_in (seconds), streak, threshold, outages")
+    infrastructure: Infrastructure = Field(description="whether the job store and the broker answer us, and why not")
     redis_memory: dict[str, Any] = Field(description="used and max bytes, policy, evicted_keys")
 
 
 __all__ = ["JobSubmission", "BatchSubmission", "JobAccepted", "JobsAccepted", "ErrorBody", "JobRecord",
            "JobPage", "CancelOutcome", "RetryOutcome", "Batch", "BatchList", "BatchCancelled", "PauseRequest",
-           "PauseState", "ResumeOutcome", "SystemOverview", "MAX_JOBS_PER_REQUEST", "MAX_LIMIT", "MAX_PAUSE_REASON",
+           "PauseState", "ResumeOutcome", "SystemOverview", "Infrastructure", "InfraPart", "MAX_JOBS_PER_REQUEST", "MAX_LIMIT", "MAX_PAUSE_REASON",
            "extend_request_schema", "JOB_ID_SCHEMA_PATTERN", "BATCH_ID_SCHEMA_PATTERN", "CURSOR_SCHEMA_PATTERN"]
