@@ -76,6 +76,7 @@ def test_task_messages_with_odd_headers_do_not_stop_the_worker(valkey: Any, pref
 
     from kie_extend.api import get_job
     from kie_extend.devstack import DevStack
+    from kie_extend.ids import derived_job_id
 
     request = {"uploadUrl": "http://127.0.0.1:9/a.mp3", "defaultParamFlag": False, "model": "V5",
                "prompt": "calm", "continueAt": 5}
@@ -108,7 +109,8 @@ def test_task_messages_with_odd_headers_do_not_stop_the_worker(valkey: Any, pref
         for name, why in (("int-id", "the 'id' header must be a non-empty string"),
                           ("timelimit", "the 'timelimit' header must be [soft, hard] seconds"),
                           ("retries", "the 'retries' header must be a non-negative integer")):
-            job_id = "4711" if name == "int-id" else ids[name]
+            # An id that is not a string is outside the id grammar: recorded under its derived id.
+            job_id = derived_job_id(4711) if name == "int-id" else ids[name]
             rec = get_job(job_id, settings=settings)
             assert rec["state"] == "failed" and why in rec["error"]["message"], (name, rec)
         assert redis.Redis.from_url(settings.redis_url).llen(settings.queue) == 0
