@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cli_errors import EXIT_CONFIG, EXIT_PROVIDER, EXIT_USAGE, InputError, debug_requested
+from .cli_errors import (EXIT_CONFIG, EXIT_FAILED, EXIT_NOT_FOUND, EXIT_PROVIDER, EXIT_TIMEOUT, EXIT_USAGE,
+                         InputError, debug_requested)
 from .cli_errors import run as run_command
 from .config import Settings, load_settings
 from .errors import ConfigError, ValidationError, describe_error
@@ -149,9 +150,13 @@ def _wait(settings: Settings, job_id: str, as_json: bool, timeout: float | None 
         if rec["state"] in _TERMINAL or rec["state"] == JobState.NOT_FOUND.value:
             if as_json:
                 print(json.dumps(rec, indent=2))
-            return 0 if rec["state"] == JobState.SUCCEEDED.value else 1
+            if rec["state"] == JobState.NOT_FOUND.value:
+                if not as_json:
+                    print(f"error: {_no_record(job_id, settings)}", file=sys.stderr)
+                return EXIT_NOT_FOUND
+            return 0 if rec["state"] == JobState.SUCCEEDED.value else EXIT_FAILED
         if timeout is not None and time.monotonic() - start > timeout:
-            return 3
+            return EXIT_TIMEOUT
         time.sleep(0.5)
 
 
@@ -198,10 +203,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         return _wait(settings, args.job_id, args.json)
     rec = get_job(args.job_id, settings=settings)
     missing = rec["state"] == JobState.NOT_FOUND.value
-    print(json.dumps(rec, indent=2) if args.json else _line(rec) + (
-        f"  (no record: an unknown id, a record expired after KIE_RETENTION, or a message no worker on "
-        f"queue {settings.queue!r} has taken yet)" if missing else ""))
+    if missing and not args.json:
+        print(f"error: {_no_record(args.job_id, settings)}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    print(json.dumps(rec, indent=2) if args.json else _line(rec))
     return EXIT_NOT_FOUND if missing else 0
+
+
+def _no_record(job_id: str, settings: Settings) -> str:
+    """Why ``status`` finds nothing for ``job_id`` (exit 3)."""
+    return (f"no job {job_id}: an unknown id, a record expired after KIE_RETENTION, or a message no worker on "
+            f"queue {settings.queue!r} has taken yet")
 
 
 def _memory_line(mem: dict[str, Any]) -> str:
@@ -263,10 +275,6 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Exit code of a command about one job (status, retry, cancel) when no such job exists.
-EXIT_NOT_FOUND = 3
-
-
 def cmd_retry(args: argparse.Namespace) -> int:
     """Resubmit a failed job on purpose (it may cost credits again). Exit 0 requeued, 1 refused
     (the reason is printed, as the HTTP API gives it), 3 unknown job."""
@@ -299,11 +307,14 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         return 0
     if not args.job_ids:
         print("error: give job ids, or --batch BATCH_ID", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     worst = 0
     for job_id in args.job_ids:
         result = cancel_job(pipeline, job_id)
-        print(result.message if result.ok else f"not cancelled: {result.message}")
+        if result.ok:
+            print(result.message)
+        else:
+            print(f"error: not cancelled: {result.message}", file=sys.stderr)
         worst = max(worst, 0 if result.ok else EXIT_NOT_FOUND if result.outcome == "not_found" else 1)
     return worst
 
@@ -319,8 +330,9 @@ def cmd_pause(args: argparse.Namespace) -> int:
     """An operator's pause: nothing more is sent to KIE until `kie-extend resume`."""
     gates = _runtime(_settings()).gates
     gates.pause_operator(args.reason or "")
-    print(f"submission paused by an operator: {gates.operator_paused()['reason']}; "  # type: ignore[index]
-          "jobs already sent keep being polled; `kie-extend resume` lifts it")
+    why = f" ({args.reason})" if args.reason else ""
+    print(f"submission paused by an operator{why}; jobs already sent keep being polled; "
+          "`kie-extend resume` lifts it")
     return 0
 
 
@@ -439,7 +451,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: refusing to serve the API and dashboard on {args.host} without KIE_API_TOKENS; set "
               "KIE_API_TOKENS (comma list; prefix 'read:' for read-only tokens) or bind to 127.0.0.1. "
               "Callbacks alone may be public: --callback-port with --callback-host.", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if not _preflight(settings, "server"):
         return EXIT_CONFIG
     rt = _runtime(settings)
@@ -664,6 +676,25 @@ def _add_debug(parser: argparse.ArgumentParser, top: bool = True) -> None:
                     _add_debug(sub, top=False)
 
 
+#: A hint after "unrecognized arguments" for the subcommands whose extra words are a likely slip.
+EXTRA_HINTS: dict[str, str] = {
+    "kie-extend pause": " (give a reason with --reason)",
+    "kie-extend status": " (one job id at a time)",
+    "kie-extend retry": " (one job id at a time)",
+    "kie-extend jobs": " (filter with --state, --tenant, --batch)",
+}
+
+
+def _own_parsers(parser: argparse.ArgumentParser) -> None:
+    """Let every (sub)subcommand know its own parser (``own_parser``), so that words left over after
+    parsing are reported under that subcommand's usage, not the top-level list of subcommands."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in {id(p): p for p in action.choices.values()}.values():
+                sub.set_defaults(own_parser=sub)
+                _own_parsers(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``kie-extend`` command: exit codes in :mod:`kie_extend.cli_errors`.
 
@@ -673,7 +704,12 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(lambda: cmd_simulator(argparse.Namespace(), argv[1:]), debug=debug_requested())
     parser = build_parser()
     _add_debug(parser)
-    args = parser.parse_args(argv)
+    _own_parsers(parser)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        own: argparse.ArgumentParser = getattr(args, "own_parser", parser)
+        words = any(not word.startswith("-") for word in extra)
+        own.error(f"unrecognized arguments: {' '.join(extra)}{EXTRA_HINTS.get(own.prog, '') if words else ''}")
     return run_command(lambda: args.func(args), debug=debug_requested(args.debug))
 
 

@@ -321,8 +321,7 @@ class BatchCancelled(BaseModel):
     cancelled: int
 
 
-#: Longest operator pause reason.
-MAX_PAUSE_REASON = 500
+from ..gates import MAX_PAUSE_REASON  # noqa: E402 - the domain's limit, stated in the schema
 
 
 class PauseRequest(BaseModel):
