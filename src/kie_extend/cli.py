@@ -30,10 +30,46 @@ def _runtime(settings: Settings) -> Any:
     return Runtime(settings)
 
 
-def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
+#: Keys a request file may carry beside the request fields: ``batch submit``'s line keys and ``batch_id``.
+FILE_OPTIONS = ("tenant", "priority", "not_after", "metadata", "idempotency_key", "audio_file", "batch_id")
+
+
+def _file_request(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(request, options)`` of a request file: KIE's camelCase fields, and beside them the keys a
+    ``batch submit`` JSONL line takes (``tenant``, ``priority``, ``not_after``, ``metadata``,
+    ``idempotency_key``, ``audio_file``) plus ``batch_id``; ``{"request": {…}, …}`` is read too.
+    A key that is neither is sent to KIE as it is, with a warning on stderr; a near miss of an
+    option (``idempotencyKey``) and ``job_id`` raise ValidationError (exit 2)."""
+    from .batch_cli import Line, _split
+
+    obj = _json_object(_read_text(path, "request file"), f"request file {path}")
+    entry = Line(1)
+    batch_id = obj.pop("batch_id", None)
+    job_id = "job_id" in obj
+    obj.pop("job_id", None)
+    _split(entry, obj)
+    problems = list(entry.problems)
+    if job_id:
+        problems.append({"field": "job_id", "message": "enqueue names the job itself (a UUID); the Python API's "
+                         "job_id chooses one"})
+    if problems:
+        raise ValidationError(problems)
+    for warning in entry.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    options = dict(entry.options)
+    if batch_id is not None:
+        options["batch_id"] = batch_id
+    if "audio_file" in options and path != "-":
+        options["audio_file"] = str(Path(path).parent / Path(options["audio_file"]).expanduser())
+    return entry.request, options
+
+
+def _request_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(request, options)`` from the request file and the flags; a flag overrides the file."""
     request: dict[str, Any] = {}
+    options: dict[str, Any] = {}
     if args.file:
-        request.update(_json_object(_read_text(args.file, "request file"), f"request file {args.file}"))
+        request, options = _file_request(args.file)
     flags = {
         "upload_url": "uploadUrl", "model": "model", "prompt": "prompt", "style": "style", "title": "title",
         "continue_at": "continueAt", "callback_url": "callBackUrl", "negative_tags": "negativeTags",
@@ -48,7 +84,12 @@ def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
         request["defaultParamFlag"] = args.custom
     if args.instrumental is not None:
         request["instrumental"] = args.instrumental
-    return request
+    for name in ("tenant", "priority", "not_after", "batch_id", "idempotency_key", "audio_file"):
+        if getattr(args, name, None) is not None:
+            options[name] = getattr(args, name)
+    if args.metadata:
+        options["metadata"] = _json_object(args.metadata, "--metadata")
+    return request, options
 
 
 def _read_text(path: str, what: str) -> str:
@@ -83,16 +124,27 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     from .errors import ConnectError, ProviderError
 
     settings = _settings()
-    request = _request_from_args(args)
-    metadata = _json_object(args.metadata, "--metadata") if args.metadata else None
     try:
-        if args.audio_file is not None:
-            uploaded = upload_audio(request, args.audio_file, idempotency_key=args.idempotency_key,
-                                    metadata=metadata, settings=settings)
+        request, options = _request_from_args(args)
+        audio_file = options.pop("audio_file", None)
+        if audio_file is not None:
+            if args.upload_url:
+                options["audio_file"] = audio_file
+                raise ValidationError([{"field": "audio_file", "message": "give either --upload-url or a local "
+                                        "audio file, not both"}])
+            from .intake import Intake, check_options
+
+            checked = Intake()  # the options first: nothing is uploaded for a job that would be refused
+            check_options(checked, refuse_past=True, **{k: v for k, v in options.items()
+                                                        if k in ("tenant", "priority", "not_after", "batch_id")})
+            if checked.problems:
+                raise ValidationError(checked.problems)
+            uploaded = upload_audio(request, audio_file, idempotency_key=options.get("idempotency_key"),
+                                    metadata=options.get("metadata"), settings=settings)
             print(f"uploaded {uploaded.path} ({uploaded.info.duration:.1f} s) → {uploaded.url}",
                   file=sys.stderr, flush=True)
             request = {**request, "uploadUrl": uploaded.url}
-        job_id = enqueue_extend(request, idempotency_key=args.idempotency_key, metadata=metadata, settings=settings)
+        job_id = enqueue_extend(request, settings=settings, **options)
     except ValidationError as exc:
         print("error: the request is invalid:", file=sys.stderr)
         for e in exc.errors:
@@ -563,6 +615,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--callback-url")
     e.add_argument("--idempotency-key")
     e.add_argument("--metadata", help="JSON object handed to every result handler")
+    e.add_argument("--tenant", help="whose job it is: tenants share the account fairly (default KIE_DEFAULT_TENANT)")
+    e.add_argument("--priority", type=int, metavar="0-9", help="higher goes first within a tenant (default 5)")
+    e.add_argument("--not-after", metavar="TIME", help="drop the job if not sent by then (ISO-8601 UTC or "
+                   "epoch seconds; a time already past is refused)")
+    e.add_argument("--batch-id", help="count the job in this batch (kie-extend batch status)")
     e.add_argument("--wait", action="store_true", help="show progress until the job finishes")
     e.set_defaults(func=cmd_enqueue)
 
