@@ -228,16 +228,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"jobs:        {jobs}")
             print(f"in flight:   {ov['in_flight']} / {ov['max_in_flight']}")
             print(f"rate window: {ov['rate_window_use']} used of {ov['rate_limit']}")
-            paused, op = ov["paused"], ov["operator_paused"]
-            if op:
-                print(f"submission:  PAUSED by an operator since {op.get('since')}: {op.get('reason')}")  # type: ignore[union-attr]
-            if paused:
-                print(f"submission:  PAUSED by the provider since {paused.get('since')} "  # type: ignore[union-attr]
-                      f"(code {paused.get('code')}: {paused.get('reason')})")  # type: ignore[union-attr]
-            reach = ov["provider"]
-            if not reach["reachable"]:  # type: ignore[index]
-                print(f"submission:  PAUSED: {_unreachable_line(reach)}")  # type: ignore[arg-type]
-            if not op and not paused and reach["reachable"]:  # type: ignore[index]
+            for why in ov["submission"]["reasons"]:  # type: ignore[index]
+                print(f"submission:  PAUSED: {_pause_line(why, ov)}")
+            if not ov["submission"]["paused"]:  # type: ignore[index]
                 print("submission:  open")
             br = ov["breaker"]
             if br["state"] == "closed":  # type: ignore[index]
@@ -369,6 +362,18 @@ def cmd_cancel(args: argparse.Namespace) -> int:
             print(f"error: not cancelled: {result.message}", file=sys.stderr)
         worst = max(worst, 0 if result.ok else EXIT_NOT_FOUND if result.outcome == "not_found" else 1)
     return worst
+
+
+def _pause_line(why: dict[str, Any], ov: dict[str, Any]) -> str:
+    """One reason of :func:`kie_extend.metrics.submission` as ``status`` prints it."""
+    reason = why["reason"]
+    if reason == "operator":
+        return f"by an operator since {why['since']}: {why['detail']}"
+    if reason == "account":
+        return f"by the provider since {why['since']} ({why['detail']})"
+    if reason == "breaker":
+        return f"the breaker is open since {why['since']} ({why['detail']})"
+    return _unreachable_line(ov["provider"])
 
 
 def _unreachable_line(reach: dict[str, object]) -> str:
