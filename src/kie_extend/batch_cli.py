@@ -660,6 +660,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .cli import _runtime, _settings
 
     rt = _runtime(_settings())
+    if not args.json and get_batch(rt, args.batch_id).get("state") == "not_found":
+        _err(f"error: no batch {args.batch_id}")
+        return EXIT_NOT_FOUND
     if args.wait:
         # With --json the progress goes to stderr and stdout gets the final record alone.
         code = wait_batch(lambda b: get_batch(rt, b), args.batch_id, interval=args.interval, timeout=args.timeout,
@@ -700,7 +703,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     rt = _runtime(settings)
     batch = get_batch(rt, args.batch_id)
     if batch.get("state") == "not_found":
-        _err(f"error: batch {args.batch_id} not found")
+        _err(f"error: no batch {args.batch_id}")
         return EXIT_NOT_FOUND
     rows = collect_rows(settings, rt, args.batch_id)
     if args.json:
