@@ -9,6 +9,8 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+
 from kie_extend.api import enqueue_extend, get_job
 from kie_extend.devstack import DevStack
 from kie_extend.embedded import EmbeddedValkey
@@ -17,6 +19,7 @@ OUTAGE = 10.0
 FAST_POLLS = {"KIE_TICK_INTERVAL": "1", "KIE_POLL_FIRST": "2", "KIE_POLL_INTERVAL": "1", "KIE_POLL_MAX_INTERVAL": "2"}
 
 
+@pytest.mark.chaos  # about a minute: the jobs claimed at the kill wait out their leases
 def test_a_redis_outage_is_a_few_lines_in_the_worker_and_beat_logs(tmp_path: Path) -> None:
     with DevStack(tmp_path, appendonly=True, key_prefix=f"ol{uuid.uuid4().hex[:6]}",
                   env={"KIE_QUEUE": f"ol{uuid.uuid4().hex[:6]}", **FAST_POLLS}) as stack:
