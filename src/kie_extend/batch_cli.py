@@ -264,7 +264,7 @@ def parse_csv(text: str) -> tuple[list[Line], list[str]]:
             if problem is not None:
                 head.problems.append(problem)
             elif warning is not None:
-                warnings.append(warning.replace("sent to KIE as it is", "sent to KIE as text"))
+                warnings.append(warning.replace("sent to KIE as it is", "sent as text"))
     if head.problems:
         out.append(head)
     previous = header_line
