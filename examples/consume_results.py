@@ -337,6 +337,10 @@ def main(argv: list[str] | None = None, handlers: dict[str, Handler] | None = No
                 log.error("Redis at %s refused a command: %s", redis_at, exc)
                 return 2
             log.warning("consumer group %s on %s is gone (%s); creating it again", args.group, stream, exc)
+        except redis.AuthenticationError as exc:  # a wrong user or password: trying again cannot help
+            log.error("Redis at %s refused the credentials (%s); check the user and password in the URL",
+                      redis_at, exc)
+            return 2
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             if not connected:  # never reached: a wrong URL or a stopped server; say so and stop
                 log.error("Redis at %s cannot be reached: %s", redis_at, exc)

@@ -441,4 +441,4 @@ def test_batch_file_end_to_end(stack: DevStack, tmp_path: Path) -> None:
     final = kie_extend(stack, "batch", "status", batch_id, "--wait", "--json", cwd=tmp_path)
     assert final.returncode == 1 and json.loads(final.stdout)["counts"] == {"succeeded": 7, "failed": 1}
     missing = kie_extend(stack, "batch", "status", "no-such-batch", cwd=tmp_path)
-    assert missing.returncode == 3 and "not found" in missing.stdout
+    assert missing.returncode == 3 and missing.stderr == "error: no batch no-such-batch\n"

@@ -144,6 +144,7 @@ OTHER_COMMANDS = {
     "simulator": "the provider simulator, needs no job store",
     "demo": "runs its own embedded Valkey, worker and simulator",
     "dev": "runs its own embedded stack, like demo",
+    "valkey": "is the job store itself (execs valkey-server): test_valkey_stops_on_sigterm",
 }
 
 

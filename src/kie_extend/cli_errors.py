@@ -8,11 +8,12 @@ and an exit code from this table (also in the README, "The kie-extend command"):
 code  meaning
 ====  =====================================================================================
 0     done
-1     the command ran and the answer is "no": a job failed or is unknown, ``doctor`` found
-      violations, a job could not be retried or cancelled
-2     usage or bad input: a flag (argparse exits 2 too), an invalid request, a missing,
-      unreadable or malformed request/batch file, ``--metadata`` that is not JSON
-3     ``batch status``/``batch results``: no such batch
+1     the command ran and the answer is "no": a job failed, ``doctor`` found violations, a
+      job could not be retried or cancelled (the reason is printed)
+2     usage or bad input: a flag or a word too many (argparse exits 2 too), an invalid request,
+      a missing, unreadable or malformed request/batch file, ``--metadata`` that is not JSON
+3     no such job or batch: ``status`` (with or without ``--wait``), ``retry``, ``cancel``,
+      ``batch status``/``batch results``/``cancel --batch``
 4     ``batch status --timeout``: still running when the time ran out
 5     a bad setting (a ``KIE_*`` variable, named in the message) or a start-up check that
       refuses it (an evicting Redis)

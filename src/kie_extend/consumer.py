@@ -110,7 +110,15 @@ def bad_headers(headers: Any) -> str | None:
 
 
 class KieConsumer(Consumer):
-    """Celery's consumer plus a failed job (and result event) for every malformed or misnamed message."""
+    """Celery's consumer plus a failed job (and result event) for every malformed or misnamed message.
+
+    Gossip and Mingle are always off, as ``--without-gossip --without-mingle`` would set them (Celery
+    has no setting for either): kie-extend uses neither (no remote control, no revokes to sync),
+    and while the broker is away they only add tracebacks to the log."""
+
+    def __init__(self, *args: Any, worker_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        options = dict(worker_options or {}, without_gossip=True, without_mingle=True)
+        super().__init__(*args, worker_options=options, **kwargs)
 
     def _fail_malformed(self, message: Any, reason: str) -> bool:
         """Record the message's id as a failed job and log one WARNING; True when recorded, False

@@ -62,12 +62,16 @@ def _check_ports(ports: dict[str, tuple[int, str]]) -> None:
         raise DevError("; ".join(taken))
 
 
-def env_file_text(values: dict[str, str]) -> str:
+def env_file_text(values: dict[str, str], path: str | Path = ".dev/.env") -> str:
     """The ``.env`` text: one ``NAME=value`` a line, values single-quoted for the shell.
 
     Both ``set -a; . FILE`` in a POSIX shell and the settings' own ``.env`` reader (python-dotenv)
-    read it the same way."""
-    lines = ["# written by `kie-extend dev`; use it from another shell with:  set -a; . .dev/.env; set +a"]
+    read it the same way. ``path`` is where the file goes, named in its header comment (quoted
+    for the shell)."""
+    import shlex
+
+    lines = [f"# written by `kie-extend dev`; use it from another shell with:  set -a; . {shlex.quote(str(path))}; "
+             "set +a"]
     for name, value in values.items():
         if "'" in value or "\n" in value:
             raise ValueError(f"{name}: a value with a quote or newline cannot be written")
@@ -137,7 +141,7 @@ def run_dev(*, workdir: str | Path = ".dev", port: int = DEFAULT_SERVE_PORT, sim
         env_path = workdir / ".env"
         fd = os.open(env_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the token
         with os.fdopen(fd, "w") as fh:
-            fh.write(env_file_text(values))
+            fh.write(env_file_text(values, env_path))
         os.chmod(env_path, 0o600)
         _print_summary(out, values, sim, serve, token, env_path, workdir, sim_time_factor,
                        len(stack.workers), concurrency)
@@ -187,7 +191,7 @@ def _print_summary(out: TextIO, values: dict[str, str], sim: str, serve: str, to
     for name, text in rows:
         print(f"  {name:<10} {text}", file=out)
     print(f"\n--- {env_path} ---", file=out)
-    print("".join(line + "\n" for line in env_file_text(values).splitlines()[1:]), end="", file=out)
+    print("".join(line + "\n" for line in env_file_text(values, env_path).splitlines()[1:]), end="", file=out)
     print("---\nIn another shell:\n"
           f"  set -a; . {env_path}; set +a\n"
           f"  kie-extend enqueue --upload-url \"$KIE_BASE_URL{SAMPLE_SOURCE}\" --model V5 --custom --instrumental \\\n"

@@ -20,6 +20,7 @@ from typing import Literal
 
 import redis
 
+from .errors import ValidationError
 from .keys import Keys
 
 # KEYS: pause, operator pause, inflight, rate log, breaker, reach. ARGV: job_id, token, limit,
@@ -80,6 +81,18 @@ return {'wait', slot - now}
 """
 
 Verdict = Literal["ok", "paused", "unreachable", "breaker", "inflight", "wait", "lost"]
+
+
+#: Longest operator pause reason, in characters (CLI, HTTP API and dashboard alike).
+MAX_PAUSE_REASON = 500
+
+
+def check_pause_reason(reason: object) -> None:
+    """ValidationError (field ``reason``) unless ``reason`` is text of at most :data:`MAX_PAUSE_REASON` characters."""
+    if not isinstance(reason, str) or len(reason) > MAX_PAUSE_REASON:
+        got = f", got {len(reason)}" if isinstance(reason, str) else ""
+        raise ValidationError([{"field": "reason", "message": f"must be a string of at most {MAX_PAUSE_REASON} "
+                                                              f"characters{got}"}])
 
 
 @dataclass(frozen=True)
@@ -164,10 +177,13 @@ class Gates:
 
     def pause_operator(self, reason: str = "") -> None:
         """An operator's pause: no job is admitted until :meth:`resume_operator` (apart from the
-        provider's 401/402 pause, which a credit probe lifts by itself)."""
+        provider's 401/402 pause, which a credit probe lifts by itself). The one place the reason's
+        limit is kept (the CLI, the HTTP API and the dashboard all call this): ValidationError
+        (field ``reason``) when it is longer than :data:`MAX_PAUSE_REASON` characters."""
+        check_pause_reason(reason)
         pipe = self.redis.pipeline()
         pipe.hsetnx(self.keys.operator_pause, "since", repr(time.time()))
-        pipe.hset(self.keys.operator_pause, "reason", (reason or "paused by an operator")[:300])
+        pipe.hset(self.keys.operator_pause, "reason", reason or "paused by an operator")
         pipe.execute()
 
     def resume_operator(self) -> bool:

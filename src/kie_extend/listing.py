@@ -112,8 +112,12 @@ def list_jobs(rt: Runtime, *, state: str | None = None, batch_id: str | None = N
     problems = []
     states = [s.value for s in JobState if s is not JobState.NOT_FOUND]
     allowed = states + ([PENDING] if batch_id is not None else [])
-    if state is not None and state not in allowed:
-        problems.append({"field": "state", "message": f"must be one of {', '.join(allowed)}"})
+    if state == PENDING and batch_id is None:
+        problems.append({"field": "state", "message": "pending (declared but not yet recorded) exists only within a "
+                         "batch: give the batch too (--batch BATCH_ID, or batch_id in the HTTP API)"})
+    elif state is not None and state not in allowed:
+        problems.append({"field": "state", "message": f"must be one of {', '.join(allowed)}"
+                         + (" (pending too, with a batch)" if batch_id is None else "")})
     if not 1 <= limit <= MAX_LIMIT:
         problems.append({"field": "limit", "message": f"must be 1-{MAX_LIMIT}"})
     after = None

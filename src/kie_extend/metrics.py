@@ -41,11 +41,13 @@ def overview(rt: Runtime) -> dict[str, object]:
 
     ``infrastructure`` is ``{"job_store": state, "broker": state}`` (infra_check.InfraProbe.check:
     up, reason, detail, setting, masked url); the broker is probed here (up to
-    infra_check.PROBE_TIMEOUT seconds), since nothing else in this view touches it."""
+    infra_check.PROBE_TIMEOUT seconds), since nothing else in this view touches it.
+
+    ``submission`` is :func:`submission`'s answer (paused or not, and why)."""
     store, gates = rt.store, rt.gates
     by_priority = rt.admission.waiting()
     waiting = sum(n for tenants in by_priority.values() for n in tenants.values())
-    return {
+    out: dict[str, Any] = {
         "jobs": {s.value: store.count(s) for s in JobState if s is not JobState.NOT_FOUND},
         "in_flight": gates.in_flight(),
         "max_in_flight": gates.max_in_flight,
@@ -62,6 +64,36 @@ def overview(rt: Runtime) -> dict[str, object]:
         "infrastructure": rt.infra.check(),
         "redis_memory": redis_memory(rt),
     }
+    out["submission"] = submission(out)
+    return out
+
+
+#: Why submission can be paused, in the order ``status`` names them.
+PAUSE_REASONS = ("operator", "account", "breaker", "unreachable")
+
+
+def submission(view: dict[str, Any]) -> dict[str, Any]:
+    """Whether jobs are being sent to KIE now, and why not: ``{"paused": bool, "reasons": [{"reason":
+    one of PAUSE_REASONS, "since": ISO-8601 UTC or None, "detail": text}, …]}``. The one answer
+    ``kie-extend status``, ``GET /v1/system`` and ``/metrics`` give, from an :func:`overview`:
+    ``operator`` (``kie-extend pause``), ``account`` (KIE's 401/402/433: the ``paused`` record),
+    ``breaker`` (open after failed generations in a row), ``unreachable`` (KIE cannot be reached)."""
+    reasons: list[dict[str, Any]] = []
+    op, account, breaker, reach = (view.get("operator_paused"), view.get("paused"), view.get("breaker") or {},
+                                   view.get("provider") or {})
+    if op:
+        reasons.append({"reason": "operator", "since": op.get("since"), "detail": op.get("reason") or ""})
+    if account:
+        reasons.append({"reason": "account", "since": account.get("since"),
+                        "detail": f"code {account.get('code')}: {account.get('reason')}"})
+    if breaker.get("state", "closed") != "closed":
+        reasons.append({"reason": "breaker", "since": breaker.get("since"),
+                        "detail": f"{breaker.get('threshold')} failed generations in a row; next probe at "
+                                  f"{breaker.get('until')}"})
+    if not reach.get("reachable", True):
+        reasons.append({"reason": "unreachable", "since": reach.get("since"),
+                        "detail": f"last error: {reach.get('last_error') or '?'}"})
+    return {"paused": bool(reasons), "reasons": reasons}
 
 
 def _iso(ts: float | None) -> str | None:
@@ -196,6 +228,14 @@ def render(rt: Runtime) -> str:
         lines += [f"# TYPE kie_extend_{name} gauge", f"kie_extend_{name} {ov[name]}"]
     lines += ["# TYPE kie_extend_paused gauge", f"kie_extend_paused {1 if ov['paused'] else 0}",
               "# TYPE kie_extend_operator_paused gauge", f"kie_extend_operator_paused {1 if ov['operator_paused'] else 0}"]
+    sub = ov["submission"]
+    lines += ["# HELP kie_extend_submission_paused 1 while no job is sent to KIE, for any reason "
+              "(kie_extend_submission_paused_reason says which).",
+              "# TYPE kie_extend_submission_paused gauge",
+              f"kie_extend_submission_paused {1 if sub['paused'] else 0}",  # type: ignore[index]
+              "# TYPE kie_extend_submission_paused_reason gauge"]
+    held = {r["reason"] for r in sub["reasons"]}  # type: ignore[index]
+    lines += [f'kie_extend_submission_paused_reason{{reason="{r}"}} {1 if r in held else 0}' for r in PAUSE_REASONS]
     lines.append("# TYPE kie_extend_waiting_jobs gauge")
     for prio, tenants in ov["waiting_by_priority"].items():  # type: ignore[union-attr]
         for tenant, n in tenants.items():

@@ -23,6 +23,7 @@ from .. import actions, api
 from ..actions import ActionResult
 from ..batches import get_batch, list_batches
 from ..errors import IdempotencyConflictError, JobExistsError, ValidationError, describe_problems
+from ..gates import check_pause_reason
 from ..ids import id_problem, rule
 from ..intake import EXTEND_KWARGS, EXTEND_OPTIONS, unknown_name_message
 from ..listing import DEFAULT_LIMIT, MAX_LIMIT, list_jobs
@@ -379,9 +380,10 @@ async def pause(request: Request, principal: Principal = Depends(writer)) -> JSO
     problems = [] if isinstance(body, dict) else [{"field": "body", "message": "must be a JSON object"}]
     if isinstance(body, dict):
         problems += _unknown(body, ("reason",))
-        if not isinstance(reason, str) or len(reason) > MAX_PAUSE_REASON:
-            problems.append({"field": "reason", "message": f"must be a string of at most {MAX_PAUSE_REASON} "
-                                                           "characters"})
+        try:
+            check_pause_reason(reason)
+        except ValidationError as exc:
+            problems += exc.errors
     if problems:
         raise invalid(problems)
     rt = request.app.state.runtime

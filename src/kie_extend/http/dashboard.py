@@ -30,6 +30,8 @@ from fastapi.templating import Jinja2Templates
 from ..batches import cancel_batch, get_batch
 from ..delivery import Delivery
 from ..endpoints import mask_url
+from ..errors import ValidationError
+from ..gates import MAX_PAUSE_REASON
 from ..intake import JOB_ID_PATTERN
 from . import dashboard_data as data
 from .auth import SESSION_COOKIE, SESSION_MAX_AGE, Principal, client_address, fingerprint
@@ -84,6 +86,7 @@ class _Forbidden(Exception):
 def mount(app: FastAPI) -> None:
     """Add the dashboard's routes and static files (``/static``) to ``app``."""
     templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.globals["max_pause_reason"] = MAX_PAUSE_REASON
     templates.env.filters["iso"] = data.iso
     templates.env.filters["pretty"] = data.pretty
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
@@ -264,7 +267,11 @@ def mount(app: FastAPI) -> None:
     @app.post("/pause", include_in_schema=False)
     def pause(request: Request, csrf: str = Form(""), reason: str = Form("")) -> Response:
         who = writer(request, csrf)
-        rt.gates.pause_operator(reason.strip()[:300] or f"paused from the dashboard ({who.name})")
+        try:
+            rt.gates.pause_operator(reason.strip() or f"paused from the dashboard ({who.name})")
+        except ValidationError as exc:
+            return _page(request, "error.html", {"status": 422, "message": f"Not paused: the reason "
+                         f"{exc.errors[0]['message']}."}, who, status=422)
         log.warning("dashboard: submission paused by %s", who.name)
         return _back("/", "paused")
 

@@ -326,8 +326,7 @@ class BatchCancelled(BaseModel):
     cancelled: int
 
 
-#: Longest operator pause reason.
-MAX_PAUSE_REASON = 500
+from ..gates import MAX_PAUSE_REASON  # noqa: E402 - the domain's limit, stated in the schema
 
 
 class PauseRequest(BaseModel):
@@ -380,7 +379,8 @@ class SystemOverview(BaseModel):
     max_in_flight: int
     rate_window_use: int = Field(description="submissions in the current rate window")
     rate_limit: str = Field(description='e.g. "20/10s"')
-    paused: dict[str, Any] | None = Field(description="the provider's pause (401/402 or breaker): code, reason, since")
+    paused: dict[str, Any] | None = Field(description="KIE's account pause (401/402/433): code, reason, since; "
+                                          "see submission for every reason submission can be paused")
     operator_paused: dict[str, Any] | None = Field(description="an operator's pause: reason, since")
     due: int
     waiting: int
@@ -392,6 +392,9 @@ class SystemOverview(BaseModel):
                                      "last_error, next_probe, next_probe_in (seconds), streak, threshold, outages")
     infrastructure: Infrastructure = Field(description="whether the job store and the broker answer us, and why not")
     redis_memory: dict[str, Any] = Field(description="used and max bytes, policy, evicted_keys")
+    submission: dict[str, Any] = Field(description='whether jobs are sent to KIE now: {"paused": bool, "reasons": '
+                                       '[{"reason": "operator"|"account"|"breaker"|"unreachable", "since", '
+                                       '"detail"}, ...]}; the same answer as kie-extend status and /metrics')
 
 
 __all__ = ["JobSubmission", "BatchSubmission", "JobAccepted", "JobsAccepted", "ErrorBody", "JobRecord",
