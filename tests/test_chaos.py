@@ -240,8 +240,10 @@ def test_pause_on_402_then_resume(workdir: Path) -> None:
 
 
 def test_rate_limit_holds_with_many_workers(workdir: Path) -> None:
-    """Three workers, a tight provider limit equal to KIE_SUBMIT_RATE: zero 429s."""
-    with make_stack(workdir, KIE_SUBMIT_RATE="10/1s", KIE_SUBMIT_RATE_MARGIN="0.05s") as stack:
+    """Three workers, a tight provider limit equal to KIE_SUBMIT_RATE, the default margin: zero 429s.
+    (At half the default margin, 25 ms of lateness between a slot and its request reaching KIE is
+    all the gate leaves; on a loaded two-core machine an occasional single 429 shows there.)"""
+    with make_stack(workdir, KIE_SUBMIT_RATE="10/1s") as stack:
         stack.start_simulator("--time-factor", "0.01", "--seed", "2", "--rate-limit", "10", "--rate-window", "1")
         stack.start_receiver()
         for _ in range(3):
