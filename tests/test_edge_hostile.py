@@ -10,9 +10,18 @@ never read one.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Callable
 
+import requests
+from inline import InlineDispatcher
+from test_http_api import Stack, req, sim, stack  # noqa: F401  (fixtures)
 from test_http_edge import READ, WRITE, Server, start  # noqa: F401  (fixture)
+
+from kie_extend import api
+from kie_extend.pipeline import Pipeline
+from kie_extend.runtime import Runtime
 
 
 def test_forwarded_for_is_ignored_unless_the_proxy_is_named(start: Callable[..., Server]) -> None:
@@ -40,3 +49,41 @@ def test_forwarded_for_is_ignored_unless_the_proxy_is_named(start: Callable[...,
                                  headers={"Authorization": f"Bearer w-{i}", "X-Forwarded-For": f"10.1.1.{i}"})[0]
     assert status == 429
     assert json.loads(proxied.request("GET", "/v1/system", headers={"Authorization": f"Bearer {READ}"})[2])
+
+
+def test_forged_callbacks_never_poll_faster_than_the_gap(stack: Stack) -> None:  # noqa: F811
+    """50 forged callbacks in 2 s while four workers' pipelines are asked to advance the job as
+    fast as they can: one poll in flight at a time, KIE_POLL_MIN_GAP apart, so the simulator's
+    per-task limit (3 record-info requests a second) never answers 429; the job still finishes."""
+    stack.sim.simulator.update_config({"time_factor": 0.1})
+    settings = stack.settings.model_copy(update={"poll_min_gap": 0.4})
+    job_id = api.enqueue_extend(req(stack.sim), settings=stack.settings)
+    stack.consume()
+    stack.h.run_until(lambda: stack.state(job_id) == "submitted")
+    assert stack.state(job_id) == "submitted"
+    pipelines = [Pipeline(Runtime(settings), InlineDispatcher()) for _ in range(4)]
+    stack.h.pipeline = Pipeline(Runtime(settings), stack.h.dispatch)
+    stop = time.monotonic() + 2.0
+
+    def worker(p: Pipeline) -> None:
+        while time.monotonic() < stop and stack.state(job_id) == "submitted":
+            p.advance(job_id)
+            time.sleep(0.005)
+
+    threads = [threading.Thread(target=worker, args=(p,)) for p in pipelines]
+    for t in threads:
+        t.start()
+    began = time.monotonic()
+    for forged in range(1, 51):  # 50 in 2 s
+        time.sleep(max(0.0, began + forged * 0.038 - time.monotonic()))
+        r = requests.post(f"{stack.url}/kie/callback/{job_id}", timeout=5,
+                          json={"code": 200, "data": {"callbackType": "complete", "task_id": "forged", "data": []}})
+        assert r.status_code == 200
+    for t in threads:
+        t.join(10)
+    assert forged == 50
+    stack.h.run_until(stack.h.finished(job_id))
+    assert stack.state(job_id) == "succeeded"
+    codes = stack.sim.simulator.stats_snapshot()["codes"]
+    polls = {route: c for route, c in codes.items() if "record-info" in route}
+    assert polls and all("429" not in c and 429 not in c for c in polls.values()), polls
