@@ -10,16 +10,20 @@ never read one.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 
+import pytest
 import requests
 from inline import InlineDispatcher
 from test_http_api import Stack, req, sim, stack  # noqa: F401  (fixtures)
-from test_http_edge import READ, WRITE, Server, start  # noqa: F401  (fixture)
+from test_http_edge import READ, WRITE, Browser, Server, start  # noqa: F401  (fixture)
 
 from kie_extend import api
+from kie_extend.errors import ValidationError
 from kie_extend.pipeline import Pipeline
 from kie_extend.runtime import Runtime
 
@@ -87,3 +91,45 @@ def test_forged_callbacks_never_poll_faster_than_the_gap(stack: Stack) -> None: 
     codes = stack.sim.simulator.stats_snapshot()["codes"]
     polls = {route: c for route, c in codes.items() if "record-info" in route}
     assert polls and all("429" not in c and 429 not in c for c in polls.values()), polls
+
+
+BAD_REASONS = ["\ud800", "a\u0000\u001b[31mRED", "\u001b]0;title\u0007"]
+
+
+def test_a_pause_reason_must_be_plain_text_at_every_entrance(start: Callable[..., Server]) -> None:
+    """/v1, the dashboard's form, the CLI and the Python API refuse a lone surrogate and control
+    characters (terminal escapes) in the pause reason: 422 / one line, nothing paused; a reason with
+    tabs and line breaks is fine."""
+    server = start(KIE_API_TOKENS=f"{WRITE},read:{READ}")
+    auth = {"Authorization": f"Bearer {WRITE}", "Content-Type": "application/json"}
+    for reason in BAD_REASONS:
+        status, _, body = server.request("POST", "/v1/pause", json.dumps({"reason": reason}).encode(), auth)
+        assert status == 422, body
+        error = json.loads(body)["error"]
+        assert error["kind"] == "invalid_request" and error["errors"][0]["field"] == "reason", error
+    system = json.loads(server.request("GET", "/v1/system", headers=auth)[2])
+    assert system["operator_paused"] is None
+    browser = Browser(server)
+    browser.login(WRITE)
+    csrf = browser.csrf()
+    status, _, page = browser.post("/pause", f"csrf={csrf}&reason=a%00%1B%5B31mRED")
+    assert status == 422 and "control character" in page and "\x1b" not in page
+    assert json.loads(server.request("GET", "/v1/system", headers=auth)[2])["operator_paused"] is None
+    raw = open(f"/proc/{server.proc.pid}/environ", "rb").read()  # the server's own settings
+    env = dict(item.decode().split("=", 1) for item in raw.split(b"\0") if b"=" in item)
+    cli = subprocess.run([sys.executable, "-m", "kie_extend.cli", "pause", "--reason", "a\u001b[31mRED"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 2, cli.stderr
+    assert cli.stderr.count("\n") == 1 and "reason" in cli.stderr and "Traceback" not in cli.stderr, cli.stderr
+    assert json.loads(server.request("GET", "/v1/system", headers=auth)[2])["operator_paused"] is None
+    status, _, body = server.request("POST", "/v1/pause", json.dumps({"reason": "line one\n\tline two"}).encode(),
+                                     auth)
+    assert status == 200 and json.loads(body)["operator_paused"]["reason"] == "line one\n\tline two"
+
+
+def test_a_pause_reason_python_api(stack: Stack) -> None:  # noqa: F811
+    for reason in BAD_REASONS:
+        with pytest.raises(ValidationError) as exc:
+            api.pause(reason, settings=stack.settings)
+        assert exc.value.errors[0]["field"] == "reason"
+    assert stack.rt.gates.operator_paused() is None

@@ -20,6 +20,8 @@ from typing import Literal
 
 import redis
 
+from .errors import ValidationError
+from .ids import text_problem
 from .keys import Keys
 
 # KEYS: pause, operator pause, inflight, rate log, breaker, reach. ARGV: job_id, token, limit,
@@ -164,7 +166,12 @@ class Gates:
 
     def pause_operator(self, reason: str = "") -> None:
         """An operator's pause: no job is admitted until :meth:`resume_operator` (apart from the
-        provider's 401/402 pause, which a credit probe lifts by itself)."""
+        provider's 401/402 pause, which a credit probe lifts by itself). Every entrance (CLI, dashboard,
+        ``/v1``, Python API) comes here. Raises ValidationError (field ``reason``) for a reason that is
+        not storable text or holds control characters (terminal escapes would reach operators)."""
+        why = text_problem(reason) if reason else None
+        if why:
+            raise ValidationError([{"field": "reason", "message": why}])
         pipe = self.redis.pipeline()
         pipe.hsetnx(self.keys.operator_pause, "since", repr(time.time()))
         pipe.hset(self.keys.operator_pause, "reason", (reason or "paused by an operator")[:300])

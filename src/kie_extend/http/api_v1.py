@@ -385,7 +385,10 @@ async def pause(request: Request, principal: Principal = Depends(writer)) -> JSO
     if problems:
         raise invalid(problems)
     rt = request.app.state.runtime
-    await _blocking(rt.gates.pause_operator, reason)
+    try:
+        await _blocking(rt.gates.pause_operator, reason)
+    except ValidationError as exc:
+        raise invalid(exc.errors) from None
     return JSONResponse({"operator_paused": (await _blocking(_system, rt))["operator_paused"]})
 
 

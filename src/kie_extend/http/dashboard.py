@@ -30,6 +30,7 @@ from fastapi.templating import Jinja2Templates
 from ..batches import cancel_batch, get_batch
 from ..delivery import Delivery
 from ..endpoints import mask_url
+from ..errors import ValidationError, describe_problems
 from ..intake import JOB_ID_PATTERN
 from . import dashboard_data as data
 from .auth import SESSION_COOKIE, SESSION_MAX_AGE, Principal, client_address, fingerprint
@@ -264,7 +265,11 @@ def mount(app: FastAPI) -> None:
     @app.post("/pause", include_in_schema=False)
     def pause(request: Request, csrf: str = Form(""), reason: str = Form("")) -> Response:
         who = writer(request, csrf)
-        rt.gates.pause_operator(reason.strip()[:300] or f"paused from the dashboard ({who.name})")
+        try:
+            rt.gates.pause_operator(reason.strip()[:300] or f"paused from the dashboard ({who.name})")
+        except ValidationError as exc:
+            return _page(request, "error.html", {"status": 422, "message": describe_problems(exc.errors)}, who,
+                         status=422)
         log.warning("dashboard: submission paused by %s", who.name)
         return _back("/", "paused")
 
