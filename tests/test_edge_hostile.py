@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 
 import pytest
@@ -23,7 +24,7 @@ from test_http_api import Stack, req, sim, stack  # noqa: F401  (fixtures)
 from test_http_edge import READ, WRITE, Browser, Server, start  # noqa: F401  (fixture)
 
 from kie_extend import api
-from kie_extend.errors import ValidationError
+from kie_extend.errors import IdempotencyConflictError, ValidationError
 from kie_extend.pipeline import Pipeline
 from kie_extend.runtime import Runtime
 
@@ -133,3 +134,27 @@ def test_a_pause_reason_python_api(stack: Stack) -> None:  # noqa: F811
             api.pause(reason, settings=stack.settings)
         assert exc.value.errors[0]["field"] == "reason"
     assert stack.rt.gates.operator_paused() is None
+
+
+def test_one_key_two_requests_in_one_call_is_a_conflict(stack: Stack) -> None:  # noqa: F811
+    """Two items of one /v1 list (or one enqueue_many) sharing an idempotency key with different
+    requests: 409 conflict / IdempotencyConflictError naming the later item, nothing sent. The same
+    request twice under one key is fine (the second is a duplicate)."""
+    key = f"k-{uuid.uuid4().hex}"
+    r = stack.call("POST", "/v1/jobs", json={"jobs": [{"request": req(stack.sim), "idempotency_key": key},
+                                                      {"request": req(stack.sim, title="B"), "idempotency_key": key}]})
+    assert r.status_code == 409, r.text
+    error = r.json()["error"]
+    assert error["kind"] == "conflict" and error["errors"][0]["field"] == "[1].idempotency_key"
+    assert len(error["job_ids"]) == 1 and stack.messages() == []
+    with pytest.raises(IdempotencyConflictError) as exc:
+        api.enqueue_many([{"request": req(stack.sim), "idempotency_key": key + "x"},
+                          {"request": req(stack.sim), "idempotency_key": "other"},
+                          {"request": req(stack.sim, style="B"), "idempotency_key": key + "x"}],
+                         settings=stack.settings)
+    assert exc.value.errors[0]["field"] == "[2].idempotency_key" and stack.messages() == []
+    # Another tenant's use of the same key is its own.
+    ids = api.enqueue_many([{"request": req(stack.sim), "idempotency_key": key},
+                            {"request": req(stack.sim, title="B"), "idempotency_key": key, "tenant": "shop"},
+                            {"request": req(stack.sim), "idempotency_key": key}], settings=stack.settings)
+    assert len(ids) == 3 and len(stack.messages()) == 3

@@ -248,16 +248,20 @@ def _send(settings: Settings, ids: list[str], messages: list[dict[str, Any]], *,
 def _refuse_reused_keys(settings: Settings, rt: Runtime, idem: Idempotency, ids: list[str],
                         messages: list[dict[str, Any]], skip: set[int], fields: list[str]) -> None:
     """Raise IdempotencyConflictError when a message's idempotency key is held, in its tenant, by
-    another request; each refused message is recorded first as a failed job with its own event
+    another request (stored, or an earlier message of this call); each refused message is recorded first as a failed job with its own event
     (unless its id already has a record). A message whose request is not final yet (a file to
     upload) is left to the worker, which decides the same way."""
     from .pipeline import Pipeline
 
     tenant_of = {i: m.get("tenant") or settings.default_tenant for i, m in enumerate(messages)}
     keyed = [i for i, m in enumerate(messages) if m.get("idempotency_key") and i not in skip]
-    looks = idem.look_keys([(messages[i]["idempotency_key"], tenant_of[i], ids[i],
-                             request_fingerprint(_json(messages[i]["request"]), tenant_of[i])) for i in keyed])
-    conflicts = [i for i, (outcome, _) in zip(keyed, looks) if outcome == "conflict"]
+    prints = {i: request_fingerprint(_json(messages[i]["request"]), tenant_of[i]) for i in keyed}
+    # Within this call: a key's first message holds it, a later one with another request conflicts.
+    holder: dict[tuple[str, str], str] = {}
+    inner = {i for i in keyed
+             if holder.setdefault((tenant_of[i], messages[i]["idempotency_key"]), prints[i]) != prints[i]}
+    looks = idem.look_keys([(messages[i]["idempotency_key"], tenant_of[i], ids[i], prints[i]) for i in keyed])
+    conflicts = [i for i, (outcome, _) in zip(keyed, looks) if outcome == "conflict" or i in inner]
     if conflicts:
         pipeline = Pipeline(rt)
         for i in conflicts:
