@@ -158,3 +158,24 @@ def test_one_key_two_requests_in_one_call_is_a_conflict(stack: Stack) -> None:  
                             {"request": req(stack.sim, title="B"), "idempotency_key": key, "tenant": "shop"},
                             {"request": req(stack.sim), "idempotency_key": key}], settings=stack.settings)
     assert len(ids) == 3 and len(stack.messages()) == 3
+
+
+def test_numbers_compare_by_value_under_one_key(stack: Stack) -> None:  # noqa: F811
+    """``"continueAt": 12`` then ``12.0`` under one idempotency key (or one explicit job id) is the same
+    request: a duplicate over /v1, the same claim through the Python API; 12.5 is another request."""
+    key = f"k-{uuid.uuid4().hex}"
+    body = json.dumps({"request": req(stack.sim, continueAt=12), "idempotency_key": key})
+    assert stack.call("POST", "/v1/jobs", data=body, headers={"Content-Type": "application/json"}).status_code == 202
+    first = stack.consume()[0]
+    again = body.replace('"continueAt": 12', '"continueAt": 12.0')
+    assert '"continueAt": 12.0' in again
+    r = stack.call("POST", "/v1/jobs", data=again, headers={"Content-Type": "application/json"})
+    assert r.status_code == 202, r.text
+    (second,) = stack.consume()
+    assert stack.rt.store.get(second)["duplicate_of"] == first
+    r = stack.call("POST", "/v1/jobs", json={"request": req(stack.sim, continueAt=12.5), "idempotency_key": key})
+    assert r.status_code == 409
+    job_id = f"j-{uuid.uuid4().hex}"
+    assert api.enqueue_extend(req(stack.sim, continueAt=7), job_id=job_id, settings=stack.settings) == job_id
+    assert api.enqueue_extend(req(stack.sim, continueAt=7.0), job_id=job_id, settings=stack.settings) == job_id
+    assert len(stack.messages()) == 1
