@@ -10,12 +10,14 @@ never read one.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import requests
@@ -179,3 +181,33 @@ def test_numbers_compare_by_value_under_one_key(stack: Stack) -> None:  # noqa: 
     assert api.enqueue_extend(req(stack.sim, continueAt=7), job_id=job_id, settings=stack.settings) == job_id
     assert api.enqueue_extend(req(stack.sim, continueAt=7.0), job_id=job_id, settings=stack.settings) == job_id
     assert len(stack.messages()) == 1
+
+
+def test_duplicate_json_keys_are_refused(stack: Stack, tmp_path: Path) -> None:  # noqa: F811
+    """A /v1 body or a JSONL batch line that names one key twice (at any depth) is refused, naming
+    the key, instead of silently keeping the last; nothing is sent."""
+    text = json.dumps({"request": req(stack.sim), "idempotency_key": "k1"})
+    for body in (text.replace('"title": "Song"', '"title": "Song", "title": "Other"'),
+                 text[:-1] + ', "idempotency_key": "k2"}',
+                 text[:-1] + ', "metadata": {"a": 1, "a": 2}}'):
+        r = stack.call("POST", "/v1/jobs", data=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, (body, r.text)
+        message = r.json()["error"]["errors"][0]["message"]
+        assert "appears twice" in message and any(f'"{k}"' in message for k in ("title", "idempotency_key", "a"))
+    r = stack.call("POST", "/v1/pause", data='{"reason": "a", "reason": "b"}',
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and stack.rt.gates.operator_paused() is None
+    assert stack.messages() == []
+    # A batch file's JSONL line, through the real command.
+    line = json.dumps(req(stack.sim))
+    path = tmp_path / "b.jsonl"
+    path.write_text(line + "\n" + line.replace('"style": "folk"', '"style": "folk", "style": "rock"') + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KIE_")}
+    env.update({"KIE_REDIS_URL": stack.settings.redis_url, "KIE_KEY_PREFIX": stack.settings.key_prefix,
+                "KIE_QUEUE": stack.settings.queue, "KIE_API_KEY": "test-key-0123456789",
+                "KIE_CALLBACK_BASE_URL": "http://127.0.0.1:9/cb", "KIE_ALLOW_PRIVATE_URLS": "true"})
+    out = subprocess.run([sys.executable, "-m", "kie_extend.cli", "batch", "submit", str(path), "--dry-run"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and '"style" appears twice' in out.stdout + out.stderr, out
+    assert "line 2" in out.stdout + out.stderr or ":2" in out.stdout + out.stderr, out
+    assert stack.messages() == []

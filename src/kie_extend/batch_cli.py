@@ -43,6 +43,7 @@ from .cli_errors import (EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NOT_FO
                          EXIT_TIMEOUT, EXIT_USAGE, InputError)
 from .errors import ConfigError, ValidationError
 from .intake import JOB_ID_PATTERN, Intake, check_options, near_miss
+from .jsontext import DuplicateKeyError, loads_unique
 from .models import ExtendRequest
 from .states import TERMINAL
 
@@ -139,9 +140,12 @@ def parse_jsonl(text: str) -> list[Line]:
         entry = Line(n)
         out.append(entry)
         try:
-            obj = json.loads(raw)
+            obj = loads_unique(raw)
         except json.JSONDecodeError as exc:
             entry.problems.append({"field": "line", "message": f"is not valid JSON ({exc.msg} at column {exc.colno})"})
+            continue
+        except DuplicateKeyError as exc:
+            entry.problems.append({"field": "line", "message": f"is ambiguous: {exc}"})
             continue
         if not isinstance(obj, dict):
             entry.problems.append({"field": "line", "message": f"must be a JSON object (a request), got "

@@ -25,6 +25,7 @@ from ..batches import get_batch, list_batches
 from ..errors import IdempotencyConflictError, JobExistsError, ValidationError, describe_problems
 from ..ids import id_problem, rule
 from ..intake import EXTEND_KWARGS, EXTEND_OPTIONS, unknown_name_message
+from ..jsontext import DuplicateKeyError
 from ..listing import DEFAULT_LIMIT, MAX_LIMIT, list_jobs
 from ..metrics import overview
 from ..states import JobState
@@ -150,9 +151,11 @@ async def _json_body(request: Request, *, optional: bool = False) -> Any:
     if not raw.strip() and optional:
         return {}
     try:
-        return loads(raw, request.app.state.limits.json_max_depth)
+        return loads(raw, request.app.state.limits.json_max_depth, unique=True)
     except TooDeep as exc:
         raise invalid([{"field": "body", "message": f"JSON {exc} (KIE_HTTP_JSON_MAX_DEPTH)"}]) from None
+    except DuplicateKeyError as exc:
+        raise invalid([{"field": "body", "message": f"is ambiguous: {exc}"}]) from None
     except ValueError as exc:
         raise invalid([{"field": "body", "message": f"not valid JSON ({exc})"}]) from None
 

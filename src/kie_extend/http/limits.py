@@ -31,6 +31,8 @@ from typing import Any, Awaitable, Callable
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ..jsontext import loads_unique
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -213,10 +215,11 @@ def json_depth(raw: bytes) -> int:
     return deepest
 
 
-def loads(raw: bytes | str, max_depth: int) -> Any:
+def loads(raw: bytes | str, max_depth: int, *, unique: bool = False) -> Any:
     """``json.loads(raw)`` for a text nested at most ``max_depth`` deep. Raises :class:`TooDeep`
-    (a ValueError) for a deeper one and ValueError for text that is not JSON."""
+    (a ValueError) for a deeper one and ValueError for text that is not JSON; with ``unique``,
+    ``jsontext.DuplicateKeyError`` (a ValueError) for an object that repeats a key."""
     data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
     if json_depth(data) > max_depth:
         raise TooDeep(f"nested more than {max_depth} deep")
-    return json.loads(raw)
+    return loads_unique(raw) if unique else json.loads(raw)
