@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +24,7 @@ import pytest
 import requests
 from inline import InlineDispatcher
 from test_http_api import Stack, req, sim, stack  # noqa: F401  (fixtures)
-from test_http_edge import READ, WRITE, Browser, Server, start  # noqa: F401  (fixture)
+from test_http_edge import READ, WRITE, Browser, Server, read_response, start, upload  # noqa: F401  (fixture)
 
 from kie_extend import api
 from kie_extend.errors import IdempotencyConflictError, ValidationError
@@ -211,3 +212,40 @@ def test_duplicate_json_keys_are_refused(stack: Stack, tmp_path: Path) -> None: 
     assert out.returncode != 0 and '"style" appears twice' in out.stdout + out.stderr, out
     assert "line 2" in out.stdout + out.stderr or ":2" in out.stdout + out.stderr, out
     assert stack.messages() == []
+
+
+def _chunked_get(sock: socket.socket, path: str, size: int) -> bytes:
+    """A GET carrying a ``size``-byte chunked body (in 16 KB chunks) on ``sock``; the response."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+    left = size
+    try:
+        while left > 0:
+            piece = b"x" * min(16384, left)
+            sock.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            left -= len(piece)
+        sock.sendall(b"0\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    return read_response(sock)
+
+
+def test_a_chunked_body_is_bounded_on_routes_that_never_read_one(start: Callable[..., Server]) -> None:
+    """POST /v1/resume with a chunked body over the /v1 limit is 413 and does not resume; GET /healthz
+    with an over-limit chunked body is 413; a small body on GET is read, answered, and the connection
+    stays usable for the next request."""
+    server = start(KIE_API_TOKENS=f"{WRITE},read:{READ}", KIE_HTTP_API_MAX_BODY="1048576")
+    auth = {"Authorization": f"Bearer {WRITE}"}
+    assert server.request("POST", "/v1/pause", b'{"reason": "hold"}', auth)[0] == 200
+    status, sent, data = upload(server.port, "/v1/resume", 3 * 1024 * 1024, auth)
+    assert status == 413 and b"too_large" in data, data[:300]
+    system = json.loads(server.request("GET", "/v1/system", headers=auth)[2])
+    assert system["operator_paused"]["reason"] == "hold"
+    status, _, body = server.request("POST", "/v1/resume", b"{}", auth)  # a bounded body is fine
+    assert status == 200 and json.loads(server.request("GET", "/v1/system", headers=auth)[2])["operator_paused"] is None
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        data = _chunked_get(sock, "/healthz", 128 * 1024)
+    assert data.startswith(b"HTTP/1.1 413"), data[:300]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        assert _chunked_get(sock, "/healthz", 1024).startswith(b"HTTP/1.1 200")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(sock).startswith(b"HTTP/1.1 200")
