@@ -9,8 +9,10 @@ never read one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -249,3 +251,14 @@ def test_a_chunked_body_is_bounded_on_routes_that_never_read_one(start: Callable
         assert _chunked_get(sock, "/healthz", 1024).startswith(b"HTTP/1.1 200")
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert read_response(sock).startswith(b"HTTP/1.1 200")
+
+
+def test_a_token_is_named_in_logs_by_a_keyed_fingerprint(start: Callable[..., Server]) -> None:
+    """The login's log line names the token by 8 hex that are not a plain hash of it (which a weak
+    token could be guessed back from offline)."""
+    server = start(KIE_API_TOKENS=WRITE, KIE_LOG_LEVEL="INFO")
+    Browser(server).login(WRITE)
+    time.sleep(0.3)
+    text = server.log.read_text()
+    (name,) = re.findall(r"dashboard login by token ([0-9a-f]{8})", text)
+    assert name != hashlib.sha256(WRITE.encode()).hexdigest()[:8] and WRITE not in text

@@ -33,7 +33,7 @@ from ..endpoints import mask_url
 from ..errors import ValidationError, describe_problems
 from ..intake import JOB_ID_PATTERN
 from . import dashboard_data as data
-from .auth import SESSION_COOKIE, SESSION_MAX_AGE, Principal, client_address, fingerprint
+from .auth import SESSION_COOKIE, SESSION_MAX_AGE, Principal, client_address
 
 log = logging.getLogger("kie_extend.http.dashboard")
 
@@ -177,7 +177,7 @@ def mount(app: FastAPI) -> None:
             log.warning("dashboard login refused: unknown token")  # never the token itself
             return _page(request, "login.html", {"next": _local(next), "error": "That token is not valid."}, None,
                          status=401)
-        who = Principal(fingerprint(match[0]), match[1])
+        who = Principal(auth.name(match[0]), match[1])
         log.info("dashboard login by token %s%s", who.name, " (read-only)" if who.read_only else "")
         resp = RedirectResponse(_local(next), status_code=303)
         _set_cookie(request, resp, auth.new_session(match[0]))
