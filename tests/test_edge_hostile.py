@@ -262,3 +262,12 @@ def test_a_token_is_named_in_logs_by_a_keyed_fingerprint(start: Callable[..., Se
     text = server.log.read_text()
     (name,) = re.findall(r"dashboard login by token ([0-9a-f]{8})", text)
     assert name != hashlib.sha256(WRITE.encode()).hexdigest()[:8] and WRITE not in text
+
+
+def test_an_empty_login_is_not_a_failed_authentication(start: Callable[..., Server]) -> None:
+    """An empty token at the login guesses nothing, as a /v1 request without credentials: not counted."""
+    server = start(KIE_API_TOKENS=WRITE)
+    form = {"Origin": server.url, "Content-Type": "application/x-www-form-urlencoded"}
+    for body in [b"token=&next=/", b"token=%20%20&next=/", b"next=/"] * 10:
+        assert server.request("POST", "/login", body, form)[0] in (401, 422)
+    assert server.request("POST", "/login", f"token={WRITE}&next=/".encode(), form)[0] == 303

@@ -172,6 +172,9 @@ def mount(app: FastAPI) -> None:
             resp.headers["Retry-After"] = str(int(wait) + 1)
             return resp
         match = auth.match(token.strip())
+        if match is None and not token.strip():
+            # An empty form guesses nothing: not counted, as a /v1 request without a header is not.
+            return _page(request, "login.html", {"next": _local(next), "error": "Enter a token."}, None, status=401)
         if match is None:
             auth.failures.failed(client_address(request))
             log.warning("dashboard login refused: unknown token")  # never the token itself
