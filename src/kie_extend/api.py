@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Mapping
-from typing import Any, Iterable
+from collections.abc import Callable, Mapping
+from typing import Any, Iterable, TypeVar
 
 from celery import Celery
+from redis.exceptions import RedisError
 
 from .config import Settings, load_settings
 from .endpoints import configure_broker
-from .errors import ConfigError, IdempotencyConflictError, JobExistsError, ValidationError
+from .errors import ConfigError, IdempotencyConflictError, JobExistsError, KieExtendError, ValidationError
 from .events import now_iso, status_record
 from .idempotency import Idempotency, kwargs_digest, request_fingerprint
 from .ids import id_problem, is_valid
@@ -37,6 +39,40 @@ OPTIONS = EXTEND_OPTIONS
 
 _apps: dict[str, Celery] = {}
 _runtimes: dict[str, Runtime] = {}
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _credentials_named(func: _F) -> _F:
+    """Let ``func`` raise ``infra_check.InfraUnavailable`` (a KieExtendError and ConnectionError;
+    ``part``, ``state`` with ``setting`` and the masked ``url``) instead of the Redis client's or
+    kombu's own error when the job store or broker refuses our credentials: retrying cannot help,
+    and the message says which setting to fix. Other errors pass through unchanged."""
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except KieExtendError:
+            raise
+        except Exception as exc:
+            from .cli_errors import _endpoint
+            from .infra_check import InfraUnavailable, classify
+
+            from .infra import is_infra_error
+
+            if not (is_infra_error(exc) or isinstance(exc, RedisError)) or classify(exc)[0] != "refused_credentials":
+                raise
+            try:
+                settings = _settings(kwargs.get("settings"))
+            except Exception:  # noqa: BLE001 - only to name the server; the error below says what failed
+                settings = None
+            what, var, url = _endpoint(exc, settings)
+            state = {"up": False, "reason": "refused_credentials", "setting": var, "url": url,
+                     "detail": f"{what} ({var}={url}) refused the credentials (wrong user or password); "
+                               f"check the user and password in {var}"}
+            raise InfraUnavailable("broker" if var == "KIE_BROKER_URL" else "job_store", state) from exc
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _settings(settings: Settings | None) -> Settings:
@@ -114,6 +150,7 @@ def check_audio_file(request: Any, audio_file: AudioPath, *, idempotency_key: st
     return info
 
 
+@_credentials_named
 def upload_audio(request: Any, audio_file: AudioPath, *, idempotency_key: str | None = None,
                  metadata: dict[str, Any] | None = None, settings: Settings | None = None) -> UploadedAudio:
     """Check the request against the local file (see ``check_audio_file``), then upload the file.
@@ -136,6 +173,7 @@ def _upload(audio_file: AudioPath, info: AudioInfo, settings: Settings) -> Uploa
     return UploadedAudio(path=os.fspath(audio_file), url=url, info=info)
 
 
+@_credentials_named
 def enqueue_extend(request: dict[str, Any], *, audio_file: AudioPath | None = None,
                    idempotency_key: str | None = None, metadata: dict[str, Any] | None = None,
                    settings: Settings | None = None, job_id: str | None = None, tenant: str | None = None,
@@ -284,6 +322,7 @@ def _refusal_fields(settings: Settings, job_id: str, message: dict[str, Any]) ->
             "batch_id": intake.batch_id, "not_after": intake.not_after}
 
 
+@_credentials_named
 def enqueue_many(items: Iterable[dict[str, Any]], *, settings: Settings | None = None,
                  batch_id: str | None = None, tenant: str | None = None, priority: int | None = None,
                  not_after: str | float | None = None, skip_existing: bool = False) -> list[str]:
@@ -293,6 +332,7 @@ def enqueue_many(items: Iterable[dict[str, Any]], *, settings: Settings | None =
                              not_after=not_after, skip_existing=skip_existing)[0]
 
 
+@_credentials_named
 def enqueue_many_sent(items: Iterable[dict[str, Any]], *, settings: Settings | None = None,
                       batch_id: str | None = None, tenant: str | None = None, priority: int | None = None,
                       not_after: str | float | None = None,
@@ -364,6 +404,7 @@ def _indexed(i: int, exc: ValidationError) -> list[dict[str, str]]:
     return [{"field": f"[{i}].{e['field']}", "message": e["message"]} for e in exc.errors]
 
 
+@_credentials_named
 def get_job(job_id: str, *, settings: Settings | None = None) -> dict[str, Any]:
     """The job's status record; ``{"job_id": id, "state": "not_found"}`` for an unknown id (or one
     outside the id grammar, never looked up)."""
@@ -390,6 +431,7 @@ def get_job(job_id: str, *, settings: Settings | None = None) -> dict[str, Any]:
 
 # -- cancellation, batches, operator pause --------------------------------------------------------
 
+@_credentials_named
 def cancel(job_id: str, *, settings: Settings | None = None) -> bool:
     """Cancel a job not yet sent to KIE; False when it is unknown, finished, or already sent (KIE
     has no cancel call: a sent job keeps going). Cancel and submit never both happen."""
@@ -401,6 +443,7 @@ def cancel(job_id: str, *, settings: Settings | None = None) -> bool:
     return Pipeline(_runtime(_settings(settings))).cancel(job_id) == "cancelled"
 
 
+@_credentials_named
 def cancel_batch(batch_id: str, *, settings: Settings | None = None) -> int:
     """Cancel every job of a batch not yet sent (and any that arrives later); returns how many."""
     from .batches import cancel_batch as _cancel_batch
@@ -410,6 +453,7 @@ def cancel_batch(batch_id: str, *, settings: Settings | None = None) -> int:
     return _cancel_batch(rt, batch_id, Pipeline(rt).cancel_many)
 
 
+@_credentials_named
 def get_batch(batch_id: str, *, settings: Settings | None = None) -> dict[str, Any]:
     """``{"batch_id", "total", "counts": {state: n}, "finished", "cancelled", "created_at",
     "finished_at"}``, or ``{"batch_id", "state": "not_found"}``."""
@@ -418,11 +462,13 @@ def get_batch(batch_id: str, *, settings: Settings | None = None) -> dict[str, A
     return _get_batch(_runtime(_settings(settings)), batch_id)
 
 
+@_credentials_named
 def pause(reason: str = "", *, settings: Settings | None = None) -> None:
     """An operator's pause: no job is sent until :func:`resume` (jobs already sent keep going)."""
     _runtime(_settings(settings)).gates.pause_operator(reason)
 
 
+@_credentials_named
 def resume(*, settings: Settings | None = None) -> bool:
     """Lift an operator's pause; False when there was none (the provider's pause lifts by itself)."""
     return _runtime(_settings(settings)).gates.resume_operator()
