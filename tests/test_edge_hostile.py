@@ -213,6 +213,13 @@ def test_duplicate_json_keys_are_refused(stack: Stack, tmp_path: Path) -> None: 
                          env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and '"style" appears twice' in out.stdout + out.stderr, out
     assert "line 2" in out.stdout + out.stderr or ":2" in out.stdout + out.stderr, out
+    # A CSV file's metadata cell is JSON too.
+    csv_path = tmp_path / "b.csv"
+    csv_path.write_text("uploadUrl,defaultParamFlag,continueAt,model,prompt,style,title,metadata\n"
+                        f"{stack.sim.url}/files/source/30s.mp3,true,10,V5,la,folk,Song,\"{{\"\"a\"\": 1, \"\"a\"\": 2}}\"\n")
+    out = subprocess.run([sys.executable, "-m", "kie_extend.cli", "batch", "submit", str(csv_path), "--dry-run"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and '"a" appears twice' in out.stdout + out.stderr, out
     assert stack.messages() == []
 
 

@@ -191,9 +191,11 @@ def typed_cell(name: str, text: str) -> Any:
     """A CSV cell as the value of field ``name``; ValueError with a message fit for a field error."""
     if name == "metadata":
         try:
-            return json.loads(text)
+            return loads_unique(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"must be a JSON object ({exc.msg} at column {exc.colno})") from None
+        except DuplicateKeyError as exc:
+            raise ValueError(f"is ambiguous: {exc}") from None
     if name == "priority":
         if re.fullmatch(r"[+-]?\d+", text):
             return int(text)
