@@ -247,3 +247,30 @@ def test_rabbitmq_access_refused(servers: tuple[EmbeddedValkey, EmbeddedValkey],
         if argv == ["status"]:
             assert ("broker:      REFUSED credentials (wrong user or password) at amqp://guest:***@127.0.0.1:5672//; "
                     "check KIE_BROKER_URL") in proc.stdout
+
+
+def test_the_python_api_names_refused_credentials(servers: tuple[EmbeddedValkey, EmbeddedValkey]) -> None:
+    """A wrong password through the Python API: InfraUnavailable (a KieExtendError) naming the
+    setting and the masked URL, not the Redis client's or kombu's own error; no password in it."""
+    from kie_extend import api
+    from kie_extend.config import load_settings
+    from kie_extend.errors import KieExtendError
+    from kie_extend.infra_check import InfraUnavailable
+
+    base = {"api_key": "test-key-0123456789", "callback_base_url": "http://127.0.0.1:9/cb",
+            "key_prefix": "creds_api", "queue": "creds_api"}
+    good = {k.lower().removeprefix("kie_"): v for k, v in urls(servers).items()}
+    bad_store = {k.lower().removeprefix("kie_"): v for k, v in urls(servers, store=f":{WRONG}@").items()}
+    bad_broker = {k.lower().removeprefix("kie_"): v for k, v in urls(servers, broker=f":{WRONG}@").items()}
+    for urls_, setting, part in ((bad_store, "KIE_REDIS_URL", "job_store"), (bad_broker, "KIE_BROKER_URL", "broker")):
+        settings = load_settings(**base, **urls_)
+        calls = [lambda: api.enqueue_extend(REQUEST, idempotency_key="k", settings=settings)]
+        if part == "job_store":
+            calls += [lambda: api.get_job("x", settings=settings), lambda: api.pause(settings=settings)]
+        for call in calls:
+            with pytest.raises(InfraUnavailable) as exc:
+                call()
+            assert isinstance(exc.value, KieExtendError) and exc.value.part == part
+            assert setting in str(exc.value) and "refused the credentials" in str(exc.value)
+            assert exc.value.state["setting"] == setting and not any(s in str(exc.value) for s in SECRETS)
+    assert api.get_job("x", settings=load_settings(**base, **good))["state"] == "not_found"

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Mapping
-from typing import Any, Iterable
+from collections.abc import Callable, Mapping
+from typing import Any, Iterable, TypeVar
 
 from celery import Celery
+from redis.exceptions import RedisError
 
 from .config import Settings, load_settings
 from .endpoints import configure_broker
-from .errors import ConfigError, IdempotencyConflictError, JobExistsError, ValidationError
+from .errors import ConfigError, IdempotencyConflictError, JobExistsError, KieExtendError, ValidationError
 from .events import now_iso, status_record
 from .idempotency import Idempotency, kwargs_digest, request_fingerprint
 from .ids import id_problem, is_valid
@@ -37,6 +39,40 @@ OPTIONS = EXTEND_OPTIONS
 
 _apps: dict[str, Celery] = {}
 _runtimes: dict[str, Runtime] = {}
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _credentials_named(func: _F) -> _F:
+    """Let ``func`` raise ``infra_check.InfraUnavailable`` (a KieExtendError and ConnectionError;
+    ``part``, ``state`` with ``setting`` and the masked ``url``) instead of the Redis client's or
+    kombu's own error when the job store or broker refuses our credentials: retrying cannot help,
+    and the message says which setting to fix. Other errors pass through unchanged."""
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except KieExtendError:
+            raise
+        except Exception as exc:
+            from .cli_errors import _endpoint
+            from .infra_check import InfraUnavailable, classify
+
+            from .infra import is_infra_error
+
+            if not (is_infra_error(exc) or isinstance(exc, RedisError)) or classify(exc)[0] != "refused_credentials":
+                raise
+            try:
+                settings = _settings(kwargs.get("settings"))
+            except Exception:  # noqa: BLE001 - only to name the server; the error below says what failed
+                settings = None
+            what, var, url = _endpoint(exc, settings)
+            state = {"up": False, "reason": "refused_credentials", "setting": var, "url": url,
+                     "detail": f"{what} ({var}={url}) refused the credentials (wrong user or password); "
+                               f"check the user and password in {var}"}
+            raise InfraUnavailable("broker" if var == "KIE_BROKER_URL" else "job_store", state) from exc
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _settings(settings: Settings | None) -> Settings:
@@ -114,6 +150,7 @@ def check_audio_file(request: Any, audio_file: AudioPath, *, idempotency_key: st
     return info
 
 
+@_credentials_named
 def upload_audio(request: Any, audio_file: AudioPath, *, idempotency_key: str | None = None,
                  metadata: dict[str, Any] | None = None, settings: Settings | None = None) -> UploadedAudio:
     """Check the request against the local file (see ``check_audio_file``), then upload the file.
@@ -136,6 +173,7 @@ def _upload(audio_file: AudioPath, info: AudioInfo, settings: Settings) -> Uploa
     return UploadedAudio(path=os.fspath(audio_file), url=url, info=info)
 
 
+@_credentials_named
 def enqueue_extend(request: dict[str, Any], *, audio_file: AudioPath | None = None,
                    idempotency_key: str | None = None, metadata: dict[str, Any] | None = None,
                    settings: Settings | None = None, job_id: str | None = None, tenant: str | None = None,
@@ -248,16 +286,20 @@ def _send(settings: Settings, ids: list[str], messages: list[dict[str, Any]], *,
 def _refuse_reused_keys(settings: Settings, rt: Runtime, idem: Idempotency, ids: list[str],
                         messages: list[dict[str, Any]], skip: set[int], fields: list[str]) -> None:
     """Raise IdempotencyConflictError when a message's idempotency key is held, in its tenant, by
-    another request; each refused message is recorded first as a failed job with its own event
+    another request (stored, or an earlier message of this call); each refused message is recorded first as a failed job with its own event
     (unless its id already has a record). A message whose request is not final yet (a file to
     upload) is left to the worker, which decides the same way."""
     from .pipeline import Pipeline
 
     tenant_of = {i: m.get("tenant") or settings.default_tenant for i, m in enumerate(messages)}
     keyed = [i for i, m in enumerate(messages) if m.get("idempotency_key") and i not in skip]
-    looks = idem.look_keys([(messages[i]["idempotency_key"], tenant_of[i], ids[i],
-                             request_fingerprint(_json(messages[i]["request"]), tenant_of[i])) for i in keyed])
-    conflicts = [i for i, (outcome, _) in zip(keyed, looks) if outcome == "conflict"]
+    prints = {i: request_fingerprint(_json(messages[i]["request"]), tenant_of[i]) for i in keyed}
+    # Within this call: a key's first message holds it, a later one with another request conflicts.
+    holder: dict[tuple[str, str], str] = {}
+    inner = {i for i in keyed
+             if holder.setdefault((tenant_of[i], messages[i]["idempotency_key"]), prints[i]) != prints[i]}
+    looks = idem.look_keys([(messages[i]["idempotency_key"], tenant_of[i], ids[i], prints[i]) for i in keyed])
+    conflicts = [i for i, (outcome, _) in zip(keyed, looks) if outcome == "conflict" or i in inner]
     if conflicts:
         pipeline = Pipeline(rt)
         for i in conflicts:
@@ -280,6 +322,7 @@ def _refusal_fields(settings: Settings, job_id: str, message: dict[str, Any]) ->
             "batch_id": intake.batch_id, "not_after": intake.not_after}
 
 
+@_credentials_named
 def enqueue_many(items: Iterable[dict[str, Any]], *, settings: Settings | None = None,
                  batch_id: str | None = None, tenant: str | None = None, priority: int | None = None,
                  not_after: str | float | None = None, skip_existing: bool = False) -> list[str]:
@@ -289,6 +332,7 @@ def enqueue_many(items: Iterable[dict[str, Any]], *, settings: Settings | None =
                              not_after=not_after, skip_existing=skip_existing)[0]
 
 
+@_credentials_named
 def enqueue_many_sent(items: Iterable[dict[str, Any]], *, settings: Settings | None = None,
                       batch_id: str | None = None, tenant: str | None = None, priority: int | None = None,
                       not_after: str | float | None = None,
@@ -360,6 +404,7 @@ def _indexed(i: int, exc: ValidationError) -> list[dict[str, str]]:
     return [{"field": f"[{i}].{e['field']}", "message": e["message"]} for e in exc.errors]
 
 
+@_credentials_named
 def get_job(job_id: str, *, settings: Settings | None = None) -> dict[str, Any]:
     """The job's status record; ``{"job_id": id, "state": "not_found"}`` for an unknown id (or one
     outside the id grammar, never looked up)."""
@@ -386,6 +431,7 @@ def get_job(job_id: str, *, settings: Settings | None = None) -> dict[str, Any]:
 
 # -- cancellation, batches, operator pause --------------------------------------------------------
 
+@_credentials_named
 def cancel(job_id: str, *, settings: Settings | None = None) -> bool:
     """Cancel a job not yet sent to KIE; False when it is unknown, finished, or already sent (KIE
     has no cancel call: a sent job keeps going). Cancel and submit never both happen."""
@@ -397,6 +443,7 @@ def cancel(job_id: str, *, settings: Settings | None = None) -> bool:
     return Pipeline(_runtime(_settings(settings))).cancel(job_id) == "cancelled"
 
 
+@_credentials_named
 def cancel_batch(batch_id: str, *, settings: Settings | None = None) -> int:
     """Cancel every job of a batch not yet sent (and any that arrives later); returns how many."""
     from .batches import cancel_batch as _cancel_batch
@@ -406,6 +453,7 @@ def cancel_batch(batch_id: str, *, settings: Settings | None = None) -> int:
     return _cancel_batch(rt, batch_id, Pipeline(rt).cancel_many)
 
 
+@_credentials_named
 def get_batch(batch_id: str, *, settings: Settings | None = None) -> dict[str, Any]:
     """``{"batch_id", "total", "counts": {state: n}, "finished", "cancelled", "created_at",
     "finished_at"}``, or ``{"batch_id", "state": "not_found"}``."""
@@ -414,11 +462,13 @@ def get_batch(batch_id: str, *, settings: Settings | None = None) -> dict[str, A
     return _get_batch(_runtime(_settings(settings)), batch_id)
 
 
+@_credentials_named
 def pause(reason: str = "", *, settings: Settings | None = None) -> None:
     """An operator's pause: no job is sent until :func:`resume` (jobs already sent keep going)."""
     _runtime(_settings(settings)).gates.pause_operator(reason)
 
 
+@_credentials_named
 def resume(*, settings: Settings | None = None) -> bool:
     """Lift an operator's pause; False when there was none (the provider's pause lifts by itself)."""
     return _runtime(_settings(settings)).gates.resume_operator()

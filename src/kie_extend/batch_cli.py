@@ -43,6 +43,7 @@ from .cli_errors import (EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NOT_FO
                          EXIT_TIMEOUT, EXIT_USAGE, InputError)
 from .errors import ConfigError, ValidationError
 from .intake import JOB_ID_PATTERN, Intake, check_options, near_miss
+from .jsontext import DuplicateKeyError, loads_unique
 from .models import ExtendRequest
 from .states import TERMINAL
 
@@ -158,9 +159,12 @@ def parse_jsonl(text: str) -> list[Line]:
         entry = Line(n)
         out.append(entry)
         try:
-            obj = json.loads(raw)
+            obj = loads_unique(raw)
         except json.JSONDecodeError as exc:
             entry.problems.append({"field": "line", "message": f"is not valid JSON ({exc.msg} at column {exc.colno})"})
+            continue
+        except DuplicateKeyError as exc:
+            entry.problems.append({"field": "line", "message": f"is ambiguous: {exc}"})
             continue
         if not isinstance(obj, dict):
             entry.problems.append({"field": "line", "message": f"must be a JSON object (a request), got "
@@ -212,9 +216,11 @@ def typed_cell(name: str, text: str) -> Any:
     """A CSV cell as the value of field ``name``; ValueError with a message fit for a field error."""
     if name == "metadata":
         try:
-            return json.loads(text)
+            return loads_unique(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"must be a JSON object ({exc.msg} at column {exc.colno})") from None
+        except DuplicateKeyError as exc:
+            raise ValueError(f"is ambiguous: {exc}") from None
     if name == "priority":
         if re.fullmatch(r"[+-]?\d+", text):
             return int(text)

@@ -585,6 +585,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # http/limits.py), idle keep-alive connections closed after KIE_HTTP_KEEP_ALIVE.
     guards: dict[str, Any] = {"http": guarded_protocol(settings.http_header_timeout),
                               "timeout_keep_alive": settings.http_keep_alive}
+    # Client addresses (the failed-auth limit is per address) come from the socket unless a proxy
+    # named in KIE_HTTP_TRUSTED_PROXIES forwards them: any client can write X-Forwarded-For.
+    trusted = [p.strip() for p in settings.http_trusted_proxies.split(",") if p.strip()]
+    guards.update({"proxy_headers": True, "forwarded_allow_ips": trusted} if trusted
+                  else {"proxy_headers": False})
     if args.callback_port:
         main_parts = ("api", "dashboard")
         cb = create_http_app(settings, parts=("callbacks",), runtime=rt, dispatcher=dispatcher)

@@ -126,6 +126,8 @@ class Settings(BaseSettings):
     http_header_timeout: Duration = 10.0  # a request's headers must arrive within this (else the connection is closed)
     http_keep_alive: Duration = 5.0  # an idle keep-alive connection is closed after this
     http_auth_failures: Annotated[tuple[int, float], NoDecode] = (20, 60.0)  # failed logins per client address
+    # comma list of proxy addresses whose X-Forwarded-For / X-Forwarded-Proto serve believes; empty = none
+    http_trusted_proxies: str = ""
 
     log_level: str = "INFO"
     log_format: str = "text"

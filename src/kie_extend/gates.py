@@ -21,6 +21,7 @@ from typing import Literal
 import redis
 
 from .errors import ValidationError
+from .ids import text_problem
 from .keys import Keys
 
 # KEYS: pause, operator pause, inflight, rate log, breaker, reach. ARGV: job_id, token, limit,
@@ -88,11 +89,15 @@ MAX_PAUSE_REASON = 500
 
 
 def check_pause_reason(reason: object) -> None:
-    """ValidationError (field ``reason``) unless ``reason`` is text of at most :data:`MAX_PAUSE_REASON` characters."""
+    """ValidationError (field ``reason``) unless ``reason`` is text of at most :data:`MAX_PAUSE_REASON` characters
+    with no unpaired surrogates or control characters (ids.text_problem)."""
     if not isinstance(reason, str) or len(reason) > MAX_PAUSE_REASON:
         got = f", got {len(reason)}" if isinstance(reason, str) else ""
         raise ValidationError([{"field": "reason", "message": f"must be a string of at most {MAX_PAUSE_REASON} "
                                                               f"characters{got}"}])
+    why = text_problem(reason) if reason else None
+    if why:  # not storable text, or control characters (terminal escapes would reach operators)
+        raise ValidationError([{"field": "reason", "message": why}])
 
 
 @dataclass(frozen=True)
@@ -178,8 +183,8 @@ class Gates:
     def pause_operator(self, reason: str = "") -> None:
         """An operator's pause: no job is admitted until :meth:`resume_operator` (apart from the
         provider's 401/402 pause, which a credit probe lifts by itself). The one place the reason's
-        limit is kept (the CLI, the HTTP API and the dashboard all call this): ValidationError
-        (field ``reason``) when it is longer than :data:`MAX_PAUSE_REASON` characters."""
+        rules are kept (the CLI, the HTTP API, the dashboard and the Python API all call this):
+        ValidationError (field ``reason``) per :func:`check_pause_reason`."""
         check_pause_reason(reason)
         pipe = self.redis.pipeline()
         pipe.hsetnx(self.keys.operator_pause, "since", repr(time.time()))

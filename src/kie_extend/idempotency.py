@@ -98,12 +98,25 @@ return 1
 """
 
 
+def _numbers(value: Any) -> Any:
+    """``value`` with every integral float made an int (``12.0`` -> ``12``): JSON numbers compare
+    by value, as the provider reads them."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_numbers(v) for v in value]
+    return value
+
+
 def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    """Canonical JSON: sorted keys, no spaces, integral floats written as ints."""
+    return json.dumps(_numbers(value), sort_keys=True, separators=(",", ":"), default=str)
 
 
 def request_fingerprint(request: Any, tenant: str) -> str:
-    """SHA-256 (hex) of the canonical JSON (sorted keys, no spaces) of ``{"request", "tenant"}``:
+    """SHA-256 (hex) of the canonical JSON (sorted keys, no spaces, ``12.0`` as ``12``) of ``{"request", "tenant"}``:
     what an idempotency key dedups. The request is taken as the producer sent it (before the
     worker adds ``callBackUrl``)."""
     return hashlib.sha256(_canonical({"request": request, "tenant": tenant}).encode()).hexdigest()

@@ -477,12 +477,21 @@ class Pipeline:
         """Ask the provider about a submitted job; finish it or put it back on the schedule."""
         now = time.time()
         task_id = raw.get("kie_task_id") or ""
-        last = float(raw.get("last_poll_ts") or 0)
-        if now - last < self.s.poll_min_gap:
-            self.later(job_id, last + self.s.poll_min_gap)
+        # One poll of a job in flight at a time, KIE_POLL_MIN_GAP apart, across every worker: a
+        # refused claim leaves the job on the due schedule (never sooner) for the tick, and sends
+        # no message of its own, so hints (forged callbacks included) cannot multiply polls.
+        wait = self.store.claim_poll(job_id, now, self.s.poll_min_gap, self.s.lease)
+        if wait is not None:
+            if wait >= 0:
+                self.store.schedule(job_id, max(wait, now + self.s.poll_min_gap), only_earlier=True)
             return
+        try:
+            self._poll_claimed(job_id, raw, task_id, now)
+        finally:
+            self.store.release_poll(job_id)
+
+    def _poll_claimed(self, job_id: str, raw: dict[str, str], task_id: str, now: float) -> None:
         submitted = float(raw.get("submitted_ts") or now)
-        self.store.note_poll(job_id, now)
         started = time.monotonic()
         try:
             record = self.rt.client.record_info(task_id)
@@ -660,6 +669,14 @@ class Pipeline:
             return True
         if not raw.get("callbacks_seen"):
             self.store.update(job_id, callbacks_seen=1)  # a late progress callback must not delay this poll
+        # A callback needs no token (unless KIE_CALLBACK_SECRET), so it never makes a poll sooner
+        # than KIE_POLL_MIN_GAP after the last one, nor a second one while a poll is in flight.
+        now = time.time()
+        not_before = float(raw.get("last_poll_ts") or 0) + self.s.poll_min_gap
+        if not_before > now or float(raw.get("poll_lease") or 0) > now:
+            _log(job_id, logging.INFO, "callback %s: polling soon", callback_type or "?", task_id=task_id)
+            self.store.schedule(job_id, max(not_before, now + self.s.poll_min_gap), only_earlier=True)
+            return True
         _log(job_id, logging.INFO, "callback %s: polling now", callback_type or "?", task_id=task_id)
         if isinstance(self.dispatch, NoDispatch):
             self.store.schedule(job_id, time.time(), only_earlier=True)  # the tick claims it

@@ -40,6 +40,26 @@ for i = 1, #found, 2 do redis.call('ZADD', KEYS[1], ARGV[2], found[i]) end
 return found
 """
 
+# Claim one job's poll: refused while another poll of it is in flight (its lease, a field of the
+# job's hash, ends later than ARGV[1]) or sooner than ARGV[2] seconds after the last poll started;
+# else record the start (last_poll_ts, the poll counts) and the lease end ARGV[3], in one step.
+# Returns nil when claimed, else the time (text) before which no poll may start; '-1' if the job is gone.
+# KEYS[1]: the job's hash, KEYS[2]: the stats hash.
+_CLAIM_POLL = """
+if redis.call('HEXISTS', KEYS[1], 'state') == 0 then return '-1' end
+local now = tonumber(ARGV[1])
+local lease = tonumber(redis.call('HGET', KEYS[1], 'poll_lease') or '0') or 0
+if lease > now then return tostring(lease) end
+local last = tonumber(redis.call('HGET', KEYS[1], 'last_poll_ts') or '0') or 0
+local gap = tonumber(ARGV[2])
+if now - last < gap then return tostring(last + gap) end
+redis.call('HSET', KEYS[1], 'last_poll_ts', ARGV[1], 'poll_lease', ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'polls', 1)
+redis.call('HINCRBY', KEYS[2], 'polls', 1)
+return false
+"""
+
+
 def _enc(value: Any) -> Any:
     """A hash field value: JSON for containers, text for scalars, null to delete."""
     if value is None:
@@ -67,6 +87,7 @@ class JobStore:
         self._claim = client.register_script(_CLAIM)
         self._pointer = client.register_script(lua.POINTER)
         self._ready = client.register_script(lua.READY)
+        self._claim_poll = client.register_script(_CLAIM_POLL)
 
     def record_key(self, ref: str) -> str:
         """The hash holding a job's record, or a batch's (``@batch:<id>``, for its deliveries)."""
@@ -263,13 +284,18 @@ class JobStore:
         pipe.hincrby(self.keys.stats, "handler_deliveries", 1)
         pipe.execute()
 
-    def note_poll(self, job_id: str, now: float) -> None:
-        """Record that a poll starts: its time, the job's poll count and the shared counter."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(self.keys.job(job_id), "last_poll_ts", repr(now))
-        pipe.hincrby(self.keys.job(job_id), "polls", 1)
-        pipe.hincrby(self.keys.stats, "polls", 1)
-        pipe.execute()
+    def claim_poll(self, job_id: str, now: float, gap: float, lease: float) -> float | None:
+        """Claim ``job_id``'s poll starting at ``now`` (epoch seconds): one poll of a job in flight at
+        a time (the claim holds until ``release_poll`` or ``lease`` seconds), and never sooner than
+        ``gap`` seconds after the previous one started, across every worker. ``None`` when claimed
+        (its start and the poll counts are recorded), else the epoch time before which no poll may
+        start (``-1.0``: the job's record is gone)."""
+        found = self._claim_poll(keys=[self.keys.job(job_id), self.keys.stats], args=[repr(now), gap, repr(now + lease)])
+        return None if found is None else float(_text(found))
+
+    def release_poll(self, job_id: str) -> None:
+        """End ``job_id``'s poll claim (its poll finished)."""
+        self.redis.hdel(self.keys.job(job_id), "poll_lease")
 
     def observe(self, name: str, value: float, buckets: tuple[float, ...], stat: str = "") -> None:
         """Add one observation to a shared histogram: its bin (the smallest bucket bound at or above

@@ -26,6 +26,7 @@ from ..errors import IdempotencyConflictError, JobExistsError, ValidationError, 
 from ..gates import check_pause_reason
 from ..ids import id_problem, rule
 from ..intake import EXTEND_KWARGS, EXTEND_OPTIONS, unknown_name_message
+from ..jsontext import DuplicateKeyError
 from ..listing import DEFAULT_LIMIT, MAX_LIMIT, list_jobs
 from ..metrics import overview
 from ..states import JobState
@@ -151,9 +152,11 @@ async def _json_body(request: Request, *, optional: bool = False) -> Any:
     if not raw.strip() and optional:
         return {}
     try:
-        return loads(raw, request.app.state.limits.json_max_depth)
+        return loads(raw, request.app.state.limits.json_max_depth, unique=True)
     except TooDeep as exc:
         raise invalid([{"field": "body", "message": f"JSON {exc} (KIE_HTTP_JSON_MAX_DEPTH)"}]) from None
+    except DuplicateKeyError as exc:
+        raise invalid([{"field": "body", "message": f"is ambiguous: {exc}"}]) from None
     except ValueError as exc:
         raise invalid([{"field": "body", "message": f"not valid JSON ({exc})"}]) from None
 
@@ -387,7 +390,10 @@ async def pause(request: Request, principal: Principal = Depends(writer)) -> JSO
     if problems:
         raise invalid(problems)
     rt = request.app.state.runtime
-    await _blocking(rt.gates.pause_operator, reason)
+    try:
+        await _blocking(rt.gates.pause_operator, reason)
+    except ValidationError as exc:
+        raise invalid(exc.errors) from None
     return JSONResponse({"operator_paused": (await _blocking(_system, rt))["operator_paused"]})
 
 

@@ -78,9 +78,11 @@ def unauthorized_reason(header: str) -> str:
     return "this bearer token is not one of KIE_API_TOKENS (a read-only token may be sent with or without 'read:')"
 
 
-def fingerprint(token: str) -> str:
-    """A short, non-secret name for a token (the first 8 hex of its SHA-256)."""
-    return hashlib.sha256(token.encode()).hexdigest()[:8]
+def fingerprint(token: str, secret: bytes) -> str:
+    """A short, non-secret name for a token in logs: the first 8 hex of an HMAC-SHA256 keyed by
+    ``secret`` (the session secret). A plain hash of a weak token could be reversed offline from a
+    log line; without the secret this cannot."""
+    return hmac.new(secret, b"kie-extend-token-name|" + token.encode(), hashlib.sha256).hexdigest()[:8]
 
 
 class FailureLimit:
@@ -168,6 +170,10 @@ class Auth:
         self.failures = failures or FailureLimit()
         self.revocations = revocations
 
+    def name(self, token: str) -> str:
+        """The token's name in logs and actions (:func:`fingerprint` with the session secret)."""
+        return fingerprint(token, self._secret)
+
     def token_digest(self, token: str) -> str:
         """HMAC-SHA256 of a (bare) token keyed by the session secret: what a session stores."""
         return hmac.new(self._secret, b"kie-extend-session-token|" + token.encode(), hashlib.sha256).hexdigest()
@@ -195,7 +201,7 @@ class Auth:
         ``KIE_API_TOKENS``, or bare); either way it stays read-only. A write token with ``read:`` in
         front matches nothing: the prefix never names a token it was not configured on."""
         match = self.match(presented)
-        return Principal(fingerprint(match[0]), match[1]) if match else None
+        return Principal(self.name(match[0]), match[1]) if match else None
 
     def match(self, presented: str | None) -> tuple[str, bool] | None:
         """The configured ``(bare token, read_only)`` a presented token names, or None (see :meth:`check`)."""
@@ -274,7 +280,7 @@ class Auth:
         found: Principal | None = None
         for token, read_only in self.tokens:
             if hmac.compare_digest(self.token_digest(token), digest) and found is None:
-                found = Principal(fingerprint(token), read_only)
+                found = Principal(self.name(token), read_only)
         return found
 
     def end_session(self, request: Request) -> None:

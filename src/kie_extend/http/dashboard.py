@@ -34,7 +34,7 @@ from ..errors import ValidationError
 from ..gates import MAX_PAUSE_REASON
 from ..intake import JOB_ID_PATTERN
 from . import dashboard_data as data
-from .auth import SESSION_COOKIE, SESSION_MAX_AGE, Principal, client_address, fingerprint
+from .auth import SESSION_COOKIE, SESSION_MAX_AGE, Principal, client_address
 
 log = logging.getLogger("kie_extend.http.dashboard")
 
@@ -174,12 +174,15 @@ def mount(app: FastAPI) -> None:
             resp.headers["Retry-After"] = str(int(wait) + 1)
             return resp
         match = auth.match(token.strip())
+        if match is None and not token.strip():
+            # An empty form guesses nothing: not counted, as a /v1 request without a header is not.
+            return _page(request, "login.html", {"next": _local(next), "error": "Enter a token."}, None, status=401)
         if match is None:
             auth.failures.failed(client_address(request))
             log.warning("dashboard login refused: unknown token")  # never the token itself
             return _page(request, "login.html", {"next": _local(next), "error": "That token is not valid."}, None,
                          status=401)
-        who = Principal(fingerprint(match[0]), match[1])
+        who = Principal(auth.name(match[0]), match[1])
         log.info("dashboard login by token %s%s", who.name, " (read-only)" if who.read_only else "")
         resp = RedirectResponse(_local(next), status_code=303)
         _set_cookie(request, resp, auth.new_session(match[0]))

@@ -4,7 +4,9 @@
   ``http.request`` messages as they arrive (chunked or not, whatever ``Content-Length`` claims) and
   answers ``413`` in the API's error shape as soon as a route's limit is passed: a declared
   ``Content-Length`` over the limit is refused before the app runs, a body that grows past it is cut
-  off at the first chunk over it. The app never holds more than the limit. A request with both
+  off at the first chunk over it. The app never holds more than the limit. A chunked body is read
+  to its end (within the limit and the deadline) before the app runs, so a route that never reads a
+  body cannot act on an over-limit one. A request with both
   ``Content-Length`` and ``Transfer-Encoding`` is refused (400), as a proxy in front could frame it
   differently. The whole body must also
   arrive within ``KIE_HTTP_BODY_TIMEOUT`` seconds of the request's start, else ``408``. After either
@@ -30,6 +32,8 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from ..jsontext import loads_unique
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -127,8 +131,29 @@ class BodyLimit:
                 started = True
             await send(message)
 
+        app_receive = guarded_receive
+        if declared is None and any(k == b"transfer-encoding" for k, _ in headers):
+            # A chunked body (no length to check up front) is read to its end before the app runs,
+            # so a route that never reads a body (POST /v1/resume, GET /healthz) cannot act on a
+            # request whose body is over its limit, and leaves no unread bytes behind. It is held
+            # as the chunks that arrived (at most the limit) and handed on one by one.
+            chunks: list[Message] = []
+            while not complete:
+                message = await guarded_receive()
+                if answered:
+                    return
+                if message["type"] != "http.request":
+                    chunks.append(message)  # the client left: the app sees that
+                    break
+                chunks.append(message)
+            chunks.reverse()
+
+            async def replay() -> Message:
+                return chunks.pop() if chunks else await guarded_receive()
+
+            app_receive = replay
         try:
-            await self.app(scope, guarded_receive, guarded_send)
+            await self.app(scope, app_receive, guarded_send)
         except Exception:
             if not answered:
                 raise
@@ -213,10 +238,11 @@ def json_depth(raw: bytes) -> int:
     return deepest
 
 
-def loads(raw: bytes | str, max_depth: int) -> Any:
+def loads(raw: bytes | str, max_depth: int, *, unique: bool = False) -> Any:
     """``json.loads(raw)`` for a text nested at most ``max_depth`` deep. Raises :class:`TooDeep`
-    (a ValueError) for a deeper one and ValueError for text that is not JSON."""
+    (a ValueError) for a deeper one and ValueError for text that is not JSON; with ``unique``,
+    ``jsontext.DuplicateKeyError`` (a ValueError) for an object that repeats a key."""
     data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
     if json_depth(data) > max_depth:
         raise TooDeep(f"nested more than {max_depth} deep")
-    return json.loads(raw)
+    return loads_unique(raw) if unique else json.loads(raw)

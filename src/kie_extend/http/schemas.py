@@ -334,7 +334,7 @@ class PauseRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    reason: str = Field("", max_length=MAX_PAUSE_REASON)
+    reason: str = Field("", max_length=MAX_PAUSE_REASON, pattern=TEXT_SCHEMA_PATTERN)
 
 
 class PauseState(BaseModel):
