@@ -64,6 +64,8 @@ def test_broker_conf_redis_and_amqp() -> None:
     assert conf["broker_transport"] == "kie_extend.transport:Transport"
     opts = conf["broker_transport_options"]
     assert opts["visibility_timeout"] == 300 and opts["socket_keepalive"] is True
+    # Abandoned deliveries are swept every few seconds, not every 100 s (kombu's 10 s x 10).
+    assert opts["unacked_restore_throttle"] == 1 and 1 <= opts["unacked_restore_interval"] <= 10
     assert opts["socket_timeout"] > 0 and opts["socket_connect_timeout"] > 0 and opts["health_check_interval"] > 0
     assert "broker_use_ssl" not in conf
     assert broker_conf("rediss://h:6380/0")["broker_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_NONE}

@@ -215,6 +215,11 @@ def broker_conf(broker_url: str, visibility_timeout: float | None = None) -> dic
     }
     if visibility_timeout is not None:
         options["visibility_timeout"] = int(visibility_timeout)
+        # kombu sweeps for messages left unacknowledged (a worker killed, a Redis restart in the
+        # middle of a delivery) only every interval x throttle seconds (10 x 10 by default), so
+        # one could wait 100 s past its visibility timeout; sweep every few seconds instead.
+        options["unacked_restore_interval"] = max(1, min(10, int(visibility_timeout) // 3))
+        options["unacked_restore_throttle"] = 1
     conf: dict[str, Any] = {
         "broker_transport": "kie_extend.transport:SentinelTransport" if scheme == "sentinel"
         else "kie_extend.transport:Transport",
