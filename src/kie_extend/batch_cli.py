@@ -32,7 +32,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 import typing
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from typing import Any, Literal, TextIO
 from .cli_errors import (EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_OK, EXIT_PROVIDER,
                          EXIT_TIMEOUT, EXIT_USAGE, InputError)
 from .errors import ConfigError, ValidationError
+from .fileio import atomic_file
 from .intake import JOB_ID_PATTERN, Intake, check_options, near_miss
 from .jsontext import DuplicateKeyError, loads_unique
 from .models import ExtendRequest
@@ -587,17 +587,8 @@ def write_rows(rows: list[dict[str, Any]], fmt: Format, stream: TextIO) -> None:
 
 def write_atomic(path: str | os.PathLike[str], rows: list[dict[str, Any]], fmt: Format) -> None:
     """Write ``rows`` to ``path`` through a temp file in the same directory, then rename it into place."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent or ".", prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            write_rows(rows, fmt, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, text=True) as fh:
+        write_rows(rows, fmt, fh)
 
 
 # -- commands -----------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from ..client import USER_AGENT
 from ..config import Settings
 from ..errors import KieExtendError
 from ..events import now_iso
+from ..fileio import write_atomic
 from ..urlcheck import check_public_url
 from . import HandlerContext
 
@@ -142,19 +143,6 @@ def _file_digest(path: Path) -> tuple[int, str]:
             digest.update(chunk)
             size += len(chunk)
     return size, digest.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class DownloadHandler:
@@ -377,7 +365,7 @@ class DownloadHandler:
             "tracks": [asdict(f) for f in done],
             "written_at": now_iso(),
         }
-        _write_atomic(job_dir / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
+        write_atomic(job_dir / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
 
 
 def factory(ctx: HandlerContext) -> DownloadHandler:

@@ -20,11 +20,11 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..fileio import write_atomic
 from .jobs import JobsTask
 from .tasks import Take, Task
 from .uploads import Upload
@@ -85,7 +85,7 @@ class StateFile:
     def save_upload(self, upload: Upload) -> None:
         """Write an uploaded file's bytes (before the state that lists it)."""
         self.blobs.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self._blob(upload.path), upload.data)
+        write_atomic(self._blob(upload.path), upload.data, sync_dir=True)
 
     def save(self, sim: Simulator) -> None:
         """Write the whole state atomically; the caller holds ``sim.lock``."""
@@ -102,7 +102,7 @@ class StateFile:
             "stats": sim.stats.snapshot(),
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.path, json.dumps(doc, separators=(",", ":")).encode())
+        write_atomic(self.path, json.dumps(doc, separators=(",", ":")).encode(), sync_dir=True)
         if self.blobs.is_dir():  # bytes of uploads no longer listed (expired, reset)
             keep = {self._blob(u["path"]).name for u in uploads}
             for blob in self.blobs.iterdir():
@@ -142,28 +142,6 @@ class StateFile:
             sim._jobs_created = jobs_created
             sim.stats.restore(doc.get("stats") or {})
         return len(tasks)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so a reader sees the old bytes or the new, never a part."""
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 __all__ = ["StateError", "StateFile"]
