@@ -27,11 +27,11 @@ from typing import Any
 
 import redis
 
-from kie_extend.admission import Admission
-from kie_extend.gates import Gates
-from kie_extend.keys import Keys
-from kie_extend.states import JobState
-from kie_extend.store import JobStore
+from kie_extend.admission.queues import Admission
+from kie_extend.admission.gates import Gates
+from kie_extend.store.keys import Keys
+from kie_extend.jobs.states import JobState
+from kie_extend.store.jobstore import JobStore
 
 
 def run_model(redis_url: str, *, n: int = 300, limit: int = 20, window: float = 1.0, margin: float = 0.02,
@@ -102,7 +102,7 @@ def run_models(redis_url: str, latenesses: list[float], **kwargs: Any) -> list[d
 
 
 if __name__ == "__main__":
-    from kie_extend.embedded import EmbeddedValkey
+    from kie_extend.infra.embedded import EmbeddedValkey
 
     lats = [float(x) for x in sys.argv[1:]] or [0.0, 0.02, 0.1]
     with EmbeddedValkey() as valkey:

@@ -20,8 +20,8 @@ from typing import Any
 import redis
 import requests
 
-from kie_extend.devstack import Child, DevStack
-from kie_extend.keys import Keys
+from kie_extend.cli.devstack import Child, DevStack
+from kie_extend.store.keys import Keys
 
 BENCH = Path(__file__).resolve().parent
 TERMINAL = ("succeeded", "failed")

@@ -52,7 +52,7 @@ from harness import (  # noqa: E402
 )
 from gate_model import run_models  # noqa: E402
 from kie_extend.api import enqueue_many, get_job  # noqa: E402
-from kie_extend.keys import Keys  # noqa: E402
+from kie_extend.store.keys import Keys  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 PREFIX = "bench"
@@ -511,8 +511,8 @@ def inflight_bytes(res: Results, workdir: Path) -> None:
 
 
 def tick_cost(res: Results, st: BenchStack) -> None:
-    from kie_extend.scheduler import Scheduler
-    from kie_extend.runtime import NoDispatch, Runtime
+    from kie_extend.admission.tick import Scheduler
+    from kie_extend.infra.runtime import NoDispatch, Runtime
 
     # No invariant sweep inside the timed ticks: the due members here have no job records, and the sweep
     # (once per KIE_SWEEP_INTERVAL) would "repair" them away mid-measurement. Its own cost is in `backlog`.
@@ -622,9 +622,9 @@ def rss_and_retention(res: Results, workdir: Path) -> None:
 # ==================================================================================================
 def scenario_scale(res: Results, workdir: Path) -> None:
     from kie_extend.api import check_extend
-    from kie_extend.events import now_iso
-    from kie_extend.runtime import Runtime
-    from kie_extend.states import JobState
+    from kie_extend.jobs.events import now_iso
+    from kie_extend.infra.runtime import Runtime
+    from kie_extend.jobs.states import JobState
 
     n = 10_000
     with BenchStack(workdir / "scale", key_prefix=PREFIX, env={"KIE_ALLOW_PRIVATE_URLS": "true"}) as st:
@@ -884,9 +884,9 @@ def scenario_cancel(res: Results, workdir: Path) -> None:
 # ==================================================================================================
 def scenario_backlog(res: Results, workdir: Path) -> None:
     from kie_extend.api import pause, resume
-    from kie_extend.invariants import Invariants
-    from kie_extend.runtime import NoDispatch, Runtime
-    from kie_extend.scheduler import Scheduler
+    from kie_extend.store.invariants import Invariants
+    from kie_extend.infra.runtime import NoDispatch, Runtime
+    from kie_extend.admission.tick import Scheduler
 
     small, n = 1000, 100_000
     batch = "backlog-1"
@@ -985,8 +985,8 @@ def scenario_backlog(res: Results, workdir: Path) -> None:
 def backlog_tick(rt: Any, trials: int = 40) -> tuple[dict[str, float], dict[str, float]]:
     """Median milliseconds of Scheduler.tick() (no dispatch) and of the admit script alone, each
     admitting a full window (20) from the waiting jobs; the admitted jobs go back in line after each."""
-    from kie_extend.runtime import NoDispatch
-    from kie_extend.scheduler import Scheduler
+    from kie_extend.infra.runtime import NoDispatch
+    from kie_extend.admission.tick import Scheduler
 
     r, k = rt.redis, rt.keys
     rt.gates.resume_operator()
@@ -1067,9 +1067,9 @@ def roundtrip_profile(st: BenchStack, n: int = 200) -> dict[str, Any]:
     import heapq as _heapq
     from collections import Counter
 
-    from kie_extend.pipeline import Pipeline
-    from kie_extend.runtime import Runtime
-    from kie_extend.scheduler import Scheduler
+    from kie_extend.jobs.pipeline import Pipeline
+    from kie_extend.infra.runtime import Runtime
+    from kie_extend.admission.tick import Scheduler
 
     settings = st.settings(key_prefix="rtprof")
     rt = Runtime(settings)

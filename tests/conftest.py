@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from kie_extend.config import Settings
-from kie_extend.embedded import EmbeddedValkey
+from kie_extend.infra.embedded import EmbeddedValkey
 
 
 @pytest.fixture(scope="session")

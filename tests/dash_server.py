@@ -9,7 +9,7 @@ from typing import Any
 import requests
 import uvicorn
 
-from kie_extend.embedded import free_port
+from kie_extend.infra.embedded import free_port
 
 
 class ServedApp:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import redis
 
-from kie_extend.embedded import EmbeddedSentinel, EmbeddedValkey
+from kie_extend.infra.embedded import EmbeddedSentinel, EmbeddedValkey
 
 
 class SentinelCluster:

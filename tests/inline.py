@@ -11,10 +11,10 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from kie_extend.delivery import Delivery
-from kie_extend.pipeline import Pipeline
-from kie_extend.runtime import Runtime
-from kie_extend.scheduler import Scheduler
+from kie_extend.handlers.delivery import Delivery
+from kie_extend.jobs.pipeline import Pipeline
+from kie_extend.infra.runtime import Runtime
+from kie_extend.admission.tick import Scheduler
 from kie_extend.simulator import SimServer
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import schemathesis
 
-from kie_extend.intake import parse_not_after
+from kie_extend.jobs.intake import parse_not_after
 
 #: How far ahead a past not_after is moved, in seconds.
 AHEAD = 365 * 86400.0

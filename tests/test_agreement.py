@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kie_extend.errors import ValidationError
-from kie_extend.models import parse_request
+from kie_extend.jobs.request import parse_request
 from kie_extend.simulator import SimConfig, SimServer, serve
 
 SUBMIT = "/api/v1/generate/upload-extend"

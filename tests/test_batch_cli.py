@@ -21,12 +21,12 @@ from typing import Any
 import pytest
 import redis
 
-from kie_extend import batch_cli as bc
+from kie_extend.cli import batch as bc
 from kie_extend.api import get_job
-from kie_extend.cli import main
+from kie_extend.cli.main import main
 from kie_extend.config import Settings
-from kie_extend.devstack import DevStack
-from kie_extend.keys import Keys
+from kie_extend.cli.devstack import DevStack
+from kie_extend.store.keys import Keys
 
 
 def settings_offline(**over: Any) -> Settings:
@@ -235,8 +235,8 @@ def test_dry_run_checks_and_enqueues_nothing(tmp_path: Path, cli_env: Settings, 
 def test_interrupted_submit_resumes_without_sending_twice(tmp_path: Path, cli_env: Settings,
                                                           rclient: redis.Redis) -> None:
     """Ctrl-C after the first chunk; the jobs a worker recorded are skipped on the re-run."""
-    from kie_extend.batches import get_batch
-    from kie_extend.runtime import Runtime
+    from kie_extend.jobs.batches import get_batch
+    from kie_extend.infra.runtime import Runtime
 
     req = '{"uploadUrl": "https://e.org/a.mp3", "defaultParamFlag": false, "model": "V5", "prompt": "p"}\n'
     lines = bc.parse_jsonl(req * 5)
@@ -366,7 +366,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
 def kie_extend(stack: DevStack, *args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run the installed `kie-extend` command the way a user would (no terminal, no stdin)."""
     exe = Path(sys.executable).with_name("kie-extend")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "kie_extend.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "kie_extend.cli.main"]
     return subprocess.run([*cmd, *args], env=stack.env, cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
 

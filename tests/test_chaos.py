@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from kie_extend.invariants import Invariants
-from kie_extend.keys import Keys
+from kie_extend.store.invariants import Invariants
+from kie_extend.store.keys import Keys
 from kie_extend.api import enqueue_many, get_job
-from kie_extend.devstack import DevStack
+from kie_extend.cli.devstack import DevStack
 
 pytestmark = pytest.mark.chaos
 
@@ -221,8 +221,8 @@ def test_pause_on_402_then_resume(workdir: Path) -> None:
         stack.start_worker(concurrency=2)
         stack.start_beat()
         ids = enqueue_many(requests_for(stack, 20), settings=stack.settings())
-        from kie_extend.metrics import overview
-        from kie_extend.runtime import Runtime
+        from kie_extend.infra.metrics import overview
+        from kie_extend.infra.runtime import Runtime
 
         rt = Runtime(stack.settings())
         deadline = time.monotonic() + 60
@@ -298,7 +298,7 @@ def test_provider_outage_opens_the_breaker(workdir: Path) -> None:
         stack.start_beat()
         stack.start_beat()
         ids = enqueue_many(requests_for(stack, 30), settings=stack.settings())
-        from kie_extend.runtime import Runtime
+        from kie_extend.infra.runtime import Runtime
 
         rt = Runtime(stack.settings())
         deadline = time.monotonic() + 60

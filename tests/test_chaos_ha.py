@@ -11,7 +11,7 @@ import pytest
 
 from ha_cluster import SentinelCluster
 from kie_extend.api import enqueue_many, get_job
-from kie_extend.devstack import DevStack
+from kie_extend.cli.devstack import DevStack
 from test_chaos import BASE_ENV, check_guarantees, requests_for, wait_all_terminal
 
 pytestmark = pytest.mark.chaos

@@ -18,9 +18,9 @@ import pytest
 import redis
 
 from kie_extend.api import enqueue_many, get_job, producer_app
-from kie_extend.devstack import DevStack
-from kie_extend.embedded import EmbeddedValkey
-from kie_extend.keys import Keys
+from kie_extend.cli.devstack import DevStack
+from kie_extend.infra.embedded import EmbeddedValkey
+from kie_extend.store.keys import Keys
 
 from test_chaos import check_guarantees, make_stack, requests_for, wait_all_terminal
 

@@ -19,15 +19,15 @@ from pathlib import Path
 import pytest
 import redis
 
-from kie_extend import cli_errors as ce
-from kie_extend.cli import build_parser
-from kie_extend.embedded import EmbeddedValkey, free_port
+from kie_extend.cli import errors as ce
+from kie_extend.cli.main import build_parser
+from kie_extend.infra.embedded import EmbeddedValkey, free_port
 
 PASSWORD = "pw-Secret-4711"
 API_KEY = "test-key-0123456789abcdef"
 CLOSED = free_port()  # nothing listens here during the tests
 EXE = Path(sys.executable).with_name("kie-extend")
-CMD = [str(EXE)] if EXE.exists() else [sys.executable, "-m", "kie_extend.cli"]
+CMD = [str(EXE)] if EXE.exists() else [sys.executable, "-m", "kie_extend.cli.main"]
 REQUEST = {"uploadUrl": "https://example.org/a.mp3", "defaultParamFlag": False, "model": "V5",
            "prompt": "a calm song", "continueAt": 5}
 
@@ -52,11 +52,11 @@ def kie(*args: str, env: dict[str, str], cwd: Path, stdin: str | None = None,
                           input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
 
 
-#: Runs ``kie_extend.cli.main`` once per argv (JSON on stdin), each in its own forked process with
+#: Runs ``kie_extend.cli.main.main`` once per argv (JSON on stdin), each in its own forked process with
 #: its own stdout/stderr and exit code: a whole sweep of commands pays for one interpreter start.
 FORK_DRIVER = r"""
 import json, os, sys, tempfile, traceback
-from kie_extend.cli import main
+from kie_extend.cli.main import main
 results = []
 for argv in json.load(sys.stdin):
     out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
@@ -226,7 +226,7 @@ def test_a_refused_password_is_named_and_masked(locked: EmbeddedValkey, tmp_path
 
 
 def test_an_unexpected_error_points_to_debug(locked: EmbeddedValkey, tmp_path: Path) -> None:
-    from kie_extend.keys import Keys
+    from kie_extend.store.keys import Keys
 
     client = redis.Redis(port=locked.port, password=PASSWORD)
     client.set(Keys("cli_errors_test").job("wrong-type"), "not a hash")  # WRONGTYPE: no outage, a broken store
@@ -241,7 +241,7 @@ def test_an_unexpected_error_points_to_debug(locked: EmbeddedValkey, tmp_path: P
 
 
 def test_a_sentinel_without_that_master(locked: EmbeddedValkey, tmp_path: Path) -> None:
-    from kie_extend.embedded import EmbeddedSentinel
+    from kie_extend.infra.embedded import EmbeddedSentinel
 
     with EmbeddedSentinel(locked.port, quorum=1) as sentinel:
         env = env_with(KIE_REDIS_URL=f"sentinel://:{PASSWORD}@127.0.0.1:{sentinel.port}/0",

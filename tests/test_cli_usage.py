@@ -25,15 +25,15 @@ import redis
 import requests
 
 from dash_server import ServedApp
-from kie_extend.cli import build_parser
+from kie_extend.cli.main import build_parser
 from kie_extend.config import Settings
-from kie_extend.embedded import EmbeddedValkey, free_port
-from kie_extend.gates import MAX_PAUSE_REASON
+from kie_extend.infra.embedded import EmbeddedValkey, free_port
+from kie_extend.admission.gates import MAX_PAUSE_REASON
 from kie_extend.http.app import create_app
-from kie_extend.runtime import Runtime
+from kie_extend.infra.runtime import Runtime
 
 EXE = Path(sys.executable).with_name("kie-extend")
-CMD = [str(EXE)] if EXE.exists() else [sys.executable, "-m", "kie_extend.cli"]
+CMD = [str(EXE)] if EXE.exists() else [sys.executable, "-m", "kie_extend.cli.main"]
 REQUEST = {"uploadUrl": "https://example.org/a.mp3", "defaultParamFlag": False, "model": "V5",
            "prompt": "a calm song", "continueAt": 5}
 TOKEN = "usage-token-0123456789"
@@ -151,7 +151,7 @@ def _leaf_commands() -> list[list[str]]:
 
 def test_extra_words_are_reported_under_the_subcommands_usage(tmp_path: Path) -> None:
     runs = [[*argv, "surplus-word"] for argv in _leaf_commands()] + [["status", "a", "b"]]
-    script = ("import json, sys, contextlib, io\nfrom kie_extend.cli import main\nout = []\n"
+    script = ("import json, sys, contextlib, io\nfrom kie_extend.cli.main import main\nout = []\n"
               "for argv in json.load(sys.stdin):\n    err = io.StringIO()\n"
               "    with contextlib.redirect_stderr(err):\n        try:\n            code = main(argv)\n"
               "        except SystemExit as exc:\n            code = exc.code\n"
@@ -270,7 +270,7 @@ def test_consume_results_names_refused_credentials(valkey: EmbeddedValkey, tmp_p
 
 
 def test_dev_env_file_names_its_own_path() -> None:
-    from kie_extend.dev import env_file_text
+    from kie_extend.cli.dev import env_file_text
 
     assert ". /tmp/x/.env; set +a" in env_file_text({"KIE_X": "1"}, "/tmp/x/.env").splitlines()[0]
     ops = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()

@@ -20,7 +20,7 @@ import pytest
 from requests import exceptions as rexc
 
 import kie_extend.errors as errors_module
-from kie_extend.client import KieClient, parse_record, parse_track, track_has_audio
+from kie_extend.provider.client import KieClient, parse_record, parse_track, track_has_audio
 from kie_extend.errors import (
     RETRY_MAX_SECONDS,
     AccountError,

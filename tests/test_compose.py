@@ -25,8 +25,8 @@ import yaml
 
 from kie_extend.api import enqueue_extend, get_job
 from kie_extend.config import Settings
-from kie_extend.devstack import Child, _wait_http
-from kie_extend.embedded import EmbeddedValkey, free_port
+from kie_extend.cli.devstack import Child, _wait_http
+from kie_extend.infra.embedded import EmbeddedValkey, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"

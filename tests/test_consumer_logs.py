@@ -1,5 +1,5 @@
 """A real Celery worker process given misnamed, undecodable and wrongly shaped messages: each becomes
-a failed ``invalid_request`` job (consumer.py) and the worker log says so in one WARNING line,
+a failed ``invalid_request`` job (infra/consumer.py) and the worker log says so in one WARNING line,
 without Celery's multi-line ERROR ("Received unregistered task …") and its traceback."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from kie_extend.api import get_job, producer_app
-from kie_extend.devstack import DevStack
+from kie_extend.cli.devstack import DevStack
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from dash_server import ServedApp
 from kie_extend.config import Settings
 from kie_extend.http.app import create_app
 from kie_extend.http.dashboard import _local, same_origin
-from kie_extend.runtime import Runtime
+from kie_extend.infra.runtime import Runtime
 
 PAGES = ["/", "/jobs", "/jobs?state=failed&tenant=x&q=y&page=3", "/batches", "/dead-letters"]
 

@@ -29,7 +29,7 @@ import requests
 
 from dash_server import ServedApp
 from kie_extend.api import enqueue_extend, enqueue_many, get_job
-from kie_extend.devstack import DevStack
+from kie_extend.cli.devstack import DevStack
 from kie_extend.http.app import create_app
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
@@ -203,7 +203,7 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
 def _dead_count(system: System) -> int:
     import redis
 
-    from kie_extend.keys import Keys
+    from kie_extend.store.keys import Keys
 
     r = redis.Redis.from_url(system.stack.redis_url)
     try:
@@ -481,7 +481,7 @@ def test_overview_in_both_pause_states_fits_its_cards_at_1280_and_1920(system: S
 def test_the_redis_down_page_has_navigation_says_what_is_wrong_and_reloads(system: System, browser: Any,
                                                                            tmp_path: Path) -> None:
     """A dashboard whose job store is unreachable (a closed port, with a password in its URL)."""
-    from kie_extend.embedded import free_port
+    from kie_extend.infra.embedded import free_port
 
     closed = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
     app = create_app(system.stack.settings(api_tokens=TOKENS, session_secret="dash-test-secret", redis_url=closed,
@@ -515,7 +515,7 @@ def test_docs_render_with_the_network_blocked(system: System, tmp_path: Path) ->
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    from kie_extend.embedded import free_port
+    from kie_extend.infra.embedded import free_port
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM

@@ -20,8 +20,8 @@ from inline import Harness, harness_factory, sample_request
 from kie_extend.config import Settings
 from kie_extend.http import charts
 from kie_extend.http.app import create_app
-from kie_extend.keys import MINUTE_TTL, Keys
-from kie_extend.metrics import merge_bins, minute_series, quantile, record_tick
+from kie_extend.store.keys import MINUTE_TTL, Keys
+from kie_extend.infra.metrics import merge_bins, minute_series, quantile, record_tick
 from kie_extend.simulator import SimConfig, SimServer, serve
 
 SVG = "{http://www.w3.org/2000/svg}"

@@ -22,8 +22,8 @@ import requests
 import yaml
 
 from inline import Harness
-from kie_extend.metrics import render
-from kie_extend.runtime import Runtime
+from kie_extend.infra.metrics import render
+from kie_extend.infra.runtime import Runtime
 from kie_extend.simulator import SimConfig, SimServer, serve
 
 ROOT = Path(__file__).resolve().parent.parent

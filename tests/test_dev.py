@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from kie_extend.dev import env_file_text
+from kie_extend.cli.dev import env_file_text
 from test_demo import alive_in_groups, children_of
 
 BIN = Path(sys.executable).parent
@@ -285,7 +285,7 @@ def _wait_until(check: object, what: str, proc: subprocess.Popen[bytes], log: Pa
 def test_readme_run_it_yourself_commands_work_as_written(tmp_path: Path) -> None:
     import redis
 
-    from kie_extend.embedded import free_port
+    from kie_extend.infra.embedded import free_port
 
     text = README.read_text()
     for port in DOC_PORTS:

@@ -265,8 +265,8 @@ def _json_block_after(text: str, marker: str) -> str:
 
 
 def test_the_documented_status_record_and_event_have_the_codes_fields() -> None:
-    from kie_extend.events import build_event, status_record
-    from kie_extend.states import JobState
+    from kie_extend.jobs.events import build_event, status_record
+    from kie_extend.jobs.states import JobState
 
     readme = (ROOT / "README.md").read_text()
     record = _top_level_keys(_json_block_after(readme, "`kie-extend status JOB_ID --json` (or `kie_extend.get_job`)"))
@@ -276,10 +276,10 @@ def test_the_documented_status_record_and_event_have_the_codes_fields() -> None:
     producers = (ROOT / "docs" / "producers.md").read_text()
     documented = set(re.findall(r"^\| `(job\.\w+|batch\.\w+)` \|", producers, re.M))
     assert documented == {"job.succeeded", "job.failed", "job.cancelled", "batch.finished"}
-    from kie_extend.states import EVENT_FOR
+    from kie_extend.jobs.states import EVENT_FOR
 
     assert set(EVENT_FOR.values()) | {"batch.finished"} == documented
-    lua = (ROOT / "src" / "kie_extend" / "lua.py").read_text()
+    lua = (ROOT / "src" / "kie_extend" / "store/lua.py").read_text()
     batch_fields = set(re.findall(r"(\w+) = ", lua[lua.index("cjson.encode({event = 'batch.finished'"):][:200]))
     row = next(line for line in producers.splitlines() if line.startswith("| `batch.finished`"))
     assert all(f"`{name}`" in row for name in batch_fields), (batch_fields, row)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kie_extend.config import load_settings
-from kie_extend.endpoints import (
+from kie_extend.infra.endpoints import (
     EndpointError,
     celery_broker_url,
     check_url,
@@ -88,7 +88,7 @@ def test_good_broker_urls(url: str) -> None:
 
 
 def test_encoded_password_reaches_the_client(make_settings) -> None:  # type: ignore[no-untyped-def]
-    from kie_extend.runtime import redis_client
+    from kie_extend.infra.clients import redis_client
 
     client = redis_client("redis://:pa%23ss%5Bw%40rd@127.0.0.1:6380/4")
     kwargs = client.connection_pool.connection_kwargs

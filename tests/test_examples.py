@@ -23,8 +23,8 @@ import pytest
 import redis
 
 from kie_extend.api import cancel, enqueue_extend, get_batch, get_job, pause, producer_app, resume
-from kie_extend.devstack import DevStack
-from kie_extend.keys import Keys
+from kie_extend.cli.devstack import DevStack
+from kie_extend.store.keys import Keys
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "consume_results.py"
 KINDS = {"job.succeeded", "job.failed", "job.cancelled", "batch.finished"}
@@ -234,7 +234,7 @@ def test_reader_stops_cleanly_on_sigterm_and_sigint(stack: DevStack, events: dic
 @pytest.mark.timeout(30)
 def test_reader_reports_an_unreachable_redis_in_one_line(stack: DevStack) -> None:
     """No traceback and exit 2 when Redis cannot be reached; the URL's password is not printed."""
-    from kie_extend.embedded import free_port
+    from kie_extend.infra.embedded import free_port
 
     proc = subprocess.run([sys.executable, str(EXAMPLE), "--timeout", "1"], capture_output=True, text=True,
                           timeout=30, env={**os.environ, "KIE_REDIS_URL": f"redis://:s3cret@127.0.0.1:{free_port()}/0"})
@@ -247,7 +247,7 @@ def test_reader_reports_an_unreachable_redis_in_one_line(stack: DevStack) -> Non
 def test_reader_rides_out_a_redis_restart(stack: DevStack, events: dict, tmp_path: Path) -> None:
     """Its Redis killed (kill -9) and started again under it: the reader reconnects, takes back what
     it held and goes on with new entries; nothing is lost or left pending."""
-    from kie_extend.embedded import EmbeddedValkey
+    from kie_extend.infra.embedded import EmbeddedValkey
 
     server = EmbeddedValkey(str(tmp_path / "valkey"), appendonly=True).start()
     prefix = f"restart{uuid.uuid4().hex[:6]}"

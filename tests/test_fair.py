@@ -15,12 +15,12 @@ import pytest
 
 from inline import Harness, harness_factory, sample_request
 from kie_extend.api import cancel, cancel_batch, enqueue_extend, enqueue_many, get_batch, get_job, pause, resume
-from kie_extend.devstack import DevStack
+from kie_extend.cli.devstack import DevStack
 from kie_extend.errors import ValidationError
-from kie_extend.keys import Keys
-from kie_extend.runtime import Runtime
+from kie_extend.store.keys import Keys
+from kie_extend.infra.runtime import Runtime
 from kie_extend.simulator import SimConfig, SimServer, serve
-from kie_extend.states import JobState
+from kie_extend.jobs.states import JobState
 
 
 @pytest.fixture
@@ -207,7 +207,7 @@ def test_operator_pause_and_resume(harness: Callable[..., Harness]) -> None:
         time.sleep(0.05)
     assert all(h.state(j)["state"] == "queued" for j in jobs)
     assert h.sim.simulator.stats.snapshot()["submissions_accepted"] == 0
-    from kie_extend.metrics import overview, render
+    from kie_extend.infra.metrics import overview, render
 
     ov = overview(h.rt)
     assert ov["operator_paused"]["reason"] == "nightly maintenance" and ov["paused"] is None  # type: ignore[index]

@@ -11,7 +11,7 @@ import pytest
 
 from kie_extend.errors import ConfigError
 from kie_extend.handlers import ENTRY_POINT_GROUP, HandlerContext, build_handler, build_handlers
-from kie_extend.keys import Keys
+from kie_extend.store.keys import Keys
 
 
 def _ctx(make_settings: Any) -> HandlerContext:

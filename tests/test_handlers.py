@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from kie_extend.client import USER_AGENT
+from kie_extend.provider.client import USER_AGENT
 from kie_extend.config import Settings
 from kie_extend.errors import ConfigError
 from kie_extend.handlers import HandlerContext, build_handler
@@ -29,8 +29,8 @@ from kie_extend.handlers.webhook import (
     WebhookHandler,
     verify_signature,
 )
-from kie_extend.keys import Keys
-from kie_extend.urlcheck import check_public_url
+from kie_extend.store.keys import Keys
+from kie_extend.provider.urlguard import check_public_url
 
 pytestmark = pytest.mark.timeout(10)
 

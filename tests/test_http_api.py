@@ -32,10 +32,10 @@ import uvicorn
 from inline import Harness
 from kie_extend import api
 from kie_extend.config import Settings
-from kie_extend.embedded import EmbeddedValkey, free_port
+from kie_extend.infra.embedded import EmbeddedValkey, free_port
 from kie_extend.errors import ValidationError
 from kie_extend.http.app import create_app, openapi_text
-from kie_extend.runtime import Runtime
+from kie_extend.infra.runtime import Runtime
 from kie_extend.simulator import SimConfig, SimServer, serve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -564,9 +564,9 @@ def test_the_wsgi_callback_receiver_has_the_same_probes(make_settings: Callable[
     import io
 
     from kie_extend.http.health import Readiness
-    from kie_extend.metrics import render
-    from kie_extend.pipeline import Pipeline
-    from kie_extend.receiver import CallbackApp
+    from kie_extend.infra.metrics import render
+    from kie_extend.jobs.pipeline import Pipeline
+    from kie_extend.http.receiver import CallbackApp
 
     def get(app: CallbackApp, path: str) -> tuple[str, dict[str, Any] | str]:
         seen: list[str] = []
@@ -608,7 +608,7 @@ def test_openapi_document_is_current(stack: Stack) -> None:
 
 def test_openapi_command_writes_the_same(tmp_path: Path) -> None:
     out = tmp_path / "openapi.json"
-    subprocess.run([sys.executable, "-m", "kie_extend.cli", "openapi", "--out", str(out)], check=True,
+    subprocess.run([sys.executable, "-m", "kie_extend.cli.main", "openapi", "--out", str(out)], check=True,
                    env={**os.environ, "KIE_API_TOKENS": ""}, capture_output=True, timeout=60)
     assert out.read_text() == (ROOT / "docs" / "openapi.json").read_text()
 
@@ -667,7 +667,7 @@ def serve_env(valkey: EmbeddedValkey, prefix: str, **extra: str) -> dict[str, st
 
 def test_serve_refuses_a_public_host_without_tokens(valkey: EmbeddedValkey, prefix: str) -> None:
     for host in ("0.0.0.0", "192.0.2.10"):
-        p = subprocess.run([sys.executable, "-m", "kie_extend.cli", "serve", "--host", host, "--port",
+        p = subprocess.run([sys.executable, "-m", "kie_extend.cli.main", "serve", "--host", host, "--port",
                             str(free_port())], env=serve_env(valkey, prefix), capture_output=True, text=True,
                            timeout=60)
         assert p.returncode == 2, p.stderr
@@ -690,7 +690,7 @@ def test_serve_with_its_own_callback_port(valkey: EmbeddedValkey, prefix: str, t
     api_port, cb_port = free_port(), free_port()
     log_path = tmp_path / "serve.log"
     with log_path.open("w") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "kie_extend.cli", "serve", "--host", "127.0.0.1",
+        proc = subprocess.Popen([sys.executable, "-m", "kie_extend.cli.main", "serve", "--host", "127.0.0.1",
                                  "--port", str(api_port), "--callback-host", "127.0.0.1", "--callback-port",
                                  str(cb_port)],
                                 env=serve_env(valkey, prefix, KIE_API_TOKENS=f"{WRITE},read:{READ}",
@@ -759,7 +759,7 @@ def test_go_example_runs(stack: Stack, tmp_path: Path) -> None:
 def test_end_to_end_with_serve_and_a_real_worker(valkey: EmbeddedValkey, prefix: str, tmp_path: Path) -> None:
     """Jobs sent over HTTP reach a real worker, KIE's callbacks come back to serve's callback route,
     and the API shows them succeed."""
-    from kie_extend.devstack import DevStack, _wait_http
+    from kie_extend.cli.devstack import DevStack, _wait_http
 
     env = {"KIE_POLL_FIRST": "0.5s", "KIE_POLL_INTERVAL": "0.5s", "KIE_POLL_MAX_INTERVAL": "1s",
            "KIE_POLL_CALLBACK_INTERVAL": "1s", "KIE_TICK_INTERVAL": "0.2s", "KIE_QUEUE": prefix}
@@ -767,7 +767,7 @@ def test_end_to_end_with_serve_and_a_real_worker(valkey: EmbeddedValkey, prefix:
         st.start_simulator("--time-factor", "0.03", "--seed", "5")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        serve_child = st._spawn("serve", [sys.executable, "-m", "kie_extend.cli", "serve", "--port", str(port)],
+        serve_child = st._spawn("serve", [sys.executable, "-m", "kie_extend.cli.main", "serve", "--port", str(port)],
                                 env={"KIE_API_TOKENS": f"{WRITE},read:{READ}"})
         _wait_http(url + "/healthz", 30, serve_child)
         st.env["KIE_CALLBACK_BASE_URL"] = url  # the worker names serve's callback route to KIE

@@ -24,7 +24,7 @@ import redis
 from kie_extend import api
 from kie_extend.config import Settings
 from kie_extend.errors import IdempotencyConflictError, JobExistsError
-from kie_extend.idempotency import CONFLICT_MESSAGE, request_fingerprint
+from kie_extend.jobs.idempotency import CONFLICT_MESSAGE, request_fingerprint
 from test_http_api import READ, Stack, req, sim, stack  # noqa: F401  (fixtures)
 
 
@@ -243,7 +243,7 @@ def test_a_claim_without_a_message_expires(stack: Stack) -> None:
     """A producer that died between claim and publish strands nothing: the claim is a key with a TTL
     (no record, nothing for the sweep), and the same request re-sent is published."""
     job_id = f"lost-{uuid.uuid4().hex[:8]}"
-    from kie_extend.idempotency import Idempotency, kwargs_digest
+    from kie_extend.jobs.idempotency import Idempotency, kwargs_digest
 
     idem = Idempotency(stack.rt.redis, stack.rt.keys, stack.settings.idempotency_window)
     digest = kwargs_digest({"request": req(stack.sim)})
@@ -272,7 +272,7 @@ def test_batch_rerun_before_any_worker_sends_nothing_twice(tmp_path: Path,
                 "KIE_ALLOW_PRIVATE_URLS": "true", "KIE_CALLBACK_BASE_URL": "http://127.0.0.1:9/unused"})
     outs = []
     for _ in range(2):
-        done = subprocess.run([sys.executable, "-m", "kie_extend.cli", "batch", "submit", str(path), "--batch-id", "spring"], env=env,
+        done = subprocess.run([sys.executable, "-m", "kie_extend.cli.main", "batch", "submit", str(path), "--batch-id", "spring"], env=env,
                               cwd=tmp_path, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
         assert done.returncode == 0, done.stderr
         outs.append(done.stdout)
@@ -282,7 +282,7 @@ def test_batch_rerun_before_any_worker_sends_nothing_twice(tmp_path: Path,
     # The same batch id with one line changed: that line is another request under a taken id
     # (skipped, as a re-run skips every taken id); nothing is sent again.
     path.write_text(path.read_text().replace('"p3"', '"changed"'))
-    done = subprocess.run([sys.executable, "-m", "kie_extend.cli", "batch", "submit", str(path), "--batch-id", "spring"], env=env,
+    done = subprocess.run([sys.executable, "-m", "kie_extend.cli.main", "batch", "submit", str(path), "--batch-id", "spring"], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert done.returncode == 0 and f"sent 0, already there {lines}" in done.stdout
     assert r.llen(settings.queue) == lines

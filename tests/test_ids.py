@@ -1,4 +1,4 @@
-"""The one id grammar (ids.py) at every entrance, on real processes: the Python API, the CLI, ``/v1``
+"""The one id grammar (jobs/ids.py) at every entrance, on real processes: the Python API, the CLI, ``/v1``
 on a real ``serve``, Celery messages through a real worker; key names that cannot collide;
 listings that survive a bad record; text fields that refuse what KIE could not take."""
 
@@ -22,12 +22,12 @@ import redis
 import requests
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from kie_extend import ids
+from kie_extend.jobs import ids
 from kie_extend.api import cancel, cancel_batch, enqueue_extend, enqueue_many, get_batch, get_job
-from kie_extend.batch_cli import default_batch_id, job_id_for
-from kie_extend.devstack import DevStack
+from kie_extend.cli.batch import default_batch_id, job_id_for
+from kie_extend.cli.devstack import DevStack
 from kie_extend.errors import ValidationError
-from kie_extend.keys import Keys
+from kie_extend.store.keys import Keys
 
 WRITE = "w-" + uuid.uuid4().hex
 
@@ -190,7 +190,7 @@ def _v1(stack: DevStack, method: str, path: str, **kw: Any) -> requests.Response
 
 
 def _cli(stack: DevStack, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kie_extend.cli", *args], env=stack.env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "kie_extend.cli.main", *args], env=stack.env, capture_output=True,
                           text=True, timeout=60, cwd=cwd)
 
 
@@ -342,8 +342,8 @@ def test_an_unreadable_message_with_a_bad_task_id_is_recorded_under_a_derived_id
 
 
 def test_job_lists_of_an_earlier_version_move_at_start_up(stack: DevStack) -> None:
-    from kie_extend.batches import migrate_legacy_job_lists
-    from kie_extend.runtime import Runtime
+    from kie_extend.jobs.batches import migrate_legacy_job_lists
+    from kie_extend.infra.runtime import Runtime
 
     settings = stack.settings()
     rt = Runtime(settings)

@@ -11,10 +11,10 @@ from redis import exceptions as rx
 
 from kombu.transport.redis import Transport as KombuRedisTransport
 
-from kie_extend.consumer import did_you_mean, unknown_task_reason
-from kie_extend.embedded import EmbeddedValkey, free_port
-from kie_extend.infra import RETRY_MAX, as_connection_error, is_infra_error, retry_delay
-from kie_extend.transport import InfraConnection, Transport, broker_conf
+from kie_extend.infra.consumer import did_you_mean, unknown_task_reason
+from kie_extend.infra.embedded import EmbeddedValkey, free_port
+from kie_extend.infra.errors import RETRY_MAX, as_connection_error, is_infra_error, retry_delay
+from kie_extend.infra.transport import InfraConnection, Transport, broker_conf
 
 
 @pytest.mark.parametrize("exc", [
@@ -61,7 +61,7 @@ def test_did_you_mean() -> None:
 
 def test_broker_conf_redis_and_amqp() -> None:
     conf = broker_conf("redis://127.0.0.1:6379/0", 300)
-    assert conf["broker_transport"] == "kie_extend.transport:Transport"
+    assert conf["broker_transport"] == "kie_extend.infra.transport:Transport"
     opts = conf["broker_transport_options"]
     assert opts["visibility_timeout"] == 300 and opts["socket_keepalive"] is True
     # Abandoned deliveries are swept every few seconds, not every 100 s (kombu's 10 s x 10).

@@ -21,10 +21,10 @@ from test_cli_errors import CMD, STORE_COMMANDS, env_with, kie_many
 from test_http_api import Served
 
 from kie_extend.config import Settings
-from kie_extend.embedded import EmbeddedValkey
+from kie_extend.infra.embedded import EmbeddedValkey
 from kie_extend.http.app import create_app
-from kie_extend.infra_check import REASONS
-from kie_extend.keys import Keys
+from kie_extend.infra.check import REASONS
+from kie_extend.store.keys import Keys
 
 STORE_PW = "store-Pw-8813"
 BROKER_PW = "broker-Pw-2209"
@@ -255,7 +255,7 @@ def test_the_python_api_names_refused_credentials(servers: tuple[EmbeddedValkey,
     from kie_extend import api
     from kie_extend.config import load_settings
     from kie_extend.errors import KieExtendError
-    from kie_extend.infra_check import InfraUnavailable
+    from kie_extend.infra.check import InfraUnavailable
 
     base = {"api_key": "test-key-0123456789", "callback_base_url": "http://127.0.0.1:9/cb",
             "key_prefix": "creds_api", "queue": "creds_api"}

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from kie_extend.api import enqueue_extend, enqueue_many, get_job
-from kie_extend.devstack import DevStack
+from kie_extend.cli.devstack import DevStack
 
 FAST = {"KIE_TICK_INTERVAL": "0.3s", "KIE_POLL_MIN_GAP": "0.1s"}
 
@@ -115,6 +115,6 @@ def test_callbacks_cut_time_to_result_and_polls(tmp_path: Path) -> None:
         # JSON logs: one object per line, job_id (and kie_task_id) on the job lines.
         worker_log = Path(st.workers[0].log_path).read_text().splitlines()
         objs = [json.loads(x) for x in worker_log if x.startswith("{")]
-        job_lines = [o for o in objs if o["logger"] == "kie_extend.pipeline"]
+        job_lines = [o for o in objs if o["logger"] == "kie_extend.jobs.pipeline"]
         assert job_lines and all("job_id" in o for o in job_lines)
         assert any(o.get("kie_task_id") for o in job_lines if o["msg"] == "submitted")

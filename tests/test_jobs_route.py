@@ -13,10 +13,10 @@ import pytest
 import requests
 
 from inline import Harness
-from kie_extend.client import KieClient, TaskRecord
-from kie_extend.client_jobs import CREATE_TASK_PATH, JOB_MODEL, JobsClient, parse_job_record, to_create_task
+from kie_extend.provider.client import KieClient, TaskRecord
+from kie_extend.provider.jobs_route import CREATE_TASK_PATH, JOB_MODEL, JobsClient, parse_job_record, to_create_task
 from kie_extend.errors import InvalidRequestError
-from kie_extend.runtime import Runtime
+from kie_extend.infra.runtime import Runtime
 from kie_extend.simulator import SimConfig, SimServer, serve
 
 CB = "http://127.0.0.1:9/kie/callback/jobs-test"

@@ -19,12 +19,12 @@ import pytest
 import requests
 
 from inline import Harness, harness_factory, sample_request
-from kie_extend.actions import not_found
+from kie_extend.jobs.actions import not_found
 from kie_extend.config import Settings
 from kie_extend.errors import ValidationError, describe_error, describe_problems
 from kie_extend.http.app import create_app
 from kie_extend.http.auth import Auth, parse_tokens
-from kie_extend.intake import EXTEND_KWARGS, kwargs_hint, past_deadline, unknown_kwarg_message
+from kie_extend.jobs.intake import EXTEND_KWARGS, kwargs_hint, past_deadline, unknown_kwarg_message
 from kie_extend.simulator import SimConfig, SimServer, serve
 from test_http_api import Served
 
@@ -237,7 +237,7 @@ def test_a_read_token_with_its_prefix_reads_and_cannot_write(harness: Callable[.
 def test_a_real_worker_names_every_kwarg_for_positional_args_unknown_kwargs_and_misnamed_tasks(
         valkey: Any, prefix: str, tmp_path: Path) -> None:
     from kie_extend.api import get_job, producer_app
-    from kie_extend.devstack import DevStack
+    from kie_extend.cli.devstack import DevStack
 
     with DevStack(tmp_path, redis_url=valkey.url, key_prefix=prefix,
                   env={"KIE_QUEUE": prefix, "KIE_CALLBACK_BASE_URL": "http://127.0.0.1:9/unused",

@@ -24,12 +24,12 @@ import pytest
 import requests
 
 from kie_extend import api
-from kie_extend.devstack import DevStack
+from kie_extend.cli.devstack import DevStack
 from kie_extend.errors import ValidationError
 from kie_extend.http.app import openapi_text
 from kie_extend.http.schemas import CURSOR_SCHEMA_PATTERN, extend_request_schema
-from kie_extend.listing import decode_cursor, encode_cursor
-from kie_extend.models import LENGTH_LIMITS, ExtendRequest
+from kie_extend.jobs.listing import decode_cursor, encode_cursor
+from kie_extend.jobs.request import LENGTH_LIMITS, ExtendRequest
 
 WRITE = "w-" + uuid.uuid4().hex
 READ = "r-" + uuid.uuid4().hex

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from kie_extend.api import enqueue_extend, get_job
-from kie_extend.devstack import DevStack
-from kie_extend.embedded import EmbeddedValkey
+from kie_extend.cli.devstack import DevStack
+from kie_extend.infra.embedded import EmbeddedValkey
 
 OUTAGE = 10.0
 FAST_POLLS = {"KIE_TICK_INTERVAL": "1", "KIE_POLL_FIRST": "2", "KIE_POLL_INTERVAL": "1", "KIE_POLL_MAX_INTERVAL": "2"}

@@ -14,10 +14,10 @@ import pytest
 import redis
 
 from kie_extend.config import Settings
-from kie_extend.embedded import EmbeddedValkey
+from kie_extend.infra.embedded import EmbeddedValkey
 from kie_extend.errors import ConfigError
-from kie_extend.preflight import check_eviction, endpoints_line, eviction_policy
-from kie_extend.runtime import redis_client
+from kie_extend.infra.preflight import check_eviction, endpoints_line, eviction_policy
+from kie_extend.infra.clients import redis_client
 
 PASSWORD = "hunter2-Pa55word"
 
@@ -47,7 +47,7 @@ def test_evicting_job_store_is_refused_with_reason_and_fix(lru: EmbeddedValkey) 
 
 def test_allow_eviction_turns_the_refusal_into_a_warning(lru: EmbeddedValkey, caplog: pytest.LogCaptureFixture) -> None:
     settings = Settings(_env_file=None, redis_url=_url(lru), allow_eviction=True)
-    with caplog.at_level("WARNING", logger="kie_extend.preflight"):
+    with caplog.at_level("WARNING", logger="kie_extend.infra.preflight"):
         warnings = check_eviction(settings)
     assert len(warnings) == 1 and "allkeys-lru" in warnings[0] and "Starting anyway" in warnings[0]
     assert "allkeys-lru" in caplog.text and PASSWORD not in caplog.text
@@ -91,7 +91,7 @@ def _env(url: str, **extra: str) -> dict[str, str]:
     ["-m", "celery", "-A", "kie_extend.worker", "worker", "-c", "1", "-P", "solo", "-Q", "preflight_test",
      "--without-gossip", "--without-mingle"],
     ["-m", "celery", "-A", "kie_extend.worker", "beat", "-s", "{tmp}/schedule"],
-    ["-m", "kie_extend.cli", "callback-server", "--port", "0"],
+    ["-m", "kie_extend.cli.main", "callback-server", "--port", "0"],
 ], ids=["worker", "beat", "receiver"])
 def test_processes_exit_non_zero_on_an_evicting_redis(lru: EmbeddedValkey, tmp_path: Path, command: list[str]) -> None:
     args = [sys.executable, *[c.replace("{tmp}", str(tmp_path)) for c in command]]

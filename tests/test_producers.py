@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from kie_extend.keys import Keys
+from kie_extend.store.keys import Keys
 from kie_extend.api import enqueue_extend, get_job
-from kie_extend.devstack import DevStack
+from kie_extend.cli.devstack import DevStack
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TERMINAL = {"succeeded", "failed"}

@@ -21,11 +21,11 @@ import requests
 from waitress import wasyncore
 from waitress.server import create_server
 
-from kie_extend.pipeline import Pipeline
-from kie_extend.receiver import MAX_BODY, MAX_SKEW, CallbackApp, signature_ok
-from kie_extend.runtime import Runtime
+from kie_extend.jobs.pipeline import Pipeline
+from kie_extend.http.receiver import MAX_BODY, MAX_SKEW, CallbackApp, signature_ok
+from kie_extend.infra.runtime import Runtime
 from kie_extend.simulator import SimConfig, serve, sign
-from kie_extend.states import JobState
+from kie_extend.jobs.states import JobState
 
 SECRET = "whk-0123456789abcdef"
 TASK = "3f1c9a0b7d2e4c55a8e1b0f6d9c2e711"

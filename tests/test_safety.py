@@ -21,19 +21,19 @@ import redis
 
 from inline import Harness, harness_factory, sample_request
 from kie_extend.api import enqueue_extend
-from kie_extend.admission import Admission
-from kie_extend.breaker import Breaker
-from kie_extend.embedded import EmbeddedValkey
+from kie_extend.admission.queues import Admission
+from kie_extend.admission.breaker import Breaker
+from kie_extend.infra.embedded import EmbeddedValkey
 from kie_extend.errors import JobExistsError
-from kie_extend.gates import Gates
-from kie_extend.invariants import Invariants
-from kie_extend.keys import Keys
-from kie_extend.models import parse_request
-from kie_extend.receiver import callback_task_id, signature_ok
-from kie_extend.runtime import Runtime
+from kie_extend.admission.gates import Gates
+from kie_extend.store.invariants import Invariants
+from kie_extend.store.keys import Keys
+from kie_extend.jobs.request import parse_request
+from kie_extend.http.receiver import callback_task_id, signature_ok
+from kie_extend.infra.runtime import Runtime
 from kie_extend.simulator import SimConfig, SimServer, serve
-from kie_extend.states import JobState
-from kie_extend.store import JobStore
+from kie_extend.jobs.states import JobState
+from kie_extend.store.jobstore import JobStore
 
 
 @pytest.fixture
@@ -228,7 +228,7 @@ def test_doctor_command(make_settings: Callable[..., Any], valkey: EmbeddedValke
     rt = Runtime(settings)
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("KIE_")},
            "KIE_REDIS_URL": valkey.url, "KIE_KEY_PREFIX": prefix}
-    cmd = [sys.executable, "-m", "kie_extend.cli", "doctor", "--grace", "0"]
+    cmd = [sys.executable, "-m", "kie_extend.cli.main", "doctor", "--grace", "0"]
     clean = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert clean.returncode == 0 and "0 violation(s)" in clean.stdout, clean.stdout + clean.stderr
     rt.store.transition("lost1", JobState.QUEUED, expect=[None], fields={"created_ts": time.time()})
@@ -279,7 +279,7 @@ def test_reused_job_id(harness: Callable[..., Harness], make_settings: Callable[
     job = str(uuid.uuid4())
     h.pipeline.accept(job, req(h.sim, title="first"))
     h.drain()
-    with caplog.at_level(logging.INFO, logger="kie_extend.pipeline"):
+    with caplog.at_level(logging.INFO, logger="kie_extend.jobs.pipeline"):
         h.pipeline.accept(job, req(h.sim, title="first"))  # a redelivery: quiet
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
         h.pipeline.accept(job, req(h.sim, title="second"))  # another request under the same id
@@ -303,7 +303,7 @@ def test_continue_at_below_one_second_warns() -> None:
 def test_scripts_run_on_a_redis_cluster(tmp_path: Any) -> None:
     """A one-node Valkey cluster refuses any script whose keys span hash slots: the
     store, gates, breaker and sweep all run on it through redis-py's cluster client."""
-    from kie_extend.embedded import free_port, valkey_binary
+    from kie_extend.infra.embedded import free_port, valkey_binary
 
     port = free_port()
     while port + 10000 > 65535:  # a cluster node also listens on port + 10000 (the cluster bus)

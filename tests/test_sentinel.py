@@ -8,8 +8,9 @@ import redis
 
 from ha_cluster import SentinelCluster
 from kie_extend.config import Settings
-from kie_extend.keys import Keys
-from kie_extend.runtime import Runtime, redis_client
+from kie_extend.store.keys import Keys
+from kie_extend.infra.clients import redis_client
+from kie_extend.infra.runtime import Runtime
 
 
 def test_redis_client_on_a_sentinel_url_reaches_the_master(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from kie_extend.api import enqueue_extend, get_job
-from kie_extend.devstack import DevStack
+from kie_extend.cli.devstack import DevStack
 from kie_extend.simulator import SimConfig, main, mp3_bytes, serve
 from kie_extend.simulator.state import StateError
 

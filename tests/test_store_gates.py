@@ -8,12 +8,12 @@ import time
 
 import pytest
 
-from kie_extend.admission import Admission
-from kie_extend.gates import Gates
-from kie_extend.keys import Keys
-from kie_extend.runtime import Runtime
-from kie_extend.states import JobState
-from kie_extend.store import IllegalTransition
+from kie_extend.admission.queues import Admission
+from kie_extend.admission.gates import Gates
+from kie_extend.store.keys import Keys
+from kie_extend.infra.runtime import Runtime
+from kie_extend.jobs.states import JobState
+from kie_extend.store.jobstore import IllegalTransition
 
 
 def test_transition_compare_and_set(make_settings):

@@ -27,9 +27,9 @@ import requests
 from kie_extend.api import enqueue_extend, enqueue_many
 from kie_extend.config import Settings
 from kie_extend.errors import AccountError, ConfigError, ConnectError, InvalidRequestError, ValidationError
-from kie_extend.probe import probe_audio
+from kie_extend.provider.audio_probe import probe_audio
 from kie_extend.simulator import SimConfig, SimServer, mp3_bytes, mp3_duration, serve
-from kie_extend.uploads import upload_file
+from kie_extend.provider.uploads import upload_file
 
 KEY = "test-key-0123456789"  # the key make_settings configures; the simulator accepts only it
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -298,7 +298,7 @@ def _cli(args: list[str], settings: Settings, sim: SimServer, cwd: Path) -> subp
     env.update({"KIE_REDIS_URL": settings.redis_url, "KIE_UPLOAD_BASE_URL": sim.url, "KIE_API_KEY": KEY,
                 "KIE_QUEUE": settings.queue, "KIE_KEY_PREFIX": settings.key_prefix,
                 "KIE_ALLOW_PRIVATE_URLS": "true"})
-    return subprocess.run([sys.executable, "-m", "kie_extend.cli", "enqueue", *args], env=env, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "kie_extend.cli.main", "enqueue", *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=60)
 
 

@@ -1,4 +1,4 @@
-"""Unit tests for client-side request validation (kie_extend.models)."""
+"""Unit tests for client-side request validation (kie_extend.jobs.request)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kie_extend.errors import ValidationError
-from kie_extend.models import (
+from kie_extend.jobs.request import (
     LEGACY_MODELS,
     LENGTH_LIMITS,
     MAX_AUDIO_SECONDS,

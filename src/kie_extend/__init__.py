@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .api import cancel, cancel_batch, enqueue_extend, enqueue_many, get_batch, get_job, pause, resume, upload_audio
-from .config import Settings, load_settings
-from .errors import KieExtendError, ValidationError
-from .states import TERMINAL, JobState
+from kie_extend.api import cancel, cancel_batch, enqueue_extend, enqueue_many, get_batch, get_job, pause, resume, upload_audio
+from kie_extend.config import Settings, load_settings
+from kie_extend.errors import KieExtendError, ValidationError
+from kie_extend.jobs.states import TERMINAL, JobState
 
 __version__ = "0.1.0"
 

@@ -14,18 +14,18 @@ from typing import Any, Iterable, TypeVar
 from celery import Celery
 from redis.exceptions import RedisError
 
-from .config import Settings, load_settings
-from .endpoints import configure_broker
-from .errors import ConfigError, IdempotencyConflictError, JobExistsError, KieExtendError, ValidationError
-from .events import now_iso, status_record
-from .idempotency import Idempotency, kwargs_digest, request_fingerprint
-from .ids import id_problem, is_valid
-from .intake import EXTEND_OPTIONS, check_message, require
-from .probe import AUDIO_FILE_FIELD, AudioInfo, probe_audio
-from .runtime import Runtime
-from .states import JobState
-from .transport import broker_conf
-from .uploads import UPLOAD_TIMEOUT, UploadedAudio, upload_file
+from kie_extend.config import Settings, load_settings
+from kie_extend.infra.transport import configure_broker
+from kie_extend.errors import ConfigError, IdempotencyConflictError, JobExistsError, KieExtendError, ValidationError
+from kie_extend.jobs.events import now_iso, status_record
+from kie_extend.jobs.idempotency import Idempotency, kwargs_digest, request_fingerprint
+from kie_extend.jobs.ids import id_problem, is_valid
+from kie_extend.jobs.intake import EXTEND_OPTIONS, check_message, require
+from kie_extend.provider.audio_probe import AUDIO_FILE_FIELD, AudioInfo, probe_audio
+from kie_extend.infra.runtime import Runtime
+from kie_extend.jobs.states import JobState
+from kie_extend.infra.transport import broker_conf
+from kie_extend.provider.uploads import UPLOAD_TIMEOUT, UploadedAudio, upload_file
 
 log = logging.getLogger("kie_extend.api")
 
@@ -55,10 +55,10 @@ def _credentials_named(func: _F) -> _F:
         except KieExtendError:
             raise
         except Exception as exc:
-            from .cli_errors import _endpoint
-            from .infra_check import InfraUnavailable, classify
+            from kie_extend.cli.errors import _endpoint
+            from kie_extend.infra.check import InfraUnavailable, classify
 
-            from .infra import is_infra_error
+            from kie_extend.infra.errors import is_infra_error
 
             if not (is_infra_error(exc) or isinstance(exc, RedisError)) or classify(exc)[0] != "refused_credentials":
                 raise
@@ -289,7 +289,7 @@ def _refuse_reused_keys(settings: Settings, rt: Runtime, idem: Idempotency, ids:
     another request (stored, or an earlier message of this call); each refused message is recorded first as a failed job with its own event
     (unless its id already has a record). A message whose request is not final yet (a file to
     upload) is left to the worker, which decides the same way."""
-    from .pipeline import Pipeline
+    from kie_extend.jobs.pipeline import Pipeline
 
     tenant_of = {i: m.get("tenant") or settings.default_tenant for i, m in enumerate(messages)}
     keyed = [i for i, m in enumerate(messages) if m.get("idempotency_key") and i not in skip]
@@ -435,7 +435,7 @@ def get_job(job_id: str, *, settings: Settings | None = None) -> dict[str, Any]:
 def cancel(job_id: str, *, settings: Settings | None = None) -> bool:
     """Cancel a job not yet sent to KIE; False when it is unknown, finished, or already sent (KIE
     has no cancel call: a sent job keeps going). Cancel and submit never both happen."""
-    from .pipeline import Pipeline
+    from kie_extend.jobs.pipeline import Pipeline
 
     if not is_valid("job_id", job_id):
         return False
@@ -446,8 +446,8 @@ def cancel(job_id: str, *, settings: Settings | None = None) -> bool:
 @_credentials_named
 def cancel_batch(batch_id: str, *, settings: Settings | None = None) -> int:
     """Cancel every job of a batch not yet sent (and any that arrives later); returns how many."""
-    from .batches import cancel_batch as _cancel_batch
-    from .pipeline import Pipeline
+    from kie_extend.jobs.batches import cancel_batch as _cancel_batch
+    from kie_extend.jobs.pipeline import Pipeline
 
     rt = _runtime(_settings(settings))
     return _cancel_batch(rt, batch_id, Pipeline(rt).cancel_many)
@@ -457,7 +457,7 @@ def cancel_batch(batch_id: str, *, settings: Settings | None = None) -> int:
 def get_batch(batch_id: str, *, settings: Settings | None = None) -> dict[str, Any]:
     """``{"batch_id", "total", "counts": {state: n}, "finished", "cancelled", "created_at",
     "finished_at"}``, or ``{"batch_id", "state": "not_found"}``."""
-    from .batches import get_batch as _get_batch
+    from kie_extend.jobs.batches import get_batch as _get_batch
 
     return _get_batch(_runtime(_settings(settings)), batch_id)
 

@@ -15,9 +15,9 @@ from pydantic import ValidationError as PydanticValidationError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
-from .endpoints import check_url
-from .errors import ConfigError
-from .ids import is_valid, schema_pattern
+from kie_extend.infra.endpoints import check_url
+from kie_extend.errors import ConfigError
+from kie_extend.jobs.ids import is_valid, schema_pattern
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -132,7 +132,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: str = "text"
 
-    # Redis endpoints: Sentinel and start-up checks (endpoints.py, preflight.py).
+    # Redis endpoints: Sentinel and start-up checks (infra/endpoints.py, infra/preflight.py).
     sentinel_master: str = Field("mymaster", min_length=1)  # master name, for sentinel:// URLs
     sentinel_password: SecretStr | None = None  # the sentinels' own password, when they require one
     allow_eviction: bool = False  # start even if Redis may evict keys (a loud warning instead)
@@ -153,12 +153,12 @@ class Settings(BaseSettings):
     sweep_interval: Duration = 60.0  # how often one beat checks every unfinished job is on a schedule
     sweep_grace: Duration = 30.0  # a job must be this long in its state before the sweep repairs it
     admission: Literal["fair", "arrival"] = "fair"  # who gets a free slot: priority/tenants/age, or arrival order
-    default_tenant: str = Field("default", pattern=schema_pattern("tenant"))  # tenant of jobs that name none (ids.py)
+    default_tenant: str = Field("default", pattern=schema_pattern("tenant"))  # tenant of jobs that name none (jobs/ids.py)
     # per-tenant caps on top of the account's rate: "svc-a=5/10s,svc-b=30/1m"
     tenant_limits: Annotated[dict[str, tuple[int, float]], NoDecode] = Field(default_factory=dict)
     redis_socket_timeout: Duration = 15.0  # job store: a reply slower than this counts as lost (the command is re-sent)
     empty_success_polls: int = Field(3, ge=0)  # re-polls of a SUCCESS without audio before failing
-    # -- provider unreachable (reach.py): connect failures and edge 5xx pause submission ---------------
+    # -- provider unreachable (admission/reach.py): connect failures and edge 5xx pause submission ---------------
     unreachable_threshold: int = Field(3, ge=1)  # such failures (any workers) within the window: unreachable
     unreachable_window: Duration = 30.0  # seconds from the first failure in which the threshold must be met
     unreachable_probe_interval: Duration = 5.0  # one credit probe per interval while unreachable

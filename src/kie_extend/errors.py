@@ -22,7 +22,7 @@
 
 `error_for_code` is the one place a provider code becomes an exception; `retry_delay` is the one
 place that decides how long to wait before trying again; `is_unreachable` and `costs_nothing` say
-which errors mean "KIE cannot be reached" (they pause submission for everyone, see reach.py) and
+which errors mean "KIE cannot be reached" (they pause submission for everyone, see admission/reach.py) and
 which of those provably never reached KIE (a submission that met one keeps its attempt). Constructor arguments stay plain strings
 and ints so Celery can rebuild them, and nothing in them ever carries the API key.
 """
@@ -166,7 +166,7 @@ class UnavailableError(ProviderCodeError):
 class EdgeError(UnavailableError):
     """A 5xx from something in front of KIE (a proxy, load balancer or CDN): the HTTP status is one
     of :data:`EDGE_STATUSES` and the body is not KIE's JSON envelope. KIE itself did not answer, so
-    this counts towards "provider unreachable" (reach.py) like a refused connection."""
+    this counts towards "provider unreachable" (admission/reach.py) like a refused connection."""
 
     @property
     def may_have_reached(self) -> bool:
@@ -245,7 +245,7 @@ def is_unreachable(exc: BaseException) -> bool:
     """Whether ``exc`` says no answer came from KIE itself: a connect-level failure (refused, DNS,
     TLS, connect timeout; :class:`ConnectError`), an edge's 5xx (:class:`EdgeError`), or a request
     that went out and got no answer (read timeout, dropped; :class:`OutcomeUnknownError`, which
-    keeps its own never-resend handling: it only counts towards the pause, see reach.py)."""
+    keeps its own never-resend handling: it only counts towards the pause, see admission/reach.py)."""
     return isinstance(exc, (TransportError, EdgeError))
 
 

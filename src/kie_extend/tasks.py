@@ -3,7 +3,7 @@
 Stable names (other producers send them by name): ``kie_extend.extend``. Internal:
 ``kie_extend.poll`` (a due job's next step), ``kie_extend.deliver`` (one handler delivery),
 ``kie_extend.tick`` (hands due work to workers; beat runs it in-process every KIE_TICK_INTERVAL,
-see beat.py, and it can also be sent as a message).
+see admission/beat.py, and it can also be sent as a message).
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from typing import Any, NoReturn
 from celery import Celery, Task
 from celery.exceptions import Reject
 
-from .delivery import Delivery
-from .infra import MAX_UNEXPECTED_RETRIES, is_infra_error, retry_delay
-from .ids import derived_job_id, is_valid, rule
-from .intake import POSITIONAL_FIELD
-from .pipeline import Pipeline
-from .runtime import Runtime
-from .scheduler import Scheduler
+from kie_extend.handlers.delivery import Delivery
+from kie_extend.infra.errors import MAX_UNEXPECTED_RETRIES, is_infra_error, retry_delay
+from kie_extend.jobs.ids import derived_job_id, is_valid, rule
+from kie_extend.jobs.intake import POSITIONAL_FIELD
+from kie_extend.jobs.pipeline import Pipeline
+from kie_extend.infra.runtime import Runtime
+from kie_extend.admission.tick import Scheduler
 
 log = logging.getLogger("kie_extend.tasks")
 
@@ -154,7 +154,7 @@ def bad_id_reason(raw: Any) -> str:
 
 def record_bad_task_id(pipeline: Pipeline, raw: Any) -> str:
     """Record a message whose task id breaks the id grammar: never under that id, but as a
-    ``failed / invalid_request`` job under :func:`~kie_extend.ids.derived_job_id` (the same message
+    ``failed / invalid_request`` job under :func:`~kie_extend.jobs.ids.derived_job_id` (the same message
     always maps to the same id, so a redelivery changes nothing), counted as ``bad_job_ids``.
     Returns the derived id."""
     job_id = derived_job_id(raw)

@@ -13,10 +13,10 @@ from typing import Any, NoReturn
 
 from celery import Celery, signals
 
-from .config import Settings, load_settings
-from .errors import ConfigError
-from .endpoints import configure_broker
-from .transport import broker_conf
+from kie_extend.config import Settings, load_settings
+from kie_extend.errors import ConfigError
+from kie_extend.infra.transport import configure_broker
+from kie_extend.infra.transport import broker_conf
 
 #: Seconds a cold shutdown waits for running tasks before requeueing their messages.
 SOFT_SHUTDOWN_TIMEOUT = 10.0
@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         # A broker that is down or refuses our credentials is retried until it answers (Celery's
         # default gives up after 100 attempts); each attempt logs why (infra_check.BrokerRetryNote).
         broker_connection_max_retries=None,
-        worker_consumer="kie_extend.consumer:KieConsumer",
+        worker_consumer="kie_extend.infra.consumer:KieConsumer",
         # Cold shutdown (SIGQUIT, or SIGTERM remapped by REMAP_SIGTERM=SIGQUIT) first waits this
         # long for running tasks, then hands every unacknowledged message, countdown retries
         # included, straight back to the broker instead of leaving it to the visibility timeout;
@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         worker_soft_shutdown_timeout=SOFT_SHUTDOWN_TIMEOUT,
         worker_enable_soft_shutdown_on_idle=True,
         timezone="UTC",
-        beat_scheduler="kie_extend.beat:TickScheduler",
+        beat_scheduler="kie_extend.admission.beat:TickScheduler",
         beat_schedule={
             "kie-extend-tick": {
                 "task": "kie_extend.tick",
@@ -62,7 +62,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     configure_broker(app, settings)
     app.kie_settings = settings  # type: ignore[attr-defined]
     _check_handlers(settings)
-    from . import tasks
+    from kie_extend import tasks
 
     tasks.register(app)
     return app
@@ -70,9 +70,9 @@ def create_app(settings: Settings | None = None) -> Celery:
 
 def _check_handlers(settings: Settings) -> None:
     """Build every configured handler once, so a bad KIE_HANDLERS stops start-up with its reason."""
-    from .handlers import HandlerContext, build_handlers
-    from .keys import Keys
-    from .runtime import settings_redis
+    from kie_extend.handlers import HandlerContext, build_handlers
+    from kie_extend.store.keys import Keys
+    from kie_extend.infra.clients import settings_redis
 
     build_handlers(settings.handlers, HandlerContext(settings, settings_redis(settings),
                                                      Keys(settings.key_prefix)))
@@ -104,7 +104,7 @@ def _refuse(message: str) -> NoReturn:
     """Print ``error: message`` on stderr (a traceback too under KIE_LOG_LEVEL=DEBUG) and exit 5.
 
     SystemExit, because Celery prints a traceback for, or logs and swallows, anything else."""
-    from .cli_errors import EXIT_CONFIG, debug_requested, mask_text
+    from kie_extend.cli.errors import EXIT_CONFIG, debug_requested, mask_text
 
     if debug_requested():
         traceback.print_exc()
@@ -130,19 +130,19 @@ def _preflight(app: Any, process: str) -> None:
     settings = getattr(app, "kie_settings", None)
     if settings is None:  # an app not built by create_app
         return
-    from .cli_errors import EXIT_CONFIG
-    from .logs import setup_logging
-    from .preflight import run
+    from kie_extend.cli.errors import EXIT_CONFIG
+    from kie_extend.infra.logs import setup_logging
+    from kie_extend.infra.preflight import run
 
     # The worker sends worker_init before it configures logging: configure it now (idempotent).
     setup_logging(settings.log_level, settings.log_format, [settings.api_key_value()])
-    from .infra_check import BrokerRetryNote
+    from kie_extend.infra.check import BrokerRetryNote
 
     BrokerRetryNote.install(settings)  # "cannot connect to the broker" lines name the setting and why
     try:
         run(settings, process)
     except ConfigError as exc:
-        logging.getLogger("kie_extend.preflight").critical("%s refuses to start: %s", process, exc)
+        logging.getLogger("kie_extend.infra.preflight").critical("%s refuses to start: %s", process, exc)
         raise SystemExit(EXIT_CONFIG) from None
     _migrate(settings)
 
@@ -150,18 +150,18 @@ def _preflight(app: Any, process: str) -> None:
 def _migrate(settings: Settings) -> None:
     """Move data an earlier version wrote under old key names (README "Identifiers"); a failure is
     logged, never fatal (the next process to start tries again)."""
-    from .batches import migrate_legacy_job_lists
-    from .runtime import Runtime
+    from kie_extend.jobs.batches import migrate_legacy_job_lists
+    from kie_extend.infra.runtime import Runtime
 
     try:
         migrate_legacy_job_lists(Runtime(settings))
     except Exception as exc:
-        logging.getLogger("kie_extend.batches").warning("could not move old batch job lists: %s", exc)
+        logging.getLogger("kie_extend.jobs.batches").warning("could not move old batch job lists: %s", exc)
 
 
 @signals.setup_logging.connect
 def _setup_logging(**_: Any) -> None:
-    from .logs import setup_logging
+    from kie_extend.infra.logs import setup_logging
 
     settings = _app.kie_settings if _app is not None else load_settings()  # type: ignore[attr-defined]
     setup_logging(settings.log_level, settings.log_format, [settings.api_key_value()])

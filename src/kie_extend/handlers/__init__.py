@@ -2,7 +2,7 @@
 
 A handler gets every terminal job's event once its job finishes, at least once, with a stable
 dedup key ``{job_id}:{event}``. Raising means "try again later"; the delivery machinery
-(:mod:`kie_extend.delivery`) retries with backoff and dead-letters, and a failing handler never
+(:mod:`kie_extend.handlers.delivery`) retries with backoff and dead-letters, and a failing handler never
 affects the job or the other handlers.
 """
 
@@ -15,9 +15,9 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 import redis
 
-from ..config import Settings
-from ..errors import ConfigError
-from ..keys import Keys
+from kie_extend.config import Settings
+from kie_extend.errors import ConfigError
+from kie_extend.store.keys import Keys
 
 ENTRY_POINT_GROUP = "kie_extend.handlers"
 
@@ -56,7 +56,7 @@ def _builtin(name: str) -> Factory | None:
 def build_handler(name: str, ctx: HandlerContext) -> Handler:
     """The handler called ``name``: a built-in, ``callable:pkg.mod:func``, or an entry point."""
     if name.startswith("callable:"):
-        from .callable import CallableHandler
+        from kie_extend.handlers.callable import CallableHandler
 
         return CallableHandler(name, name.split(":", 1)[1])
     factory = _builtin(name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
-from ..errors import ConfigError
+from kie_extend.errors import ConfigError
 
 
 class CallableHandler:

@@ -3,7 +3,7 @@
 For each track the URLs are tried in the order KIE recommends:
 ``audio_url`` → ``source_audio_url`` → ``stream_audio_url`` → ``source_stream_audio_url``, empty
 ones skipped. Every URL, and every redirect it leads to, passes the SSRF guard
-(:func:`kie_extend.urlcheck.check_public_url`) first. A body is streamed into a temp file in the
+(:func:`kie_extend.provider.urlguard.check_public_url`) first. A body is streamed into a temp file in the
 job's directory and accepted only when it is non-empty, under :data:`MAX_AUDIO_BYTES`, served with
 an audio (or generic binary) content type and starts with the magic bytes of MP3, WAV, OGG, FLAC
 or M4A; otherwise the next URL is tried (stream URLs have answered 200 with empty bodies). An
@@ -39,13 +39,13 @@ from urllib.parse import urljoin
 
 import requests
 
-from ..client import USER_AGENT
-from ..config import Settings
-from ..errors import KieExtendError
-from ..events import now_iso
-from ..fileio import write_atomic
-from ..urlcheck import check_public_url
-from . import HandlerContext
+from kie_extend.provider.client import USER_AGENT
+from kie_extend.config import Settings
+from kie_extend.errors import KieExtendError
+from kie_extend.jobs.events import now_iso
+from kie_extend.infra.fileio import write_atomic
+from kie_extend.provider.urlguard import check_public_url
+from kie_extend.handlers import HandlerContext
 
 log = logging.getLogger("kie_extend.handlers.download")
 

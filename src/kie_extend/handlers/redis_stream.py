@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from . import HandlerContext
+from kie_extend.handlers import HandlerContext
 
 # KEYS: dedup marker, stream. ARGV: ttl seconds, id field name (job_id, or batch_id for
 # batch.finished), its value, event name, payload JSON, max length.

@@ -6,7 +6,7 @@ Each request carries:
   bytes are what is signed;
 - ``Idempotency-Key: {job_id}:{event}``: the same on every repeat of a delivery (they are at least
   once), so a receiver can drop duplicates. Always printable ASCII: ids follow the id grammar
-  (ids.py); a non-ASCII one an earlier version accepted is sent percent-escaped (UTF-8);
+  (jobs/ids.py); a non-ASCII one an earlier version accepted is sent percent-escaped (UTF-8);
 - ``X-Kie-Extend-Timestamp``: unix seconds when the request was signed;
 - ``X-Kie-Extend-Signature: sha256=<hex HMAC-SHA256(secret, timestamp + "." + body)>`` when
   ``KIE_WEBHOOK_SECRET`` is set.
@@ -37,11 +37,11 @@ from urllib.parse import urlsplit
 
 import requests
 
-from ..client import USER_AGENT
-from ..config import Settings
-from ..errors import ConfigError, KieExtendError
-from ..ids import header_value
-from . import HandlerContext
+from kie_extend.provider.client import USER_AGENT
+from kie_extend.config import Settings
+from kie_extend.errors import ConfigError, KieExtendError
+from kie_extend.jobs.ids import header_value
+from kie_extend.handlers import HandlerContext
 
 #: Header carrying the delivery's stable dedup key.
 IDEMPOTENCY_HEADER = "Idempotency-Key"

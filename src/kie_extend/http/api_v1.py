@@ -19,20 +19,22 @@ from pydantic import WithJsonSchema
 from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 
-from .. import actions, api
-from ..actions import ActionResult
-from ..batches import get_batch, list_batches
-from ..errors import IdempotencyConflictError, JobExistsError, ValidationError, describe_problems
-from ..gates import check_pause_reason
-from ..ids import id_problem, rule
-from ..intake import EXTEND_KWARGS, EXTEND_OPTIONS, unknown_name_message
-from ..jsontext import DuplicateKeyError
-from ..listing import DEFAULT_LIMIT, MAX_LIMIT, list_jobs
-from ..metrics import overview
-from ..states import JobState
-from .auth import Auth, Principal
-from .limits import TooDeep, loads
-from .schemas import (BATCH_ID_SCHEMA_PATTERN, CURSOR_SCHEMA_PATTERN, JOB_ID_SCHEMA_PATTERN, MAX_JOBS_PER_REQUEST,
+from kie_extend import api
+
+from kie_extend.jobs import actions
+from kie_extend.jobs.actions import ActionResult
+from kie_extend.jobs.batches import get_batch, list_batches
+from kie_extend.errors import IdempotencyConflictError, JobExistsError, ValidationError, describe_problems
+from kie_extend.admission.gates import check_pause_reason
+from kie_extend.jobs.ids import id_problem, rule
+from kie_extend.jobs.intake import EXTEND_KWARGS, EXTEND_OPTIONS, unknown_name_message
+from kie_extend.infra.jsontext import DuplicateKeyError
+from kie_extend.jobs.listing import DEFAULT_LIMIT, MAX_LIMIT, list_jobs
+from kie_extend.infra.metrics import overview
+from kie_extend.jobs.states import JobState
+from kie_extend.http.auth import Auth, Principal
+from kie_extend.http.limits import TooDeep, loads
+from kie_extend.http.schemas import (BATCH_ID_SCHEMA_PATTERN, CURSOR_SCHEMA_PATTERN, JOB_ID_SCHEMA_PATTERN, MAX_JOBS_PER_REQUEST,
                       MAX_PAUSE_REASON, Batch, BatchCancelled, BatchList, BatchSubmission, CancelOutcome, ErrorBody,
                       JobAccepted, JobPage, JobRecord, JobsAccepted, JobSubmission, PauseRequest, PauseState,
                       ResumeOutcome, RetryOutcome, SystemOverview)

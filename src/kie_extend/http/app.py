@@ -19,15 +19,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from ..config import Settings
-from ..errors import describe_problems
-from ..infra import is_infra_error
-from ..intake import JOB_ID_PATTERN
-from ..receiver import callback_task_id, signature_ok
-from ..runtime import Runtime
-from .auth import Auth, FailureLimit, Revocations, parse_tokens
-from .health import Readiness, Throttled
-from .limits import BodyLimit, Limits, TooDeep, loads
+from kie_extend.config import Settings
+from kie_extend.errors import describe_problems
+from kie_extend.infra.errors import is_infra_error
+from kie_extend.jobs.intake import JOB_ID_PATTERN
+from kie_extend.http.receiver import callback_task_id, signature_ok
+from kie_extend.infra.runtime import Runtime
+from kie_extend.http.auth import Auth, FailureLimit, Revocations, parse_tokens
+from kie_extend.http.health import Readiness, Throttled
+from kie_extend.http.limits import BodyLimit, Limits, TooDeep, loads
 
 log = logging.getLogger("kie_extend.http")
 
@@ -63,7 +63,7 @@ def create_app(settings: Settings, *, parts: Iterable[str] = PARTS, runtime: Run
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown parts: {sorted(unknown)}")
-    from ..pipeline import Pipeline
+    from kie_extend.jobs.pipeline import Pipeline
 
     rt = runtime or Runtime(settings)
     app = FastAPI(title="kie-extend", version=_version(),
@@ -136,19 +136,19 @@ def create_app(settings: Settings, *, parts: Iterable[str] = PARTS, runtime: Run
 
     @app.get("/metrics", include_in_schema=False, response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
-        from ..metrics import render
+        from kie_extend.infra.metrics import render
 
         return PlainTextResponse(render(rt), media_type="text/plain; version=0.0.4")
 
     if "callbacks" in parts:
         _callbacks(app, settings)
     if "api" in parts:
-        from .api_v1 import install
+        from kie_extend.http.api_v1 import install
 
         install(app)
         _docs(app)
     if "dashboard" in parts:
-        from .dashboard import mount as mount_dashboard
+        from kie_extend.http.dashboard import mount as mount_dashboard
 
         mount_dashboard(app)
     return app
@@ -244,6 +244,6 @@ def _field_loc(loc: Iterable[Any]) -> list[Any]:
 
 
 def _version() -> str:
-    from .. import __version__
+    from kie_extend import __version__
 
     return __version__

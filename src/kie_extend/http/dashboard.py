@@ -27,14 +27,14 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from ..batches import cancel_batch, get_batch
-from ..delivery import Delivery
-from ..endpoints import mask_url
-from ..errors import ValidationError
-from ..gates import MAX_PAUSE_REASON
-from ..intake import JOB_ID_PATTERN
-from . import dashboard_data as data
-from .auth import SESSION_COOKIE, SESSION_MAX_AGE, Principal, client_address
+from kie_extend.jobs.batches import cancel_batch, get_batch
+from kie_extend.handlers.delivery import Delivery
+from kie_extend.infra.endpoints import mask_url
+from kie_extend.errors import ValidationError
+from kie_extend.admission.gates import MAX_PAUSE_REASON
+from kie_extend.jobs.intake import JOB_ID_PATTERN
+from kie_extend.http import dashboard_data as data
+from kie_extend.http.auth import SESSION_COOKIE, SESSION_MAX_AGE, Principal, client_address
 
 log = logging.getLogger("kie_extend.http.dashboard")
 

@@ -1,6 +1,6 @@
 """What the dashboard's pages show, read from the job store (no HTTP, no templates here).
 
-Every function takes the process's :class:`~kie_extend.runtime.Runtime` and returns plain dicts and
+Every function takes the process's :class:`~kie_extend.infra.runtime.Runtime` and returns plain dicts and
 lists for the templates. Listings read the state indexes (sorted sets scored by creation time), so
 "newest first" is by creation; filters that have no index of their own (tenant, a state inside a
 batch) look at the newest :data:`SCAN_LIMIT` candidates only, and the page says so.
@@ -15,14 +15,14 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from ..batches import get_batch, list_batches
-from ..events import status_record
-from ..idempotency import Idempotency
-from ..metrics import merge_bins, minute_series, quantile
-from ..metrics import overview as metrics_overview
-from . import charts as svg
-from ..runtime import Runtime
-from ..states import TERMINAL, JobState
+from kie_extend.jobs.batches import get_batch, list_batches
+from kie_extend.jobs.events import status_record
+from kie_extend.jobs.idempotency import Idempotency
+from kie_extend.infra.metrics import merge_bins, minute_series, quantile
+from kie_extend.infra.metrics import overview as metrics_overview
+from kie_extend.http import charts as svg
+from kie_extend.infra.runtime import Runtime
+from kie_extend.jobs.states import TERMINAL, JobState
 
 #: Rows per page of the jobs table.
 PAGE_SIZE = 50

@@ -17,9 +17,9 @@ import threading
 import time
 from typing import Any
 
-from ..config import Settings
-from ..infra_check import PROBE_TIMEOUT, InfraProbe
-from ..runtime import REDIS_OPTIONS
+from kie_extend.config import Settings
+from kie_extend.infra.check import PROBE_TIMEOUT, InfraProbe
+from kie_extend.infra.clients import REDIS_OPTIONS
 
 #: Seconds a readiness check may take in all (each connection attempt gets the same bound).
 READY_TIMEOUT = PROBE_TIMEOUT

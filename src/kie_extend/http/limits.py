@@ -33,7 +33,7 @@ from typing import Any, Awaitable, Callable
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ..jsontext import loads_unique
+from kie_extend.infra.jsontext import loads_unique
 
 Scope = dict[str, Any]
 Message = dict[str, Any]

@@ -20,15 +20,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, RootModel, WithJsonSchema
 
-from ..ids import TEXT_SCHEMA_PATTERN, rule, schema_pattern
-from ..intake import MAX_IDEMPOTENCY_KEY, MAX_REQUEST_BYTES
-from ..listing import MAX_LIMIT
-from ..models import _MODEL_ORDER, LENGTH_LIMITS, V6_MODELS
+from kie_extend.jobs.ids import TEXT_SCHEMA_PATTERN, rule, schema_pattern
+from kie_extend.jobs.intake import MAX_IDEMPOTENCY_KEY, MAX_REQUEST_BYTES
+from kie_extend.jobs.listing import MAX_LIMIT
+from kie_extend.jobs.request import _MODEL_ORDER, LENGTH_LIMITS, V6_MODELS
 
 #: Most jobs one ``POST /v1/jobs`` may carry (larger sets: several requests with the same batch_id).
 MAX_JOBS_PER_REQUEST = 1000
 
-#: Job ids, tenant names and batch ids: the one id grammar (ids.py) in JSON Schema's spelling.
+#: Job ids, tenant names and batch ids: the one id grammar (jobs/ids.py) in JSON Schema's spelling.
 JOB_ID_SCHEMA_PATTERN = schema_pattern("job_id")
 TENANT_SCHEMA_PATTERN = schema_pattern("tenant")
 #: Batch ids as documented: printable ASCII without ``|`` (the API also takes other printable characters).
@@ -134,7 +134,7 @@ def extend_request_schema() -> dict[str, Any]:
 
 
 class ExtendRequest(RootModel[dict[str, Any]]):
-    """KIE's request body; its JSON Schema is :func:`extend_request_schema` (validation is ``models.py``'s)."""
+    """KIE's request body; its JSON Schema is :func:`extend_request_schema` (validation is ``jobs/request.py``'s)."""
 
     @classmethod
     def __get_pydantic_json_schema__(cls, core_schema: Any, handler: GetJsonSchemaHandler) -> dict[str, Any]:
@@ -326,7 +326,7 @@ class BatchCancelled(BaseModel):
     cancelled: int
 
 
-from ..gates import MAX_PAUSE_REASON  # noqa: E402 - the domain's limit, stated in the schema
+from kie_extend.admission.gates import MAX_PAUSE_REASON  # noqa: E402 - the domain's limit, stated in the schema
 
 
 class PauseRequest(BaseModel):

@@ -10,13 +10,13 @@ Knobs: `SimConfig` (env `KIE_SIM_<KNOB>`, CLI `--knob-name`). State lives in mem
 given (`--state-file`, env `KIE_SIM_STATE_FILE`; module `state`): then a restarted simulator still knows its tasks.
 """
 
-from .audio import audio_duration, mp3_bytes, mp3_duration, png_bytes, wav_bytes
-from .callbacks import sign
-from .cli import main
-from .config import SimConfig
-from .core import Simulator
-from .protocol import SimReply, SimRequest
-from .server import SimServer, serve
+from kie_extend.simulator.audio import audio_duration, mp3_bytes, mp3_duration, png_bytes, wav_bytes
+from kie_extend.simulator.callbacks import sign
+from kie_extend.simulator.cli import main
+from kie_extend.simulator.config import SimConfig
+from kie_extend.simulator.core import Simulator
+from kie_extend.simulator.protocol import SimReply, SimRequest
+from kie_extend.simulator.server import SimServer, serve
 
 __all__ = [
     "SimConfig",

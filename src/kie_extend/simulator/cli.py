@@ -9,9 +9,9 @@ import sys
 import threading
 from typing import Any
 
-from .config import SimConfig
-from .server import serve
-from .state import StateError
+from kie_extend.simulator.config import SimConfig
+from kie_extend.simulator.server import serve
+from kie_extend.simulator.state import StateError
 
 
 def build_parser() -> argparse.ArgumentParser:

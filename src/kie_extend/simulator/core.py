@@ -12,17 +12,17 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import files
-from .callbacks import Scheduler, post_callback
-from .config import SimConfig
-from .jobs import FAIL_CODES, RESULT_SHAPES, JobsTask, legacy_view, validate_create_task
-from .limits import RollingLimiter
-from .protocol import SimReply, SimRequest, envelope, json_reply
-from .rules import SourceFetchError, validate_submit
-from .state import StateFile
-from .stats import Stats
-from .tasks import Take, Task
-from .uploads import UploadStore
+from kie_extend.simulator import files
+from kie_extend.simulator.callbacks import Scheduler, post_callback
+from kie_extend.simulator.config import SimConfig
+from kie_extend.simulator.jobs import FAIL_CODES, RESULT_SHAPES, JobsTask, legacy_view, validate_create_task
+from kie_extend.simulator.limits import RollingLimiter
+from kie_extend.simulator.protocol import SimReply, SimRequest, envelope, json_reply
+from kie_extend.simulator.rules import SourceFetchError, validate_submit
+from kie_extend.simulator.state import StateFile
+from kie_extend.simulator.stats import Stats
+from kie_extend.simulator.tasks import Take, Task
+from kie_extend.simulator.uploads import UploadStore
 
 SUBMIT = "POST /api/v1/generate/upload-extend"
 POLL = "GET /api/v1/generate/record-info"

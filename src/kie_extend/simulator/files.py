@@ -10,14 +10,14 @@ from urllib.parse import unquote, urlsplit
 
 import requests
 
-from .audio import audio_duration, mp3_bytes, png_bytes
-from .protocol import SimReply, SimRequest, envelope, json_reply, raw_reply, upload_error
-from .rules import SourceFetchError
-from .tasks import CALLBACK_EXCEPTION, FIRST_SUCCESS, SUCCESS
-from .uploads import FormPart, decode_base64, guess_mime, parse_multipart, storage_path
+from kie_extend.simulator.audio import audio_duration, mp3_bytes, png_bytes
+from kie_extend.simulator.protocol import SimReply, SimRequest, envelope, json_reply, raw_reply, upload_error
+from kie_extend.simulator.rules import SourceFetchError
+from kie_extend.simulator.tasks import CALLBACK_EXCEPTION, FIRST_SUCCESS, SUCCESS
+from kie_extend.simulator.uploads import FormPart, decode_base64, guess_mime, parse_multipart, storage_path
 
 if TYPE_CHECKING:
-    from .core import Simulator
+    from kie_extend.simulator.host import SimHost
 
 SOURCE_RE = re.compile(r"^/files/source/(\d+(?:\.\d+)?)s\.mp3$")
 _TAKE = re.compile(r"^/files/(audio|source-audio|stream|source-stream|image|source-image)/([0-9a-f]{32})(?:\.\w+)?$")
@@ -32,7 +32,7 @@ def _not_found() -> SimReply:
     return envelope(404, "Not Found", status=404)
 
 
-def serve_file(sim: Simulator, req: SimRequest) -> SimReply:
+def serve_file(sim: SimHost, req: SimRequest) -> SimReply:
     """`GET /files/...`: source files of any nominal length, and the takes' audio and images."""
     served = sim.config.served_seconds
     match = SOURCE_RE.match(req.path)
@@ -53,13 +53,13 @@ def serve_file(sim: Simulator, req: SimRequest) -> SimReply:
     return raw_reply(mp3_bytes(min(take.duration, served), take.id.encode()), "audio/mpeg")
 
 
-def serve_upload(sim: Simulator, req: SimRequest) -> SimReply:
+def serve_upload(sim: SimHost, req: SimRequest) -> SimReply:
     """`GET /uploads/<filePath>`: an uploaded file until it expires."""
     upload = sim.uploads.get(unquote(req.path[len("/uploads/"):]), sim.upload_ttl())
     return raw_reply(upload.data, upload.mime) if upload else _not_found()
 
 
-def _store(sim: Simulator, req: SimRequest, data: bytes, mime: str | None, original: str | None,
+def _store(sim: SimHost, req: SimRequest, data: bytes, mime: str | None, original: str | None,
            upload_path: str | None, file_name: str | None, duration: float | None = None) -> SimReply:
     if not data:
         return upload_error(400, "file is empty")
@@ -81,7 +81,7 @@ def _opt(value: object) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
 
 
-def upload_stream(sim: Simulator, req: SimRequest) -> SimReply:
+def upload_stream(sim: SimHost, req: SimRequest) -> SimReply:
     """`POST /api/file-stream-upload` (multipart/form-data: file, uploadPath, fileName)."""
     _, denied = sim.authenticate(req)
     if denied:
@@ -105,7 +105,7 @@ def _json_body(req: SimRequest) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-def upload_base64(sim: Simulator, req: SimRequest) -> SimReply:
+def upload_base64(sim: SimHost, req: SimRequest) -> SimReply:
     """`POST /api/file-base64-upload` (JSON: base64Data, uploadPath, fileName)."""
     _, denied = sim.authenticate(req)
     if denied:
@@ -129,7 +129,7 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def upload_url(sim: Simulator, req: SimRequest) -> SimReply:
+def upload_url(sim: SimHost, req: SimRequest) -> SimReply:
     """`POST /api/file-url-upload` (JSON: fileUrl, uploadPath, fileName); fetches loopback URLs only."""
     _, denied = sim.authenticate(req)
     if denied:

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from .config import SimConfig
-from .rules import (LEGACY_MODELS, LENGTH_LIMITS, PERSONA_MODELS, V6_MODELS, DurationLookup, Rejection,
+from kie_extend.simulator.config import SimConfig
+from kie_extend.simulator.rules import (LEGACY_MODELS, LENGTH_LIMITS, PERSONA_MODELS, V6_MODELS, DurationLookup, Rejection,
                     check_source, weight_problem)
-from .tasks import FIRST_SUCCESS, GENERATE_AUDIO_FAILED, PENDING, TEXT_SUCCESS, Task, _snake
+from kie_extend.simulator.tasks import FIRST_SUCCESS, GENERATE_AUDIO_FAILED, PENDING, TEXT_SUCCESS, Task, _snake
 
 JOB_MODEL = "ai-music-api/upload-and-extend-audio"
 DEFAULT_MODEL = "V6"

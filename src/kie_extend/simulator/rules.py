@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from .config import SimConfig
+from kie_extend.simulator.config import SimConfig
 
 LEGACY_MODELS = ("V4", "V4_5", "V4_5PLUS", "V4_5ALL", "V5", "V5_5")
 V6_MODELS = ("V6", "V6_WILD", "V6_MINI")

@@ -12,9 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from urllib.parse import parse_qsl, urlsplit
 
-from .config import SimConfig
-from .core import Simulator
-from .protocol import SimReply, SimRequest, envelope
+from kie_extend.simulator.config import SimConfig
+from kie_extend.simulator.core import Simulator
+from kie_extend.simulator.protocol import SimReply, SimRequest, envelope
 
 MAX_BODY = 200 * 1024 * 1024
 

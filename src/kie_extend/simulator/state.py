@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..fileio import write_atomic
-from .jobs import JobsTask
-from .tasks import Take, Task
-from .uploads import Upload
+from kie_extend.infra.fileio import write_atomic
+from kie_extend.simulator.jobs import JobsTask
+from kie_extend.simulator.tasks import Take, Task
+from kie_extend.simulator.uploads import Upload
 
 if TYPE_CHECKING:
-    from .core import Simulator
+    from kie_extend.simulator.host import SimHost
 
 VERSION = 1
 
@@ -87,7 +87,7 @@ class StateFile:
         self.blobs.mkdir(parents=True, exist_ok=True)
         write_atomic(self._blob(upload.path), upload.data, sync_dir=True)
 
-    def save(self, sim: Simulator) -> None:
+    def save(self, sim: SimHost) -> None:
         """Write the whole state atomically; the caller holds ``sim.lock``."""
         uploads = [{"path": u.path, "mime": u.mime, "duration": u.duration, "created": _to_epoch(u.created),
                     "uploaded_at": u.uploaded_at} for u in sim.uploads.all()]
@@ -109,7 +109,7 @@ class StateFile:
                 if blob.name not in keep and not blob.name.startswith("."):
                     blob.unlink(missing_ok=True)
 
-    def load(self, sim: Simulator) -> int:
+    def load(self, sim: SimHost) -> int:
         """Restore ``sim`` from the file; returns how many tasks it knows (0 when there is no file).
         Raises StateError when the file is not simulator state."""
         try:

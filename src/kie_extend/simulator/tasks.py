@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .rules import MODEL_NAMES
+from kie_extend.simulator.rules import MODEL_NAMES
 
 PENDING = "PENDING"
 TEXT_SUCCESS = "TEXT_SUCCESS"

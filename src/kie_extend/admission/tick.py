@@ -1,0 +1,160 @@
+"""The tick: hands due work to workers. Beat runs it every KIE_TICK_INTERVAL (see beat.py).
+
+It releases parked jobs when there is room and no pause, claims what falls due before the next
+tick under a lease and sends it out with a countdown to its exact time, claims due handler
+deliveries, and, while submission is paused, lets one caller per KIE_PAUSE_PROBE_INTERVAL probe
+the provider's credit endpoint (one per KIE_UNREACHABLE_PROBE_INTERVAL while KIE cannot be reached,
+see reach.py). Every claim is one Lua script, so any number of beats is safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+from kie_extend import errors as E
+from kie_extend.jobs.events import now_iso
+from kie_extend.store.invariants import Invariants
+from kie_extend.infra.metrics import record_tick
+from kie_extend.infra.runtime import Dispatcher, Runtime
+
+log = logging.getLogger("kie_extend.admission.tick")
+
+#: Longest connect and read timeout (seconds) of the reachability probe, which runs in the tick.
+PROBE_TIMEOUT = 3.0
+#: Most jobs one tick's share of the invariant sweep looks at.
+SWEEP_BUDGET = 2000
+
+
+class Scheduler:
+    """One tick's worth of hand-outs, over the shared Redis schedules."""
+
+    def __init__(self, rt: Runtime, dispatcher: Dispatcher) -> None:
+        self.rt = rt
+        self.s = rt.settings
+        self.store = rt.store
+        self.gates = rt.gates
+        self.dispatch = dispatcher
+
+    def tick(self) -> dict[str, int]:
+        """Hand due work to workers: admitted jobs, due steps, due deliveries, expired deadlines,
+        the pause probe and, once per KIE_SWEEP_INTERVAL, the invariant sweep."""
+        now = time.time()
+        paused = self.gates.paused()
+        if paused and self.gates.take_probe_turn(self.s.pause_probe_interval):
+            self._probe(paused)
+        if self.rt.reach.probe_turn():
+            self._probe_reach()
+        # Admission decides at slot time, one tick ahead: the slots that free up before the next
+        # tick go to the jobs whose turn it is now (they land on the due schedule at their slot).
+        admitted = self.rt.admission.admit(self.s.claim_batch, horizon=self.s.tick_interval)
+        # Look one tick ahead: what falls due before the next tick goes out now as a short
+        # countdown, so a booked rate slot or a poll is not late by up to a whole tick.
+        due = self.store.claim_due(now + self.s.tick_interval, self.s.lease, self.s.claim_batch)
+        for job_id, at in due:
+            self.dispatch.poll(job_id, at=at if at > now else None)
+        deliveries = self.store.claim_deliveries(now, self.s.lease, self.s.claim_batch)
+        for job_id, handler in deliveries:
+            self.dispatch.deliver(job_id, handler)
+        expired = self._deadlines(now)
+        if random.random() < 0.01:
+            self.store.trim_indexes(now - self.s.retention)
+        repaired = self._sweep(now)
+        # Written last: a tick that keeps failing part-way shows as stalled (metrics.render's
+        # kie_extend_last_tick_timestamp_seconds), not as alive. The same round trip samples the
+        # queue depth for the dashboard's charts.
+        record_tick(self.rt)
+        return {"admitted": len(admitted), "due": len(due), "deliveries": len(deliveries), "expired": expired,
+                "repaired": repaired}
+
+    def _deadlines(self, now: float) -> int:
+        """Cancel queued jobs whose ``not_after`` has passed (reason ``deadline``)."""
+        found = self.rt.redis.zrangebyscore(self.rt.keys.deadlines, "-inf", now, start=0, num=self.s.claim_batch)
+        if not found:
+            return 0
+        from kie_extend.jobs.pipeline import Pipeline
+
+        pipeline = Pipeline(self.rt, self.dispatch)
+        n = 0
+        for raw_id in found:
+            job_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            if pipeline.cancel(job_id, "deadline") == "cancelled":
+                n += 1
+            else:
+                self.rt.redis.zrem(self.rt.keys.deadlines, job_id)  # not queued any more
+        return n
+
+    def _sweep(self, now: float) -> int:
+        """The invariant sweep: a pass starts once per KIE_SWEEP_INTERVAL (one beat of many) and
+        goes through at most SWEEP_BUDGET jobs per tick, so a tick's cost does not grow with the
+        backlog. Stranded jobs are put back on a schedule, counted and logged."""
+        if self.s.sweep_interval <= 0:
+            return 0
+        r, keys = self.rt.redis, self.rt.keys
+        if not r.set(keys.sweep_lock + ":step", "1", nx=True, px=max(1000, int(self.s.lease * 1000))):
+            return 0  # another beat is sweeping this tick
+        try:
+            state = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+                     for k, v in r.hgetall(keys.sweep_last).items()}
+            if "phase" in state:
+                cursor = (int(state["phase"]), int(state["pos"]))
+            elif r.set(keys.sweep_lock, "1", nx=True, px=max(1, int(self.s.sweep_interval * 1000))):
+                cursor = (0, 0)
+                state = {"checked_so_far": "0", "violations_so_far": "0"}
+            else:
+                return 0
+            report = Invariants(r, keys).check(repair=True, grace=self.s.sweep_grace, now=now, cursor=cursor,
+                                               budget=SWEEP_BUDGET)
+            for v in report.violations:
+                # A vanished record is a lost job (evicted or deleted): an error, not a repair.
+                level = logging.ERROR if v.kind == "missing_record" else logging.WARNING
+                log.log(level, "sweep: %s: %s%s", v.kind, v.detail, " (repaired)" if v.repaired else "",
+                        extra={"job_id": v.job_id})
+                self.store.stat(f"sweep_{v.kind}")
+            checked = int(state.get("checked_so_far") or 0) + report.checked
+            found = int(state.get("violations_so_far") or 0) + len(report.violations)
+            if report.cursor is None:
+                pipe = r.pipeline()
+                pipe.delete(keys.sweep_last)
+                pipe.hset(keys.sweep_last, mapping={"at": repr(now), "checked": checked, "violations": found})
+                pipe.execute()
+            else:
+                r.hset(keys.sweep_last, mapping={"phase": report.cursor[0], "pos": report.cursor[1],
+                                                 "checked_so_far": checked, "violations_so_far": found})
+            return report.repaired
+        finally:
+            r.delete(keys.sweep_lock + ":step")
+
+    def _probe(self, paused: dict[str, str]) -> dict[str, str] | None:
+        try:
+            balance = self.rt.client.credits()
+        except E.ProviderError as exc:
+            self.rt.redis.hset(self.rt.keys.pause, mapping={"last_probe": now_iso(), "last_probe_error": str(exc)[:200]})
+            return paused
+        if balance <= 0:
+            self.rt.redis.hset(self.rt.keys.pause, mapping={"last_probe": now_iso(), "last_probe_error": "no credits"})
+            return paused
+        self.gates.resume()
+        log.warning("provider probe succeeded (credits %.1f); submission resumed", balance)
+        return None
+
+    def _probe_reach(self) -> bool:
+        """Ask the credit endpoint whether KIE can be reached again; True when it answered (any
+        code: KIE itself answered) and submission resumed."""
+        reach = self.rt.reach
+        # Short timeouts: the probe runs in beat's tick, which must not stall behind a KIE that hangs.
+        timeout = (min(self.s.connect_timeout, PROBE_TIMEOUT), min(self.s.read_timeout, PROBE_TIMEOUT))
+        try:
+            self.rt.client.credits(timeout=timeout)
+        except E.ProviderError as exc:
+            if E.is_unreachable(exc):
+                reach.probe_failed(str(exc))
+                log.warning("KIE still cannot be reached (%s); next probe in %gs", exc, reach.probe_interval)
+                return False
+            if isinstance(exc, E.AccountError):
+                self.gates.pause(exc.code, exc.msg or type(exc).__name__)  # reachable, but the account is not
+        if reach.answered("probe"):
+            self.store.stat("provider_reachable_again")
+            log.warning("KIE answers again; submission resumed")
+        return True

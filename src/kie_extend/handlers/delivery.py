@@ -1,0 +1,98 @@
+"""Handler deliveries: at least once, retried with backoff per handler, then dead-lettered.
+
+A handler's failure is caught, logged with the job id, recorded in the job's ``handlers`` map and
+retried on its own schedule; it never touches the job's state or the other handlers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from typing import Any
+
+from kie_extend.jobs.events import now_iso
+from kie_extend.infra.runtime import Runtime
+from kie_extend.store.jobstore import BATCH_REF
+
+log = logging.getLogger("kie_extend.handlers.delivery")
+
+
+class Delivery:
+    """Delivers stored result events to handlers and keeps the dead-letter list."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.s = rt.settings
+
+    def deliver(self, job_id: str, handler_name: str, event: dict[str, Any] | None = None) -> str:
+        """Deliver ``job_id``'s event to one handler; returns the delivery's new state.
+
+        ``job_id`` may be ``@batch:<batch_id>``: that batch's ``batch.finished`` event.
+
+        ``event`` is given only by the process that just wrote it (the first attempt, inline);
+        otherwise the stored event and the handler's attempt count are read from the record.
+        """
+        store, keys = self.rt.store, self.rt.keys
+        field = f"handler:{handler_name}"
+        attempts = 1
+        if event is None:
+            raw = store.get(job_id)
+            if raw is None or not raw.get("event"):
+                store.schedule_delivery(job_id, handler_name, None)
+                return "gone"
+            info = json.loads(raw.get(field) or '{"state":"pending","attempts":0}')
+            if info.get("state") in ("delivered", "dead"):
+                store.schedule_delivery(job_id, handler_name, None)
+                return str(info["state"])
+            event = json.loads(raw["event"])
+            attempts = int(info.get("attempts") or 0) + 1
+        extra = {"job_id": job_id, "kie_task_id": event.get("kie_task_id")}
+        # The stable dedup key: {job_id}:{event}, or {batch_id}:batch.finished.
+        dedup = f"{event['batch_id']}:{event['event']}" if job_id.startswith(BATCH_REF) else f"{job_id}:{event['event']}"
+        try:
+            handler = self.rt.handlers[handler_name]
+            handler.deliver(event, dedup)
+        except Exception as exc:  # a handler's failure is isolated, whatever it is
+            detail = f"{type(exc).__name__}: {exc}"[:500]
+            if attempts >= self.s.handler_max_attempts:
+                state = "dead"
+                self.rt.redis.lpush(keys.dead_letters, json.dumps({
+                    "job_id": job_id, "handler": handler_name, "event": event["event"],
+                    "attempts": attempts, "error": detail, "at": now_iso(),
+                }))
+                store.schedule_delivery(job_id, handler_name, None)
+                store.stat("handler_dead_letters")
+                log.error("handler %s dead-lettered after %d attempts: %s", handler_name, attempts, detail, extra=extra)
+            else:
+                state = "retrying"
+                delay = min(600.0, self.s.handler_retry_base * 2 ** (attempts - 1)) * (0.5 + random.random())
+                store.schedule_delivery(job_id, handler_name, time.time() + delay)
+                log.warning("handler %s failed (attempt %d): %s; retry in %.1fs", handler_name, attempts, detail,
+                            delay, extra=extra)
+            store.stat("handler_failures")
+            store.update(job_id, **{field: {"state": state, "attempts": attempts, "last_error": detail}})
+            return state
+        store.mark_delivered(job_id, handler_name, attempts)
+        return "delivered"
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest dead letters."""
+        return [json.loads(x) for x in self.rt.redis.lrange(self.rt.keys.dead_letters, 0, limit - 1)]
+
+    def replay(self, job_id: str | None = None) -> int:
+        """Put dead letters (all, or one job's) back on the delivery schedule; returns how many."""
+        count = 0
+        keys = self.rt.keys
+        for raw in self.rt.redis.lrange(keys.dead_letters, 0, -1):
+            item = json.loads(raw)
+            if job_id and item["job_id"] != job_id:
+                continue
+            if not self.rt.store.exists(item["job_id"]):
+                continue
+            self.rt.store.update(item["job_id"], **{f"handler:{item['handler']}": {"state": "pending", "attempts": 0}})
+            self.rt.store.schedule_delivery(item["job_id"], item["handler"], time.time())
+            self.rt.redis.lrem(keys.dead_letters, 1, raw)
+            count += 1
+        return count

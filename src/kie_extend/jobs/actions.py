@@ -1,0 +1,71 @@
+"""An operator's retry or cancel of one job, and the one sentence that says what happened.
+
+The HTTP API, the CLI and the dashboard call these, so each gives the same exact reason for a
+refusal: an unknown job, a job in the wrong state, a failed job whose request is invalid.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+from kie_extend.jobs.pipeline import Pipeline
+from kie_extend.jobs.states import JobState
+
+Outcome = Literal["queued", "cancelled", "not_found", "not_retryable", "too_late", "finished"]
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    """What a retry or cancel did: ``outcome`` (a short code, the HTTP API's ``kind`` or
+    ``outcome``) and ``message`` (one sentence naming the job and the reason)."""
+
+    job_id: str
+    outcome: Outcome
+    message: str
+
+    @property
+    def ok(self) -> bool:
+        """Whether the job was requeued or cancelled."""
+        return self.outcome in ("queued", "cancelled")
+
+
+def not_found(job_id: str) -> str:
+    """The sentence for an unknown job id."""
+    return f"no job {job_id} (unknown id, or its record expired after KIE_RETENTION)"
+
+
+def retry_job(pipeline: Pipeline, job_id: str) -> ActionResult:
+    """Send a failed job to KIE again (it may cost credits again), or say exactly why not."""
+    if pipeline.retry(job_id):
+        return ActionResult(job_id, "queued", f"job {job_id} requeued; it will be submitted again "
+                                              "(this may cost credits again)")
+    raw = pipeline.store.get(job_id)
+    state = (raw or {}).get("state")
+    if not state:
+        return ActionResult(job_id, "not_found", not_found(job_id))
+    if state == JobState.FAILED.value:
+        error = json.loads(raw.get("error") or "null") or {}  # type: ignore[union-attr]
+        if error.get("kind") == "invalid_request" and error.get("errors"):
+            fields = ", ".join(str(e.get("field")) for e in error["errors"])
+            return ActionResult(job_id, "not_retryable",
+                                f"job {job_id} failed on invalid fields ({fields}); sending it again would fail "
+                                "the same way: fix the request and enqueue a new job")
+        return ActionResult(job_id, "not_retryable", f"job {job_id} changed state while it was being requeued; "
+                                                     "look at it again and retry")
+    return ActionResult(job_id, "not_retryable", f"job {job_id} is {state}; only a failed job can be retried")
+
+
+def cancel_job(pipeline: Pipeline, job_id: str) -> ActionResult:
+    """Cancel a job not yet sent to KIE, or say exactly why not (sent, finished, unknown)."""
+    outcome = pipeline.cancel(job_id)
+    if outcome == "cancelled":
+        return ActionResult(job_id, "cancelled", f"job {job_id} cancelled")
+    if outcome == "not_found":
+        return ActionResult(job_id, "not_found", not_found(job_id))
+    state = (pipeline.store.get(job_id) or {}).get("state", "unknown")
+    if outcome == "too_late":
+        return ActionResult(job_id, "too_late", f"job {job_id} was already sent to KIE (state {state}); KIE has "
+                                                "no cancel call, so it keeps going")
+    return ActionResult(job_id, "finished", f"job {job_id} already ended ({state}); nothing to cancel")

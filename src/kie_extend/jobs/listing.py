@@ -1,0 +1,206 @@
+"""Job listings with cursor pagination, newest first (``GET /v1/jobs``).
+
+The sources are sorted sets scored by a job's creation time (epoch seconds): a state's index
+(``Keys.state_index``), a batch's job set (``Keys.batch_jobs``), or, with no state given, every
+state's index merged. Order is (score, id) descending, which is Redis' own reverse order, ties
+included. A cursor is ``<score>~<id>`` of the last job returned (opaque to callers; its form is in the
+OpenAPI document); the next page resumes just after it, so jobs that change state meanwhile neither repeat nor shift
+the rest.
+
+Filters read the job records (tenant; state within a batch). One page looks at no more than
+``SCAN_BUDGET`` candidates: with a rare filter a page may hold fewer than ``limit`` jobs while
+``next_cursor`` is still set; keep following it until it is ``None``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterator
+from itertools import islice
+from typing import Any
+
+from kie_extend.errors import ValidationError
+from kie_extend.jobs.events import status_record
+from kie_extend.infra.runtime import Runtime
+from kie_extend.jobs.states import JobState
+
+#: Default and largest page size.
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 500
+#: Ids read per round trip from a sorted set.
+CHUNK = 200
+#: Candidates one page may examine when filters drop most of them.
+SCAN_BUDGET = 5000
+#: State shown for a batch's declared job whose message no worker has recorded yet.
+PENDING = "pending"
+
+Entry = tuple[float, str]
+
+
+def _t(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def encode_cursor(score: float, job_id: str) -> str:
+    """The cursor for resuming after ``(score, job_id)``: ``<score>~<job id>`` (URL-safe; treat it as
+    opaque; its form is stated so API tools can tell a well-formed one)."""
+    return f"{score!r}~{job_id}"
+
+
+def decode_cursor(cursor: str) -> Entry:
+    """``(score, job_id)`` from a cursor; raises ValidationError (field ``cursor``) on a bad one."""
+    score, sep, job_id = cursor.partition("~")
+    try:
+        value = float(score)
+    except ValueError:
+        value = math.nan
+    if not sep or not job_id or not math.isfinite(value) or value < 0:
+        raise ValidationError([{"field": "cursor", "message": "not a cursor this API returned"}])
+    return value, job_id
+
+
+def _walk(rt: Runtime, key: str, after: Entry | None) -> Iterator[Entry]:
+    """``(score, id)`` of a sorted set, descending, strictly after ``after``."""
+    r = rt.redis
+    if after is None:
+        start = 0
+        while True:
+            rows = r.zrevrange(key, start, start + CHUNK - 1, withscores=True)
+            for member, score in rows:
+                yield float(score), _t(member)
+            if len(rows) < CHUNK:
+                return
+            start += CHUNK
+    score, last = after
+    offset = 0
+    pipe = r.pipeline(transaction=False)
+    pipe.zscore(key, last)
+    pipe.zrevrank(key, last)
+    pipe.zcount(key, f"({score!r}", "+inf")
+    there, rank, higher = pipe.execute()
+    if there is not None and float(there) == score and rank is not None:
+        # Ties sit in reverse lexical order after every higher score: skip straight past ``last``.
+        offset = int(rank) - int(higher) + 1
+    while True:
+        rows = r.zrevrangebyscore(key, repr(score), "-inf", start=offset, num=CHUNK, withscores=True)
+        for member, s in rows:
+            entry = (float(s), _t(member))
+            if entry[0] == score and entry[1] >= last:
+                continue  # a tie at or before the cursor (only when ``last`` left the set)
+            yield entry
+        if len(rows) < CHUNK:
+            return
+        offset += CHUNK
+
+
+def _records(rt: Runtime, ids: list[str]) -> list[dict[str, str] | None]:
+    pipe = rt.redis.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.hgetall(rt.keys.job(job_id))
+    return [{_t(k): _t(v) for k, v in raw.items()} or None for raw in pipe.execute()]
+
+
+def list_jobs(rt: Runtime, *, state: str | None = None, batch_id: str | None = None, tenant: str | None = None,
+              limit: int = DEFAULT_LIMIT, cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of job status records (the shape of ``status_record``), newest first, and the next page's cursor
+    (``None`` on the last page).
+
+    ``state``: a JobState value (``pending`` too with ``batch_id``: declared, not yet recorded);
+    ``batch_id``: that batch's jobs; ``tenant``: jobs of that tenant. ``limit``: 1..``MAX_LIMIT``.
+    Raises ValidationError naming each bad argument (``state``, ``limit``, ``cursor``)."""
+    problems = []
+    states = [s.value for s in JobState if s is not JobState.NOT_FOUND]
+    allowed = states + ([PENDING] if batch_id is not None else [])
+    if state == PENDING and batch_id is None:
+        problems.append({"field": "state", "message": "pending (declared but not yet recorded) exists only within a "
+                         "batch: give the batch too (--batch BATCH_ID, or batch_id in the HTTP API)"})
+    elif state is not None and state not in allowed:
+        problems.append({"field": "state", "message": f"must be one of {', '.join(allowed)}"
+                         + (" (pending too, with a batch)" if batch_id is None else "")})
+    if not 1 <= limit <= MAX_LIMIT:
+        problems.append({"field": "limit", "message": f"must be 1-{MAX_LIMIT}"})
+    after = None
+    if cursor:
+        try:
+            after = decode_cursor(cursor)
+        except ValidationError as exc:
+            problems += exc.errors
+    if problems:
+        raise ValidationError(problems)
+
+    if batch_id is not None:
+        source: Iterator[Entry] = _walk(rt, rt.keys.batch_jobs(batch_id), after)
+    elif state is not None:
+        source = _walk(rt, rt.keys.state_index(state), after)
+    else:
+        source = heapq.merge(*(_walk(rt, rt.keys.state_index(s), after) for s in states), reverse=True)
+
+    page: list[dict[str, Any]] = []
+    shown: set[str] = set()
+    last: Entry | None = None
+    seen = 0
+    # Records are read a chunk at a time; without filters that drop jobs a page's worth is enough.
+    size = min(CHUNK, limit) if tenant is None and not (batch_id is not None and state is not None) else CHUNK
+    for chunk in _chunks(source, size):
+        stop = False
+        for entry, raw in zip(chunk, _records(rt, [job_id for _, job_id in chunk])):
+            seen += 1
+            last = entry
+            record = _record(rt, entry[1], raw, in_batch=batch_id is not None)
+            # A job that moved between two state indexes while they were read appears once.
+            if record is not None and entry[1] not in shown and _keep(record, state, tenant):
+                shown.add(entry[1])
+                page.append(record)
+            if len(page) == limit or seen >= SCAN_BUDGET:
+                stop = True
+                break
+        if stop:
+            break
+    else:
+        return page, None  # the source ran out: this is the last page
+    assert last is not None
+    if _peek_empty(rt, state, batch_id, last, states):
+        return page, None
+    return page, encode_cursor(*last)
+
+
+def _chunks(source: Iterator[Entry], size: int) -> Iterator[list[Entry]]:
+    while True:
+        chunk = list(islice(source, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+def _peek_empty(rt: Runtime, state: str | None, batch_id: str | None, last: Entry, states: list[str]) -> bool:
+    """Whether nothing at all follows ``last`` (so a full last page gets no cursor)."""
+    if batch_id is not None:
+        keys = [rt.keys.batch_jobs(batch_id)]
+    elif state is not None:
+        keys = [rt.keys.state_index(state)]
+    else:
+        keys = [rt.keys.state_index(s) for s in states]
+    return all(next(_walk(rt, key, last), None) is None for key in keys)
+
+
+def _record(rt: Runtime, job_id: str, raw: dict[str, str] | None, *, in_batch: bool) -> dict[str, Any] | None:
+    if raw is None:
+        # A batch names jobs before any worker records them; in a state index it is an expired job.
+        return {"job_id": job_id, "state": PENDING} if in_batch else None
+    if raw.get("duplicate_of") and "state" not in raw:
+        from kie_extend.api import get_job
+
+        return get_job(job_id, settings=rt.settings)
+    return status_record(raw, job_id)
+
+
+def _keep(record: dict[str, Any], state: str | None, tenant: str | None) -> bool:
+    if state is not None and record.get("state") != state:
+        return False
+    if tenant is not None and record.get("tenant") != tenant:
+        return False
+    return True
+
+
+__all__ = ["list_jobs", "encode_cursor", "decode_cursor", "DEFAULT_LIMIT", "MAX_LIMIT"]

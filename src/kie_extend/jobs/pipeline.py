@@ -1,0 +1,717 @@
+"""The life of one job, as plain domain code: accept, submit, poll, finish.
+
+Celery tasks are thin adapters over these methods. Nothing here sleeps: a job that must wait
+(rate slot, in-flight room, pause, next poll) is put on a Redis schedule and the beat tick hands
+it back to a worker when it is due.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from typing import Any
+
+from kie_extend import errors as E
+from kie_extend.provider.client import FAILED_STATUSES, TaskRecord, track_has_audio
+from kie_extend.handlers.delivery import Delivery
+from kie_extend.jobs.events import build_event, now_iso
+from kie_extend.infra.errors import is_infra_error
+from kie_extend.jobs.idempotency import CONFLICT_MESSAGE, Idempotency, message_digest, request_fingerprint
+from kie_extend.jobs.intake import check_message
+from kie_extend.infra.metrics import POLL_BUCKETS, RESULT_BUCKETS
+from kie_extend.admission.queues import Admitted
+from kie_extend.admission.gates import Decision
+from kie_extend.infra.runtime import Dispatcher, NoDispatch, Runtime
+from kie_extend.store.jobstore import BATCH_REF, Moved
+from kie_extend.jobs.states import TERMINAL, JobState
+
+log = logging.getLogger("kie_extend.jobs.pipeline")
+
+#: Callback types that only report progress; the final ones (complete, error) trigger a poll.
+PROGRESS_CALLBACKS = frozenset({"text", "first"})
+#: ``error.message`` of a cancelled job, by ``error.reason``.
+CANCEL_MESSAGES = {
+    "operator": "cancelled before it was sent to KIE",
+    "deadline": "not sent to KIE before its not_after deadline",
+}
+#: Seconds a submit attempt may take before the due schedule looks at it again.
+SUBMIT_LEASE_SLACK = 5.0
+
+
+def _jitter(seconds: float, spread: float = 0.2) -> float:
+    return seconds * (1 - spread + 2 * spread * random.random())
+
+
+def _error(kind: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"kind": kind, "message": message, **{k: v for k, v in extra.items() if v is not None}}
+
+
+def _log(job_id: str, level: int, msg: str, *args: Any, task_id: str | None = None) -> None:
+    log.log(level, msg, *args, extra={"job_id": job_id, "kie_task_id": task_id})
+
+
+class Pipeline:
+    """Moves jobs through ``queued → submitting → submitted → succeeded | failed``."""
+
+    def __init__(self, rt: Runtime, dispatcher: Dispatcher | None = None) -> None:
+        self.rt = rt
+        self.s = rt.settings
+        self.store = rt.store
+        self.gates = rt.gates
+        self.dispatch = dispatcher or NoDispatch()
+        self.delivery = Delivery(rt)
+        self.idem = Idempotency(rt.redis, rt.keys, self.s.idempotency_window)
+
+    def later(self, job_id: str, at: float) -> None:
+        """Run ``job_id``'s next step at ``at``: a wait shorter than a tick goes out now as a short
+        countdown message (claimed under a lease); a longer one waits on the due schedule."""
+        now = time.time()
+        if at - now <= self.s.tick_interval and not isinstance(self.dispatch, NoDispatch):
+            self.store.schedule(job_id, max(at, now) + self.s.lease)
+            self.dispatch.poll(job_id, at=at)
+        else:
+            self.store.schedule(job_id, at)
+
+    # -- accept ------------------------------------------------------------------------------
+    def accept(
+        self,
+        job_id: str,
+        request: Any,
+        idempotency_key: Any = None,
+        metadata: Any = None,
+        extra_kwargs: dict[str, Any] | None = None,
+        *,
+        tenant: Any = None,
+        priority: Any = None,
+        batch_id: Any = None,
+        not_after: Any = None,
+    ) -> None:
+        """Record a new job from an extend message and try to submit it at once.
+
+        Redelivered messages are harmless: an existing record is only advanced. A message that
+        breaks the rules becomes a failed job with ``invalid_request`` and its result event; one
+        whose ``not_after`` has passed, or whose batch was cancelled, ends ``cancelled``.
+        """
+        options = {"tenant": tenant, "priority": priority, "batch_id": batch_id, "not_after": not_after}
+        digest = message_digest(request, idempotency_key, metadata, options)
+        raw = self.store.get(job_id)
+        if raw is not None:
+            self._known(job_id, raw, digest)
+            return
+        intake = check_message(request, settings=self.s, idempotency_key=idempotency_key, metadata=metadata,
+                               job_id=job_id, extra_kwargs=extra_kwargs, **options)
+        problems, body, warnings = intake.problems, intake.body, intake.warnings
+        metadata, idempotency_key = intake.metadata, intake.idempotency_key
+        if not problems and not body.get("callBackUrl"):
+            if self.s.callback_base_url:
+                body["callBackUrl"] = f"{self.s.callback_base_url}/kie/callback/{job_id}"
+            else:
+                problems.append({
+                    "field": "callBackUrl",
+                    "message": "the provider requires a callBackUrl: set KIE_CALLBACK_BASE_URL "
+                    "or put callBackUrl in the request",
+                })
+        now = time.time()
+        base = {
+            "job_id": job_id,
+            "request": _safe_json(body),
+            "metadata": metadata,
+            "created_at": now_iso(),
+            "created_ts": now,
+            "attempts": 0,
+            "polls": 0,
+            "idempotency_key": idempotency_key,
+            "msg_sha": digest,
+            "tenant": intake.tenant,
+            "priority": intake.priority,
+            "batch_id": intake.batch_id,
+            "not_after": intake.not_after,
+            "rq": self.rt.admission.queue_of(intake.tenant, intake.priority),
+        }
+        for w in warnings:
+            _log(job_id, logging.WARNING, "request warning: %s", w)
+        if problems:
+            _log(job_id, logging.WARNING, "invalid request: %s", problems)
+            error = _error("invalid_request", f"request failed validation: {E.describe_problems(problems)}",
+                           errors=problems)
+            self._finish(job_id, {}, JobState.FAILED, {**base, "error": error}, expect=[None])
+            return
+        reason = self._too_late_to_start(intake.not_after, intake.batch_id, now)
+        if reason:
+            error = _error("cancelled", CANCEL_MESSAGES[reason], reason=reason)
+            self._finish(job_id, {}, JobState.CANCELLED, {**base, "error": error}, expect=[None])
+            return
+        if idempotency_key:
+            outcome, first = self.idem.use_key(idempotency_key, intake.tenant, job_id,
+                                               request_fingerprint(request, intake.tenant))
+            if outcome == "conflict":
+                self.refuse_conflict(job_id, base)
+                return
+            if outcome == "duplicate":
+                if not self.store.create_pointer(job_id, {**base, "duplicate_of": first},
+                                                 ttl=self.s.idempotency_window, handlers=self.s.handlers):
+                    self._known(job_id, self.store.get(job_id) or {}, digest)
+                    return
+                _log(job_id, logging.INFO, "duplicate of %s (idempotency key), not submitted", first)
+                return
+        if not self.store.transition(job_id, JobState.QUEUED, expect=[None], fields=base, stat="jobs_accepted",
+                                     ready=True):
+            # Another delivery of this message (or another producer's message under the same id)
+            # created the record first: look at it and carry on from there.
+            self._known(job_id, self.store.get(job_id) or {}, digest)
+            return
+        _log(job_id, logging.INFO, "queued")
+        self.try_submit(job_id, {"state": JobState.QUEUED.value, "request": json.dumps(base["request"]),
+                                 "created_ts": repr(now), "attempts": "0", "batch_id": intake.batch_id or "",
+                                 "not_after": "" if intake.not_after is None else repr(intake.not_after)},
+                        in_ready=True)
+
+    def refuse_conflict(self, job_id: str, base: dict[str, Any]) -> bool:
+        """Record a job whose idempotency key another request holds (in its tenant) as failed with
+        ``invalid_request`` and its own result event; False when ``job_id`` already has a record."""
+        self.store.stat("idempotency_conflicts")
+        error = _error("invalid_request", CONFLICT_MESSAGE,
+                       errors=[{"field": "idempotency_key", "message": CONFLICT_MESSAGE}])
+        return bool(self._finish(job_id, {}, JobState.FAILED, {**base, "error": error}, expect=[None]))
+
+    def _too_late_to_start(self, not_after: float | None, batch_id: str | None, now: float) -> str | None:
+        """``"deadline"`` or ``"operator"`` (its batch was cancelled) when a new job must not start."""
+        if not_after is not None and not_after <= now:
+            return "deadline"
+        if batch_id and self.rt.redis.hget(self.rt.keys.batch(batch_id), "cancelled"):
+            return "operator"
+        return None
+
+    def _known(self, job_id: str, raw: dict[str, str], digest: str) -> None:
+        """A message for a job id that already has a record: a redelivery, or a reused id."""
+        if raw.get("msg_sha") and raw["msg_sha"] != digest:
+            self.store.stat("job_id_conflicts")
+            _log(job_id, logging.WARNING, "job id %s already holds a different request: this message is "
+                 "ignored (job ids must be unique; the first request keeps the id)", job_id)
+        else:
+            _log(job_id, logging.INFO, "message for an existing job (a redelivery): nothing new to do")
+        if raw.get("state") == JobState.QUEUED.value:
+            self.try_submit(job_id)
+
+    def reject_malformed(self, job_id: str, reason: str) -> bool:
+        """Record an extend message that could not even be read as a failed job with its event."""
+        now = time.time()
+        fields = {"job_id": job_id, "request": {}, "metadata": {}, "created_at": now_iso(), "created_ts": now,
+                  "attempts": 0, "polls": 0,
+                  "error": _error("invalid_request", reason, errors=[{"field": "message", "message": reason}])}
+        _log(job_id, logging.WARNING, "malformed message: %s", reason)
+        return self._finish(job_id, {}, JobState.FAILED, fields, expect=[None])
+
+    # -- submit ------------------------------------------------------------------------------
+    def try_submit(self, job_id: str, raw: dict[str, str] | None = None, in_ready: bool = False) -> None:
+        """Send a queued job to the provider when admission has given it a slot; otherwise put it
+        in its ready queue and let admission decide (now, or at a later tick).
+
+        ``raw`` is the record when the caller has just written it (saves a read); ``in_ready``
+        says it is already in its ready queue."""
+        raw = raw or self.store.get(job_id)
+        if raw is None or raw.get("state") != JobState.QUEUED.value:
+            return
+        now = time.time()
+        if raw.get("not_after") and float(raw["not_after"]) <= now:
+            self.cancel(job_id, "deadline", raw)
+            return
+        granted = False
+        if not raw.get("admitted"):
+            if not in_ready:
+                self.store.enqueue_ready(job_id)
+            mine = self._admit_now(job_id)
+            if mine is None:
+                return  # waits in its ready queue; the tick admits it when its turn comes
+            if not mine.granted:
+                self.later(job_id, mine.at)
+                return
+            granted = True
+        attempt = int(raw.get("attempts") or 0) + 1
+        # The rate-slot token names this send; it changes after every real send, never reused.
+        send = int(raw.get("sends") or 0) + 1
+        decision = Decision("ok") if granted else self.gates.acquire(job_id, f"{job_id}:{send}")
+        if decision.verdict in ("paused", "unreachable", "breaker", "inflight", "lost"):
+            self.store.enqueue_ready(job_id)  # back in line, at its age; admission picks it again
+            self.store.stat(f"gate_wait_{decision.verdict}")
+            return
+        if decision.verdict == "wait":
+            self.later(job_id, time.time() + decision.wait)
+            self.store.stat("gate_wait_rate")
+            return
+        now = time.time()
+        lease_end = now + self.s.connect_timeout + self.s.read_timeout + SUBMIT_LEASE_SLACK
+        if not self.store.transition(
+            job_id, JobState.SUBMITTING, expect=[JobState.QUEUED],
+            fields={"attempts": attempt, "sends": send, "submit_started_ts": now, "submit_error": None,
+                    "admitted": None},
+            due=lease_end, stat="submissions",
+        ):
+            state = (self.store.get(job_id) or {}).get("state")
+            if state not in (JobState.SUBMITTING.value, JobState.SUBMITTED.value):
+                self.gates.release(job_id)
+            return
+        body = json.loads(raw["request"])
+        try:
+            task_id = self.rt.client.submit_extend(body)
+        except E.ProviderError as exc:
+            self._submit_failed(job_id, raw, attempt, exc)
+            return
+        self._record_submitted(job_id, task_id, callbacks=self._ours(body))
+        self._answered()
+
+    def _record_submitted(self, job_id: str, task_id: str, callbacks: bool) -> None:
+        """Write down a task KIE accepted. Its id exists only in this process until then, so an
+        infrastructure error (Redis out of memory, read-only, failing over) is retried here with
+        backoff for up to KIE_LEASE rather than given up: otherwise the paid task could only be
+        found again through a callback."""
+        delay, deadline = 0.2, time.monotonic() + self.s.lease
+        while True:
+            try:
+                self._submitted(job_id, task_id, stat="submit_code_200", callbacks=callbacks)
+                return
+            except Exception as exc:
+                if not is_infra_error(exc) or time.monotonic() + delay > deadline:
+                    _log(job_id, logging.ERROR, "KIE accepted task %s but it could not be recorded (%s: %s)",
+                         task_id, type(exc).__name__, exc, task_id=task_id)
+                    raise
+                _log(job_id, logging.WARNING, "recording accepted task %s failed (%s); trying again in %.1fs",
+                     task_id, type(exc).__name__, delay, task_id=task_id)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _admit_now(self, job_id: str) -> Admitted | None:
+        """Run admission for the slots free right now; hand the other admitted jobs to workers and
+        return this job's admission, or None when it still waits."""
+        mine = None
+        for admitted in self.rt.admission.admit(self.s.submit_rate[0], own=job_id, lease=self.s.lease):
+            if admitted.job_id == job_id:
+                mine = admitted
+            else:
+                self.later(admitted.job_id, admitted.at)
+        return mine
+
+    # -- cancel --------------------------------------------------------------------------------
+    def cancel(self, job_id: str, reason: str = "operator", raw: dict[str, str] | None = None) -> str:
+        """Cancel a job not yet sent to KIE: ``"cancelled"``; else why not: ``"too_late"`` (sent:
+        KIE has no cancel call, it keeps going), ``"finished"``, ``"not_found"``.
+
+        Cancel and submit race in one atomic step (the move out of ``queued``): never both."""
+        raw = raw if raw is not None else self.store.get(job_id)
+        if raw is None or not raw.get("state"):
+            return "not_found"
+        if raw.get("state") == JobState.QUEUED.value:
+            error = _error("cancelled", CANCEL_MESSAGES.get(reason, reason), reason=reason)
+            if self._finish(job_id, raw, JobState.CANCELLED, {"error": error}, expect=[JobState.QUEUED]):
+                return "cancelled"
+            raw = self.store.get(job_id) or {}
+        if raw.get("state") in (JobState.SUBMITTING.value, JobState.SUBMITTED.value):
+            return "too_late"
+        return "finished" if raw.get("state") else "not_found"
+
+    def cancel_many(self, jobs: list[tuple[str, dict[str, str]]], reason: str = "operator") -> int:
+        """Cancel many queued jobs in one round trip (``(job_id, record)`` pairs, as read); returns
+        how many were cancelled. Each move is the same atomic step as :meth:`cancel`; their events
+        go through the outbox (the tick hands the deliveries out) instead of inline delivery."""
+        if not jobs:
+            return 0
+        error = _error("cancelled", CANCEL_MESSAGES.get(reason, reason), reason=reason)
+        handlers = list(self.s.handlers)
+        now = time.time()
+        pipe = self.rt.redis.pipeline(transaction=False)
+        for job_id, raw in jobs:
+            fields = {"error": error, "finished_at": now_iso()}
+            event = build_event({**raw, "job_id": job_id}, JobState.CANCELLED, fields)
+            self.store.transition(job_id, JobState.CANCELLED, expect=[JobState.QUEUED], fields=fields, event=event,
+                                  handlers=handlers, retention=self.s.retention, deliveries_at=now, pipe=pipe)
+        results = pipe.execute()
+        n = 0
+        for (job_id, raw), result in zip(jobs, results):
+            if int(result[0]):
+                n += 1
+                if raw.get("admitted"):
+                    self.rt.breaker.neutral(job_id)  # it may have been the breaker's probe
+        if n:
+            log.warning("%d job(s) cancelled (%s)", n, reason)
+        return n
+
+    def _ours(self, body: dict[str, Any]) -> bool:
+        """Whether the provider's callbacks for this request come to our receiver."""
+        base = self.s.callback_base_url
+        return bool(base) and str(body.get("callBackUrl") or "").startswith(f"{base}/kie/callback/")
+
+    def _submitted(self, job_id: str, task_id: str, stat: str = "", callbacks: bool = False) -> bool:
+        # With our receiver in place the final callback wakes the job, so the first safety-net
+        # poll can wait longer; without one, polling starts after KIE_POLL_FIRST.
+        first = max(self.s.poll_first, self.s.poll_callback_interval / 2) if callbacks else self.s.poll_first
+        now = time.time()
+        ok = self.store.transition(
+            job_id, JobState.SUBMITTED, expect=[JobState.SUBMITTING],
+            fields={"kie_task_id": task_id, "submitted_at": now_iso(), "submitted_ts": now,
+                    "poll_interval": self.s.poll_interval, "outcome_unknown": None, "unreached": None},
+            due=now + _jitter(first, 0.1), stat=stat,
+        )
+        if ok:
+            _log(job_id, logging.INFO, "submitted", task_id=task_id)
+        return ok
+
+    def _unreachable(self, exc: E.ProviderError, job_id: str, task_id: str | None = None) -> bool:
+        """Count a failure with no answer from KIE itself (connect-level, edge 5xx, read timeout;
+        errors.is_unreachable) towards "provider unreachable" (admission/reach.py); True when the provider
+        counts as unreachable now (this failure, or an earlier run of them)."""
+        if self.rt.reach.failure(str(exc)):
+            self.store.stat("provider_unreachable")
+            _log(job_id, logging.ERROR, "KIE cannot be reached (%d connect failures, edge errors or timeouts within %gs, "
+                 "the last: %s); submission paused for every job, probing every %gs", self.s.unreachable_threshold,
+                 self.s.unreachable_window, exc, self.s.unreachable_probe_interval, task_id=task_id)
+            return True
+        return self.rt.reach.unreachable()
+
+    def _answered(self) -> None:
+        """KIE answered this process: clear its run of connect failures (ends an outage too)."""
+        if self.rt.reach.answered():
+            self.store.stat("provider_reachable_again")
+            log.warning("KIE answers again; submission resumed")
+
+    def _submit_failed(self, job_id: str, raw: dict[str, str], attempt: int, exc: E.ProviderError) -> None:
+        code = getattr(exc, "code", None)
+        self._record_code(code if code is not None else type(exc).__name__)
+        now = time.time()
+        if E.is_unreachable(exc):
+            paused = self._unreachable(exc, job_id)
+            if E.costs_nothing(exc):
+                # It never reached KIE: the attempt is given back. While KIE is unreachable the job
+                # waits in its ready queue (admission holds it); before that, it tries again after
+                # a backoff that grows with its own run of such failures.
+                unreached = int(raw.get("unreached") or 0) + 1
+                fields = {"attempts": attempt - 1, "submit_error": str(exc), "unreached": unreached}
+                if paused:
+                    self.store.transition(job_id, JobState.QUEUED, expect=[JobState.SUBMITTING], fields=fields,
+                                          due=None, ready=True)
+                    _log(job_id, logging.WARNING, "KIE cannot be reached (%s); waiting in queued", exc)
+                else:
+                    delay = E.retry_delay(exc, unreached, rate_window=self.gates.window)
+                    self.store.transition(job_id, JobState.QUEUED, expect=[JobState.SUBMITTING], fields=fields,
+                                          due=now + delay)
+                    _log(job_id, logging.WARNING, "KIE could not be reached (%s); trying again in %.1fs "
+                         "(no attempt counted)", exc, delay)
+                return
+        elif isinstance(exc, E.ProviderCodeError):
+            self._answered()  # KIE itself answered, with an error
+        if isinstance(exc, E.OutcomeUnknownError):
+            # Never resend: the provider may hold (and bill) this request. A callback on the job's
+            # own URL can still tell us its taskId; otherwise it fails after the window.
+            self.store.update(job_id, outcome_unknown=1, submit_error=str(exc))
+            self.store.schedule(job_id, now + self.s.submit_unknown_window)
+            self.store.stat("submit_outcome_unknown")
+            _log(job_id, logging.WARNING, "submit outcome unknown (%s); waiting for a callback", exc)
+            return
+        if isinstance(exc, E.GenerationFailedError):
+            self._generation_failed(job_id)
+        if isinstance(exc, E.AccountError):
+            self.gates.pause(exc.code, exc.msg or type(exc).__name__)
+            self.store.transition(job_id, JobState.QUEUED, expect=[JobState.SUBMITTING],
+                                  fields={"attempts": attempt - 1, "submit_error": str(exc)}, due=None, ready=True)
+            _log(job_id, logging.ERROR, "provider refused the account (%s); submission paused", exc)
+            return
+        if exc.retryable and attempt < self.s.max_submit_attempts:
+            delay = E.retry_delay(exc, attempt, rate_window=self.gates.window,
+                                  maintenance=self.s.maintenance_backoff)
+            self.store.transition(job_id, JobState.QUEUED, expect=[JobState.SUBMITTING],
+                                  fields={"submit_error": str(exc)}, due=now + delay)
+            _log(job_id, logging.WARNING, "submit attempt %d failed (%s); retry in %.1fs", attempt, exc, delay)
+            return
+        kind = "provider_unavailable" if exc.retryable else exc.kind
+        error = _error(kind, str(exc), code=code)
+        self._finish(job_id, raw, JobState.FAILED, {"error": error}, expect=[JobState.SUBMITTING])
+
+    # -- advance: whatever is due next -------------------------------------------------------
+    def advance(self, job_id: str) -> None:
+        """Do a due job's next step: submit it, resolve an unknown submit, or poll it."""
+        raw = self.store.get(job_id)
+        state = raw.get("state") if raw else None
+        if raw is None or state is None:
+            self.store.unschedule(job_id)
+            return
+        if state == JobState.QUEUED.value:
+            self.try_submit(job_id)
+        elif state == JobState.SUBMITTING.value:
+            self._resolve_submitting(job_id, raw)
+        elif state == JobState.SUBMITTED.value:
+            self.poll(job_id, raw)
+        else:
+            self.store.unschedule(job_id)
+
+    def _resolve_submitting(self, job_id: str, raw: dict[str, str]) -> None:
+        now = time.time()
+        started = float(raw.get("submit_started_ts") or now)
+        hint = raw.get("hint_task_id")
+        if hint:
+            try:
+                record = self.rt.client.record_info(hint)
+            except E.ProviderError as exc:
+                _log(job_id, logging.WARNING, "could not confirm hinted task %s: %s", hint, exc)
+                record = None
+            body = json.loads(raw.get("request") or "{}")
+            if record is not None and (record.param or {}).get("callBackUrl") == body.get("callBackUrl"):
+                if self._submitted(job_id, hint, callbacks=True):
+                    self.poll(job_id, self.store.get(job_id) or {})
+                return
+        if not raw.get("outcome_unknown"):
+            # The worker that was sending died (or is still stuck): the request may have left.
+            self.store.update(job_id, outcome_unknown=1, submit_error="worker lost while submitting")
+            _log(job_id, logging.WARNING, "submit interrupted; outcome unknown, waiting for a callback")
+        deadline = started + self.s.submit_unknown_window
+        if now < deadline:
+            self.store.schedule(job_id, deadline)
+            return
+        error = _error("submit_outcome_unknown",
+                       "the submission's outcome is unknown and no callback named its task; "
+                       "`kie-extend retry` resubmits on purpose (it may cost credits twice)")
+        self._finish(job_id, raw, JobState.FAILED, {"error": error}, expect=[JobState.SUBMITTING])
+
+    # -- poll ----------------------------------------------------------------------------------
+    def poll(self, job_id: str, raw: dict[str, str]) -> None:
+        """Ask the provider about a submitted job; finish it or put it back on the schedule."""
+        now = time.time()
+        task_id = raw.get("kie_task_id") or ""
+        # One poll of a job in flight at a time, KIE_POLL_MIN_GAP apart, across every worker: a
+        # refused claim leaves the job on the due schedule (never sooner) for the tick, and sends
+        # no message of its own, so hints (forged callbacks included) cannot multiply polls.
+        wait = self.store.claim_poll(job_id, now, self.s.poll_min_gap, self.s.lease)
+        if wait is not None:
+            if wait >= 0:
+                self.store.schedule(job_id, max(wait, now + self.s.poll_min_gap), only_earlier=True)
+            return
+        try:
+            self._poll_claimed(job_id, raw, task_id, now)
+        finally:
+            self.store.release_poll(job_id)
+
+    def _poll_claimed(self, job_id: str, raw: dict[str, str], task_id: str, now: float) -> None:
+        submitted = float(raw.get("submitted_ts") or now)
+        started = time.monotonic()
+        try:
+            record = self.rt.client.record_info(task_id)
+        except E.ProviderError as exc:
+            # The latency and the answer's code are written in one round trip.
+            self.store.observe("poll_seconds", time.monotonic() - started, POLL_BUCKETS,
+                               stat=f"poll_code_{getattr(exc, 'code', None) or type(exc).__name__}")
+            self._poll_failed(job_id, raw, exc, now, submitted)
+            return
+        self.store.observe("poll_seconds", time.monotonic() - started, POLL_BUCKETS, stat="poll_code_200")
+        self._answered()
+        self._apply_record(job_id, raw, record, now, submitted)
+
+    def _poll_failed(self, job_id: str, raw: dict[str, str], exc: E.ProviderError, now: float, submitted: float) -> None:
+        task_id = raw.get("kie_task_id")
+        code = getattr(exc, "code", None)
+        if isinstance(exc, E.ProviderCodeError) and not E.is_unreachable(exc):
+            self._answered()  # KIE itself answered, with an error
+        if code in (404, 422) and now - submitted > self.s.poll_not_found_grace:
+            error = _error("rejected", f"the provider no longer knows task {task_id}: {exc}", code=code)
+            self._finish(job_id, raw, JobState.FAILED, {"error": error}, expect=[JobState.SUBMITTED])
+            return
+        if isinstance(exc, E.AccountError):
+            self.gates.pause(exc.code, exc.msg)
+        if E.is_unreachable(exc):
+            # KIE could not be asked: that says nothing about the task, so it is never timed out on
+            # such a poll (KIE_JOB_TIMEOUT is judged by the first poll KIE answers); it backs off.
+            self._unreachable(exc, job_id, task_id)
+            _log(job_id, logging.WARNING, "poll could not reach KIE (%s); polling again later", exc, task_id=task_id)
+            self.later(job_id, now + self._next_interval(job_id, raw))
+            return
+        if not self._timed_out(job_id, raw, now, submitted):
+            _log(job_id, logging.WARNING, "poll failed (%s); polling again later", exc, task_id=task_id)
+            self.later(job_id, now + self._next_interval(job_id, raw))
+
+    def _apply_record(self, job_id: str, raw: dict[str, str], record: TaskRecord, now: float, submitted: float) -> None:
+        task_id = raw.get("kie_task_id")
+        tracks = record.tracks
+        with_audio = any(map(track_has_audio, tracks))
+        if record.status == "SUCCESS" and not with_audio:
+            # Success needs audio: the provider may fill the takes a moment later; after a few
+            # re-polls it counts as a failed generation.
+            empty = int(raw.get("empty_success") or 0) + 1
+            if empty <= self.s.empty_success_polls:
+                self.store.update(job_id, empty_success=empty, kie_status=record.status)
+                _log(job_id, logging.WARNING, "provider reported SUCCESS without audio (%d of %d); polling again",
+                     empty, self.s.empty_success_polls, task_id=task_id)
+                if not self._timed_out(job_id, raw, now, submitted):
+                    self.later(job_id, now + max(self.s.poll_min_gap, min(self.s.poll_interval, 5.0)))
+                return
+            self._task_failed(job_id, raw, record, message="provider reported SUCCESS without audio")
+            return
+        if record.status == "SUCCESS" or (record.status == "CALLBACK_EXCEPTION" and with_audio):
+            fields = {"kie_status": record.status, "tracks": tracks}
+            moved = self._finish(job_id, raw, JobState.SUCCEEDED, fields, expect=[JobState.SUBMITTED])
+            if moved and moved.breaker_closed:  # the same step reset the breaker (store.transition)
+                _log(job_id, logging.WARNING, "provider breaker closed: a generation succeeded", task_id=task_id)
+            return
+        if record.failed:
+            self._task_failed(job_id, raw, record)
+            return
+        if record.status != raw.get("kie_status") or (tracks and raw.get("tracks") in (None, "", "[]")):
+            self.store.update(job_id, kie_status=record.status, tracks=tracks or None)
+            _log(job_id, logging.INFO, "provider status %s", record.status, task_id=task_id)
+        if not self._timed_out(job_id, raw, now, submitted):
+            self.later(job_id, now + self._next_interval(job_id, raw))
+
+    def _task_failed(self, job_id: str, raw: dict[str, str], record: TaskRecord, message: str | None = None) -> None:
+        code = record.error_code
+        message = message or record.error_message or record.status
+        if record.status == "SENSITIVE_WORD_ERROR" or code in (400, 413):
+            kind = "invalid_request"
+        else:
+            kind = "generation_failed"
+        task_id = raw.get("kie_task_id")
+        regenerated = int(raw.get("regenerations") or 0)
+        # No regeneration while the breaker is open: every resubmission would be paid for.
+        if kind == "generation_failed" and regenerated < self.s.regenerate and not self.rt.breaker.is_open():
+            if self.store.transition(
+                job_id, JobState.QUEUED, expect=[JobState.SUBMITTED],
+                fields={"regenerations": regenerated + 1, "kie_task_id": None, "kie_status": None,
+                        "tracks": None, "last_poll_ts": None, "attempts": 0, "empty_success": None},
+                due=time.time(),
+            ):
+                _log(job_id, logging.WARNING, "generation failed (%s); regenerating (%d of %d)",
+                     message, regenerated + 1, self.s.regenerate, task_id=task_id)
+                self._generation_failed(job_id, task_id)
+            return
+        error = _error(kind, str(message), code=code, status=record.status)
+        if self._finish(job_id, raw, JobState.FAILED, {"kie_status": record.status, "error": error},
+                        expect=[JobState.SUBMITTED]) and kind == "generation_failed":
+            self._generation_failed(job_id, task_id)
+
+    def _generation_failed(self, job_id: str, task_id: str | None = None) -> None:
+        """Count one failed generation towards the provider breaker (once per failed generation)."""
+        if self.rt.breaker.failure(job_id):
+            self.store.stat("breaker_opened")
+            _log(job_id, logging.ERROR, "provider breaker opened after %d failed generations in a row; "
+                 "submission waits for a probe job", self.s.breaker_threshold, task_id=task_id)
+
+    def _timed_out(self, job_id: str, raw: dict[str, str], now: float, submitted: float) -> bool:
+        if now - submitted < self.s.job_timeout:
+            return False
+        error = _error("timed_out", f"not finished {self.s.job_timeout:.0f}s after submission")
+        if self._finish(job_id, raw, JobState.FAILED, {"error": error}, expect=[JobState.SUBMITTED]):
+            self._generation_failed(job_id, raw.get("kie_task_id"))  # a provider that never finishes fails too
+        return True
+
+    def _next_interval(self, job_id: str, raw: dict[str, str]) -> float:
+        if raw.get("callbacks_seen"):
+            return _jitter(max(self.s.poll_callback_interval, self.s.poll_interval))
+        current = float(raw.get("poll_interval") or self.s.poll_interval)
+        nxt = min(self.s.poll_max_interval, current * 1.5)
+        self.store.update(job_id, poll_interval=nxt)
+        # Jitter only downwards: no gap between two polls ever exceeds KIE_POLL_MAX_INTERVAL.
+        return current * (0.8 + 0.2 * random.random())
+
+    # -- finish --------------------------------------------------------------------------------
+    def _finish(self, job_id: str, raw: dict[str, str], state: JobState, fields: dict[str, Any],
+                expect: list[JobState | None]) -> Moved | bool:
+        """The terminal move: state, result event and handler deliveries in one atomic step; the
+        store's Moved (true) when it happened, False when the job was no longer in ``expect``."""
+        fields = {**fields, "finished_at": now_iso()}
+        merged_raw = {**raw, "job_id": job_id}
+        event = build_event(merged_raw, state, fields)
+        handlers = list(self.s.handlers)
+        # The deliveries are queued with the event, already leased to this process: if it dies
+        # before handing them on, the tick finds them when the lease runs out.
+        moved = self.store.transition(job_id, state, expect=expect, fields=fields, event=event,
+                                      handlers=handlers, retention=self.s.retention,
+                                      deliveries_at=time.time() + self.s.lease)
+        if not moved:
+            return False
+        created = float(raw.get("created_ts") or fields.get("created_ts") or time.time())
+        if state is not JobState.CANCELLED:  # a cancelled job never had a result to wait for
+            self.store.observe("time_to_result_seconds", time.time() - created, RESULT_BUCKETS)
+        error = fields.get("error")
+        if (error and error.get("kind") not in ("generation_failed", "timed_out") and raw.get("state")
+                and (state is not JobState.CANCELLED or raw.get("admitted"))):
+            self.rt.breaker.neutral(job_id)  # a probe that ended neither way frees the probe turn
+        _log(job_id, logging.INFO if state == JobState.SUCCEEDED else logging.WARNING, "%s%s", state.value,
+             f" ({error['kind']}: {error['message']})" if error else "", task_id=event.get("kie_task_id"))
+        refs = [job_id]
+        if moved.batch_finished:
+            _log(job_id, logging.INFO, "batch %s finished", moved.batch_finished)
+            refs.append(BATCH_REF + moved.batch_finished)
+        for ref in refs:
+            for name in handlers:
+                if getattr(self.rt.handlers.get(name), "inline", False):
+                    # fast and local: no extra message
+                    self.delivery.deliver(ref, name, event=event if ref == job_id else None)
+                else:
+                    self.dispatch.deliver(ref, name)
+        return moved
+
+    # -- callbacks, operators ------------------------------------------------------------------
+    def hint(self, job_id: str, task_id: str | None, callback_type: str | None) -> bool:
+        """A provider callback for ``job_id``: never trusted alone, it only makes a poll happen now."""
+        raw = self.store.get(job_id)
+        if raw is None or raw.get("state") in {s.value for s in TERMINAL} or raw.get("duplicate_of"):
+            return False
+        if raw.get("state") == JobState.SUBMITTING.value and task_id and not raw.get("kie_task_id"):
+            self.store.update(job_id, hint_task_id=str(task_id)[:128])
+        elif raw.get("state") not in (JobState.SUBMITTED.value, JobState.SUBMITTING.value):
+            return False
+        self.store.stat("callbacks")
+        progress_only = callback_type in PROGRESS_CALLBACKS and raw.get("state") == JobState.SUBMITTED.value
+        if progress_only:
+            # Callbacks reach us for this job: the final one will wake it, so the safety-net polls
+            # can be spaced out (KIE_POLL_CALLBACK_INTERVAL).
+            if not raw.get("callbacks_seen"):
+                self.store.update(job_id, callbacks_seen=1)
+                self.store.schedule(job_id, time.time() + _jitter(self.s.poll_callback_interval))
+            _log(job_id, logging.INFO, "callback %s", callback_type, task_id=task_id)
+            return True
+        if not raw.get("callbacks_seen"):
+            self.store.update(job_id, callbacks_seen=1)  # a late progress callback must not delay this poll
+        # A callback needs no token (unless KIE_CALLBACK_SECRET), so it never makes a poll sooner
+        # than KIE_POLL_MIN_GAP after the last one, nor a second one while a poll is in flight.
+        now = time.time()
+        not_before = float(raw.get("last_poll_ts") or 0) + self.s.poll_min_gap
+        if not_before > now or float(raw.get("poll_lease") or 0) > now:
+            _log(job_id, logging.INFO, "callback %s: polling soon", callback_type or "?", task_id=task_id)
+            self.store.schedule(job_id, max(not_before, now + self.s.poll_min_gap), only_earlier=True)
+            return True
+        _log(job_id, logging.INFO, "callback %s: polling now", callback_type or "?", task_id=task_id)
+        if isinstance(self.dispatch, NoDispatch):
+            self.store.schedule(job_id, time.time(), only_earlier=True)  # the tick claims it
+        else:
+            self.store.schedule(job_id, time.time() + self.s.lease)  # claimed here, under a lease
+            self.dispatch.poll(job_id)
+        return True
+
+    def retry(self, job_id: str) -> bool:
+        """Operator's resubmission of a failed job (it may cost credits again)."""
+        raw = self.store.get(job_id)
+        if raw is None or raw.get("state") != JobState.FAILED.value:
+            return False
+        err = json.loads(raw.get("error") or "null") or {}
+        if err.get("kind") == "invalid_request" and err.get("errors"):
+            return False
+        ok = self.store.transition(
+            job_id, JobState.QUEUED, expect=[JobState.FAILED],
+            fields={"error": None, "finished_at": None, "kie_task_id": None, "kie_status": None, "tracks": None,
+                    "attempts": 0, "outcome_unknown": None, "hint_task_id": None, "last_poll_ts": None,
+                    "event": None, "retried": int(raw.get("retried") or 0) + 1},
+            due=time.time(),
+        )
+        if ok:
+            self.rt.redis.delete(*[self.rt.keys.dedup(h, f"{job_id}:job.failed") for h in self.s.handlers])
+            _log(job_id, logging.WARNING, "retried by operator")
+        return ok
+
+    def _record_code(self, code: Any, prefix: str = "submit") -> None:
+        self.store.stat(f"{prefix}_code_{code}")
+
+
+def _safe_json(value: Any) -> Any:
+    """A JSON-safe copy (request bodies from other producers may carry odd values)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+__all__ = ["Pipeline", "FAILED_STATUSES"]

@@ -1,0 +1,248 @@
+"""KIE provider client: plain HTTP on a ``requests.Session``; knows nothing of Celery or Redis.
+
+Usable from a REPL against the simulator::
+
+    >>> c = KieClient("http://127.0.0.1:8787", "test-key")
+    >>> task_id = c.submit_extend({...})
+    >>> c.record_info(task_id).status
+    'PENDING'
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from requests.exceptions import ChunkedEncodingError, ConnectTimeout, ReadTimeout
+from requests.exceptions import ConnectionError as RequestsConnectionError
+
+from kie_extend.errors import (
+    EDGE_STATUSES,
+    ConnectError,
+    EdgeError,
+    OutcomeUnknownError,
+    ProviderCodeError,
+    TransportError,
+    UnavailableError,
+    error_for_code,
+)
+
+log = logging.getLogger(__name__)
+
+#: Browser-like User-Agent: the provider's CDN answers 403 "error code: 1010" to bare library agents.
+USER_AGENT = "Mozilla/5.0 (X11; Linux x86_64) kie-extend/0.1 (+https://pypi.org/project/kie-extend)"
+
+SUBMIT_PATH = "/api/v1/generate/upload-extend"
+RECORD_PATH = "/api/v1/generate/record-info"
+CREDIT_PATH = "/api/v1/chat/credit"
+
+#: Record-info statuses after which the task never changes.
+SUCCESS_STATUS = "SUCCESS"
+FAILED_STATUSES = frozenset(
+    {"CREATE_TASK_FAILED", "GENERATE_AUDIO_FAILED", "SENSITIVE_WORD_ERROR", "CALLBACK_EXCEPTION"}
+)
+
+
+def _pick(item: dict[str, Any], *names: str) -> Any:
+    """First non-empty value among spellings (camelCase from polls, snake_case from callbacks)."""
+    for name in names:
+        value = item.get(name)
+        if value not in (None, ""):
+            return value
+    return None
+
+
+def parse_track(item: dict[str, Any]) -> dict[str, Any]:
+    """One take in our shape, from either the camelCase (poll) or snake_case (callback) spelling."""
+    duration = _pick(item, "duration")
+    try:
+        duration = float(duration) if duration is not None else None
+    except (TypeError, ValueError):
+        duration = None
+    return {
+        "id": _pick(item, "id") or "",
+        "audio_url": _pick(item, "audioUrl", "audio_url") or "",
+        "stream_audio_url": _pick(item, "streamAudioUrl", "stream_audio_url") or "",
+        "source_audio_url": _pick(item, "sourceAudioUrl", "source_audio_url") or "",
+        "source_stream_audio_url": _pick(item, "sourceStreamAudioUrl", "source_stream_audio_url") or "",
+        "image_url": _pick(item, "imageUrl", "image_url") or "",
+        "title": _pick(item, "title") or "",
+        "tags": _pick(item, "tags") or "",
+        "duration": duration,
+        "model_name": _pick(item, "modelName", "model_name") or "",
+        "prompt": _pick(item, "prompt") or "",
+        "create_time": _pick(item, "createTime", "create_time"),
+    }
+
+
+def track_has_audio(track: dict[str, Any]) -> bool:
+    """Whether a take carries any usable audio URL."""
+    return any(track.get(k) for k in ("audio_url", "source_audio_url", "stream_audio_url", "source_stream_audio_url"))
+
+
+@dataclass
+class TaskRecord:
+    """What record-info says about a task, parsed tolerantly."""
+
+    task_id: str
+    status: str
+    tracks: list[dict[str, Any]] = field(default_factory=list)
+    error_code: int | None = None
+    error_message: str | None = None
+    param: dict[str, Any] | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Whether the status is terminal (known terminal, or an unknown one naming a failure)."""
+        return self.status == SUCCESS_STATUS or self.failed
+
+    @property
+    def failed(self) -> bool:
+        """Whether the status is a failure; unknown statuses with FAIL/ERROR count as failures."""
+        if self.status in FAILED_STATUSES:
+            return True
+        return self.status != SUCCESS_STATUS and ("FAIL" in self.status or "ERROR" in self.status)
+
+
+def parse_record(data: dict[str, Any]) -> TaskRecord:
+    """A TaskRecord from record-info's ``data`` object (tolerant of drift)."""
+    response = data.get("response")
+    items: Any = []
+    if isinstance(response, dict):
+        items = response.get("sunoData") or response.get("data") or []
+    if not isinstance(items, list):
+        items = []
+    param = data.get("param")
+    if isinstance(param, str):
+        try:
+            param = json.loads(param)
+        except ValueError:
+            param = None
+    code = data.get("errorCode")
+    try:
+        code = int(code) if code not in (None, "") else None
+    except (TypeError, ValueError):
+        code = None
+    return TaskRecord(
+        task_id=str(data.get("taskId") or ""),
+        status=str(data.get("status") or "PENDING").upper(),
+        tracks=[parse_track(i) for i in items if isinstance(i, dict)],
+        error_code=code,
+        error_message=data.get("errorMessage"),
+        param=param if isinstance(param, dict) else None,
+    )
+
+
+class KieClient:
+    """Typed access to the provider's legacy Upload-And-Extend routes."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        session: requests.Session | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 30.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self.session = session or requests.Session()
+        self.timeout = (connect_timeout, read_timeout)
+
+    def __repr__(self) -> str:
+        return f"KieClient({self.base_url!r})"
+
+    def _headers(self) -> dict[str, str]:
+        return {
+            "Authorization": f"Bearer {self._api_key}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": USER_AGENT,
+        }
+
+    def _call(self, method: str, path: str, *, timeout: tuple[float, float] | None = None, **kwargs: Any) -> Any:
+        """Send one request and return the envelope's ``data``; raise the typed error otherwise.
+        ``timeout``: (connect, read) seconds instead of the client's own."""
+        url = self.base_url + path
+        try:
+            resp = self.session.request(method, url, headers=self._headers(), timeout=timeout or self.timeout,
+                                        **kwargs)
+        except ConnectTimeout as exc:
+            raise ConnectError(f"connect timeout to {self.base_url}") from exc
+        except ReadTimeout as exc:
+            raise OutcomeUnknownError(f"read timeout from {self.base_url}{path}") from exc
+        except ChunkedEncodingError as exc:
+            raise OutcomeUnknownError(f"connection dropped mid-answer from {self.base_url}{path}") from exc
+        except RequestsConnectionError as exc:
+            raise _classify_connection_error(exc, self.base_url + path) from exc
+        except requests.RequestException as exc:
+            raise ConnectError(f"{type(exc).__name__} for {self.base_url}{path}") from exc
+        return _envelope_data(resp)
+
+    def submit_extend(self, body: dict[str, Any]) -> str:
+        """POST upload-extend; the provider's ``taskId`` on success."""
+        data = self._call("POST", SUBMIT_PATH, data=json.dumps(body))
+        task_id = (data or {}).get("taskId") if isinstance(data, dict) else None
+        if not task_id:
+            raise UnavailableError(500, "success answer without taskId")
+        return str(task_id)
+
+    def record_info(self, task_id: str) -> TaskRecord:
+        """GET record-info for one task."""
+        data = self._call("GET", RECORD_PATH, params={"taskId": task_id})
+        if not isinstance(data, dict):
+            raise ProviderCodeError(422, "recordInfo is null")
+        return parse_record(data)
+
+    def credits(self, timeout: tuple[float, float] | None = None) -> float:
+        """GET the remaining credit balance (free; the probe that ends a pause). ``timeout``:
+        (connect, read) seconds instead of the client's own (a probe keeps it short)."""
+        data = self._call("GET", CREDIT_PATH, timeout=timeout)
+        try:
+            return float(data)
+        except (TypeError, ValueError):
+            raise UnavailableError(500, "credit answer without a number") from None
+
+
+def _classify_connection_error(exc: Exception, where: str) -> TransportError:
+    """Connect failures never reached the provider; drops after sending may have."""
+    text = repr(exc)
+    never_sent = ("NewConnectionError", "NameResolution", "Connection refused", "SSLError", "ProxyError")
+    if any(marker in text for marker in never_sent):
+        parts = urlsplit(where)
+        return ConnectError(f"could not connect to {parts.scheme}://{parts.netloc}")
+    return OutcomeUnknownError(f"connection dropped after sending to {where}")
+
+
+def _envelope_data(resp: requests.Response) -> Any:
+    """Read the JSON envelope: body ``code`` wins, HTTP status when the body has none (an edge's
+    5xx without the envelope raises EdgeError)."""
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or "code" not in body:
+        status = resp.status_code
+        if status == 200:
+            raise UnavailableError(502, "answer without a JSON envelope")
+        if status == 403:
+            raise error_for_code(403, (resp.text or "")[:200])
+        if status in EDGE_STATUSES:
+            # A proxy or CDN in front of KIE answered for it: KIE itself was not reached (or did
+            # not answer in time). The status line is enough; an HTML error page is not kept.
+            raise EdgeError(status, f"HTTP {status} from an edge in front of KIE ({resp.reason or 'no reason'})")
+        raise error_for_code(status, (resp.text or "")[:200] if body is None else str(body)[:200])
+    try:
+        code = int(body.get("code"))
+    except (TypeError, ValueError):
+        code = resp.status_code
+    if code == 200 and resp.status_code >= 400:
+        code = resp.status_code
+    if code != 200:
+        raise error_for_code(code, str(body.get("msg") or ""))
+    return body.get("data")

@@ -1,0 +1,332 @@
+"""The Redis job store: records, the one state-transition function, and leased schedules.
+
+Every state change goes through :meth:`JobStore.transition`, a Lua script that compares the
+current state, writes the new one with its fields, keeps the state indexes and the in-flight set
+in step, and, for a terminal state, writes the result event and queues one delivery per handler in
+the same atomic step (the outbox).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Iterable
+
+import redis
+
+from kie_extend.store import lua
+from kie_extend.store.keys import MINUTE_HISTOGRAMS, MINUTE_TTL, Keys
+from kie_extend.jobs.states import IN_FLIGHT, TERMINAL, TRANSITIONS, JobState
+
+#: Prefix of the ids of batch records in the delivery schedule (``@batch:<batch_id>``).
+BATCH_REF = "@batch:"
+
+
+class Moved(int):
+    """A transition's outcome: true when the move happened; ``batch_finished`` names the batch whose
+    last job this move ended (its ``batch.finished`` event and deliveries were written with it)."""
+
+    batch_finished: str | None = None
+    #: A move to ``succeeded`` that closed the provider breaker (see admission/breaker.py).
+    breaker_closed: bool = False
+
+# Claim up to ARGV[3] members due by ARGV[1]: push each one's score to ARGV[2] (the lease end),
+# so a claimer that dies lets the member fall due again; returns member, due-time pairs.
+# KEYS[1]: the sorted set.
+_CLAIM = """
+local found = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[3]))
+for i = 1, #found, 2 do redis.call('ZADD', KEYS[1], ARGV[2], found[i]) end
+return found
+"""
+
+# Claim one job's poll: refused while another poll of it is in flight (its lease, a field of the
+# job's hash, ends later than ARGV[1]) or sooner than ARGV[2] seconds after the last poll started;
+# else record the start (last_poll_ts, the poll counts) and the lease end ARGV[3], in one step.
+# Returns nil when claimed, else the time (text) before which no poll may start; '-1' if the job is gone.
+# KEYS[1]: the job's hash, KEYS[2]: the stats hash.
+_CLAIM_POLL = """
+if redis.call('HEXISTS', KEYS[1], 'state') == 0 then return '-1' end
+local now = tonumber(ARGV[1])
+local lease = tonumber(redis.call('HGET', KEYS[1], 'poll_lease') or '0') or 0
+if lease > now then return tostring(lease) end
+local last = tonumber(redis.call('HGET', KEYS[1], 'last_poll_ts') or '0') or 0
+local gap = tonumber(ARGV[2])
+if now - last < gap then return tostring(last + gap) end
+redis.call('HSET', KEYS[1], 'last_poll_ts', ARGV[1], 'poll_lease', ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'polls', 1)
+redis.call('HINCRBY', KEYS[2], 'polls', 1)
+return false
+"""
+
+
+def _enc(value: Any) -> Any:
+    """A hash field value: JSON for containers, text for scalars, null to delete."""
+    if value is None:
+        return None
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"))
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, JobState):
+        return value.value
+    return str(value)
+
+
+class IllegalTransition(RuntimeError):
+    """A move that the state machine forbids (a bug, never a race)."""
+
+
+class JobStore:
+    """Job records and schedules in Redis, under one key prefix."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.redis = client
+        self.keys = keys
+        self._transition = client.register_script(lua.TRANSITION)
+        self._claim = client.register_script(_CLAIM)
+        self._pointer = client.register_script(lua.POINTER)
+        self._ready = client.register_script(lua.READY)
+        self._claim_poll = client.register_script(_CLAIM_POLL)
+
+    def record_key(self, ref: str) -> str:
+        """The hash holding a job's record, or a batch's (``@batch:<id>``, for its deliveries)."""
+        return self.keys.batch(ref[len(BATCH_REF):]) if ref.startswith(BATCH_REF) else self.keys.job(ref)
+
+    # -- records ---------------------------------------------------------------------------
+    def get(self, job_id: str) -> dict[str, str] | None:
+        """The raw record (field -> text), or None when no such job exists."""
+        raw = self.redis.hgetall(self.record_key(job_id))
+        if not raw:
+            return None
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    def exists(self, job_id: str) -> bool:
+        """Whether a record exists for ``job_id``."""
+        return bool(self.redis.exists(self.record_key(job_id)))
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        """Set non-state fields of an existing record (state changes use :meth:`transition`)."""
+        if "state" in fields:
+            raise IllegalTransition("state changes go through transition()")
+        mapping = {k: _enc(v) for k, v in fields.items() if v is not None}
+        gone = [k for k, v in fields.items() if v is None]
+        pipe = self.redis.pipeline()
+        if mapping:
+            pipe.hset(self.record_key(job_id), mapping=mapping)
+        if gone:
+            pipe.hdel(self.record_key(job_id), *gone)
+        pipe.execute()
+
+    def incr(self, job_id: str, field: str, amount: int = 1) -> int:
+        """Add to a counter field of a record."""
+        return int(self.redis.hincrby(self.keys.job(job_id), field, amount))
+
+    def create_pointer(self, job_id: str, fields: dict[str, Any], ttl: float, *, handlers: Iterable[str] = (),
+                       deliveries_at: float | None = None) -> bool:
+        """Write a record that only points at another job (idempotency duplicate); once, atomically.
+        In a batch it counts as done (``c:duplicate``); False when the key already existed."""
+        mapping = {k: _enc(v) for k, v in fields.items() if v is not None}
+        now = time.time()
+        return bool(self._pointer(
+            keys=[self.keys.job(job_id), self.keys.deliveries, self.keys.stats],
+            args=[self.keys.tag, job_id, int(ttl), json.dumps(mapping), repr(now), _iso(now),
+                  json.dumps(list(handlers)), repr(deliveries_at or now)]))
+
+    def declare_batch(self, batch_id: str, job_ids: Iterable[str]) -> int:
+        """Name a batch's jobs before they are sent (a producer that knows them: enqueue_many,
+        ``batch submit``), so the batch cannot look finished while messages are still arriving.
+        Declaring an id twice changes nothing. Returns the batch's total."""
+        now = time.time()
+        pipe = self.redis.pipeline()
+        pipe.hsetnx(self.keys.batch(batch_id), "created_ts", repr(now))
+        pipe.zadd(self.keys.batches, {batch_id: now}, nx=True)
+        ids = list(job_ids)
+        for i in range(0, len(ids), 1000):
+            pipe.zadd(self.keys.batch_jobs(batch_id), {j: now for j in ids[i:i + 1000]}, nx=True)
+        pipe.zcard(self.keys.batch_jobs(batch_id))
+        return int(pipe.execute()[-1])
+
+    def enqueue_ready(self, job_id: str) -> bool:
+        """Put a queued, not admitted job back in its ready queue (where admission finds it)."""
+        k = self.keys
+        return bool(self._ready(keys=[k.job(job_id), k.priorities, k.admission_seq], args=[k.tag, job_id]))
+
+    # -- the one place a state changes -------------------------------------------------------
+    def transition(
+        self,
+        job_id: str,
+        to: JobState,
+        *,
+        expect: Iterable[JobState | None],
+        fields: dict[str, Any] | None = None,
+        due: float | None | str = "",
+        event: dict[str, Any] | None = None,
+        handlers: Iterable[str] = (),
+        retention: float = 7 * 86400,
+        deliveries_at: float | None = None,
+        stat: str = "",
+        ready: bool = False,
+        pipe: Any = None,
+    ) -> Moved:
+        """Move ``job_id`` to ``to`` if it is in one of ``expect``; False if it was not.
+
+        ``due``: a time to put the job on the due schedule, ``None`` to take it off, ``""`` to
+        leave it. A terminal move needs ``event``; it is stored with the state, and one delivery
+        per handler is queued (due at ``deliveries_at``, default now), all in one atomic step.
+        ``stat`` names a shared counter bumped with the move. A move to ``succeeded`` also resets
+        the provider breaker's streak and closes it when open (``Moved.breaker_closed``). ``ready``: a move to ``queued`` puts the
+        job in its ready queue, where admission (admission/queues.py) picks it for a submission slot.
+        Leaving ``queued`` takes it out of its ready queue and the deadline index; a batch's counts
+        move with the job, and the move that ends a batch's last job writes its ``batch.finished``
+        event and deliveries too (``Moved.batch_finished``). With ``pipe`` (a redis-py pipeline) the
+        script is only queued on it and ``Moved(0)`` is returned: the caller reads each move's
+        outcome from ``pipe.execute()`` (first element 1 = moved).
+        """
+        expected = list(expect)
+        for frm in expected:
+            if to not in TRANSITIONS[frm]:
+                raise IllegalTransition(f"{frm} -> {to} is not a legal move")
+        if (to in TERMINAL) != (event is not None):
+            raise IllegalTransition("a terminal move must carry exactly one result event")
+        encoded = {k: _enc(v) for k, v in (fields or {}).items()}
+        payload = json.dumps({k: (v if v is not None else None) for k, v in encoded.items()})
+        due_arg = "-" if due is None else ("" if due == "" else repr(float(due)))
+        k = self.keys
+        now = time.time()
+        result = self._transition(
+            keys=[k.job(job_id), k.due, k.inflight, k.deliveries, k.stats, k.deadlines, k.rate_log,
+                  k.priorities, k.admission_seq, k.breaker, *(k.state_index(st.value) for st in lua.STATE_ORDER)],
+            args=[
+                k.tag,
+                job_id,
+                to.value,
+                "|".join("" if s is None else s.value for s in expected),
+                payload,
+                due_arg,
+                json.dumps(event, separators=(",", ":")) if event is not None else "",
+                json.dumps(list(handlers)),
+                repr(now),
+                "1" if to in IN_FLIGHT else "0",
+                str(int(retention)),
+                repr(float(deliveries_at if deliveries_at is not None else now)),
+                stat,
+                uuid.uuid4().hex,
+                "1" if ready else "",
+                _iso(now),
+            ],
+            **({"client": pipe} if pipe is not None else {}),
+        )
+        if pipe is not None:
+            return Moved(0)
+        if int(result[2]):
+            self.redis.hincrby(k.stats, "transition_replays", 1)
+        moved = Moved(int(result[0]))
+        moved.breaker_closed = len(result) > 4 and bool(int(result[4]))
+        if len(result) > 3 and int(result[3]):
+            batch = self.redis.hget(k.job(job_id), "batch_id")
+            moved.batch_finished = _text(batch) if batch else None
+        return moved
+
+    # -- schedules ---------------------------------------------------------------------------
+    def schedule(self, job_id: str, at: float, *, only_earlier: bool = False) -> None:
+        """Put a job on the due schedule at ``at`` (``only_earlier``: never push it later)."""
+        if only_earlier:
+            pipe = self.redis.pipeline()
+            pipe.zadd(self.keys.due, {job_id: at}, lt=True)
+            pipe.zadd(self.keys.due, {job_id: at}, nx=True)
+            pipe.execute()
+        else:
+            self.redis.zadd(self.keys.due, {job_id: at})
+
+    def unschedule(self, job_id: str) -> None:
+        """Take a job off the due schedule."""
+        self.redis.zrem(self.keys.due, job_id)
+
+    def claim_due(self, until: float, lease: float, limit: int) -> list[tuple[str, float]]:
+        """Claim jobs due by ``until`` under a lease (score moves to ``until + lease``); (id, due) pairs."""
+        found = self._claim(keys=[self.keys.due], args=[until, until + lease, limit])
+        return [(_text(found[i]), float(found[i + 1])) for i in range(0, len(found), 2)]
+
+    def claim_deliveries(self, now: float, lease: float, limit: int) -> list[tuple[str, str]]:
+        """Claim due handler deliveries under a lease; ``(job_id, handler)`` pairs."""
+        found = self._claim(keys=[self.keys.deliveries], args=[now, now + lease, limit])
+        return [tuple(_text(found[i]).split("|", 1)) for i in range(0, len(found), 2)]  # type: ignore[misc]
+
+    def schedule_delivery(self, job_id: str, handler: str, at: float | None) -> None:
+        """Put a delivery back on its schedule at ``at``, or drop it (``None``)."""
+        member = f"{job_id}|{handler}"
+        if at is None:
+            self.redis.zrem(self.keys.deliveries, member)
+        else:
+            self.redis.zadd(self.keys.deliveries, {member: at})
+
+    # -- listings and counters ---------------------------------------------------------------
+    def list_ids(self, state: JobState, limit: int = 100) -> list[str]:
+        """Newest job ids in ``state``."""
+        return [_text(x) for x in self.redis.zrevrange(self.keys.state_index(state.value), 0, limit - 1)]
+
+    def count(self, state: JobState) -> int:
+        """How many jobs are in ``state``."""
+        return int(self.redis.zcard(self.keys.state_index(state.value)))
+
+    def trim_indexes(self, older_than: float) -> None:
+        """Forget expired terminal jobs in the state indexes."""
+        for state in TERMINAL:
+            self.redis.zremrangebyscore(self.keys.state_index(state.value), "-inf", older_than)
+
+    def mark_delivered(self, job_id: str, handler: str, attempts: int) -> None:
+        """Record a handler's successful delivery and take it off the delivery schedule."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(self.record_key(job_id), f"handler:{handler}",
+                  json.dumps({"state": "delivered", "attempts": attempts}, separators=(",", ":")))
+        pipe.zrem(self.keys.deliveries, f"{job_id}|{handler}")
+        pipe.hincrby(self.keys.stats, "handler_deliveries", 1)
+        pipe.execute()
+
+    def claim_poll(self, job_id: str, now: float, gap: float, lease: float) -> float | None:
+        """Claim ``job_id``'s poll starting at ``now`` (epoch seconds): one poll of a job in flight at
+        a time (the claim holds until ``release_poll`` or ``lease`` seconds), and never sooner than
+        ``gap`` seconds after the previous one started, across every worker. ``None`` when claimed
+        (its start and the poll counts are recorded), else the epoch time before which no poll may
+        start (``-1.0``: the job's record is gone)."""
+        found = self._claim_poll(keys=[self.keys.job(job_id), self.keys.stats], args=[repr(now), gap, repr(now + lease)])
+        return None if found is None else float(_text(found))
+
+    def release_poll(self, job_id: str) -> None:
+        """End ``job_id``'s poll claim (its poll finished)."""
+        self.redis.hdel(self.keys.job(job_id), "poll_lease")
+
+    def observe(self, name: str, value: float, buckets: tuple[float, ...], stat: str = "") -> None:
+        """Add one observation to a shared histogram: its bin (the smallest bucket bound at or above
+        ``value``, else ``+Inf``), the sum and the count; metrics.render adds the bins up into
+        Prometheus's cumulative buckets. ``stat`` names a counter bumped in the same round trip.
+        A histogram named in ``keys.MINUTE_HISTOGRAMS`` also counts its bin in this minute's
+        series hash (``Keys.minute``), in the same round trip."""
+        le = next((f"{b:g}" for b in buckets if value <= b), "+Inf")
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hincrby(self.keys.stats, f"hist:{name}:bin:{le}", 1)
+        pipe.hincrby(self.keys.stats, f"hist:{name}:count", 1)
+        pipe.hincrbyfloat(self.keys.stats, f"hist:{name}:sum", value)
+        if name in MINUTE_HISTOGRAMS:
+            minute = self.keys.minute(int(time.time() // 60))
+            pipe.hincrby(minute, f"{name}:{le}", 1)
+            pipe.expire(minute, MINUTE_TTL)
+        if stat:
+            pipe.hincrby(self.keys.stats, stat, 1)
+        pipe.execute()
+
+    def stat(self, name: str, amount: int = 1) -> None:
+        """Bump a shared counter."""
+        self.redis.hincrby(self.keys.stats, name, amount)
+
+
+def _iso(ts: float) -> str:
+    """Epoch seconds as ISO-8601 UTC with milliseconds."""
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,123 @@
+"""The package's layout: subpackages by concern, and no import cycles between modules.
+
+Imports are read from the source (every ``import`` and ``from … import``, at module level, inside
+functions and under ``TYPE_CHECKING`` alike), so a cycle hidden by a late import still fails here.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import kie_extend
+
+PACKAGE = Path(kie_extend.__file__).parent
+
+#: What sits at the top of the package: what users and the deployment name.
+TOP_LEVEL = {"__init__", "api", "config", "worker", "tasks", "errors"}
+#: The wings: one folder per concern.
+SUBPACKAGES = {"jobs", "store", "admission", "provider", "infra", "handlers", "http", "cli", "simulator"}
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join(parts)] = path
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """``{module: modules of this package it imports}``, from the source text."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                deps.update(alias.name for alias in node.names if alias.name in modules)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    if node.level > 1:
+                        parts = parts[: -(node.level - 1)]
+                    base = ".".join(parts + ([base] if base else []))
+                for alias in node.names:
+                    if f"{base}.{alias.name}" in modules:
+                        deps.add(f"{base}.{alias.name}")
+                    elif base in modules:
+                        deps.add(base)
+        deps.discard(name)
+        graph[name] = deps
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected component of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_module_imports_one_that_imports_it_back() -> None:
+    graph = import_graph()
+    assert len(graph) > 60, "the import graph should cover the whole package"
+    assert cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_cycles() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e2"}, "e2": {"e"}, "f": set()}
+    assert sorted(cycles(graph)) == [["a", "b", "c"], ["e", "e2"]]
+
+
+def test_top_level_holds_only_what_users_name() -> None:
+    top = {p.stem for p in PACKAGE.glob("*.py")}
+    folders = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert top == TOP_LEVEL, f"modules at the top: {sorted(top - TOP_LEVEL)} belong in a subpackage"
+    assert folders == SUBPACKAGES
+
+
+def test_every_module_says_what_it_is() -> None:
+    for name, path in _modules().items():
+        doc = ast.get_docstring(ast.parse(path.read_text()))
+        assert doc and doc.strip(), f"{name} has no module docstring"
+
+
+def test_public_import_paths_stay() -> None:
+    from kie_extend import (TERMINAL, ValidationError, cancel, cancel_batch, enqueue_extend, enqueue_many,  # noqa: F401
+                            get_batch, get_job, load_settings, pause, resume, upload_audio)
+    from kie_extend.worker import app
+
+    assert "kie_extend.extend" in app.tasks
