@@ -17,6 +17,7 @@ import redis
 
 from kie_extend.store import lua
 from kie_extend.store.keys import MINUTE_HISTOGRAMS, MINUTE_TTL, Keys
+from kie_extend.store.record import JobRecord
 from kie_extend.jobs.states import IN_FLIGHT, TERMINAL, TRANSITIONS, JobState
 
 #: Prefix of the ids of batch records in the delivery schedule (``@batch:<batch_id>``).
@@ -100,6 +101,12 @@ class JobStore:
         if not raw:
             return None
         return {_text(k): _text(v) for k, v in raw.items()}
+
+    def get_record(self, job_id: str) -> JobRecord | None:
+        """The job's record parsed into typed fields (one ``HGETALL``, as :meth:`get`), or None
+        when no such job exists. ``JobRecord.raw`` holds the hash as read."""
+        raw = self.get(job_id)
+        return None if raw is None else JobRecord.from_hash(raw)
 
     def exists(self, job_id: str) -> bool:
         """Whether a record exists for ``job_id``."""
