@@ -254,3 +254,20 @@ def test_get_record_reads_what_the_store_wrote(make_settings) -> None:
     broken = store.get_record("r1")
     assert broken is not None and broken.attempts == 0 and broken.request is None
     assert broken.raw["attempts"] == "many"
+
+
+@pytest.mark.parametrize("fields", [
+    {},
+    {"state": "failed", "error": {"kind": "timed_out", "message": "m"}, "finished_at": "F"},
+    {"attempts": 0, "kie_task_id": None, "tracks": None, "last_poll_ts": None, "retried": 2, "event": None},
+    {"handler:log": {"state": "dead", "attempts": 5}, "handler:new": {"state": "pending", "attempts": 0}},
+    {"request": {"prompt": "q"}, "metadata": [1], "priority": "x", "not_after": float("inf"), "callbacks_seen": 1},
+    {"job_id": "other", "history": [[1, "", "queued"]], "unknown_field": {"a": 1}},
+])
+def test_with_fields_is_from_hash_of_the_merged_hash(fields) -> None:
+    for base in (FULL, {}, {"state": "queued", "tracks": "bad"}):
+        rec = JobRecord.from_hash(base)
+        merged = JobRecord.from_hash({**base, **encode_overlay(fields)})
+        after = rec.with_fields(fields)
+        assert after == merged and after.raw == merged.raw
+        assert (after.event, after.history, after.request) == (merged.event, merged.history, merged.request)

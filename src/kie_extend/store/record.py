@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kie_extend.jobs.states import JobState
@@ -95,10 +95,10 @@ class JobRecord:
     when absent). Counters are 0 when absent or garbled. JSON fields are parsed: ``error`` (the
     stored value, normally ``{"kind", "message", ...}``, None when absent or garbled),
     ``tracks`` (the provider's takes, dicts only), ``metadata`` (``{}`` by default),
-    ``handlers`` (``{name: {"state", "attempts", ...}}``, by name), ``event`` (the stored result
-    event or None), ``history`` (``(at, from, to)`` moves, oldest first). ``request`` parses the
-    stored request body when read (``request_text`` is the stored JSON). ``raw`` is the hash
-    exactly as read.
+    ``handlers`` (``{name: {"state", "attempts", ...}}``, by name). The larger JSON fields few
+    readers need are parsed when read: ``request`` (``request_text`` is the stored JSON),
+    ``event`` (the stored result event or None), ``history`` (``(at, from, to)`` moves, oldest
+    first). ``raw`` is the hash exactly as read.
     """
 
     job_id: str | None = None
@@ -146,9 +146,7 @@ class JobRecord:
     submit_error: str | None = None
     error: Any = None
     # -- outcome bookkeeping
-    event: dict[str, Any] | None = None
     handlers: dict[str, Any] = field(default_factory=dict)
-    history: tuple[tuple[float, str, str], ...] = ()
     op: str | None = None
     raw: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -157,56 +155,8 @@ class JobRecord:
         """The record from a job's hash (field -> text, as ``HGETALL`` returns it decoded);
         never raises on missing, legacy or garbled fields (see the module's docstring)."""
         raw = dict(raw)
-        state_text = raw.get("state")
-        tracks = _json(raw, "tracks", [])
-        event = _json(raw, "event", None)
-        return cls(
-            job_id=_text(raw, "job_id"),
-            state=_STATES.get(state_text) if state_text else None,  # type: ignore[arg-type]
-            state_text=state_text,
-            state_ts=_float(raw, "state_ts"),
-            request_text=raw.get("request"),
-            metadata=_json(raw, "metadata", {}),
-            idempotency_key=_text(raw, "idempotency_key"),
-            msg_sha=_text(raw, "msg_sha"),
-            duplicate_of=_text(raw, "duplicate_of"),
-            tenant=_text(raw, "tenant"),
-            priority=_int(raw, "priority", DEFAULT_PRIORITY),
-            batch_id=_text(raw, "batch_id"),
-            not_after=_float(raw, "not_after"),
-            rq=_text(raw, "rq"),
-            created_at=_text(raw, "created_at"),
-            created_ts=_float(raw, "created_ts"),
-            submitted_at=_text(raw, "submitted_at"),
-            submitted_ts=_float(raw, "submitted_ts"),
-            finished_at=_text(raw, "finished_at"),
-            submit_started_ts=_float(raw, "submit_started_ts"),
-            last_poll_ts=_float(raw, "last_poll_ts"),
-            poll_lease=_float(raw, "poll_lease"),
-            poll_interval=_float(raw, "poll_interval"),
-            attempts=_int(raw, "attempts"),
-            sends=_int(raw, "sends"),
-            polls=_int(raw, "polls"),
-            retried=_int(raw, "retried"),
-            regenerations=_int(raw, "regenerations"),
-            unreached=_int(raw, "unreached"),
-            empty_success=_int(raw, "empty_success"),
-            kie_task_id=_text(raw, "kie_task_id"),
-            kie_status=_text(raw, "kie_status"),
-            hint_task_id=_text(raw, "hint_task_id"),
-            tracks=tuple(t for t in tracks if isinstance(t, dict)) if isinstance(tracks, list) else (),
-            admitted=_text(raw, "admitted"),
-            outcome_unknown=bool(raw.get("outcome_unknown")),
-            callbacks_seen=bool(raw.get("callbacks_seen")),
-            submit_error=_text(raw, "submit_error"),
-            error=_json(raw, "error", None),
-            event=event if isinstance(event, dict) else None,
-            handlers={key[len(HANDLER_PREFIX):]: _json(raw, key, {})
-                      for key in sorted(raw) if key.startswith(HANDLER_PREFIX)},
-            history=_history(raw),
-            op=_text(raw, "op"),
-            raw=raw,
-        )
+        values = {attr: parse(raw) for entries in _PARSERS.values() for attr, parse in entries}
+        return cls(**values, handlers=_handlers(raw), raw=raw)
 
     @property
     def request(self) -> dict[str, Any] | None:
@@ -218,6 +168,18 @@ class JobRecord:
         except ValueError:
             return None
         return body if isinstance(body, dict) else None
+
+    @property
+    def event(self) -> dict[str, Any] | None:
+        """The stored result event (parsed on each read), None when absent, garbled or not an object."""
+        event = _json(self.raw, "event", None)
+        return event if isinstance(event, dict) else None
+
+    @property
+    def history(self) -> tuple[tuple[float, str, str], ...]:
+        """The job's last moves, ``(epoch seconds, from, to)``, oldest first (parsed on each read;
+        ``from`` is ``""`` for the first move); unreadable entries are skipped."""
+        return _history(self.raw)
 
     @property
     def request_value(self) -> Any:
@@ -248,8 +210,54 @@ class JobRecord:
         return list(errors) if isinstance(errors, list) else [errors] if errors else []
 
     def with_fields(self, fields: Mapping[str, Any]) -> JobRecord:
-        """This record as it will read once ``fields`` are written (``None`` clears a field)."""
-        return JobRecord.from_hash({**self.raw, **encode_overlay(fields)})
+        """This record as it will read once ``fields`` are written (``None`` clears a field); the
+        same as ``from_hash`` of the merged hash, re-reading only the fields given."""
+        overlay = encode_overlay(fields)
+        raw = {**self.raw, **overlay}
+        changes = {attr: parse(raw) for key in overlay for attr, parse in _PARSERS.get(key, ())}
+        if any(key.startswith(HANDLER_PREFIX) for key in overlay):
+            changes["handlers"] = _handlers(raw)
+        return replace(self, raw=raw, **changes)
+
+
+def _handlers(raw: Mapping[str, str]) -> dict[str, Any]:
+    return {key[len(HANDLER_PREFIX):]: _json(raw, key, {}) for key in sorted(raw) if key.startswith(HANDLER_PREFIX)}
+
+
+def _tracks(raw: Mapping[str, str]) -> tuple[dict[str, Any], ...]:
+    tracks = _json(raw, "tracks", [])
+    return tuple(t for t in tracks if isinstance(t, dict)) if isinstance(tracks, list) else ()
+
+
+def _state(raw: Mapping[str, str]) -> JobState | None:
+    text = raw.get("state")
+    return _STATES.get(text) if text else None
+
+
+def _as(kind: Callable[[Mapping[str, str], str], Any], key: str) -> Callable[[Mapping[str, str]], Any]:
+    return lambda raw: kind(raw, key)
+
+
+_TEXT = ("job_id", "idempotency_key", "msg_sha", "duplicate_of", "tenant", "batch_id", "rq", "created_at",
+         "submitted_at", "finished_at", "kie_task_id", "kie_status", "hint_task_id", "admitted", "submit_error", "op")
+_FLOAT = ("state_ts", "not_after", "created_ts", "submitted_ts", "submit_started_ts", "last_poll_ts", "poll_lease",
+          "poll_interval")
+_INT = ("attempts", "sends", "polls", "retried", "regenerations", "unreached", "empty_success")
+
+#: Hash field -> the record's attributes read from it, with their parsers (``handler:*`` aside).
+_PARSERS: dict[str, tuple[tuple[str, Callable[[Mapping[str, str]], Any]], ...]] = {
+    **{key: ((key, _as(_text, key)),) for key in _TEXT},
+    **{key: ((key, _as(_float, key)),) for key in _FLOAT},
+    **{key: ((key, _as(_int, key)),) for key in _INT},
+    "state": (("state", _state), ("state_text", lambda raw: raw.get("state"))),
+    "request": (("request_text", lambda raw: raw.get("request")),),
+    "metadata": (("metadata", lambda raw: _json(raw, "metadata", {})),),
+    "priority": (("priority", lambda raw: _int(raw, "priority", DEFAULT_PRIORITY)),),
+    "tracks": (("tracks", _tracks),),
+    "outcome_unknown": (("outcome_unknown", lambda raw: bool(raw.get("outcome_unknown"))),),
+    "callbacks_seen": (("callbacks_seen", lambda raw: bool(raw.get("callbacks_seen"))),),
+    "error": (("error", lambda raw: _json(raw, "error", None)),),
+}
 
 
 #: The record of a job that has none yet.
