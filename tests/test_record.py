@@ -271,3 +271,20 @@ def test_with_fields_is_from_hash_of_the_merged_hash(fields) -> None:
         after = rec.with_fields(fields)
         assert after == merged and after.raw == merged.raw
         assert (after.event, after.history, after.request) == (merged.event, merged.history, merged.request)
+
+
+def test_a_garbled_record_is_still_shown(make_settings) -> None:
+    """get_job and the listing show a record with garbled fields instead of failing on it."""
+    from kie_extend.api import get_job
+    from kie_extend.jobs.listing import list_jobs
+
+    settings = make_settings()
+    rt = Runtime(settings)
+    assert rt.store.transition("g1", JobState.QUEUED, expect=[None], fields={"job_id": "g1", "created_ts": time.time()})
+    rt.redis.hset(rt.keys.job("g1"), mapping={"tracks": '{"not":"a list"}', "not_after": "inf", "attempts": "two",
+                                              "priority": "high", "error": "{"})
+    shown = get_job("g1", settings=settings)
+    assert shown["state"] == "queued" and shown["tracks"] == [] and shown["not_after"] is None
+    assert shown["attempts"] == 0 and shown["priority"] == DEFAULT_PRIORITY and shown["error"] is None
+    page, _ = list_jobs(rt, state="queued")
+    assert [r["job_id"] for r in page] == ["g1"] and page[0] == shown
