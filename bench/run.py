@@ -144,7 +144,7 @@ def scenario_limit(res: Results, workdir: Path) -> None:
            "KIE_POLL_FIRST": "0.5s", "KIE_POLL_INTERVAL": "1s", "KIE_POLL_MAX_INTERVAL": "2s"}
     with BenchStack(workdir / "limit", env=env, key_prefix=PREFIX) as st:
         st.start_simulator("--time-factor", str(tf), *SIM_LIMIT, "--seed", "1")
-        st.start_receiver()
+        st.start_serve(callbacks_only=True)
         workers = [st.start_worker(concurrency=1), st.start_worker(concurrency=1)]
         st.start_beat()
         wait_ready(*workers)
@@ -211,7 +211,7 @@ def scenario_slots(res: Results, workdir: Path) -> None:
     with BenchStack(workdir / "slots", env=env, key_prefix=PREFIX) as st:
         st.start_simulator("--time-factor", str(tf), "--duration-min", str(dmin), "--duration-max", str(dmax),
                            *SIM_LIMIT, "--seed", "2")
-        st.start_receiver()
+        st.start_serve(callbacks_only=True)
         worker = st.start_worker(concurrency=2)
         beat = st.start_beat()
         wait_ready(worker)
@@ -326,7 +326,7 @@ def scenario_polling(res: Results, workdir: Path) -> None:
                     child.stop()
             st.env.update(extra_env)
             if callbacks:
-                st.start_receiver()  # sets KIE_CALLBACK_BASE_URL for the worker started next
+                st.start_serve(callbacks_only=True)  # sets KIE_CALLBACK_BASE_URL for the worker started next
             worker = st.start_worker(concurrency=2, name=f"worker-{number + 1}")
             beat = st.start_beat()
             wait_ready(worker)
