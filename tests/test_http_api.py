@@ -561,14 +561,15 @@ def test_readiness_checks_the_job_store_and_the_broker_liveness_stays_cheap(
 def test_serve_with_callbacks_only_has_the_same_probes(make_settings: Callable[..., Settings]) -> None:
     """``kie-extend serve --callbacks-only`` (and its older name ``callback-server``): liveness,
     readiness, and /metrics answering 503 rather than a traceback while the job store is down."""
-    for settings, ready in ((make_settings(), True),
-                            (make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_socket_timeout=1), False)):
+    closed = f"redis://127.0.0.1:{free_port()}/0"
+    for settings, ready in ((make_settings(), True), (make_settings(redis_url=closed, redis_socket_timeout=1), False)):
         served = Served(create_app(settings, parts=("callbacks",)))
         try:
             r = requests.get(served.url + "/livez", timeout=5)
             assert (r.status_code, r.json()) == (200, {"status": "ok"})
             r = requests.get(served.url + "/readyz", timeout=10)
-            assert r.status_code == (200 if ready else 503) and r.json()["status"] == ("ready" if ready else "not_ready")
+            assert r.status_code == (200 if ready else 503)
+            assert r.json()["status"] == ("ready" if ready else "not_ready")
             r = requests.get(served.url + "/metrics", timeout=10)
             if ready:
                 assert r.status_code == 200 and "kie_extend_jobs" in r.text

@@ -447,7 +447,8 @@ def test_callbacks_only_bounds_bodies_too(start: Callable[..., Server], command:
     assert server.request("GET", "/v1/system")[0] == 404 and server.request("GET", "/openapi.json")[0] == 404
     logged = server.log.read_text()
     assert "(callbacks only: /kie/callback/, probes, /metrics)" in logged
-    assert ("note: callback-server is `kie-extend serve --callbacks-only`" in logged) == (command[0] == "callback-server")
+    noted = "note: callback-server is `kie-extend serve --callbacks-only`" in logged
+    assert noted == (command[0] == "callback-server")
 
 
 def test_the_failure_limit_forgets_an_address_after_its_window() -> None:

@@ -502,7 +502,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not callbacks_only and not settings.api_tokens and not _is_loopback(args.host):
         print(f"error: refusing to serve the API and dashboard on {args.host} without KIE_API_TOKENS; set "
               "KIE_API_TOKENS (comma list; prefix 'read:' for read-only tokens) or bind to 127.0.0.1. "
-              "Callbacks alone may be public: --callback-port with --callback-host.", file=sys.stderr)
+              "Callbacks alone may be public: --callbacks-only, or --callback-port with --callback-host.",
+              file=sys.stderr)
         return EXIT_USAGE
     if not _preflight(settings, "server"):
         return EXIT_CONFIG
