@@ -343,12 +343,12 @@ class Pipeline:
         return n
 
     def _ours(self, body: dict[str, Any]) -> bool:
-        """Whether the provider's callbacks for this request come to our receiver."""
+        """Whether the provider's callbacks for this request come to our callback route (serve)."""
         base = self.s.callback_base_url
         return bool(base) and str(body.get("callBackUrl") or "").startswith(f"{base}/kie/callback/")
 
     def _submitted(self, job_id: str, task_id: str, stat: str = "", callbacks: bool = False) -> bool:
-        # With our receiver in place the final callback wakes the job, so the first safety-net
+        # With our callback route in place the final callback wakes the job, so the first safety-net
         # poll can wait longer; without one, polling starts after KIE_POLL_FIRST.
         first = max(self.s.poll_first, self.s.poll_callback_interval / 2) if callbacks else self.s.poll_first
         now = time.time()
