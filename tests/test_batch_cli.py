@@ -23,7 +23,7 @@ import redis
 
 from kie_extend.cli import batch as bc
 from kie_extend.api import get_job
-from kie_extend.cli.main import main
+from kie_extend.cli.commands import main
 from kie_extend.config import Settings
 from kie_extend.cli.devstack import DevStack
 from kie_extend.store.keys import Keys
@@ -366,7 +366,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
 def kie_extend(stack: DevStack, *args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run the installed `kie-extend` command the way a user would (no terminal, no stdin)."""
     exe = Path(sys.executable).with_name("kie-extend")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "kie_extend.cli.main"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "kie_extend.cli"]
     return subprocess.run([*cmd, *args], env=stack.env, cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
 

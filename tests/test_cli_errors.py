@@ -20,14 +20,14 @@ import pytest
 import redis
 
 from kie_extend.cli import errors as ce
-from kie_extend.cli.main import build_parser
+from kie_extend.cli.commands import build_parser
 from kie_extend.infra.embedded import EmbeddedValkey, free_port
 
 PASSWORD = "pw-Secret-4711"
 API_KEY = "test-key-0123456789abcdef"
 CLOSED = free_port()  # nothing listens here during the tests
 EXE = Path(sys.executable).with_name("kie-extend")
-CMD = [str(EXE)] if EXE.exists() else [sys.executable, "-m", "kie_extend.cli.main"]
+CMD = [str(EXE)] if EXE.exists() else [sys.executable, "-m", "kie_extend.cli"]
 REQUEST = {"uploadUrl": "https://example.org/a.mp3", "defaultParamFlag": False, "model": "V5",
            "prompt": "a calm song", "continueAt": 5}
 
@@ -52,11 +52,11 @@ def kie(*args: str, env: dict[str, str], cwd: Path, stdin: str | None = None,
                           input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
 
 
-#: Runs ``kie_extend.cli.main.main`` once per argv (JSON on stdin), each in its own forked process with
+#: Runs ``kie_extend.cli.commands.main`` once per argv (JSON on stdin), each in its own forked process with
 #: its own stdout/stderr and exit code: a whole sweep of commands pays for one interpreter start.
 FORK_DRIVER = r"""
 import json, os, sys, tempfile, traceback
-from kie_extend.cli.main import main
+from kie_extend.cli.commands import main
 results = []
 for argv in json.load(sys.stdin):
     out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()

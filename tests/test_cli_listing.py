@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from kie_extend.cli.main import main
+from kie_extend.cli.commands import main
 from kie_extend.config import Settings
 from kie_extend.infra.embedded import EmbeddedValkey
 from kie_extend.jobs.listing import list_jobs
@@ -182,7 +182,7 @@ def test_batch_results_json_is_one_document(cli_env: dict[str, str], make_settin
 def test_jobs_json_from_the_installed_command(jobs: list[tuple[str, str]], cli_env: dict[str, str],
                                               tmp_path: Path) -> None:
     exe = Path(sys.executable).with_name("kie-extend")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "kie_extend.cli.main"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "kie_extend.cli"]
     env: dict[str, Any] = {k: v for k, v in os.environ.items() if not k.startswith("KIE_")} | cli_env
     proc = subprocess.run([*cmd, "jobs", "--json", "--limit", "3", "--state", "queued"], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
@@ -195,7 +195,7 @@ def test_jobs_json_from_the_installed_command(jobs: list[tuple[str, str]], cli_e
 def test_a_closed_pipe_is_quiet(jobs: list[tuple[str, str]], cli_env: dict[str, str], tmp_path: Path) -> None:
     """``kie-extend jobs | head -0``: the reader is gone before anything is written."""
     exe = Path(sys.executable).with_name("kie-extend")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "kie_extend.cli.main"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "kie_extend.cli"]
     env: dict[str, Any] = {k: v for k, v in os.environ.items() if not k.startswith("KIE_")} | cli_env
     proc = subprocess.Popen([*cmd, "jobs"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None

@@ -25,7 +25,7 @@ import redis
 import requests
 
 from dash_server import ServedApp
-from kie_extend.cli.main import build_parser
+from kie_extend.cli.commands import build_parser
 from kie_extend.config import Settings
 from kie_extend.infra.embedded import EmbeddedValkey, free_port
 from kie_extend.admission.gates import MAX_PAUSE_REASON
@@ -33,7 +33,7 @@ from kie_extend.http.app import create_app
 from kie_extend.infra.runtime import Runtime
 
 EXE = Path(sys.executable).with_name("kie-extend")
-CMD = [str(EXE)] if EXE.exists() else [sys.executable, "-m", "kie_extend.cli.main"]
+CMD = [str(EXE)] if EXE.exists() else [sys.executable, "-m", "kie_extend.cli"]
 REQUEST = {"uploadUrl": "https://example.org/a.mp3", "defaultParamFlag": False, "model": "V5",
            "prompt": "a calm song", "continueAt": 5}
 TOKEN = "usage-token-0123456789"
@@ -151,7 +151,7 @@ def _leaf_commands() -> list[list[str]]:
 
 def test_extra_words_are_reported_under_the_subcommands_usage(tmp_path: Path) -> None:
     runs = [[*argv, "surplus-word"] for argv in _leaf_commands()] + [["status", "a", "b"]]
-    script = ("import json, sys, contextlib, io\nfrom kie_extend.cli.main import main\nout = []\n"
+    script = ("import json, sys, contextlib, io\nfrom kie_extend.cli.commands import main\nout = []\n"
               "for argv in json.load(sys.stdin):\n    err = io.StringIO()\n"
               "    with contextlib.redirect_stderr(err):\n        try:\n            code = main(argv)\n"
               "        except SystemExit as exc:\n            code = exc.code\n"

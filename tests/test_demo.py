@@ -54,7 +54,7 @@ def alive_in_groups(groups: set[int]) -> list[int]:
 
 def test_demo_prints_a_dashboard_and_token_and_leaves_nothing_behind() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KIE_")}
-    proc = subprocess.Popen([sys.executable, "-m", "kie_extend.cli.main", "demo", "--jobs", "3", "--hold"],
+    proc = subprocess.Popen([sys.executable, "-m", "kie_extend.cli", "demo", "--jobs", "3", "--hold"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)
     lines: queue.Queue[str] = queue.Queue()

@@ -115,21 +115,21 @@ def test_foreign_celery_producer_by_name(stack: DevStack) -> None:
 
 def test_cli_enqueue_and_status(stack: DevStack) -> None:
     env = {**stack.env}
-    cmd = [sys.executable, "-m", "kie_extend.cli.main", "enqueue", "--upload-url", f"{stack.sim_url}/files/source/40s.mp3",
+    cmd = [sys.executable, "-m", "kie_extend.cli", "enqueue", "--upload-url", f"{stack.sim_url}/files/source/40s.mp3",
            "--model", "V4", "--custom", "--instrumental", "--continue-at", "12", "--style", "lofi",
            "--title", "CLI", "--wait"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90)
     assert out.returncode == 0, out.stdout + out.stderr
     job_id = out.stdout.splitlines()[0].strip()
     assert "succeeded" in out.stdout
-    status = subprocess.run([sys.executable, "-m", "kie_extend.cli.main", "status", job_id, "--json"], env=env,
+    status = subprocess.run([sys.executable, "-m", "kie_extend.cli", "status", job_id, "--json"], env=env,
                             capture_output=True, text=True, timeout=30)
     rec = json.loads(status.stdout)
     assert rec["state"] == "succeeded" and rec["job_id"] == job_id
-    bad = subprocess.run([sys.executable, "-m", "kie_extend.cli.main", "enqueue", "--upload-url", "ftp://x/y.mp3",
+    bad = subprocess.run([sys.executable, "-m", "kie_extend.cli", "enqueue", "--upload-url", "ftp://x/y.mp3",
                           "--model", "V9", "--custom"], env=env, capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "uploadUrl" in bad.stderr and "model" in bad.stderr
-    summary = subprocess.run([sys.executable, "-m", "kie_extend.cli.main", "status"], env=env,
+    summary = subprocess.run([sys.executable, "-m", "kie_extend.cli", "status"], env=env,
                              capture_output=True, text=True, timeout=30)
     assert "in flight" in summary.stdout and "submission:  open" in summary.stdout
 

@@ -123,7 +123,7 @@ def test_a_pause_reason_must_be_plain_text_at_every_entrance(start: Callable[...
     assert json.loads(server.request("GET", "/v1/system", headers=auth)[2])["operator_paused"] is None
     raw = open(f"/proc/{server.proc.pid}/environ", "rb").read()  # the server's own settings
     env = dict(item.decode().split("=", 1) for item in raw.split(b"\0") if b"=" in item)
-    cli = subprocess.run([sys.executable, "-m", "kie_extend.cli.main", "pause", "--reason", "a\u001b[31mRED"],
+    cli = subprocess.run([sys.executable, "-m", "kie_extend.cli", "pause", "--reason", "a\u001b[31mRED"],
                          env=env, capture_output=True, text=True, timeout=60)
     assert cli.returncode == 2, cli.stderr
     assert cli.stderr.count("\n") == 1 and "reason" in cli.stderr and "Traceback" not in cli.stderr, cli.stderr
@@ -209,7 +209,7 @@ def test_duplicate_json_keys_are_refused(stack: Stack, tmp_path: Path) -> None: 
     env.update({"KIE_REDIS_URL": stack.settings.redis_url, "KIE_KEY_PREFIX": stack.settings.key_prefix,
                 "KIE_QUEUE": stack.settings.queue, "KIE_API_KEY": "test-key-0123456789",
                 "KIE_CALLBACK_BASE_URL": "http://127.0.0.1:9/cb", "KIE_ALLOW_PRIVATE_URLS": "true"})
-    out = subprocess.run([sys.executable, "-m", "kie_extend.cli.main", "batch", "submit", str(path), "--dry-run"],
+    out = subprocess.run([sys.executable, "-m", "kie_extend.cli", "batch", "submit", str(path), "--dry-run"],
                          env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and '"style" appears twice' in out.stdout + out.stderr, out
     assert "line 2" in out.stdout + out.stderr or ":2" in out.stdout + out.stderr, out
@@ -217,7 +217,7 @@ def test_duplicate_json_keys_are_refused(stack: Stack, tmp_path: Path) -> None: 
     csv_path = tmp_path / "b.csv"
     csv_path.write_text("uploadUrl,defaultParamFlag,continueAt,model,prompt,style,title,metadata\n"
                         f"{stack.sim.url}/files/source/30s.mp3,true,10,V5,la,folk,Song,\"{{\"\"a\"\": 1, \"\"a\"\": 2}}\"\n")
-    out = subprocess.run([sys.executable, "-m", "kie_extend.cli.main", "batch", "submit", str(csv_path), "--dry-run"],
+    out = subprocess.run([sys.executable, "-m", "kie_extend.cli", "batch", "submit", str(csv_path), "--dry-run"],
                          env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and '"a" appears twice' in out.stdout + out.stderr, out
     assert stack.messages() == []

@@ -121,7 +121,7 @@ def test_task_messages_with_odd_headers_do_not_stop_the_worker(valkey: Any, pref
                                   ["demo", "--time-factor", "nan"], ["dev", "--sim-time-factor", "0"]])
 def test_duration_flags_refuse_nan_infinity_and_negatives(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     """``doctor --repair --grace -5`` would have repaired jobs in the middle of a transition."""
-    from kie_extend.cli.main import build_parser
+    from kie_extend.cli.commands import build_parser
 
     with pytest.raises(SystemExit) as exited:
         build_parser().parse_args(argv)

@@ -599,7 +599,7 @@ def test_openapi_document_is_current(stack: Stack) -> None:
 
 def test_openapi_command_writes_the_same(tmp_path: Path) -> None:
     out = tmp_path / "openapi.json"
-    subprocess.run([sys.executable, "-m", "kie_extend.cli.main", "openapi", "--out", str(out)], check=True,
+    subprocess.run([sys.executable, "-m", "kie_extend.cli", "openapi", "--out", str(out)], check=True,
                    env={**os.environ, "KIE_API_TOKENS": ""}, capture_output=True, timeout=60)
     assert out.read_text() == (ROOT / "docs" / "openapi.json").read_text()
 
@@ -658,7 +658,7 @@ def serve_env(valkey: EmbeddedValkey, prefix: str, **extra: str) -> dict[str, st
 
 def test_serve_refuses_a_public_host_without_tokens(valkey: EmbeddedValkey, prefix: str) -> None:
     for host in ("0.0.0.0", "192.0.2.10"):
-        p = subprocess.run([sys.executable, "-m", "kie_extend.cli.main", "serve", "--host", host, "--port",
+        p = subprocess.run([sys.executable, "-m", "kie_extend.cli", "serve", "--host", host, "--port",
                             str(free_port())], env=serve_env(valkey, prefix), capture_output=True, text=True,
                            timeout=60)
         assert p.returncode == 2, p.stderr
@@ -681,7 +681,7 @@ def test_serve_with_its_own_callback_port(valkey: EmbeddedValkey, prefix: str, t
     api_port, cb_port = free_port(), free_port()
     log_path = tmp_path / "serve.log"
     with log_path.open("w") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "kie_extend.cli.main", "serve", "--host", "127.0.0.1",
+        proc = subprocess.Popen([sys.executable, "-m", "kie_extend.cli", "serve", "--host", "127.0.0.1",
                                  "--port", str(api_port), "--callback-host", "127.0.0.1", "--callback-port",
                                  str(cb_port)],
                                 env=serve_env(valkey, prefix, KIE_API_TOKENS=f"{WRITE},read:{READ}",
@@ -758,7 +758,7 @@ def test_end_to_end_with_serve_and_a_real_worker(valkey: EmbeddedValkey, prefix:
         st.start_simulator("--time-factor", "0.03", "--seed", "5")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        serve_child = st._spawn("serve", [sys.executable, "-m", "kie_extend.cli.main", "serve", "--port", str(port)],
+        serve_child = st._spawn("serve", [sys.executable, "-m", "kie_extend.cli", "serve", "--port", str(port)],
                                 env={"KIE_API_TOKENS": f"{WRITE},read:{READ}"})
         _wait_http(url + "/healthz", 30, serve_child)
         st.env["KIE_CALLBACK_BASE_URL"] = url  # the worker names serve's callback route to KIE

@@ -75,7 +75,7 @@ def start(valkey: EmbeddedValkey, prefix: str, tmp_path: Path) -> Iterator[Calla
                      "KIE_ALLOW_PRIVATE_URLS": "true", **env})
         log = tmp_path / f"{command}-{len(started)}.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "kie_extend.cli.main", command, *flags, "--host",
+            proc = subprocess.Popen([sys.executable, "-m", "kie_extend.cli", command, *flags, "--host",
                                      "127.0.0.1", "--port", str(port)], env=full, stdout=out, stderr=subprocess.STDOUT)
         server = Server(proc, port, log)
         started.append(server)

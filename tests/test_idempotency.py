@@ -272,7 +272,7 @@ def test_batch_rerun_before_any_worker_sends_nothing_twice(tmp_path: Path,
                 "KIE_ALLOW_PRIVATE_URLS": "true", "KIE_CALLBACK_BASE_URL": "http://127.0.0.1:9/unused"})
     outs = []
     for _ in range(2):
-        done = subprocess.run([sys.executable, "-m", "kie_extend.cli.main", "batch", "submit", str(path), "--batch-id", "spring"], env=env,
+        done = subprocess.run([sys.executable, "-m", "kie_extend.cli", "batch", "submit", str(path), "--batch-id", "spring"], env=env,
                               cwd=tmp_path, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
         assert done.returncode == 0, done.stderr
         outs.append(done.stdout)
@@ -282,7 +282,7 @@ def test_batch_rerun_before_any_worker_sends_nothing_twice(tmp_path: Path,
     # The same batch id with one line changed: that line is another request under a taken id
     # (skipped, as a re-run skips every taken id); nothing is sent again.
     path.write_text(path.read_text().replace('"p3"', '"changed"'))
-    done = subprocess.run([sys.executable, "-m", "kie_extend.cli.main", "batch", "submit", str(path), "--batch-id", "spring"], env=env,
+    done = subprocess.run([sys.executable, "-m", "kie_extend.cli", "batch", "submit", str(path), "--batch-id", "spring"], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert done.returncode == 0 and f"sent 0, already there {lines}" in done.stdout
     assert r.llen(settings.queue) == lines

@@ -190,7 +190,7 @@ def _v1(stack: DevStack, method: str, path: str, **kw: Any) -> requests.Response
 
 
 def _cli(stack: DevStack, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kie_extend.cli.main", *args], env=stack.env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "kie_extend.cli", *args], env=stack.env, capture_output=True,
                           text=True, timeout=60, cwd=cwd)
 
 

@@ -7,15 +7,19 @@ functions and under ``TYPE_CHECKING`` alike), so a cycle hidden by a late import
 from __future__ import annotations
 
 import ast
+import json
 import re
 from pathlib import Path
+
+import pytest
 
 import kie_extend
 
 PACKAGE = Path(kie_extend.__file__).parent
 
 #: What sits at the top of the package: what users and the deployment name.
-TOP_LEVEL = {"__init__", "api", "config", "worker", "tasks", "errors"}
+#: (``_moved`` keeps the old module paths importable, with a warning.)
+TOP_LEVEL = {"__init__", "api", "config", "worker", "tasks", "errors", "_moved"}
 #: The wings: one folder per concern.
 SUBPACKAGES = {"jobs", "store", "admission", "provider", "infra", "handlers", "http", "cli", "simulator"}
 
@@ -131,3 +135,44 @@ def test_docs_layout_lists_every_module() -> None:
     present = {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")}
     assert present - listed == set(), "add these modules to docs/layout.md"
     assert listed - present == set(), "these modules in docs/layout.md no longer exist"
+
+
+def test_old_module_paths_still_import_with_a_warning() -> None:
+    """Code and settings written before the subpackages still work (``celery beat -S
+    kie_extend.beat.TickScheduler``, ``from kie_extend.infra_check import InfraUnavailable``)."""
+    import importlib
+    import subprocess
+    import sys
+
+    from kie_extend._moved import MOVED
+
+    for old, new in MOVED.items():
+        assert importlib.util.find_spec(f"kie_extend.{new}") is not None, f"{old} -> {new}: no such module"
+    script = (
+        "import warnings, json\n"
+        "warnings.simplefilter('always')\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    import kie_extend.beat, kie_extend.admission.beat\n"
+        "    from kie_extend.infra_check import InfraUnavailable\n"
+        "import kie_extend\n"
+        "print(json.dumps([kie_extend.beat is kie_extend.admission.beat,\n"
+        "                  InfraUnavailable is kie_extend.InfraUnavailable,\n"
+        "                  [str(w.message) for w in caught if w.category is FutureWarning]]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    same, exported, warned = json.loads(out.stdout)
+    assert same and exported
+    assert warned == ["kie_extend.beat moved to kie_extend.admission.beat; import it from there (the old name goes "
+                      "away in a later release)",
+                      "kie_extend.infra_check moved to kie_extend.infra.check; import it from there (the old name "
+                      "goes away in a later release)"]
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("kie_extend.no_such_module")
+
+
+def test_the_moved_table_matches_docs_layout() -> None:
+    from kie_extend._moved import MOVED
+
+    doc = (PACKAGE.parent.parent / "docs" / "layout.md").read_text()
+    for old, new in MOVED.items():
+        assert f"| `kie_extend.{old}` | `kie_extend.{new}` |" in doc, old

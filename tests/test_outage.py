@@ -67,7 +67,7 @@ def _wait_terminal(stack: DevStack, ids: list[str], timeout: float) -> dict[str,
 
 def _views(stack: DevStack, serve_url: str) -> dict[str, bool]:
     """What `kie-extend status`, /v1/system and /metrics say right now."""
-    out = subprocess.run([sys.executable, "-m", "kie_extend.cli.main", "status"], env=stack.env, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "kie_extend.cli", "status"], env=stack.env, capture_output=True,
                          text=True, timeout=60)
     system = requests.get(serve_url + "/v1/system", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).json()
     metrics = requests.get(serve_url + "/metrics", timeout=10).text

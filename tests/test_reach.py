@@ -326,14 +326,14 @@ def test_dashboard_and_status_show_kie_unreachable(make_settings: Callable[..., 
     env = {k: v for k, v in os.environ.items() if not k.startswith("KIE_")}
     env.update({"KIE_REDIS_URL": settings.redis_url, "KIE_KEY_PREFIX": settings.key_prefix,
                 "KIE_BASE_URL": "http://127.0.0.1:9"})
-    out = subprocess.run([sys.executable, "-m", "kie_extend.cli.main", "status"], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "kie_extend.cli", "status"], env=env, capture_output=True, text=True,
                          timeout=60)
     line = next(x for x in out.stdout.splitlines() if x.startswith("submission:"))
     assert re.fullmatch(r"submission:  PAUSED: provider unreachable since \S+Z, last error: could not connect to "
                         r"http://127\.0\.0\.1:9, next probe in \d+ s", line), out.stdout + out.stderr
-    js = subprocess.run([sys.executable, "-m", "kie_extend.cli.main", "status", "--json"], env=env, capture_output=True,
+    js = subprocess.run([sys.executable, "-m", "kie_extend.cli", "status", "--json"], env=env, capture_output=True,
                         text=True, timeout=60)
     assert json.loads(js.stdout)["provider"]["reachable"] is False
-    resumed = subprocess.run([sys.executable, "-m", "kie_extend.cli.main", "resume"], env=env, capture_output=True,
+    resumed = subprocess.run([sys.executable, "-m", "kie_extend.cli", "resume"], env=env, capture_output=True,
                              text=True, timeout=60)
     assert "KIE cannot be reached, so submission still waits" in resumed.stdout, resumed.stdout + resumed.stderr

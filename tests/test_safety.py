@@ -228,7 +228,7 @@ def test_doctor_command(make_settings: Callable[..., Any], valkey: EmbeddedValke
     rt = Runtime(settings)
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("KIE_")},
            "KIE_REDIS_URL": valkey.url, "KIE_KEY_PREFIX": prefix}
-    cmd = [sys.executable, "-m", "kie_extend.cli.main", "doctor", "--grace", "0"]
+    cmd = [sys.executable, "-m", "kie_extend.cli", "doctor", "--grace", "0"]
     clean = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert clean.returncode == 0 and "0 violation(s)" in clean.stdout, clean.stdout + clean.stderr
     rt.store.transition("lost1", JobState.QUEUED, expect=[None], fields={"created_ts": time.time()})

@@ -298,7 +298,7 @@ def _cli(args: list[str], settings: Settings, sim: SimServer, cwd: Path) -> subp
     env.update({"KIE_REDIS_URL": settings.redis_url, "KIE_UPLOAD_BASE_URL": sim.url, "KIE_API_KEY": KEY,
                 "KIE_QUEUE": settings.queue, "KIE_KEY_PREFIX": settings.key_prefix,
                 "KIE_ALLOW_PRIVATE_URLS": "true"})
-    return subprocess.run([sys.executable, "-m", "kie_extend.cli.main", "enqueue", *args], env=env, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "kie_extend.cli", "enqueue", *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=60)
 
 

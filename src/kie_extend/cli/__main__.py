@@ -1,4 +1,6 @@
 """``python -m kie_extend.cli``: the same as the ``kie-extend`` command."""
-from kie_extend.cli.main import main
 
-raise SystemExit(main())
+if __name__ == "__main__":
+    from kie_extend.cli import main
+
+    raise SystemExit(main())

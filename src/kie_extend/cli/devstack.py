@@ -155,7 +155,7 @@ class DevStack:
         env: dict[str, str] = {}
         if tokens:
             env["KIE_API_TOKENS"] = tokens if isinstance(tokens, str) else ",".join(tokens)
-        child = self._spawn("serve", [sys.executable, "-m", "kie_extend.cli.main", "serve", "--host", "127.0.0.1",
+        child = self._spawn("serve", [sys.executable, "-m", "kie_extend.cli", "serve", "--host", "127.0.0.1",
                                       "--port", str(port), *(["--callbacks-only"] if callbacks_only else [])],
                             env=env)
         url = f"http://127.0.0.1:{port}"
