@@ -153,6 +153,14 @@ class KieClient:
         self._api_key = api_key
         self.session = session or requests.Session()
         self.timeout = (connect_timeout, read_timeout)
+        #: Proxies and CA bundle from the environment (HTTPS_PROXY, NO_PROXY, REQUESTS_CA_BUNDLE…),
+        #: read once for our own session: requests would read them again on every request (a scan
+        #: of the whole environment and ~/.netrc), which costs more CPU than the request itself.
+        self._env: dict[str, Any] = {}
+        if session is None:
+            env = self.session.merge_environment_settings(self.base_url, {}, None, None, None)
+            self._env = {"proxies": env["proxies"], "verify": env["verify"], "cert": env["cert"]}
+            self.session.trust_env = False
 
     def __repr__(self) -> str:
         return f"KieClient({self.base_url!r})"
@@ -171,7 +179,7 @@ class KieClient:
         url = self.base_url + path
         try:
             resp = self.session.request(method, url, headers=self._headers(), timeout=timeout or self.timeout,
-                                        **kwargs)
+                                        **self._env, **kwargs)
         except ConnectTimeout as exc:
             raise ConnectError(f"connect timeout to {self.base_url}") from exc
         except ReadTimeout as exc:
