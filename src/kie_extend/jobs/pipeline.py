@@ -75,7 +75,16 @@ class Pipeline:
             self.store.schedule(job_id, at)
 
     # -- accept ------------------------------------------------------------------------------
-    def accept(
+    def accept(self, job_id: str, request: Any, idempotency_key: Any = None, metadata: Any = None,
+               extra_kwargs: dict[str, Any] | None = None, *, tenant: Any = None, priority: Any = None,
+               batch_id: Any = None, not_after: Any = None) -> None:
+        """Record a new job from an extend message and try to submit it at once (see :meth:`_accept`).
+        The step's bookkeeping writes (counters, histograms) go out in one round trip at its end."""
+        with self.store.deferred():
+            self._accept(job_id, request, idempotency_key, metadata, extra_kwargs, tenant=tenant, priority=priority,
+                         batch_id=batch_id, not_after=not_after)
+
+    def _accept(
         self,
         job_id: str,
         request: Any,
@@ -96,10 +105,13 @@ class Pipeline:
         """
         options = {"tenant": tenant, "priority": priority, "batch_id": batch_id, "not_after": not_after}
         digest = message_digest(request, idempotency_key, metadata, options)
-        raw = self.store.get(job_id)
-        if raw is not None:
-            self._known(job_id, raw, digest)
-            return
+        if idempotency_key:
+            # A redelivery must not use its key a second time. Without a key, no read up front: the
+            # first write expects no record and finds a redelivery (or a reused id) itself.
+            raw = self.store.get(job_id)
+            if raw is not None:
+                self._known(job_id, raw, digest)
+                return
         intake = check_message(request, settings=self.s, idempotency_key=idempotency_key, metadata=metadata,
                                job_id=job_id, extra_kwargs=extra_kwargs, **options)
         problems, body, warnings = intake.problems, intake.body, intake.warnings
@@ -136,12 +148,14 @@ class Pipeline:
             _log(job_id, logging.WARNING, "invalid request: %s", problems)
             error = _error("invalid_request", f"request failed validation: {E.describe_problems(problems)}",
                            errors=problems)
-            self._finish(job_id, {}, JobState.FAILED, {**base, "error": error}, expect=[None])
+            if not self._finish(job_id, {}, JobState.FAILED, {**base, "error": error}, expect=[None]):
+                self._known(job_id, self.store.get(job_id) or {}, digest)
             return
         reason = self._too_late_to_start(intake.not_after, intake.batch_id, now)
         if reason:
             error = _error("cancelled", CANCEL_MESSAGES[reason], reason=reason)
-            self._finish(job_id, {}, JobState.CANCELLED, {**base, "error": error}, expect=[None])
+            if not self._finish(job_id, {}, JobState.CANCELLED, {**base, "error": error}, expect=[None]):
+                self._known(job_id, self.store.get(job_id) or {}, digest)
             return
         if idempotency_key:
             outcome, first = self.idem.use_key(idempotency_key, intake.tenant, job_id,
@@ -429,20 +443,24 @@ class Pipeline:
 
     # -- advance: whatever is due next -------------------------------------------------------
     def advance(self, job_id: str) -> None:
-        """Do a due job's next step: submit it, resolve an unknown submit, or poll it."""
-        raw = self.store.get(job_id)
-        state = raw.get("state") if raw else None
-        if raw is None or state is None:
-            self.store.unschedule(job_id)
-            return
-        if state == JobState.QUEUED.value:
-            self.try_submit(job_id)
-        elif state == JobState.SUBMITTING.value:
-            self._resolve_submitting(job_id, raw)
-        elif state == JobState.SUBMITTED.value:
-            self.poll(job_id, raw)
-        else:
-            self.store.unschedule(job_id)
+        """Do a due job's next step: submit it, resolve an unknown submit, or poll it. The record is
+        read (and a submitted job's poll claimed) in one round trip; the step's bookkeeping writes
+        go out in one more at its end."""
+        with self.store.deferred():
+            now = time.time()
+            raw, claim = self.store.get_for_step(job_id, now, self.s.poll_min_gap, self.s.lease)
+            state = raw.get("state") if raw else None
+            if raw is None or state is None:
+                self.store.unschedule(job_id)
+                return
+            if state == JobState.QUEUED.value:
+                self.try_submit(job_id, raw)
+            elif state == JobState.SUBMITTING.value:
+                self._resolve_submitting(job_id, raw)
+            elif state == JobState.SUBMITTED.value:
+                self.poll(job_id, raw, claimed=(now, claim))
+            else:
+                self.store.unschedule(job_id)
 
     def _resolve_submitting(self, job_id: str, raw: dict[str, str]) -> None:
         now = time.time()
@@ -473,14 +491,19 @@ class Pipeline:
         self._finish(job_id, raw, JobState.FAILED, {"error": error}, expect=[JobState.SUBMITTING])
 
     # -- poll ----------------------------------------------------------------------------------
-    def poll(self, job_id: str, raw: dict[str, str]) -> None:
-        """Ask the provider about a submitted job; finish it or put it back on the schedule."""
-        now = time.time()
+    def poll(self, job_id: str, raw: dict[str, str], claimed: tuple[float, float | None | str] | None = None) -> None:
+        """Ask the provider about a submitted job; finish it or put it back on the schedule.
+        ``claimed``: ``(now, claim)`` when the poll was already claimed with the read of ``raw``
+        (JobStore.get_for_step)."""
+        now = time.time() if claimed is None else claimed[0]
         task_id = raw.get("kie_task_id") or ""
         # One poll of a job in flight at a time, KIE_POLL_MIN_GAP apart, across every worker: a
         # refused claim leaves the job on the due schedule (never sooner) for the tick, and sends
         # no message of its own, so hints (forged callbacks included) cannot multiply polls.
-        wait = self.store.claim_poll(job_id, now, self.s.poll_min_gap, self.s.lease)
+        if claimed is None or claimed[1] == "":
+            wait = self.store.claim_poll(job_id, now, self.s.poll_min_gap, self.s.lease)
+        else:
+            wait = claimed[1]  # type: ignore[assignment]
         if wait is not None:
             if wait >= 0:
                 self.store.schedule(job_id, max(wait, now + self.s.poll_min_gap), only_earlier=True)
