@@ -24,7 +24,7 @@ from kie_extend.infra.metrics import POLL_BUCKETS, RESULT_BUCKETS
 from kie_extend.admission.queues import Admitted
 from kie_extend.admission.gates import Decision
 from kie_extend.infra.runtime import Dispatcher, NoDispatch, Runtime
-from kie_extend.store.jobstore import BATCH_REF, Moved
+from kie_extend.store.jobstore import BATCH_REF, Moved, OneTrip
 from kie_extend.jobs.states import TERMINAL, JobState
 
 log = logging.getLogger("kie_extend.jobs.pipeline")
@@ -170,17 +170,24 @@ class Pipeline:
                     return
                 _log(job_id, logging.INFO, "duplicate of %s (idempotency key), not submitted", first)
                 return
-        if not self.store.transition(job_id, JobState.QUEUED, expect=[None], fields=base, stat="jobs_accepted",
-                                     ready=True):
+        # The new record and the admission that follows it (try_submit's) go out in one round trip.
+        trip = OneTrip(self.rt.redis)
+        self.store.transition(job_id, JobState.QUEUED, expect=[None], fields=base, stat="jobs_accepted", ready=True,
+                              pipe=trip)
+        self.rt.admission.admit(self.s.submit_rate[0], own=job_id, lease=self.s.lease, pipe=trip)
+        created, found = trip.execute()
+        mine = self._admitted(job_id, self.rt.admission.admitted(found))
+        if not self.store.moved(job_id, created):
             # Another delivery of this message (or another producer's message under the same id)
-            # created the record first: look at it and carry on from there.
+            # created the record first: look at it and carry on from there (a slot the admission
+            # just gave it is found there, on its record).
             self._known(job_id, self.store.get(job_id) or {}, digest)
             return
         _log(job_id, logging.INFO, "queued")
         self.try_submit(job_id, {"state": JobState.QUEUED.value, "request": json.dumps(base["request"]),
                                  "created_ts": repr(now), "attempts": "0", "batch_id": intake.batch_id or "",
                                  "not_after": "" if intake.not_after is None else repr(intake.not_after)},
-                        in_ready=True)
+                        in_ready=True, admission=(mine,))
 
     def refuse_conflict(self, job_id: str, base: dict[str, Any]) -> bool:
         """Record a job whose idempotency key another request holds (in its tenant) as failed with
@@ -219,12 +226,14 @@ class Pipeline:
         return self._finish(job_id, {}, JobState.FAILED, fields, expect=[None])
 
     # -- submit ------------------------------------------------------------------------------
-    def try_submit(self, job_id: str, raw: dict[str, str] | None = None, in_ready: bool = False) -> None:
+    def try_submit(self, job_id: str, raw: dict[str, str] | None = None, in_ready: bool = False,
+                   admission: tuple[Admitted | None] | None = None) -> None:
         """Send a queued job to the provider when admission has given it a slot; otherwise put it
         in its ready queue and let admission decide (now, or at a later tick).
 
         ``raw`` is the record when the caller has just written it (saves a read); ``in_ready``
-        says it is already in its ready queue."""
+        says it is already in its ready queue; ``admission``: ``(its admission or None,)`` when the
+        caller already ran admission for it (the other jobs admitted then already handed on)."""
         raw = raw or self.store.get(job_id)
         if raw is None or raw.get("state") != JobState.QUEUED.value:
             return
@@ -236,7 +245,7 @@ class Pipeline:
         if not raw.get("admitted"):
             if not in_ready:
                 self.store.enqueue_ready(job_id)
-            mine = self._admit_now(job_id)
+            mine = self._admit_now(job_id) if admission is None else admission[0]
             if mine is None:
                 return  # waits in its ready queue; the tick admits it when its turn comes
             if not mine.granted:
@@ -299,12 +308,16 @@ class Pipeline:
     def _admit_now(self, job_id: str) -> Admitted | None:
         """Run admission for the slots free right now; hand the other admitted jobs to workers and
         return this job's admission, or None when it still waits."""
+        return self._admitted(job_id, self.rt.admission.admit(self.s.submit_rate[0], own=job_id, lease=self.s.lease))
+
+    def _admitted(self, job_id: str, admitted: list[Admitted]) -> Admitted | None:
+        """Hand the jobs an admission gave slots to on (each at its slot), but ``job_id``'s own, returned."""
         mine = None
-        for admitted in self.rt.admission.admit(self.s.submit_rate[0], own=job_id, lease=self.s.lease):
-            if admitted.job_id == job_id:
-                mine = admitted
+        for one in admitted:
+            if one.job_id == job_id:
+                mine = one
             else:
-                self.later(admitted.job_id, admitted.at)
+                self.later(one.job_id, one.at)
         return mine
 
     # -- cancel --------------------------------------------------------------------------------

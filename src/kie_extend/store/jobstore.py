@@ -96,6 +96,38 @@ def _enc(value: Any) -> Any:
     return str(value)
 
 
+class OneTrip:
+    """Registered scripts' calls sent together in one round trip, in order: ``add(script, keys,
+    args)`` each, then ``execute()`` returns their replies. (A redis-py pipeline first asks the
+    server whether it knows every script queued on it: one more round trip each time.) A call the
+    server answers NOSCRIPT (a restart emptied its script cache) is sent again on its own, which
+    loads the script; any other error reply is raised."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.calls: list[tuple[Any, list[Any], list[Any]]] = []
+
+    def add(self, script: Any, keys: list[Any], args: list[Any]) -> None:
+        """Queue ``script`` (from ``register_script``) with its keys and arguments."""
+        self.calls.append((script, keys, args))
+
+    def execute(self) -> list[Any]:
+        """The replies, in the order the calls were added."""
+        pipe = self.client.pipeline(transaction=False)
+        for script, keys, args in self.calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        replies = pipe.execute(raise_on_error=False)
+        out = []
+        for (script, keys, args), reply in zip(self.calls, replies):
+            if isinstance(reply, redis.exceptions.NoScriptError):
+                reply = script(keys=keys, args=args)
+            elif isinstance(reply, Exception):
+                raise reply
+            out.append(reply)
+        self.calls = []
+        return out
+
+
 class IllegalTransition(RuntimeError):
     """A move that the state machine forbids (a bug, never a race)."""
 
@@ -260,7 +292,8 @@ class JobStore:
         move with the job, and the move that ends a batch's last job writes its ``batch.finished``
         event and deliveries too (``Moved.batch_finished``). With ``pipe`` (a redis-py pipeline) the
         script is only queued on it and ``Moved(0)`` is returned: the caller reads each move's
-        outcome from ``pipe.execute()`` (first element 1 = moved).
+        outcome from ``pipe.execute()`` (first element 1 = moved); with a :class:`OneTrip`, from its
+        ``execute()`` through :meth:`moved`.
         """
         expected = list(expect)
         for frm in expected:
@@ -273,7 +306,7 @@ class JobStore:
         due_arg = "-" if due is None else ("" if due == "" else repr(float(due)))
         k = self.keys
         now = time.time()
-        result = self._transition(
+        call = dict(
             keys=[k.job(job_id), k.due, k.inflight, k.deliveries, k.stats, k.deadlines, k.rate_log,
                   k.priorities, k.admission_seq, k.breaker, *(k.state_index(st.value) for st in lua.STATE_ORDER)],
             args=[
@@ -294,10 +327,18 @@ class JobStore:
                 "1" if ready else "",
                 _iso(now),
             ],
-            **({"client": pipe} if pipe is not None else {}),
         )
+        if isinstance(pipe, OneTrip):
+            pipe.add(self._transition, **call)
+            return Moved(0)
+        result = self._transition(**call, **({"client": pipe} if pipe is not None else {}))
         if pipe is not None:
             return Moved(0)
+        return self.moved(job_id, result)
+
+    def moved(self, job_id: str, result: Any) -> Moved:
+        """A transition's outcome from the script's reply (one read from a pipeline or a :class:`OneTrip`)."""
+        k = self.keys
         if int(result[2]):
             self.redis.hincrby(k.stats, "transition_replays", 1)
         moved = Moved(int(result[0]))
