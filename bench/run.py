@@ -445,6 +445,12 @@ def scenario_overhead(res: Results, workdir: Path) -> None:
         res.add("overhead", "kie-extend jobs/s / no-op tasks/s", ratio, ">= 25 %", ratio >= 0.25,
                 note=f"{sum(per_job.values()):.0f} Redis commands per job (broker included), "
                      f"EVALSHA {per_job.get('evalsha', 0):g}, HINCRBY {per_job.get('hincrby', 0):g}")
+        worker_ms = sum(v for k, v in cpu_ms.items() if k.startswith("worker"))
+        noop_ms = noop_cpu.get("noop", float("nan"))
+        res.add("overhead", "kie-extend worker CPU per job (parent + pool processes)", worker_ms, "<= 5 ms",
+                worker_ms <= 5.0, "ms",
+                note=f"no-op worker {noop_ms:g} ms per task; per job also: beat {cpu_ms.get('beat1', 0):g} ms, "
+                     f"Valkey {cpu_ms.get('valkey', 0):g} ms, simulator {cpu_ms.get('simulator', 0):g} ms")
         res.detail("overhead", celery_messages_per_job=msgs)
         res.add("overhead", "Celery messages received per job (worker log)", round(sum(msgs.values()), 3), "", None,
                 note=", ".join(f"{k.split('.')[-1]} {v:g}" for k, v in msgs.items())

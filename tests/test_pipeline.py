@@ -169,3 +169,33 @@ def test_in_flight_cap_parks_jobs_in_redis(harness: Callable[..., Harness]) -> N
 
     h.run_until(done)
     assert peak <= 2 and all(h.state(j)["state"] == "succeeded" for j in jobs)
+
+
+def test_steps_after_the_script_cache_was_emptied(harness: Callable[..., Harness]) -> None:
+    """A new job's record and its admission go out in one round trip, and a due step reads its record
+    and claims its poll in one: after SCRIPT FLUSH (what a Redis restart does) each is loaded again."""
+    h = harness()
+    h.rt.redis.script_flush()
+    job = h.accept(req(h.sim))
+    assert h.state(job)["state"] in ("submitting", "submitted")
+    h.rt.redis.script_flush()
+    h.run_until(h.finished(job))
+    assert h.state(job)["state"] == "succeeded" and int(h.state(job)["polls"]) >= 1
+
+
+def test_a_redelivered_message_changes_nothing(harness: Callable[..., Harness]) -> None:
+    """The first write of a new job expects no record, so a second delivery of its message (no read
+    up front) finds the job and leaves it as it is; an idempotency duplicate's pointer counts as a record."""
+    h = harness()
+    job = h.accept(req(h.sim))
+    h.run_until(h.finished(job))
+    before = h.state(job)
+    h.pipeline.accept(job, req(h.sim))
+    h.pipeline.accept(job, {"bad": "request"})  # another request under the same id
+    after = h.state(job)
+    assert after["state"] == "succeeded" and after["state_ts"] == before["state_ts"]
+    assert int(h.rt.redis.hget(h.rt.keys.stats, "jobs_accepted") or 0) == 1
+    assert int(h.rt.redis.hget(h.rt.keys.stats, "job_id_conflicts") or 0) == 1
+    h.rt.redis.hset(h.rt.keys.job("pointer-1"), mapping={"job_id": "pointer-1", "duplicate_of": job})
+    h.pipeline.accept("pointer-1", req(h.sim))
+    assert h.state("pointer-1").get("state") is None

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import redis
 
@@ -183,20 +183,30 @@ class Admission:
         """The ready queue a job of ``tenant`` at ``priority`` waits in: ``"priority|tenant"``."""
         return "5|*" if self.mode == "arrival" else f"{priority}|{tenant}"
 
-    def admit(self, max_jobs: int, horizon: float = 0.0, *, own: str = "", lease: float = 60.0) -> list[Admitted]:
+    def admit(self, max_jobs: int, horizon: float = 0.0, *, own: str = "", lease: float = 60.0,
+              pipe: Any = None) -> list[Admitted]:
         """Admit up to ``max_jobs`` waiting jobs whose slots fall within ``horizon`` seconds from now.
 
         Each one's slot is booked and it is on the due schedule at that time; the caller sends it
         then (or hands it to a worker with a countdown). When ``own`` (the caller's job) is admitted
         to a slot that is due now, its send is recorded at once (``granted``) and its due entry is
-        ``lease`` seconds away. Returns them in admission order."""
+        ``lease`` seconds away. Returns them in admission order. With ``pipe`` (a store.jobstore.OneTrip)
+        the call is only queued on it and ``[]`` is returned: :meth:`admitted` reads its reply."""
         k = self.keys
-        found = self._admit(
+        call = dict(
             keys=[k.pause, k.operator_pause, k.inflight, k.rate_log, k.breaker, k.priorities, k.admission_seq,
                   k.due, k.reach],
             args=[k.tag, int(max_jobs), int(horizon * 1000), self.limit,
                   int(round((self.window + self.margin) * 1000)), self.max_in_flight, int(self.probe_timeout * 1000),
                   self._caps, own, repr(float(lease))])
+        if pipe is not None:
+            pipe.add(self._admit, **call)
+            return []
+        return self.admitted(self._admit(**call))
+
+    @staticmethod
+    def admitted(found: Any) -> list[Admitted]:
+        """The jobs an admit call's reply names, in admission order."""
         return [Admitted(_t(found[i]), int(found[i + 1]) / 1000.0, _t(found[i + 2]) == "1")
                 for i in range(0, len(found), 3)]
 

@@ -152,6 +152,19 @@ class Channel(kredis.Channel):
     QoS = QoS
     connection_class = InfraConnection
     connection_class_ssl = InfraSSLConnection
+    _sync_client: Any = None
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        """kombu builds a new redis-py client object for every publish, ack and unacked record
+        (each one copies redis-py's table of reply parsers); the client over the channel's pool is
+        built once here instead. It holds no connection of its own (the pool does), so sharing it
+        across threads is what redis-py allows."""
+        if asynchronous:
+            return super()._create_client(asynchronous=True)
+        cached = self._sync_client
+        if cached is None or cached.connection_pool is not self.pool:
+            cached = self._sync_client = super()._create_client()
+        return cached
 
     def _brpop_start(self, timeout: Any = None) -> Any:
         if UNSAVED:

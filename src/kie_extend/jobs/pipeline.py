@@ -25,7 +25,7 @@ from kie_extend.infra.metrics import POLL_BUCKETS, RESULT_BUCKETS
 from kie_extend.admission.queues import Admitted
 from kie_extend.admission.gates import Decision
 from kie_extend.infra.runtime import Dispatcher, NoDispatch, Runtime
-from kie_extend.store.jobstore import BATCH_REF, Moved
+from kie_extend.store.jobstore import BATCH_REF, Moved, OneTrip
 from kie_extend.store.record import EMPTY, JobRecord, as_record
 from kie_extend.jobs.states import TERMINAL, JobState
 
@@ -77,7 +77,16 @@ class Pipeline:
             self.store.schedule(job_id, at)
 
     # -- accept ------------------------------------------------------------------------------
-    def accept(
+    def accept(self, job_id: str, request: Any, idempotency_key: Any = None, metadata: Any = None,
+               extra_kwargs: dict[str, Any] | None = None, *, tenant: Any = None, priority: Any = None,
+               batch_id: Any = None, not_after: Any = None) -> None:
+        """Record a new job from an extend message and try to submit it at once (see :meth:`_accept`).
+        The step's bookkeeping writes (counters, histograms) go out in one round trip at its end."""
+        with self.store.deferred():
+            self._accept(job_id, request, idempotency_key, metadata, extra_kwargs, tenant=tenant, priority=priority,
+                         batch_id=batch_id, not_after=not_after)
+
+    def _accept(
         self,
         job_id: str,
         request: Any,
@@ -98,10 +107,13 @@ class Pipeline:
         """
         options = {"tenant": tenant, "priority": priority, "batch_id": batch_id, "not_after": not_after}
         digest = message_digest(request, idempotency_key, metadata, options)
-        rec = self.store.get_record(job_id)
-        if rec is not None:
-            self._known(job_id, rec, digest)
-            return
+        if idempotency_key:
+            # A redelivery must not use its key a second time. Without a key, no read up front: the
+            # first write expects no record and finds a redelivery (or a reused id) itself.
+            rec = self.store.get_record(job_id)
+            if rec is not None:
+                self._known(job_id, rec, digest)
+                return
         intake = check_message(request, settings=self.s, idempotency_key=idempotency_key, metadata=metadata,
                                job_id=job_id, extra_kwargs=extra_kwargs, **options)
         problems, body, warnings = intake.problems, intake.body, intake.warnings
@@ -138,12 +150,14 @@ class Pipeline:
             _log(job_id, logging.WARNING, "invalid request: %s", problems)
             error = _error("invalid_request", f"request failed validation: {E.describe_problems(problems)}",
                            errors=problems)
-            self._finish(job_id, EMPTY, JobState.FAILED, {**base, "error": error}, expect=[None])
+            if not self._finish(job_id, EMPTY, JobState.FAILED, {**base, "error": error}, expect=[None]):
+                self._known(job_id, self.store.get_record(job_id) or EMPTY, digest)
             return
         reason = self._too_late_to_start(intake.not_after, intake.batch_id, now)
         if reason:
             error = _error("cancelled", CANCEL_MESSAGES[reason], reason=reason)
-            self._finish(job_id, EMPTY, JobState.CANCELLED, {**base, "error": error}, expect=[None])
+            if not self._finish(job_id, EMPTY, JobState.CANCELLED, {**base, "error": error}, expect=[None]):
+                self._known(job_id, self.store.get_record(job_id) or EMPTY, digest)
             return
         if idempotency_key:
             outcome, first = self.idem.use_key(idempotency_key, intake.tenant, job_id,
@@ -158,17 +172,25 @@ class Pipeline:
                     return
                 _log(job_id, logging.INFO, "duplicate of %s (idempotency key), not submitted", first)
                 return
-        if not self.store.transition(job_id, JobState.QUEUED, expect=[None], fields=base, stat="jobs_accepted",
-                                     ready=True):
+        # The new record and the admission that follows it (try_submit's) go out in one round trip.
+        trip = OneTrip(self.rt.redis)
+        self.store.transition(job_id, JobState.QUEUED, expect=[None], fields=base, stat="jobs_accepted", ready=True,
+                              pipe=trip)
+        self.rt.admission.admit(self.s.submit_rate[0], own=job_id, lease=self.s.lease, pipe=trip)
+        created, found = trip.execute()
+        mine = self._admitted(job_id, self.rt.admission.admitted(found))
+        if not self.store.moved(job_id, created):
             # Another delivery of this message (or another producer's message under the same id)
-            # created the record first: look at it and carry on from there.
+            # created the record first: look at it and carry on from there (a slot the admission
+            # just gave it is found there, on its record).
             self._known(job_id, self.store.get_record(job_id) or EMPTY, digest)
             return
         _log(job_id, logging.INFO, "queued")
         self.try_submit(job_id, JobRecord.from_hash({
             "state": JobState.QUEUED.value, "request": json.dumps(base["request"]), "created_ts": repr(now),
             "attempts": "0", "batch_id": intake.batch_id or "",
-            "not_after": "" if intake.not_after is None else repr(intake.not_after)}), in_ready=True)
+            "not_after": "" if intake.not_after is None else repr(intake.not_after)}), in_ready=True,
+            admission=(mine,))
 
     def refuse_conflict(self, job_id: str, base: dict[str, Any]) -> bool:
         """Record a job whose idempotency key another request holds (in its tenant) as failed with
@@ -207,12 +229,15 @@ class Pipeline:
         return self._finish(job_id, EMPTY, JobState.FAILED, fields, expect=[None])
 
     # -- submit ------------------------------------------------------------------------------
-    def try_submit(self, job_id: str, raw: JobRecord | Mapping[str, str] | None = None, in_ready: bool = False) -> None:
+    def try_submit(self, job_id: str, raw: JobRecord | Mapping[str, str] | None = None, in_ready: bool = False,
+                   admission: tuple[Admitted | None] | None = None) -> None:
         """Send a queued job to the provider when admission has given it a slot; otherwise put it
         in its ready queue and let admission decide (now, or at a later tick).
 
         ``raw`` is the record (a JobRecord, or its raw hash) when the caller has just written it
-        (saves a read); ``in_ready`` says it is already in its ready queue."""
+        (saves a read); ``in_ready`` says it is already in its ready queue; ``admission``: ``(its
+        admission or None,)`` when the caller already ran admission for it (the other jobs
+        admitted then already handed on)."""
         rec = (as_record(raw) if raw else None) or self.store.get_record(job_id)
         if rec is None or rec.state is not JobState.QUEUED:
             return
@@ -224,7 +249,7 @@ class Pipeline:
         if not rec.admitted:
             if not in_ready:
                 self.store.enqueue_ready(job_id)
-            mine = self._admit_now(job_id)
+            mine = self._admit_now(job_id) if admission is None else admission[0]
             if mine is None:
                 return  # waits in its ready queue; the tick admits it when its turn comes
             if not mine.granted:
@@ -289,12 +314,16 @@ class Pipeline:
     def _admit_now(self, job_id: str) -> Admitted | None:
         """Run admission for the slots free right now; hand the other admitted jobs to workers and
         return this job's admission, or None when it still waits."""
+        return self._admitted(job_id, self.rt.admission.admit(self.s.submit_rate[0], own=job_id, lease=self.s.lease))
+
+    def _admitted(self, job_id: str, admitted: list[Admitted]) -> Admitted | None:
+        """Hand the jobs an admission gave slots to on (each at its slot), but ``job_id``'s own, returned."""
         mine = None
-        for admitted in self.rt.admission.admit(self.s.submit_rate[0], own=job_id, lease=self.s.lease):
-            if admitted.job_id == job_id:
-                mine = admitted
+        for one in admitted:
+            if one.job_id == job_id:
+                mine = one
             else:
-                self.later(admitted.job_id, admitted.at)
+                self.later(one.job_id, one.at)
         return mine
 
     # -- cancel --------------------------------------------------------------------------------
@@ -434,19 +463,24 @@ class Pipeline:
 
     # -- advance: whatever is due next -------------------------------------------------------
     def advance(self, job_id: str) -> None:
-        """Do a due job's next step: submit it, resolve an unknown submit, or poll it."""
-        rec = self.store.get_record(job_id)
-        if rec is None or rec.state_text is None:
-            self.store.unschedule(job_id)
-            return
-        if rec.state is JobState.QUEUED:
-            self.try_submit(job_id)
-        elif rec.state is JobState.SUBMITTING:
-            self._resolve_submitting(job_id, rec)
-        elif rec.state is JobState.SUBMITTED:
-            self.poll(job_id, rec)
-        else:
-            self.store.unschedule(job_id)
+        """Do a due job's next step: submit it, resolve an unknown submit, or poll it. The record is
+        read (and a submitted job's poll claimed) in one round trip; the step's bookkeeping writes
+        go out in one more at its end."""
+        with self.store.deferred():
+            now = time.time()
+            raw, claim = self.store.get_for_step(job_id, now, self.s.poll_min_gap, self.s.lease)
+            rec = None if raw is None else JobRecord.from_hash(raw)
+            if rec is None or rec.state_text is None:
+                self.store.unschedule(job_id)
+                return
+            if rec.state is JobState.QUEUED:
+                self.try_submit(job_id, rec)
+            elif rec.state is JobState.SUBMITTING:
+                self._resolve_submitting(job_id, rec)
+            elif rec.state is JobState.SUBMITTED:
+                self.poll(job_id, rec, claimed=(now, claim))
+            else:
+                self.store.unschedule(job_id)
 
     def _resolve_submitting(self, job_id: str, rec: JobRecord) -> None:
         now = time.time()
@@ -477,16 +511,21 @@ class Pipeline:
         self._finish(job_id, rec, JobState.FAILED, {"error": error}, expect=[JobState.SUBMITTING])
 
     # -- poll ----------------------------------------------------------------------------------
-    def poll(self, job_id: str, raw: JobRecord | Mapping[str, str]) -> None:
+    def poll(self, job_id: str, raw: JobRecord | Mapping[str, str],
+             claimed: tuple[float, float | None | str] | None = None) -> None:
         """Ask the provider about a submitted job (``raw``: its record, a JobRecord or its raw
-        hash); finish it or put it back on the schedule."""
+        hash); finish it or put it back on the schedule. ``claimed``: ``(now, claim)`` when the
+        poll was already claimed with the read of ``raw`` (JobStore.get_for_step)."""
         rec = as_record(raw) or EMPTY
-        now = time.time()
+        now = time.time() if claimed is None else claimed[0]
         task_id = rec.kie_task_id or ""
         # One poll of a job in flight at a time, KIE_POLL_MIN_GAP apart, across every worker: a
         # refused claim leaves the job on the due schedule (never sooner) for the tick, and sends
         # no message of its own, so hints (forged callbacks included) cannot multiply polls.
-        wait = self.store.claim_poll(job_id, now, self.s.poll_min_gap, self.s.lease)
+        if claimed is None or claimed[1] == "":
+            wait = self.store.claim_poll(job_id, now, self.s.poll_min_gap, self.s.lease)
+        else:
+            wait = claimed[1]  # type: ignore[assignment]
         if wait is not None:
             if wait >= 0:
                 self.store.schedule(job_id, max(wait, now + self.s.poll_min_gap), only_earlier=True)

@@ -153,6 +153,15 @@ class KieClient:
         self._api_key = api_key
         self.session = session or requests.Session()
         self.timeout = (connect_timeout, read_timeout)
+        #: Proxies and CA bundle from the environment (HTTPS_PROXY, NO_PROXY, REQUESTS_CA_BUNDLE…),
+        #: read once for our own session: requests would read them again on every request (a scan
+        #: of the whole environment and ~/.netrc), which costs more CPU than the request itself.
+        self._env: dict[str, Any] = {}
+        self._own_session = session is None
+        if session is None:
+            env = self.session.merge_environment_settings(self.base_url, {}, None, None, None)
+            self._env = {"proxies": env["proxies"], "verify": env["verify"], "cert": env["cert"]}
+            self.session.trust_env = False
 
     def __repr__(self) -> str:
         return f"KieClient({self.base_url!r})"
@@ -170,8 +179,7 @@ class KieClient:
         ``timeout``: (connect, read) seconds instead of the client's own."""
         url = self.base_url + path
         try:
-            resp = self.session.request(method, url, headers=self._headers(), timeout=timeout or self.timeout,
-                                        **kwargs)
+            resp = self._send(method, url, timeout or self.timeout, **kwargs)
         except ConnectTimeout as exc:
             raise ConnectError(f"connect timeout to {self.base_url}") from exc
         except ReadTimeout as exc:
@@ -183,6 +191,16 @@ class KieClient:
         except requests.RequestException as exc:
             raise ConnectError(f"{type(exc).__name__} for {self.base_url}{path}") from exc
         return _envelope_data(resp)
+
+    def _send(self, method: str, url: str, timeout: tuple[float, float], **kwargs: Any) -> requests.Response:
+        """One request on the session (requests' exceptions pass through). Our own session's request is
+        prepared here with its headers and cookies and sent as ``Session.request`` would, without
+        merging the session's (empty) settings and the environment's again on every call."""
+        if not self._own_session:  # a session the caller passed in: requests' own way, its settings honoured
+            return self.session.request(method, url, headers=self._headers(), timeout=timeout, **kwargs)
+        prepared = requests.Request(method, url, headers={**self.session.headers, **self._headers()},
+                                    cookies=self.session.cookies, **kwargs).prepare()
+        return self.session.send(prepared, timeout=timeout, allow_redirects=True, **self._env)
 
     def submit_extend(self, body: dict[str, Any]) -> str:
         """POST upload-extend; the provider's ``taskId`` on success."""

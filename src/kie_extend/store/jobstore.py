@@ -9,9 +9,12 @@ the same atomic step (the outbox).
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 import uuid
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 import redis
 
@@ -19,6 +22,8 @@ from kie_extend.store import lua
 from kie_extend.store.keys import MINUTE_HISTOGRAMS, MINUTE_TTL, Keys
 from kie_extend.store.record import JobRecord
 from kie_extend.jobs.states import IN_FLIGHT, TERMINAL, TRANSITIONS, JobState
+
+log = logging.getLogger("kie_extend.store.jobstore")
 
 #: Prefix of the ids of batch records in the delivery schedule (``@batch:<batch_id>``).
 BATCH_REF = "@batch:"
@@ -46,18 +51,36 @@ return found
 # else record the start (last_poll_ts, the poll counts) and the lease end ARGV[3], in one step.
 # Returns nil when claimed, else the time (text) before which no poll may start; '-1' if the job is gone.
 # KEYS[1]: the job's hash, KEYS[2]: the stats hash.
-_CLAIM_POLL = """
-if redis.call('HEXISTS', KEYS[1], 'state') == 0 then return '-1' end
-local now = tonumber(ARGV[1])
-local lease = tonumber(redis.call('HGET', KEYS[1], 'poll_lease') or '0') or 0
-if lease > now then return tostring(lease) end
-local last = tonumber(redis.call('HGET', KEYS[1], 'last_poll_ts') or '0') or 0
-local gap = tonumber(ARGV[2])
-if now - last < gap then return tostring(last + gap) end
-redis.call('HSET', KEYS[1], 'last_poll_ts', ARGV[1], 'poll_lease', ARGV[3])
-redis.call('HINCRBY', KEYS[1], 'polls', 1)
-redis.call('HINCRBY', KEYS[2], 'polls', 1)
-return false
+_CLAIM_POLL_FN = """
+local function claim_poll(jk, stats, now_s, gap_s, lease_s)
+  if redis.call('HEXISTS', jk, 'state') == 0 then return '-1' end
+  local now = tonumber(now_s)
+  local lease = tonumber(redis.call('HGET', jk, 'poll_lease') or '0') or 0
+  if lease > now then return tostring(lease) end
+  local last = tonumber(redis.call('HGET', jk, 'last_poll_ts') or '0') or 0
+  local gap = tonumber(gap_s)
+  if now - last < gap then return tostring(last + gap) end
+  redis.call('HSET', jk, 'last_poll_ts', now_s, 'poll_lease', lease_s)
+  redis.call('HINCRBY', jk, 'polls', 1)
+  redis.call('HINCRBY', stats, 'polls', 1)
+  return false
+end
+"""
+_CLAIM_POLL = _CLAIM_POLL_FN + "return claim_poll(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])"
+
+# A due job's record, read for its next step; when it is ``submitted`` (the step is a poll) its
+# poll is claimed in the same step, as _CLAIM_POLL does. Returns {fields} or {fields, claim}: the
+# record as it was before the claim (HGETALL), and '' when claimed, else what _CLAIM_POLL returns.
+# KEYS, ARGV: as _CLAIM_POLL.
+_STEP_READ = _CLAIM_POLL_FN + """
+local raw = redis.call('HGETALL', KEYS[1])
+for i = 1, #raw, 2 do
+  if raw[i] == 'state' then
+    if raw[i + 1] ~= 'submitted' then return {raw} end
+    return {raw, claim_poll(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]) or ''}
+  end
+end
+return {raw}
 """
 
 
@@ -72,6 +95,38 @@ def _enc(value: Any) -> Any:
     if isinstance(value, JobState):
         return value.value
     return str(value)
+
+
+class OneTrip:
+    """Registered scripts' calls sent together in one round trip, in order: ``add(script, keys,
+    args)`` each, then ``execute()`` returns their replies. (A redis-py pipeline first asks the
+    server whether it knows every script queued on it: one more round trip each time.) A call the
+    server answers NOSCRIPT (a restart emptied its script cache) is sent again on its own, which
+    loads the script; any other error reply is raised."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.calls: list[tuple[Any, list[Any], list[Any]]] = []
+
+    def add(self, script: Any, keys: list[Any], args: list[Any]) -> None:
+        """Queue ``script`` (from ``register_script``) with its keys and arguments."""
+        self.calls.append((script, keys, args))
+
+    def execute(self) -> list[Any]:
+        """The replies, in the order the calls were added."""
+        pipe = self.client.pipeline(transaction=False)
+        for script, keys, args in self.calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        replies = pipe.execute(raise_on_error=False)
+        out = []
+        for (script, keys, args), reply in zip(self.calls, replies):
+            if isinstance(reply, redis.exceptions.NoScriptError):
+                reply = script(keys=keys, args=args)
+            elif isinstance(reply, Exception):
+                raise reply
+            out.append(reply)
+        self.calls = []
+        return out
 
 
 class IllegalTransition(RuntimeError):
@@ -89,6 +144,10 @@ class JobStore:
         self._pointer = client.register_script(lua.POINTER)
         self._ready = client.register_script(lua.READY)
         self._claim_poll = client.register_script(_CLAIM_POLL)
+        self._step_read = client.register_script(_STEP_READ)
+        # The pipeline collecting bookkeeping writes while a step defers them (see deferred()),
+        # per thread: a receiver's threads share one store.
+        self._local = threading.local()
 
     def record_key(self, ref: str) -> str:
         """The hash holding a job's record, or a batch's (``@batch:<id>``, for its deliveries)."""
@@ -107,6 +166,57 @@ class JobStore:
         when no such job exists. ``JobRecord.raw`` holds the hash as read."""
         raw = self.get(job_id)
         return None if raw is None else JobRecord.from_hash(raw)
+    def get_for_step(self, job_id: str, now: float, gap: float, lease: float) -> tuple[dict[str, str] | None, float | None | str]:
+        """:meth:`get` for a due job's next step, in the same round trip as :meth:`claim_poll` (same
+        arguments) when the job is ``submitted``: ``(record or None, claim)``, where ``claim`` is
+        what :meth:`claim_poll` returns (``None`` = claimed) for a submitted job, and ``""`` (no claim
+        tried) otherwise. The record is the one read before the claim."""
+        found = self._step_read(keys=[self.keys.job(job_id), self.keys.stats],
+                                args=[repr(now), gap, repr(now + lease)])
+        flat = found[0]
+        raw = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)} or None
+        if len(found) < 2:
+            return raw, ""
+        claim = _text(found[1])
+        return raw, (None if claim == "" else float(claim))
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Within the block, this thread's bookkeeping writes that nothing in the same step reads
+        back (:meth:`observe`, :meth:`stat`, :meth:`mark_delivered`, :meth:`release_poll`) are
+        queued and sent in one round trip when the block ends, also when it raises (a failure to
+        send them then is logged, and the block's own error goes on). Nested blocks join the
+        outer one."""
+        if getattr(self._local, "pipe", None) is not None:
+            yield
+            return
+        pipe = self._local.pipe = self.redis.pipeline(transaction=False)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            self._local.pipe = None
+            if pipe.command_stack:
+                try:
+                    pipe.execute()
+                except Exception as exc:
+                    if not failed:
+                        raise
+                    log.warning("bookkeeping writes not sent (%s: %s)", type(exc).__name__, exc)
+
+    def _writes(self) -> tuple[Any, bool]:
+        """``(pipeline, True)``: a new pipeline to queue bookkeeping writes on and then execute; or,
+        within :meth:`deferred`, ``(its pipeline, False)`` (the block sends them)."""
+        pipe = getattr(self._local, "pipe", None)
+        if pipe is not None:
+            return pipe, False
+        return self.redis.pipeline(transaction=False), True
+
+    def _writer(self) -> Any:
+        """What a single bookkeeping write goes to: the client, or the deferring block's pipeline."""
+        pipe = getattr(self._local, "pipe", None)
+        return self.redis if pipe is None else pipe
 
     def exists(self, job_id: str) -> bool:
         """Whether a record exists for ``job_id``."""
@@ -188,7 +298,8 @@ class JobStore:
         move with the job, and the move that ends a batch's last job writes its ``batch.finished``
         event and deliveries too (``Moved.batch_finished``). With ``pipe`` (a redis-py pipeline) the
         script is only queued on it and ``Moved(0)`` is returned: the caller reads each move's
-        outcome from ``pipe.execute()`` (first element 1 = moved).
+        outcome from ``pipe.execute()`` (first element 1 = moved); with a :class:`OneTrip`, from its
+        ``execute()`` through :meth:`moved`.
         """
         expected = list(expect)
         for frm in expected:
@@ -201,7 +312,7 @@ class JobStore:
         due_arg = "-" if due is None else ("" if due == "" else repr(float(due)))
         k = self.keys
         now = time.time()
-        result = self._transition(
+        call = dict(
             keys=[k.job(job_id), k.due, k.inflight, k.deliveries, k.stats, k.deadlines, k.rate_log,
                   k.priorities, k.admission_seq, k.breaker, *(k.state_index(st.value) for st in lua.STATE_ORDER)],
             args=[
@@ -222,10 +333,18 @@ class JobStore:
                 "1" if ready else "",
                 _iso(now),
             ],
-            **({"client": pipe} if pipe is not None else {}),
         )
+        if isinstance(pipe, OneTrip):
+            pipe.add(self._transition, **call)
+            return Moved(0)
+        result = self._transition(**call, **({"client": pipe} if pipe is not None else {}))
         if pipe is not None:
             return Moved(0)
+        return self.moved(job_id, result)
+
+    def moved(self, job_id: str, result: Any) -> Moved:
+        """A transition's outcome from the script's reply (one read from a pipeline or a :class:`OneTrip`)."""
+        k = self.keys
         if int(result[2]):
             self.redis.hincrby(k.stats, "transition_replays", 1)
         moved = Moved(int(result[0]))
@@ -284,12 +403,13 @@ class JobStore:
 
     def mark_delivered(self, job_id: str, handler: str, attempts: int) -> None:
         """Record a handler's successful delivery and take it off the delivery schedule."""
-        pipe = self.redis.pipeline(transaction=False)
+        pipe, send = self._writes()
         pipe.hset(self.record_key(job_id), f"handler:{handler}",
                   json.dumps({"state": "delivered", "attempts": attempts}, separators=(",", ":")))
         pipe.zrem(self.keys.deliveries, f"{job_id}|{handler}")
         pipe.hincrby(self.keys.stats, "handler_deliveries", 1)
-        pipe.execute()
+        if send:
+            pipe.execute()
 
     def claim_poll(self, job_id: str, now: float, gap: float, lease: float) -> float | None:
         """Claim ``job_id``'s poll starting at ``now`` (epoch seconds): one poll of a job in flight at
@@ -302,7 +422,7 @@ class JobStore:
 
     def release_poll(self, job_id: str) -> None:
         """End ``job_id``'s poll claim (its poll finished)."""
-        self.redis.hdel(self.keys.job(job_id), "poll_lease")
+        self._writer().hdel(self.keys.job(job_id), "poll_lease")
 
     def observe(self, name: str, value: float, buckets: tuple[float, ...], stat: str = "") -> None:
         """Add one observation to a shared histogram: its bin (the smallest bucket bound at or above
@@ -311,7 +431,7 @@ class JobStore:
         A histogram named in ``keys.MINUTE_HISTOGRAMS`` also counts its bin in this minute's
         series hash (``Keys.minute``), in the same round trip."""
         le = next((f"{b:g}" for b in buckets if value <= b), "+Inf")
-        pipe = self.redis.pipeline(transaction=False)
+        pipe, send = self._writes()
         pipe.hincrby(self.keys.stats, f"hist:{name}:bin:{le}", 1)
         pipe.hincrby(self.keys.stats, f"hist:{name}:count", 1)
         pipe.hincrbyfloat(self.keys.stats, f"hist:{name}:sum", value)
@@ -321,11 +441,12 @@ class JobStore:
             pipe.expire(minute, MINUTE_TTL)
         if stat:
             pipe.hincrby(self.keys.stats, stat, 1)
-        pipe.execute()
+        if send:
+            pipe.execute()
 
     def stat(self, name: str, amount: int = 1) -> None:
         """Bump a shared counter."""
-        self.redis.hincrby(self.keys.stats, name, amount)
+        self._writer().hincrby(self.keys.stats, name, amount)
 
 
 def _iso(ts: float) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 
 #: Seconds a per-minute series bucket (:meth:`Keys.minute`) lives after its last write: the
@@ -30,7 +31,7 @@ class Keys:
 
     prefix: str = "kie_extend"
 
-    @property
+    @cached_property
     def tag(self) -> str:
         """The prefix as a hash tag: ``{prefix}``, or the prefix itself when it has one already."""
         return self.prefix if re.search(r"\{[^{}]+\}", self.prefix) else "{" + self.prefix + "}"

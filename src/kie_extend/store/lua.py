@@ -116,6 +116,9 @@ local ok = false
 for e in string.gmatch(ARGV[4] .. '|', '([^|]*)|') do
   if e == cur then ok = true end
 end
+-- A hash without a state (an idempotency duplicate's pointer) is a record all the same: a move
+-- that expects none is refused on it.
+if ok and cur == '' and redis.call('EXISTS', jk) == 1 then ok = false end
 if not ok then return {0, cur, 0} end
 local now = ARGV[9]
 if cur == 'queued' and to ~= 'queued' then
