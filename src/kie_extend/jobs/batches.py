@@ -136,13 +136,9 @@ def cancel_batch(rt: Runtime, batch_id: str, cancel_many: Any) -> int:
     rt.redis.hset(rt.keys.batch(batch_id), "cancelled", "1")
     n = 0
     for ids in batch_job_ids(rt, batch_id):
-        pipe = rt.redis.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.hgetall(rt.keys.job(job_id))
         queued = []
-        for job_id, raw in zip(ids, pipe.execute()):
-            rec = {_t(k): _t(v) for k, v in raw.items()}
-            if rec.get("state") == JobState.QUEUED.value:
+        for job_id, rec in zip(ids, rt.store.get_many(ids)):
+            if rec is not None and rec.get("state") == JobState.QUEUED.value:
                 queued.append((job_id, rec))
         n += cancel_many(queued, "operator")
     return n

@@ -4,6 +4,12 @@ Every state change goes through :meth:`JobStore.transition`, a Lua script that c
 current state, writes the new one with its fields, keeps the state indexes and the in-flight set
 in step, and, for a terminal state, writes the result event and queues one delivery per handler in
 the same atomic step (the outbox).
+
+A job's request body lives in its own key (``Keys.request``, packed by store/packing.py), not in
+the record's hash, so a queued job's hash stays a listpack. It is written by the move that creates
+the record and follows the record's lifetime; :meth:`JobStore.get` folds it back into the record
+(field ``request``, JSON text) in the same round trip, and :meth:`JobStore.request` reads it alone.
+Records written before the key existed still carry ``request`` in the hash: both read that too.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any, Iterable
 import redis
 
 from kie_extend.store import lua
+from kie_extend.store.packing import pack, unpack
 from kie_extend.store.keys import MINUTE_HISTOGRAMS, MINUTE_TTL, Keys
 from kie_extend.jobs.states import IN_FLIGHT, TERMINAL, TRANSITIONS, JobState
 
@@ -95,11 +102,43 @@ class JobStore:
 
     # -- records ---------------------------------------------------------------------------
     def get(self, job_id: str) -> dict[str, str] | None:
-        """The raw record (field -> text), or None when no such job exists."""
-        raw = self.redis.hgetall(self.record_key(job_id))
-        if not raw:
-            return None
-        return {_text(k): _text(v) for k, v in raw.items()}
+        """The raw record (field -> text), or None when no such job exists. A job's record has its
+        request JSON text in ``request`` (read from its request key in the same round trip)."""
+        return self.get_many([job_id])[0]
+
+    def get_many(self, job_ids: Iterable[str]) -> list[dict[str, str] | None]:
+        """The raw records of ``job_ids`` in order (None for a missing one), as :meth:`get`, in one
+        round trip."""
+        refs = list(job_ids)
+        pipe = self.redis.pipeline(transaction=False)
+        for ref in refs:
+            pipe.hgetall(self.record_key(ref))
+            if not ref.startswith(BATCH_REF):
+                pipe.get(self.keys.request(ref))
+        found = iter(pipe.execute())
+        out: list[dict[str, str] | None] = []
+        for ref in refs:
+            raw = next(found)
+            stored = None if ref.startswith(BATCH_REF) else next(found)
+            if not raw:
+                out.append(None)
+                continue
+            record = {_text(k): _text(v) for k, v in raw.items()}
+            if stored is not None and "request" not in record:
+                record["request"] = unpack(stored)
+            out.append(record)
+        return out
+
+    def request(self, job_id: str) -> dict[str, Any] | None:
+        """A job's request body (the JSON object to send to the provider), from its request key or,
+        for a record written before that key existed, from its hash; None when neither holds one.
+        Raises ValueError when the stored text is not JSON."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(self.keys.request(job_id))
+        pipe.hget(self.keys.job(job_id), "request")
+        stored, legacy = pipe.execute()
+        text = _text(legacy) if legacy is not None else unpack(stored) if stored is not None else None
+        return None if text is None else json.loads(text)
 
     def exists(self, job_id: str) -> bool:
         """Whether a record exists for ``job_id``."""
@@ -127,11 +166,12 @@ class JobStore:
         """Write a record that only points at another job (idempotency duplicate); once, atomically.
         In a batch it counts as done (``c:duplicate``); False when the key already existed."""
         mapping = {k: _enc(v) for k, v in fields.items() if v is not None}
+        request = mapping.pop("request", None)
         now = time.time()
         return bool(self._pointer(
-            keys=[self.keys.job(job_id), self.keys.deliveries, self.keys.stats],
+            keys=[self.keys.job(job_id), self.keys.deliveries, self.keys.stats, self.keys.request(job_id)],
             args=[self.keys.tag, job_id, int(ttl), json.dumps(mapping), repr(now), _iso(now),
-                  json.dumps(list(handlers)), repr(deliveries_at or now)]))
+                  json.dumps(list(handlers)), repr(deliveries_at or now), pack(request) if request else ""]))
 
     def declare_batch(self, batch_id: str, job_ids: Iterable[str]) -> int:
         """Name a batch's jobs before they are sent (a producer that knows them: enqueue_many,
@@ -181,7 +221,9 @@ class JobStore:
         move with the job, and the move that ends a batch's last job writes its ``batch.finished``
         event and deliveries too (``Moved.batch_finished``). With ``pipe`` (a redis-py pipeline) the
         script is only queued on it and ``Moved(0)`` is returned: the caller reads each move's
-        outcome from ``pipe.execute()`` (first element 1 = moved).
+        outcome from ``pipe.execute()`` (first element 1 = moved). A ``request`` among ``fields``
+        goes to the job's request key (packed), not to its hash; the key gets the record's TTL on
+        a terminal move and loses it on any other.
         """
         expected = list(expect)
         for frm in expected:
@@ -190,13 +232,15 @@ class JobStore:
         if (to in TERMINAL) != (event is not None):
             raise IllegalTransition("a terminal move must carry exactly one result event")
         encoded = {k: _enc(v) for k, v in (fields or {}).items()}
+        request = encoded.pop("request", None)
         payload = json.dumps({k: (v if v is not None else None) for k, v in encoded.items()})
         due_arg = "-" if due is None else ("" if due == "" else repr(float(due)))
         k = self.keys
         now = time.time()
         result = self._transition(
             keys=[k.job(job_id), k.due, k.inflight, k.deliveries, k.stats, k.deadlines, k.rate_log,
-                  k.priorities, k.admission_seq, k.breaker, *(k.state_index(st.value) for st in lua.STATE_ORDER)],
+                  k.priorities, k.admission_seq, k.breaker, k.request(job_id),
+                  *(k.state_index(st.value) for st in lua.STATE_ORDER)],
             args=[
                 k.tag,
                 job_id,
@@ -214,6 +258,7 @@ class JobStore:
                 uuid.uuid4().hex,
                 "1" if ready else "",
                 _iso(now),
+                pack(request) if request else "",
             ],
             **({"client": pipe} if pipe is not None else {}),
         )
