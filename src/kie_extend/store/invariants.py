@@ -217,7 +217,13 @@ class Invariants:
     def _orphans(self, pattern: str, pos: int) -> tuple[int, list[str]]:
         """One SCAN step over the request keys (about CHUNK keys of the keyspace looked at): the next
         cursor and the ids of request keys found whose record is gone."""
-        pos, found = self.redis.scan(pos, match=pattern, count=CHUNK)
+        get_node = getattr(self.redis, "get_node_from_key", None)
+        if get_node is None:
+            pos, found = self.redis.scan(pos, match=pattern, count=CHUNK)
+        else:  # a cluster: every key of the prefix is in one slot, so on one node (keys.py)
+            cursors, found = self.redis.scan(pos, match=pattern, count=CHUNK,
+                                             target_nodes=get_node(self.keys.request("")))
+            pos = next(iter(cursors.values()))
         names = [_t(n) for n in found]
         if not names:
             return pos, []
