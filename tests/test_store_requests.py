@@ -195,3 +195,15 @@ def test_packing_dictionary_v1_never_changes() -> None:
     """Values packed with version 1 are read back with this exact dictionary: a new one takes a new
     version byte."""
     assert hashlib.sha256(packing.DICTIONARY_V1).hexdigest() == "c8ff18c106fcf7fc76f0224dac7dc84d352da42c95d1a804051a61a25cfa3449"
+
+
+def test_a_queued_job_whose_request_is_gone_fails_without_a_send(harness: Callable[..., Harness]) -> None:
+    h = harness()
+    job = queued(h, typical(h.sim))
+    h.rt.redis.delete(h.rt.keys.request(job))
+    h.rt.gates.resume_operator()
+    h.run_until(h.finished(job))
+    raw = h.state(job)
+    err = json.loads(raw["error"])
+    assert raw["state"] == "failed" and err["kind"] == "invalid_request" and err["errors"][0]["field"] == "request"
+    assert not raw.get("sends") and not raw.get("kie_task_id")

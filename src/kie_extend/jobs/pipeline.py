@@ -218,6 +218,13 @@ class Pipeline:
         if raw.get("not_after") and float(raw["not_after"]) <= now:
             self.cancel(job_id, "deadline", raw)
             return
+        if "request" not in raw:
+            # Its request key was evicted or deleted (doctor: missing_request): it can never be sent.
+            message = "the stored request is gone (evicted or deleted from Redis); enqueue it again"
+            self._finish(job_id, raw, JobState.FAILED, {"error": _error(
+                "invalid_request", message, errors=[{"field": "request", "message": message}])},
+                expect=[JobState.QUEUED])
+            return
         granted = False
         if not raw.get("admitted"):
             if not in_ready:
