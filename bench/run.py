@@ -923,7 +923,7 @@ def scenario_backlog(res: Results, workdir: Path) -> None:
         worker = st.start_worker(concurrency=2, name="worker-2")
         wait_ready(worker)
         t = time.perf_counter()
-        wait_until(lambda: all_recorded(settings, batch) and queue_drained(r, settings.queue), 400, 0.5,
+        wait_until(lambda: all_recorded(settings, batch) and queue_drained(r, settings.queue), 900, 0.5,
                    f"{n:,} jobs recorded")
         record_s = time.perf_counter() - t
         time.sleep(1.0)
@@ -1202,7 +1202,7 @@ SCENARIOS: dict[str, tuple[Callable[[Results, Path], None], int, str]] = {
     "scale": (scenario_scale, 240, "6. enqueue_many rate, get_job O(1)"),
     "fairness": (scenario_fairness, 240, "7. fairness: tenants and priorities vs arrival order"),
     "cancel": (scenario_cancel, 150, "8. cancel a 5,000-job batch while submissions flow"),
-    "backlog": (scenario_backlog, 480, "9. 100,000 queued: memory, enqueue rate, tick cost"),
+    "backlog": (scenario_backlog, 1200, "9. 100,000 queued: memory, enqueue rate, tick cost"),
 }
 
 
