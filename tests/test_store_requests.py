@@ -207,3 +207,15 @@ def test_a_queued_job_whose_request_is_gone_fails_without_a_send(harness: Callab
     err = json.loads(raw["error"])
     assert raw["state"] == "failed" and err["kind"] == "invalid_request" and err["errors"][0]["field"] == "request"
     assert not raw.get("sends") and not raw.get("kie_task_id")
+
+
+def test_cancel_batch_events_carry_each_request(harness: Callable[..., Harness]) -> None:
+    from kie_extend.jobs.batches import cancel_batch
+
+    h = harness()
+    jobs = [queued(h, typical(h.sim, i), batch_id="bx") for i in range(3)]
+    to_old_layout(h, jobs[0])  # an old record among them
+    assert cancel_batch(h.rt, "bx", h.pipeline.cancel_many) == 3
+    titles = [json.loads(h.state(j)["event"])["request"]["title"] for j in jobs]
+    assert titles == ["Walking Home 0", "Walking Home 1", "Walking Home 2"]
+    assert all(h.rt.redis.ttl(h.rt.keys.request(j)) > 0 for j in jobs[1:])
