@@ -255,7 +255,7 @@ class JobStore:
                 str(int(retention)),
                 repr(float(deliveries_at if deliveries_at is not None else now)),
                 stat,
-                uuid.uuid4().hex,
+                uuid.uuid4().hex[:16],  # the operation id: 64 random bits, a short field of the record
                 "1" if ready else "",
                 _iso(now),
                 pack(request) if request else "",
