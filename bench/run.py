@@ -882,6 +882,11 @@ def scenario_cancel(res: Results, workdir: Path) -> None:
 # ==================================================================================================
 # 9. a 100,000-job backlog
 # ==================================================================================================
+#: Bytes per queued job this scenario measured while the request JSON was a field of the job hash
+#: (commit 8333950), for the comparison row.
+BACKLOG_BYTES_BEFORE = 1596.0
+
+
 def scenario_backlog(res: Results, workdir: Path) -> None:
     from kie_extend.api import pause, resume
     from kie_extend.store.invariants import Invariants
@@ -944,8 +949,6 @@ def scenario_backlog(res: Results, workdir: Path) -> None:
         enc = r.object("encoding", K.job(sample_ids[0]))
         enc = enc.decode() if isinstance(enc, bytes) else enc
         big_fields = {k.decode(): len(v) for k, v in raw.items() if len(v) > 64}
-        layouts = request_layouts(r, ids[:10_000])
-        before_per_job = per_job - layouts["request key"] + layouts["request in hash"]
         t = time.perf_counter()
         report = Invariants(rt.redis, rt.keys).check(repair=False, grace=3600)
         sweep_s = time.perf_counter() - t
@@ -958,19 +961,16 @@ def scenario_backlog(res: Results, workdir: Path) -> None:
                    admit_ms={"1k": admit_small, "100k": admit_big}, sweep_check_s=sweep_s,
                    sweep_checked=getattr(report, "checked", None), job_hash_fields=len(raw),
                    job_hash_encoding=enc, job_hash_fields_over_64_bytes=big_fields,
-                   request_key_bytes_mean=sum(req_bytes) / len(req_bytes),
-                   record_bytes_per_job_by_layout=layouts, bytes_per_job_request_in_hash=before_per_job)
+                   request_key_bytes_mean=sum(req_bytes) / len(req_bytes))
         res.add("backlog", f"Redis bytes per queued job ({n:,} queued, used_memory delta)", per_job, "<= 1024 B",
                 per_job <= 1024, "B", note=f"job hash {sum(hash_bytes) / len(hash_bytes):.0f} B ({enc}, {len(raw)} "
                 f"fields, values over 64 B: {big_fields or 'none'}) + request key {sum(req_bytes) / len(req_bytes):.0f} B"
                 " + per job: " + ", ".join(f"{k} {v:.0f} B" for k, v in struct_bytes.items())
                 + f"; worker recorded {(n - small) / record_s:,.0f} jobs/s (c=2), operator pause on")
-        res.add("backlog", "the same, request JSON inside the job hash (the layout before {p}:req:<id>)",
-                before_per_job, "(comparison)", None, "B",
-                note=f"record + request per job: {layouts['request in hash']:.0f} B in the hash (hashtable) vs "
-                     f"{layouts['request key']:.0f} B as now (listpack hash + packed request key), "
-                     f"{layouts['jobs']:,} records copied side by side; the last full run before the change "
-                     "measured 1,596 B")
+        res.add("backlog", "the same with the request JSON inside the job hash (before {p}:req:<id>)",
+                BACKLOG_BYTES_BEFORE, "(comparison)", None, "B",
+                note="measured by this scenario at commit 8333950: job hash 1,240 B (hashtable: the request "
+                     "value, 262 B, is over hash-max-listpack-value) + the same indexes")
         res.add("backlog", f"enqueue_many({n - small:,}) jobs/s (batch, no worker running)", rate, ">= 5,000 /s",
                 rate >= 5000, "/s", note=f"{enq_s:.1f}s")
         ratio = tick_big["median"] / tick_small["median"]
@@ -980,48 +980,6 @@ def scenario_backlog(res: Results, workdir: Path) -> None:
                      f"alone {admit_small['median']:.2f} vs {admit_big['median']:.2f} ms (20 admitted per call)")
         res.add("backlog", f"invariant sweep (kie-extend doctor check) over {n:,} queued jobs", sweep_s, "", None, "s",
                 note="the tick runs it once per KIE_SWEEP_INTERVAL (60 s default): O(all unfinished jobs)")
-
-
-def request_layouts(r: Any, ids: list[str]) -> dict[str, Any]:
-    """``used_memory`` per job of copies of these queued records, once as stored now (listpack hash +
-    the request key) and once as before the request key (the request JSON in the hash), under tags
-    as long as the real one so key names cost the same; the copies are deleted afterwards."""
-    from kie_extend.store.packing import unpack
-
-    tag = K.tag
-    old_tag, new_tag = "{" + "o" * (len(tag) - 2) + "}", "{" + "n" * (len(tag) - 2) + "}"
-    records: list[tuple[str, dict[bytes, bytes], bytes]] = []
-    for i in range(0, len(ids), 1000):
-        pipe = r.pipeline(transaction=False)
-        for j in ids[i:i + 1000]:
-            pipe.hgetall(K.job(j))
-            pipe.get(K.request(j))
-        got = pipe.execute()
-        records += [(j, got[2 * n], got[2 * n + 1]) for n, j in enumerate(ids[i:i + 1000])]
-
-    def write(build: Callable[[Any, str, dict[bytes, bytes], bytes], None]) -> float:
-        time.sleep(0.2)
-        before = int(r.info("memory")["used_memory"])
-        for i in range(0, len(records), 1000):
-            pipe = r.pipeline(transaction=False)
-            for j, h, req in records[i:i + 1000]:
-                build(pipe, j, h, req)
-            pipe.execute()
-        return (int(r.info("memory")["used_memory"]) - before) / len(records)
-
-    def old(pipe: Any, j: str, h: dict[bytes, bytes], req: bytes) -> None:
-        pipe.hset(f"{old_tag}:job:{j}", mapping={**h, b"request": unpack(req).encode()})
-
-    def new(pipe: Any, j: str, h: dict[bytes, bytes], req: bytes) -> None:
-        pipe.hset(f"{new_tag}:job:{j}", mapping=h)
-        pipe.set(f"{new_tag}:req:{j}", req)
-
-    out = {"jobs": len(records), "request in hash": write(old), "request key": write(new)}
-    for i in range(0, len(records), 1000):
-        chunk = [j for j, _, _ in records[i:i + 1000]]
-        r.delete(*[f"{old_tag}:job:{j}" for j in chunk], *[f"{new_tag}:job:{j}" for j in chunk],
-                 *[f"{new_tag}:req:{j}" for j in chunk])
-    return out
 
 
 def backlog_tick(rt: Any, trials: int = 40) -> tuple[dict[str, float], dict[str, float]]:
