@@ -1,8 +1,9 @@
 """kie-extend benchmarks: ``make bench`` or ``.venv/bin/python bench/run.py [--only NAME[,NAME]]``.
 
-Every scenario starts its own local system with DevStack (embedded Valkey, the simulator, the callback
-receiver, Celery workers and beat) on loopback, runs under a time budget, prints each figure next to
-its target, and the run ends with one table and ``bench/results.json``. See bench/README.md.
+Every scenario starts its own local system with DevStack (embedded Valkey, the simulator,
+``kie-extend serve --callbacks-only``, Celery workers and beat) on loopback, runs under a time
+budget, prints each figure next to its target, and the run ends with one table and
+``bench/results.json``. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def scenario_limit(res: Results, workdir: Path) -> None:
            "KIE_POLL_FIRST": "0.5s", "KIE_POLL_INTERVAL": "1s", "KIE_POLL_MAX_INTERVAL": "2s"}
     with BenchStack(workdir / "limit", env=env, key_prefix=PREFIX) as st:
         st.start_simulator("--time-factor", str(tf), *SIM_LIMIT, "--seed", "1")
-        st.start_receiver()
+        st.start_serve(callbacks_only=True)
         workers = [st.start_worker(concurrency=1), st.start_worker(concurrency=1)]
         st.start_beat()
         wait_ready(*workers)
@@ -211,7 +212,7 @@ def scenario_slots(res: Results, workdir: Path) -> None:
     with BenchStack(workdir / "slots", env=env, key_prefix=PREFIX) as st:
         st.start_simulator("--time-factor", str(tf), "--duration-min", str(dmin), "--duration-max", str(dmax),
                            *SIM_LIMIT, "--seed", "2")
-        st.start_receiver()
+        st.start_serve(callbacks_only=True)
         worker = st.start_worker(concurrency=2)
         beat = st.start_beat()
         wait_ready(worker)
@@ -302,8 +303,8 @@ def scenario_slots(res: Results, workdir: Path) -> None:
 # 3. polling cost, with and without callbacks
 # ==================================================================================================
 def scenario_polling(res: Results, workdir: Path) -> None:
-    """Polls per job and provider-done -> finished_at, in a deployment without callbacks (no receiver,
-    the simulator sends none) and with them (receiver started, the simulator sends text/first/complete)."""
+    """Polls per job and provider-done -> finished_at, in a deployment without callbacks (no callback route,
+    the simulator sends none) and with them (serve --callbacks-only started, the simulator sends text/first/complete)."""
     n, tf, dmin, dmax = 100, 0.1, 40.0, 120.0
     polls = poll_env(tf)
     env = {**KIE_LIMIT, "KIE_TICK_INTERVAL": TICK, "KIE_MAX_IN_FLIGHT": "1000", **polls}
@@ -311,7 +312,7 @@ def scenario_polling(res: Results, workdir: Path) -> None:
     # An extra, unjudged run: the first poll near the shortest generation (35 provider seconds)
     # instead of the default, to show what the schedule itself costs.
     late_first = {"KIE_POLL_FIRST": f"{round(35 * tf, 3)}s"}
-    no_receiver = "http://127.0.0.1:9/kie/callback/unused"  # the provider requires a callBackUrl
+    no_callbacks = "http://127.0.0.1:9/kie/callback/unused"  # the provider requires a callBackUrl
     phases = (("without callbacks", False, {}, True),
               (f"without callbacks, KIE_POLL_FIRST=35s x {tf}", False, late_first, False),
               ("with callbacks", True, {"KIE_POLL_FIRST": polls["KIE_POLL_FIRST"]}, True))
@@ -326,13 +327,13 @@ def scenario_polling(res: Results, workdir: Path) -> None:
                     child.stop()
             st.env.update(extra_env)
             if callbacks:
-                st.start_receiver()  # sets KIE_CALLBACK_BASE_URL for the worker started next
+                st.start_serve(callbacks_only=True)  # sets KIE_CALLBACK_BASE_URL for the worker started next
             worker = st.start_worker(concurrency=2, name=f"worker-{number + 1}")
             beat = st.start_beat()
             wait_ready(worker)
             st.sim_reset()
             st.sim_config(callbacks=callbacks)
-            ids, _, _ = enqueue(st, n, callback_url=None if callbacks else no_receiver)
+            ids, _, _ = enqueue(st, n, callback_url=None if callbacks else no_callbacks)
             wait_terminal(r, PREFIX, ids, timeout=120)
             time.sleep(0.5)  # late callbacks' polls land in the counters too
             recs = job_records(r, PREFIX, ids)
@@ -344,7 +345,7 @@ def scenario_polling(res: Results, workdir: Path) -> None:
             p95 = pct(lat, 0.95)
             res.detail("polling", **{label: {
                 "jobs": n, "polls": sim["polls"], "callbacks_sent": sim["callbacks_sent"], "env": {**polls, **extra_env},
-                "receiver": callbacks, "poll_codes": sim["codes"].get("GET /api/v1/generate/record-info"),
+                "callbacks_served": callbacks, "poll_codes": sim["codes"].get("GET /api/v1/generate/record-info"),
                 "latency_p50_s": pct(lat, 0.5), "latency_p95_s": p95, "latency_max_s": max(lat),
                 "latency_min_s": min(lat), "states": {s: [x.get("state") for x in recs.values()].count(s)
                                                       for s in ("succeeded", "failed")}}})
@@ -358,7 +359,7 @@ def scenario_polling(res: Results, workdir: Path) -> None:
                         note=f"p50 {pct(lat, 0.5):.3f}s, max {max(lat):.2f}s")
             else:
                 res.add("polling", f"record-info calls per job {label}", per_job, "<= 4", per_job <= 4,
-                        note=f"no receiver; gen {dmin * tf:.0f}-{dmax * tf:.0f}s (40-120 s x {tf}); poll settings "
+                        note=f"no callback route; gen {dmin * tf:.0f}-{dmax * tf:.0f}s (40-120 s x {tf}); poll settings "
                              f"= project defaults x {tf}: {polls}; tick {TICK}")
                 res.add("polling", f"provider done -> finished_at p95 {label}", p95,
                         f"<= {max_interval:g} s (KIE_POLL_MAX_INTERVAL)", p95 <= max_interval, "s",

@@ -357,7 +357,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
                        "KIE_HANDLERS": "redis_stream,download",
                        "KIE_DOWNLOAD_DIR": str(workdir / "downloads")}) as st:
         st.start_simulator("--time-factor", "0.04", "--seed", "5")
-        st.start_receiver()
+        st.start_serve(callbacks_only=True)
         st.start_worker(concurrency=4)
         st.start_beat()
         yield st

@@ -158,7 +158,7 @@ def test_simulator_faults(workdir: Path) -> None:
                               "--fault-duplicate-callback", "0.3", "--fault-missing-callback", "0.2",
                               "--fault-poll-500", "0.1", "--fault-callback-exception", "0.05",
                               "--fault-empty-stream", "0.1")
-        stack.start_receiver()
+        stack.start_serve(callbacks_only=True)
         stack.start_worker(concurrency=2)
         stack.start_worker(concurrency=1)
         stack.start_beat()
@@ -174,7 +174,7 @@ def test_kill9_workers_mid_submit_and_poll(workdir: Path) -> None:
     """kill -9 workers (and a beat) repeatedly while submits are in flight and polls run."""
     with make_stack(workdir) as stack:
         stack.start_simulator("--time-factor", "0.04", "--seed", "5", "--fault-slow", "0.4", "--slow-seconds", "1.5")
-        stack.start_receiver()
+        stack.start_serve(callbacks_only=True)
         w1 = stack.start_worker(concurrency=2)
         w2 = stack.start_worker(concurrency=2)
         b1 = stack.start_beat()
@@ -200,7 +200,7 @@ def test_redis_restart_with_aof(workdir: Path) -> None:
     """The job store and broker (Valkey, AOF on) killed and restarted mid-run."""
     with make_stack(workdir, appendonly=True) as stack:
         stack.start_simulator("--time-factor", "0.05", "--seed", "3")
-        stack.start_receiver()
+        stack.start_serve(callbacks_only=True)
         stack.start_worker(concurrency=2)
         stack.start_beat()
         ids = enqueue_many(requests_for(stack, 30), settings=stack.settings())
@@ -217,7 +217,7 @@ def test_pause_on_402_then_resume(workdir: Path) -> None:
     """Credits run out mid-run: submission pauses (no job fails), then resumes after a top-up."""
     with make_stack(workdir, KIE_PAUSE_PROBE_INTERVAL="1s") as stack:
         stack.start_simulator("--time-factor", "0.03", "--seed", "9", "--credits", "120", "--task-cost", "12")
-        stack.start_receiver()
+        stack.start_serve(callbacks_only=True)
         stack.start_worker(concurrency=2)
         stack.start_beat()
         ids = enqueue_many(requests_for(stack, 20), settings=stack.settings())
@@ -245,7 +245,7 @@ def test_rate_limit_holds_with_many_workers(workdir: Path) -> None:
     all the gate leaves; on a loaded two-core machine an occasional single 429 shows there.)"""
     with make_stack(workdir, KIE_SUBMIT_RATE="10/1s") as stack:
         stack.start_simulator("--time-factor", "0.01", "--seed", "2", "--rate-limit", "10", "--rate-window", "1")
-        stack.start_receiver()
+        stack.start_serve(callbacks_only=True)
         for _ in range(3):
             stack.start_worker(concurrency=2)
         stack.start_beat()
@@ -266,7 +266,7 @@ def test_frozen_redis_commands_resent(workdir: Path) -> None:
     with make_stack(workdir, KIE_REDIS_SOCKET_TIMEOUT="1s", KIE_POLL_MIN_GAP="0.1s") as stack:
         stack.start_simulator("--time-factor", "0.03", "--seed", "21", "--poll-limit", "100",
                               "--fault-slow", "0.6", "--slow-seconds", "0.8")
-        stack.start_receiver()
+        stack.start_serve(callbacks_only=True)
         stack.start_worker(concurrency=2)
         stack.start_worker(concurrency=2)
         stack.start_beat()
@@ -292,7 +292,7 @@ def test_provider_outage_opens_the_breaker(workdir: Path) -> None:
     env = {"KIE_REGENERATE": "2", "KIE_BREAKER_THRESHOLD": "5", "KIE_BREAKER_COOLDOWN": "3s"}
     with make_stack(workdir, **env) as stack:
         stack.start_simulator("--time-factor", "0.03", "--seed", "8", "--fault-generation-fail", "1.0")
-        stack.start_receiver()
+        stack.start_serve(callbacks_only=True)
         stack.start_worker(concurrency=2)
         stack.start_worker(concurrency=2)
         stack.start_beat()
@@ -326,7 +326,7 @@ def test_empty_successes_and_callback_spellings(workdir: Path) -> None:
         stack.start_simulator("--time-factor", "0.03", "--seed", "13", "--fault-empty-success", "0.15",
                               "--callback-task-id-key", "mixed", "--fault-drop-after-accept", "0.2",
                               "--callback-secret", "cb-secret-3")
-        stack.start_receiver()
+        stack.start_serve(callbacks_only=True)
         stack.start_worker(concurrency=2)
         stack.start_beat()
         ids = enqueue_many(requests_for(stack, 40), settings=stack.settings())
@@ -346,7 +346,7 @@ def test_batch_finished_once_under_kill9(workdir: Path) -> None:
     job ends once, and the batch's batch.finished event reaches every handler exactly once."""
     with make_stack(workdir) as stack:
         stack.start_simulator("--time-factor", "0.04", "--seed", "17", "--fault-slow", "0.3", "--slow-seconds", "1")
-        stack.start_receiver()
+        stack.start_serve(callbacks_only=True)
         w1 = stack.start_worker(concurrency=2)
         w2 = stack.start_worker(concurrency=2)
         stack.start_beat()

@@ -27,7 +27,7 @@ def test_sentinel_failover_kill9_master(tmp_path: Path) -> None:
                "PYTHONPATH": str(Path(__file__).resolve().parent)}
         with DevStack(tmp_path, redis_url=cluster.url, key_prefix=prefix, env=env) as stack:
             stack.start_simulator("--time-factor", "0.05", "--seed", "21")
-            stack.start_receiver()
+            stack.start_serve(callbacks_only=True)
             stack.start_worker(concurrency=2)
             stack.start_worker(concurrency=2)
             stack.start_beat()

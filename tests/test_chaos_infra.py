@@ -76,7 +76,7 @@ def test_out_of_memory_noeviction(workdir: Path) -> None:
     """maxmemory drops below use (noeviction) for ~5 s while jobs flow, then rises again."""
     with make_stack(workdir) as stack:
         stack.start_simulator("--time-factor", "0.03", "--seed", "21")
-        stack.start_receiver()
+        stack.start_serve(callbacks_only=True)
         stack.start_worker(concurrency=2)
         stack.start_worker(concurrency=1)
         stack.start_beat()
@@ -101,7 +101,7 @@ def test_failover_read_only_store_and_broker(workdir: Path) -> None:
     """The one server (job store and broker) turns replica for ~10 s, then is promoted again."""
     with make_stack(workdir) as stack, EmbeddedValkey(str(workdir / "spare")) as spare:
         stack.start_simulator("--time-factor", "0.03", "--seed", "22")
-        stack.start_receiver()
+        stack.start_serve(callbacks_only=True)
         stack.start_worker(concurrency=2)
         stack.start_worker(concurrency=1)
         stack.start_beat()
@@ -123,7 +123,7 @@ def test_read_only_job_store_separate_broker(workdir: Path) -> None:
     with EmbeddedValkey(str(workdir / "broker")) as broker, EmbeddedValkey(str(workdir / "spare")) as spare:
         with make_stack(workdir, KIE_BROKER_URL=broker.url) as stack:
             stack.start_simulator("--time-factor", "0.03", "--seed", "23")
-            stack.start_receiver()
+            stack.start_serve(callbacks_only=True)
             stack.start_worker(concurrency=2)
             stack.start_worker(concurrency=1)
             stack.start_beat()
@@ -150,7 +150,7 @@ def test_misnamed_and_unreadable_messages(workdir: Path) -> None:
     queue each become one failed ``invalid_request`` job with one result event; the worker stays up."""
     with make_stack(workdir) as stack:
         stack.start_simulator("--time-factor", "0.03", "--seed", "24")
-        stack.start_receiver()
+        stack.start_serve(callbacks_only=True)
         worker = stack.start_worker(concurrency=1)
         stack.start_beat()
         settings = stack.settings()

@@ -347,6 +347,13 @@ def test_a_port_in_use(command: str, tmp_path: Path) -> None:
     assert errors and errors[-1].startswith("error: ") and ("in use" in proc.stderr), proc.stderr
 
 
+def test_callbacks_only_with_a_callback_port_is_a_usage_error(tmp_path: Path) -> None:
+    proc = kie("serve", "--callbacks-only", "--callback-port", str(CLOSED), env=closed_env(), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert one_error_line(proc) == ("error: --callbacks-only serves the callbacks on --host/--port; "
+                                    "leave out --callback-port")
+
+
 def test_serve_starts_and_says_the_job_store_is_unreachable(tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
     port = free_port()

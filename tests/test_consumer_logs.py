@@ -21,7 +21,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
     with DevStack(tmp_path_factory.mktemp("consumer-logs"), key_prefix=f"clog{uuid.uuid4().hex[:6]}",
                   env={"KIE_HANDLERS": "redis_stream", "KIE_TICK_INTERVAL": "0.5s"}) as st:
         st.start_simulator("--time-factor", "0.04")
-        st.start_receiver()
+        st.start_serve(callbacks_only=True)
         st.start_worker(concurrency=1)
         yield st
 

@@ -1,5 +1,5 @@
 """The operator dashboard in a real browser: headless Chromium (Selenium) against a real system
-(Valkey, the simulator, receiver, Celery worker and beat from DevStack) and the dashboard app served
+(Valkey, the simulator, serve, Celery worker and beat from DevStack) and the dashboard app served
 by uvicorn on a loopback port. Run with ``make browser``; screenshots go to docs/screenshots/.
 
 The tests run in file order and share one system: a job made to fail (the simulator fails every
@@ -169,7 +169,7 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
            "KIE_HANDLER_MAX_ATTEMPTS": "1", "KIE_WEBHOOK_TIMEOUT": "2s"}
     with DevStack(workdir, key_prefix=f"dash{uuid.uuid4().hex[:6]}", env=env) as stack:
         stack.start_simulator("--time-factor", "0.04", "--seed", "11", "--fault-generation-fail", "1.0")
-        stack.start_receiver()
+        stack.start_serve(callbacks_only=True)
         stack.start_worker(concurrency=2)
         stack.start_beat()
         settings = stack.settings()

@@ -1,4 +1,4 @@
-"""End to end: real Valkey, the simulator over HTTP, the callback receiver, Celery worker and beat
+"""End to end: real Valkey, the simulator over HTTP, serve (callbacks), Celery worker and beat
 processes; jobs enter through every kind of producer."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
                   env={"KIE_POLL_FIRST": "1s", "KIE_POLL_INTERVAL": "1s", "KIE_POLL_MAX_INTERVAL": "2s", "KIE_POLL_CALLBACK_INTERVAL": "2s",
                        "KIE_TICK_INTERVAL": "0.5s", "KIE_HANDLERS": "redis_stream"}) as st:
         st.start_simulator("--time-factor", "0.04", "--seed", "7")
-        st.start_receiver()
+        st.start_serve(callbacks_only=True)
         st.start_worker(concurrency=2)
         st.start_beat()
         yield st

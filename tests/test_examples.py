@@ -1,6 +1,6 @@
 """examples/consume_results.py, run for real against a stream a real system wrote.
 
-A whole local system (Valkey, simulator, receiver, worker, beat) produces every kind of result
+A whole local system (Valkey, simulator, serve, worker, beat) produces every kind of result
 event: ``job.succeeded``, ``job.failed`` (an invalid message), ``job.cancelled`` (a queued job
 cancelled while submission was paused) and ``batch.finished``. The reader runs as its own process,
 as a user would run it; a few tests run it through a small wrapper that slows a handler down or
@@ -67,7 +67,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
                        "KIE_POLL_CALLBACK_INTERVAL": "2s", "KIE_TICK_INTERVAL": "0.5s",
                        "KIE_HANDLERS": "redis_stream"}) as st:
         st.start_simulator("--time-factor", "0.03", "--seed", "5")
-        st.start_receiver()
+        st.start_serve(callbacks_only=True)
         st.start_worker(concurrency=2)
         st.start_beat()
         yield st

@@ -237,7 +237,7 @@ def test_order_under_load_with_real_workers(tmp_path: Path) -> None:
     A arrive: the urgent ones go within a few slots, B gets every other slot."""
     with _stack(tmp_path, KIE_SUBMIT_RATE="10/1s", KIE_SUBMIT_RATE_MARGIN="0.05s") as stack:
         stack.start_simulator("--time-factor", "0.01", "--seed", "3", "--rate-limit", "10", "--rate-window", "1")
-        stack.start_receiver()
+        stack.start_serve(callbacks_only=True)
         stack.start_worker(concurrency=3)
         stack.start_beat()
         settings = stack.settings()
@@ -282,7 +282,7 @@ def test_cancel_racing_submit_with_real_workers(tmp_path: Path) -> None:
     """100 jobs cancelled while workers are sending them: each is cancelled or sent, never both."""
     with _stack(tmp_path, KIE_SUBMIT_RATE="50/1s") as stack:
         stack.start_simulator("--time-factor", "0.01", "--seed", "5", "--rate-limit", "50", "--rate-window", "1")
-        stack.start_receiver()
+        stack.start_serve(callbacks_only=True)
         stack.start_worker(concurrency=3)
         stack.start_beat()
         settings = stack.settings()

@@ -558,34 +558,25 @@ def test_readiness_checks_the_job_store_and_the_broker_liveness_stays_cheap(
             served.stop()
 
 
-def test_the_wsgi_callback_receiver_has_the_same_probes(make_settings: Callable[..., Settings]) -> None:
-    """``kie-extend callback-server`` (receiver.CallbackApp): liveness, readiness, and /metrics
-    answering 503 rather than a traceback while the job store is down."""
-    import io
-
-    from kie_extend.http.health import Readiness
-    from kie_extend.infra.metrics import render
-    from kie_extend.jobs.pipeline import Pipeline
-    from kie_extend.http.receiver import CallbackApp
-
-    def get(app: CallbackApp, path: str) -> tuple[str, dict[str, Any] | str]:
-        seen: list[str] = []
-        body = b"".join(app({"REQUEST_METHOD": "GET", "PATH_INFO": path, "wsgi.input": io.BytesIO()},
-                            lambda status, headers: seen.append(status)))
-        return seen[0], (json.loads(body) if body.startswith(b"{") else body.decode())
-
-    for settings, ready in ((make_settings(), True),
-                            (make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_socket_timeout=1), False)):
-        rt = Runtime(settings)
-        app = CallbackApp(Pipeline(rt, None), None, metrics=lambda: render(rt), ready=Readiness(settings).check)
-        assert get(app, "/livez") == ("200 OK", {"status": "ok"})
-        status, body = get(app, "/readyz")
-        assert status.startswith("200" if ready else "503") and body["status"] == ("ready" if ready else "not_ready")
-        status, body = get(app, "/metrics")
-        if ready:
-            assert status.startswith("200") and "kie_extend_jobs" in body
-        else:
-            assert status.startswith("503") and body["error"]["kind"] == "unavailable"
+def test_serve_with_callbacks_only_has_the_same_probes(make_settings: Callable[..., Settings]) -> None:
+    """``kie-extend serve --callbacks-only`` (and its older name ``callback-server``): liveness,
+    readiness, and /metrics answering 503 rather than a traceback while the job store is down."""
+    closed = f"redis://127.0.0.1:{free_port()}/0"
+    for settings, ready in ((make_settings(), True), (make_settings(redis_url=closed, redis_socket_timeout=1), False)):
+        served = Served(create_app(settings, parts=("callbacks",)))
+        try:
+            r = requests.get(served.url + "/livez", timeout=5)
+            assert (r.status_code, r.json()) == (200, {"status": "ok"})
+            r = requests.get(served.url + "/readyz", timeout=10)
+            assert r.status_code == (200 if ready else 503)
+            assert r.json()["status"] == ("ready" if ready else "not_ready")
+            r = requests.get(served.url + "/metrics", timeout=10)
+            if ready:
+                assert r.status_code == 200 and "kie_extend_jobs" in r.text
+            else:
+                assert r.status_code == 503 and r.json()["error"]["kind"] == "unavailable"
+        finally:
+            served.stop()
 
 
 # ----- the OpenAPI document ---------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The edge of ``kie-extend serve`` under careless and hostile clients, on real processes.
 
-Each test starts ``kie-extend serve`` (and, for the old receiver, ``kie-extend callback-server``)
-as a child process on our own Valkey and talks to it over loopback with raw sockets or
+Each test starts ``kie-extend serve`` (or ``serve --callbacks-only`` and its older name
+``kie-extend callback-server``) as a child process on our own Valkey and talks to it over loopback with raw sockets or
 ``http.client``: bodies bounded while they are read (413, chunked or not, whatever
 ``Content-Length`` says) with the server's memory measured, JSON depth (422), slow headers and
 bodies cut off (connection closed, 408), failed authentications limited per client address (429),
@@ -64,10 +64,10 @@ class Server:
 
 @pytest.fixture
 def start(valkey: EmbeddedValkey, prefix: str, tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """Start ``kie-extend <command>`` with ``env`` on a free loopback port; all stopped at the end."""
+    """Start ``kie-extend <command> <flags>`` with ``env`` on a free loopback port; all stopped at the end."""
     started: list[Server] = []
 
-    def run(command: str = "serve", **env: str) -> Server:
+    def run(command: str = "serve", *flags: str, **env: str) -> Server:
         port = free_port()
         full = {k: v for k, v in os.environ.items() if not k.startswith("KIE_")}
         full.update({"KIE_REDIS_URL": valkey.url, "KIE_KEY_PREFIX": prefix, "KIE_QUEUE": prefix,
@@ -75,8 +75,8 @@ def start(valkey: EmbeddedValkey, prefix: str, tmp_path: Path) -> Iterator[Calla
                      "KIE_ALLOW_PRIVATE_URLS": "true", **env})
         log = tmp_path / f"{command}-{len(started)}.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "kie_extend.cli.main", command, "--host", "127.0.0.1",
-                                     "--port", str(port)], env=full, stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen([sys.executable, "-m", "kie_extend.cli.main", command, *flags, "--host",
+                                     "127.0.0.1", "--port", str(port)], env=full, stdout=out, stderr=subprocess.STDOUT)
         server = Server(proc, port, log)
         started.append(server)
         deadline = time.monotonic() + 30
@@ -435,14 +435,20 @@ def test_a_session_follows_its_token_and_ends_at_logout(start: Callable[..., Ser
     assert browser.get("/")[0] == 200
 
 
-def test_the_old_callback_server_bounds_bodies_too(start: Callable[..., Server]) -> None:
-    server = start("callback-server", KIE_HTTP_CALLBACK_MAX_BODY="65536")
+@pytest.mark.parametrize("command", [["serve", "--callbacks-only"], ["callback-server"]], ids=" ".join)
+def test_callbacks_only_bounds_bodies_too(start: Callable[..., Server], command: list[str]) -> None:
+    server = start(*command, KIE_HTTP_CALLBACK_MAX_BODY="65536")
     status, _, _ = upload(server.port, "/kie/callback/abc", 50 * MB, {})
     assert status == 413
     status, _, _ = upload(server.port, "/kie/callback/abc", 50 * MB, {}, chunked=False)
     assert status == 413
     assert server.request("POST", "/kie/callback/abc", nested(1000))[0] == 422
     assert server.request("POST", "/kie/callback/abc", b"{}")[0] == 200
+    assert server.request("GET", "/v1/system")[0] == 404 and server.request("GET", "/openapi.json")[0] == 404
+    logged = server.log.read_text()
+    assert "(callbacks only: /kie/callback/, probes, /metrics)" in logged
+    noted = "note: callback-server is `kie-extend serve --callbacks-only`" in logged
+    assert noted == (command[0] == "callback-server")
 
 
 def test_the_failure_limit_forgets_an_address_after_its_window() -> None:

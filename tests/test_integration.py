@@ -53,7 +53,7 @@ def test_rabbitmq_broker(tmp_path: Path) -> None:
                                                    "KIE_POLL_FIRST": "1s", "KIE_POLL_INTERVAL": "1s", "KIE_POLL_CALLBACK_INTERVAL": "2s", **FAST}) as st:
         try:
             st.start_simulator("--time-factor", "0.03")
-            st.start_receiver()
+            st.start_serve(callbacks_only=True)
             st.start_worker(concurrency=2)
             st.start_beat()
             settings = st.settings()
@@ -85,7 +85,7 @@ def test_callbacks_cut_time_to_result_and_polls(tmp_path: Path) -> None:
            "KIE_POLL_CALLBACK_INTERVAL": "10s", "KIE_LOG_FORMAT": "json", **FAST}
     with DevStack(tmp_path, key_prefix=f"cb{uuid.uuid4().hex[:6]}", env=env) as st:
         st.start_simulator("--time-factor", "0.1", "--seed", "4")
-        receiver = st.start_receiver()
+        callbacks = st.start_serve(callbacks_only=True)
         st.start_worker(concurrency=2)
         st.start_beat()
         settings = st.settings()
@@ -101,8 +101,8 @@ def test_callbacks_cut_time_to_result_and_polls(tmp_path: Path) -> None:
         assert results["callbacks"]["polls"] < results["polling"]["polls"], results
         assert results["callbacks"]["time_to_result"] < results["polling"]["time_to_result"], results
 
-        # /metrics on the receiver adds up every process's work.
-        text = requests.get(receiver + "/metrics", timeout=5).text
+        # /metrics on serve (callbacks only) adds up every process's work.
+        text = requests.get(callbacks + "/metrics", timeout=5).text
         line = next(x for x in text.splitlines() if x.startswith('kie_extend_jobs{state="succeeded"}'))
         assert int(line.split()[-1]) >= 12
         assert 'kie_extend_provider_responses_total{call="submit",code="200"}' in text

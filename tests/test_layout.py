@@ -7,6 +7,7 @@ functions and under ``TYPE_CHECKING`` alike), so a cycle hidden by a late import
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import kie_extend
@@ -121,3 +122,12 @@ def test_public_import_paths_stay() -> None:
     from kie_extend.worker import app
 
     assert "kie_extend.extend" in app.tasks
+
+
+def test_docs_layout_lists_every_module() -> None:
+    """docs/layout.md names every module of the package, and no module that is gone."""
+    doc = (PACKAGE.parent.parent / "docs" / "layout.md").read_text()
+    listed = set(re.findall(r"^\| `([\w/]+\.py)` \|", doc, re.M))
+    present = {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")}
+    assert present - listed == set(), "add these modules to docs/layout.md"
+    assert listed - present == set(), "these modules in docs/layout.md no longer exist"

@@ -1,5 +1,5 @@
 """Start-up checks against real Valkey servers: an evicting job store or broker stops the worker,
-beat and receiver (unless KIE_ALLOW_EVICTION=true), and the password never shows."""
+beat and serve (unless KIE_ALLOW_EVICTION=true), and the password never shows."""
 
 from __future__ import annotations
 
@@ -91,8 +91,10 @@ def _env(url: str, **extra: str) -> dict[str, str]:
     ["-m", "celery", "-A", "kie_extend.worker", "worker", "-c", "1", "-P", "solo", "-Q", "preflight_test",
      "--without-gossip", "--without-mingle"],
     ["-m", "celery", "-A", "kie_extend.worker", "beat", "-s", "{tmp}/schedule"],
+    ["-m", "kie_extend.cli.main", "serve", "--port", "0"],
+    ["-m", "kie_extend.cli.main", "serve", "--callbacks-only", "--port", "0"],
     ["-m", "kie_extend.cli.main", "callback-server", "--port", "0"],
-], ids=["worker", "beat", "receiver"])
+], ids=["worker", "beat", "serve", "serve-callbacks-only", "callback-server"])
 def test_processes_exit_non_zero_on_an_evicting_redis(lru: EmbeddedValkey, tmp_path: Path, command: list[str]) -> None:
     args = [sys.executable, *[c.replace("{tmp}", str(tmp_path)) for c in command]]
     proc = subprocess.run(args, env=_env(_url(lru)), capture_output=True, text=True, timeout=60, cwd=tmp_path)

@@ -1,6 +1,6 @@
 """The producer examples in examples/ and docs/producers.md, run for real.
 
-A whole local system (Valkey, simulator, receiver, worker, beat) serves the module; each example
+A whole local system (Valkey, simulator, serve, worker, beat) serves the module; each example
 runs as its own process with the environment a user would give it, and its jobs must succeed with
 exactly one submission each. The Node example needs ``node`` and ``npm``; its ``npm install`` is
 cached under the pytest cache directory, keyed by the package files.
@@ -54,7 +54,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
                   env={"KIE_POLL_FIRST": "1s", "KIE_POLL_INTERVAL": "1s", "KIE_POLL_MAX_INTERVAL": "2s", "KIE_POLL_CALLBACK_INTERVAL": "2s",
                        "KIE_TICK_INTERVAL": "0.5s", "KIE_HANDLERS": "redis_stream"}) as st:
         st.start_simulator("--time-factor", "0.04", "--seed", "11")
-        st.start_receiver()
+        st.start_serve(callbacks_only=True)
         st.start_worker(concurrency=4)
         st.start_beat()
         yield st

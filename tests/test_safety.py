@@ -29,7 +29,7 @@ from kie_extend.admission.gates import Gates
 from kie_extend.store.invariants import Invariants
 from kie_extend.store.keys import Keys
 from kie_extend.jobs.request import parse_request
-from kie_extend.http.receiver import callback_task_id, signature_ok
+from kie_extend.http.callbacks import callback_task_id, signature_ok
 from kie_extend.infra.runtime import Runtime
 from kie_extend.simulator import SimConfig, SimServer, serve
 from kie_extend.jobs.states import JobState

@@ -170,7 +170,7 @@ def test_job_in_flight_survives_a_killed_simulator(stack: DevStack, tmp_path: Pa
     state = tmp_path / "kie-sim-state.json"
     # A task takes 65 s x 0.08 = 5.2 s: the simulator is killed while it runs, and down for 2 s.
     stack.start_simulator("--time-factor", "0.08", "--seed", "9", "--state-file", str(state))
-    stack.start_receiver()
+    stack.start_serve(callbacks_only=True)
     stack.start_worker(concurrency=2)
     stack.start_beat()
     settings = stack.settings()

@@ -24,6 +24,7 @@ from kie_extend.jobs.intake import EXTEND_OPTIONS, check_message, require
 from kie_extend.provider.audio_probe import AUDIO_FILE_FIELD, AudioInfo, probe_audio
 from kie_extend.infra.runtime import Runtime
 from kie_extend.jobs.states import JobState
+from kie_extend.store.record import EMPTY
 from kie_extend.infra.transport import broker_conf
 from kie_extend.provider.uploads import UPLOAD_TIMEOUT, UploadedAudio, upload_file
 
@@ -412,21 +413,21 @@ def get_job(job_id: str, *, settings: Settings | None = None) -> dict[str, Any]:
     if not is_valid("job_id", job_id):
         return {"job_id": job_id, "state": JobState.NOT_FOUND.value}
     store = _runtime(settings).store
-    raw = store.get(job_id)
-    if raw is None:
+    rec = store.get_record(job_id)
+    if rec is None:
         return {"job_id": job_id, "state": JobState.NOT_FOUND.value}
-    first = raw.get("duplicate_of")
-    if first and "state" not in raw:
-        original = store.get(first)
-        record = status_record(original or {}, job_id)
+    if rec.is_pointer:
+        first = rec.duplicate_of
+        original = store.get_record(first)  # type: ignore[arg-type]
+        record = status_record(original or EMPTY, job_id)
         if original is None:
             record["state"] = JobState.NOT_FOUND.value
         record["duplicate_of"] = first
-        record["metadata"] = status_record(raw, job_id)["metadata"]
-        record["created_at"] = raw.get("created_at")
+        record["metadata"] = rec.metadata
+        record["created_at"] = rec.raw.get("created_at")
         record["handlers"] = {}
         return record
-    return status_record(raw, job_id)
+    return status_record(rec, job_id)
 
 
 # -- cancellation, batches, operator pause --------------------------------------------------------

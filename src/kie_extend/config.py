@@ -1,6 +1,6 @@
 """Settings: every knob, read from the environment (prefix ``KIE_``, ``.env`` supported).
 
-Built once at an entry point (worker, CLI, receiver) and passed down; no module reads the
+Built once at an entry point (worker, CLI, serve) and passed down; no module reads the
 environment at import time. Durations accept ``500ms``, ``8s``, ``20m``, ``2h``, ``7d`` or plain
 seconds; the submission rate is ``COUNT/WINDOW`` such as ``20/10s``.
 """

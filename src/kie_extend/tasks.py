@@ -20,6 +20,7 @@ from kie_extend.infra.errors import MAX_UNEXPECTED_RETRIES, is_infra_error, retr
 from kie_extend.jobs.ids import derived_job_id, is_valid, rule
 from kie_extend.jobs.intake import POSITIONAL_FIELD
 from kie_extend.jobs.pipeline import Pipeline
+from kie_extend.jobs.states import JobState
 from kie_extend.infra.runtime import Runtime
 from kie_extend.admission.tick import Scheduler
 
@@ -180,12 +181,12 @@ def _give_up_extend(pipeline: Pipeline, job_id: str, exc: Exception) -> None:
     log.error("extend %s failed %d times: %s: %s", job_id, MAX_UNEXPECTED_RETRIES + 1, type(exc).__name__, exc,
               extra={"job_id": job_id})
     try:
-        raw = pipeline.store.get(job_id)
-        if raw is None:
+        rec = pipeline.store.get_record(job_id)
+        if rec is None:
             reason = f"the worker could not process this message: {type(exc).__name__}: {exc}"[:300]
             if not pipeline.reject_malformed(job_id, reason) and pipeline.store.get(job_id) is None:
                 raise RuntimeError("the failed job was not recorded")
-        elif raw.get("state") == "queued":
+        elif rec.state is JobState.QUEUED:
             pipeline.store.schedule(job_id, time.time() + pipeline.s.lease)  # the tick drives it from here
     except Exception as again:
         raise Reject(f"job record not written: {type(again).__name__}: {again}", requeue=True) from exc

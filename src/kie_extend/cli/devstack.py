@@ -1,4 +1,4 @@
-"""A whole local system in child processes: Valkey, simulator, receiver or serve, workers, beat.
+"""A whole local system in child processes: Valkey, simulator, ``serve``, workers, beat.
 
 Used by ``kie-extend demo``, the end-to-end and fault tests and the benchmarks, so all three run
 exactly the commands the README shows. Every child runs in its own process group and is stopped
@@ -141,20 +141,11 @@ class DevStack:
         self.env.setdefault("KIE_ALLOW_PRIVATE_URLS", "true")
         return self.sim_url
 
-    def start_receiver(self) -> str:
-        """Start the callback receiver; its URL becomes ``KIE_CALLBACK_BASE_URL``."""
-        port = free_port()
-        child = self._spawn("receiver", [sys.executable, "-m", "kie_extend.cli.main", "callback-server",
-                                         "--port", str(port)])
-        url = f"http://127.0.0.1:{port}"
-        _wait_http(url + "/healthz", 30, child)
-        self.env["KIE_CALLBACK_BASE_URL"] = url
-        return url
-
-    def start_serve(self, tokens: str | Sequence[str] | None = None, port: int | None = None) -> str:
-        """Start ``kie-extend serve`` (callbacks, the /v1 API, the dashboard) on a free loopback
-        port; its URL (``http://127.0.0.1:PORT``) becomes ``KIE_CALLBACK_BASE_URL``, as with
-        :meth:`start_receiver`.
+    def start_serve(self, tokens: str | Sequence[str] | None = None, port: int | None = None,
+                    callbacks_only: bool = False) -> str:
+        """Start ``kie-extend serve`` (callbacks, the /v1 API, the dashboard; ``callbacks_only``:
+        ``serve --callbacks-only``) on a free loopback port; its URL (``http://127.0.0.1:PORT``)
+        becomes ``KIE_CALLBACK_BASE_URL`` for what starts later.
 
         ``tokens`` (one string, a comma list, or a sequence; ``read:`` marks a read-only one) is set
         as ``KIE_API_TOKENS`` for this child only, so no other child or log sees it. ``port``:
@@ -165,7 +156,8 @@ class DevStack:
         if tokens:
             env["KIE_API_TOKENS"] = tokens if isinstance(tokens, str) else ",".join(tokens)
         child = self._spawn("serve", [sys.executable, "-m", "kie_extend.cli.main", "serve", "--host", "127.0.0.1",
-                                      "--port", str(port)], env=env)
+                                      "--port", str(port), *(["--callbacks-only"] if callbacks_only else [])],
+                            env=env)
         url = f"http://127.0.0.1:{port}"
         _wait_http(url + "/healthz", 30, child)
         self.env["KIE_CALLBACK_BASE_URL"] = url

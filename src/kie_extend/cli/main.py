@@ -462,29 +462,11 @@ def cmd_credits(args: argparse.Namespace) -> int:
 
 
 def cmd_callback_server(args: argparse.Namespace) -> int:
-    """Run the callback receiver."""
-    from kie_extend.infra.logs import setup_logging
-    from kie_extend.infra.metrics import render
-    from kie_extend.jobs.pipeline import Pipeline
-    from kie_extend.http.receiver import CallbackApp, serve
-    from kie_extend.tasks import CeleryDispatcher
-    from kie_extend.worker import create_app
-
-    settings = _settings()
-    setup_logging(settings.log_level, settings.log_format, [settings.api_key_value()])
-    if not _preflight(settings, "receiver"):
-        return EXIT_CONFIG
-    rt = _runtime(settings)
-    dispatcher = CeleryDispatcher(create_app(settings), settings.queue)
-    secret = settings.callback_secret.get_secret_value() if settings.callback_secret else None
-    from kie_extend.http.health import Readiness
-
-    app = CallbackApp(Pipeline(rt, dispatcher), secret, metrics=lambda: render(rt), ready=Readiness(settings).check,
-                      max_body=settings.http_callback_max_body)
-    print(f"kie-extend callback receiver on http://{args.host}:{args.port}", flush=True)
-    serve(app, args.host, args.port, max_body=settings.http_callback_max_body,
-          channel_timeout=settings.http_body_timeout)
-    return 0
+    """The older name of ``serve --callbacks-only`` (same --host/--port), kept for existing scripts."""
+    print("note: callback-server is `kie-extend serve --callbacks-only`: the callback route, the probes "
+          "and /metrics, on the one HTTP stack (FastAPI on uvicorn)", flush=True)
+    args.callbacks_only, args.callback_port, args.callback_host = True, None, None
+    return cmd_serve(args)
 
 
 def _is_loopback(host: str) -> bool:
@@ -510,14 +492,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kie_extend.tasks import CeleryDispatcher
     from kie_extend.worker import create_app
 
+    callbacks_only = getattr(args, "callbacks_only", False)
+    if callbacks_only and args.callback_port:
+        raise InputError("--callbacks-only serves the callbacks on --host/--port; leave out --callback-port")
     settings = _settings()
     setup_logging(settings.log_level, settings.log_format,
                   [settings.api_key_value(), *(t for t in (settings.api_tokens.get_secret_value().split(",")
                                                            if settings.api_tokens else []) if t.strip())])
-    if not settings.api_tokens and not _is_loopback(args.host):
+    if not callbacks_only and not settings.api_tokens and not _is_loopback(args.host):
         print(f"error: refusing to serve the API and dashboard on {args.host} without KIE_API_TOKENS; set "
               "KIE_API_TOKENS (comma list; prefix 'read:' for read-only tokens) or bind to 127.0.0.1. "
-              "Callbacks alone may be public: --callback-port with --callback-host.", file=sys.stderr)
+              "Callbacks alone may be public: --callbacks-only, or --callback-port with --callback-host.",
+              file=sys.stderr)
         return EXIT_USAGE
     if not _preflight(settings, "server"):
         return EXIT_CONFIG
@@ -539,13 +525,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         servers.append(uvicorn.Server(uvicorn.Config(cb, host=args.callback_host, port=args.callback_port,
                                                      log_level="warning", access_log=False, **guards)))
         print(f"kie-extend callbacks on http://{args.callback_host}:{args.callback_port}/kie/callback/", flush=True)
+    elif callbacks_only:
+        main_parts = ("callbacks",)
     else:
         main_parts = ("callbacks", "api", "dashboard")
     app = create_http_app(settings, parts=main_parts, runtime=rt, dispatcher=dispatcher)
     servers.append(uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                                  access_log=False, **guards)))
-    print(f"kie-extend serve on http://{args.host}:{args.port}  (dashboard /, API /v1, OpenAPI /openapi.json)",
-          flush=True)
+    print(f"kie-extend serve on http://{args.host}:{args.port}  "
+          + ("(callbacks only: /kie/callback/, probes, /metrics)" if callbacks_only
+             else "(dashboard /, API /v1, OpenAPI /openapi.json)"), flush=True)
 
     async def run() -> None:
         await asyncio.gather(*(s.serve() for s in servers))
@@ -636,7 +625,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser."""
     p = argparse.ArgumentParser(prog="kie-extend", description="Enqueue KIE Suno upload-and-extend jobs, follow "
-                                "them, and run the parts of the system (receiver, simulator, demo).")
+                                "them, and run the parts of the system (serve, simulator, demo).")
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("enqueue", help="validate and enqueue an extend request")
@@ -728,13 +717,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--callback-port", type=int, help="serve KIE's callbacks on their own port (e.g. public) "
                     "while the API and dashboard stay on --host/--port")
     sv.add_argument("--callback-host", default="0.0.0.0")
+    sv.add_argument("--callbacks-only", action="store_true", help="serve only KIE's callbacks (with the probes "
+                    "and /metrics): no API, no dashboard, so no KIE_API_TOKENS needed on a public --host")
     sv.set_defaults(func=cmd_serve)
 
     oa = sub.add_parser("openapi", help="write the HTTP API's OpenAPI document (JSON)")
     oa.add_argument("--out", default="-", help="file to write ('-' = stdout; docs/openapi.json in the repo)")
     oa.set_defaults(func=cmd_openapi)
 
-    cb = sub.add_parser("callback-server", help="run the callback receiver")
+    cb = sub.add_parser("callback-server", help="older name of `serve --callbacks-only`")
     cb.add_argument("--host", default="127.0.0.1")
     cb.add_argument("--port", type=int, default=8080)
     cb.set_defaults(func=cmd_callback_server)

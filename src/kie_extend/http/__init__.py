@@ -1,8 +1,11 @@
-"""The HTTP side: ``kie-extend serve`` runs the callback receiver, the JSON API under
-``/v1`` and the operator dashboard at ``/`` in one ASGI app (FastAPI on uvicorn).
+"""The HTTP side, one stack (FastAPI on uvicorn): ``kie-extend serve`` runs KIE's callbacks, the
+JSON API under ``/v1`` and the operator dashboard at ``/`` in one ASGI app (``--callbacks-only``:
+the callbacks alone, as ``kie-extend callback-server`` does).
 
 - ``app.py``: the app factory, error shape, ``/healthz``/``/livez``, ``/readyz``, ``/metrics``, ``/docs``
-  (vendored Swagger UI), the callback route, the 503 for an unavailable job store.
+  (vendored Swagger UI), the 503 for an unavailable job store.
+- ``callbacks.py``: the callback route ``POST /kie/callback/{job_id}`` and its pure parts (the
+  task id in a body, the provider's HMAC signature).
 - ``health.py``: the readiness check (job store and broker, bounded in time) and throttled warnings.
 - ``auth.py``: bearer tokens from ``KIE_API_TOKENS`` (``read:`` prefix = read-only), compared in
   constant time; the dashboard's signed session cookie and CSRF tokens.

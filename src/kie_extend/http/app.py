@@ -1,9 +1,9 @@
 """The ASGI app behind ``kie-extend serve``: callbacks, the JSON API and the dashboard.
 
 FastAPI (on Starlette, served by uvicorn) gives the OpenAPI document from the code and pydantic
-models we already use; see the README's design notes. The callback route keeps the receiver's
-behaviour: it answers 200 fast, verifies KIE's HMAC when ``KIE_CALLBACK_SECRET`` is set,
-caps the body and only makes the job's next poll happen now.
+models we already use; see the README's design notes. It is the project's one HTTP stack: the
+callback route (http/callbacks.py) answers 200 fast, verifies KIE's HMAC when
+``KIE_CALLBACK_SECRET`` is set, caps the body and only makes the job's next poll happen now.
 """
 
 from __future__ import annotations
@@ -17,17 +17,14 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from starlette.concurrency import run_in_threadpool
 
 from kie_extend.config import Settings
 from kie_extend.errors import describe_problems
 from kie_extend.infra.errors import is_infra_error
-from kie_extend.jobs.intake import JOB_ID_PATTERN
-from kie_extend.http.receiver import callback_task_id, signature_ok
 from kie_extend.infra.runtime import Runtime
 from kie_extend.http.auth import Auth, FailureLimit, Revocations, parse_tokens
 from kie_extend.http.health import Readiness, Throttled
-from kie_extend.http.limits import BodyLimit, Limits, TooDeep, loads
+from kie_extend.http.limits import BodyLimit, Limits
 
 log = logging.getLogger("kie_extend.http")
 
@@ -141,7 +138,9 @@ def create_app(settings: Settings, *, parts: Iterable[str] = PARTS, runtime: Run
         return PlainTextResponse(render(rt), media_type="text/plain; version=0.0.4")
 
     if "callbacks" in parts:
-        _callbacks(app, settings)
+        from kie_extend.http.callbacks import install as install_callbacks
+
+        install_callbacks(app, settings, log_every=UNAVAILABLE_LOG_EVERY)
     if "api" in parts:
         from kie_extend.http.api_v1 import install
 
@@ -152,41 +151,6 @@ def create_app(settings: Settings, *, parts: Iterable[str] = PARTS, runtime: Run
 
         mount_dashboard(app)
     return app
-
-
-def _callbacks(app: FastAPI, settings: Settings) -> None:
-    secret = settings.callback_secret.get_secret_value() if settings.callback_secret else None
-    unrecorded_log = Throttled(UNAVAILABLE_LOG_EVERY)
-
-    @app.post("/kie/callback/{job_id}", include_in_schema=False)
-    async def callback(job_id: str, request: Request) -> JSONResponse:
-        if not JOB_ID_PATTERN.fullmatch(job_id):
-            return JSONResponse({"error": "not found"}, status_code=404)
-        raw = await request.body()  # at most KIE_HTTP_CALLBACK_MAX_BODY bytes: BodyLimit answered 413 otherwise
-        try:
-            body = loads(raw or b"{}", app.state.limits.json_max_depth)
-            if not isinstance(body, dict):
-                raise ValueError("not an object")
-        except TooDeep as exc:
-            return JSONResponse({"error": f"body {exc}"}, status_code=422)
-        except ValueError:
-            return JSONResponse({"error": "body must be a JSON object"}, status_code=400)
-        if secret:
-            headers = {k.lower(): v for k, v in request.headers.items()}
-            if not signature_ok(body, headers, secret):
-                log.warning("callback with a bad or missing signature ignored", extra={"job_id": job_id})
-                return JSONResponse({"error": "bad signature"}, status_code=401)
-        data = body.get("data") if isinstance(body.get("data"), dict) else {}
-        kind = str(data.get("callbackType") or body.get("callbackType") or "")
-        try:
-            await run_in_threadpool(app.state.pipeline.hint, job_id, callback_task_id(body), kind)
-        except Exception as exc:  # KIE gets its 200 anyway; polling stays the source of truth
-            if is_infra_error(exc):
-                unrecorded_log.warning(log, "callback for %s not recorded, job store unavailable (%s: %s); polling "
-                                            "will find the result", job_id, type(exc).__name__, exc)
-            else:
-                log.exception("callback handling failed", extra={"job_id": job_id})
-        return JSONResponse({"status": "received"})
 
 
 def _docs(app: FastAPI) -> None:

@@ -23,6 +23,7 @@ from kie_extend.infra.metrics import overview as metrics_overview
 from kie_extend.http import charts as svg
 from kie_extend.infra.runtime import Runtime
 from kie_extend.jobs.states import TERMINAL, JobState
+from kie_extend.store.record import JobRecord
 
 #: Rows per page of the jobs table.
 PAGE_SIZE = 50
@@ -230,11 +231,8 @@ def _rows(rt: Runtime, ids: list[str]) -> list[dict[str, Any]]:
     for job_id, values in zip(ids, pipe.execute()):
         rec: dict[str, Any] = {"job_id": job_id, **{f: (_t(v) if v is not None else None)
                                                     for f, v in zip(_ROW_FIELDS, values)}}
-        try:
-            err = json.loads(rec.pop("error") or "null")
-        except ValueError:
-            err = None
-        rec["error_kind"] = err.get("kind") if isinstance(err, dict) else None
+        # The table shows the fields as stored (text); only the error is read, for its kind.
+        rec["error_kind"] = JobRecord.from_hash({"error": rec.pop("error") or ""}).error_kind
         if rec.get("duplicate_of") and not rec.get("state"):
             rec["state"] = "duplicate"
         out.append(rec)
@@ -243,39 +241,27 @@ def _rows(rt: Runtime, ids: list[str]) -> list[dict[str, Any]]:
 
 def job_detail(rt: Runtime, job_id: str) -> dict[str, Any] | None:
     """One job for its page: the status record plus ``timeline`` (``[{"at", "from", "to",
-    "after"}]``, ``after`` = seconds since the previous move), ``request``, ``last_poll_at``,
-    ``retried``, ``idempotency_key``, ``can_retry``, ``can_cancel``; None for an unknown job."""
-    raw = rt.store.get(job_id)
-    if raw is None:
+    "after"}]``, ``after`` = seconds since the previous move), ``request``, ``last_poll_at`` (epoch
+    seconds or None), ``retried``, ``idempotency_key``, ``can_retry``, ``can_cancel``; None for an unknown job."""
+    job = rt.store.get_record(job_id)
+    if job is None:
         return None
-    rec = status_record(raw, job_id)
-    try:
-        history = json.loads(raw.get("history") or "[]")
-    except ValueError:
-        history = []
-    timeline, prev = [], None
-    for move in history:
-        if not isinstance(move, list) or len(move) < 3:
-            continue
-        at = float(move[0])
-        timeline.append({"at": at, "from": move[1] or "(new)", "to": move[2],
+    rec = status_record(job, job_id)
+    timeline: list[dict[str, Any]] = []
+    prev = None
+    for at, frm, to in job.history:
+        timeline.append({"at": at, "from": frm or "(new)", "to": to,
                          "after": None if prev is None else round(at - prev, 3)})
         prev = at
-    try:
-        request = json.loads(raw.get("request") or "{}")
-    except ValueError:
-        request = {}
-    err = rec.get("error") or {}
     rec.update({
         "timeline": timeline,
-        "request": request,
-        "last_poll_at": raw.get("last_poll_ts"),
-        "retried": int(raw.get("retried") or 0),
-        "idempotency_key": raw.get("idempotency_key") or None,
-        "can_retry": rec["state"] == JobState.FAILED.value
-        and not (err.get("kind") == "invalid_request" and err.get("errors")),
-        "can_cancel": rec["state"] == JobState.QUEUED.value,
-        "terminal": rec["state"] in {s.value for s in TERMINAL},
+        "request": job.request or {},
+        "last_poll_at": job.last_poll_ts,
+        "retried": job.retried,
+        "idempotency_key": job.idempotency_key,
+        "can_retry": job.state is JobState.FAILED and not job.invalid_fields,
+        "can_cancel": job.state is JobState.QUEUED,
+        "terminal": job.state in TERMINAL,
         "tracks": [t for t in rec["tracks"]],
     })
     for track in rec["tracks"]:

@@ -1,4 +1,4 @@
-"""Start-up checks of the Redis servers a process depends on, run by the worker, beat and receiver.
+"""Start-up checks of the Redis servers a process depends on, run by the worker, beat and serve.
 
 The one check today: the job store (and a Redis broker) must not evict keys. An evicted job record
 is a lost, possibly paid job; an evicted broker message is a job that never runs. So a process

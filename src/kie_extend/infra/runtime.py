@@ -35,7 +35,7 @@ class Dispatcher(Protocol):
 
 
 class NoDispatch:
-    """A dispatcher that leaves follow-up work to the beat tick (CLI, receiver without Celery)."""
+    """A dispatcher that leaves follow-up work to the beat tick (CLI, an app served without Celery)."""
 
     def poll(self, job_id: str, at: float | None = None) -> None:
         """Nothing: the tick will claim it."""

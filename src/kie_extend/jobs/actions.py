@@ -6,7 +6,6 @@ refusal: an unknown job, a job in the wrong state, a failed job whose request is
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,14 +40,13 @@ def retry_job(pipeline: Pipeline, job_id: str) -> ActionResult:
     if pipeline.retry(job_id):
         return ActionResult(job_id, "queued", f"job {job_id} requeued; it will be submitted again "
                                               "(this may cost credits again)")
-    raw = pipeline.store.get(job_id)
-    state = (raw or {}).get("state")
-    if not state:
+    rec = pipeline.store.get_record(job_id)
+    state = rec.state_text if rec is not None else None
+    if rec is None or not state:
         return ActionResult(job_id, "not_found", not_found(job_id))
-    if state == JobState.FAILED.value:
-        error = json.loads(raw.get("error") or "null") or {}  # type: ignore[union-attr]
-        if error.get("kind") == "invalid_request" and error.get("errors"):
-            fields = ", ".join(str(e.get("field")) for e in error["errors"])
+    if rec.state is JobState.FAILED:
+        if rec.invalid_fields:
+            fields = ", ".join(str(e.get("field") if isinstance(e, dict) else e) for e in rec.invalid_fields)
             return ActionResult(job_id, "not_retryable",
                                 f"job {job_id} failed on invalid fields ({fields}); sending it again would fail "
                                 "the same way: fix the request and enqueue a new job")
@@ -64,7 +62,8 @@ def cancel_job(pipeline: Pipeline, job_id: str) -> ActionResult:
         return ActionResult(job_id, "cancelled", f"job {job_id} cancelled")
     if outcome == "not_found":
         return ActionResult(job_id, "not_found", not_found(job_id))
-    state = (pipeline.store.get(job_id) or {}).get("state", "unknown")
+    rec = pipeline.store.get_record(job_id)
+    state = rec.state_text if rec is not None and rec.state_text is not None else "unknown"
     if outcome == "too_late":
         return ActionResult(job_id, "too_late", f"job {job_id} was already sent to KIE (state {state}); KIE has "
                                                 "no cancel call, so it keeps going")

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 from kie_extend.jobs.ids import is_valid
 from kie_extend.infra.runtime import Runtime
 from kie_extend.jobs.states import TERMINAL, JobState
+from kie_extend.store.record import JobRecord
 
 #: Batch ids read per round trip when listing a batch's jobs.
 CHUNK = 500
@@ -126,7 +127,7 @@ def cancel_batch(rt: Runtime, batch_id: str, cancel_many: Any) -> int:
     """Cancel every job of a batch not yet sent; returns how many were cancelled.
 
     The batch is marked cancelled first, so a job whose message arrives later is cancelled when a
-    worker accepts it. ``cancel_many([(job_id, record), …])`` is ``Pipeline.cancel_many`` (one round
+    worker accepts it. ``cancel_many([(job_id, JobRecord), …])`` is ``Pipeline.cancel_many`` (one round
     trip per chunk of CHUNK jobs). An unknown batch, or an id outside the grammar, cancels nothing
     and is not created."""
     if not is_valid("batch_id", batch_id):
@@ -137,8 +138,9 @@ def cancel_batch(rt: Runtime, batch_id: str, cancel_many: Any) -> int:
     n = 0
     for ids in batch_job_ids(rt, batch_id):
         queued = []
-        for job_id, rec in zip(ids, rt.store.get_many(ids)):
-            if rec is not None and rec.get("state") == JobState.QUEUED.value:
+        for job_id, raw in zip(ids, rt.store.get_many(ids)):
+            rec = JobRecord.from_hash(raw or {})
+            if rec.state is JobState.QUEUED:
                 queued.append((job_id, rec))
         n += cancel_many(queued, "operator")
     return n

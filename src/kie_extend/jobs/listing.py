@@ -24,6 +24,7 @@ from kie_extend.errors import ValidationError
 from kie_extend.jobs.events import status_record
 from kie_extend.infra.runtime import Runtime
 from kie_extend.jobs.states import JobState
+from kie_extend.store.record import JobRecord
 
 #: Default and largest page size.
 DEFAULT_LIMIT = 50
@@ -94,11 +95,12 @@ def _walk(rt: Runtime, key: str, after: Entry | None) -> Iterator[Entry]:
         offset += CHUNK
 
 
-def _records(rt: Runtime, ids: list[str]) -> list[dict[str, str] | None]:
+def _records(rt: Runtime, ids: list[str]) -> list[JobRecord | None]:
+    """The jobs' records (one ``HGETALL`` each, in one round trip); None for a job without one."""
     pipe = rt.redis.pipeline(transaction=False)
     for job_id in ids:
         pipe.hgetall(rt.keys.job(job_id))
-    return [{_t(k): _t(v) for k, v in raw.items()} or None for raw in pipe.execute()]
+    return [JobRecord.from_hash({_t(k): _t(v) for k, v in raw.items()}) if raw else None for raw in pipe.execute()]
 
 
 def list_jobs(rt: Runtime, *, state: str | None = None, batch_id: str | None = None, tenant: str | None = None,
@@ -184,15 +186,15 @@ def _peek_empty(rt: Runtime, state: str | None, batch_id: str | None, last: Entr
     return all(next(_walk(rt, key, last), None) is None for key in keys)
 
 
-def _record(rt: Runtime, job_id: str, raw: dict[str, str] | None, *, in_batch: bool) -> dict[str, Any] | None:
-    if raw is None:
+def _record(rt: Runtime, job_id: str, rec: JobRecord | None, *, in_batch: bool) -> dict[str, Any] | None:
+    if rec is None:
         # A batch names jobs before any worker records them; in a state index it is an expired job.
         return {"job_id": job_id, "state": PENDING} if in_batch else None
-    if raw.get("duplicate_of") and "state" not in raw:
+    if rec.is_pointer:
         from kie_extend.api import get_job
 
         return get_job(job_id, settings=rt.settings)
-    return status_record(raw, job_id)
+    return status_record(rec, job_id)
 
 
 def _keep(record: dict[str, Any], state: str | None, tenant: str | None) -> bool:

@@ -11,6 +11,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from kie_extend import errors as E
@@ -25,6 +26,7 @@ from kie_extend.admission.queues import Admitted
 from kie_extend.admission.gates import Decision
 from kie_extend.infra.runtime import Dispatcher, NoDispatch, Runtime
 from kie_extend.store.jobstore import BATCH_REF, Moved
+from kie_extend.store.record import EMPTY, JobRecord, as_record
 from kie_extend.jobs.states import TERMINAL, JobState
 
 log = logging.getLogger("kie_extend.jobs.pipeline")
@@ -96,9 +98,9 @@ class Pipeline:
         """
         options = {"tenant": tenant, "priority": priority, "batch_id": batch_id, "not_after": not_after}
         digest = message_digest(request, idempotency_key, metadata, options)
-        raw = self.store.get(job_id)
-        if raw is not None:
-            self._known(job_id, raw, digest)
+        rec = self.store.get_record(job_id)
+        if rec is not None:
+            self._known(job_id, rec, digest)
             return
         intake = check_message(request, settings=self.s, idempotency_key=idempotency_key, metadata=metadata,
                                job_id=job_id, extra_kwargs=extra_kwargs, **options)
@@ -136,12 +138,12 @@ class Pipeline:
             _log(job_id, logging.WARNING, "invalid request: %s", problems)
             error = _error("invalid_request", f"request failed validation: {E.describe_problems(problems)}",
                            errors=problems)
-            self._finish(job_id, {}, JobState.FAILED, {**base, "error": error}, expect=[None])
+            self._finish(job_id, EMPTY, JobState.FAILED, {**base, "error": error}, expect=[None])
             return
         reason = self._too_late_to_start(intake.not_after, intake.batch_id, now)
         if reason:
             error = _error("cancelled", CANCEL_MESSAGES[reason], reason=reason)
-            self._finish(job_id, {}, JobState.CANCELLED, {**base, "error": error}, expect=[None])
+            self._finish(job_id, EMPTY, JobState.CANCELLED, {**base, "error": error}, expect=[None])
             return
         if idempotency_key:
             outcome, first = self.idem.use_key(idempotency_key, intake.tenant, job_id,
@@ -152,7 +154,7 @@ class Pipeline:
             if outcome == "duplicate":
                 if not self.store.create_pointer(job_id, {**base, "duplicate_of": first},
                                                  ttl=self.s.idempotency_window, handlers=self.s.handlers):
-                    self._known(job_id, self.store.get(job_id) or {}, digest)
+                    self._known(job_id, self.store.get_record(job_id) or EMPTY, digest)
                     return
                 _log(job_id, logging.INFO, "duplicate of %s (idempotency key), not submitted", first)
                 return
@@ -160,13 +162,13 @@ class Pipeline:
                                      ready=True):
             # Another delivery of this message (or another producer's message under the same id)
             # created the record first: look at it and carry on from there.
-            self._known(job_id, self.store.get(job_id) or {}, digest)
+            self._known(job_id, self.store.get_record(job_id) or EMPTY, digest)
             return
         _log(job_id, logging.INFO, "queued")
-        self.try_submit(job_id, {"state": JobState.QUEUED.value, "request": json.dumps(base["request"]),
-                                 "created_ts": repr(now), "attempts": "0", "batch_id": intake.batch_id or "",
-                                 "not_after": "" if intake.not_after is None else repr(intake.not_after)},
-                        in_ready=True)
+        self.try_submit(job_id, JobRecord.from_hash({
+            "state": JobState.QUEUED.value, "request": json.dumps(base["request"]), "created_ts": repr(now),
+            "attempts": "0", "batch_id": intake.batch_id or "",
+            "not_after": "" if intake.not_after is None else repr(intake.not_after)}), in_ready=True)
 
     def refuse_conflict(self, job_id: str, base: dict[str, Any]) -> bool:
         """Record a job whose idempotency key another request holds (in its tenant) as failed with
@@ -174,7 +176,7 @@ class Pipeline:
         self.store.stat("idempotency_conflicts")
         error = _error("invalid_request", CONFLICT_MESSAGE,
                        errors=[{"field": "idempotency_key", "message": CONFLICT_MESSAGE}])
-        return bool(self._finish(job_id, {}, JobState.FAILED, {**base, "error": error}, expect=[None]))
+        return bool(self._finish(job_id, EMPTY, JobState.FAILED, {**base, "error": error}, expect=[None]))
 
     def _too_late_to_start(self, not_after: float | None, batch_id: str | None, now: float) -> str | None:
         """``"deadline"`` or ``"operator"`` (its batch was cancelled) when a new job must not start."""
@@ -184,15 +186,15 @@ class Pipeline:
             return "operator"
         return None
 
-    def _known(self, job_id: str, raw: dict[str, str], digest: str) -> None:
+    def _known(self, job_id: str, rec: JobRecord, digest: str) -> None:
         """A message for a job id that already has a record: a redelivery, or a reused id."""
-        if raw.get("msg_sha") and raw["msg_sha"] != digest:
+        if rec.msg_sha and rec.msg_sha != digest:
             self.store.stat("job_id_conflicts")
             _log(job_id, logging.WARNING, "job id %s already holds a different request: this message is "
                  "ignored (job ids must be unique; the first request keeps the id)", job_id)
         else:
             _log(job_id, logging.INFO, "message for an existing job (a redelivery): nothing new to do")
-        if raw.get("state") == JobState.QUEUED.value:
+        if rec.state is JobState.QUEUED:
             self.try_submit(job_id)
 
     def reject_malformed(self, job_id: str, reason: str) -> bool:
@@ -202,31 +204,31 @@ class Pipeline:
                   "attempts": 0, "polls": 0,
                   "error": _error("invalid_request", reason, errors=[{"field": "message", "message": reason}])}
         _log(job_id, logging.WARNING, "malformed message: %s", reason)
-        return self._finish(job_id, {}, JobState.FAILED, fields, expect=[None])
+        return self._finish(job_id, EMPTY, JobState.FAILED, fields, expect=[None])
 
     # -- submit ------------------------------------------------------------------------------
-    def try_submit(self, job_id: str, raw: dict[str, str] | None = None, in_ready: bool = False) -> None:
+    def try_submit(self, job_id: str, raw: JobRecord | Mapping[str, str] | None = None, in_ready: bool = False) -> None:
         """Send a queued job to the provider when admission has given it a slot; otherwise put it
         in its ready queue and let admission decide (now, or at a later tick).
 
-        ``raw`` is the record when the caller has just written it (saves a read); ``in_ready``
-        says it is already in its ready queue."""
-        raw = raw or self.store.get(job_id)
-        if raw is None or raw.get("state") != JobState.QUEUED.value:
+        ``raw`` is the record (a JobRecord, or its raw hash) when the caller has just written it
+        (saves a read); ``in_ready`` says it is already in its ready queue."""
+        rec = (as_record(raw) if raw else None) or self.store.get_record(job_id)
+        if rec is None or rec.state is not JobState.QUEUED:
             return
         now = time.time()
-        if raw.get("not_after") and float(raw["not_after"]) <= now:
-            self.cancel(job_id, "deadline", raw)
+        if rec.not_after is not None and rec.not_after <= now:
+            self.cancel(job_id, "deadline", rec)
             return
-        if "request" not in raw:
+        if rec.request_text is None:
             # Its request key was evicted or deleted (doctor: missing_request): it can never be sent.
             message = "the stored request is gone (evicted or deleted from Redis); enqueue it again"
-            self._finish(job_id, raw, JobState.FAILED, {"error": _error(
+            self._finish(job_id, rec, JobState.FAILED, {"error": _error(
                 "invalid_request", message, errors=[{"field": "request", "message": message}])},
                 expect=[JobState.QUEUED])
             return
         granted = False
-        if not raw.get("admitted"):
+        if not rec.admitted:
             if not in_ready:
                 self.store.enqueue_ready(job_id)
             mine = self._admit_now(job_id)
@@ -236,9 +238,9 @@ class Pipeline:
                 self.later(job_id, mine.at)
                 return
             granted = True
-        attempt = int(raw.get("attempts") or 0) + 1
+        attempt = rec.attempts + 1
         # The rate-slot token names this send; it changes after every real send, never reused.
-        send = int(raw.get("sends") or 0) + 1
+        send = rec.sends + 1
         decision = Decision("ok") if granted else self.gates.acquire(job_id, f"{job_id}:{send}")
         if decision.verdict in ("paused", "unreachable", "breaker", "inflight", "lost"):
             self.store.enqueue_ready(job_id)  # back in line, at its age; admission picks it again
@@ -256,15 +258,17 @@ class Pipeline:
                     "admitted": None},
             due=lease_end, stat="submissions",
         ):
-            state = (self.store.get(job_id) or {}).get("state")
-            if state not in (JobState.SUBMITTING.value, JobState.SUBMITTED.value):
+            now_rec = self.store.get_record(job_id)
+            if now_rec is None or now_rec.state not in (JobState.SUBMITTING, JobState.SUBMITTED):
                 self.gates.release(job_id)
             return
-        body = json.loads(raw["request"])
+        body = rec.request
+        if body is None:
+            raise ValueError(f"job {job_id}'s record holds no readable request")
         try:
             task_id = self.rt.client.submit_extend(body)
         except E.ProviderError as exc:
-            self._submit_failed(job_id, raw, attempt, exc)
+            self._submit_failed(job_id, rec, attempt, exc)
             return
         self._record_submitted(job_id, task_id, callbacks=self._ours(body))
         self._answered()
@@ -301,25 +305,25 @@ class Pipeline:
         return mine
 
     # -- cancel --------------------------------------------------------------------------------
-    def cancel(self, job_id: str, reason: str = "operator", raw: dict[str, str] | None = None) -> str:
+    def cancel(self, job_id: str, reason: str = "operator", raw: JobRecord | Mapping[str, str] | None = None) -> str:
         """Cancel a job not yet sent to KIE: ``"cancelled"``; else why not: ``"too_late"`` (sent:
         KIE has no cancel call, it keeps going), ``"finished"``, ``"not_found"``.
 
         Cancel and submit race in one atomic step (the move out of ``queued``): never both."""
-        raw = raw if raw is not None else self.store.get(job_id)
-        if raw is None or not raw.get("state"):
+        rec = as_record(raw) if raw is not None else self.store.get_record(job_id)
+        if rec is None or not rec.state_text:
             return "not_found"
-        if raw.get("state") == JobState.QUEUED.value:
+        if rec.state is JobState.QUEUED:
             error = _error("cancelled", CANCEL_MESSAGES.get(reason, reason), reason=reason)
-            if self._finish(job_id, raw, JobState.CANCELLED, {"error": error}, expect=[JobState.QUEUED]):
+            if self._finish(job_id, rec, JobState.CANCELLED, {"error": error}, expect=[JobState.QUEUED]):
                 return "cancelled"
-            raw = self.store.get(job_id) or {}
-        if raw.get("state") in (JobState.SUBMITTING.value, JobState.SUBMITTED.value):
+            rec = self.store.get_record(job_id) or EMPTY
+        if rec.state in (JobState.SUBMITTING, JobState.SUBMITTED):
             return "too_late"
-        return "finished" if raw.get("state") else "not_found"
+        return "finished" if rec.state_text else "not_found"
 
-    def cancel_many(self, jobs: list[tuple[str, dict[str, str]]], reason: str = "operator") -> int:
-        """Cancel many queued jobs in one round trip (``(job_id, record)`` pairs, as read); returns
+    def cancel_many(self, jobs: list[tuple[str, JobRecord | Mapping[str, str]]], reason: str = "operator") -> int:
+        """Cancel many queued jobs in one round trip (``(job_id, record)`` pairs, as read: JobRecord or raw hash); returns
         how many were cancelled. Each move is the same atomic step as :meth:`cancel`; their events
         go through the outbox (the tick hands the deliveries out) instead of inline delivery."""
         if not jobs:
@@ -327,30 +331,31 @@ class Pipeline:
         error = _error("cancelled", CANCEL_MESSAGES.get(reason, reason), reason=reason)
         handlers = list(self.s.handlers)
         now = time.time()
+        records = [(job_id, as_record(raw) or EMPTY) for job_id, raw in jobs]
         pipe = self.rt.redis.pipeline(transaction=False)
-        for job_id, raw in jobs:
+        for job_id, rec in records:
             fields = {"error": error, "finished_at": now_iso()}
-            event = build_event({**raw, "job_id": job_id}, JobState.CANCELLED, fields)
+            event = build_event(rec, JobState.CANCELLED, {"job_id": job_id, **fields})
             self.store.transition(job_id, JobState.CANCELLED, expect=[JobState.QUEUED], fields=fields, event=event,
                                   handlers=handlers, retention=self.s.retention, deliveries_at=now, pipe=pipe)
         results = pipe.execute()
         n = 0
-        for (job_id, raw), result in zip(jobs, results):
+        for (job_id, rec), result in zip(records, results):
             if int(result[0]):
                 n += 1
-                if raw.get("admitted"):
+                if rec.admitted:
                     self.rt.breaker.neutral(job_id)  # it may have been the breaker's probe
         if n:
             log.warning("%d job(s) cancelled (%s)", n, reason)
         return n
 
     def _ours(self, body: dict[str, Any]) -> bool:
-        """Whether the provider's callbacks for this request come to our receiver."""
+        """Whether the provider's callbacks for this request come to our callback route (serve)."""
         base = self.s.callback_base_url
         return bool(base) and str(body.get("callBackUrl") or "").startswith(f"{base}/kie/callback/")
 
     def _submitted(self, job_id: str, task_id: str, stat: str = "", callbacks: bool = False) -> bool:
-        # With our receiver in place the final callback wakes the job, so the first safety-net
+        # With our callback route in place the final callback wakes the job, so the first safety-net
         # poll can wait longer; without one, polling starts after KIE_POLL_FIRST.
         first = max(self.s.poll_first, self.s.poll_callback_interval / 2) if callbacks else self.s.poll_first
         now = time.time()
@@ -382,7 +387,7 @@ class Pipeline:
             self.store.stat("provider_reachable_again")
             log.warning("KIE answers again; submission resumed")
 
-    def _submit_failed(self, job_id: str, raw: dict[str, str], attempt: int, exc: E.ProviderError) -> None:
+    def _submit_failed(self, job_id: str, rec: JobRecord, attempt: int, exc: E.ProviderError) -> None:
         code = getattr(exc, "code", None)
         self._record_code(code if code is not None else type(exc).__name__)
         now = time.time()
@@ -392,7 +397,7 @@ class Pipeline:
                 # It never reached KIE: the attempt is given back. While KIE is unreachable the job
                 # waits in its ready queue (admission holds it); before that, it tries again after
                 # a backoff that grows with its own run of such failures.
-                unreached = int(raw.get("unreached") or 0) + 1
+                unreached = rec.unreached + 1
                 fields = {"attempts": attempt - 1, "submit_error": str(exc), "unreached": unreached}
                 if paused:
                     self.store.transition(job_id, JobState.QUEUED, expect=[JobState.SUBMITTING], fields=fields,
@@ -432,41 +437,40 @@ class Pipeline:
             return
         kind = "provider_unavailable" if exc.retryable else exc.kind
         error = _error(kind, str(exc), code=code)
-        self._finish(job_id, raw, JobState.FAILED, {"error": error}, expect=[JobState.SUBMITTING])
+        self._finish(job_id, rec, JobState.FAILED, {"error": error}, expect=[JobState.SUBMITTING])
 
     # -- advance: whatever is due next -------------------------------------------------------
     def advance(self, job_id: str) -> None:
         """Do a due job's next step: submit it, resolve an unknown submit, or poll it."""
-        raw = self.store.get(job_id)
-        state = raw.get("state") if raw else None
-        if raw is None or state is None:
+        rec = self.store.get_record(job_id)
+        if rec is None or rec.state_text is None:
             self.store.unschedule(job_id)
             return
-        if state == JobState.QUEUED.value:
+        if rec.state is JobState.QUEUED:
             self.try_submit(job_id)
-        elif state == JobState.SUBMITTING.value:
-            self._resolve_submitting(job_id, raw)
-        elif state == JobState.SUBMITTED.value:
-            self.poll(job_id, raw)
+        elif rec.state is JobState.SUBMITTING:
+            self._resolve_submitting(job_id, rec)
+        elif rec.state is JobState.SUBMITTED:
+            self.poll(job_id, rec)
         else:
             self.store.unschedule(job_id)
 
-    def _resolve_submitting(self, job_id: str, raw: dict[str, str]) -> None:
+    def _resolve_submitting(self, job_id: str, rec: JobRecord) -> None:
         now = time.time()
-        started = float(raw.get("submit_started_ts") or now)
-        hint = raw.get("hint_task_id")
+        started = rec.submit_started_ts if rec.submit_started_ts is not None else now
+        hint = rec.hint_task_id
         if hint:
             try:
                 record = self.rt.client.record_info(hint)
             except E.ProviderError as exc:
                 _log(job_id, logging.WARNING, "could not confirm hinted task %s: %s", hint, exc)
                 record = None
-            body = json.loads(raw.get("request") or "{}")
+            body = rec.request or {}
             if record is not None and (record.param or {}).get("callBackUrl") == body.get("callBackUrl"):
                 if self._submitted(job_id, hint, callbacks=True):
-                    self.poll(job_id, self.store.get(job_id) or {})
+                    self.poll(job_id, self.store.get_record(job_id) or EMPTY)
                 return
-        if not raw.get("outcome_unknown"):
+        if not rec.outcome_unknown:
             # The worker that was sending died (or is still stuck): the request may have left.
             self.store.update(job_id, outcome_unknown=1, submit_error="worker lost while submitting")
             _log(job_id, logging.WARNING, "submit interrupted; outcome unknown, waiting for a callback")
@@ -477,13 +481,15 @@ class Pipeline:
         error = _error("submit_outcome_unknown",
                        "the submission's outcome is unknown and no callback named its task; "
                        "`kie-extend retry` resubmits on purpose (it may cost credits twice)")
-        self._finish(job_id, raw, JobState.FAILED, {"error": error}, expect=[JobState.SUBMITTING])
+        self._finish(job_id, rec, JobState.FAILED, {"error": error}, expect=[JobState.SUBMITTING])
 
     # -- poll ----------------------------------------------------------------------------------
-    def poll(self, job_id: str, raw: dict[str, str]) -> None:
-        """Ask the provider about a submitted job; finish it or put it back on the schedule."""
+    def poll(self, job_id: str, raw: JobRecord | Mapping[str, str]) -> None:
+        """Ask the provider about a submitted job (``raw``: its record, a JobRecord or its raw
+        hash); finish it or put it back on the schedule."""
+        rec = as_record(raw) or EMPTY
         now = time.time()
-        task_id = raw.get("kie_task_id") or ""
+        task_id = rec.kie_task_id or ""
         # One poll of a job in flight at a time, KIE_POLL_MIN_GAP apart, across every worker: a
         # refused claim leaves the job on the due schedule (never sooner) for the tick, and sends
         # no message of its own, so hints (forged callbacks included) cannot multiply polls.
@@ -493,12 +499,12 @@ class Pipeline:
                 self.store.schedule(job_id, max(wait, now + self.s.poll_min_gap), only_earlier=True)
             return
         try:
-            self._poll_claimed(job_id, raw, task_id, now)
+            self._poll_claimed(job_id, rec, task_id, now)
         finally:
             self.store.release_poll(job_id)
 
-    def _poll_claimed(self, job_id: str, raw: dict[str, str], task_id: str, now: float) -> None:
-        submitted = float(raw.get("submitted_ts") or now)
+    def _poll_claimed(self, job_id: str, rec: JobRecord, task_id: str, now: float) -> None:
+        submitted = rec.submitted_ts if rec.submitted_ts is not None else now
         started = time.monotonic()
         try:
             record = self.rt.client.record_info(task_id)
@@ -506,20 +512,20 @@ class Pipeline:
             # The latency and the answer's code are written in one round trip.
             self.store.observe("poll_seconds", time.monotonic() - started, POLL_BUCKETS,
                                stat=f"poll_code_{getattr(exc, 'code', None) or type(exc).__name__}")
-            self._poll_failed(job_id, raw, exc, now, submitted)
+            self._poll_failed(job_id, rec, exc, now, submitted)
             return
         self.store.observe("poll_seconds", time.monotonic() - started, POLL_BUCKETS, stat="poll_code_200")
         self._answered()
-        self._apply_record(job_id, raw, record, now, submitted)
+        self._apply_record(job_id, rec, record, now, submitted)
 
-    def _poll_failed(self, job_id: str, raw: dict[str, str], exc: E.ProviderError, now: float, submitted: float) -> None:
-        task_id = raw.get("kie_task_id")
+    def _poll_failed(self, job_id: str, rec: JobRecord, exc: E.ProviderError, now: float, submitted: float) -> None:
+        task_id = rec.kie_task_id
         code = getattr(exc, "code", None)
         if isinstance(exc, E.ProviderCodeError) and not E.is_unreachable(exc):
             self._answered()  # KIE itself answered, with an error
         if code in (404, 422) and now - submitted > self.s.poll_not_found_grace:
             error = _error("rejected", f"the provider no longer knows task {task_id}: {exc}", code=code)
-            self._finish(job_id, raw, JobState.FAILED, {"error": error}, expect=[JobState.SUBMITTED])
+            self._finish(job_id, rec, JobState.FAILED, {"error": error}, expect=[JobState.SUBMITTED])
             return
         if isinstance(exc, E.AccountError):
             self.gates.pause(exc.code, exc.msg)
@@ -528,53 +534,53 @@ class Pipeline:
             # such a poll (KIE_JOB_TIMEOUT is judged by the first poll KIE answers); it backs off.
             self._unreachable(exc, job_id, task_id)
             _log(job_id, logging.WARNING, "poll could not reach KIE (%s); polling again later", exc, task_id=task_id)
-            self.later(job_id, now + self._next_interval(job_id, raw))
+            self.later(job_id, now + self._next_interval(job_id, rec))
             return
-        if not self._timed_out(job_id, raw, now, submitted):
+        if not self._timed_out(job_id, rec, now, submitted):
             _log(job_id, logging.WARNING, "poll failed (%s); polling again later", exc, task_id=task_id)
-            self.later(job_id, now + self._next_interval(job_id, raw))
+            self.later(job_id, now + self._next_interval(job_id, rec))
 
-    def _apply_record(self, job_id: str, raw: dict[str, str], record: TaskRecord, now: float, submitted: float) -> None:
-        task_id = raw.get("kie_task_id")
+    def _apply_record(self, job_id: str, rec: JobRecord, record: TaskRecord, now: float, submitted: float) -> None:
+        task_id = rec.kie_task_id
         tracks = record.tracks
         with_audio = any(map(track_has_audio, tracks))
         if record.status == "SUCCESS" and not with_audio:
             # Success needs audio: the provider may fill the takes a moment later; after a few
             # re-polls it counts as a failed generation.
-            empty = int(raw.get("empty_success") or 0) + 1
+            empty = rec.empty_success + 1
             if empty <= self.s.empty_success_polls:
                 self.store.update(job_id, empty_success=empty, kie_status=record.status)
                 _log(job_id, logging.WARNING, "provider reported SUCCESS without audio (%d of %d); polling again",
                      empty, self.s.empty_success_polls, task_id=task_id)
-                if not self._timed_out(job_id, raw, now, submitted):
+                if not self._timed_out(job_id, rec, now, submitted):
                     self.later(job_id, now + max(self.s.poll_min_gap, min(self.s.poll_interval, 5.0)))
                 return
-            self._task_failed(job_id, raw, record, message="provider reported SUCCESS without audio")
+            self._task_failed(job_id, rec, record, message="provider reported SUCCESS without audio")
             return
         if record.status == "SUCCESS" or (record.status == "CALLBACK_EXCEPTION" and with_audio):
             fields = {"kie_status": record.status, "tracks": tracks}
-            moved = self._finish(job_id, raw, JobState.SUCCEEDED, fields, expect=[JobState.SUBMITTED])
+            moved = self._finish(job_id, rec, JobState.SUCCEEDED, fields, expect=[JobState.SUBMITTED])
             if moved and moved.breaker_closed:  # the same step reset the breaker (store.transition)
                 _log(job_id, logging.WARNING, "provider breaker closed: a generation succeeded", task_id=task_id)
             return
         if record.failed:
-            self._task_failed(job_id, raw, record)
+            self._task_failed(job_id, rec, record)
             return
-        if record.status != raw.get("kie_status") or (tracks and raw.get("tracks") in (None, "", "[]")):
+        if record.status != rec.kie_status or (tracks and not rec.tracks):
             self.store.update(job_id, kie_status=record.status, tracks=tracks or None)
             _log(job_id, logging.INFO, "provider status %s", record.status, task_id=task_id)
-        if not self._timed_out(job_id, raw, now, submitted):
-            self.later(job_id, now + self._next_interval(job_id, raw))
+        if not self._timed_out(job_id, rec, now, submitted):
+            self.later(job_id, now + self._next_interval(job_id, rec))
 
-    def _task_failed(self, job_id: str, raw: dict[str, str], record: TaskRecord, message: str | None = None) -> None:
+    def _task_failed(self, job_id: str, rec: JobRecord, record: TaskRecord, message: str | None = None) -> None:
         code = record.error_code
         message = message or record.error_message or record.status
         if record.status == "SENSITIVE_WORD_ERROR" or code in (400, 413):
             kind = "invalid_request"
         else:
             kind = "generation_failed"
-        task_id = raw.get("kie_task_id")
-        regenerated = int(raw.get("regenerations") or 0)
+        task_id = rec.kie_task_id
+        regenerated = rec.regenerations
         # No regeneration while the breaker is open: every resubmission would be paid for.
         if kind == "generation_failed" and regenerated < self.s.regenerate and not self.rt.breaker.is_open():
             if self.store.transition(
@@ -588,7 +594,7 @@ class Pipeline:
                 self._generation_failed(job_id, task_id)
             return
         error = _error(kind, str(message), code=code, status=record.status)
-        if self._finish(job_id, raw, JobState.FAILED, {"kie_status": record.status, "error": error},
+        if self._finish(job_id, rec, JobState.FAILED, {"kie_status": record.status, "error": error},
                         expect=[JobState.SUBMITTED]) and kind == "generation_failed":
             self._generation_failed(job_id, task_id)
 
@@ -599,31 +605,31 @@ class Pipeline:
             _log(job_id, logging.ERROR, "provider breaker opened after %d failed generations in a row; "
                  "submission waits for a probe job", self.s.breaker_threshold, task_id=task_id)
 
-    def _timed_out(self, job_id: str, raw: dict[str, str], now: float, submitted: float) -> bool:
+    def _timed_out(self, job_id: str, rec: JobRecord, now: float, submitted: float) -> bool:
         if now - submitted < self.s.job_timeout:
             return False
         error = _error("timed_out", f"not finished {self.s.job_timeout:.0f}s after submission")
-        if self._finish(job_id, raw, JobState.FAILED, {"error": error}, expect=[JobState.SUBMITTED]):
-            self._generation_failed(job_id, raw.get("kie_task_id"))  # a provider that never finishes fails too
+        if self._finish(job_id, rec, JobState.FAILED, {"error": error}, expect=[JobState.SUBMITTED]):
+            self._generation_failed(job_id, rec.kie_task_id)  # a provider that never finishes fails too
         return True
 
-    def _next_interval(self, job_id: str, raw: dict[str, str]) -> float:
-        if raw.get("callbacks_seen"):
+    def _next_interval(self, job_id: str, rec: JobRecord) -> float:
+        if rec.callbacks_seen:
             return _jitter(max(self.s.poll_callback_interval, self.s.poll_interval))
-        current = float(raw.get("poll_interval") or self.s.poll_interval)
+        current = rec.poll_interval if rec.poll_interval is not None else float(self.s.poll_interval)
         nxt = min(self.s.poll_max_interval, current * 1.5)
         self.store.update(job_id, poll_interval=nxt)
         # Jitter only downwards: no gap between two polls ever exceeds KIE_POLL_MAX_INTERVAL.
         return current * (0.8 + 0.2 * random.random())
 
     # -- finish --------------------------------------------------------------------------------
-    def _finish(self, job_id: str, raw: dict[str, str], state: JobState, fields: dict[str, Any],
+    def _finish(self, job_id: str, rec: JobRecord, state: JobState, fields: dict[str, Any],
                 expect: list[JobState | None]) -> Moved | bool:
         """The terminal move: state, result event and handler deliveries in one atomic step; the
-        store's Moved (true) when it happened, False when the job was no longer in ``expect``."""
+        store's Moved (true) when it happened, False when the job was no longer in ``expect``.
+        ``rec`` is the record as last read (``EMPTY`` for a job without one yet)."""
         fields = {**fields, "finished_at": now_iso()}
-        merged_raw = {**raw, "job_id": job_id}
-        event = build_event(merged_raw, state, fields)
+        event = build_event(rec, state, {"job_id": job_id, **fields})
         handlers = list(self.s.handlers)
         # The deliveries are queued with the event, already leased to this process: if it dies
         # before handing them on, the tick finds them when the lease runs out.
@@ -632,12 +638,12 @@ class Pipeline:
                                       deliveries_at=time.time() + self.s.lease)
         if not moved:
             return False
-        created = float(raw.get("created_ts") or fields.get("created_ts") or time.time())
+        created = rec.created_ts if rec.created_ts is not None else float(fields.get("created_ts") or time.time())
         if state is not JobState.CANCELLED:  # a cancelled job never had a result to wait for
             self.store.observe("time_to_result_seconds", time.time() - created, RESULT_BUCKETS)
         error = fields.get("error")
-        if (error and error.get("kind") not in ("generation_failed", "timed_out") and raw.get("state")
-                and (state is not JobState.CANCELLED or raw.get("admitted"))):
+        if (error and error.get("kind") not in ("generation_failed", "timed_out") and rec.state_text
+                and (state is not JobState.CANCELLED or rec.admitted)):
             self.rt.breaker.neutral(job_id)  # a probe that ended neither way frees the probe turn
         _log(job_id, logging.INFO if state == JobState.SUCCEEDED else logging.WARNING, "%s%s", state.value,
              f" ({error['kind']}: {error['message']})" if error else "", task_id=event.get("kie_task_id"))
@@ -657,30 +663,30 @@ class Pipeline:
     # -- callbacks, operators ------------------------------------------------------------------
     def hint(self, job_id: str, task_id: str | None, callback_type: str | None) -> bool:
         """A provider callback for ``job_id``: never trusted alone, it only makes a poll happen now."""
-        raw = self.store.get(job_id)
-        if raw is None or raw.get("state") in {s.value for s in TERMINAL} or raw.get("duplicate_of"):
+        rec = self.store.get_record(job_id)
+        if rec is None or rec.state in TERMINAL or rec.duplicate_of:
             return False
-        if raw.get("state") == JobState.SUBMITTING.value and task_id and not raw.get("kie_task_id"):
+        if rec.state is JobState.SUBMITTING and task_id and not rec.kie_task_id:
             self.store.update(job_id, hint_task_id=str(task_id)[:128])
-        elif raw.get("state") not in (JobState.SUBMITTED.value, JobState.SUBMITTING.value):
+        elif rec.state not in (JobState.SUBMITTED, JobState.SUBMITTING):
             return False
         self.store.stat("callbacks")
-        progress_only = callback_type in PROGRESS_CALLBACKS and raw.get("state") == JobState.SUBMITTED.value
+        progress_only = callback_type in PROGRESS_CALLBACKS and rec.state is JobState.SUBMITTED
         if progress_only:
             # Callbacks reach us for this job: the final one will wake it, so the safety-net polls
             # can be spaced out (KIE_POLL_CALLBACK_INTERVAL).
-            if not raw.get("callbacks_seen"):
+            if not rec.callbacks_seen:
                 self.store.update(job_id, callbacks_seen=1)
                 self.store.schedule(job_id, time.time() + _jitter(self.s.poll_callback_interval))
             _log(job_id, logging.INFO, "callback %s", callback_type, task_id=task_id)
             return True
-        if not raw.get("callbacks_seen"):
+        if not rec.callbacks_seen:
             self.store.update(job_id, callbacks_seen=1)  # a late progress callback must not delay this poll
         # A callback needs no token (unless KIE_CALLBACK_SECRET), so it never makes a poll sooner
         # than KIE_POLL_MIN_GAP after the last one, nor a second one while a poll is in flight.
         now = time.time()
-        not_before = float(raw.get("last_poll_ts") or 0) + self.s.poll_min_gap
-        if not_before > now or float(raw.get("poll_lease") or 0) > now:
+        not_before = (rec.last_poll_ts or 0.0) + self.s.poll_min_gap
+        if not_before > now or (rec.poll_lease or 0.0) > now:
             _log(job_id, logging.INFO, "callback %s: polling soon", callback_type or "?", task_id=task_id)
             self.store.schedule(job_id, max(not_before, now + self.s.poll_min_gap), only_earlier=True)
             return True
@@ -694,17 +700,16 @@ class Pipeline:
 
     def retry(self, job_id: str) -> bool:
         """Operator's resubmission of a failed job (it may cost credits again)."""
-        raw = self.store.get(job_id)
-        if raw is None or raw.get("state") != JobState.FAILED.value:
+        rec = self.store.get_record(job_id)
+        if rec is None or rec.state is not JobState.FAILED:
             return False
-        err = json.loads(raw.get("error") or "null") or {}
-        if err.get("kind") == "invalid_request" and err.get("errors"):
+        if rec.invalid_fields:
             return False
         ok = self.store.transition(
             job_id, JobState.QUEUED, expect=[JobState.FAILED],
             fields={"error": None, "finished_at": None, "kie_task_id": None, "kie_status": None, "tracks": None,
                     "attempts": 0, "outcome_unknown": None, "hint_task_id": None, "last_poll_ts": None,
-                    "event": None, "retried": int(raw.get("retried") or 0) + 1},
+                    "event": None, "retried": rec.retried + 1},
             due=time.time(),
         )
         if ok:

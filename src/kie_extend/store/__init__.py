@@ -1,1 +1,1 @@
-"""The Redis job store: key names, the Lua library, records and their one transition, invariants."""
+"""The Redis job store: key names, the Lua library, records (store/record.py parses one into typed fields) and their one transition, invariants."""

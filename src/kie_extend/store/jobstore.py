@@ -24,6 +24,7 @@ import redis
 from kie_extend.store import lua
 from kie_extend.store.packing import pack, unpack
 from kie_extend.store.keys import MINUTE_HISTOGRAMS, MINUTE_TTL, Keys
+from kie_extend.store.record import JobRecord
 from kie_extend.jobs.states import IN_FLIGHT, TERMINAL, TRANSITIONS, JobState
 
 #: Prefix of the ids of batch records in the delivery schedule (``@batch:<batch_id>``).
@@ -139,6 +140,12 @@ class JobStore:
         stored, legacy = pipe.execute()
         text = _text(legacy) if legacy is not None else unpack(stored) if stored is not None else None
         return None if text is None else json.loads(text)
+
+    def get_record(self, job_id: str) -> JobRecord | None:
+        """The job's record parsed into typed fields (one ``HGETALL``, as :meth:`get`), or None
+        when no such job exists. ``JobRecord.raw`` holds the hash as read."""
+        raw = self.get(job_id)
+        return None if raw is None else JobRecord.from_hash(raw)
 
     def exists(self, job_id: str) -> bool:
         """Whether a record exists for ``job_id``."""

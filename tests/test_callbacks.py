@@ -1,4 +1,5 @@
-"""The callback receiver served for real (waitress, as in production) on a real Runtime and Valkey.
+"""KIE's callbacks through ``kie-extend serve``'s app (the ``callbacks`` part, as ``serve
+--callbacks-only`` runs it) served for real by uvicorn on a real Runtime and Valkey.
 
 Reference §5.1 (answer 200 fast, callbacks are hints, repeats happen), §5.3 (HMAC headers) and
 §8 point 7 (verify, deduplicate, trigger a poll).
@@ -18,11 +19,12 @@ from typing import Any
 
 import pytest
 import requests
-from waitress import wasyncore
-from waitress.server import create_server
+import uvicorn
 
-from kie_extend.jobs.pipeline import Pipeline
-from kie_extend.http.receiver import MAX_BODY, MAX_SKEW, CallbackApp, signature_ok
+from kie_extend.config import Settings
+from kie_extend.http.app import create_app
+from kie_extend.http.callbacks import MAX_SKEW, signature_ok
+from kie_extend.infra.embedded import free_port
 from kie_extend.infra.runtime import Runtime
 from kie_extend.simulator import SimConfig, serve, sign
 from kie_extend.jobs.states import JobState
@@ -30,6 +32,8 @@ from kie_extend.jobs.states import JobState
 SECRET = "whk-0123456789abcdef"
 TASK = "3f1c9a0b7d2e4c55a8e1b0f6d9c2e711"
 FUTURE = 600.0  # seconds ahead: where a job's next step sits before a callback arrives
+#: The default cap on a callback body (KIE_HTTP_CALLBACK_MAX_BODY), bytes.
+MAX_BODY = Settings.model_fields["http_callback_max_body"].default
 
 
 def reference_signature(task_id: str, ts: int | str, secret: str = SECRET) -> str:
@@ -67,9 +71,11 @@ class RecordingDispatcher:
 
 @dataclass
 class Receiver:
+    """``serve``'s callbacks part on a loopback port, with the Runtime it writes through."""
+
     url: str
     rt: Runtime
-    app: CallbackApp
+    app: Any
 
     def post(self, job_id: str, body: Any = None, headers: dict[str, str] | None = None,
              raw: bytes | None = None) -> requests.Response:
@@ -84,23 +90,23 @@ class Receiver:
         return int(self.rt.redis.hget(self.rt.keys.stats, name) or 0)
 
 
-def _serve_wsgi(app: Any) -> tuple[str, Callable[[], None]]:
-    """Serve ``app`` with waitress (the production server) on a free loopback port, in a thread."""
-    sockets: dict[int, Any] = {}
-    server = create_server(app, map=sockets, host="127.0.0.1", port=0, threads=4, ident="kie-extend-test",
-                           asyncore_loop_timeout=0.05)
-    thread = threading.Thread(target=server.run, name="test-receiver", daemon=True)
+def _serve(app: Any) -> tuple[str, Callable[[], None]]:
+    """Serve the ASGI ``app`` with uvicorn (as ``kie-extend serve`` does) on a free loopback port, in a thread."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, name="test-callbacks", daemon=True)
     thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
 
     def stop() -> None:
-        # Finish the worker threads first, then close every socket from the loop's own thread, so no
-        # worker pulls a trigger that is already closed.
-        server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
-        server.trigger.pull_trigger(lambda: wasyncore.close_all(sockets))
-        thread.join(timeout=5)
+        server.should_exit = True
+        thread.join(timeout=10)
         assert not thread.is_alive()
 
-    return f"http://127.0.0.1:{server.effective_port}", stop
+    return f"http://127.0.0.1:{port}", stop
 
 
 @pytest.fixture
@@ -108,9 +114,10 @@ def make_receiver(make_settings: Callable[..., Any]) -> Iterator[Callable[..., R
     stops: list[Callable[[], None]] = []
 
     def build(secret: str | None = None, dispatcher: Any = None, **overrides: Any) -> Receiver:
-        rt = Runtime(make_settings(**overrides))
-        app = CallbackApp(Pipeline(rt, dispatcher), secret)
-        url, stop = _serve_wsgi(app)
+        settings = make_settings(**({"callback_secret": secret} if secret else {}), **overrides)
+        rt = Runtime(settings)
+        app = create_app(settings, parts=("callbacks",), runtime=rt, dispatcher=dispatcher)
+        url, stop = _serve(app)
         stops.append(stop)
         return Receiver(url, rt, app)
 
@@ -273,14 +280,26 @@ def test_duplicate_pointer_record_is_ignored(receiver: Receiver) -> None:
     assert receiver.due("job-dup") is None
 
 
-def test_pipeline_failure_still_answers_200(valkey: Any) -> None:
+def test_pipeline_failure_still_answers_200(make_settings: Callable[..., Settings]) -> None:
     class Broken:
         def hint(self, *args: Any) -> bool:
             raise RuntimeError("valkey went away")
 
-    url, stop = _serve_wsgi(CallbackApp(Broken()))  # type: ignore[arg-type]
+    app = create_app(make_settings(), parts=("callbacks",))
+    app.state.pipeline = Broken()
+    url, stop = _serve(app)
     try:
         _received(requests.post(f"{url}/kie/callback/job-x", json=callback_body(), timeout=10))
+    finally:
+        stop()
+
+
+def test_an_unreachable_job_store_still_answers_200(make_settings: Callable[..., Settings]) -> None:
+    """Polling stays the source of truth: KIE gets its 200 while the job store is down."""
+    settings = make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_socket_timeout=1)
+    url, stop = _serve(create_app(settings, parts=("callbacks",)))
+    try:
+        _received(requests.post(f"{url}/kie/callback/job-x", json=callback_body(), timeout=20))
     finally:
         stop()
 
@@ -342,7 +361,7 @@ def test_signature_headers_are_case_insensitive(signed: Receiver) -> None:
     _received(signed.post("job-h", headers=headers))
 
 
-def test_reference_construction_matches_the_simulator_and_the_receiver() -> None:
+def test_reference_construction_matches_the_simulator_and_serve() -> None:
     ts = int(time.time())
     body = callback_body()
     assert sign(TASK, ts, SECRET) == reference_signature(TASK, ts)
@@ -419,7 +438,7 @@ def test_body_at_the_cap_is_accepted(receiver: Receiver) -> None:
 
 
 def test_chunked_body_is_read(receiver: Receiver) -> None:
-    """waitress de-chunks and sets CONTENT_LENGTH; the cap still applies."""
+    """A chunked body is read whole; the cap still applies while it is read (http/limits.py)."""
     make_submitting(receiver.rt, "job-ch")
     payload = json.dumps(callback_body(task_id="chunked-task")).encode()
     resp = requests.post(f"{receiver.url}/kie/callback/job-ch", data=iter([payload[:10], payload[10:]]),
@@ -455,19 +474,18 @@ def test_healthz_and_routing(receiver: Receiver) -> None:
     assert requests.post(f"{receiver.url}/kie/callback/a%20b", json={}, timeout=5).status_code == 404
     assert requests.post(f"{receiver.url}/kie/callback/{'x' * 129}", json={}, timeout=5).status_code == 404
     assert requests.post(f"{receiver.url}/elsewhere", json={}, timeout=5).status_code == 404
-    assert requests.get(f"{receiver.url}/metrics", timeout=5).status_code == 404  # no metrics configured
-    _received(requests.post(f"{receiver.url}/kie/callback/job-1/", json={}, timeout=5))
+    for elsewhere in ("/v1/system", "/openapi.json", "/docs", "/"):  # callbacks only: no API, no dashboard
+        assert requests.get(f"{receiver.url}{elsewhere}", timeout=5).status_code == 404, elsewhere
+    _received(requests.post(f"{receiver.url}/kie/callback/job-1/", json={}, timeout=5, allow_redirects=False))
 
 
-def test_metrics_route_when_configured(make_settings: Callable[..., Any]) -> None:
-    rt = Runtime(make_settings())
-    url, stop = _serve_wsgi(CallbackApp(Pipeline(rt), metrics=lambda: "kie_up 1\n"))
-    try:
-        resp = requests.get(f"{url}/metrics", timeout=5)
-        assert resp.status_code == 200 and resp.text == "kie_up 1\n"
-        assert resp.headers["Content-Type"].startswith("text/plain")
-    finally:
-        stop()
+def test_metrics_route(receiver: Receiver) -> None:
+    make_submitted(receiver.rt, "job-m")
+    _received(receiver.post("job-m"))
+    resp = requests.get(f"{receiver.url}/metrics", timeout=5)
+    assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("text/plain")
+    lines = resp.text.splitlines()
+    assert "kie_extend_callbacks_total 1" in lines and 'kie_extend_jobs{state="submitted"} 1' in lines
 
 
 # ----- the simulator's real callbacks ----------------------------------------------------------------
@@ -482,7 +500,7 @@ def _wait(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
 
 
 @pytest.mark.parametrize("sim_secret", [SECRET, "not-the-receivers-secret"], ids=["same-key", "other-key"])
-def test_simulator_callbacks_reach_the_receiver(make_receiver: Callable[..., Receiver], sim_secret: str) -> None:
+def test_simulator_callbacks_reach_serve(make_receiver: Callable[..., Receiver], sim_secret: str) -> None:
     rec = make_receiver(secret=SECRET)
     knobs = {"time_factor": 0.005, "callback_secret": sim_secret, "callback_retry_delays": (), "seed": 3}
     with serve(SimConfig(**knobs)) as sim:
