@@ -61,7 +61,7 @@ def test_transition_resent_after_a_frozen_server_is_applied_once() -> None:
         client = redis.Redis(port=server.port, socket_timeout=1, socket_connect_timeout=1)
         keys = Keys(f"t{uuid.uuid4().hex[:8]}")
         store = JobStore(client, keys)
-        assert store.transition("j1", JobState.QUEUED, expect=[None], fields={"created_ts": time.time()})
+        assert store.transition("j1", JobState.QUEUED, expect=[None], fields={"created_ts": time.time(), "request": {}})
         assert server.proc is not None
         os.kill(server.proc.pid, signal.SIGSTOP)
         timer = threading.Timer(2.5, os.kill, (server.proc.pid, signal.SIGCONT))
@@ -183,32 +183,34 @@ def test_sweep_finds_and_repairs_every_kind(harness: Callable[..., Harness]) -> 
     rt, keys = h.rt, h.rt.keys
     store, r = rt.store, rt.redis
     # A queued job on no schedule (as a lost write would leave it).
-    store.transition("q1", JobState.QUEUED, expect=[None], fields={"created_ts": time.time()})
+    store.transition("q1", JobState.QUEUED, expect=[None], fields={"created_ts": time.time(), "request": {}})
     # A submitted job whose due entry vanished, and which is missing from the in-flight set.
-    store.transition("s1", JobState.QUEUED, expect=[None], fields={"created_ts": time.time()})
+    store.transition("s1", JobState.QUEUED, expect=[None], fields={"created_ts": time.time(), "request": {}})
     store.transition("s1", JobState.SUBMITTING, expect=[JobState.QUEUED])
     store.transition("s1", JobState.SUBMITTED, expect=[JobState.SUBMITTING], fields={"kie_task_id": "x"})
     r.zrem(keys.due, "s1")
     r.srem(keys.inflight, "s1")
     # An in-flight slot held by a queued job, an evicted record, a finished job still on the schedule.
     r.sadd(keys.inflight, "q1")
-    store.transition("gone", JobState.QUEUED, expect=[None], fields={"created_ts": time.time()}, due=time.time())
+    store.transition("gone", JobState.QUEUED, expect=[None], fields={"created_ts": time.time(), "request": {}}, due=time.time())
     r.delete(keys.job("gone"))
-    store.transition("f1", JobState.FAILED, expect=[None], fields={"created_ts": time.time()},
+    store.transition("f1", JobState.FAILED, expect=[None], fields={"created_ts": time.time(), "request": {}},
                      event={"event": "job.failed"}, handlers=[])
     r.zadd(keys.due, {"f1": time.time()})
     inv = Invariants(r, keys)
     report = inv.check(grace=0)
     kinds = report.counts()
+    # The evicted record left its request key behind: an orphan.
     assert kinds == {"unscheduled": 2, "inflight_missing": 1, "inflight_leak": 1, "missing_record": 2,
-                     "finished_scheduled": 1}, kinds
+                     "finished_scheduled": 1, "orphan_request": 1}, kinds
     fixed = inv.check(repair=True, grace=0)
     assert fixed.repaired == len(fixed.violations)
     assert inv.check(grace=0).violations == []
     assert r.zscore(keys.due, "q1") is not None and r.zscore(keys.due, "s1") is not None
     assert r.sismember(keys.inflight, "s1") and not r.sismember(keys.inflight, "q1")
+    assert not r.exists(keys.request("gone")) and r.exists(keys.request("q1"))
     # A young job is not reported (it may be between two writes of a normal step).
-    store.transition("young", JobState.QUEUED, expect=[None], fields={"created_ts": time.time()})
+    store.transition("young", JobState.QUEUED, expect=[None], fields={"created_ts": time.time(), "request": {}})
     assert inv.check(grace=30).violations == []
 
 
@@ -231,7 +233,7 @@ def test_doctor_command(make_settings: Callable[..., Any], valkey: EmbeddedValke
     cmd = [sys.executable, "-m", "kie_extend.cli", "doctor", "--grace", "0"]
     clean = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert clean.returncode == 0 and "0 violation(s)" in clean.stdout, clean.stdout + clean.stderr
-    rt.store.transition("lost1", JobState.QUEUED, expect=[None], fields={"created_ts": time.time()})
+    rt.store.transition("lost1", JobState.QUEUED, expect=[None], fields={"created_ts": time.time(), "request": {}})
     found = subprocess.run([*cmd, "--json"], env=env, capture_output=True, text=True, timeout=60)
     assert found.returncode == 1
     assert json.loads(found.stdout)["by_kind"] == {"unscheduled": 1}

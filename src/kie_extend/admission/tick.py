@@ -107,8 +107,8 @@ class Scheduler:
             report = Invariants(r, keys).check(repair=True, grace=self.s.sweep_grace, now=now, cursor=cursor,
                                                budget=SWEEP_BUDGET)
             for v in report.violations:
-                # A vanished record is a lost job (evicted or deleted): an error, not a repair.
-                level = logging.ERROR if v.kind == "missing_record" else logging.WARNING
+                # A vanished record or request is a lost job (evicted or deleted): an error, not a repair.
+                level = logging.ERROR if v.kind in ("missing_record", "missing_request") else logging.WARNING
                 log.log(level, "sweep: %s: %s%s", v.kind, v.detail, " (repaired)" if v.repaired else "",
                         extra={"job_id": v.job_id})
                 self.store.stat(f"sweep_{v.kind}")

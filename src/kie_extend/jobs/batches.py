@@ -137,12 +137,9 @@ def cancel_batch(rt: Runtime, batch_id: str, cancel_many: Any) -> int:
     rt.redis.hset(rt.keys.batch(batch_id), "cancelled", "1")
     n = 0
     for ids in batch_job_ids(rt, batch_id):
-        pipe = rt.redis.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.hgetall(rt.keys.job(job_id))
         queued = []
-        for job_id, raw in zip(ids, pipe.execute()):
-            rec = JobRecord.from_hash({_t(k): _t(v) for k, v in raw.items()})
+        for job_id, raw in zip(ids, rt.store.get_many(ids)):
+            rec = JobRecord.from_hash(raw or {})
             if rec.state is JobState.QUEUED:
                 queued.append((job_id, rec))
         n += cancel_many(queued, "operator")

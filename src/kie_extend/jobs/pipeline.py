@@ -245,6 +245,13 @@ class Pipeline:
         if rec.not_after is not None and rec.not_after <= now:
             self.cancel(job_id, "deadline", rec)
             return
+        if rec.request_text is None:
+            # Its request key was evicted or deleted (doctor: missing_request): it can never be sent.
+            message = "the stored request is gone (evicted or deleted from Redis); enqueue it again"
+            self._finish(job_id, rec, JobState.FAILED, {"error": _error(
+                "invalid_request", message, errors=[{"field": "request", "message": message}])},
+                expect=[JobState.QUEUED])
+            return
         granted = False
         if not rec.admitted:
             if not in_ready:

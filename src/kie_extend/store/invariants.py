@@ -14,6 +14,10 @@ Every unfinished job must be somewhere the tick will find it, or it waits foreve
 - ``inflight_missing``: a submitting or submitted job not in the in-flight set. Repair: add it.
 - ``finished_scheduled``: a finished job still on the due schedule after its entry fell due (no
   tick took it off). Repair: remove.
+- ``missing_request``: an unfinished job whose request body is gone (its request key, ``Keys.request``,
+  evicted or deleted by hand, and no ``request`` field in a record from before that key). It can
+  never be sent; nothing can bring the request back, so there is no repair: cancel or fail it.
+- ``orphan_request``: a request key whose job record is gone. Repair: delete it.
 
 Each repair is one Lua script that re-checks its condition on the spot, so a job that moved on
 meanwhile is left alone. Jobs younger in their state than ``grace`` seconds are skipped: between two
@@ -23,6 +27,7 @@ writes of a normal step a job may briefly look unscheduled.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -68,7 +73,8 @@ return 1
 
 # KEYS: due, inflight. ARGV: tag, then ids. For each id: state ('' = a record without one, false
 # = no record), the time it entered that state, its time on the due schedule ('' = not on it),
-# whether it is in its ready queue, whether it holds an in-flight slot.
+# whether it is in its ready queue, whether it holds an in-flight slot, whether its request is
+# stored (its request key, or a 'request' field in an older record).
 _INSPECT = LIB + """
 local out = {}
 for i = 2, #ARGV do
@@ -86,8 +92,19 @@ for i = 2, #ARGV do
   table.insert(out, redis.call('ZSCORE', KEYS[1], id) or '')
   table.insert(out, ready)
   table.insert(out, redis.call('SISMEMBER', KEYS[2], id))
+  local req = 1
+  if f[1] and redis.call('EXISTS', T .. ':req:' .. id) == 0 and redis.call('HEXISTS', jk, 'request') == 0 then
+    req = 0
+  end
+  table.insert(out, req)
 end
 return out
+"""
+
+# KEYS: request key, job. Deletes a request key whose record is gone.
+_DROP_ORPHAN = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+return redis.call('DEL', KEYS[1])
 """
 
 # KEYS: job, inflight. ARGV: id, "add" | "remove". Fixes in-flight membership from the record's state.
@@ -159,6 +176,11 @@ def _t(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally in a SCAN MATCH pattern."""
+    return re.sub(r"([\\*?\[\]])", r"\\\1", text)
+
+
 class Invariants:
     """Checks (and optionally repairs) the job store's invariants under one key prefix."""
 
@@ -171,23 +193,46 @@ class Invariants:
         self._reindex = client.register_script(_REINDEX)
         self._unschedule = client.register_script(_UNSCHEDULE_FINISHED)
         self._inspect = client.register_script(_INSPECT)
+        self._drop_orphan = client.register_script(_DROP_ORPHAN)
 
-    def _records(self, ids: list[str]) -> list[tuple[str | None, float, float | None, bool, bool]]:
+    def _records(self, ids: list[str]) -> list[tuple[str | None, float, float | None, bool, bool, bool]]:
         """For each id: (state, or None when the record is gone; time in that state; its time on
-        the due schedule or None; in its ready queue; in the in-flight set), read in one script."""
+        the due schedule or None; in its ready queue; in the in-flight set; its request stored),
+        read in one script."""
         out = self._inspect(keys=[self.keys.due, self.keys.inflight], args=[self.keys.tag, *ids])
         rows = []
-        for i in range(0, len(out), 5):
+        for i in range(0, len(out), 6):
             state = out[i]
             due = _t(out[i + 2])
             rows.append((None if state is None else _t(state), float(_t(out[i + 1]) or 0),
-                         float(due) if due else None, bool(out[i + 3]), bool(out[i + 4])))
+                         float(due) if due else None, bool(out[i + 3]), bool(out[i + 4]), bool(out[i + 5])))
         return rows
 
     def _phases(self) -> list[tuple[str, str]]:
-        """What a full pass walks, in order: (kind, key)."""
+        """What a full pass walks, in order: (kind, key or key pattern)."""
         k = self.keys
-        return [*(("state", k.state_index(s.value)) for s in _UNFINISHED), ("inflight", k.inflight), ("due", k.due)]
+        return [*(("state", k.state_index(s.value)) for s in _UNFINISHED), ("inflight", k.inflight), ("due", k.due),
+                ("requests", _glob_escape(k.request("")) + "*")]
+
+    def _orphans(self, pattern: str, pos: int) -> tuple[int, list[str]]:
+        """One SCAN step over the request keys (about CHUNK keys of the keyspace looked at): the next
+        cursor and the ids of request keys found whose record is gone."""
+        get_node = getattr(self.redis, "get_node_from_key", None)
+        if get_node is None:
+            pos, found = self.redis.scan(pos, match=pattern, count=CHUNK)
+        else:  # a cluster: every key of the prefix is in one slot, so on one node (keys.py)
+            cursors, found = self.redis.scan(pos, match=pattern, count=CHUNK,
+                                             target_nodes=get_node(self.keys.request("")))
+            pos = next(iter(cursors.values()))
+        names = [_t(n) for n in found]
+        if not names:
+            return pos, []
+        prefix = len(self.keys.request(""))
+        ids = [n[prefix:] for n in names]
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.exists(self.keys.job(job_id))
+        return pos, [j for j, there in zip(ids, pipe.execute()) if not there]
 
     def check(self, *, repair: bool = False, grace: float = 30.0, now: float | None = None,
               limit: int | None = None, cursor: tuple[int, int] = (0, 0),
@@ -219,11 +264,21 @@ class Invariants:
 
         phases = self._phases()
         phase, pos = cursor
+        spent = 0  # ids looked at, plus CHUNK per keyspace SCAN step, against ``budget``
         while phase < len(phases):
-            if (budget is not None and report.checked >= budget) or (limit is not None and len(report.violations) >= limit):
+            if (budget is not None and spent >= budget) or (limit is not None and len(report.violations) >= limit):
                 report.cursor = (phase, pos)
                 return report
             kind, key = phases[phase]
+            if kind == "requests":
+                pos, orphans = self._orphans(key, pos)
+                spent += CHUNK
+                for job_id in orphans:
+                    add("orphan_request", job_id, "a request key whose record is gone",
+                        lambda j=job_id: self._drop_orphan(keys=[keys.request(j), keys.job(j)]))
+                if pos == 0:
+                    phase, pos = phase + 1, 0
+                continue
             if kind == "inflight":
                 pos, members = self.redis.sscan(key, pos, count=CHUNK)
                 ids = [_t(m) for m in members]
@@ -231,7 +286,8 @@ class Invariants:
                 ids = [_t(m) for m in self.redis.zrange(key, pos, pos + CHUNK - 1)]
             rows = self._records(ids) if ids else []
             removed = 0
-            for job_id, (actual, ts, on_due, on_ready, in_flight) in zip(ids, rows):
+            spent += len(ids)
+            for job_id, (actual, ts, on_due, on_ready, in_flight, has_request) in zip(ids, rows):
                 report.checked += 1
                 if actual is None:
                     where = {"state": f"in the {key.rsplit(':', 1)[-1]} index", "inflight": "holds an in-flight slot",
@@ -256,6 +312,9 @@ class Invariants:
                     if state in {s.value for s in IN_FLIGHT} and not in_flight:
                         add("inflight_missing", job_id, f"{state} but not counted in flight",
                             lambda j=job_id: self._inflight(keys=[keys.job(j), keys.inflight], args=[j, "add"]))
+                    if not has_request:
+                        add("missing_request", job_id, f"{state} but its request is gone (no request key)",
+                            lambda: False)
                 elif kind == "inflight":
                     if actual not in {s.value for s in IN_FLIGHT}:
                         add("inflight_leak", job_id, f"holds an in-flight slot while {actual or 'without state'}",

@@ -4,6 +4,12 @@ Every state change goes through :meth:`JobStore.transition`, a Lua script that c
 current state, writes the new one with its fields, keeps the state indexes and the in-flight set
 in step, and, for a terminal state, writes the result event and queues one delivery per handler in
 the same atomic step (the outbox).
+
+A job's request body lives in its own key (``Keys.request``, packed by store/packing.py), not in
+the record's hash, so a queued job's hash stays a listpack. It is written by the move that creates
+the record and follows the record's lifetime; :meth:`JobStore.get` folds it back into the record
+(field ``request``, JSON text) in the same round trip, and :meth:`JobStore.request` reads it alone.
+Records written before the key existed still carry ``request`` in the hash: both read that too.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any, Iterable, Iterator
 import redis
 
 from kie_extend.store import lua
+from kie_extend.store.packing import pack, unpack
 from kie_extend.store.keys import MINUTE_HISTOGRAMS, MINUTE_TTL, Keys
 from kie_extend.store.record import JobRecord
 from kie_extend.jobs.states import IN_FLIGHT, TERMINAL, TRANSITIONS, JobState
@@ -74,13 +81,14 @@ _CLAIM_POLL = _CLAIM_POLL_FN + "return claim_poll(KEYS[1], KEYS[2], ARGV[1], ARG
 # KEYS, ARGV: as _CLAIM_POLL.
 _STEP_READ = _CLAIM_POLL_FN + """
 local raw = redis.call('HGETALL', KEYS[1])
+local request = redis.call('GET', KEYS[3])
 for i = 1, #raw, 2 do
   if raw[i] == 'state' then
-    if raw[i + 1] ~= 'submitted' then return {raw} end
-    return {raw, claim_poll(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]) or ''}
+    if raw[i + 1] ~= 'submitted' then return {raw, '-', request} end
+    return {raw, claim_poll(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]) or '', request}
   end
 end
-return {raw}
+return {raw, '-', request}
 """
 
 
@@ -155,11 +163,43 @@ class JobStore:
 
     # -- records ---------------------------------------------------------------------------
     def get(self, job_id: str) -> dict[str, str] | None:
-        """The raw record (field -> text), or None when no such job exists."""
-        raw = self.redis.hgetall(self.record_key(job_id))
-        if not raw:
-            return None
-        return {_text(k): _text(v) for k, v in raw.items()}
+        """The raw record (field -> text), or None when no such job exists. A job's record has its
+        request JSON text in ``request`` (read from its request key in the same round trip)."""
+        return self.get_many([job_id])[0]
+
+    def get_many(self, job_ids: Iterable[str]) -> list[dict[str, str] | None]:
+        """The raw records of ``job_ids`` in order (None for a missing one), as :meth:`get`, in one
+        round trip."""
+        refs = list(job_ids)
+        pipe = self.redis.pipeline(transaction=False)
+        for ref in refs:
+            pipe.hgetall(self.record_key(ref))
+            if not ref.startswith(BATCH_REF):
+                pipe.get(self.keys.request(ref))
+        found = iter(pipe.execute())
+        out: list[dict[str, str] | None] = []
+        for ref in refs:
+            raw = next(found)
+            stored = None if ref.startswith(BATCH_REF) else next(found)
+            if not raw:
+                out.append(None)
+                continue
+            record = {_text(k): _text(v) for k, v in raw.items()}
+            if stored is not None and "request" not in record:
+                record["request"] = unpack(stored)
+            out.append(record)
+        return out
+
+    def request(self, job_id: str) -> dict[str, Any] | None:
+        """A job's request body (the JSON object to send to the provider), from its request key or,
+        for a record written before that key existed, from its hash; None when neither holds one.
+        Raises ValueError when the stored text is not JSON."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(self.keys.request(job_id))
+        pipe.hget(self.keys.job(job_id), "request")
+        stored, legacy = pipe.execute()
+        text = _text(legacy) if legacy is not None else unpack(stored) if stored is not None else None
+        return None if text is None else json.loads(text)
 
     def get_record(self, job_id: str) -> JobRecord | None:
         """The job's record parsed into typed fields (one ``HGETALL``, as :meth:`get`), or None
@@ -170,14 +210,16 @@ class JobStore:
         """:meth:`get` for a due job's next step, in the same round trip as :meth:`claim_poll` (same
         arguments) when the job is ``submitted``: ``(record or None, claim)``, where ``claim`` is
         what :meth:`claim_poll` returns (``None`` = claimed) for a submitted job, and ``""`` (no claim
-        tried) otherwise. The record is the one read before the claim."""
-        found = self._step_read(keys=[self.keys.job(job_id), self.keys.stats],
+        tried) otherwise. The record is the one read before the claim, with its request as :meth:`get`
+        has it."""
+        found = self._step_read(keys=[self.keys.job(job_id), self.keys.stats, self.keys.request(job_id)],
                                 args=[repr(now), gap, repr(now + lease)])
-        flat = found[0]
+        flat, claim, stored = found[0], _text(found[1]), found[2] if len(found) > 2 else None
         raw = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)} or None
-        if len(found) < 2:
+        if raw is not None and stored is not None and "request" not in raw:
+            raw["request"] = unpack(stored)
+        if claim == "-":
             return raw, ""
-        claim = _text(found[1])
         return raw, (None if claim == "" else float(claim))
 
     @contextmanager
@@ -244,11 +286,12 @@ class JobStore:
         """Write a record that only points at another job (idempotency duplicate); once, atomically.
         In a batch it counts as done (``c:duplicate``); False when the key already existed."""
         mapping = {k: _enc(v) for k, v in fields.items() if v is not None}
+        request = mapping.pop("request", None)
         now = time.time()
         return bool(self._pointer(
-            keys=[self.keys.job(job_id), self.keys.deliveries, self.keys.stats],
+            keys=[self.keys.job(job_id), self.keys.deliveries, self.keys.stats, self.keys.request(job_id)],
             args=[self.keys.tag, job_id, int(ttl), json.dumps(mapping), repr(now), _iso(now),
-                  json.dumps(list(handlers)), repr(deliveries_at or now)]))
+                  json.dumps(list(handlers)), repr(deliveries_at or now), pack(request) if request else ""]))
 
     def declare_batch(self, batch_id: str, job_ids: Iterable[str]) -> int:
         """Name a batch's jobs before they are sent (a producer that knows them: enqueue_many,
@@ -299,7 +342,9 @@ class JobStore:
         event and deliveries too (``Moved.batch_finished``). With ``pipe`` (a redis-py pipeline) the
         script is only queued on it and ``Moved(0)`` is returned: the caller reads each move's
         outcome from ``pipe.execute()`` (first element 1 = moved); with a :class:`OneTrip`, from its
-        ``execute()`` through :meth:`moved`.
+        ``execute()`` through :meth:`moved`. A ``request`` among ``fields`` goes to the job's request
+        key (packed), not to its hash; the key gets the record's TTL on a terminal move and loses it
+        on any other.
         """
         expected = list(expect)
         for frm in expected:
@@ -308,13 +353,15 @@ class JobStore:
         if (to in TERMINAL) != (event is not None):
             raise IllegalTransition("a terminal move must carry exactly one result event")
         encoded = {k: _enc(v) for k, v in (fields or {}).items()}
+        request = encoded.pop("request", None)
         payload = json.dumps({k: (v if v is not None else None) for k, v in encoded.items()})
         due_arg = "-" if due is None else ("" if due == "" else repr(float(due)))
         k = self.keys
         now = time.time()
         call = dict(
             keys=[k.job(job_id), k.due, k.inflight, k.deliveries, k.stats, k.deadlines, k.rate_log,
-                  k.priorities, k.admission_seq, k.breaker, *(k.state_index(st.value) for st in lua.STATE_ORDER)],
+                  k.priorities, k.admission_seq, k.breaker, k.request(job_id),
+                  *(k.state_index(st.value) for st in lua.STATE_ORDER)],
             args=[
                 k.tag,
                 job_id,
@@ -329,9 +376,10 @@ class JobStore:
                 str(int(retention)),
                 repr(float(deliveries_at if deliveries_at is not None else now)),
                 stat,
-                uuid.uuid4().hex,
+                uuid.uuid4().hex[:16],  # the operation id: 64 random bits, a short field of the record
                 "1" if ready else "",
                 _iso(now),
+                pack(request) if request else "",
             ],
         )
         if isinstance(pipe, OneTrip):

@@ -5,7 +5,7 @@ keys of one prefix live in one hash slot and every Lua script can touch them tog
 as on a single server. A prefix that already holds a ``{...}`` tag is used as it is.
 
 A name built from an id (job, batch, tenant, idempotency key) is a fixed family followed by the id,
-always last: ``{p}:job:<id>``, ``{p}:batch:<id>``, ``{p}:batchjobs:<id>``, ``{p}:idem:<key>``. No
+always last: ``{p}:job:<id>``, ``{p}:req:<id>``, ``{p}:batch:<id>``, ``{p}:batchjobs:<id>``, ``{p}:idem:<key>``. No
 family's name is another's followed by more text, so whatever an id holds (the grammar in jobs/ids.py
 already keeps ``:`` out) it cannot spell a key of another family or another id's key.
 """
@@ -37,8 +37,15 @@ class Keys:
         return self.prefix if re.search(r"\{[^{}]+\}", self.prefix) else "{" + self.prefix + "}"
 
     def job(self, job_id: str) -> str:
-        """Hash: one job's record (state, request, timestamps, tracks, handler states, event)."""
+        """Hash: one job's record (state, timestamps, tracks, handler states, event). Records written
+        before :meth:`request` existed hold the request here too, in field ``request``."""
         return f"{self.tag}:job:{job_id}"
+
+    def request(self, job_id: str) -> str:
+        """String: one job's request body (store/packing.py: JSON text, or packed), beside its record
+        so the record stays a small listpack hash. Written in the same step as the record, it expires
+        with it (same TTL) and is read through ``JobStore.get`` / ``JobStore.request``."""
+        return f"{self.tag}:req:{job_id}"
 
     def state_index(self, state: str) -> str:
         """Sorted set of job ids in ``state`` scored by creation time (for ``kie-extend jobs``)."""

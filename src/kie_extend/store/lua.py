@@ -20,7 +20,7 @@ HISTORY_MAX = 20
 
 #: Fixed keys of the transition script, before the state indexes.
 TRANSITION_KEYS = ("job", "due", "inflight", "deliveries", "stats", "deadlines", "rate", "priorities", "seq",
-                   "breaker")
+                   "breaker", "request")
 
 LIB = """
 local T = ARGV[1]
@@ -104,7 +104,10 @@ end
 # ARGV: tag, job_id, to, expected ("|"-joined, "" = no record), fields JSON, due ("" keep, "-"
 #       remove, else score), event JSON or "", handlers JSON, now, inflight flag, retention seconds,
 #       time the deliveries fall due, a counter to bump ("" none), operation id, "1" to put the job
-#       in its ready queue, now as ISO-8601.
+#       in its ready queue, now as ISO-8601, the request body to store in the request key ("" = keep
+#       what is there).
+# The request key (KEYS[11]) follows the record: written here, given the record's TTL on a terminal
+# move and made persistent again on any other.
 # The operation id makes the script safe to run twice: a client that re-sends it after a socket
 # timeout (the server was only slow) finds its own id on the record and gets "done", not a lost race.
 TRANSITION = LIB + """
@@ -132,6 +135,10 @@ end
 local fields = cjson.decode(ARGV[5])
 for k, v in pairs(fields) do
   if v == cjson.null then redis.call('HDEL', jk, k) else redis.call('HSET', jk, k, v) end
+end
+if ARGV[17] ~= '' then
+  redis.call('SET', KEYS[11], ARGV[17])
+  redis.call('HDEL', jk, 'request')
 end
 redis.call('HSET', jk, 'state', to, 'state_ts', now, 'op', op)
 -- A short history of the job's moves for the dashboard's timeline (the last HISTORY_MAX).
@@ -163,8 +170,10 @@ if ARGV[7] ~= '' then
   end
   redis.call('HINCRBY', KEYS[5], 'jobs_' .. to, 1)
   redis.call('EXPIRE', jk, ARGV[11])
+  redis.call('EXPIRE', KEYS[11], ARGV[11])
 else
   redis.call('PERSIST', jk)
+  redis.call('PERSIST', KEYS[11])
 end
 if bevent then
   local b = redis.call('HGET', jk, 'batch_id')
@@ -206,12 +215,13 @@ return ready_add(KEYS[1], ARGV[2], KEYS[2], KEYS[3])
 """
 
 # Create an idempotency duplicate's pointer record unless the key exists; a batch counts it done.
-# KEYS: job, deliveries, stats. ARGV: tag, id, ttl seconds, fields JSON, now, now ISO, handlers JSON,
-# time the batch's deliveries fall due.
+# KEYS: job, deliveries, stats, request. ARGV: tag, id, ttl seconds, fields JSON, now, now ISO,
+# handlers JSON, time the batch's deliveries fall due, the request body ("" = none).
 POINTER = LIB + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 for k, v in pairs(cjson.decode(ARGV[4])) do redis.call('HSET', KEYS[1], k, v) end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
+if ARGV[9] ~= '' then redis.call('SET', KEYS[4], ARGV[9], 'EX', ARGV[3]) end
 if batch_move(KEYS[1], ARGV[2], '', 'duplicate', ARGV[5], ARGV[6]) then
   local b = redis.call('HGET', KEYS[1], 'batch_id')
   for _, h in ipairs(cjson.decode(ARGV[7])) do
