@@ -42,6 +42,10 @@ from kie_extend.infra.check import InfraUnavailable, chain, unreachable_reason
 from kie_extend.errors import (AccountError, ConfigError, ConnectError, KieExtendError, OutcomeUnknownError, ProviderError,
                      ValidationError)
 
+#: redis-py's wording for an error inside a pipeline; it quotes the command and its arguments (job
+#: data), so an error line keeps only the server's reply.
+_PIPELINE_PREFIX = re.compile(r"^Command # \d+ \(.*?\) of pipeline caused error: ", re.S)
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -120,7 +124,7 @@ def _describe(exc: BaseException, settings: Any) -> tuple[int, str]:
         return EXIT_USAGE, "cannot listen: the address is already in use; stop the process using it or choose --port"
     if isinstance(exc, OSError) and exc.filename is not None:
         return EXIT_USAGE, f"cannot open {exc.filename}: {exc.strerror or exc}"
-    return EXIT_INTERNAL, f"unexpected {type(exc).__name__}: {exc}"
+    return EXIT_INTERNAL, f"unexpected {type(exc).__name__}: {_PIPELINE_PREFIX.sub('', str(exc))}"
 
 
 def _settings_or_none() -> Any:
