@@ -306,7 +306,8 @@ def test_strict_mode_fails_an_undeclared_tenant_in_the_worker(tmp_path: Path, te
         sim_url = stack.start_simulator("--time-factor", "0.01", "--seed", "4")
         stack.start_worker(concurrency=1)
         settings = stack.settings()
-        body = {"uploadUrl": f"{sim_url}/files/source/30s.mp3", "defaultParamFlag": False, "model": "V5"}
+        body = {"uploadUrl": f"{sim_url}/files/source/30s.mp3", "defaultParamFlag": True, "instrumental": True,
+                "continueAt": 5, "model": "V5", "style": "rock", "title": "T", "callBackUrl": "https://example.com/cb"}
         app = producer_app(settings)
         bad, good = f"strict-{uuid.uuid4().hex[:8]}", f"strict-{uuid.uuid4().hex[:8]}"
         app.send_task("kie_extend.extend", kwargs={"request": body, "tenant": "invented"}, task_id=bad,
@@ -322,7 +323,7 @@ def test_strict_mode_fails_an_undeclared_tenant_in_the_worker(tmp_path: Path, te
             time.sleep(0.2)
         assert recs[bad]["state"] == "failed" and recs[bad]["error"]["kind"] == "invalid_request", recs[bad]
         assert any(e["field"] == "tenant" for e in recs[bad]["error"].get("errors", [])), recs[bad]
-        assert recs[good]["state"] != "failed", recs[good]
+        assert recs[good]["state"] != "failed", recs[good].get("error")
     # A producer in this process is refused before anything is sent.
     from kie_extend.api import enqueue_extend
     from kie_extend.errors import ValidationError
