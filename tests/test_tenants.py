@@ -197,6 +197,8 @@ def test_batches_are_scoped(api: Api) -> None:
     assert r.status_code == 202, r.text
     # Seen before any worker recorded a job of it.
     assert api.call("GET", f"/v1/batches/{shop_batch}", SHOP).json()["total"] == 2
+    pending = api.call("GET", f"/v1/jobs?batch_id={shop_batch}", SHOP).json()["jobs"]
+    assert [j["state"] for j in pending] == ["pending", "pending"]
     r = api.call("POST", "/v1/jobs", BLOG, json={"jobs": [{"request": req_body(api)}], "batch_id": blog_batch})
     assert r.status_code == 202
     # Another tenant's batch cannot be joined.
@@ -291,6 +293,11 @@ def test_dashboard_tenant_session_sees_only_its_jobs(make_settings: Callable[...
         assert r.status_code == 404 and get_job(theirs, settings=settings)["state"] != "cancelled"
         r = s.post(app.url + "/pause", data={"csrf": csrf}, headers={"Origin": app.url}, allow_redirects=False)
         assert r.status_code == 403 and not rt.gates.operator_paused()
+        blog = requests.Session()
+        blog.post(app.url + "/login", data={"token": BLOG_READ, "next": "/"}, headers={"Origin": app.url})
+        r = blog.get(app.url + f"/batches/{batch}")
+        assert r.status_code == 200 and mine not in r.text
+        assert batch in blog.get(app.url + "/batches").text and theirs in blog.get(app.url + "/jobs").text
         admin = requests.Session()
         r = admin.post(app.url + "/login", data={"token": ADMIN, "next": "/jobs"}, headers={"Origin": app.url})
         assert mine in r.text and theirs in r.text

@@ -39,7 +39,7 @@ from kie_extend.infra.metrics import overview
 from kie_extend.jobs.states import JobState
 from kie_extend.http.auth import Auth, Principal
 from kie_extend.http.limits import TooDeep, loads
-from kie_extend.tenants.scope import claim_batch, owns_batch, system_for
+from kie_extend.tenants.scope import claim_batch, owns_batch, system_for, tenant_filter
 from kie_extend.http.schemas import (BATCH_ID_SCHEMA_PATTERN, CURSOR_SCHEMA_PATTERN, JOB_ID_SCHEMA_PATTERN, MAX_JOBS_PER_REQUEST,
                       MAX_PAUSE_REASON, Batch, BatchCancelled, BatchList, BatchSubmission, CancelOutcome, ErrorBody,
                       JobAccepted, JobPage, JobRecord, JobsAccepted, JobSubmission, PauseRequest, PauseState,
@@ -341,9 +341,11 @@ async def list_jobs_route(
     """Jobs newest first (by creation time), filtered, one page at a time: follow ``next_cursor``
     until it is null. A page may be short while ``next_cursor`` is set when filters skip many."""
     if principal.tenant is not None:
-        if tenant is not None and tenant != principal.tenant:
+        scoped = await _blocking(tenant_filter, request.app.state.runtime, principal.tenant,
+                                 batch_id if batch_id and id_problem("batch_id", batch_id) is None else None)
+        if scoped is False or (tenant is not None and tenant != principal.tenant):
             return JSONResponse({"jobs": [], "next_cursor": None})
-        tenant = principal.tenant
+        tenant = scoped  # type: ignore[assignment]
     try:
         jobs, nxt = await _blocking(list_jobs, request.app.state.runtime, state=state, batch_id=batch_id,
                                     tenant=tenant, limit=limit, cursor=cursor)

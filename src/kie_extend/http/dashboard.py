@@ -40,7 +40,7 @@ from kie_extend.admission.gates import MAX_PAUSE_REASON
 from kie_extend.jobs.intake import JOB_ID_PATTERN
 from kie_extend.http import dashboard_data as data
 from kie_extend.http.auth import SESSION_COOKIE, SESSION_MAX_AGE, Principal, client_address
-from kie_extend.tenants.scope import owns_batch
+from kie_extend.tenants.scope import owns_batch, tenant_filter
 
 log = logging.getLogger("kie_extend.http.dashboard")
 
@@ -234,9 +234,10 @@ def mount(app: FastAPI) -> None:
              page: int = 1) -> Response:
         who = principal_of(request)
         if who.tenant is not None:
-            tenant = who.tenant
-            if batch and not owns_batch(rt, batch, who.tenant):
+            scoped = tenant_filter(rt, who.tenant, batch or None)
+            if scoped is False:
                 batch = "-"  # no batch has this id: an empty list, as for an unknown batch
+            tenant = "" if scoped is None else who.tenant  # None: the tenant's own batch, pending jobs too
         listing = data.list_jobs(rt, state=state, batch=batch, tenant=tenant, q=q, page=max(1, page))
         return _page(request, "jobs.html", {"listing": listing, "states": data.STATE_NAMES,
                                             "f": {"state": state, "batch": batch, "tenant": tenant, "q": q}}, who)
@@ -263,7 +264,8 @@ def mount(app: FastAPI) -> None:
         info = get_batch(rt, batch_id)
         if info.get("state") == "not_found" or not owns_batch(rt, batch_id, who.tenant):
             return _page(request, "error.html", {"status": 404, "message": f"No batch {batch_id}."}, who, status=404)
-        listing = data.list_jobs(rt, batch=batch_id, tenant=who.tenant or "",
+        scoped = tenant_filter(rt, who.tenant, batch_id) if who.tenant is not None else None
+        listing = data.list_jobs(rt, batch=batch_id, tenant=scoped or "",
                                  page=max(1, int(request.query_params.get("page", 1) or 1)))
         return _page(request, "batch.html", {"b": data.with_progress(info), "listing": listing}, who)
 

@@ -33,6 +33,18 @@ def owns_batch(rt: Runtime, batch_id: str, tenant: str | None) -> bool:
     return tenant is None or tenant in batch_tenants(rt, batch_id)
 
 
+def tenant_filter(rt: Runtime, tenant: str, batch_id: str | None) -> str | None | bool:
+    """The tenant filter a listing for ``tenant``'s token uses: ``tenant`` itself; None (no filter)
+    for a batch that is the tenant's alone, so its declared jobs not yet recorded (``pending``,
+    which carry no tenant) are listed too; False when ``batch_id`` is not the tenant's (list nothing)."""
+    if batch_id is None:
+        return tenant
+    owners = batch_tenants(rt, batch_id)
+    if tenant not in owners:
+        return False
+    return None if owners == {tenant} else tenant
+
+
 def claim_batch(rt: Runtime, batch_id: str, tenant: str) -> bool:
     """Record ``tenant`` as the batch's owner unless the batch is another tenant's already; True
     when ``tenant`` may add jobs to it (a new batch, or its own)."""
@@ -72,4 +84,5 @@ def system_for(view: dict[str, Any], tenant: str | None) -> dict[str, Any]:
             "waiting_by_priority": by_priority, "waiting_by_tenant": {tenant: mine} if mine else {}}
 
 
-__all__ = ["SAMPLE", "batch_tenants", "batch_tenants_of_jobs", "owns_batch", "claim_batch", "system_for"]
+__all__ = ["SAMPLE", "batch_tenants", "batch_tenants_of_jobs", "owns_batch", "claim_batch", "tenant_filter",
+           "system_for"]
