@@ -88,7 +88,8 @@ def unauthorized_reason(header: str) -> str:
         return "an Authorization: Bearer <token> header is required (a token from KIE_API_TOKENS)"
     if scheme.lower() != "bearer" or not value.strip():
         return "the Authorization header must be 'Bearer <token>' (a token from KIE_API_TOKENS)"
-    return "this bearer token is not one of KIE_API_TOKENS (a read-only token may be sent with or without 'read:')"
+    return ("this bearer token is not one of KIE_API_TOKENS or the tenants file's (a read-only token may be sent "
+            "with or without 'read:')")
 
 
 def fingerprint(token: str, secret: bytes) -> str:
