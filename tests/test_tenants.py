@@ -387,3 +387,20 @@ def test_a_bad_tenants_file_stops_serve_worker_and_beat(tmp_path: Path, command:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: KIE_TENANTS_FILE") and "tenants.shop.tokens" in lines[0]
     _no_secret(proc.stdout + proc.stderr)
+
+
+def test_serve_binds_beyond_loopback_with_tokens_from_the_file_alone(tmp_path: Path, tenants_file: Path) -> None:
+    """Tokens in the tenants file count as tokens: no refusal naming KIE_API_TOKENS (serve goes on
+    to its start-up checks, here waiting for an unreachable job store), no token in its output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KIE_")}
+    env.update({**ENV, "KIE_TENANTS_FILE": str(tenants_file), "KIE_REDIS_URL": "redis://127.0.0.1:9/0"})
+    proc = subprocess.Popen([sys.executable, "-m", "kie_extend.cli", "serve", "--host", "0.0.0.0", "--port", "9"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        code = proc.wait(timeout=8)
+    except subprocess.TimeoutExpired:
+        code = None
+        proc.kill()
+    out, err = proc.communicate(timeout=10)
+    assert code != 2 and "refusing to serve" not in err, (code, err)
+    _no_secret(out + err)
