@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
@@ -128,6 +128,10 @@ class Settings(BaseSettings):
     http_auth_failures: Annotated[tuple[int, float], NoDecode] = (20, 60.0)  # failed logins per client address
     # comma list of proxy addresses whose X-Forwarded-For / X-Forwarded-Proto serve believes; empty = none
     http_trusted_proxies: str = ""
+    # the tenants file (TOML, tenants/registry.py): tenants, their tokens and settings; unset = none
+    tenants_file: str | None = None
+    tenants_strict: bool = False  # with a tenants file: a job naming an undeclared tenant fails (invalid_request)
+    _tenants: Any = PrivateAttr(default=None)
 
     log_level: str = "INFO"
     log_format: str = "text"
@@ -249,7 +253,35 @@ class Settings(BaseSettings):
         if self.broker_url is None and self.redis_url.strip().lower().startswith("unix://"):
             raise ValueError("KIE_REDIS_URL is a unix:// socket, which the Celery broker cannot use: "
                              "set KIE_BROKER_URL to a redis://, sentinel:// or amqp:// URL")
+        self._load_tenants()
         return self
+
+    def _load_tenants(self) -> None:
+        """Read KIE_TENANTS_FILE (ConfigError naming the file and key); a tenant's ``rate`` joins
+        KIE_TENANT_LIMITS unless that names the tenant itself."""
+        if not self.tenants_file:
+            self._tenants = None
+            return
+        from kie_extend.tenants.registry import READ_ONLY_PREFIX, load
+
+        registry = load(self.tenants_file, parse_rate)
+        listed = {t.strip().removeprefix(READ_ONLY_PREFIX)
+                  for t in (self.api_tokens.get_secret_value() if self.api_tokens else "").split(",") if t.strip()}
+        for token in registry.tokens:
+            if token.value in listed:
+                owner = "admin" if token.tenant is None else f"tenants.{token.tenant}"
+                raise ConfigError(f"KIE_TENANTS_FILE {self.tenants_file}: {owner}.tokens: a token is also in "
+                                  "KIE_API_TOKENS; every token must be unique")
+        for tenant in registry.tenants.values():
+            if tenant.rate is not None and tenant.name not in self.tenant_limits:
+                self.tenant_limits[tenant.name] = tenant.rate
+        self._tenants = registry
+
+    @property
+    def tenants(self) -> Any:
+        """The parsed tenants file (:class:`kie_extend.tenants.registry.Registry`), or None without
+        KIE_TENANTS_FILE."""
+        return self._tenants
 
     @property
     def effective_broker_url(self) -> str:

@@ -496,10 +496,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if callbacks_only and args.callback_port:
         raise InputError("--callbacks-only serves the callbacks on --host/--port; leave out --callback-port")
     settings = _settings()
+    file_tokens = [t.value for t in settings.tenants.tokens] if settings.tenants is not None else []
     setup_logging(settings.log_level, settings.log_format,
                   [settings.api_key_value(), *(t for t in (settings.api_tokens.get_secret_value().split(",")
-                                                           if settings.api_tokens else []) if t.strip())])
-    if not callbacks_only and not settings.api_tokens and not _is_loopback(args.host):
+                                                           if settings.api_tokens else []) if t.strip()),
+                   *file_tokens])
+    if not callbacks_only and not settings.api_tokens and not file_tokens and not _is_loopback(args.host):
         print(f"error: refusing to serve the API and dashboard on {args.host} without KIE_API_TOKENS; set "
               "KIE_API_TOKENS (comma list; prefix 'read:' for read-only tokens) or bind to 127.0.0.1. "
               "Callbacks alone may be public: --callbacks-only, or --callback-port with --callback-host.",

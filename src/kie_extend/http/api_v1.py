@@ -1,6 +1,11 @@
 """The JSON API under ``/v1``. Every route needs a bearer token (``auth.py``); routes
 that change anything need a write token (403 for a ``read:`` one).
 
+A tenant's token (KIE_TENANTS_FILE) acts as its tenant: its submissions take that tenant (a body
+naming another is 403), and it sees, cancels and retries only that tenant's jobs and batches:
+another tenant's id answers 404 exactly as an unknown one does. Pause, resume and the tenants list
+need an admin token (KIE_API_TOKENS, or the file's ``[admin]`` tokens).
+
 Bodies are parsed here and validated by the Python API's own code path, so a field error reads the
 same from every language; every error is ``{"error": {"kind", "message", "errors"?}}``. Store and
 broker calls block, so they run in the thread pool and the event loop stays free for callbacks.
@@ -34,10 +39,11 @@ from kie_extend.infra.metrics import overview
 from kie_extend.jobs.states import JobState
 from kie_extend.http.auth import Auth, Principal
 from kie_extend.http.limits import TooDeep, loads
+from kie_extend.tenants.scope import claim_batch, owns_batch, system_for, tenant_filter
 from kie_extend.http.schemas import (BATCH_ID_SCHEMA_PATTERN, CURSOR_SCHEMA_PATTERN, JOB_ID_SCHEMA_PATTERN, MAX_JOBS_PER_REQUEST,
                       MAX_PAUSE_REASON, Batch, BatchCancelled, BatchList, BatchSubmission, CancelOutcome, ErrorBody,
                       JobAccepted, JobPage, JobRecord, JobsAccepted, JobSubmission, PauseRequest, PauseState,
-                      ResumeOutcome, RetryOutcome, SystemOverview)
+                      ResumeOutcome, RetryOutcome, SystemOverview, TenantList)
 
 #: Fields of one job object (``audio_file`` is the Python API's only: a server-side path is no input).
 ITEM_FIELDS = (*EXTEND_KWARGS, "job_id")
@@ -65,6 +71,18 @@ def writer(request: Request, principal: Principal = Depends(reader)) -> Principa
     return principal
 
 
+def admin(request: Request, principal: Principal = Depends(reader)) -> Principal:
+    """An admin token (KIE_API_TOKENS or the tenants file's ``[admin]``); 403 for a tenant's."""
+    Auth.require_admin(principal)
+    return principal
+
+
+def operator(request: Request, principal: Principal = Depends(writer)) -> Principal:
+    """An admin token that may change things (pause, resume); 403 for a tenant's or a read-only one."""
+    Auth.require_admin(principal)
+    return principal
+
+
 def _cross_site(request: Request) -> bool:
     """Whether a browser sent this request from another site: ``Sec-Fetch-Site: cross-site`` or an
     ``Origin`` other than this server's. Without KIE_API_TOKENS (loopback only) a web page could
@@ -82,8 +100,9 @@ def _cross_site(request: Request) -> bool:
 def _errors(*codes: int, success: tuple[int, dict[str, Any]] | None = None) -> dict[int | str, dict[str, Any]]:
     """The documented error answers: 401 and 503 on every route, and ``codes``; ``success`` is
     ``(status, entry)`` merged into the success answer (its description and links)."""
-    described = {401: "no valid bearer token", 403: "read-only token (without KIE_API_TOKENS: a browser request from "
-                                                                 "another site)",
+    described = {401: "no valid bearer token", 403: "read-only token; a tenant's token naming another tenant or "
+                                                    "on an admin route (without tokens: a browser request from "
+                                                    "another site)",
                  404: "unknown id",
                  408: "the body did not arrive within KIE_HTTP_BODY_TIMEOUT",
                  409: "conflict with the job's state", 413: "the body is larger than KIE_HTTP_API_MAX_BODY bytes",
@@ -192,6 +211,8 @@ async def submit_jobs(request: Request, principal: Principal = Depends(writer)) 
     if not isinstance(body, dict):
         raise invalid([{"field": "body", "message": 'must be a JSON object: one job, or {"jobs": [...]}'}])
     settings = request.app.state.settings
+    if principal.tenant is not None:
+        await _blocking(_as_tenant, body, principal.tenant, request.app.state.runtime)
     try:
         if "jobs" in body:
             ids = await _blocking(_submit_many, body, settings)
@@ -207,6 +228,22 @@ async def submit_jobs(request: Request, principal: Principal = Depends(writer)) 
         raise error from None
     except ValidationError as exc:
         raise invalid(exc.errors) from None
+
+
+def _as_tenant(body: dict[str, Any], tenant: str, rt: Any) -> None:
+    """Make a tenant's submission its own: 403 when the body (or a job in it) names another tenant,
+    or a batch another tenant's submission created; otherwise ``tenant`` becomes the body's tenant
+    and the batches it names are recorded as the tenant's."""
+    items = body["jobs"] if isinstance(body.get("jobs"), list) else []
+    named = [body.get("tenant"), *(i.get("tenant") for i in items if isinstance(i, dict))]
+    if any(t is not None and t != tenant for t in named):
+        raise fail(403, "forbidden", f"this token acts for tenant {tenant}; a submission may name no other tenant")
+    body["tenant"] = tenant
+    batches = {b for b in [body.get("batch_id"), *(i.get("batch_id") for i in items if isinstance(i, dict))]
+               if b is not None and id_problem("batch_id", b) is None}
+    for batch_id in sorted(batches):
+        if not claim_batch(rt, batch_id, tenant):
+            raise fail(403, "forbidden", f"batch {batch_id} belongs to another tenant; choose another batch_id")
 
 
 def _unknown(obj: dict[str, Any], known: tuple[str, ...], prefix: str = "") -> list[dict[str, str]]:
@@ -266,9 +303,10 @@ def _submit_many(body: dict[str, Any], settings: Any) -> list[str]:
 
 @router.get("/jobs/{job_id}", response_model=JobRecord, responses=_errors(404), operation_id="getJob")
 async def read_job(job_id: JobIdPath, request: Request, principal: Principal = Depends(reader)) -> JSONResponse:
-    """One job's status record; 404 with ``state: not_found`` for an unknown id."""
+    """One job's status record; 404 with ``state: not_found`` for an unknown id (and, for a
+    tenant's token, for another tenant's job)."""
     rec = await _blocking(api.get_job, job_id, settings=request.app.state.settings)
-    if rec["state"] == JobState.NOT_FOUND.value:
+    if rec["state"] == JobState.NOT_FOUND.value or not principal.sees(rec.get("tenant")):
         return JSONResponse({"job_id": job_id, "state": "not_found",
                              "error": {"kind": "not_found", "message": actions.not_found(job_id)}}, status_code=404)
     return JSONResponse(rec)
@@ -291,7 +329,8 @@ async def list_jobs_route(
         WithJsonSchema({"type": "string", "enum": _LISTED_STATES})] = None,
     batch_id: Annotated[str | None, Query(description="only this batch's jobs"),
                         WithJsonSchema({"type": "string"})] = None,
-    tenant: Annotated[str | None, Query(description="only this tenant's jobs"), WithJsonSchema({"type": "string"})] = None,
+    tenant: Annotated[str | None, Query(description="only this tenant's jobs (a tenant's token sees its own only)"),
+                      WithJsonSchema({"type": "string"})] = None,
     limit: Annotated[int, Query(description=f"jobs per page, 1-{MAX_LIMIT}"),
                      WithJsonSchema({"type": "integer", "minimum": 1, "maximum": MAX_LIMIT})] = DEFAULT_LIMIT,
     cursor: Annotated[str | None, Query(description="next_cursor from the previous page (opaque; its form is "
@@ -301,6 +340,12 @@ async def list_jobs_route(
 ) -> JSONResponse:
     """Jobs newest first (by creation time), filtered, one page at a time: follow ``next_cursor``
     until it is null. A page may be short while ``next_cursor`` is set when filters skip many."""
+    if principal.tenant is not None:
+        scoped = await _blocking(tenant_filter, request.app.state.runtime, principal.tenant,
+                                 batch_id if batch_id and id_problem("batch_id", batch_id) is None else None)
+        if scoped is False or (tenant is not None and tenant != principal.tenant):
+            return JSONResponse({"jobs": [], "next_cursor": None})
+        tenant = scoped  # type: ignore[assignment]
     try:
         jobs, nxt = await _blocking(list_jobs, request.app.state.runtime, state=state, batch_id=batch_id,
                                     tenant=tenant, limit=limit, cursor=cursor)
@@ -310,6 +355,15 @@ async def list_jobs_route(
 
 
 _STATUS = {"not_found": 404}
+
+
+async def _own_job(request: Request, principal: Principal, job_id: str) -> None:
+    """For a tenant's token, 404 (as for an unknown id) unless the job is the tenant's."""
+    if principal.tenant is None:
+        return
+    rec = await _blocking(api.get_job, job_id, settings=request.app.state.settings)
+    if rec["state"] == JobState.NOT_FOUND.value or rec.get("tenant") != principal.tenant:
+        raise fail(404, "not_found", actions.not_found(job_id))
 
 
 def _refused(result: ActionResult) -> HTTPException:
@@ -322,6 +376,7 @@ def _refused(result: ActionResult) -> HTTPException:
 async def cancel_job(job_id: JobIdPath, request: Request, principal: Principal = Depends(writer)) -> JSONResponse:
     """Cancel a job not yet sent to KIE. 409 ``too_late`` once it was sent (it keeps going), 409
     ``finished`` when it already ended, 404 for an unknown id."""
+    await _own_job(request, principal, job_id)
     result = await _blocking(actions.cancel_job, request.app.state.pipeline, job_id)
     if not result.ok:
         raise _refused(result)
@@ -333,6 +388,7 @@ async def cancel_job(job_id: JobIdPath, request: Request, principal: Principal =
 async def retry_job(job_id: JobIdPath, request: Request, principal: Principal = Depends(writer)) -> JSONResponse:
     """Send a failed job to KIE again (it may cost credits again). 409 when the job is not failed,
     or failed on field errors (fix the request and enqueue a new job); 404 for an unknown id."""
+    await _own_job(request, principal, job_id)
     result = await _blocking(actions.retry_job, request.app.state.pipeline, job_id)
     if not result.ok:
         raise _refused(result)
@@ -347,15 +403,21 @@ async def retry_job(job_id: JobIdPath, request: Request, principal: Principal = 
 async def list_batches_route(request: Request, limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT,
                                                                   description=f"batches to list, 1-{MAX_LIMIT}"),
                              principal: Principal = Depends(reader)) -> JSONResponse:
-    """The newest batches, newest first."""
-    return JSONResponse({"batches": await _blocking(list_batches, request.app.state.runtime, limit)})
+    """The newest batches, newest first (a tenant's token: its own, among the newest ``MAX_LIMIT``)."""
+    rt = request.app.state.runtime
+    if principal.tenant is None:
+        return JSONResponse({"batches": await _blocking(list_batches, rt, limit)})
+    batches = await _blocking(list_batches, rt, MAX_LIMIT)
+    mine = [b for b in batches if await _blocking(owns_batch, rt, b["batch_id"], principal.tenant)][:limit]
+    return JSONResponse({"batches": mine})
 
 
 @router.get("/batches/{batch_id}", response_model=Batch, responses=_errors(404), operation_id="getBatch")
 async def read_batch(batch_id: BatchIdPath, request: Request, principal: Principal = Depends(reader)) -> JSONResponse:
-    """A batch's counts by state; 404 for an unknown batch."""
+    """A batch's counts by state; 404 for an unknown batch (and, for a tenant's token, another's)."""
     rec = await _blocking(get_batch, request.app.state.runtime, batch_id)
-    if rec.get("state") == "not_found":
+    if rec.get("state") == "not_found" or not await _blocking(owns_batch, request.app.state.runtime, batch_id,
+                                                              principal.tenant):
         raise fail(404, "not_found", f"no batch {batch_id}")
     return JSONResponse(rec)
 
@@ -366,7 +428,9 @@ async def cancel_batch_route(batch_id: BatchIdPath, request: Request, principal:
     """Cancel every job of the batch not yet sent, and any that arrives later; ``cancelled`` counts
     the jobs cancelled now. 404 for an unknown batch."""
     settings = request.app.state.settings
-    if (await _blocking(get_batch, request.app.state.runtime, batch_id)).get("state") == "not_found":
+    rt = request.app.state.runtime
+    if ((await _blocking(get_batch, rt, batch_id)).get("state") == "not_found"
+            or not await _blocking(owns_batch, rt, batch_id, principal.tenant)):
         raise fail(404, "not_found", f"no batch {batch_id}")
     n = await _blocking(api.cancel_batch, batch_id, settings=settings)
     return JSONResponse({"batch_id": batch_id, "cancelled": n})
@@ -377,7 +441,7 @@ async def cancel_batch_route(batch_id: BatchIdPath, request: Request, principal:
 @router.post("/pause", response_model=PauseState, responses=_errors(403, 413, 422), operation_id="pause",
              openapi_extra={"requestBody": {"required": False, "content": {"application/json": {
                  "schema": {"$ref": "#/components/schemas/PauseRequest"}}}}})
-async def pause(request: Request, principal: Principal = Depends(writer)) -> JSONResponse:
+async def pause(request: Request, principal: Principal = Depends(operator)) -> JSONResponse:
     """An operator's pause: no job is sent to KIE until resume (jobs already sent keep going).
     Body optional: ``{"reason": "..."}``."""
     body = await _json_body(request, optional=True)
@@ -400,7 +464,7 @@ async def pause(request: Request, principal: Principal = Depends(writer)) -> JSO
 
 
 @router.post("/resume", response_model=ResumeOutcome, responses=_errors(403), operation_id="resume")
-async def resume(request: Request, principal: Principal = Depends(writer)) -> JSONResponse:
+async def resume(request: Request, principal: Principal = Depends(operator)) -> JSONResponse:
     """Lift an operator's pause (the provider's pause, 401/402 or the breaker, lifts by itself)."""
     rt = request.app.state.runtime
     resumed = await _blocking(rt.gates.resume_operator)
@@ -410,8 +474,19 @@ async def resume(request: Request, principal: Principal = Depends(writer)) -> JS
 @router.get("/system", response_model=SystemOverview, responses=_errors(), operation_id="getSystem")
 async def system(request: Request, principal: Principal = Depends(reader)) -> JSONResponse:
     """Gates, pauses (the provider's and an operator's apart), breaker, in-flight, rate use,
-    waiting jobs by priority and tenant, dead letters and the job store's memory."""
-    return JSONResponse(await _blocking(_system, request.app.state.runtime))
+    waiting jobs by priority and tenant, dead letters and the job store's memory. A tenant's token
+    sees the account's gates and pauses and only its own waiting jobs (no account-wide counts)."""
+    return JSONResponse(system_for(await _blocking(_system, request.app.state.runtime), principal.tenant))
+
+
+@router.get("/tenants", response_model=TenantList, responses=_errors(403), operation_id="listTenants")
+async def tenants(request: Request, principal: Principal = Depends(admin)) -> JSONResponse:
+    """The tenants KIE_TENANTS_FILE declares, with their settings (never a token or secret); an
+    admin token only (403 for a tenant's)."""
+    settings = request.app.state.settings
+    registry = settings.tenants
+    listed = [t.public() for t in registry.tenants.values()] if registry is not None else []
+    return JSONResponse({"tenants": listed, "strict": bool(settings.tenants_strict and registry is not None)})
 
 
 def _system(rt: Any) -> dict[str, Any]:

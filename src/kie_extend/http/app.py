@@ -74,7 +74,9 @@ def create_app(settings: Settings, *, parts: Iterable[str] = PARTS, runtime: Run
     app.state.auth = Auth(parse_tokens(settings.api_tokens.get_secret_value() if settings.api_tokens else ""),
                           settings.session_secret.get_secret_value() if settings.session_secret else None,
                           failures=FailureLimit(*settings.http_auth_failures),
-                          revocations=Revocations(rt.redis, rt.keys.session_revoked))
+                          revocations=Revocations(rt.redis, rt.keys.session_revoked),
+                          tenant_tokens=[(t.value, t.read_only, t.tenant) for t in settings.tenants.tokens]
+                          if settings.tenants is not None else None)
     app.state.limits = limits = Limits.from_settings(settings)
     # Outermost of the app's own middleware: no route ever sees more body than its limit allows.
     app.add_middleware(BodyLimit, limits=limits)

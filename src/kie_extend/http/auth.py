@@ -1,6 +1,8 @@
 """Who may call the API and use the dashboard.
 
-Tokens come from ``KIE_API_TOKENS`` (comma list). A token prefixed ``read:`` is read-only: it may
+Tokens come from ``KIE_API_TOKENS`` (comma list: admin tokens) and from the tenants file
+(``KIE_TENANTS_FILE``, tenants/registry.py: its ``[admin]`` tokens, and each tenant's, which act for
+that tenant alone). A caller is a :class:`Principal`: admin or one tenant, read-only or not. A token prefixed ``read:`` is read-only: it may
 read everything and change nothing; clients may send it with or without the prefix. Presented tokens are compared with every configured one in
 constant time (``hmac.compare_digest``), and a token never reaches a log line or an error.
 
@@ -42,10 +44,21 @@ SESSION_MAX_AGE = 12 * 3600
 
 @dataclass(frozen=True)
 class Principal:
-    """An authenticated caller: ``name`` is a short, non-secret fingerprint of its token."""
+    """An authenticated caller: ``name`` is a short, non-secret fingerprint of its token;
+    ``tenant`` the tenant it acts for, None for an admin (every tenant, account-wide settings)."""
 
     name: str
     read_only: bool
+    tenant: str | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        """Whether this caller sees every tenant and may change account-wide settings."""
+        return self.tenant is None
+
+    def sees(self, tenant: str | None) -> bool:
+        """Whether this caller may see a job or batch of ``tenant``."""
+        return self.tenant is None or self.tenant == tenant
 
     @property
     def can_write(self) -> bool:
@@ -75,7 +88,8 @@ def unauthorized_reason(header: str) -> str:
         return "an Authorization: Bearer <token> header is required (a token from KIE_API_TOKENS)"
     if scheme.lower() != "bearer" or not value.strip():
         return "the Authorization header must be 'Bearer <token>' (a token from KIE_API_TOKENS)"
-    return "this bearer token is not one of KIE_API_TOKENS (a read-only token may be sent with or without 'read:')"
+    return ("this bearer token is not one of KIE_API_TOKENS or the tenants file's (a read-only token may be sent "
+            "with or without 'read:')")
 
 
 def fingerprint(token: str, secret: bytes) -> str:
@@ -161,9 +175,12 @@ class Auth:
     """Checks bearer tokens and dashboard sessions."""
 
     def __init__(self, tokens: list[tuple[str, bool]], session_secret: str | None = None, *,
-                 failures: FailureLimit | None = None, revocations: Revocations | None = None) -> None:
-        self.tokens = tokens
-        secret = session_secret or hashlib.sha256(("kie-extend-session|" + "|".join(t for t, _ in tokens))
+                 failures: FailureLimit | None = None, revocations: Revocations | None = None,
+                 tenant_tokens: list[tuple[str, bool, str | None]] | None = None) -> None:
+        """``tokens``: ``(token, read_only)`` admin tokens (KIE_API_TOKENS); ``tenant_tokens``:
+        ``(token, read_only, tenant or None for admin)`` from the tenants file."""
+        self.tokens: list[tuple[str, bool, str | None]] = [(t, ro, None) for t, ro in tokens] + list(tenant_tokens or [])
+        secret = session_secret or hashlib.sha256(("kie-extend-session|" + "|".join(t for t, _, _ in self.tokens))
                                                   .encode()).hexdigest()
         self._secret = secret.encode()
         self._sessions = URLSafeTimedSerializer(secret, salt="kie-extend-dashboard")
@@ -201,20 +218,21 @@ class Auth:
         ``KIE_API_TOKENS``, or bare); either way it stays read-only. A write token with ``read:`` in
         front matches nothing: the prefix never names a token it was not configured on."""
         match = self.match(presented)
-        return Principal(self.name(match[0]), match[1]) if match else None
+        return Principal(self.name(match[0]), match[1], match[2]) if match else None
 
-    def match(self, presented: str | None) -> tuple[str, bool] | None:
-        """The configured ``(bare token, read_only)`` a presented token names, or None (see :meth:`check`)."""
+    def match(self, presented: str | None) -> tuple[str, bool, str | None] | None:
+        """The configured ``(bare token, read_only, tenant)`` a presented token names, or None (see
+        :meth:`check`; ``tenant`` None: an admin token)."""
         if presented is None:
             return None
-        found: tuple[str, bool] | None = None
+        found: tuple[str, bool, str | None] | None = None
         given = presented.encode()
-        for token, read_only in self.tokens:
+        for token, read_only, tenant in self.tokens:
             as_written = (READ_ONLY_PREFIX + token) if read_only else token
             bare = hmac.compare_digest(given, token.encode())
             written = hmac.compare_digest(given, as_written.encode())
             if (bare or written) and found is None:
-                found = (token, read_only)
+                found = (token, read_only, tenant)
         return found
 
     # -- bearer tokens (the JSON API) -------------------------------------------------------
@@ -242,6 +260,13 @@ class Auth:
         """Raise HTTPException 403 for a read-only caller."""
         if not principal.can_write:
             raise HTTPException(403, detail={"kind": "forbidden", "message": "this token is read-only"})
+
+    @staticmethod
+    def require_admin(principal: Principal) -> None:
+        """Raise HTTPException 403 for a tenant's token (account-wide actions need an admin token)."""
+        if not principal.is_admin:
+            raise HTTPException(403, detail={"kind": "forbidden", "message": "this needs an admin token (KIE_API_TOKENS "
+                                                                           "or the tenants file's [admin] tokens)"})
 
     # -- dashboard sessions --------------------------------------------------------------------
     def new_session(self, token: str | None = None) -> str:
@@ -278,9 +303,9 @@ class Auth:
             return None
         digest = str(data["d"])
         found: Principal | None = None
-        for token, read_only in self.tokens:
+        for token, read_only, tenant in self.tokens:
             if hmac.compare_digest(self.token_digest(token), digest) and found is None:
-                found = Principal(self.name(token), read_only)
+                found = Principal(self.name(token), read_only, tenant)
         return found
 
     def end_session(self, request: Request) -> None:

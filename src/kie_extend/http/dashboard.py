@@ -7,6 +7,11 @@ request, tracks), ``/batches``, ``/batches/{id}``, ``/dead-letters``. Every chan
 carries the session's CSRF token and a same-origin ``Origin`` (or ``Referer``); a read-only session
 sees no buttons and its POSTs answer 403. The token a user pastes is never logged or echoed.
 
+A session opened with a tenant's token (KIE_TENANTS_FILE) sees that tenant alone: ``/`` leads to
+its jobs, the job and batch lists hold only its own, another tenant's job or batch answers 404 as an
+unknown one does, and the account-wide pages and actions (dead letters, pause, resume, replay)
+answer 403.
+
 While the job store is unreachable every page answers 503 with ``unavailable.html``: the usual
 navigation, what is wrong, and a reload every :data:`UNAVAILABLE_REFRESH` seconds (app.py's
 handler for infrastructure errors calls ``app.state.unavailable_page``).
@@ -35,6 +40,7 @@ from kie_extend.admission.gates import MAX_PAUSE_REASON
 from kie_extend.jobs.intake import JOB_ID_PATTERN
 from kie_extend.http import dashboard_data as data
 from kie_extend.http.auth import SESSION_COOKIE, SESSION_MAX_AGE, Principal, client_address
+from kie_extend.tenants.scope import owns_batch, tenant_filter
 
 log = logging.getLogger("kie_extend.http.dashboard")
 
@@ -112,6 +118,13 @@ def mount(app: FastAPI) -> None:
             raise _Redirect("/login?next=" + quote(target, safe=""))
         return who
 
+    def owns_job(who: Principal, job_id: str) -> bool:
+        """Whether ``who`` may act on the job (a tenant's session: its own jobs only)."""
+        if who.tenant is None:
+            return True
+        rec = rt.store.get_record(job_id) if JOB_ID_PATTERN.fullmatch(job_id) else None
+        return rec is not None and rec.tenant == who.tenant
+
     def writer(request: Request, csrf: str | None) -> Principal:
         """The user of a state-changing POST: logged in, allowed to write, same origin, right CSRF token."""
         who = principal_of(request)
@@ -122,6 +135,14 @@ def mount(app: FastAPI) -> None:
         if not auth.csrf_ok(request, csrf):
             raise _Forbidden("The form's CSRF token does not match this session; reload the page and try again.")
         return who
+
+    def admin_only(who: Principal) -> None:
+        """403 for a tenant's session: account-wide pages and actions are an admin's."""
+        if not who.is_admin:
+            raise _Forbidden("This session acts for one tenant; this page and action are for admin tokens.")
+
+    def _not_found(request: Request, who: Principal, what: str) -> Response:
+        return _page(request, "error.html", {"status": 404, "message": f"No {what}."}, who, status=404)
 
     def _page(request: Request, name: str, ctx: dict[str, Any], who: Principal | None, status: int = 200,
               store_down: bool = False) -> Response:
@@ -182,8 +203,9 @@ def mount(app: FastAPI) -> None:
             log.warning("dashboard login refused: unknown token")  # never the token itself
             return _page(request, "login.html", {"next": _local(next), "error": "That token is not valid."}, None,
                          status=401)
-        who = Principal(auth.name(match[0]), match[1])
-        log.info("dashboard login by token %s%s", who.name, " (read-only)" if who.read_only else "")
+        who = Principal(auth.name(match[0]), match[1], match[2])
+        log.info("dashboard login by token %s%s%s", who.name, " (read-only)" if who.read_only else "",
+                 f" for tenant {who.tenant}" if who.tenant else "")
         resp = RedirectResponse(_local(next), status_code=303)
         _set_cookie(request, resp, auth.new_session(match[0]))
         return resp
@@ -201,6 +223,8 @@ def mount(app: FastAPI) -> None:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def overview(request: Request) -> Response:
         who = principal_of(request)
+        if not who.is_admin:
+            return RedirectResponse("/jobs", status_code=303)  # the account's overview is an admin's
         return _page(request, "overview.html", {"ov": data.overview(rt), "credits": data.credits(rt),
                                                 "charts": data.chart_data(rt),
                                                 "refresh": request.query_params.get("refresh") == "1"}, who)
@@ -209,6 +233,11 @@ def mount(app: FastAPI) -> None:
     def jobs(request: Request, state: str = "", batch: str = "", tenant: str = "", q: str = "",
              page: int = 1) -> Response:
         who = principal_of(request)
+        if who.tenant is not None:
+            scoped = tenant_filter(rt, who.tenant, batch or None)
+            if scoped is False:
+                batch = "-"  # no batch has this id: an empty list, as for an unknown batch
+            tenant = "" if scoped is None else who.tenant  # None: the tenant's own batch, pending jobs too
         listing = data.list_jobs(rt, state=state, batch=batch, tenant=tenant, q=q, page=max(1, page))
         return _page(request, "jobs.html", {"listing": listing, "states": data.STATE_NAMES,
                                             "f": {"state": state, "batch": batch, "tenant": tenant, "q": q}}, who)
@@ -217,27 +246,33 @@ def mount(app: FastAPI) -> None:
     def job(request: Request, job_id: str) -> Response:
         who = principal_of(request)
         detail = data.job_detail(rt, job_id) if JOB_ID_PATTERN.fullmatch(job_id) else None
-        if detail is None:
+        if detail is None or not who.sees(detail.get("tenant")):
             return _page(request, "error.html", {"status": 404, "message": f"No job {job_id}."}, who, status=404)
         return _page(request, "job.html", {"job": detail}, who)
 
     @app.get("/batches", response_class=HTMLResponse, include_in_schema=False)
     def batches(request: Request) -> Response:
         who = principal_of(request)
-        return _page(request, "batches.html", {"batches": data.batches(rt)}, who)
+        listed = data.batches(rt)
+        if who.tenant is not None:
+            listed = [b for b in listed if owns_batch(rt, b["batch_id"], who.tenant)]
+        return _page(request, "batches.html", {"batches": listed}, who)
 
     @app.get("/batches/{batch_id}", response_class=HTMLResponse, include_in_schema=False)
     def batch(request: Request, batch_id: str) -> Response:
         who = principal_of(request)
         info = get_batch(rt, batch_id)
-        if info.get("state") == "not_found":
+        if info.get("state") == "not_found" or not owns_batch(rt, batch_id, who.tenant):
             return _page(request, "error.html", {"status": 404, "message": f"No batch {batch_id}."}, who, status=404)
-        listing = data.list_jobs(rt, batch=batch_id, page=max(1, int(request.query_params.get("page", 1) or 1)))
+        scoped = tenant_filter(rt, who.tenant, batch_id) if who.tenant is not None else None
+        listing = data.list_jobs(rt, batch=batch_id, tenant=scoped or "",
+                                 page=max(1, int(request.query_params.get("page", 1) or 1)))
         return _page(request, "batch.html", {"b": data.with_progress(info), "listing": listing}, who)
 
     @app.get("/dead-letters", response_class=HTMLResponse, include_in_schema=False)
     def dead_letters(request: Request) -> Response:
         who = principal_of(request)
+        admin_only(who)
         letters = Delivery(rt).dead_letters(limit=200)
         total = int(rt.redis.llen(rt.keys.dead_letters))
         return _page(request, "dead_letters.html", {"letters": letters, "total": total,
@@ -247,6 +282,8 @@ def mount(app: FastAPI) -> None:
     @app.post("/jobs/{job_id}/retry", include_in_schema=False)
     def retry(request: Request, job_id: str, csrf: str = Form("")) -> Response:
         who = writer(request, csrf)
+        if not owns_job(who, job_id):
+            return _not_found(request, who, f"job {job_id}")
         ok = pipeline.retry(job_id)
         log.warning("dashboard: retry %s by %s: %s", job_id, who.name, "requeued" if ok else "refused")
         return _back(f"/jobs/{quote(job_id, safe='')}", "retried" if ok else "not_retried")
@@ -254,6 +291,8 @@ def mount(app: FastAPI) -> None:
     @app.post("/jobs/{job_id}/cancel", include_in_schema=False)
     def cancel(request: Request, job_id: str, csrf: str = Form("")) -> Response:
         who = writer(request, csrf)
+        if not owns_job(who, job_id):
+            return _not_found(request, who, f"job {job_id}")
         outcome = pipeline.cancel(job_id)
         log.warning("dashboard: cancel %s by %s: %s", job_id, who.name, outcome)
         return _back(f"/jobs/{quote(job_id, safe='')}", outcome)
@@ -261,7 +300,7 @@ def mount(app: FastAPI) -> None:
     @app.post("/batches/{batch_id}/cancel", include_in_schema=False)
     def cancel_a_batch(request: Request, batch_id: str, csrf: str = Form("")) -> Response:
         who = writer(request, csrf)
-        if get_batch(rt, batch_id).get("state") == "not_found":
+        if get_batch(rt, batch_id).get("state") == "not_found" or not owns_batch(rt, batch_id, who.tenant):
             return _page(request, "error.html", {"status": 404, "message": f"No batch {batch_id}."}, who, status=404)
         n = cancel_batch(rt, batch_id, pipeline.cancel_many)
         log.warning("dashboard: cancel batch %s by %s: %d cancelled", batch_id, who.name, n)
@@ -270,6 +309,7 @@ def mount(app: FastAPI) -> None:
     @app.post("/pause", include_in_schema=False)
     def pause(request: Request, csrf: str = Form(""), reason: str = Form("")) -> Response:
         who = writer(request, csrf)
+        admin_only(who)
         try:
             rt.gates.pause_operator(reason.strip() or f"paused from the dashboard ({who.name})")
         except ValidationError as exc:
@@ -281,6 +321,7 @@ def mount(app: FastAPI) -> None:
     @app.post("/resume", include_in_schema=False)
     def resume(request: Request, csrf: str = Form("")) -> Response:
         who = writer(request, csrf)
+        admin_only(who)
         ok = rt.gates.resume_operator()
         log.warning("dashboard: resume by %s: %s", who.name, "lifted" if ok else "no pause")
         return _back("/", "resumed" if ok else "not_paused")
@@ -288,6 +329,7 @@ def mount(app: FastAPI) -> None:
     @app.post("/dead-letters/replay", include_in_schema=False)
     def replay(request: Request, csrf: str = Form(""), job_id: str = Form("")) -> Response:
         who = writer(request, csrf)
+        admin_only(who)
         n = Delivery(rt).replay(job_id or None)
         log.warning("dashboard: %d dead letter(s) replayed by %s", n, who.name)
         return RedirectResponse(f"/dead-letters?m=replayed&n={n}", status_code=303)

@@ -374,7 +374,7 @@ class SystemOverview(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    jobs: dict[str, int] = Field(description="state -> jobs")
+    jobs: dict[str, int] | None = Field(None, description="state -> jobs (account-wide: absent for a tenant's token)")
     in_flight: int
     max_in_flight: int
     rate_window_use: int = Field(description="submissions in the current rate window")
@@ -382,22 +382,43 @@ class SystemOverview(BaseModel):
     paused: dict[str, Any] | None = Field(description="KIE's account pause (401/402/433): code, reason, since; "
                                           "see submission for every reason submission can be paused")
     operator_paused: dict[str, Any] | None = Field(description="an operator's pause: reason, since")
-    due: int
-    waiting: int
-    waiting_by_priority: dict[str, dict[str, int]] = Field(description="priority -> tenant -> jobs waiting")
+    due: int | None = Field(None, description="jobs due for a step (account-wide: absent for a tenant's token)")
+    waiting: int = Field(description="jobs waiting for a submission slot (a tenant's token: its own)")
+    waiting_by_priority: dict[str, dict[str, int]] = Field(description="priority -> tenant -> jobs waiting (a "
+                                                           "tenant's token: its own tenant only)")
     waiting_by_tenant: dict[str, int] = Field(description="tenant -> jobs waiting, all priorities")
-    dead_letters: int
+    dead_letters: int | None = Field(None, description="account-wide: absent for a tenant's token")
     breaker: dict[str, Any]
     provider: dict[str, Any] = Field(description="whether KIE can be reached: reachable (bool), state, since, "
                                      "last_error, next_probe, next_probe_in (seconds), streak, threshold, outages")
     infrastructure: Infrastructure = Field(description="whether the job store and the broker answer us, and why not")
-    redis_memory: dict[str, Any] = Field(description="used and max bytes, policy, evicted_keys")
+    redis_memory: dict[str, Any] | None = Field(None, description="used and max bytes, policy, evicted_keys "
+                                                "(absent for a tenant's token)")
     submission: dict[str, Any] = Field(description='whether jobs are sent to KIE now: {"paused": bool, "reasons": '
                                        '[{"reason": "operator"|"account"|"breaker"|"unreachable", "since", '
                                        '"detail"}, ...]}; the same answer as kie-extend status and /metrics')
 
 
-__all__ = ["JobSubmission", "BatchSubmission", "JobAccepted", "JobsAccepted", "ErrorBody", "JobRecord",
+class TenantInfo(BaseModel):
+    """One tenant of KIE_TENANTS_FILE as an admin sees it: its settings, never a token or secret."""
+
+    name: str
+    weight: int = Field(description="share of slots among tenants of one priority")
+    rate: str | None = Field(description='its cap on top of the account\'s rate, e.g. "5/10s"')
+    budget: str | None = Field(description='credits per rolling window, e.g. "2000/1d"')
+    webhook_url: str | None
+    webhook_secret_set: bool = Field(description="whether a webhook secret is configured (never the secret)")
+    stream: bool
+
+
+class TenantList(BaseModel):
+    """The declared tenants (empty without KIE_TENANTS_FILE) and whether KIE_TENANTS_STRICT is on."""
+
+    tenants: list[TenantInfo]
+    strict: bool
+
+
+__all__ = ["TenantInfo", "TenantList", "JobSubmission", "BatchSubmission", "JobAccepted", "JobsAccepted", "ErrorBody", "JobRecord",
            "JobPage", "CancelOutcome", "RetryOutcome", "Batch", "BatchList", "BatchCancelled", "PauseRequest",
            "PauseState", "ResumeOutcome", "SystemOverview", "Infrastructure", "InfraPart", "MAX_JOBS_PER_REQUEST", "MAX_LIMIT", "MAX_PAUSE_REASON",
            "extend_request_schema", "JOB_ID_SCHEMA_PATTERN", "BATCH_ID_SCHEMA_PATTERN", "CURSOR_SCHEMA_PATTERN"]

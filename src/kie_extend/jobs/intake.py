@@ -125,7 +125,8 @@ def check_message(request: Any, *, settings: Settings, idempotency_key: Any = No
                   batch_id: Any = None, not_after: Any = None, refuse_past: bool = False) -> Intake:
     """Check one extend message; problems are collected, never raised (see :func:`require`).
 
-    ``tenant`` (default KIE_DEFAULT_TENANT), ``priority`` (0-9, default 5), ``batch_id`` and
+    ``tenant`` (default KIE_DEFAULT_TENANT; with KIE_TENANTS_STRICT, one the tenants file does not
+    declare is a problem), ``priority`` (0-9, default 5), ``batch_id`` and
     ``not_after`` (ISO-8601 UTC or epoch seconds; it becomes epoch seconds) are the sharing options (README "Sharing one account").
     ``refuse_past`` (producers: the Python API, the HTTP API, the CLI) makes a ``not_after`` already
     past a problem; the worker leaves it off and cancels such a job with reason ``deadline``."""
@@ -133,6 +134,9 @@ def check_message(request: Any, *, settings: Settings, idempotency_key: Any = No
     problems = out.problems
     check_options(out, tenant=tenant, priority=priority, batch_id=batch_id, not_after=not_after,
                   refuse_past=refuse_past)
+    if tenant is not None and tenant == out.tenant and undeclared(settings, tenant):
+        problems.append({"field": "tenant", "message": f"{tenant!r} is not a tenant of KIE_TENANTS_FILE "
+                         "(KIE_TENANTS_STRICT is on): use a declared tenant"})
     if job_id is not None and id_problem("job_id", job_id):
         problems.append(id_problem("job_id", job_id))  # type: ignore[arg-type]
     for name in sorted(extra_kwargs or {}):
@@ -185,6 +189,13 @@ def check_message(request: Any, *, settings: Settings, idempotency_key: Any = No
     except ValidationError as exc:
         problems += exc.errors
     return out
+
+
+def undeclared(settings: Settings, tenant: str) -> bool:
+    """Whether ``tenant`` is refused as undeclared: KIE_TENANTS_STRICT is on, a tenants file is
+    loaded and does not declare it (the file is read once, with the settings: no I/O here)."""
+    registry = settings.tenants if settings.tenants_strict else None
+    return registry is not None and not registry.declared(tenant)
 
 
 def check_options(out: Intake, *, tenant: Any = None, priority: Any = None, batch_id: Any = None,

@@ -112,6 +112,11 @@ class Keys:
         """The name a batch's job list had in earlier versions (read once, to move it)."""
         return f"{self.tag}:batch:{batch_id}:jobs"
 
+    def batch_owner(self, batch_id: str) -> str:
+        """String: the tenant a batch was created for through ``/v1`` (kept KIE_RETENTION), so a
+        tenant's token sees its batch before any worker records one of its jobs."""
+        return f"{self.tag}:batchowner:{batch_id}"
+
     @property
     def batches(self) -> str:
         """Sorted set: batch ids scored by creation time (``kie-extend batch list``)."""
