@@ -461,10 +461,14 @@ def cmd_credits(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Where ``serve --callback-port`` listens unless ``--callback-host`` says otherwise.
+DEFAULT_CALLBACK_HOST = "0.0.0.0"
+
+
 def cmd_callback_server(args: argparse.Namespace) -> int:
     """The older name of ``serve --callbacks-only`` (same --host/--port), kept for existing scripts."""
     print("note: callback-server is `kie-extend serve --callbacks-only`: the callback route, the probes "
-          "and /metrics, on the one HTTP stack (FastAPI on uvicorn)", flush=True)
+          "and /metrics, on the one HTTP stack (FastAPI on uvicorn)", file=sys.stderr, flush=True)
     args.callbacks_only, args.callback_port, args.callback_host = True, None, None
     return cmd_serve(args)
 
@@ -495,6 +499,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     callbacks_only = getattr(args, "callbacks_only", False)
     if callbacks_only and args.callback_port:
         raise InputError("--callbacks-only serves the callbacks on --host/--port; leave out --callback-port")
+    if args.callback_host is not None and not args.callback_port:
+        raise InputError("--callback-host needs --callback-port" + (
+            "; with --callbacks-only the callbacks listen on --host/--port" if callbacks_only else ""))
+    callback_host = args.callback_host or DEFAULT_CALLBACK_HOST
     settings = _settings()
     setup_logging(settings.log_level, settings.log_format,
                   [settings.api_key_value(), *(t for t in (settings.api_tokens.get_secret_value().split(",")
@@ -519,12 +527,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     trusted = [p.strip() for p in settings.http_trusted_proxies.split(",") if p.strip()]
     guards.update({"proxy_headers": True, "forwarded_allow_ips": trusted} if trusted
                   else {"proxy_headers": False})
+    banners: list[str] = []
     if args.callback_port:
         main_parts = ("api", "dashboard")
         cb = create_http_app(settings, parts=("callbacks",), runtime=rt, dispatcher=dispatcher)
-        servers.append(uvicorn.Server(uvicorn.Config(cb, host=args.callback_host, port=args.callback_port,
+        servers.append(uvicorn.Server(uvicorn.Config(cb, host=callback_host, port=args.callback_port,
                                                      log_level="warning", access_log=False, **guards)))
-        print(f"kie-extend callbacks on http://{args.callback_host}:{args.callback_port}/kie/callback/", flush=True)
+        banners.append(f"kie-extend callbacks on http://{callback_host}:{args.callback_port}/kie/callback/  "
+                       "(also /healthz, /livez, /readyz, /metrics)")
     elif callbacks_only:
         main_parts = ("callbacks",)
     else:
@@ -532,19 +542,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_http_app(settings, parts=main_parts, runtime=rt, dispatcher=dispatcher)
     servers.append(uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                                  access_log=False, **guards)))
-    print(f"kie-extend serve on http://{args.host}:{args.port}  "
-          + ("(callbacks only: /kie/callback/, probes, /metrics)" if callbacks_only
-             else "(dashboard /, API /v1, OpenAPI /openapi.json)"), flush=True)
+    banners.insert(0, f"kie-extend serve on http://{args.host}:{args.port}  "
+                   + ("(callbacks only: /kie/callback/, probes, /metrics)" if callbacks_only
+                      else "(dashboard /, API /v1, OpenAPI /openapi.json)"))
+
+    async def announce() -> None:
+        # Only once every server listens: a port in use ends the run before any banner.
+        while not all(s.started for s in servers):
+            await asyncio.sleep(0.05)
+        for line in banners:
+            print(line, flush=True)
 
     async def run() -> None:
-        await asyncio.gather(*(s.serve() for s in servers))
+        watcher = asyncio.create_task(announce())
+        try:
+            await asyncio.gather(*(s.serve() for s in servers))
+        finally:
+            watcher.cancel()
 
     try:
         asyncio.run(run())
     except SystemExit as exc:
         if exc.code != 3:  # uvicorn's "startup failed": it logged why (a port in use, most often)
             raise
-        print("error: serve could not start (see the line above); choose a free --port / --callback-port",
+        command = "callback-server" if getattr(args, "func", None) is cmd_callback_server else "serve"
+        flags = "--port / --callback-port" if args.callback_port else "--port"
+        print(f"error: {command} could not start (see the line above); choose a free {flags}",
               file=sys.stderr, flush=True)
         return EXIT_USAGE
     return 0
@@ -712,11 +735,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_credits)
 
     sv = sub.add_parser("serve", help="run callbacks, the JSON API and the dashboard (one HTTP service)")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8080)
-    sv.add_argument("--callback-port", type=int, help="serve KIE's callbacks on their own port (e.g. public) "
-                    "while the API and dashboard stay on --host/--port")
-    sv.add_argument("--callback-host", default="0.0.0.0")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other "
+                    "address needs KIE_API_TOKENS unless --callbacks-only)")
+    sv.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    sv.add_argument("--callback-port", type=int, help="serve KIE's callbacks (with the probes and /metrics) on "
+                    "their own port, e.g. public, while the API and dashboard stay on --host/--port")
+    sv.add_argument("--callback-host", default=None, help=f"address of --callback-port (default "
+                    f"{DEFAULT_CALLBACK_HOST}); only with --callback-port")
     sv.add_argument("--callbacks-only", action="store_true", help="serve only KIE's callbacks (with the probes "
                     "and /metrics): no API, no dashboard, so no KIE_API_TOKENS needed on a public --host")
     sv.set_defaults(func=cmd_serve)
@@ -726,8 +751,8 @@ def build_parser() -> argparse.ArgumentParser:
     oa.set_defaults(func=cmd_openapi)
 
     cb = sub.add_parser("callback-server", help="older name of `serve --callbacks-only`")
-    cb.add_argument("--host", default="127.0.0.1")
-    cb.add_argument("--port", type=int, default=8080)
+    cb.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    cb.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     cb.set_defaults(func=cmd_callback_server)
 
     sub.add_parser("simulator", help="run the provider simulator (see `kie-extend simulator --help`)",
