@@ -199,17 +199,15 @@ def _wait(settings: Settings, job_id: str, as_json: bool, timeout: float | None 
     start = time.monotonic()
     while True:
         rec = get_job(job_id, settings=settings)
-        line = _line(rec)
         if rec["state"] != JobState.NOT_FOUND.value:
             fresh = False
+        # A job just sent has no record until a worker takes it: say so, not "not_found".
+        in_broker = rec["state"] == JobState.NOT_FOUND.value and fresh and time.monotonic() - start < fresh_grace
+        line = f"{job_id}  in the broker, waiting for a worker to pick it up" if in_broker else _line(rec)
         if line != last and not as_json:
             print(f"[{time.monotonic() - start:6.1f}s] {line}", flush=True)
             last = line
-        if rec["state"] == JobState.NOT_FOUND.value and fresh and time.monotonic() - start < fresh_grace:
-            line = f"{job_id}  in the broker, waiting for a worker to pick it up"
-            if line != last and not as_json:
-                print(f"[{time.monotonic() - start:6.1f}s] {line}", flush=True)
-                last = line
+        if in_broker:
             time.sleep(0.3)
             continue
         if rec["state"] in _TERMINAL or rec["state"] == JobState.NOT_FOUND.value:
