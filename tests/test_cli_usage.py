@@ -319,3 +319,14 @@ def test_wait_on_a_job_still_in_the_broker_says_so_before_anything_else(
     assert "in the broker, waiting for a worker" in lines[0] and "not_found" not in lines[0], lines
     assert len(lines) == 2 and "not_found" in lines[1], lines
     assert out.err.startswith("error: no job fresh-job-1")
+
+
+def test_the_simulator_main_module_runs_only_as_a_script() -> None:
+    """Importing ``kie_extend.simulator.__main__`` (docs tools, test collectors) starts nothing."""
+    code = "import kie_extend.simulator.__main__ as m; print('imported', m.main.__module__)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0 and proc.stdout.strip() == "imported kie_extend.simulator.cli", proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "kie_extend.simulator", "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage:"), proc.stderr
