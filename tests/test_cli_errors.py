@@ -350,7 +350,7 @@ def test_a_port_in_use(command: str, tmp_path: Path) -> None:
     # The hint names only flags this command has (callback-server has no --callback-port).
     assert errors[-1] == f"error: {command} could not start (see the line above); choose a free --port"
     if command == "callback-server":
-        assert proc.stderr.startswith("note: callback-server is `kie-extend serve --callbacks-only`")
+        assert "\nnote: callback-server is `kie-extend serve --callbacks-only`" in proc.stderr
 
 
 def test_a_callback_host_without_a_callback_port_is_a_usage_error(tmp_path: Path) -> None:

@@ -465,9 +465,9 @@ DEFAULT_CALLBACK_HOST = "0.0.0.0"
 
 def cmd_callback_server(args: argparse.Namespace) -> int:
     """The older name of ``serve --callbacks-only`` (same --host/--port), kept for existing scripts."""
-    print("note: callback-server is `kie-extend serve --callbacks-only`: the callback route, the probes "
-          "and /metrics, on the one HTTP stack (FastAPI on uvicorn)", file=sys.stderr, flush=True)
     args.callbacks_only, args.callback_port, args.callback_host = True, None, None
+    args.note = ("note: callback-server is `kie-extend serve --callbacks-only`: the callback route, the probes "
+                 "and /metrics, on the one HTTP stack (FastAPI on uvicorn)")
     return cmd_serve(args)
 
 
@@ -513,6 +513,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if not _preflight(settings, "server"):
         return EXIT_CONFIG
+    if getattr(args, "note", None):  # on stderr, once the settings hold (an error stays one line)
+        print(args.note, file=sys.stderr, flush=True)
     rt = _runtime(settings)
     dispatcher = CeleryDispatcher(create_app(settings), settings.queue)
     servers = []
@@ -525,38 +527,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     trusted = [p.strip() for p in settings.http_trusted_proxies.split(",") if p.strip()]
     guards.update({"proxy_headers": True, "forwarded_allow_ips": trusted} if trusted
                   else {"proxy_headers": False})
-    banners: list[str] = []
+    _Announced = _announced_server(uvicorn)
     if args.callback_port:
         main_parts = ("api", "dashboard")
         cb = create_http_app(settings, parts=("callbacks",), runtime=rt, dispatcher=dispatcher)
-        servers.append(uvicorn.Server(uvicorn.Config(cb, host=callback_host, port=args.callback_port,
-                                                     log_level="warning", access_log=False, **guards)))
-        banners.append(f"kie-extend callbacks on http://{callback_host}:{args.callback_port}/kie/callback/  "
-                       "(also /healthz, /livez, /readyz, /metrics)")
+        servers.append(_Announced(uvicorn.Config(cb, host=callback_host, port=args.callback_port, log_level="warning",
+                                                 access_log=False, **guards),
+                                  f"kie-extend callbacks on http://{callback_host}:{args.callback_port}/kie/callback/"
+                                  "  (also /healthz, /livez, /readyz, /metrics)"))
     elif callbacks_only:
         main_parts = ("callbacks",)
     else:
         main_parts = ("callbacks", "api", "dashboard")
     app = create_http_app(settings, parts=main_parts, runtime=rt, dispatcher=dispatcher)
-    servers.append(uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                                 access_log=False, **guards)))
-    banners.insert(0, f"kie-extend serve on http://{args.host}:{args.port}  "
-                   + ("(callbacks only: /kie/callback/, probes, /metrics)" if callbacks_only
-                      else "(dashboard /, API /v1, OpenAPI /openapi.json)"))
-
-    async def announce() -> None:
-        # Only once every server listens: a port in use ends the run before any banner.
-        while not all(s.started for s in servers):
-            await asyncio.sleep(0.05)
-        for line in banners:
-            print(line, flush=True)
+    servers.append(_Announced(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                             access_log=False, **guards),
+                              f"kie-extend serve on http://{args.host}:{args.port}  "
+                              + ("(callbacks only: /kie/callback/, probes, /metrics)" if callbacks_only
+                                 else "(dashboard /, API /v1, OpenAPI /openapi.json)")))
 
     async def run() -> None:
-        watcher = asyncio.create_task(announce())
-        try:
-            await asyncio.gather(*(s.serve() for s in servers))
-        finally:
-            watcher.cancel()
+        await asyncio.gather(*(s.serve() for s in servers))
 
     try:
         asyncio.run(run())
@@ -569,6 +560,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
         return EXIT_USAGE
     return 0
+
+
+def _announced_server(uvicorn: Any) -> Any:
+    """uvicorn's Server printing a banner line once its socket listens (never before a bind error);
+    printed before the server handles its first request."""
+
+    class Announced(uvicorn.Server):  # type: ignore[misc, name-defined]
+        def __init__(self, config: Any, banner: str) -> None:
+            super().__init__(config)
+            self.banner = banner
+
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and not self.should_exit:
+                print(self.banner, flush=True)
+
+    return Announced
 
 
 def cmd_openapi(args: argparse.Namespace) -> int:
