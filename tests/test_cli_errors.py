@@ -345,6 +345,29 @@ def test_a_port_in_use(command: str, tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr and PASSWORD not in proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
     assert errors and errors[-1].startswith("error: ") and ("in use" in proc.stderr), proc.stderr
+    # No "serve on http://..." banner before the error: it is printed once the port listens.
+    assert "kie-extend serve on" not in proc.stdout + proc.stderr and proc.stdout == "", proc.stdout
+    # The hint names only flags this command has (callback-server has no --callback-port).
+    assert errors[-1] == f"error: {command} could not start (see the line above); choose a free --port"
+    if command == "callback-server":
+        assert "\nnote: callback-server is `kie-extend serve --callbacks-only`" in proc.stderr
+
+
+def test_a_callback_host_without_a_callback_port_is_a_usage_error(tmp_path: Path) -> None:
+    proc = kie("serve", "--callbacks-only", "--callback-host", "0.0.0.0", env=closed_env(), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert one_error_line(proc) == ("error: --callback-host needs --callback-port; with --callbacks-only the "
+                                    "callbacks listen on --host/--port")
+    proc = kie("serve", "--callback-host", "0.0.0.0", env=closed_env(), cwd=tmp_path)
+    assert proc.returncode == 2 and one_error_line(proc) == "error: --callback-host needs --callback-port"
+
+
+@pytest.mark.parametrize("command", ["serve", "callback-server"])
+def test_server_help_explains_host_and_port(command: str, tmp_path: Path) -> None:
+    out = " ".join(kie(command, "--help", env=closed_env(), cwd=tmp_path).stdout.split())
+    assert "--host HOST address to listen on (default 127.0.0.1" in out, out
+    assert "--port PORT port to listen on (default 8080)" in out, out
+    assert ("--callback-port" in out) == (command == "serve"), out
 
 
 def test_callbacks_only_with_a_callback_port_is_a_usage_error(tmp_path: Path) -> None:

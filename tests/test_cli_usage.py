@@ -303,3 +303,30 @@ def test_valkey_stops_on_sigterm(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_wait_on_a_job_still_in_the_broker_says_so_before_anything_else(
+        make_settings: Callable[..., Settings], capsys: pytest.CaptureFixture[str]) -> None:
+    """``enqueue --wait`` right after sending: no record yet, so the first line is "in the broker",
+    never a ``not_found`` that reads like a lost job; ``not_found`` comes only after the grace."""
+    from kie_extend.cli.errors import EXIT_NOT_FOUND
+    from kie_extend.cli.main import _wait
+
+    code = _wait(make_settings(), "fresh-job-1", as_json=False, fresh=True, fresh_grace=1.0)
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert code == EXIT_NOT_FOUND, out
+    assert "in the broker, waiting for a worker" in lines[0] and "not_found" not in lines[0], lines
+    assert len(lines) == 2 and "not_found" in lines[1], lines
+    assert out.err.startswith("error: no job fresh-job-1")
+
+
+def test_the_simulator_main_module_runs_only_as_a_script() -> None:
+    """Importing ``kie_extend.simulator.__main__`` (docs tools, test collectors) starts nothing."""
+    code = "import kie_extend.simulator.__main__ as m; print('imported', m.main.__module__)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0 and proc.stdout.strip() == "imported kie_extend.simulator.cli", proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "kie_extend.simulator", "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage:"), proc.stderr

@@ -144,3 +144,24 @@ def _check_cookie_is_not_a_bearer(app: ServedApp) -> None:
     assert s.post(app.url + "/v1/pause", json={"reason": "x"}).status_code == 401
     ok = requests.get(app.url + "/v1/system", headers={"Authorization": "Bearer admin-token"})
     assert ok.status_code == 200 and ok.json()["operator_paused"] is None
+
+
+def test_links_and_assets_are_root_relative_behind_a_proxy(served: Callable[..., ServedApp]) -> None:
+    """Behind an HTTPS proxy not in KIE_HTTP_TRUSTED_PROXIES the app sees http and the proxy's Host:
+    no link or asset of ours may name that scheme and host (an https page would load http assets)."""
+    app = served(api_tokens="admin-token")
+    proxied = {"Host": "kie.example.org", "X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.7"}
+    own = re.compile(r'(?:href|src|action)="(?:https?:)?//')
+    r = requests.get(app.url + "/login", headers=proxied)
+    assert r.status_code == 200 and 'rel="stylesheet" href="/static/dashboard.css"' in r.text
+    assert not own.findall(r.text) and "kie.example.org" not in r.text
+    r = requests.get(app.url + "/jobs", headers=proxied, allow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].startswith("/login?next=")
+    s, r = _login(app, "admin-token")
+    assert r.status_code == 200
+    for page in ["/", "/jobs"]:
+        r = s.get(app.url + page, headers=proxied)
+        assert r.status_code == 200, page
+        assert 'href="/static/dashboard.css"' in r.text and not own.findall(r.text), page
+        assert "http://kie.example.org" not in r.text and "http://127.0.0.1" not in r.text, page
+    assert requests.get(app.url + "/static/dashboard.css", headers=proxied).status_code == 200

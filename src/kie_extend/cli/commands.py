@@ -199,17 +199,15 @@ def _wait(settings: Settings, job_id: str, as_json: bool, timeout: float | None 
     start = time.monotonic()
     while True:
         rec = get_job(job_id, settings=settings)
-        line = _line(rec)
         if rec["state"] != JobState.NOT_FOUND.value:
             fresh = False
+        # A job just sent has no record until a worker takes it: say so, not "not_found".
+        in_broker = rec["state"] == JobState.NOT_FOUND.value and fresh and time.monotonic() - start < fresh_grace
+        line = f"{job_id}  in the broker, waiting for a worker to pick it up" if in_broker else _line(rec)
         if line != last and not as_json:
             print(f"[{time.monotonic() - start:6.1f}s] {line}", flush=True)
             last = line
-        if rec["state"] == JobState.NOT_FOUND.value and fresh and time.monotonic() - start < fresh_grace:
-            line = f"{job_id}  in the broker, waiting for a worker to pick it up"
-            if line != last and not as_json:
-                print(f"[{time.monotonic() - start:6.1f}s] {line}", flush=True)
-                last = line
+        if in_broker:
             time.sleep(0.3)
             continue
         if rec["state"] in _TERMINAL or rec["state"] == JobState.NOT_FOUND.value:
@@ -461,11 +459,15 @@ def cmd_credits(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Where ``serve --callback-port`` listens unless ``--callback-host`` says otherwise.
+DEFAULT_CALLBACK_HOST = "0.0.0.0"
+
+
 def cmd_callback_server(args: argparse.Namespace) -> int:
     """The older name of ``serve --callbacks-only`` (same --host/--port), kept for existing scripts."""
-    print("note: callback-server is `kie-extend serve --callbacks-only`: the callback route, the probes "
-          "and /metrics, on the one HTTP stack (FastAPI on uvicorn)", flush=True)
     args.callbacks_only, args.callback_port, args.callback_host = True, None, None
+    args.note = ("note: callback-server is `kie-extend serve --callbacks-only`: the callback route, the probes "
+                 "and /metrics, on the one HTTP stack (FastAPI on uvicorn)")
     return cmd_serve(args)
 
 
@@ -495,6 +497,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     callbacks_only = getattr(args, "callbacks_only", False)
     if callbacks_only and args.callback_port:
         raise InputError("--callbacks-only serves the callbacks on --host/--port; leave out --callback-port")
+    if args.callback_host is not None and not args.callback_port:
+        raise InputError("--callback-host needs --callback-port" + (
+            "; with --callbacks-only the callbacks listen on --host/--port" if callbacks_only else ""))
+    callback_host = args.callback_host or DEFAULT_CALLBACK_HOST
     settings = _settings()
     file_tokens = [t.value for t in settings.tenants.tokens] if settings.tenants is not None else []
     setup_logging(settings.log_level, settings.log_format,
@@ -509,6 +515,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if not _preflight(settings, "server"):
         return EXIT_CONFIG
+    if getattr(args, "note", None):  # on stderr, once the settings hold (an error stays one line)
+        print(args.note, file=sys.stderr, flush=True)
     rt = _runtime(settings)
     dispatcher = CeleryDispatcher(create_app(settings), settings.queue)
     servers = []
@@ -521,22 +529,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     trusted = [p.strip() for p in settings.http_trusted_proxies.split(",") if p.strip()]
     guards.update({"proxy_headers": True, "forwarded_allow_ips": trusted} if trusted
                   else {"proxy_headers": False})
+    _Announced = _announced_server(uvicorn)
     if args.callback_port:
         main_parts = ("api", "dashboard")
         cb = create_http_app(settings, parts=("callbacks",), runtime=rt, dispatcher=dispatcher)
-        servers.append(uvicorn.Server(uvicorn.Config(cb, host=args.callback_host, port=args.callback_port,
-                                                     log_level="warning", access_log=False, **guards)))
-        print(f"kie-extend callbacks on http://{args.callback_host}:{args.callback_port}/kie/callback/", flush=True)
+        servers.append(_Announced(uvicorn.Config(cb, host=callback_host, port=args.callback_port, log_level="warning",
+                                                 access_log=False, **guards),
+                                  f"kie-extend callbacks on http://{callback_host}:{args.callback_port}/kie/callback/"
+                                  "  (also /healthz, /livez, /readyz, /metrics)"))
     elif callbacks_only:
         main_parts = ("callbacks",)
     else:
         main_parts = ("callbacks", "api", "dashboard")
     app = create_http_app(settings, parts=main_parts, runtime=rt, dispatcher=dispatcher)
-    servers.append(uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                                 access_log=False, **guards)))
-    print(f"kie-extend serve on http://{args.host}:{args.port}  "
-          + ("(callbacks only: /kie/callback/, probes, /metrics)" if callbacks_only
-             else "(dashboard /, API /v1, OpenAPI /openapi.json)"), flush=True)
+    servers.append(_Announced(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                             access_log=False, **guards),
+                              f"kie-extend serve on http://{args.host}:{args.port}  "
+                              + ("(callbacks only: /kie/callback/, probes, /metrics)" if callbacks_only
+                                 else "(dashboard /, API /v1, OpenAPI /openapi.json)")))
 
     async def run() -> None:
         await asyncio.gather(*(s.serve() for s in servers))
@@ -546,10 +556,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except SystemExit as exc:
         if exc.code != 3:  # uvicorn's "startup failed": it logged why (a port in use, most often)
             raise
-        print("error: serve could not start (see the line above); choose a free --port / --callback-port",
+        command = "callback-server" if getattr(args, "func", None) is cmd_callback_server else "serve"
+        flags = "--port / --callback-port" if args.callback_port else "--port"
+        print(f"error: {command} could not start (see the line above); choose a free {flags}",
               file=sys.stderr, flush=True)
         return EXIT_USAGE
     return 0
+
+
+def _announced_server(uvicorn: Any) -> Any:
+    """uvicorn's Server printing a banner line once its socket listens (never before a bind error);
+    printed before the server handles its first request."""
+
+    class Announced(uvicorn.Server):  # type: ignore[misc, name-defined]
+        def __init__(self, config: Any, banner: str) -> None:
+            super().__init__(config)
+            self.banner = banner
+
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and not self.should_exit:
+                print(self.banner, flush=True)
+
+    return Announced
 
 
 def cmd_openapi(args: argparse.Namespace) -> int:
@@ -714,11 +743,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_credits)
 
     sv = sub.add_parser("serve", help="run callbacks, the JSON API and the dashboard (one HTTP service)")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8080)
-    sv.add_argument("--callback-port", type=int, help="serve KIE's callbacks on their own port (e.g. public) "
-                    "while the API and dashboard stay on --host/--port")
-    sv.add_argument("--callback-host", default="0.0.0.0")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other "
+                    "address needs KIE_API_TOKENS unless --callbacks-only)")
+    sv.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    sv.add_argument("--callback-port", type=int, help="serve KIE's callbacks (with the probes and /metrics) on "
+                    "their own port, e.g. public, while the API and dashboard stay on --host/--port")
+    sv.add_argument("--callback-host", default=None, help=f"address of --callback-port (default "
+                    f"{DEFAULT_CALLBACK_HOST}); only with --callback-port")
     sv.add_argument("--callbacks-only", action="store_true", help="serve only KIE's callbacks (with the probes "
                     "and /metrics): no API, no dashboard, so no KIE_API_TOKENS needed on a public --host")
     sv.set_defaults(func=cmd_serve)
@@ -728,8 +759,8 @@ def build_parser() -> argparse.ArgumentParser:
     oa.set_defaults(func=cmd_openapi)
 
     cb = sub.add_parser("callback-server", help="older name of `serve --callbacks-only`")
-    cb.add_argument("--host", default="127.0.0.1")
-    cb.add_argument("--port", type=int, default=8080)
+    cb.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    cb.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     cb.set_defaults(func=cmd_callback_server)
 
     sub.add_parser("simulator", help="run the provider simulator (see `kie-extend simulator --help`)",

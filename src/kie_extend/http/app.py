@@ -14,9 +14,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kie_extend.config import Settings
 from kie_extend.errors import describe_problems
@@ -40,6 +41,27 @@ RETRY_AFTER = 5
 UNAVAILABLE_LOG_EVERY = 10.0
 #: Path prefixes that are not dashboard pages: they answer JSON (or text) even with the dashboard on.
 NOT_PAGES = ("/v1/", "/v1", "/kie/", "/metrics", "/healthz", "/livez", "/readyz", "/openapi.json", "/docs", "/static/")
+
+
+#: The error ``kind`` of an HTTP status answered without one of its own (an unknown path, a wrong method).
+STATUS_KINDS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                405: "method_not_allowed", 408: "timeout", 409: "conflict", 413: "too_large",
+                415: "unsupported_media_type", 422: "invalid_request", 429: "too_many_requests",
+                503: "unavailable"}
+
+
+def status_kind(status: int) -> str:
+    """The error ``kind`` for an HTTP ``status`` (``internal`` for a 5xx not listed, ``error`` else)."""
+    return STATUS_KINDS.get(status, "internal" if status >= 500 else "error")
+
+
+def _status_message(request: Request, exc: StarletteHTTPException) -> str:
+    if exc.status_code == 404:
+        return f"no such path: {request.url.path[:200]}"
+    if exc.status_code == 405:
+        allow = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow")
+        return f"method {request.method} not allowed on {request.url.path[:200]}" + (f"; allowed: {allow}" if allow else "")
+    return str(exc.detail)
 
 
 def error_body(kind: str, message: str, errors: list[dict[str, str]] | None = None) -> dict[str, Any]:
@@ -81,9 +103,14 @@ def create_app(settings: Settings, *, parts: Iterable[str] = PARTS, runtime: Run
     # Outermost of the app's own middleware: no route ever sees more body than its limit allows.
     app.add_middleware(BodyLimit, limits=limits)
 
-    @app.exception_handler(HTTPException)
-    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        detail = exc.detail if isinstance(exc.detail, dict) else {"kind": "error", "message": str(exc.detail)}
+    # Starlette's own HTTPException (an unknown path's 404, a wrong method's 405) is the base class
+    # of FastAPI's: one handler gives both the API's error shape.
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.detail, dict) and "kind" in exc.detail:
+            detail = exc.detail
+        else:
+            detail = {"kind": status_kind(exc.status_code), "message": _status_message(request, exc)}
         return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -130,6 +157,8 @@ def create_app(settings: Settings, *, parts: Iterable[str] = PARTS, runtime: Run
     def readyz() -> JSONResponse:
         """Readiness: the job store and the broker answer (200), or 503 with the reason."""
         ready, body = app.state.readiness.check()
+        if not ready:  # the report as it is, plus the error shape every other answer uses
+            body["error"] = {"kind": "unavailable", "message": body.get("reason", "not ready")}
         return JSONResponse(body, status_code=200 if ready else 503,
                             headers={"Cache-Control": "no-store", **({} if ready else {"Retry-After": str(RETRY_AFTER)})})
 

@@ -61,12 +61,19 @@ def signature_ok(body: dict[str, Any], headers: dict[str, str], secret: str, now
     return hmac.compare_digest(base64.b64encode(mac).decode(), sig)
 
 
+def _error(kind: str, message: str) -> dict[str, Any]:
+    """The API's error shape, ``{"error": {"kind", "message"}}`` (as app.py's ``error_body``)."""
+    return {"error": {"kind": kind, "message": message}}
+
+
 def install(app: FastAPI, settings: Settings, log_every: float = 10.0) -> None:
     """Add the callback route to ``app`` (built by app.py: ``app.state.pipeline`` and
     ``app.state.limits`` set, BodyLimit in place). Answers: 200 ``{"status": "received"}`` (also
     for an unknown or finished job, and when the job store is unavailable: one WARNING per
     ``log_every`` seconds), 400 not a JSON object, 401 bad or missing signature (with a secret),
-    404 a malformed job id, 405 not POST, 413 body too large, 422 JSON nested too deep."""
+    404 a malformed job id, 405 not POST, 413 body too large, 422 JSON nested too deep. Every
+    error is ``{"error": {"kind", "message"}}``: kinds ``invalid_json`` (400, 422), ``unauthorized``,
+    ``not_found``, ``method_not_allowed``, ``too_large``."""
     secret = settings.callback_secret.get_secret_value() if settings.callback_secret else None
     unrecorded_log = Throttled(log_every)
 
@@ -74,21 +81,21 @@ def install(app: FastAPI, settings: Settings, log_every: float = 10.0) -> None:
     @app.post(ROUTE + "/", include_in_schema=False)
     async def callback(job_id: str, request: Request) -> JSONResponse:
         if not JOB_ID_PATTERN.fullmatch(job_id):
-            return JSONResponse({"error": "not found"}, status_code=404)
+            return JSONResponse(_error("not_found", f"no such job id: {job_id[:200]}"), status_code=404)
         raw = await request.body()  # at most KIE_HTTP_CALLBACK_MAX_BODY bytes: BodyLimit answered 413 otherwise
         try:
             body = loads(raw or b"{}", app.state.limits.json_max_depth)
             if not isinstance(body, dict):
                 raise ValueError("not an object")
         except TooDeep as exc:
-            return JSONResponse({"error": f"body {exc}"}, status_code=422)
+            return JSONResponse(_error("invalid_json", f"body {exc}"), status_code=422)
         except ValueError:
-            return JSONResponse({"error": "body must be a JSON object"}, status_code=400)
+            return JSONResponse(_error("invalid_json", "the body must be a JSON object"), status_code=400)
         if secret:
             headers = {k.lower(): v for k, v in request.headers.items()}
             if not signature_ok(body, headers, secret):
                 log.warning("callback with a bad or missing signature ignored", extra={"job_id": job_id})
-                return JSONResponse({"error": "bad signature"}, status_code=401)
+                return JSONResponse(_error("unauthorized", "bad or missing webhook signature"), status_code=401)
         data = body.get("data") if isinstance(body.get("data"), dict) else {}
         kind = str(data.get("callbackType") or body.get("callbackType") or "")
         try:
