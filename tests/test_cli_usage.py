@@ -310,7 +310,7 @@ def test_wait_on_a_job_still_in_the_broker_says_so_before_anything_else(
     """``enqueue --wait`` right after sending: no record yet, so the first line is "in the broker",
     never a ``not_found`` that reads like a lost job; ``not_found`` comes only after the grace."""
     from kie_extend.cli.errors import EXIT_NOT_FOUND
-    from kie_extend.cli.main import _wait
+    from kie_extend.cli.commands import _wait
 
     code = _wait(make_settings(), "fresh-job-1", as_json=False, fresh=True, fresh_grace=1.0)
     out = capsys.readouterr()
