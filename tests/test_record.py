@@ -117,6 +117,26 @@ def test_missing_fields_take_their_defaults() -> None:
     assert rec.outcome_unknown is False and rec.callbacks_seen is False and rec.admitted is None
 
 
+def test_each_parser_of_an_absent_field_gives_the_attribute_default() -> None:
+    """from_hash parses only the fields a hash holds: that is the same record only while every
+    parser, given a hash without its field, returns the attribute's own default."""
+    from kie_extend.store.record import _PARSERS
+
+    defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(JobRecord)}
+    for key, entries in _PARSERS.items():
+        for attr, parse in entries:
+            assert parse({}) == defaults[attr], f"{key} -> {attr}"
+            assert parse({"other": "1"}) == defaults[attr], f"{key} -> {attr}"
+
+
+def test_unknown_fields_are_kept_raw_only() -> None:
+    rec = JobRecord.from_hash({"state": "queued", "someday": "x", "handler:b": '{"state":"delivered"}',
+                               "handler:a": "{}"})
+    assert rec.state is JobState.QUEUED and rec.raw["someday"] == "x"
+    assert list(rec.handlers) == ["a", "b"] and rec.handlers["b"] == {"state": "delivered"}
+
+
 def test_empty_text_reads_as_absent() -> None:
     rec = JobRecord.from_hash({k: "" for k in FULL})
     for f in dataclasses.fields(JobRecord):

@@ -155,7 +155,9 @@ class JobRecord:
         """The record from a job's hash (field -> text, as ``HGETALL`` returns it decoded);
         never raises on missing, legacy or garbled fields (see the module's docstring)."""
         raw = dict(raw)
-        values = {attr: parse(raw) for entries in _PARSERS.values() for attr, parse in entries}
+        # Only the fields the hash holds are parsed: an absent field reads as its parser's default,
+        # which is the attribute's default too (pinned by tests/test_record.py).
+        values = {attr: parse(raw) for key in raw if key in _PARSERS for attr, parse in _PARSERS[key]}
         return cls(**values, handlers=_handlers(raw), raw=raw)
 
     @property
@@ -221,7 +223,7 @@ class JobRecord:
 
 
 def _handlers(raw: Mapping[str, str]) -> dict[str, Any]:
-    return {key[len(HANDLER_PREFIX):]: _json(raw, key, {}) for key in sorted(raw) if key.startswith(HANDLER_PREFIX)}
+    return {key[len(HANDLER_PREFIX):]: _json(raw, key, {}) for key in sorted(k for k in raw if k.startswith(HANDLER_PREFIX))}
 
 
 def _tracks(raw: Mapping[str, str]) -> tuple[dict[str, Any], ...]:
