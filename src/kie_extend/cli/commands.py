@@ -16,6 +16,7 @@ from kie_extend.cli.common import runtime as _runtime
 from kie_extend.cli.common import settings as _settings
 from kie_extend.cli.errors import run as run_command
 from kie_extend.config import Settings
+from kie_extend.infra.endpoints import is_loopback_host
 from kie_extend.errors import ConfigError, ValidationError, describe_error
 from kie_extend.jobs.states import TERMINAL, JobState
 
@@ -471,17 +472,6 @@ def cmd_callback_server(args: argparse.Namespace) -> int:
     return cmd_serve(args)
 
 
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the HTTP side: callbacks, the JSON API and the dashboard."""
     import asyncio
@@ -507,7 +497,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   [settings.api_key_value(), *(t for t in (settings.api_tokens.get_secret_value().split(",")
                                                            if settings.api_tokens else []) if t.strip()),
                    *file_tokens])
-    if not callbacks_only and not settings.api_tokens and not file_tokens and not _is_loopback(args.host):
+    if not callbacks_only and not settings.api_tokens and not file_tokens and not is_loopback_host(args.host):
         print(f"error: refusing to serve the API and dashboard on {args.host} without KIE_API_TOKENS; set "
               "KIE_API_TOKENS (comma list; prefix 'read:' for read-only tokens) or bind to 127.0.0.1. "
               "Callbacks alone may be public: --callbacks-only, or --callback-port with --callback-host.",

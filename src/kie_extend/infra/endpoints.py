@@ -15,6 +15,7 @@ fixed text and the scheme only.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -192,3 +193,13 @@ def _mask_one(url: str) -> str:
     if any(c in user for c in "/?#"):  # a malformed URL: hide everything before the '@'
         user = ""
     return f"{scheme}://{user}:***@{hostpart}"
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a name or an IP address, no port) is ``localhost`` or a loopback address."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import time
 from typing import TYPE_CHECKING, Any
@@ -10,6 +9,7 @@ from urllib.parse import unquote, urlsplit
 
 import requests
 
+from kie_extend.infra.endpoints import is_loopback_host
 from kie_extend.simulator.audio import audio_duration, mp3_bytes, png_bytes
 from kie_extend.simulator.protocol import SimReply, SimRequest, envelope, json_reply, raw_reply, upload_error
 from kie_extend.simulator.rules import SourceFetchError
@@ -120,15 +120,6 @@ def upload_base64(sim: SimHost, req: SimRequest) -> SimReply:
     return _store(sim, req, data, mime, None, _opt(body.get("uploadPath")), _opt(body.get("fileName")))
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def upload_url(sim: SimHost, req: SimRequest) -> SimReply:
     """`POST /api/file-url-upload` (JSON: fileUrl, uploadPath, fileName); fetches loopback URLs only."""
     _, denied = sim.authenticate(req)
@@ -139,7 +130,7 @@ def upload_url(sim: SimHost, req: SimRequest) -> SimReply:
     if not isinstance(url, str) or not url:
         return upload_error(400, "fileUrl is required")
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not _loopback(parts.hostname or ""):
+    if parts.scheme not in ("http", "https") or not is_loopback_host(parts.hostname or ""):
         return upload_error(400, "the simulator only fetches http(s) URLs on loopback hosts")
     try:
         resp = requests.get(url, timeout=30)

@@ -184,10 +184,7 @@ class JobStore:
             if not raw:
                 out.append(None)
                 continue
-            record = {_text(k): _text(v) for k, v in raw.items()}
-            if stored is not None and "request" not in record:
-                record["request"] = unpack(stored)
-            out.append(record)
+            out.append(_with_request({_text(k): _text(v) for k, v in raw.items()}, stored))
         return out
 
     def request(self, job_id: str) -> dict[str, Any] | None:
@@ -216,8 +213,8 @@ class JobStore:
                                 args=[repr(now), gap, repr(now + lease)])
         flat, claim, stored = found[0], _text(found[1]), found[2] if len(found) > 2 else None
         raw = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)} or None
-        if raw is not None and stored is not None and "request" not in raw:
-            raw["request"] = unpack(stored)
+        if raw is not None:
+            _with_request(raw, stored)
         if claim == "-":
             return raw, ""
         return raw, (None if claim == "" else float(claim))
@@ -495,6 +492,15 @@ class JobStore:
     def stat(self, name: str, amount: int = 1) -> None:
         """Bump a shared counter."""
         self._writer().hincrby(self.keys.stats, name, amount)
+
+
+def _with_request(record: dict[str, str], stored: bytes | str | None) -> dict[str, str]:
+    """``record`` (a job's raw hash, changed in place and returned) with its request JSON text in
+    ``request``, unpacked from its request key's value ``stored``; an older record that holds the
+    field in its hash keeps it."""
+    if stored is not None and "request" not in record:
+        record["request"] = unpack(stored)
+    return record
 
 
 def _iso(ts: float) -> str:
