@@ -24,17 +24,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import redis
 
 from kie_extend.store.keys import Keys
 from kie_extend.store.lua import LIB
 
-# KEYS: pause, operator pause, inflight, rate log, breaker, priorities, admission seq, due, reach.
+# KEYS: pause, operator pause, inflight, rate log, breaker, priorities, admission seq, due, reach,
+#       budget wait.
 # ARGV: tag, max jobs, horizon ms, limit, book window ms, max in flight, probe timeout ms,
 #       per-tenant caps JSON ({tenant: [count, window ms]}, "{}" for none), the caller's own job id
-#       ("" none), lease seconds.
+#       ("" none), lease seconds, budgets JSON ({tenant: [credits, window s]}, "{}" for none).
+# An admitted job reserves its estimated price (reserve in lua.py's LIB) in the same step.
 # Returns a flat list: job id, slot (ms), granted ("1" when the slot was the caller's own and due
 # now: the send is recorded at once, as Gates.acquire would, saving the caller a round trip), ...
 _ADMIT = LIB + """
@@ -69,13 +71,44 @@ local function capped(tenant, slot)
   redis.call('ZREMRANGEBYSCORE', lk, '-inf', now - cap[2])
   return redis.call('ZCOUNT', lk, '(' .. (slot - cap[2]), '+inf') >= cap[1]
 end
+local budgets = cjson.decode(ARGV[11] or '{}')
+local spent = {}
+-- A tenant's charged plus reserved credits in its budget's rolling window (whole SPEND_BUCKETs),
+-- read once per call and kept up to date as this call reserves.
+local function used(tenant, window)
+  if spent[tenant] == nil then
+    local sum, last = 0, math.floor(now / 1000 / SPEND_BUCKET)
+    for b = math.floor((now / 1000 - window) / SPEND_BUCKET), last do
+      sum = sum + (tonumber(redis.call('HGET', T .. ':spend:' .. b, tenant) or '0') or 0)
+    end
+    spent[tenant] = sum
+  end
+  return spent[tenant]
+end
+-- A tenant with a budget whose next job's price would take it past the budget waits (its jobs stay
+-- queued; KEYS[10] says since when); the next tenant in turn takes the slot.
+local function over_budget(tenant, prio)
+  local cap = budgets[tenant]
+  if not cap then return false end
+  local head = redis.call('ZRANGE', T .. ':ready:' .. prio .. ':' .. tenant, 0, 0)[1]
+  local price = 0
+  if head then
+    local hk = T .. ':job:' .. head
+    if redis.call('HEXISTS', hk, 'cr_open') == 0 then price = tonumber(redis.call('HGET', hk, 'price') or '0') or 0 end
+  end
+  if used(tenant, cap[2]) + price > cap[1] then
+    redis.call('HSET', KEYS[10], tenant, math.floor(now / 1000))
+    return true
+  end
+  return false
+end
 local function pick(slot)
   for _, prio in ipairs(redis.call('ZREVRANGE', KEYS[6], 0, -1)) do
     local tk = T .. ':tenants:' .. prio
     local tenants = redis.call('ZRANGE', tk, 0, -1)
     if #tenants == 0 then redis.call('ZREM', KEYS[6], prio) end
     for _, tenant in ipairs(tenants) do
-      if not capped(tenant, slot) then return prio, tenant end
+      if not capped(tenant, slot) and not over_budget(tenant, prio) then return prio, tenant end
     end
   end
   return nil
@@ -129,6 +162,11 @@ while admitted < n and guard < n * 4 + 16 do
           end
           redis.call('PEXPIRE', KEYS[4], slot - now + book * 2 + 1000)
           redis.call('HSET', jk, 'admitted', slot)
+          local reserved = reserve(jk, now / 1000)
+          if budgets[tenant] then
+            spent[tenant] = used(tenant, budgets[tenant][2]) + reserved
+            redis.call('HDEL', KEYS[10], tenant)
+          end
           local cap = caps[tenant]
           if cap then
             redis.call('ZADD', T .. ':tenant_rate:' .. tenant, slot, id)
@@ -167,7 +205,8 @@ class Admission:
 
     def __init__(self, client: redis.Redis, keys: Keys, *, rate: tuple[int, float], margin: float,
                  max_in_flight: int, probe_timeout: float, mode: Mode = "fair",
-                 tenant_limits: dict[str, tuple[int, float]] | None = None) -> None:
+                 tenant_limits: dict[str, tuple[int, float]] | None = None,
+                 budgets: Callable[[], dict[str, tuple[float, float]]] | None = None) -> None:
         self.redis = client
         self.keys = keys
         self.limit, self.window = rate
@@ -178,6 +217,11 @@ class Admission:
         # {tenant: [count, window ms]}: a tenant's own cap on top of the account's rate.
         self._caps = json.dumps({t: [int(n), int(w * 1000)] for t, (n, w) in (tenant_limits or {}).items()})
         self._admit = client.register_script(_ADMIT)
+        # Tenants' budgets ({tenant: (credits, window seconds)}), read at every admission
+        # (credits/budgets.py); its JSON is built again only when the mapping changes.
+        self._budgets = budgets or (lambda: {})
+        self._budgets_seen: Any = None
+        self._budgets_json = "{}"
 
     def queue_of(self, tenant: str, priority: int) -> str:
         """The ready queue a job of ``tenant`` at ``priority`` waits in: ``"priority|tenant"``."""
@@ -195,14 +239,22 @@ class Admission:
         k = self.keys
         call = dict(
             keys=[k.pause, k.operator_pause, k.inflight, k.rate_log, k.breaker, k.priorities, k.admission_seq,
-                  k.due, k.reach],
+                  k.due, k.reach, k.budget_wait],
             args=[k.tag, int(max_jobs), int(horizon * 1000), self.limit,
                   int(round((self.window + self.margin) * 1000)), self.max_in_flight, int(self.probe_timeout * 1000),
-                  self._caps, own, repr(float(lease))])
+                  self._caps, own, repr(float(lease)), self._budgets_arg()])
         if pipe is not None:
             pipe.add(self._admit, **call)
             return []
         return self.admitted(self._admit(**call))
+
+    def _budgets_arg(self) -> str:
+        """The budgets as the admission script takes them: ``{tenant: [credits, window s]}`` JSON."""
+        current = self._budgets()
+        if current != self._budgets_seen:
+            self._budgets_json = json.dumps({t: [float(c), float(w)] for t, (c, w) in current.items()})
+            self._budgets_seen = dict(current)
+        return self._budgets_json
 
     @staticmethod
     def admitted(found: Any) -> list[Admitted]:

@@ -455,7 +455,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_credits(args: argparse.Namespace) -> int:
-    """Ask the provider for the remaining credit balance (a ProviderError exits 7 through :func:`main`)."""
+    """Ask the provider for the remaining credit balance (a ProviderError exits 7 through :func:`main`);
+    ``--reconcile``: compare the balance's fall with the ledger (cli/credits.py)."""
+    if getattr(args, "reconcile", False):
+        from kie_extend.cli.credits import cmd_reconcile
+
+        return cmd_reconcile(args)
     print(_runtime(_settings()).client.credits())
     return 0
 
@@ -729,8 +734,21 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--json", action="store_true")
     dr.set_defaults(func=cmd_doctor)
 
-    c = sub.add_parser("credits", help="the provider's remaining credit balance")
+    from kie_extend.cli.credits import cmd_usage, since_arg
+
+    c = sub.add_parser("credits", help="the provider's remaining credit balance; --reconcile: its fall against "
+                                       "the ledger")
+    c.add_argument("--reconcile", action="store_true",
+                   help="compare the balance's fall (the tick's snapshots) with the ledger's charges")
+    c.add_argument("--since", type=since_arg, default=3600.0, help="with --reconcile: the window (default 1h)")
+    c.add_argument("--json", action="store_true", help="with --reconcile: print the report as JSON")
     c.set_defaults(func=cmd_credits)
+
+    us = sub.add_parser("usage", help="credits reserved, charged and refunded by tenant and operation")
+    us.add_argument("--tenant", help="only this tenant")
+    us.add_argument("--since", type=since_arg, default=86400.0, help="the window, e.g. 1h, 24h, 7d (default 24h)")
+    us.add_argument("--json", action="store_true", help="print the report as JSON (as GET /v1/usage)")
+    us.set_defaults(func=cmd_usage)
 
     sv = sub.add_parser("serve", help="run callbacks, the JSON API and the dashboard (one HTTP service)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other "

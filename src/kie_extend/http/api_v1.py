@@ -36,6 +36,9 @@ from kie_extend.jobs.intake import EXTEND_KWARGS, EXTEND_OPTIONS, unknown_name_m
 from kie_extend.infra.jsontext import DuplicateKeyError
 from kie_extend.jobs.listing import DEFAULT_LIMIT, MAX_LIMIT, list_jobs
 from kie_extend.infra.metrics import overview
+from kie_extend.config import parse_duration
+from kie_extend.credits.usage import usage_report
+from kie_extend.store.keys import LEDGER_TTL
 from kie_extend.jobs.states import JobState
 from kie_extend.http.auth import Auth, Principal
 from kie_extend.http.limits import TooDeep, loads
@@ -43,7 +46,7 @@ from kie_extend.tenants.scope import claim_batch, owns_batch, system_for, tenant
 from kie_extend.http.schemas import (BATCH_ID_SCHEMA_PATTERN, CURSOR_SCHEMA_PATTERN, JOB_ID_SCHEMA_PATTERN, MAX_JOBS_PER_REQUEST,
                       MAX_PAUSE_REASON, Batch, BatchCancelled, BatchList, BatchSubmission, CancelOutcome, ErrorBody,
                       JobAccepted, JobPage, JobRecord, JobsAccepted, JobSubmission, PauseRequest, PauseState,
-                      ResumeOutcome, RetryOutcome, SystemOverview, TenantList)
+                      ResumeOutcome, RetryOutcome, SystemOverview, TenantList, Usage)
 
 #: Fields of one job object (``audio_file`` is the Python API's only: a server-side path is no input).
 ITEM_FIELDS = (*EXTEND_KWARGS, "job_id")
@@ -487,6 +490,29 @@ async def tenants(request: Request, principal: Principal = Depends(admin)) -> JS
     registry = settings.tenants
     listed = [t.public() for t in registry.tenants.values()] if registry is not None else []
     return JSONResponse({"tenants": listed, "strict": bool(settings.tenants_strict and registry is not None)})
+
+
+@router.get("/usage", response_model=Usage, responses=_errors(403, 422), operation_id="getUsage")
+async def usage_route(
+    request: Request,
+    principal: Principal = Depends(reader),
+    tenant: Annotated[str | None, Query(description="only this tenant (a tenant's token: its own, the default)")] = None,
+    since: Annotated[str, Query(description="the window: 30m, 24h, 7d (at most 35d)")] = "24h",
+) -> JSONResponse:
+    """Credits reserved, charged, refunded and still open by tenant and by operation, of the jobs
+    admitted in the window, with each tenant's budget use. A tenant's token sees only its own
+    tenant (naming another is 403); an admin token sees every tenant."""
+    try:
+        seconds = parse_duration(since)
+    except ValueError as exc:
+        raise invalid([{"field": "since", "message": str(exc)}]) from None
+    if seconds <= 0 or seconds > LEDGER_TTL:
+        raise invalid([{"field": "since", "message": f"give a window of more than 0 and at most {LEDGER_TTL // 86400}d"}])
+    if principal.tenant is not None:
+        if tenant is not None and tenant != principal.tenant:
+            raise fail(403, "forbidden", f"this token acts for tenant {principal.tenant}; it sees no other tenant's usage")
+        tenant = principal.tenant
+    return JSONResponse(await _blocking(usage_report, request.app.state.runtime, seconds, tenant))
 
 
 def _system(rt: Any) -> dict[str, Any]:

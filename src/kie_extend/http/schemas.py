@@ -251,6 +251,14 @@ class Track(BaseModel):
     prompt: str | None = None
 
 
+class Credits(BaseModel):
+    """A job's KIE credits (numbers of credits)."""
+
+    reserved: float = 0
+    charged: float = 0
+    refunded: float = 0
+
+
 class JobRecord(BaseModel):
     """A job's status record; times are ISO-8601 UTC."""
 
@@ -275,6 +283,10 @@ class JobRecord(BaseModel):
     priority: int | None = None
     batch_id: str | None = None
     not_after: str | None = None
+    credits: Credits = Field(default_factory=lambda: Credits(),
+                             description="KIE credits: reserved at admission, charged or refunded when it ended")
+    waiting_for: Literal["budget"] | None = Field(
+        None, description='a queued job held back: "budget" while its tenant\'s budget is used up')
 
 
 class JobPage(BaseModel):
@@ -411,6 +423,41 @@ class TenantInfo(BaseModel):
     stream: bool
 
 
+class UsageRow(BaseModel):
+    """Credits of one tenant (or one of its operations), in KIE credits."""
+
+    reserved: float = Field(description="reserved when its jobs were admitted")
+    charged: float = Field(description="charged when they ended (the provider's creditsConsumed where reported)")
+    refunded: float = Field(description="reservations given back: refunded failures, jobs never accepted")
+    open: float = Field(description="still reserved: jobs admitted, not ended yet")
+
+
+class BudgetUse(BaseModel):
+    """A tenant's budget and how much of it its rolling window holds."""
+
+    credits: float
+    window: float = Field(description="seconds")
+    used: float = Field(description="charged plus still reserved in the window (whole hours)")
+    ratio: float = Field(description="used / credits")
+
+
+class TenantUsage(UsageRow):
+    """One tenant's credits over the window, by operation."""
+
+    operations: dict[str, UsageRow] = Field(description="operation (extend, wav, stems, ...) -> credits")
+    budget: BudgetUse | None = None
+
+
+class Usage(BaseModel):
+    """Credits by tenant and operation of the jobs admitted in the window (whole 5-minute buckets)."""
+
+    since: str
+    until: str
+    seconds: float
+    tenants: dict[str, TenantUsage]
+    total: UsageRow
+
+
 class TenantList(BaseModel):
     """The declared tenants (empty without KIE_TENANTS_FILE) and whether KIE_TENANTS_STRICT is on."""
 
@@ -418,7 +465,7 @@ class TenantList(BaseModel):
     strict: bool
 
 
-__all__ = ["TenantInfo", "TenantList", "JobSubmission", "BatchSubmission", "JobAccepted", "JobsAccepted", "ErrorBody", "JobRecord",
+__all__ = ["Usage", "TenantUsage", "UsageRow", "BudgetUse", "Credits", "TenantInfo", "TenantList", "JobSubmission", "BatchSubmission", "JobAccepted", "JobsAccepted", "ErrorBody", "JobRecord",
            "JobPage", "CancelOutcome", "RetryOutcome", "Batch", "BatchList", "BatchCancelled", "PauseRequest",
            "PauseState", "ResumeOutcome", "SystemOverview", "Infrastructure", "InfraPart", "MAX_JOBS_PER_REQUEST", "MAX_LIMIT", "MAX_PAUSE_REASON",
            "extend_request_schema", "JOB_ID_SCHEMA_PATTERN", "BATCH_ID_SCHEMA_PATTERN", "CURSOR_SCHEMA_PATTERN"]

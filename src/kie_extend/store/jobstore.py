@@ -325,6 +325,7 @@ class JobStore:
         stat: str = "",
         ready: bool = False,
         pipe: Any = None,
+        settle: str | float | None = None,
     ) -> Moved:
         """Move ``job_id`` to ``to`` if it is in one of ``expect``; False if it was not.
 
@@ -341,7 +342,10 @@ class JobStore:
         outcome from ``pipe.execute()`` (first element 1 = moved); with a :class:`OneTrip`, from its
         ``execute()`` through :meth:`moved`. A ``request`` among ``fields`` goes to the job's request
         key (packed), not to its hash; the key gets the record's TTL on a terminal move and loses it
-        on any other.
+        on any other. ``settle`` settles the job's open credit reservation in the same step
+        (credits/ledger.py): a number of credits charged (the rest refunded), ``"open"`` to charge
+        all of it, ``"auto"`` (the default of a terminal move) to charge all of it when the provider
+        had accepted the job and none when it never did; ``None`` on a non-terminal move: no settlement.
         """
         expected = list(expect)
         for frm in expected:
@@ -377,6 +381,7 @@ class JobStore:
                 "1" if ready else "",
                 _iso(now),
                 pack(request) if request else "",
+                "" if settle is None else settle if isinstance(settle, str) else repr(float(settle)),
             ],
         )
         if isinstance(pipe, OneTrip):

@@ -1,0 +1,51 @@
+"""Budgets: each tenant's credits per rolling window (the tenants file's ``budget``), and how much of it is used.
+
+A tenant with a budget is admitted only while its charged plus reserved credits in the rolling
+window stay within it (the admission script, admission/queues.py, checks it at slot time); its other
+jobs wait in ``queued`` with ``waiting_for: "budget"``. Spend is kept in hour buckets
+(``Keys.spend``), so a window is counted in whole hours: it reaches back to the start of the hour
+``window`` seconds ago, which can only hold a tenant back a little early, never let it overspend.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from kie_extend.store.keys import SPEND_BUCKET, Keys
+
+
+def budgets(settings: Any) -> dict[str, tuple[float, float]]:
+    """Every tenant's budget: ``{tenant: (credits, window seconds)}``, only tenants with one.
+
+    The one place budgets are read (admission, metrics, usage, waiting_for): it reads the tenants
+    file (``settings.tenants``); run-time overrides of tenant settings plug in here."""
+    registry = getattr(settings, "tenants", None)
+    if registry is None:
+        return {}
+    return {name: (float(t.budget[0]), float(t.budget[1])) for name, t in registry.tenants.items()
+            if t.budget is not None}
+
+
+def used(client: Any, keys: Keys, tenants: dict[str, tuple[float, float]], now: float | None = None) -> dict[str, float]:
+    """Each tenant's charged plus still-reserved credits over its budget's window (whole hours, as
+    the admission script counts them): ``{tenant: credits}``, in one round trip."""
+    now = time.time() if now is None else now
+    pipe = client.pipeline(transaction=False)
+    spans: list[tuple[str, int]] = []
+    for tenant, (_, window) in tenants.items():
+        first, last = int((now - window) // SPEND_BUCKET), int(now // SPEND_BUCKET)
+        for bucket in range(first, last + 1):
+            pipe.hget(keys.spend(bucket), tenant)
+        spans.append((tenant, last - first + 1))
+    found = iter(pipe.execute() if spans else [])
+    out: dict[str, float] = {}
+    for tenant, n in spans:
+        out[tenant] = sum(float(v) for v in (next(found) for _ in range(n)) if v is not None)
+    return out
+
+
+def waiting(client: Any, keys: Keys) -> set[str]:
+    """Tenants whose jobs wait for budget now (the admission script held one back, and has admitted
+    none of theirs since)."""
+    return {(t.decode() if isinstance(t, bytes) else str(t)) for t in client.hkeys(keys.budget_wait)}
