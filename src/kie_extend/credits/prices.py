@@ -3,7 +3,7 @@
 The estimate is what a job reserves when it is admitted; where the provider reports the real
 charge (``creditsConsumed`` on the createTask route) that wins when the job is settled
 (credits/ledger.py). Operations are the provider calls a job can make: the extension itself
-(``extend``) and the follow-up steps of DESIGN §16 (``wav``, ``stems``, ``split_stem``, ``video``,
+(``extend``) and its follow-up steps (``wav``, ``stems``, ``split_stem``, ``video``,
 ``midi``, ``lyrics``).
 """
 
