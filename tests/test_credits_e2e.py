@@ -161,3 +161,16 @@ def test_budget_holds_one_tenant_while_another_flows(stack: DevStack) -> None:
     metrics = requests.get(stack.serve_url + "/metrics", timeout=10).text  # type: ignore[attr-defined]
     assert 'kie_extend_tenant_budget_used_ratio{tenant="capped"} 1' in metrics
     assert 'kie_extend_tenant_budget_waiting{tenant="capped"} 1' in metrics
+
+
+def test_dashboard_shows_spend_per_tenant_scoped_by_session(stack: DevStack) -> None:
+    url = stack.serve_url  # type: ignore[attr-defined]
+    with requests.Session() as admin:
+        admin.post(url + "/login", data={"token": ADMIN, "next": "/"}, headers={"Origin": url}, timeout=10)
+        page = admin.get(url + "/", timeout=10).text
+        assert 'id="spend"' in page and 'data-tenant="shop"' in page and 'data-tenant="blog"' in page
+    with requests.Session() as shop:
+        shop.post(url + "/login", data={"token": SHOP, "next": "/"}, headers={"Origin": url}, timeout=10)
+        page = shop.get(url + "/jobs", timeout=10).text
+        assert 'id="spend"' in page and 'data-tenant="shop"' in page
+        assert 'data-tenant="blog"' not in page and 'data-tenant="capped"' not in page

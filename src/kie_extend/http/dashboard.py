@@ -32,6 +32,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
+from kie_extend.credits.prices import format_credits
 from kie_extend.jobs.batches import cancel_batch, get_batch
 from kie_extend.handlers.delivery import Delivery
 from kie_extend.infra.endpoints import mask_url
@@ -93,6 +94,7 @@ def mount(app: FastAPI) -> None:
     """Add the dashboard's routes and static files (``/static``) to ``app``."""
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.globals["max_pause_reason"] = MAX_PAUSE_REASON
+    templates.env.filters["credits"] = format_credits
     templates.env.filters["iso"] = data.iso
     templates.env.filters["pretty"] = data.pretty
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
@@ -226,6 +228,7 @@ def mount(app: FastAPI) -> None:
         if not who.is_admin:
             return RedirectResponse("/jobs", status_code=303)  # the account's overview is an admin's
         return _page(request, "overview.html", {"ov": data.overview(rt), "credits": data.credits(rt),
+                                                "spend": data.spend(rt),
                                                 "charts": data.chart_data(rt),
                                                 "refresh": request.query_params.get("refresh") == "1"}, who)
 
@@ -240,6 +243,7 @@ def mount(app: FastAPI) -> None:
             tenant = "" if scoped is None else who.tenant  # None: the tenant's own batch, pending jobs too
         listing = data.list_jobs(rt, state=state, batch=batch, tenant=tenant, q=q, page=max(1, page))
         return _page(request, "jobs.html", {"listing": listing, "states": data.STATE_NAMES,
+                                            "spend": data.spend(rt, who.tenant) if who.tenant is not None else None,
                                             "f": {"state": state, "batch": batch, "tenant": tenant, "q": q}}, who)
 
     @app.get("/jobs/{job_id}", response_class=HTMLResponse, include_in_schema=False)
