@@ -35,6 +35,7 @@ API_KEY = "tres-api-key-" + uuid.uuid4().hex
 SHOP_SECRET = "shop-whsec-" + uuid.uuid4().hex
 BLOG_SECRET = "blog-whsec-" + uuid.uuid4().hex
 NEWS_SECRET = "news-whsec-" + uuid.uuid4().hex
+ROOT = Path(__file__).resolve().parent.parent
 SECRETS = (API_KEY, SHOP_SECRET, BLOG_SECRET, NEWS_SECRET)
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -314,6 +315,14 @@ def test_each_tenant_gets_its_own_signed_results(tmp_path: Path, receivers: Call
             Counter({**{j: 1 for j in shop_ids}, shop_batch: 1})
         assert all(json.loads(e["payload"]).get("tenant") in ("shop", None) for e in own)
         assert not r.exists(keys.tenant_results("blog")) and not r.exists(keys.tenant_results("news"))
+        # The example reader reads a tenant's own stream with --tenant.
+        reader = subprocess.run([sys.executable, str(ROOT / "examples" / "consume_results.py"), "--tenant", "shop",
+                                 "--group", "shop-svc", "--timeout", "1.5"], env=stack.env, capture_output=True,
+                                text=True, timeout=60)
+        assert reader.returncode == 0, reader.stderr
+        read = [json.loads(line) for line in reader.stdout.splitlines() if line.strip()]
+        assert Counter(x.get("job_id") or x.get("batch_id") for x in read) == \
+            Counter({**{j: 1 for j in shop_ids}, shop_batch: 1})
 
         # news's dead letters: shown per tenant and per handler, replayed once its receiver is back.
         out = cli(stack, "dead-letters", "--tenant", "news", "--json")
@@ -399,3 +408,52 @@ def test_tenant_stream_exactly_once_under_kill9(tmp_path: Path, receivers: Calla
                 assert verify_signature(own_secret, item.headers.get(TIMESTAMP_HEADER.lower()), item.body,
                                         item.headers.get(SIGNATURE_HEADER.lower()))
         assert_no_secret_anywhere(stack)
+
+
+@pytest.mark.timeout(120)
+def test_deliveries_left_by_a_dead_process_go_out_once(tmp_path: Path, receivers: Callable[..., Receiver]) -> None:
+    """A job's terminal move written (as the pipeline writes it) by a process that died before it
+    delivered anything: the beat's tick hands the tenant's deliveries to a real worker when their
+    lease runs out, and a second delivery of the same event (at least once) adds nothing to the
+    tenant's stream."""
+    from kie_extend.handlers.delivery import Delivery
+    from kie_extend.infra.runtime import Runtime
+    from kie_extend.jobs.events import build_event, now_iso
+    from kie_extend.jobs.states import JobState
+    from kie_extend.store.record import EMPTY
+
+    shop, blog = receivers(), receivers()
+    with make_stack(tmp_path, tenants_toml(shop, blog)) as stack:
+        settings = stack.settings()
+        rt = Runtime(settings)
+        job = f"orphan-{uuid.uuid4().hex[:8]}"
+        error = {"kind": "invalid_request", "message": "test: a message that could not be read"}
+        fields = {"job_id": job, "tenant": "shop", "request": {}, "metadata": {}, "created_at": now_iso(),
+                  "created_ts": time.time(), "attempts": 0, "polls": 0, "error": error, "finished_at": now_iso()}
+        event = build_event(EMPTY, JobState.FAILED, fields)
+        assert event["tenant"] == "shop"
+        assert rt.store.transition(job, JobState.FAILED, expect=[None], fields=fields, event=event,
+                                   handlers=list(rt.routes.names_for("shop")), deliveries_at=time.time() + 1)
+        stack.start_worker(concurrency=1)
+        stack.start_beat()
+        recs = wait_delivered(settings, [job], timeout=60, done=("delivered",))
+        assert set(recs[job]["handlers"]) == {"redis_stream", "webhook@shop", "redis_stream@shop"}
+        keys = Keys(settings.key_prefix)
+        r = redis.Redis.from_url(stack.redis_url)
+        # Delivered again, as a lease that ran out under a slow delivery would: still one entry each.
+        assert Delivery(rt).deliver(job, "redis_stream@shop") == "delivered"
+        rt.store.update(job, **{"handler:redis_stream@shop": {"state": "pending", "attempts": 0}})
+        assert Delivery(rt).deliver(job, "redis_stream@shop") == "delivered"
+        assert [e["job_id"] for e in stream_entries(r, keys.tenant_results("shop"))] == [job]
+        assert [e["job_id"] for e in stream_entries(r, keys.results)] == [job]
+        assert shop.keys() == Counter({f"{job}:job.failed": 1}) and not blog.accepted
+
+
+def test_the_tenants_file_keeps_the_readers_set_aside_stream_free() -> None:
+    from kie_extend.config import parse_rate
+    from kie_extend.errors import ConfigError
+    from kie_extend.tenants.registry import parse
+
+    with pytest.raises(ConfigError, match="tenants.unhandled.stream"):
+        parse({"tenants": {"unhandled": {"stream": True}}}, "t.toml", parse_rate)
+    assert parse({"tenants": {"unhandled": {"webhook_url": "https://x.example/h"}}}, "t.toml", parse_rate)
