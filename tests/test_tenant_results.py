@@ -457,3 +457,39 @@ def test_the_tenants_file_keeps_the_readers_set_aside_stream_free() -> None:
     with pytest.raises(ConfigError, match="tenants.unhandled.stream"):
         parse({"tenants": {"unhandled": {"stream": True}}}, "t.toml", parse_rate)
     assert parse({"tenants": {"unhandled": {"webhook_url": "https://x.example/h"}}}, "t.toml", parse_rate)
+
+
+def _commands(r: redis.Redis) -> int:
+    return int(r.info("stats")["total_commands_processed"])
+
+
+def test_a_tenant_without_own_results_costs_no_extra_redis_command(
+        make_settings: Callable[..., Settings], rclient: redis.Redis, tmp_path: Path) -> None:
+    """The same job ending (an invalid request, failed at once: the whole finish path with its
+    inline stream delivery) costs the same Redis commands without a tenants file and, with one, for
+    a tenant without its own results; a tenant with its own stream costs its one delivery more."""
+    from kie_extend.infra.runtime import NoDispatch, Runtime
+    from kie_extend.jobs.pipeline import Pipeline
+
+    path = tmp_path / "tenants.toml"
+    path.write_text('[tenants.blog]\n\n[tenants.shop]\nstream = true\n')
+    bad = {"uploadUrl": "ftp://nowhere", "model": "V5"}
+
+    def cost(settings: Settings, tenant: str) -> list[int]:
+        pipeline = Pipeline(Runtime(settings), NoDispatch())
+        pipeline.accept(f"warm-{uuid.uuid4().hex[:8]}", bad, tenant=tenant)  # scripts loaded, handlers built
+        out = []
+        for _ in range(3):
+            before = _commands(rclient)
+            pipeline.accept(f"job-{uuid.uuid4().hex[:8]}", bad, tenant=tenant)
+            out.append(_commands(rclient) - before - 1)  # less our own INFO
+        return out
+
+    plain = cost(make_settings(handlers="redis_stream"), "blog")
+    with_file = cost(make_settings(handlers="redis_stream", tenants_file=str(path)), "blog")
+    own_stream = cost(make_settings(handlers="redis_stream", tenants_file=str(path)), "shop")
+    print(f"\nRedis commands per finished job: no tenants file {plain}, tenant without own results "
+          f"{with_file}, tenant with its own stream {own_stream}")
+    assert len(set(plain)) == 1 and plain == with_file
+    assert own_stream[0] > plain[0]
+
