@@ -493,3 +493,36 @@ def test_a_tenant_without_own_results_costs_no_extra_redis_command(
     assert len(set(plain)) == 1 and plain == with_file
     assert own_stream[0] > plain[0]
 
+
+
+def test_an_operators_retry_lets_the_tenants_stream_take_the_new_outcome(
+        make_settings: Callable[..., Settings], rclient: redis.Redis, tmp_path: Path) -> None:
+    """After ``kie-extend retry`` the job's next ``job.failed`` is a new outcome: the dedup markers of
+    every handler of its tenant (its own stream's included) are cleared, so it is appended again."""
+    from kie_extend.handlers.delivery import Delivery
+    from kie_extend.infra.runtime import NoDispatch, Runtime
+    from kie_extend.jobs.events import build_event, now_iso
+    from kie_extend.jobs.pipeline import Pipeline
+    from kie_extend.jobs.states import JobState
+    from kie_extend.store.record import EMPTY
+
+    path = tmp_path / "tenants.toml"
+    path.write_text('[tenants.shop]\nstream = true\n')
+    rt = Runtime(make_settings(handlers="redis_stream", tenants_file=str(path)))
+    job = f"retry-{uuid.uuid4().hex[:8]}"
+
+    def fail_and_deliver(expect: list[JobState | None]) -> None:
+        fields = {"job_id": job, "tenant": "shop", "request": {}, "metadata": {}, "created_at": now_iso(),
+                  "created_ts": time.time(), "error": {"kind": "provider_unavailable", "message": "test"},
+                  "finished_at": now_iso()}
+        assert rt.store.transition(job, JobState.FAILED, expect=expect, fields=fields,
+                                   event=build_event(rt.store.get_record(job) or EMPTY, JobState.FAILED, fields),
+                                   handlers=list(rt.routes.names_for("shop")))
+        for name in rt.routes.names_for("shop"):
+            assert Delivery(rt).deliver(job, name) == "delivered"
+
+    fail_and_deliver([None])
+    assert Pipeline(rt, NoDispatch()).retry(job)
+    fail_and_deliver([JobState.QUEUED])
+    for stream in (rt.keys.results, rt.keys.tenant_results("shop")):
+        assert [f[b"event"] for _, f in rclient.xrange(stream)] == [b"job.failed", b"job.failed"]
