@@ -526,3 +526,26 @@ def test_an_operators_retry_lets_the_tenants_stream_take_the_new_outcome(
     fail_and_deliver([JobState.QUEUED])
     for stream in (rt.keys.results, rt.keys.tenant_results("shop")):
         assert [f[b"event"] for _, f in rclient.xrange(stream)] == [b"job.failed", b"job.failed"]
+
+
+def test_a_pending_delivery_of_a_tenant_no_longer_in_the_file_is_dead_lettered(
+        make_settings: Callable[..., Settings]) -> None:
+    from kie_extend.handlers.delivery import Delivery
+    from kie_extend.infra.runtime import Runtime
+    from kie_extend.jobs.events import build_event, now_iso
+    from kie_extend.jobs.states import JobState
+    from kie_extend.store.record import EMPTY
+
+    rt = Runtime(make_settings(handlers="redis_stream", handler_max_attempts=1))
+    job = f"gone-{uuid.uuid4().hex[:8]}"
+    fields = {"job_id": job, "tenant": "gone", "request": {}, "metadata": {}, "created_at": now_iso(),
+              "error": {"kind": "provider_unavailable", "message": "test"}, "finished_at": now_iso()}
+    assert rt.store.transition(job, JobState.FAILED, expect=[None], fields=fields,
+                               event=build_event(EMPTY, JobState.FAILED, fields),
+                               handlers=["redis_stream", "webhook@gone"])
+    delivery = Delivery(rt)
+    assert delivery.deliver(job, "redis_stream") == "delivered"
+    assert delivery.deliver(job, "webhook@gone") == "dead"
+    [letter] = delivery.dead_letters(tenant="gone")
+    assert letter["handler"] == "webhook@gone" and "is not configured in this process" in letter["error"]
+    assert delivery.dead_letters(tenant="other") == [] and delivery.dead_letters(handler="webhook@gone")
