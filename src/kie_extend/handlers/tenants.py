@@ -20,7 +20,7 @@ events, logs or errors.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from kie_extend.handlers import Handler, HandlerContext
@@ -47,20 +47,29 @@ def own_kinds(tenant: Any) -> tuple[str, ...]:
     return tuple(k for k, on in (("redis_stream", tenant.stream), ("webhook", tenant.webhook_url)) if on)
 
 
+def _own(registry: Any) -> Iterator[tuple[Any, str, str]]:
+    """``(tenant, kind, handler name)`` for every tenant's own handler (``registry`` None: none)."""
+    for tenant in (registry.tenants.values() if registry is not None else ()):
+        for kind in own_kinds(tenant):
+            yield tenant, kind, handler_name(kind, tenant.name)
+
+
+def own_handler_names(registry: Any) -> list[str]:
+    """Every tenant's own handler names, from a parsed tenants file (None: no tenants)."""
+    return [name for _, _, name in _own(registry)]
+
+
 def build_tenant_handlers(registry: Any, ctx: HandlerContext) -> dict[str, Handler]:
     """Every tenant's own handlers by name, from a parsed tenants file (None: no tenants)."""
     from kie_extend.handlers.redis_stream import RedisStreamHandler
     from kie_extend.handlers.webhook import WebhookHandler
 
     out: dict[str, Handler] = {}
-    for tenant in (registry.tenants.values() if registry is not None else ()):
-        for kind in own_kinds(tenant):
-            name = handler_name(kind, tenant.name)
-            if kind == "webhook":
-                out[name] = WebhookHandler(ctx.settings, name=name, url=tenant.webhook_url,
-                                           secret=tenant.webhook_secret)
-            else:
-                out[name] = RedisStreamHandler(ctx, name=name, stream=ctx.keys.tenant_results(tenant.name))
+    for tenant, kind, name in _own(registry):
+        if kind == "webhook":
+            out[name] = WebhookHandler(ctx.settings, name=name, url=tenant.webhook_url, secret=tenant.webhook_secret)
+        else:
+            out[name] = RedisStreamHandler(ctx, name=name, stream=ctx.keys.tenant_results(tenant.name))
     return out
 
 
@@ -91,4 +100,5 @@ class TenantRoutes:
         return tuple(seen)
 
 
-__all__ = ["SEP", "KINDS", "handler_name", "tenant_of", "own_kinds", "build_tenant_handlers", "TenantRoutes"]
+__all__ = ["SEP", "KINDS", "handler_name", "tenant_of", "own_kinds", "own_handler_names", "build_tenant_handlers",
+           "TenantRoutes"]

@@ -17,7 +17,7 @@ from kie_extend.config import Settings
 from kie_extend.infra.clients import settings_redis
 from kie_extend.admission.gates import Gates
 from kie_extend.handlers import Handler, HandlerContext, build_handlers
-from kie_extend.handlers.tenants import TenantRoutes, build_tenant_handlers, handler_name, own_kinds
+from kie_extend.handlers.tenants import TenantRoutes, build_tenant_handlers, own_handler_names
 from kie_extend.store.keys import Keys
 from kie_extend.store.jobstore import JobStore
 
@@ -120,7 +120,4 @@ class Runtime:
     @cached_property
     def routes(self) -> TenantRoutes:
         """Which handlers a job's event goes to, by its tenant (no Redis read)."""
-        s = self.settings
-        own = [name for t in (s.tenants.tenants.values() if s.tenants is not None else ())
-               for name in (handler_name(kind, t.name) for kind in own_kinds(t))]
-        return TenantRoutes(s.handlers, own)
+        return TenantRoutes(self.settings.handlers, own_handler_names(self.settings.tenants))
