@@ -549,3 +549,30 @@ def test_a_pending_delivery_of_a_tenant_no_longer_in_the_file_is_dead_lettered(
     [letter] = delivery.dead_letters(tenant="gone")
     assert letter["handler"] == "webhook@gone" and "is not configured in this process" in letter["error"]
     assert delivery.dead_letters(tenant="other") == [] and delivery.dead_letters(handler="webhook@gone")
+
+
+def test_cancelled_jobs_events_go_to_their_tenants_own_handlers(
+        make_settings: Callable[..., Settings], rclient: redis.Redis, tmp_path: Path) -> None:
+    """A batch cancel (Pipeline.cancel_many, one round trip for many jobs) queues each job's event for
+    its own tenant's handlers; the tick's deliveries then put it on the tenant's stream."""
+    from kie_extend.handlers.delivery import Delivery
+    from kie_extend.infra.runtime import NoDispatch, Runtime
+    from kie_extend.jobs.pipeline import Pipeline
+    from kie_extend.jobs.states import JobState
+
+    path = tmp_path / "tenants.toml"
+    path.write_text('[tenants.shop]\nstream = true\n\n[tenants.blog]\n')
+    rt = Runtime(make_settings(handlers="redis_stream", tenants_file=str(path)))
+    jobs = {f"c-{tenant}-{uuid.uuid4().hex[:6]}": tenant for tenant in ("shop", "blog", "shop")}
+    for job, tenant in jobs.items():
+        assert rt.store.transition(job, JobState.QUEUED, expect=[None],
+                                   fields={"job_id": job, "tenant": tenant, "request": {}, "metadata": {}})
+    assert Pipeline(rt, NoDispatch()).cancel_many([(j, rt.store.get_record(j)) for j in jobs]) == 3
+    for job, tenant in jobs.items():
+        handlers = get_job(job, settings=rt.settings)["handlers"]
+        assert set(handlers) == ({"redis_stream", "redis_stream@shop"} if tenant == "shop" else {"redis_stream"})
+        for name in handlers:
+            assert Delivery(rt).deliver(job, name) == "delivered"
+    own = [f[b"job_id"].decode() for _, f in rclient.xrange(rt.keys.tenant_results("shop"))]
+    assert sorted(own) == sorted(j for j, t in jobs.items() if t == "shop")
+    assert not rclient.exists(rt.keys.tenant_results("blog"))

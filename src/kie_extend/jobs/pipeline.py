@@ -754,7 +754,8 @@ class Pipeline:
             due=time.time(),
         )
         if ok:
-            self.rt.redis.delete(*[self.rt.keys.dedup(h, f"{job_id}:job.failed") for h in self.rt.routes.names_for(rec.tenant)])
+            self.rt.redis.delete(*[self.rt.keys.dedup(h, f"{job_id}:job.failed")
+                                   for h in self.rt.routes.names_for(rec.tenant)])
             _log(job_id, logging.WARNING, "retried by operator")
         return ok
 
