@@ -11,6 +11,9 @@ shipped ones are minutes to hours long. The test checks:
 - every scrape target is up, and every rule of both groups evaluates without error;
 - an operator pause made with ``kie-extend pause`` makes ``KieExtendOperatorPauseLong`` pending
   in the shipped group and firing in the 1 s copy, and both clear after ``kie-extend resume``;
+- KIE's own pause, made for real (the simulator's account runs out of credits: 402), makes
+  ``KieExtendProviderPaused`` pending / firing, and both clear once credits are back and the pause
+  probe lifts it;
 - the breaker, opened for real (the simulator fails every generation, threshold 1), makes
   ``KieExtendBreakerOpen`` pending / firing, and both clear once a probe job succeeds and closes
   it.
@@ -87,12 +90,13 @@ def _ensure_prometheus() -> None:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
     """Valkey, simulator, serve, one worker and one beat; the breaker opens on one failed
-    generation and lets a probe through after 6 s."""
+    generation and lets a probe through after 6 s; a provider pause is probed every second."""
     _ensure_prometheus()
     workdir = tmp_path_factory.mktemp("prom-stack")
     env = {"KIE_POLL_FIRST": "0.5s", "KIE_POLL_INTERVAL": "0.5s", "KIE_POLL_MAX_INTERVAL": "1s",
            "KIE_POLL_CALLBACK_INTERVAL": "1s", "KIE_TICK_INTERVAL": "0.5s", "KIE_HANDLERS": "redis_stream",
-           "KIE_BREAKER_THRESHOLD": "1", "KIE_BREAKER_COOLDOWN": "6s", "KIE_REGENERATE": "0"}
+           "KIE_BREAKER_THRESHOLD": "1", "KIE_BREAKER_COOLDOWN": "6s", "KIE_REGENERATE": "0",
+           "KIE_PAUSE_PROBE_INTERVAL": "1s"}
     with DevStack(workdir, key_prefix="prom", env=env) as st:
         st.start_simulator("--time-factor", "0.02", "--seed", "5")
         st.start_serve()
@@ -132,7 +136,8 @@ def prom(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                   {k: v for k, v in os.environ.items() if not k.startswith("KIE_")}, workdir / "prometheus.log")
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_http(url + "/-/ready", 30, child)
+        _wait_http(url + "/-/ready", 30, child)  # it answers: 503 while it starts, then 200
+        wait_for("Prometheus ready", lambda: requests.get(url + "/-/ready", timeout=2).status_code == 200, timeout=30)
         yield url
     finally:
         child.stop()
@@ -224,7 +229,7 @@ def test_targets_are_up_and_every_rule_evaluates(prom: str, stack: DevStack) -> 
     samples = api(prom, "query?query=kie_extend_paused")["result"]
     assert samples and samples[0]["value"][1] == "0", samples  # a real scrape of a real serve
     # Nothing is wrong yet: neither alert under test is pending or firing.
-    for alert in ("KieExtendOperatorPauseLong", "KieExtendBreakerOpen"):
+    for alert in ("KieExtendOperatorPauseLong", "KieExtendProviderPaused", "KieExtendBreakerOpen"):
         assert set(rule_states(prom, alert).values()) == {"inactive"}, alert
 
 
@@ -263,3 +268,19 @@ def test_breaker_open_fires_and_clears_after_recovery(prom: str, stack: DevStack
              logs=stack)
     wait_for(f"{alert} inactive in both groups", lambda: set(rule_states(prom, alert).values()) == {"inactive"})
     assert api(prom, "query?query=kie_extend_breaker_open")["result"][0]["value"][1] == "0"
+
+
+def test_provider_pause_fires_and_clears(prom: str, stack: DevStack) -> None:
+    alert = "KieExtendProviderPaused"
+    settings = stack.settings()
+    stack.sim_config(credits=0)
+    try:
+        job = enqueue_extend(request(stack), settings=settings)
+        wait_for(f"{alert} firing in {FAST}", lambda: rule_states(prom, alert).get(FAST) == "firing", logs=stack)
+        assert rule_states(prom, alert)["kie-extend"] == "pending"  # the shipped rule's for: 10m
+        assert get_job(job, settings=settings)["state"] == "queued"  # refused for credits, not paid, waiting
+    finally:
+        stack.sim_config(credits=10000)
+    wait_for("the job went through after the pause lifted",
+             lambda: get_job(job, settings=settings)["state"] == "succeeded", logs=stack)
+    wait_for(f"{alert} inactive in both groups", lambda: set(rule_states(prom, alert).values()) == {"inactive"})
