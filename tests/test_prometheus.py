@@ -10,7 +10,8 @@ shipped ones are minutes to hours long. The test checks:
 - ``promtool check rules`` passes on the shipped file;
 - every scrape target is up, and every rule of both groups evaluates without error;
 - an operator pause made with ``kie-extend pause`` makes ``KieExtendOperatorPauseLong`` pending
-  in the shipped group and firing in the 1 s copy, and both clear after ``kie-extend resume``;
+  in the shipped group and firing in the 1 s copy, and both clear after ``kie-extend resume``; the
+  jobs enqueued meanwhile are what the KEDA ScaledObject's Prometheus query (keda.yaml) returns;
 - KIE's own pause, made for real (the simulator's account runs out of credits: 402), makes
   ``KieExtendProviderPaused`` pending / firing, and both clear once credits are back and the pause
   probe lifts it;
@@ -233,18 +234,40 @@ def test_targets_are_up_and_every_rule_evaluates(prom: str, stack: DevStack) -> 
         assert set(rule_states(prom, alert).values()) == {"inactive"}, alert
 
 
+def keda_waiting_query() -> str:
+    """The PromQL of the KEDA ScaledObject's prometheus trigger (deploy/kubernetes/base/keda.yaml)."""
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "base" / "keda.yaml").read_text()))
+    so = next(d for d in docs if d and d["kind"] == "ScaledObject")
+    return next(t for t in so["spec"]["triggers"] if t["type"] == "prometheus")["metadata"]["query"]
+
+
+def scalar(prom: str, query: str) -> list[float]:
+    """The values of an instant query (KEDA's prometheus scaler wants exactly one)."""
+    result = api(prom, "query?" + requests.compat.urlencode({"query": query}))["result"]
+    return [float(r["value"][1]) for r in result]
+
+
 def test_operator_pause_fires_and_clears(prom: str, stack: DevStack) -> None:
+    """Also: jobs enqueued during the pause wait for a slot, and the KEDA trigger's query counts them."""
     alert = "KieExtendOperatorPauseLong"
+    settings = stack.settings()
+    query = keda_waiting_query()
+    assert scalar(prom, query) == [0.0]
     kie(stack, "pause", "--reason", "prometheus test")
     try:
+        jobs = [enqueue_extend(request(stack), settings=settings) for _ in range(3)]
         wait_for(f"{alert} firing in {FAST}", lambda: rule_states(prom, alert).get(FAST) == "firing")
         # The shipped rule (for: 2h) sees the same condition: pending.
         assert rule_states(prom, alert)["kie-extend"] == "pending"
         firing = [a for a in api(prom, "alerts")["alerts"] if a["labels"]["alertname"] == alert and a["state"] == "firing"]
         assert firing and firing[0]["labels"]["severity"] == "warning"
+        wait_for("KEDA's query sees the 3 jobs waiting for a slot", lambda: scalar(prom, query) == [3.0], logs=stack)
     finally:
         kie(stack, "resume")
     wait_for(f"{alert} inactive in both groups", lambda: set(rule_states(prom, alert).values()) == {"inactive"})
+    wait_for("the paused jobs ran", lambda: all(get_job(j, settings=settings)["state"] == "succeeded" for j in jobs),
+             logs=stack)
+    wait_for("KEDA's query back to 0", lambda: scalar(prom, query) == [0.0])
 
 
 def test_breaker_open_fires_and_clears_after_recovery(prom: str, stack: DevStack) -> None:
