@@ -47,8 +47,17 @@ SECRET_SETTINGS = {"KIE_API_KEY", "KIE_API_TOKENS", "KIE_REDIS_URL", "KIE_BROKER
                    "KIE_CALLBACK_SECRET", "KIE_SESSION_SECRET", "KIE_SENTINEL_PASSWORD"}
 #: Kinds that are not namespaced (kustomize's namespace leaves them alone).
 CLUSTER_KINDS = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
-#: Kubernetes versions to validate against: the oldest and newest the bundled schemas know.
-K8S_VERSIONS = ("1.25.0", "1.37.0")
+
+def _k8s_versions() -> tuple[str, str]:
+    """The oldest and the newest Kubernetes whose schemas kubernetes-validate bundles."""
+    from kubernetes_validate.utils import all_versions
+
+    versions = all_versions()
+    return versions[0], versions[-1]
+
+
+#: Kubernetes versions to validate against (1.25.0 and 1.37.0 with kubernetes-validate 1.37.0).
+K8S_VERSIONS = _k8s_versions()
 
 # KEDA 2.x CRD shape (keda.sh/v1alpha1): the ScaledObject spec's fields and, per scaler type used
 # here, the metadata keys KEDA's scaler reads (docs: scalers/redis-lists, scalers/prometheus).
@@ -124,7 +133,7 @@ def build(folder: Path) -> list[dict[str, Any]]:
             found = [i for i, o in enumerate(objs) if o["kind"] == p["kind"] and
                      o["metadata"]["name"] == p["metadata"]["name"]]
             assert len(found) == 1, f"patch {patch['path']}: no single {p['kind']}/{p['metadata']['name']}"
-            strategic = "." not in p["apiVersion"].split("/")[0] or p["apiVersion"].startswith(("apps/", "policy/"))
+            strategic = "." not in p["apiVersion"].split("/")[0]  # built-in groups (v1, apps, policy)
             objs[found[0]] = merge(objs[found[0]], p, strategic)
     for lab in kz.get("labels", []):
         for o in objs:
@@ -266,9 +275,15 @@ def test_workloads_have_resources_and_the_beat_is_single(built: tuple[str, list[
     pdbs = by_kind(objs, "PodDisruptionBudget")
     selected = {p["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] for p in pdbs.values()}
     assert selected == {"serve", "worker"}
-    for pdb in pdbs.values():
+    keda_min = by_kind(objs, "ScaledObject")["kie-extend-worker"]["spec"]["minReplicaCount"]
+    for name, pdb in pdbs.items():
         labels = pdb["spec"]["selector"]["matchLabels"]
-        assert any(labels.items() <= d["spec"]["template"]["metadata"]["labels"].items() for d in deps.values())
+        [dep] = [d for d in deps.values() if labels.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+        assert len({"minAvailable", "maxUnavailable"} & set(pdb["spec"])) == 1, name
+        if "minAvailable" in pdb["spec"]:
+            # A budget that leaves no pod to evict blocks every node drain.
+            fewest = keda_min if dep["metadata"]["name"] == "kie-extend-worker" else dep["spec"]["replicas"]
+            assert pdb["spec"]["minAvailable"] < fewest, f"{name} would block node drains"
 
 
 def test_serve_probes_name_the_apps_health_routes(built: tuple[str, list[dict[str, Any]]], make_settings: Any) -> None:

@@ -63,10 +63,12 @@ def _ensure_prometheus() -> None:
     so nothing listens on :9090 afterwards."""
     if os.path.exists(PROMETHEUS) and os.path.exists(PROMTOOL):
         return
+    if os.geteuid() != 0:
+        pytest.skip(f"{PROMETHEUS} is not installed and installing it needs root: "
+                    "sudo apt-get install -y prometheus, then make prometheus")
     apt = shutil.which("apt-get")
-    if os.geteuid() != 0 or apt is None:
-        pytest.skip(f"{PROMETHEUS} is not installed and this user cannot install it (needs root and apt-get): "
-                    "apt-get install -y prometheus, then make prometheus")
+    if apt is None:
+        pytest.fail(f"{PROMETHEUS} is missing and this machine has no apt-get to install Debian's prometheus")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     policy = Path("/usr/sbin/policy-rc.d")
     made_policy = not policy.exists()
