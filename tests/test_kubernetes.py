@@ -59,8 +59,9 @@ def _k8s_versions() -> tuple[str, str]:
 #: Kubernetes versions to validate against (1.25.0 and 1.37.0 with kubernetes-validate 1.37.0).
 K8S_VERSIONS = _k8s_versions()
 
-# KEDA 2.x CRD shape (keda.sh/v1alpha1): the ScaledObject spec's fields and, per scaler type used
-# here, the metadata keys KEDA's scaler reads (docs: scalers/redis-lists, scalers/prometheus).
+# KEDA 2.x CRD shape (keda.sh/v1alpha1, as in KEDA's config/crd/bases and its scalers' metadata
+# structs): the ScaledObject spec's fields and required ones, and per scaler type used here the
+# metadata keys the scaler reads (also documented: scalers/redis-lists, scalers/prometheus).
 KEDA_API = "keda.sh/v1alpha1"
 SCALED_OBJECT_SPEC = {"scaleTargetRef", "pollingInterval", "cooldownPeriod", "initialCooldownPeriod",
                       "idleReplicaCount", "minReplicaCount", "maxReplicaCount", "advanced", "fallback", "triggers"}
@@ -70,9 +71,15 @@ REDIS_KEYS = {"address", "addressFromEnv", "host", "hostFromEnv", "port", "portF
               "passwordFromEnv", "listName", "listLength", "activationListLength", "enableTLS", "unsafeSsl",
               "databaseIndex"}
 PROMETHEUS_KEYS = {"serverAddress", "query", "threshold", "activationThreshold", "namespace", "customHeaders",
-                   "ignoreNullValues", "queryParameters", "unsafeSsl", "authModes"}
-TRIGGER_AUTH_PARAMS = {"redis": {"address", "host", "port", "username", "password", "tls", "ca", "cert", "key"},
-                       "prometheus": {"bearerToken", "username", "password", "ca", "cert", "key"}}
+                   "ignoreNullValues", "queryParameters", "unsafeSsl", "authModes", "awsRegion", "timeout",
+                   "identityOwner"}
+TRIGGER_AUTH_SPEC = {"secretTargetRef", "env", "configMapTargetRef", "hashiCorpVault", "azureKeyVault",
+                     "awsSecretManager", "gcpSecretManager", "podIdentity", "boundServiceAccountToken", "filePath",
+                     "oauth2"}
+TRIGGER_AUTH_PARAMS = {"redis": {"address", "addresses", "host", "hosts", "port", "ports", "username", "password",
+                                 "sentinelUsername", "sentinelPassword", "sentinelMaster", "tls", "ca", "cert",
+                                 "key", "keyPassword"},
+                       "prometheus": {"bearerToken", "username", "password", "ca", "cert", "key", "awsRegion"}}
 
 
 # -- a small kustomize: what the base and the overlay use -------------------------------------------
@@ -364,13 +371,32 @@ def test_secrets_come_by_reference_only(built: tuple[str, list[dict[str, Any]]])
 # -- KEDA -------------------------------------------------------------------------------------------
 
 def test_keda_scaled_object_has_keda_shape(built: tuple[str, list[dict[str, Any]]]) -> None:
-    _, objs = built
+    check_keda(built[1])
+
+
+def test_the_keda_check_can_fail() -> None:
+    """Misspelt or missing trigger fields are reported."""
+    for path, value in ((("metadata", "listname"), "kie_extend"), (("metadata", "listName"), "other_queue"),
+                        (("metadata", "listLength"), 20), (("metdata",), {})):
+        objs = build(BASE)
+        trig = by_kind(objs, "ScaledObject")["kie-extend-worker"]["spec"]["triggers"][0]
+        where = trig
+        for key in path[:-1]:
+            where = where[key]
+        where[path[-1]] = value
+        with pytest.raises((AssertionError, KeyError)):
+            check_keda(objs)
+
+
+def check_keda(objs: list[dict[str, Any]]) -> None:
+    """Assert the KEDA objects of a build have KEDA's shape (see the sets above)."""
     scaled = by_kind(objs, "ScaledObject")
     assert list(scaled) == ["kie-extend-worker"]
     so = scaled["kie-extend-worker"]
     assert so["apiVersion"] == KEDA_API
     spec = so["spec"]
     assert set(spec) <= SCALED_OBJECT_SPEC, sorted(set(spec) - SCALED_OBJECT_SPEC)
+    assert {"scaleTargetRef", "triggers"} <= set(spec) and spec["triggers"]  # required
     assert set(spec["scaleTargetRef"]) <= SCALE_TARGET_REF
     target = spec["scaleTargetRef"]
     assert target.get("kind", "Deployment") == "Deployment" and target["name"] in by_kind(objs, "Deployment")
@@ -381,7 +407,7 @@ def test_keda_scaled_object_has_keda_shape(built: tuple[str, list[dict[str, Any]
     auths = by_kind(objs, "TriggerAuthentication")
     types = []
     for trig in spec["triggers"]:
-        assert set(trig) <= TRIGGER_FIELDS, trig
+        assert set(trig) <= TRIGGER_FIELDS and {"type", "metadata"} <= set(trig), trig
         meta = trig["metadata"]
         assert all(isinstance(v, str) for v in meta.values()), f"{trig['type']}: KEDA metadata values are strings"
         types.append(trig["type"])
@@ -402,7 +428,8 @@ def test_keda_scaled_object_has_keda_shape(built: tuple[str, list[dict[str, Any]
             pytest.fail(f"unexpected trigger type {trig['type']}")
         if "authenticationRef" in trig:
             auth = auths[trig["authenticationRef"]["name"]]
-            assert auth["apiVersion"] == KEDA_API
+            assert auth["apiVersion"] == KEDA_API and set(auth["spec"]) <= TRIGGER_AUTH_SPEC
+            assert all(set(r) == {"parameter", "name", "key"} for r in auth["spec"]["secretTargetRef"])
             assert {r["parameter"] for r in auth["spec"]["secretTargetRef"]} <= TRIGGER_AUTH_PARAMS[trig["type"]]
     assert types[0] == "redis"
 
