@@ -476,46 +476,71 @@ def test_the_queue_keda_measures_is_the_list_a_job_message_lands_in(tmp_path: Pa
         server.stop()
 
 
-# -- the worker's liveness command, for real ----------------------------------------------------------
+# -- the worker and beat commands and the worker's liveness command, for real ---------------------------
 
-def test_worker_liveness_command_answers_for_a_real_worker(tmp_path: Path) -> None:
-    """The manifest's worker command runs a worker (env: the ConfigMap, test secrets, our Valkey); the
-    manifest's liveness command exits 0 while it runs and non-zero once it is gone."""
+def _start(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen[bytes], grace: float) -> float:
+    """SIGTERM the process group as Kubernetes does; seconds until it exited (SIGKILL after ``grace``)."""
+    started = time.monotonic()
+    os.killpg(proc.pid, 15)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait(10)
+    return time.monotonic() - started
+
+
+def test_worker_and_beat_commands_run_and_the_worker_probe_answers(tmp_path: Path) -> None:
+    """The manifests' worker and beat commands, with the ConfigMap, test secrets and our own Valkey:
+    beat ticks; the worker's liveness command exits 0 while the worker runs and non-zero once it is
+    gone; SIGTERM stops the worker within its terminationGracePeriodSeconds."""
     from kie_extend.infra.embedded import EmbeddedValkey
+    from kie_extend.store.keys import Keys
 
     objs = build(BASE)
-    spec = by_kind(objs, "Deployment")["kie-extend-worker"]["spec"]["template"]["spec"]["containers"][0]
-    probe = spec["livenessProbe"]["exec"]["command"]
+    deps = by_kind(objs, "Deployment")
+    worker_pod, beat_pod = (deps[n]["spec"]["template"]["spec"] for n in ("kie-extend-worker", "kie-extend-beat"))
+    worker_spec, beat_spec = worker_pod["containers"][0], beat_pod["containers"][0]
+    probe = worker_spec["livenessProbe"]["exec"]["command"]
+    beat_cmd = list(beat_spec["command"])
+    beat_cmd[beat_cmd.index("-s") + 1] = str(tmp_path / "celerybeat-schedule")  # not the host's /tmp
     server = EmbeddedValkey(str(tmp_path / "valkey")).start()
-    bindir = str(Path(sys.executable).parent)
     env = {k: v for k, v in os.environ.items() if not k.startswith("KIE_")}
     env.update(by_kind(objs, "ConfigMap")["kie-extend"]["data"])
-    env.update({e["name"]: e["value"] for e in spec["env"] if "value" in e})
     env.update({"KIE_REDIS_URL": server.url, "KIE_API_KEY": "test-key-0123456789", "KIE_KEY_PREFIX": "k8sprobe",
-                "HOSTNAME": socket.gethostname(), "PATH": bindir + os.pathsep + env.get("PATH", "")})
-    log = open(tmp_path / "worker.log", "wb")
-    worker = subprocess.Popen(spec["command"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, start_new_session=True)
+                "HOSTNAME": socket.gethostname(),
+                "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")})
+    worker_env = {**env, **{e["name"]: e["value"] for e in worker_spec["env"] if "value" in e}}
+    client = redis.Redis.from_url(server.url)
+    worker = _start(worker_spec["command"], worker_env, tmp_path / "worker.log")
+    beat = _start(beat_cmd, env, tmp_path / "beat.log")
     try:
-        deadline, out = time.monotonic() + 60, None
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + 60  # Celery logs "celery@host ready." once it consumes
+        while time.monotonic() < deadline and " ready." not in (tmp_path / "worker.log").read_text():
             assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-2000:]
-            out = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=30)
-            if out.returncode == 0:
-                break
-            time.sleep(1)
-        assert out is not None and out.returncode == 0, (out.stdout if out else "") + (tmp_path / "worker.log").read_text()[-2000:]
+            time.sleep(0.5)
+        out = subprocess.run(probe, env=worker_env, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stdout + out.stderr + (tmp_path / "worker.log").read_text()[-2000:]
         assert "pong" in out.stdout
+        tick_key = Keys("k8sprobe").tick_last
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not client.hget(tick_key, "at"):
+            assert beat.poll() is None, (tmp_path / "beat.log").read_text()[-2000:]
+            time.sleep(0.5)
+        assert client.hget(tick_key, "at"), "beat never finished a tick: " + (tmp_path / "beat.log").read_text()[-2000:]
     finally:
-        os.killpg(worker.pid, 15)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, 9)
-            worker.wait(10)
-        log.close()
+        took = _stop(worker, worker_pod["terminationGracePeriodSeconds"])
+        _stop(beat, beat_pod["terminationGracePeriodSeconds"])
+    assert worker.returncode is not None and took < worker_pod["terminationGracePeriodSeconds"], took
     try:
-        gone = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=30)
+        gone = subprocess.run(probe, env=worker_env, capture_output=True, text=True, timeout=30)
         assert gone.returncode != 0, gone.stdout
     finally:
+        client.close()
         server.stop()
