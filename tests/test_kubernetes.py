@@ -11,8 +11,9 @@
   host and port, listName, listLength), authentication references.
 - Every ``KIE_*`` name is a real setting, the ConfigMap's values load as Settings, secrets come by
   reference only, serve's probes name routes the app has, the queue KEDA measures is the list the
-  worker consumes (a real enqueue into a real Valkey lengthens it), and the worker's liveness
-  command answers for a real worker started with the manifest's own command.
+  worker consumes (a real enqueue into a real Valkey lengthens it), and the manifests' worker and
+  beat commands run for real: beat ticks, the worker's liveness command answers (and fails once
+  the worker is gone), SIGTERM stops the worker within its grace period.
 """
 
 from __future__ import annotations
