@@ -10,15 +10,12 @@ ledger does not know about.
 
 from __future__ import annotations
 
-import logging
 import time
 from datetime import datetime, timezone
 from typing import Any
 
 from kie_extend.credits.ledger import usage
 from kie_extend.store.keys import LEDGER_BUCKET, Keys
-
-log = logging.getLogger("kie_extend.credits.reconcile")
 
 #: Balance snapshots kept (the oldest are dropped): a week at one a minute.
 SNAPSHOTS_KEPT = 7 * 24 * 60
