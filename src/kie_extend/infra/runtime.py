@@ -78,6 +78,7 @@ class Runtime:
         s = self.settings
         return Admission(self.redis, self.keys, rate=s.submit_rate, margin=s.submit_rate_margin,
                          max_in_flight=s.max_in_flight, mode=s.admission, tenant_limits=s.tenant_limits,
+                         weights={t.name: t.weight for t in s.tenants.tenants.values()} if s.tenants else None,
                          probe_timeout=s.job_timeout + s.connect_timeout + s.read_timeout + s.lease)
 
     @cached_property
