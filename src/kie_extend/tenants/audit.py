@@ -4,9 +4,10 @@ Each action is written twice: a log line on the ``kie_extend.tenants.audit`` log
 ``KIE_LOG_FORMAT=json`` its ``audit`` field holds the entry) and an entry in the capped Redis stream
 :meth:`~kie_extend.store.keys.Keys.audit` (``XADD MAXLEN ~ 10000``), read back by ``GET /v1/audit``
 and ``kie-extend audit``. ``who`` is an identity, never a token: ``"admin"`` or a tenant's name for
-the HTTP API and the dashboard, ``"cli:<os user>"`` for the command line.
+the HTTP API and the dashboard, ``"cli:<os user>"`` for the command line, ``"python:<os user>"``
+for the Python API's ``pause``/``resume``.
 
-An entry: ``{"id": stream id, "ts": ISO-8601 UTC, "who", "via": "api" | "dashboard" | "cli",
+An entry: ``{"id": stream id, "ts": ISO-8601 UTC, "who", "via": "api" | "dashboard" | "cli" | "python",
 "action": "pause" | "resume" | "tenant.set", "target": tenant or null, "old", "new"}`` (``old`` and
 ``new`` JSON values: the pause's state and reason, or the tenant's changed settings).
 """
@@ -21,7 +22,10 @@ from typing import Any
 
 import redis
 
+from kie_extend.infra.runtime import Runtime
 from kie_extend.store.keys import Keys
+from kie_extend.tenants import settings
+from kie_extend.tenants.settings import Change
 
 #: Entries the stream keeps (approximately: Redis trims whole nodes).
 MAXLEN = 10_000
@@ -65,4 +69,34 @@ def recent(client: redis.Redis, keys: Keys, count: int = DEFAULT_COUNT) -> list[
     return out
 
 
-__all__ = ["MAXLEN", "DEFAULT_COUNT", "MAX_COUNT", "cli_identity", "record", "recent"]
+def pause(rt: Runtime, *, who: str, via: str, reason: str = "") -> dict[str, str] | None:
+    """An operator's pause (``Gates.pause_operator``: ValidationError for a bad reason), audited;
+    returns the pause now in force."""
+    old = rt.gates.operator_paused()
+    rt.gates.pause_operator(reason)
+    new = rt.gates.operator_paused()
+    record(rt.redis, rt.keys, who=who, via=via, action="pause", old=old, new=new)
+    return new
+
+
+def resume(rt: Runtime, *, who: str, via: str) -> bool:
+    """Lift an operator's pause, audited (also when there was none: someone asked); False when
+    there was none."""
+    old = rt.gates.operator_paused()
+    resumed = rt.gates.resume_operator()
+    record(rt.redis, rt.keys, who=who, via=via, action="resume", old=old, new=rt.gates.operator_paused())
+    return resumed
+
+
+def set_tenant(rt: Runtime, tenant: str, *, who: str, via: str, **values: Any) -> list[Change]:
+    """``tenants.settings.set_tenant`` (same values, same errors), audited when something changed:
+    ``old`` and ``new`` hold the changed settings' values in force before and after."""
+    changes = settings.set_tenant(rt.redis, rt.keys, rt.settings, tenant, **values)
+    if changes:
+        record(rt.redis, rt.keys, who=who, via=via, action="tenant.set", target=tenant,
+               old={c.field: c.old for c in changes}, new={c.field: c.new for c in changes})
+    return changes
+
+
+__all__ = ["MAXLEN", "DEFAULT_COUNT", "MAX_COUNT", "cli_identity", "record", "recent", "pause", "resume",
+           "set_tenant"]

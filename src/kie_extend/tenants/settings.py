@@ -118,6 +118,17 @@ def effective(client: redis.Redis, keys: Keys, settings: Settings) -> dict[str, 
     return {name: _apply(tenant, found.get(name, {})) for name, tenant in base.items()}
 
 
+def views(client: redis.Redis, keys: Keys, settings: Settings) -> dict[str, dict[str, Any]]:
+    """Every declared tenant as ``GET /v1/tenants`` and ``kie-extend tenant list`` show it, by name:
+    :meth:`Tenant.public` of its settings in force, plus ``overridden`` (the fields set at run time)."""
+    base = defaults(settings)
+    if not base:
+        return {}
+    found = overrides(client, keys)
+    return {name: {**_apply(t, found.get(name, {})).public(),
+                   "overridden": [f for f in FIELDS if f in found.get(name, {})]} for name, t in base.items()}
+
+
 def parse_changes(weight: Any = None, rate: Any = None, budget: Any = None) -> dict[str, str | None]:
     """Check the values to set (None: leave as is) into ``{field: stored value or None to clear}``
     and, for rate and budget, ``{field}_text``. Raises ValidationError listing every bad field:
@@ -184,4 +195,4 @@ def set_tenant(client: redis.Redis, keys: Keys, settings: Settings, tenant: str,
 
 
 __all__ = ["FIELDS", "DEFAULT", "NONE", "Change", "UnknownTenant", "window_text", "overrides", "defaults",
-           "effective", "parse_changes", "set_tenant"]
+           "effective", "views", "parse_changes", "set_tenant"]
