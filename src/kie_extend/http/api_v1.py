@@ -241,12 +241,30 @@ def _as_tenant(body: dict[str, Any], tenant: str, rt: Any) -> None:
     named = [body.get("tenant"), *(i.get("tenant") for i in items if isinstance(i, dict))]
     if any(t is not None and t != tenant for t in named):
         raise fail(403, "forbidden", f"this token acts for tenant {tenant}; a submission may name no other tenant")
+    declared = list(rt.settings.tenants.tenants) if rt.settings.tenants is not None else [tenant]
+    problems = []
+    for where, item in [("", body), *((f"[{i}].", it) for i, it in enumerate(items))]:
+        job_id = item.get("job_id") if isinstance(item, dict) else None
+        if isinstance(job_id, str) and id_problem("job_id", job_id) is None and id_owner(job_id, declared) != tenant:
+            problems.append({"field": f"{where}job_id", "message": f"with a tenant's token an explicit job_id must "
+                             f"start with {tenant + '.'!r} (the tenant's own ids; see README \"Tenants as "
+                             "boundaries\"), or be left out to get a generated one"})
+    if problems:
+        raise invalid(problems)
     body["tenant"] = tenant
     batches = {b for b in [body.get("batch_id"), *(i.get("batch_id") for i in items if isinstance(i, dict))]
                if b is not None and id_problem("batch_id", b) is None}
     for batch_id in sorted(batches):
         if not claim_batch(rt, batch_id, tenant):
             raise fail(403, "forbidden", f"batch {batch_id} belongs to another tenant; choose another batch_id")
+
+
+def id_owner(job_id: str, tenants: list[str]) -> str | None:
+    """The tenant whose namespace an explicit job id is in: the longest declared tenant ``T`` such that
+    the id starts with ``T.`` (None: no tenant's; such ids are for admins and Celery producers). Each
+    id has one owner, so a tenant's token can never name, and so never probe, another tenant's id."""
+    owners = [t for t in tenants if job_id.startswith(t + ".") and len(job_id) > len(t) + 1]
+    return max(owners, key=len) if owners else None
 
 
 def _unknown(obj: dict[str, Any], known: tuple[str, ...], prefix: str = "") -> list[dict[str, str]]:
