@@ -543,7 +543,7 @@ async def set_tenant(tenant: TenantPath, request: Request, principal: Principal 
     return JSONResponse({"tenant": view, "changes": [{"field": c.field, "old": c.old, "new": c.new} for c in changes]})
 
 
-@router.get("/audit", response_model=AuditList, responses=_errors(403), operation_id="listAudit")
+@router.get("/audit", response_model=AuditList, responses=_errors(403, 422), operation_id="listAudit")
 async def audit_route(request: Request, limit: int = Query(audit.DEFAULT_COUNT, ge=1, le=audit.MAX_COUNT,
                                                            description=f"entries, 1-{audit.MAX_COUNT}"),
                       principal: Principal = Depends(admin)) -> JSONResponse:
