@@ -76,6 +76,37 @@ def test_pause_and_resume_are_audited(api: Api) -> None:  # noqa: F811
     _no_secret(json.dumps(entries))
 
 
+def test_dashboard_pause_and_python_resume_are_audited(make_settings: Any, sim: Any,  # noqa: F811
+                                                       tenants_file: Path) -> None:  # noqa: F811
+    import re
+
+    from dash_server import ServedApp
+    from inline import Harness
+    from kie_extend.api import resume
+    from kie_extend.http.app import create_app
+
+    settings = make_settings(api_tokens=ADMIN, tenants_file=str(tenants_file), base_url=sim.url)
+    rt = Runtime(settings)
+    app = ServedApp(create_app(settings, runtime=rt, dispatcher=Harness(rt, sim).dispatch))
+    try:
+        s = requests.Session()
+        s.post(app.url + "/login", data={"token": ADMIN, "next": "/"}, headers={"Origin": app.url})
+        csrf = re.search(r'name="csrf" value="([^"]+)"', s.get(app.url + "/").text).group(1)  # type: ignore[union-attr]
+        r = s.post(app.url + "/pause", data={"csrf": csrf, "reason": "from the page"}, headers={"Origin": app.url},
+                   allow_redirects=False)
+        assert r.status_code in (200, 303) and rt.gates.operator_paused()
+        assert resume(settings=settings) is True
+    finally:
+        app.stop()
+    from kie_extend.tenants import audit
+
+    entries = audit.recent(rt.redis, rt.keys)
+    assert [(e["action"], e["via"]) for e in entries] == [("resume", "python"), ("pause", "dashboard")]
+    assert entries[1]["who"] == "admin" and entries[1]["new"]["reason"] == "from the page"
+    assert entries[0]["who"].startswith("python:")
+    _no_secret(json.dumps(entries))
+
+
 def test_a_tenant_names_only_job_ids_of_its_own(api: Api) -> None:  # noqa: F811
     """A tenant's explicit job ids live under ``<tenant>.``: another tenant cannot name them, so
     the answer is the same whether such an id exists or not (no 409 revealing it)."""
@@ -188,6 +219,7 @@ def test_a_weight_set_at_run_time_applies_within_a_tick_on_running_workers(tmp_p
         done = _kie(stack, "tenant", "set", "light", "--rate", "2/1s", "--budget", "10/1h")
         assert done.returncode == 0 and "light: rate - -> 2/1s" in done.stdout, done
         assert _kie(stack, "tenant", "set", "nobody", "--weight", "2").returncode == 3
+        assert _kie(stack, "tenant", "set", "light").returncode == 2  # nothing to set
         bad = _kie(stack, "tenant", "set", "light", "--weight", "0")
         assert bad.returncode == 2 and bad.stderr.startswith("error: "), bad
         shown = _kie(stack, "audit", "--json")

@@ -450,6 +450,8 @@ def cmd_tenant_set(args: argparse.Namespace) -> int:
     from kie_extend.tenants.settings import views as tenant_views
     from kie_extend.tenants.settings import UnknownTenant
 
+    if args.weight is None and args.rate is None and args.budget is None:
+        raise ValidationError([{"field": "options", "message": "give at least one of --weight, --rate, --budget"}])
     rt = _runtime(_settings())
     try:
         changes = audit.set_tenant(rt, args.tenant, who=audit.cli_identity(), via="cli", weight=args.weight,
