@@ -231,4 +231,17 @@ def test_a_weight_set_at_run_time_applies_within_a_tick_on_running_workers(tmp_p
         for log in stack.workdir.glob("*.log"):
             assert ADMIN_TOKEN not in log.read_text(errors="replace")
         assert get_job(light[0], settings=settings)["tenant"] == "light"
+        # Strict, and KIE_DEFAULT_TENANT ("default") is not declared: a Celery message naming no
+        # tenant is refused by the worker like one naming an undeclared tenant.
+        from kie_extend.api import producer_app
+
+        nameless = f"nameless-{uuid.uuid4().hex[:8]}"
+        producer_app(settings).send_task("kie_extend.extend", kwargs={"request": reqs(1)[0]["request"]},
+                                         task_id=nameless, queue=settings.queue)
+        end = time.monotonic() + 30
+        while get_job(nameless, settings=settings)["state"] != "failed" and time.monotonic() < end:
+            time.sleep(0.1)
+        rec = get_job(nameless, settings=settings)
+        assert rec["state"] == "failed" and rec["error"]["kind"] == "invalid_request", rec
+        assert [e["field"] for e in rec["error"]["errors"]] == ["tenant"], rec["error"]
     os.environ.pop("T_WADMIN", None)
