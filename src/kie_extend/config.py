@@ -208,6 +208,10 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             value = value.split(",")
         names = [str(v).strip() for v in value if str(v).strip()]
+        for name in names:
+            if "@" in name and not name.startswith("callable:"):
+                raise ValueError(f"{name!r}: a name with '@' is a tenant's own handler (webhook@TENANT, "
+                                 "redis_stream@TENANT), made from the tenants file (KIE_TENANTS_FILE), not listed here")
         return names
 
     @field_validator("log_level")

@@ -490,13 +490,11 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     from kie_extend.handlers.delivery import Delivery
 
     delivery = Delivery(_runtime(_settings()))
+    only = {"job_id": args.job_id, "handler": args.handler, "tenant": args.tenant}
     if args.replay:
-        print(f"replayed {delivery.replay(args.job_id)}")
+        print(f"replayed {delivery.replay(**only)}")
         return 0
-    if args.job_id:
-        items = [item for item in delivery.dead_letters(2**31) if item.get("job_id") == args.job_id][:args.limit]
-    else:
-        items = delivery.dead_letters(args.limit)
+    items = delivery.dead_letters(args.limit, **only)
     if args.json:
         print(json.dumps({"dead_letters": items}, indent=2))
         return 0
@@ -805,8 +803,11 @@ def build_parser() -> argparse.ArgumentParser:
     au.set_defaults(func=cmd_audit)
 
     d = sub.add_parser("dead-letters", help="show or replay failed handler deliveries, newest first")
-    d.add_argument("--replay", action="store_true", help="deliver them again (all, or --job-id's)")
+    d.add_argument("--replay", action="store_true",
+                   help="deliver them again (all, or those --job-id, --handler and --tenant keep)")
     d.add_argument("--job-id", help="only this job's dead letters")
+    d.add_argument("--handler", help="only this handler's (e.g. webhook, webhook@shop)")
+    d.add_argument("--tenant", help="only this tenant's own handlers' (webhook@TENANT, redis_stream@TENANT)")
     add_listing_args(d, "dead letters")
     d.set_defaults(func=cmd_dead_letters)
 

@@ -25,7 +25,12 @@ class RedisStreamHandler:
     #: One local script call: delivered by the finishing process itself, no extra message.
     inline = True
 
-    def __init__(self, ctx: HandlerContext) -> None:
+    def __init__(self, ctx: HandlerContext, *, name: str | None = None, stream: str | None = None) -> None:
+        """The global handler on ``{prefix}:results``; or one called ``name`` writing to ``stream``
+        (a tenant's own, handlers/tenants.py), with dedup markers of its own name."""
+        if name is not None:
+            self.name = name
+        self._stream = stream or ctx.keys.results
         self._keys = ctx.keys
         self._ttl = int(max(ctx.settings.retention, 60))
         self._maxlen = ctx.settings.results_maxlen
@@ -34,7 +39,7 @@ class RedisStreamHandler:
     def deliver(self, event: dict[str, Any], dedup_key: str) -> None:
         """Append the event unless this dedup key was already appended."""
         self._script(
-            keys=[self._keys.dedup(self.name, dedup_key), self._keys.results],
+            keys=[self._keys.dedup(self.name, dedup_key), self._stream],
             args=[self._ttl, *(("batch_id", event["batch_id"]) if "batch_id" in event and "job_id" not in event
                                else ("job_id", event["job_id"])),
                   event["event"], json.dumps(event, separators=(",", ":")), self._maxlen],

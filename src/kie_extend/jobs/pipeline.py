@@ -167,7 +167,8 @@ class Pipeline:
                 return
             if outcome == "duplicate":
                 if not self.store.create_pointer(job_id, {**base, "duplicate_of": first},
-                                                 ttl=self.s.idempotency_window, handlers=self.s.handlers):
+                                                 ttl=self.s.idempotency_window,
+                                                 handlers=self.rt.routes.names_for(intake.tenant)):
                     self._known(job_id, self.store.get_record(job_id) or EMPTY, digest)
                     return
                 _log(job_id, logging.INFO, "duplicate of %s (idempotency key), not submitted", first)
@@ -358,7 +359,7 @@ class Pipeline:
         if not jobs:
             return 0
         error = _error("cancelled", CANCEL_MESSAGES.get(reason, reason), reason=reason)
-        handlers = list(self.s.handlers)
+        routes = self.rt.routes
         now = time.time()
         records = [(job_id, as_record(raw) or EMPTY) for job_id, raw in jobs]
         pipe = self.rt.redis.pipeline(transaction=False)
@@ -366,7 +367,8 @@ class Pipeline:
             fields = {"error": error, "finished_at": now_iso()}
             event = build_event(rec, JobState.CANCELLED, {"job_id": job_id, **fields})
             self.store.transition(job_id, JobState.CANCELLED, expect=[JobState.QUEUED], fields=fields, event=event,
-                                  handlers=handlers, retention=self.s.retention, deliveries_at=now, pipe=pipe)
+                                  handlers=list(routes.names_for(rec.tenant)), retention=self.s.retention,
+                                  deliveries_at=now, pipe=pipe)
         results = pipe.execute()
         n = 0
         for (job_id, rec), result in zip(records, results):
@@ -669,7 +671,7 @@ class Pipeline:
         ``rec`` is the record as last read (``EMPTY`` for a job without one yet)."""
         fields = {**fields, "finished_at": now_iso()}
         event = build_event(rec, state, {"job_id": job_id, **fields})
-        handlers = list(self.s.handlers)
+        handlers = list(self.rt.routes.names_for(event["tenant"]))  # the global ones, plus the tenant's own
         # The deliveries are queued with the event, already leased to this process: if it dies
         # before handing them on, the tick finds them when the lease runs out.
         moved = self.store.transition(job_id, state, expect=expect, fields=fields, event=event,
@@ -752,7 +754,8 @@ class Pipeline:
             due=time.time(),
         )
         if ok:
-            self.rt.redis.delete(*[self.rt.keys.dedup(h, f"{job_id}:job.failed") for h in self.s.handlers])
+            self.rt.redis.delete(*[self.rt.keys.dedup(h, f"{job_id}:job.failed")
+                                   for h in self.rt.routes.names_for(rec.tenant)])
             _log(job_id, logging.WARNING, "retried by operator")
         return ok
 

@@ -179,6 +179,10 @@ class Keys:
         """Stream: one entry per finished job (the ``redis_stream`` handler)."""
         return f"{self.tag}:results"
 
+    def tenant_results(self, tenant: str) -> str:
+        """Stream: one tenant's own result events (``redis_stream@<tenant>``, handlers/tenants.py)."""
+        return f"{self.tag}:results:{tenant}"
+
     def dedup(self, handler: str, dedup_key: str) -> str:
         """String: marks a handler's delivery of ``{job_id}:{event}`` done (exactly-once sinks)."""
         return f"{self.tag}:dedup:{handler}:{dedup_key}"
