@@ -54,7 +54,8 @@ def test_put_tenant_is_admin_only_and_checked(api: Api) -> None:  # noqa: F811
     assert listed["shop"]["weight"] == 5 and listed["shop"]["budget"] == "100/1h"
     assert listed["blog"]["overridden"] == [] and listed["blog"]["weight"] == 1
     r = api.call("PUT", "/v1/tenants/shop", ADMIN, json={"weight": "default", "rate": "none"})
-    assert r.json()["changes"] == [{"field": "weight", "old": 5, "new": 2}, {"field": "rate", "old": "5/10s", "new": None}]
+    assert r.json()["changes"] == [{"field": "weight", "old": 5, "new": 2},
+                                   {"field": "rate", "old": "5/10s", "new": None}]
 
     entries = api.call("GET", "/v1/audit?limit=5", ADMIN).json()["entries"]
     assert [e["action"] for e in entries] == ["tenant.set", "tenant.set"]

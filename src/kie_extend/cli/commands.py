@@ -460,7 +460,8 @@ def cmd_tenant_set(args: argparse.Namespace) -> int:
         print(f"error: no tenant {args.tenant} in KIE_TENANTS_FILE", file=sys.stderr)
         return EXIT_NOT_FOUND
     for c in changes:
-        print(f"{args.tenant}: {c.field} {c.old if c.old is not None else '-'} -> {c.new if c.new is not None else '-'}")
+        old, new = ("-" if v is None else v for v in (c.old, c.new))
+        print(f"{args.tenant}: {c.field} {old} -> {new}")
     if not changes:
         print(f"{args.tenant}: nothing changed")
     print(_tenant_line(tenant_views(rt.redis, rt.keys, rt.settings)[args.tenant]))

@@ -126,7 +126,8 @@ def check_message(request: Any, *, settings: Settings, idempotency_key: Any = No
     """Check one extend message; problems are collected, never raised (see :func:`require`).
 
     ``tenant`` (default KIE_DEFAULT_TENANT; with KIE_TENANTS_STRICT, one the tenants file does not
-    declare is a problem, and so is naming none when the default tenant is not declared), ``priority`` (0-9, default 5), ``batch_id`` and
+    declare is a problem, and so is naming none when the default tenant is not declared),
+    ``priority`` (0-9, default 5), ``batch_id`` and
     ``not_after`` (ISO-8601 UTC or epoch seconds; it becomes epoch seconds) are the sharing options (README "Sharing one account").
     ``refuse_past`` (producers: the Python API, the HTTP API, the CLI) makes a ``not_after`` already
     past a problem; the worker leaves it off and cancels such a job with reason ``deadline``."""
