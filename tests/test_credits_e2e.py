@@ -14,10 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import requests
 
 from kie_extend.api import enqueue_extend, get_job
 from kie_extend.cli.devstack import DevStack
+from kie_extend.store.keys import Keys
 
 ADMIN = "adm-" + uuid.uuid4().hex
 SHOP = "shop-" + uuid.uuid4().hex
@@ -84,6 +86,9 @@ def cli(stack: DevStack, *args: str) -> subprocess.CompletedProcess:
 
 def test_ledger_survives_kill9_and_agrees_with_the_balance(stack: DevStack) -> None:
     settings = stack.settings()
+    # Reconciliation starts at the tick's first balance reading: wait for one before any job.
+    r = redis.Redis.from_url(stack.redis_url)
+    wait_for(stack, lambda: r.zcard(Keys(settings.key_prefix).balance) >= 1, "a first balance snapshot", timeout=30)
     jobs = [enqueue_extend(request(stack), tenant="shop" if i % 2 else "blog", settings=settings) for i in range(16)]
     time.sleep(1.0)
     stack.workers[0].kill9()  # mid-run: some jobs submitting, some submitted
@@ -174,3 +179,25 @@ def test_dashboard_shows_spend_per_tenant_scoped_by_session(stack: DevStack) -> 
         page = shop.get(url + "/jobs", timeout=10).text
         assert 'id="spend"' in page and 'data-tenant="shop"' in page
         assert 'data-tenant="blog"' not in page and 'data-tenant="capped"' not in page
+
+
+def test_a_raised_budget_releases_the_waiting_jobs_at_run_time(stack: DevStack) -> None:
+    """After the budget test: capped's two jobs wait; an admin raises its budget at run time and
+    they run, without a restart of any worker or beat."""
+    settings = stack.settings()
+    waiting = [r for r in (get_job(j, settings=settings) for j in _capped_jobs(stack)) if r["state"] == "queued"]
+    assert len(waiting) == 2 and all(r["waiting_for"] == "budget" for r in waiting)
+    out = cli(stack, "tenant", "set", "capped", "--budget", "60/1d")
+    assert out.returncode == 0, out.stdout + out.stderr
+    wait_for(stack, lambda: all(get_job(r["job_id"], settings=settings)["state"] == "succeeded" for r in waiting),
+             "the waiting jobs running after the raise", timeout=60)
+    rec = get_job(waiting[0]["job_id"], settings=settings)
+    assert rec["waiting_for"] is None and rec["credits"] == {"reserved": 12, "charged": 12, "refunded": 0}
+
+
+def _capped_jobs(stack: DevStack) -> list[str]:
+    from kie_extend.jobs.listing import list_jobs
+    from kie_extend.infra.runtime import Runtime
+
+    jobs, _ = list_jobs(Runtime(stack.settings()), tenant="capped", limit=50)
+    return [j["job_id"] for j in jobs]

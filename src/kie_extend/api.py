@@ -432,9 +432,9 @@ def get_job(job_id: str, *, settings: Settings | None = None) -> dict[str, Any]:
         record["waiting_for"] = None
         return record
     record = status_record(rec, job_id)
-    if record["state"] == JobState.QUEUED.value and rec.tenant and budgets(settings):
+    if record["state"] == JobState.QUEUED.value and rec.tenant and settings.tenants is not None:
         rt = _runtime(settings)
-        if rt.redis.hexists(rt.keys.budget_wait, rec.tenant):
+        if rt.redis.hexists(rt.keys.budget_wait, rec.tenant) and rec.tenant in budgets(settings, rt.redis, rt.keys):
             record["waiting_for"] = "budget"
     return record
 
@@ -474,11 +474,19 @@ def get_batch(batch_id: str, *, settings: Settings | None = None) -> dict[str, A
 
 @_credentials_named
 def pause(reason: str = "", *, settings: Settings | None = None) -> None:
-    """An operator's pause: no job is sent until :func:`resume` (jobs already sent keep going)."""
-    _runtime(_settings(settings)).gates.pause_operator(reason)
+    """An operator's pause: no job is sent until :func:`resume` (jobs already sent keep going).
+    Audited (tenants/audit.py) as ``python:<os user>``."""
+    from kie_extend.tenants import audit
+
+    audit.pause(_runtime(_settings(settings)), who=audit.cli_identity().replace("cli:", "python:", 1), via="python",
+                reason=reason)
 
 
 @_credentials_named
 def resume(*, settings: Settings | None = None) -> bool:
-    """Lift an operator's pause; False when there was none (the provider's pause lifts by itself)."""
-    return _runtime(_settings(settings)).gates.resume_operator()
+    """Lift an operator's pause; False when there was none (the provider's pause lifts by itself).
+    Audited (tenants/audit.py) as ``python:<os user>``."""
+    from kie_extend.tenants import audit
+
+    return audit.resume(_runtime(_settings(settings)), who=audit.cli_identity().replace("cli:", "python:", 1),
+                        via="python")

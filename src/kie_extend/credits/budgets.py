@@ -15,15 +15,27 @@ from typing import Any
 from kie_extend.store.keys import SPEND_BUCKET, Keys
 
 
-def budgets(settings: Any) -> dict[str, tuple[float, float]]:
-    """Every tenant's budget: ``{tenant: (credits, window seconds)}``, only tenants with one.
-
-    The one place budgets are read (admission, metrics, usage, waiting_for): it reads the tenants
-    file (``settings.tenants``); run-time overrides of tenant settings plug in here."""
+def file_budgets(settings: Any) -> dict[str, tuple[float, float]]:
+    """The tenants file's budgets: ``{tenant: (credits, window seconds)}``, only tenants with one.
+    The admission script takes these and lets a run-time setting (tenants/settings.py) win over them."""
     registry = getattr(settings, "tenants", None)
     if registry is None:
         return {}
     return {name: (float(t.budget[0]), float(t.budget[1])) for name, t in registry.tenants.items()
+            if t.budget is not None}
+
+
+def budgets(settings: Any, client: Any = None, keys: Keys | None = None) -> dict[str, tuple[float, float]]:
+    """Every tenant's budget in force: ``{tenant: (credits, window seconds)}``, only tenants with one.
+
+    The one place budgets are read in Python (metrics, usage, ``waiting_for``): with ``client`` and
+    ``keys``, the effective settings (run-time values over the file, tenants/settings.py, one
+    HGETALL); without them, the file's alone."""
+    if client is None or keys is None or getattr(settings, "tenants", None) is None:
+        return file_budgets(settings)
+    from kie_extend.tenants.settings import effective
+
+    return {name: (float(t.budget[0]), float(t.budget[1])) for name, t in effective(client, keys, settings).items()
             if t.budget is not None}
 
 

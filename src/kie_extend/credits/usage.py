@@ -15,7 +15,7 @@ def usage_report(rt: Any, since: float, tenant: str | None = None) -> dict[str, 
     ``{"credits", "window" (seconds), "used" (charged plus reserved in its window), "ratio"}``. ``rt``:
     the process's Runtime (its redis, keys and settings)."""
     report = usage(rt.redis, rt.keys, since, tenant=tenant)
-    caps = budgets(rt.settings)
+    caps = budgets(rt.settings, rt.redis, rt.keys)
     if tenant is not None:
         caps = {t: c for t, c in caps.items() if t == tenant}
     spent = used(rt.redis, rt.keys, caps)

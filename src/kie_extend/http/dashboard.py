@@ -42,6 +42,7 @@ from kie_extend.jobs.intake import JOB_ID_PATTERN
 from kie_extend.http import dashboard_data as data
 from kie_extend.http.auth import SESSION_COOKIE, SESSION_MAX_AGE, Principal, client_address
 from kie_extend.tenants.scope import owns_batch, tenant_filter
+from kie_extend.tenants import audit
 
 log = logging.getLogger("kie_extend.http.dashboard")
 
@@ -315,7 +316,8 @@ def mount(app: FastAPI) -> None:
         who = writer(request, csrf)
         admin_only(who)
         try:
-            rt.gates.pause_operator(reason.strip() or f"paused from the dashboard ({who.name})")
+            audit.pause(rt, who=who.tenant or "admin", via="dashboard",
+                        reason=reason.strip() or f"paused from the dashboard ({who.name})")
         except ValidationError as exc:
             return _page(request, "error.html", {"status": 422, "message": f"Not paused: the reason "
                          f"{exc.errors[0]['message']}."}, who, status=422)
@@ -326,7 +328,7 @@ def mount(app: FastAPI) -> None:
     def resume(request: Request, csrf: str = Form("")) -> Response:
         who = writer(request, csrf)
         admin_only(who)
-        ok = rt.gates.resume_operator()
+        ok = audit.resume(rt, who=who.tenant or "admin", via="dashboard")
         log.warning("dashboard: resume by %s: %s", who.name, "lifted" if ok else "no pause")
         return _back("/", "resumed" if ok else "not_paused")
 

@@ -421,6 +421,8 @@ class TenantInfo(BaseModel):
     webhook_url: str | None
     webhook_secret_set: bool = Field(description="whether a webhook secret is configured (never the secret)")
     stream: bool
+    overridden: list[Literal["weight", "rate", "budget"]] = Field(
+        description="the settings an admin set at run time (PUT /v1/tenants/{tenant}), in force over the file's")
 
 
 class UsageRow(BaseModel):
@@ -459,13 +461,61 @@ class Usage(BaseModel):
 
 
 class TenantList(BaseModel):
-    """The declared tenants (empty without KIE_TENANTS_FILE) and whether KIE_TENANTS_STRICT is on."""
+    """The declared tenants with the settings in force now (the file's, KIE_TENANT_LIMITS', an
+    admin's run-time changes), empty without KIE_TENANTS_FILE, and whether KIE_TENANTS_STRICT is on."""
 
     tenants: list[TenantInfo]
     strict: bool
 
 
-__all__ = ["Usage", "TenantUsage", "UsageRow", "BudgetUse", "Credits", "TenantInfo", "TenantList", "JobSubmission", "BatchSubmission", "JobAccepted", "JobsAccepted", "ErrorBody", "JobRecord",
+class TenantUpdate(BaseModel):
+    """Run-time settings of one tenant; name at least one. ``"default"`` removes the run-time value
+    (back to the file's, or KIE_TENANT_LIMITS'); ``"none"`` means no rate cap or no budget."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"weight": 3, "rate": "10/10s"}]})
+
+    weight: int | Literal["default"] | None = Field(None, description="share of slots, 1-1000")
+    rate: str | None = Field(None, description='a cap such as "5/10s", "none" or "default"')
+    budget: str | None = Field(None, description='credits per rolling window such as "2000/1d", "none" or "default"')
+
+
+class TenantChange(BaseModel):
+    """One setting changed: its value in force before and after."""
+
+    field: Literal["weight", "rate", "budget"]
+    old: int | str | None
+    new: int | str | None
+
+
+class TenantUpdated(BaseModel):
+    """The tenant's settings in force after the change, and what changed (empty: nothing did)."""
+
+    tenant: TenantInfo
+    changes: list[TenantChange]
+
+
+class AuditEntry(BaseModel):
+    """One admin action. ``who`` is "admin" (a token of the API or the dashboard), "cli:<os user>" or
+    "python:<os user>" (the Python API), never a token."""
+
+    id: str = Field(description="the entry's id in the audit stream")
+    ts: str = Field(description="when, ISO-8601 UTC")
+    who: str
+    via: Literal["api", "dashboard", "cli", "python"]
+    action: Literal["pause", "resume", "tenant.set"]
+    target: str | None = Field(description="the tenant, for tenant.set")
+    old: Any = Field(description="the state before: the pause, or the changed settings' old values")
+    new: Any = Field(description="the state after")
+
+
+class AuditList(BaseModel):
+    """The newest admin actions first."""
+
+    entries: list[AuditEntry]
+
+
+__all__ = ["Usage", "TenantUsage", "UsageRow", "BudgetUse", "Credits", "TenantInfo", "TenantList", "TenantUpdate", "TenantChange", "TenantUpdated", "AuditEntry", "AuditList",
+           "JobSubmission", "BatchSubmission", "JobAccepted", "JobsAccepted", "ErrorBody", "JobRecord",
            "JobPage", "CancelOutcome", "RetryOutcome", "Batch", "BatchList", "BatchCancelled", "PauseRequest",
            "PauseState", "ResumeOutcome", "SystemOverview", "Infrastructure", "InfraPart", "MAX_JOBS_PER_REQUEST", "MAX_LIMIT", "MAX_PAUSE_REASON",
            "extend_request_schema", "JOB_ID_SCHEMA_PATTERN", "BATCH_ID_SCHEMA_PATTERN", "CURSOR_SCHEMA_PATTERN"]

@@ -223,7 +223,7 @@ def _budget_lines(rt: Runtime) -> list[str]:
     whether its jobs wait for budget now (credits/budgets.py)."""
     from kie_extend.credits.budgets import budgets, used, waiting
 
-    caps = budgets(rt.settings)
+    caps = budgets(rt.settings, rt.redis, rt.keys)
     if not caps:
         return []
     spent = used(rt.redis, rt.keys, caps)

@@ -19,7 +19,7 @@ from kie_extend.admission.gates import Gates
 from kie_extend.handlers import Handler, HandlerContext, build_handlers
 from kie_extend.handlers.tenants import TenantRoutes, build_tenant_handlers, own_handler_names
 from kie_extend.store.keys import Keys
-from kie_extend.credits.budgets import budgets
+from kie_extend.credits.budgets import file_budgets
 from kie_extend.store.jobstore import JobStore
 
 if TYPE_CHECKING:
@@ -80,8 +80,9 @@ class Runtime:
         s = self.settings
         return Admission(self.redis, self.keys, rate=s.submit_rate, margin=s.submit_rate_margin,
                          max_in_flight=s.max_in_flight, mode=s.admission, tenant_limits=s.tenant_limits,
-                         probe_timeout=s.job_timeout + s.connect_timeout + s.read_timeout + s.lease,
-                         budgets=lambda: budgets(s))
+                         weights={t.name: t.weight for t in s.tenants.tenants.values()} if s.tenants else None,
+                         budgets=file_budgets(s),
+                         probe_timeout=s.job_timeout + s.connect_timeout + s.read_timeout + s.lease)
 
     @cached_property
     def breaker(self) -> Breaker:

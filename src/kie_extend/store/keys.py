@@ -95,6 +95,23 @@ class Keys:
         """Sorted set: a capped tenant's admitted slots in its own window (``KIE_TENANT_LIMITS``)."""
         return f"{self.tag}:tenant_rate:{tenant}"
 
+    def tenant_turn(self, priority: int | str) -> str:
+        """Hash: tenant -> slots it has taken in its current turn at ``priority`` (weighted round
+        robin: a tenant of weight w keeps the turn for w slots). Absent: 0."""
+        return f"{self.tag}:turn:{priority}"
+
+    @property
+    def tenant_settings(self) -> str:
+        """Hash: run-time tenant settings set by an admin (``kie-extend tenant set``), fields
+        ``<tenant>|weight``, ``<tenant>|rate`` (``count window_ms`` or ``none``), ``<tenant>|rate_text``,
+        ``<tenant>|budget`` (``credits window_s``), ``<tenant>|budget_text``; tenants/settings.py."""
+        return f"{self.tag}:tenant_settings"
+
+    @property
+    def audit(self) -> str:
+        """Stream: admin actions (pause, resume, tenant set), capped near 10,000 entries; tenants/audit.py."""
+        return f"{self.tag}:audit"
+
     @property
     def admission_seq(self) -> str:
         """String counter: admission turns handed out (the round robin's clock)."""

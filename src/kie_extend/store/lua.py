@@ -100,6 +100,7 @@ local function ready_add(jk, id, prios_key, seq_key)
   if not redis.call('ZSCORE', tk, tenant) then
     local seq = tonumber(redis.call('GET', seq_key) or '0')
     redis.call('ZADD', tk, seq - 0.5, tenant)
+    redis.call('HDEL', T .. ':turn:' .. prio, tenant)  -- a newcomer starts a fresh weighted turn
   end
   redis.call('ZADD', prios_key, tonumber(prio), prio)
   return 1
