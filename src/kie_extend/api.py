@@ -22,7 +22,7 @@ from kie_extend.credits.ledger import job_credits
 from kie_extend.jobs.events import now_iso, status_record
 from kie_extend.jobs.idempotency import Idempotency, kwargs_digest, request_fingerprint
 from kie_extend.jobs.ids import id_problem, is_valid
-from kie_extend.jobs.intake import EXTEND_OPTIONS, check_message, require
+from kie_extend.jobs.intake import DEFAULT_PRIORITY, EXTEND_OPTIONS, check_message, require
 from kie_extend.provider.audio_probe import AUDIO_FILE_FIELD, AudioInfo, probe_audio
 from kie_extend.infra.runtime import Runtime
 from kie_extend.jobs.states import JobState
@@ -356,7 +356,28 @@ def enqueue_many_sent(items: Iterable[dict[str, Any]], *, settings: Settings | N
     """
     settings = _settings(settings)
     items = list(items)
-    defaults = {"tenant": tenant, "priority": priority, "batch_id": batch_id, "not_after": not_after}
+    options, infos = _check_many(items, settings, {"tenant": tenant, "priority": priority, "batch_id": batch_id,
+                                                   "not_after": not_after})
+    return _enqueue_checked(items, options, infos, settings, skip_existing)
+
+
+def check_many(items: Iterable[dict[str, Any]], *, settings: Settings | None = None, batch_id: str | None = None,
+               tenant: str | None = None, priority: int | None = None,
+               not_after: str | float | None = None) -> list[dict[str, Any]]:
+    """Validate items as :func:`enqueue_many_sent` does, and send nothing (local files are probed,
+    not uploaded). Returns each item's options in order: ``{"tenant", "priority", "batch_id",
+    "not_after"}`` with tenant and priority resolved (KIE_DEFAULT_TENANT, the default priority).
+    Raises ValidationError naming each bad field as ``[i].field``."""
+    settings = _settings(settings)
+    options, _ = _check_many(list(items), settings, {"tenant": tenant, "priority": priority,
+                                                     "batch_id": batch_id, "not_after": not_after})
+    return [{**o, "tenant": o["tenant"] if o["tenant"] is not None else settings.default_tenant,
+             "priority": int(o["priority"]) if o["priority"] is not None else DEFAULT_PRIORITY} for o in options]
+
+
+def _check_many(items: list[dict[str, Any]], settings: Settings,
+                defaults: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[int, AudioInfo]]:
+    """enqueue_many's checks: each item's options, and the probed local files by index."""
     options = [{k: item.get(k, defaults[k]) for k in OPTIONS} for item in items]
     problems: list[dict[str, str]] = []
     infos: dict[int, AudioInfo] = {}
@@ -374,7 +395,7 @@ def enqueue_many_sent(items: Iterable[dict[str, Any]], *, settings: Settings | N
             problems += _indexed(i, exc)
     if problems:
         raise ValidationError(problems)
-    return _enqueue_checked(items, options, infos, settings, skip_existing)
+    return options, infos
 
 
 def _enqueue_checked(items: list[dict[str, Any]], options: list[dict[str, Any]], infos: dict[int, AudioInfo],

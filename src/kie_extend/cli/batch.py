@@ -626,6 +626,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         for p in problems:
             _err(f"  {p}")
         return EXIT_INVALID
+    if args.quote:
+        return _quote(settings, items, args)
     print(f"batch {batch_id}: {len(items)} job(s) from {path} ({fmt})", flush=True)
     if args.dry_run:
         print("dry run: every line is valid; nothing was enqueued")
@@ -656,6 +658,48 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"follow it with: kie-extend batch status {batch_id} --wait", flush=True)
         return EXIT_OK
     return wait_batch(lambda b: get_batch(rt, b), batch_id)
+
+
+def quote_text(q: dict[str, Any]) -> str:
+    """A quote (credits/quotes.py ``quote``) as a small human table."""
+    from kie_extend.credits.prices import format_credits
+
+    def num(v: Any) -> str:
+        return "-" if v is None else format_credits(v)
+
+    balance = num(q["balance"]) + (f" ({q['balance_source']})" if q["balance_source"] else
+                                   f" (unknown: {q['balance_reason']})")
+    eta = "-" if q["eta_seconds"] is None else f"{q['eta_seconds']} s (incl. {q['generation_seconds']:g} s generation)"
+    rows = [("jobs", str(q["jobs"])), ("credits", num(q["credits"])), ("eta", eta), ("balance", balance),
+            ("budget left", num(q["budget_left"])), ("fits", "yes" if q["fits"] else "NO")]
+    if len(q["tenants"]) > 1:
+        for name, t in q["tenants"].items():
+            rows.append((f"  {name}", f"{t['jobs']} job(s), {num(t['credits'])} credits, eta {t['eta_seconds']} s, "
+                                      f"budget left {num(t['budget_left'])}, fits {'yes' if t['fits'] else 'NO'}"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _quote(settings: Any, items: list[dict[str, Any]], args: argparse.Namespace) -> int:
+    """``batch submit --quote``: the quote for the lines a run would send (those not already there)."""
+    from kie_extend.cli.common import runtime as _runtime
+    from kie_extend.credits.quotes import quote
+    from kie_extend.jobs.intake import DEFAULT_PRIORITY
+
+    rt = _runtime(settings)
+    there = existing_ids(rt, [it["job_id"] for it in items])
+    jobs = [(it.get("tenant") or args.tenant or settings.default_tenant,
+             int(it["priority"] if it.get("priority") is not None else
+                 args.priority if args.priority is not None else DEFAULT_PRIORITY))
+            for it in items if it["job_id"] not in there]
+    q = quote(rt, jobs)
+    if args.json:
+        print(json.dumps({**q, "already_there": len(there)}), flush=True)
+    else:
+        if there:
+            print(f"{len(there)} line(s) already there are not quoted (a re-run does not send them)")
+        print(quote_text(q), flush=True)
+    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -755,6 +799,9 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--priority", type=int, help="default priority 0-9 of lines that do not give one")
     s.add_argument("--not-after", help="default deadline (ISO-8601 UTC or epoch seconds)")
     s.add_argument("--dry-run", action="store_true", help="check every line, enqueue nothing")
+    s.add_argument("--quote", action="store_true", help="check every line, enqueue nothing, and print what the "
+                   "batch would cost (credits), when it would be done, the balance and the budget left")
+    s.add_argument("--json", action="store_true", help="with --quote: the quote as one JSON object")
     s.add_argument("--wait", action="store_true", help="then follow the batch like `batch status --wait`")
     s.set_defaults(func=cmd_submit)
 

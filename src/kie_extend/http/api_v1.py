@@ -37,19 +37,20 @@ from kie_extend.infra.jsontext import DuplicateKeyError
 from kie_extend.jobs.listing import DEFAULT_LIMIT, MAX_LIMIT, list_jobs
 from kie_extend.infra.metrics import overview
 from kie_extend.config import parse_duration
+from kie_extend.credits.quotes import quote
 from kie_extend.credits.usage import usage_report
 from kie_extend.store.keys import LEDGER_TTL
 from kie_extend.jobs.states import JobState
 from kie_extend.http.auth import Auth, Principal
 from kie_extend.http.limits import TooDeep, loads
 from kie_extend.tenants import audit
-from kie_extend.tenants.scope import claim_batch, owns_batch, system_for, tenant_filter
+from kie_extend.tenants.scope import batch_tenants_of_jobs, claim_batch, owns_batch, system_for, tenant_filter
 from kie_extend.tenants.settings import UnknownTenant, views
 from kie_extend.http.schemas import (BATCH_ID_SCHEMA_PATTERN, CURSOR_SCHEMA_PATTERN, JOB_ID_SCHEMA_PATTERN, MAX_JOBS_PER_REQUEST,
                       MAX_PAUSE_REASON, Batch, BatchCancelled, BatchList, BatchSubmission, CancelOutcome, ErrorBody,
                       JobAccepted, JobPage, JobRecord, JobsAccepted, JobSubmission, PauseRequest, PauseState,
                       ResumeOutcome, RetryOutcome, SystemOverview, TenantList, TenantUpdate, TenantUpdated,
-                      AuditList, Usage)
+                      AuditList, Quote, Usage)
 
 #: Fields of one job object (``audio_file`` is the Python API's only: a server-side path is no input).
 ITEM_FIELDS = (*EXTEND_KWARGS, "job_id")
@@ -236,10 +237,11 @@ async def submit_jobs(request: Request, principal: Principal = Depends(writer)) 
         raise invalid(exc.errors) from None
 
 
-def _as_tenant(body: dict[str, Any], tenant: str, rt: Any) -> None:
+def _as_tenant(body: dict[str, Any], tenant: str, rt: Any, claim: bool = True) -> None:
     """Make a tenant's submission its own: 403 when the body (or a job in it) names another tenant,
     or a batch another tenant's submission created; otherwise ``tenant`` becomes the body's tenant
-    and the batches it names are recorded as the tenant's."""
+    and the batches it names are recorded as the tenant's (``claim`` False, for a quote: only
+    checked, nothing written)."""
     items = body["jobs"] if isinstance(body.get("jobs"), list) else []
     named = [body.get("tenant"), *(i.get("tenant") for i in items if isinstance(i, dict))]
     if any(t is not None and t != tenant for t in named):
@@ -258,8 +260,17 @@ def _as_tenant(body: dict[str, Any], tenant: str, rt: Any) -> None:
     batches = {b for b in [body.get("batch_id"), *(i.get("batch_id") for i in items if isinstance(i, dict))]
                if b is not None and id_problem("batch_id", b) is None}
     for batch_id in sorted(batches):
-        if not claim_batch(rt, batch_id, tenant):
+        if not (claim_batch(rt, batch_id, tenant) if claim else _may_join(rt, batch_id, tenant)):
             raise fail(403, "forbidden", f"batch {batch_id} belongs to another tenant; choose another batch_id")
+
+
+def _may_join(rt: Any, batch_id: str, tenant: str) -> bool:
+    """Whether ``tenant`` could add jobs to the batch (claim_batch's answer), read only."""
+    owner = rt.redis.get(rt.keys.batch_owner(batch_id))
+    if owner is not None:
+        return (owner.decode() if isinstance(owner, bytes) else str(owner)) == tenant
+    known = batch_tenants_of_jobs(rt, batch_id)
+    return not known or tenant in known
 
 
 def id_owner(job_id: str, tenants: list[str]) -> str | None:
@@ -280,7 +291,9 @@ def _bad_job_id(job_id: Any, prefix: str = "") -> list[dict[str, str]]:
     return [{**problem, "field": f"{prefix}job_id"}] if problem else []
 
 
-def _submit_one(body: dict[str, Any], settings: Any) -> str:
+def _submit_one(body: dict[str, Any], settings: Any, send: bool = True) -> Any:
+    """Validate one job body and enqueue it: its id; ``send`` False (a quote): enqueue nothing and
+    return ``[(tenant, priority)]``."""
     problems = _unknown(body, ITEM_FIELDS) + _bad_job_id(body.get("job_id"))
     kwargs = {k: body.get(k) for k in ITEM_FIELDS if k != "request"}
     if problems:
@@ -291,10 +304,15 @@ def _submit_one(body: dict[str, Any], settings: Any) -> str:
         except ValidationError as exc:
             problems += exc.errors
         raise ValidationError(problems)
+    if not send:
+        checked = api.check_many([{k: v for k, v in body.items() if k in ITEM_FIELDS}], settings=settings)
+        return [(o["tenant"], o["priority"]) for o in checked]
     return api.enqueue_extend(body.get("request"), settings=settings, **kwargs)  # type: ignore[arg-type]
 
 
-def _submit_many(body: dict[str, Any], settings: Any) -> list[str]:
+def _submit_many(body: dict[str, Any], settings: Any, send: bool = True) -> list[Any]:
+    """Validate ``{"jobs": [...]}`` and enqueue every job: the ids; ``send`` False (a quote): enqueue
+    nothing and return ``[(tenant, priority)]`` in order."""
     jobs = body["jobs"]
     problems = _unknown(body, ("jobs", *BATCH_FIELDS))
     if not isinstance(jobs, list) or not jobs:
@@ -322,7 +340,31 @@ def _submit_many(body: dict[str, Any], settings: Any) -> list[str]:
                 problems += [{"field": f"[{i}].{e['field']}", "message": e["message"]} for e in exc.errors]
             problems += _bad_job_id(item.get("job_id"), f"[{i}].")
         raise ValidationError(problems)
+    if not send:
+        return [(o["tenant"], o["priority"]) for o in api.check_many(jobs, settings=settings,
+                                                                    **{k: body.get(k) for k in BATCH_FIELDS})]
     return api.enqueue_many(jobs, settings=settings, **{k: body.get(k) for k in BATCH_FIELDS})
+
+
+@router.post("/quote", response_model=Quote, responses=_errors(403, 413, 422), operation_id="quoteJobs",
+             openapi_extra=_schema_ref("JobSubmission", "BatchSubmission"))
+async def quote_jobs(request: Request, principal: Principal = Depends(writer)) -> JSONResponse:
+    """What ``POST /v1/jobs`` with the same body would cost and when it would be done, enqueuing
+    nothing and writing nothing: ``{"jobs", "credits", "eta_seconds", "balance", "budget_left",
+    "fits", ...}`` (see README "Credits"). The body is validated as ``POST /v1/jobs`` validates it
+    (the same 422, the same 403 for a tenant's token naming another tenant or its batch)."""
+    body = await _json_body(request)
+    if not isinstance(body, dict):
+        raise invalid([{"field": "body", "message": 'must be a JSON object: one job, or {"jobs": [...]}'}])
+    settings = request.app.state.settings
+    rt = request.app.state.runtime
+    if principal.tenant is not None:
+        await _blocking(_as_tenant, body, principal.tenant, rt, False)
+    try:
+        jobs = await _blocking(_submit_many if "jobs" in body else _submit_one, body, settings, False)
+    except ValidationError as exc:
+        raise invalid(exc.errors) from None
+    return JSONResponse(await _blocking(quote, rt, jobs))
 
 
 @router.get("/jobs/{job_id}", response_model=JobRecord, responses=_errors(404), operation_id="getJob")

@@ -519,3 +519,34 @@ __all__ = ["Usage", "TenantUsage", "UsageRow", "BudgetUse", "Credits", "TenantIn
            "JobPage", "CancelOutcome", "RetryOutcome", "Batch", "BatchList", "BatchCancelled", "PauseRequest",
            "PauseState", "ResumeOutcome", "SystemOverview", "Infrastructure", "InfraPart", "MAX_JOBS_PER_REQUEST", "MAX_LIMIT", "MAX_PAUSE_REASON",
            "extend_request_schema", "JOB_ID_SCHEMA_PATTERN", "BATCH_ID_SCHEMA_PATTERN", "CURSOR_SCHEMA_PATTERN"]
+
+
+class TenantQuote(BaseModel):
+    """One tenant's part of a quote."""
+
+    jobs: int
+    credits: float
+    eta_seconds: int | None
+    budget_left: float | None
+    fits: bool
+
+
+class Quote(BaseModel):
+    """What a submission would cost and when it would be done; nothing is enqueued. ``credits``: the
+    ``KIE_PRICES`` estimate (``extend`` per job); ``eta_seconds``: when the last job would be submitted
+    (from the work waiting ahead, the tenant's weight and rate cap, ``KIE_SUBMIT_RATE``) plus
+    ``generation_seconds``, null when a tenant can get no rate; ``balance``: KIE's balance (the latest
+    snapshot, else a live call; null with ``balance_reason``); ``budget_left``: the tenant's budget
+    minus its charged and reserved credits in the window (null: no budget, or several tenants: see
+    ``tenants``); ``fits``: credits ≤ budget_left (with a budget) and ≤ balance (when known)."""
+
+    jobs: int
+    credits: float
+    eta_seconds: int | None
+    balance: float | None
+    balance_source: Literal["snapshot", "live"] | None
+    balance_reason: str | None
+    budget_left: float | None
+    fits: bool
+    generation_seconds: float
+    tenants: dict[str, TenantQuote]
