@@ -1,7 +1,8 @@
 """Schemathesis hooks for tests/test_openapi.py (loaded through ``SCHEMATHESIS_HOOKS``).
 
-One rule of ``POST /v1/jobs`` depends on the clock, so no schema can state it: a ``not_after``
-already past is refused (a job that could never run). Before each call a past ``not_after``, at
+One rule of ``POST /v1/jobs`` (and of ``POST /v1/quote``, which takes its body) depends on the clock,
+so no schema can state it: a ``not_after`` already past is refused (a job that could never run).
+Before each call a past ``not_after``, at
 the top of the body or in any job of a list, is moved a year ahead in its own spelling (number,
 digit string or RFC 3339 time), so a schema-valid body stays schema-valid and the API must accept
 it. Nothing else is changed.
@@ -47,5 +48,5 @@ def _move(obj: Any) -> None:
 
 @schemathesis.hook
 def before_call(context: schemathesis.HookContext, case: schemathesis.Case, kwargs: dict[str, Any]) -> None:
-    if case.operation.method.upper() == "POST" and case.operation.path == "/v1/jobs":
+    if case.operation.method.upper() == "POST" and case.operation.path in ("/v1/jobs", "/v1/quote"):
         _move(case.body)
