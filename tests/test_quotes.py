@@ -66,6 +66,7 @@ def test_balance_is_null_with_a_reason_when_kie_cannot_be_reached(make_settings:
 
 ADMIN = "adm-" + uuid.uuid4().hex
 SHOP = "shop-" + uuid.uuid4().hex
+BLOG = "blog-" + uuid.uuid4().hex
 TENANTS = f"""
 [admin]
 tokens = ["{ADMIN}"]
@@ -74,7 +75,7 @@ tokens = ["{ADMIN}"]
 tokens = ["{SHOP}"]
 
 [tenants.blog]
-tokens = ["blog-{uuid.uuid4().hex}"]
+tokens = ["{BLOG}"]
 
 [tenants.capped]
 tokens = ["capped-{uuid.uuid4().hex}"]
@@ -133,8 +134,8 @@ def everything(r: redis.Redis) -> dict[bytes, bytes | None]:
 
 
 def waiting(stack: DevStack) -> dict[str, dict[str, int]]:
-    return requests.get(stack.serve_url + "/v1/system", headers={"Authorization": f"Bearer {ADMIN}"},  # type: ignore[attr-defined]
-                        timeout=10).json()["waiting_by_priority"]
+    url = stack.serve_url + "/v1/system"  # type: ignore[attr-defined]
+    return requests.get(url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10).json()["waiting_by_priority"]
 
 
 def test_a_quote_enqueues_nothing_and_prices_the_jobs(stack: DevStack, tmp_path: Path) -> None:
@@ -176,10 +177,15 @@ def test_an_invalid_body_is_the_same_422_and_tenants_quote_their_own(stack: DevS
     assert quoted.json() == submitted.json()
     other = post(stack, "/v1/quote", {"request": request(stack), "tenant": "blog"}, token=SHOP)
     assert other.status_code == 403 and other.json()["error"]["kind"] == "forbidden"
+    # blog's batch (one job, at priority 0: below everything the ETA test counts) is not shop's to quote into.
+    made = post(stack, "/v1/jobs", {"request": request(stack), "batch_id": "blogs-own", "priority": 0}, token=BLOG)
+    assert made.status_code == 202, made.text
+    theirs = post(stack, "/v1/quote", {"request": request(stack), "batch_id": "blogs-own"}, token=SHOP)
+    assert theirs.status_code == 403 and "another tenant" in theirs.json()["error"]["message"], theirs.text
     own = post(stack, "/v1/quote", {"request": request(stack)}, token=SHOP)
     assert own.status_code == 200 and set(own.json()["tenants"]) == {"shop"}, own.text
-    read = post(stack, "/v1/quote", {"request": request(stack)}, token="nope")
-    assert read.status_code == 401
+    nobody = post(stack, "/v1/quote", {"request": request(stack)}, token="nope")
+    assert nobody.status_code == 401
 
 
 def test_an_invalid_file_is_reported_as_batch_submit_reports_it(stack: DevStack, tmp_path: Path) -> None:
