@@ -179,6 +179,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 def _line(rec: dict[str, Any]) -> str:
     bits = [f"{rec['job_id']}  {rec['state']:<10}"]
+    if rec.get("waiting_for"):
+        bits.append(f"waiting_for={rec['waiting_for']}")
     if rec.get("kie_status"):
         bits.append(f"kie={rec['kie_status']}")
     if rec.get("polls"):
@@ -423,13 +425,22 @@ def _tenant_line(t: dict[str, Any]) -> str:
             f"budget={t['budget'] or '-'}{mark('budget')}")
 
 
+def _usage_text(u: dict[str, Any]) -> str:
+    """``used over 1d: charged=… reserved=… refunded=… open=… left=…`` for one tenant's usage."""
+    window = f"{u['window'] / 86400:g}d" if u["window"] % 86400 == 0 else f"{u['window']:g}s"
+    left = "-" if u["budget_left"] is None else f"{u['budget_left']:g}"
+    return (f"[{window}] charged={u['charged']:g} reserved={u['reserved']:g} refunded={u['refunded']:g} "
+            f"open={u['open']:g} budget_left={left}")
+
+
 def cmd_tenant_list(args: argparse.Namespace) -> int:
-    """The declared tenants with the settings in force now (``*``: set at run time)."""
-    from kie_extend.tenants.settings import views as tenant_views
+    """The declared tenants with the settings in force now (``*``: set at run time) and their credits
+    over their budget's window (24 h without one), as ``GET /v1/tenants`` gives them."""
+    from kie_extend.credits.usage import tenant_views_with_usage
 
     settings = _settings()
     rt = _runtime(settings)
-    views = tenant_views(rt.redis, rt.keys, settings)
+    views = tenant_views_with_usage(rt)
     if args.json:
         print(json.dumps({"tenants": list(views.values()),
                           "strict": bool(settings.tenants_strict and settings.tenants is not None)}, indent=2))
@@ -438,7 +449,7 @@ def cmd_tenant_list(args: argparse.Namespace) -> int:
         print("no tenants declared (KIE_TENANTS_FILE is not set, or declares none)")
         return 0
     for view in views.values():
-        print(_tenant_line(view))
+        print(f"{_tenant_line(view)}  {_usage_text(view['usage'])}")
     if any(v["overridden"] for v in views.values()):
         print("* set at run time (`kie-extend tenant set T --weight default` goes back to the file's value)")
     return 0

@@ -61,3 +61,16 @@ def waiting(client: Any, keys: Keys) -> set[str]:
     """Tenants whose jobs wait for budget now (the admission script held one back, and has admitted
     none of theirs since)."""
     return {(t.decode() if isinstance(t, bytes) else str(t)) for t in client.hkeys(keys.budget_wait)}
+
+
+def held_back(settings: Any, waiting_raw: Any, settings_raw: Any) -> set[str]:
+    """Tenants whose queued jobs show ``waiting_for: "budget"``: held back by the admission script
+    (``waiting_raw``: HKEYS of ``Keys.budget_wait``) and with a budget in force (``settings_raw``:
+    HGETALL of ``Keys.tenant_settings``). Both read by the caller, so a listing batches them in the
+    pipeline that reads its page's records; no round trip here."""
+    if getattr(settings, "tenants", None) is None or not waiting_raw:
+        return set()
+    from kie_extend.tenants.settings import effective_from
+
+    capped = {name for name, t in effective_from(settings_raw, settings).items() if t.budget is not None}
+    return {(t.decode() if isinstance(t, bytes) else str(t)) for t in waiting_raw} & capped

@@ -38,7 +38,7 @@ from kie_extend.jobs.listing import DEFAULT_LIMIT, MAX_LIMIT, list_jobs
 from kie_extend.infra.metrics import overview
 from kie_extend.config import parse_duration
 from kie_extend.credits.quotes import quote
-from kie_extend.credits.usage import usage_report
+from kie_extend.credits.usage import tenant_views_with_usage, usage_report
 from kie_extend.store.keys import LEDGER_TTL
 from kie_extend.jobs.states import JobState
 from kie_extend.http.auth import Auth, Principal
@@ -548,11 +548,12 @@ async def system(request: Request, principal: Principal = Depends(reader)) -> JS
 @router.get("/tenants", response_model=TenantList, responses=_errors(403), operation_id="listTenants")
 async def tenants(request: Request, principal: Principal = Depends(admin)) -> JSONResponse:
     """The tenants KIE_TENANTS_FILE declares, with the settings in force now (the file's, a
-    KIE_TENANT_LIMITS cap, an admin's run-time changes; never a token or secret); an admin token
-    only (403 for a tenant's)."""
+    KIE_TENANT_LIMITS cap, an admin's run-time changes; never a token or secret) and each one's
+    ``usage``: credits reserved, charged, refunded and open over its budget's window (24 h without
+    a budget) and ``budget_left``; an admin token only (403 for a tenant's)."""
     settings = request.app.state.settings
     rt = request.app.state.runtime
-    listed = await _blocking(views, rt.redis, rt.keys, settings)
+    listed = await _blocking(tenant_views_with_usage, rt)
     return JSONResponse({"tenants": list(listed.values()),
                          "strict": bool(settings.tenants_strict and settings.tenants is not None)})
 

@@ -18,6 +18,7 @@ from typing import Any
 from kie_extend.jobs.batches import get_batch, list_batches
 from kie_extend.jobs.events import status_record
 from kie_extend.jobs.idempotency import Idempotency
+from kie_extend.credits.budgets import held_back
 from kie_extend.credits.usage import usage_report
 from kie_extend.infra.metrics import merge_bins, minute_series, quantile
 from kie_extend.infra.metrics import overview as metrics_overview
@@ -192,7 +193,7 @@ def _search_ids(rt: Runtime, q: str) -> list[str]:
 def list_jobs(rt: Runtime, *, state: str = "", batch: str = "", tenant: str = "", q: str = "",
               page: int = 1) -> dict[str, Any]:
     """One page of jobs, newest first: ``{"rows": [{job_id, state, tenant, priority, batch_id,
-    created_at, kie_status, attempts, error_kind, retried}], "page", "pages", "total", "capped"}``.
+    created_at, kie_status, attempts, error_kind, retried, waiting_for}], "page", "pages", "total", "capped"}``.
 
     ``state``, ``batch`` and ``tenant`` filter exactly; ``q`` matches a job id, an idempotency key,
     a batch id or a tenant. ``capped`` is true when only the newest :data:`SCAN_LIMIT` were looked at."""
@@ -234,10 +235,17 @@ def _rows(rt: Runtime, ids: list[str]) -> list[dict[str, Any]]:
     pipe = rt.redis.pipeline(transaction=False)
     for job_id in ids:
         pipe.hmget(rt.keys.job(job_id), *_ROW_FIELDS)
+    tenants = rt.settings.tenants is not None
+    if tenants:  # who waits for budget, in the same round trip (credits/budgets.py held_back)
+        pipe.hkeys(rt.keys.budget_wait)
+        pipe.hgetall(rt.keys.tenant_settings)
+    found = pipe.execute()
+    held = held_back(rt.settings, found[-2], found[-1]) if tenants else set()
     out = []
-    for job_id, values in zip(ids, pipe.execute()):
+    for job_id, values in zip(ids, found[:len(ids)]):
         rec: dict[str, Any] = {"job_id": job_id, **{f: (_t(v) if v is not None else None)
                                                     for f, v in zip(_ROW_FIELDS, values)}}
+        rec["waiting_for"] = "budget" if rec.get("state") == "queued" and rec.get("tenant") in held else None
         # The table shows the fields as stored (text); only the error is read, for its kind.
         rec["error_kind"] = JobRecord.from_hash({"error": rec.pop("error") or ""}).error_kind
         if rec.get("duplicate_of") and not rec.get("state"):

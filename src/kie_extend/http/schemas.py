@@ -423,6 +423,8 @@ class TenantInfo(BaseModel):
     stream: bool
     overridden: list[Literal["weight", "rate", "budget"]] = Field(
         description="the settings an admin set at run time (PUT /v1/tenants/{tenant}), in force over the file's")
+    usage: TenantWindowUsage | None = Field(
+        None, description="its credits over its budget's window (24 h without a budget); GET /v1/tenants only")
 
 
 class UsageRow(BaseModel):
@@ -432,6 +434,14 @@ class UsageRow(BaseModel):
     charged: float = Field(description="charged when they ended (the provider's creditsConsumed where reported)")
     refunded: float = Field(description="reservations given back: refunded failures, jobs never accepted")
     open: float = Field(description="still reserved: jobs admitted, not ended yet")
+
+
+class TenantWindowUsage(UsageRow):
+    """A tenant's credits over one window, in KIE credits: its budget's window, or 24 hours without one."""
+
+    window: float = Field(description="seconds: the budget's window, 86400 without a budget")
+    budget_left: float | None = Field(description="the budget minus charged plus still reserved credits in the "
+                                                  "window (whole hours, as admission counts); null: no budget")
 
 
 class BudgetUse(BaseModel):

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from itertools import islice
 from typing import Any
 
+from kie_extend.credits.budgets import held_back
 from kie_extend.errors import ValidationError
 from kie_extend.jobs.events import status_record
 from kie_extend.infra.runtime import Runtime
@@ -95,12 +96,21 @@ def _walk(rt: Runtime, key: str, after: Entry | None) -> Iterator[Entry]:
         offset += CHUNK
 
 
-def _records(rt: Runtime, ids: list[str]) -> list[JobRecord | None]:
-    """The jobs' records (one ``HGETALL`` each, in one round trip); None for a job without one."""
+def _records(rt: Runtime, ids: list[str]) -> tuple[list[JobRecord | None], set[str]]:
+    """The jobs' records (one ``HGETALL`` each, in one round trip; None for a job without one) and the
+    tenants whose queued jobs wait for budget (credits/budgets.py ``held_back``), read in the same
+    round trip when a tenants file is set."""
     pipe = rt.redis.pipeline(transaction=False)
     for job_id in ids:
         pipe.hgetall(rt.keys.job(job_id))
-    return [JobRecord.from_hash({_t(k): _t(v) for k, v in raw.items()}) if raw else None for raw in pipe.execute()]
+    tenants = rt.settings.tenants is not None
+    if tenants:
+        pipe.hkeys(rt.keys.budget_wait)
+        pipe.hgetall(rt.keys.tenant_settings)
+    found = pipe.execute()
+    held = held_back(rt.settings, found[-2], found[-1]) if tenants else set()
+    raws = found[:len(ids)]
+    return [JobRecord.from_hash({_t(k): _t(v) for k, v in raw.items()}) if raw else None for raw in raws], held
 
 
 def list_jobs(rt: Runtime, *, state: str | None = None, batch_id: str | None = None, tenant: str | None = None,
@@ -146,10 +156,11 @@ def list_jobs(rt: Runtime, *, state: str | None = None, batch_id: str | None = N
     size = min(CHUNK, limit) if tenant is None and not (batch_id is not None and state is not None) else CHUNK
     for chunk in _chunks(source, size):
         stop = False
-        for entry, raw in zip(chunk, _records(rt, [job_id for _, job_id in chunk])):
+        raws, held = _records(rt, [job_id for _, job_id in chunk])
+        for entry, raw in zip(chunk, raws):
             seen += 1
             last = entry
-            record = _record(rt, entry[1], raw, in_batch=batch_id is not None)
+            record = _record(rt, entry[1], raw, in_batch=batch_id is not None, held=held)
             # A job that moved between two state indexes while they were read appears once.
             if record is not None and entry[1] not in shown and _keep(record, state, tenant):
                 shown.add(entry[1])
@@ -186,7 +197,8 @@ def _peek_empty(rt: Runtime, state: str | None, batch_id: str | None, last: Entr
     return all(next(_walk(rt, key, last), None) is None for key in keys)
 
 
-def _record(rt: Runtime, job_id: str, rec: JobRecord | None, *, in_batch: bool) -> dict[str, Any] | None:
+def _record(rt: Runtime, job_id: str, rec: JobRecord | None, *, in_batch: bool,
+            held: set[str]) -> dict[str, Any] | None:
     if rec is None:
         # A batch names jobs before any worker records them; in a state index it is an expired job.
         return {"job_id": job_id, "state": PENDING} if in_batch else None
@@ -194,7 +206,11 @@ def _record(rt: Runtime, job_id: str, rec: JobRecord | None, *, in_batch: bool) 
         from kie_extend.api import get_job
 
         return get_job(job_id, settings=rt.settings)
-    return status_record(rec, job_id)
+    record = status_record(rec, job_id)
+    # The same rule as api.get_job: a queued job of a tenant the admission script holds back for budget.
+    if record["state"] == JobState.QUEUED.value and rec.tenant and rec.tenant in held:
+        record["waiting_for"] = "budget"
+    return record
 
 
 def _keep(record: dict[str, Any], state: str | None, tenant: str | None) -> bool:

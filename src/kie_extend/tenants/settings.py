@@ -111,11 +111,16 @@ def effective(client: redis.Redis, keys: Keys, settings: Settings) -> dict[str, 
     """The settings in force now for every declared tenant, by name: run-time values over
     :func:`defaults`. One HGETALL; empty without a tenants file. Budget enforcement reads
     ``Tenant.budget`` (``(credits, window seconds)`` or None) from here."""
-    base = defaults(settings)
-    if not base:
+    if not defaults(settings):
         return {}
-    found = overrides(client, keys)
-    return {name: _apply(tenant, found.get(name, {})) for name, tenant in base.items()}
+    return effective_from(client.hgetall(keys.tenant_settings), settings)
+
+
+def effective_from(raw: dict[Any, Any], settings: Settings) -> dict[str, Tenant]:
+    """:func:`effective` from the ``Keys.tenant_settings`` hash already read (``raw``: its HGETALL,
+    for a caller that batches it in its own pipeline)."""
+    found = _values(raw)
+    return {name: _apply(tenant, found.get(name, {})) for name, tenant in defaults(settings).items()}
 
 
 def views(client: redis.Redis, keys: Keys, settings: Settings) -> dict[str, dict[str, Any]]:
