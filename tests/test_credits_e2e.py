@@ -168,6 +168,49 @@ def test_budget_holds_one_tenant_while_another_flows(stack: DevStack) -> None:
     assert 'kie_extend_tenant_budget_waiting{tenant="capped"} 1' in metrics
 
 
+def test_listings_and_the_tenants_list_show_budget_waits_and_usage(stack: DevStack) -> None:
+    """After the budget test: capped's two held jobs say ``waiting_for: "budget"`` in every listing
+    (GET /v1/jobs, ``kie-extend jobs``, the dashboard's jobs page), its three run ones do not; GET
+    /v1/tenants and ``kie-extend tenant list`` give each tenant's credits over its window."""
+    url = stack.serve_url  # type: ignore[attr-defined]
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    page = requests.get(url + "/v1/jobs", params={"tenant": "capped"}, headers=auth, timeout=10).json()["jobs"]
+    shown = sorted((j["state"], j["waiting_for"]) for j in page)
+    assert shown == [("queued", "budget")] * 2 + [("succeeded", None)] * 3, page
+    everyone = requests.get(url + "/v1/jobs", params={"limit": 500}, headers=auth, timeout=10).json()["jobs"]
+    assert {j["tenant"] for j in everyone if j["waiting_for"] == "budget"} == {"capped"}
+    assert sum(j["waiting_for"] == "budget" for j in everyone) == 2
+    listed = cli(stack, "jobs", "--tenant", "capped", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert sorted((j["state"], j["waiting_for"]) for j in json.loads(listed.stdout)["jobs"]) == shown
+    text = cli(stack, "jobs", "--tenant", "capped")
+    assert text.stdout.count("waiting_for=budget") == 2, text.stdout
+    with requests.Session() as admin:
+        admin.post(url + "/login", data={"token": ADMIN, "next": "/"}, headers={"Origin": url}, timeout=10)
+        html = admin.get(url + "/jobs", params={"tenant": "capped"}, timeout=10).text
+        assert html.count("waiting for budget") == 2, html
+
+    tenants = requests.get(url + "/v1/tenants", headers=auth, timeout=10)
+    assert tenants.status_code == 200, tenants.text
+    got = {t["name"]: t["usage"] for t in tenants.json()["tenants"]}
+    # capped: 3 jobs of 12 charged in its 1-day window, its 36 used up; free: 5 jobs, no budget (24 h).
+    assert got["capped"] == {"window": 86400, "reserved": 36, "charged": 36, "refunded": 0, "open": 0,
+                             "budget_left": 0}, got
+    assert got["free"] == {"window": 86400, "reserved": 60, "charged": 60, "refunded": 0, "open": 0,
+                           "budget_left": None}, got
+    day = requests.get(url + "/v1/usage", params={"since": "1d"}, headers=auth, timeout=10).json()["tenants"]
+    for name in ("shop", "blog"):  # the ledger's own numbers over the same 24 h
+        assert {k: got[name][k] for k in ("reserved", "charged", "refunded", "open")} == \
+            {k: day[name][k] for k in ("reserved", "charged", "refunded", "open")}, (got[name], day[name])
+        assert got[name]["charged"] > 0 and got[name]["budget_left"] is None
+    assert requests.get(url + "/v1/tenants", headers={"Authorization": f"Bearer {SHOP}"}, timeout=10).status_code == 403
+    cmd = cli(stack, "tenant", "list", "--json")
+    assert cmd.returncode == 0, cmd.stderr
+    assert {t["name"]: t["usage"] for t in json.loads(cmd.stdout)["tenants"]} == got
+    line = next(ln for ln in cli(stack, "tenant", "list").stdout.splitlines() if ln.startswith("capped "))
+    assert "[1d] charged=36 reserved=36 refunded=0 open=0 budget_left=0" in line, line
+
+
 def test_dashboard_shows_spend_per_tenant_scoped_by_session(stack: DevStack) -> None:
     url = stack.serve_url  # type: ignore[attr-defined]
     with requests.Session() as admin:
