@@ -1287,6 +1287,128 @@ def scenario_tenants(res: Results, workdir: Path) -> None:
 
 
 # ==================================================================================================
+# 11. budget: one tenant held at its budget while another keeps the account's whole rate
+# ==================================================================================================
+BUDGET_PRICE, BUDGET_CREDITS = 12.0, 120.0  # ten jobs' worth
+BUDGET_TOML = f'[tenants.capped]\nbudget = "{BUDGET_CREDITS:g}/1d"\n[tenants.busy]\n'
+
+
+def steady_ratio(times: list[float]) -> tuple[float, float, int]:
+    """(ratio to the limit, rate, sends) of submissions that start mid-stream, phase-free: over
+    ``m`` whole groups of LIMIT sends, rate = LIMIT * m / (t[LIMIT * m] - t[0]). The two ends sit at
+    the same place of a rolling window's burst, so where the stream was cut does not bias it (the
+    limit scenario's (N - LIMIT) / span assumes the first LIMIT went at once)."""
+    times = sorted(times)
+    m = (len(times) - 1) // LIMIT
+    span = times[LIMIT * m] - times[0]
+    rate = LIMIT * m / span if m and span > 0 else float("nan")
+    return rate / (LIMIT / WINDOW), rate, LIMIT * m + 1
+
+
+def scenario_budget(res: Results, workdir: Path) -> None:
+    """A tenant with a 10-job budget and a backlogged one: the backlogged one keeps the rate."""
+    import threading
+
+    from kie_extend.api import cancel_batch, pause, resume
+    from kie_extend.credits.budgets import used
+    from kie_extend.infra.runtime import Runtime
+    from kie_extend.jobs.listing import list_jobs
+
+    tenants_file = workdir / "budget-tenants.toml"
+    tenants_file.write_text(BUDGET_TOML)
+    env = {**FAIR_ENV, "KIE_TENANTS_FILE": str(tenants_file), "KIE_PRICES": f"extend={BUDGET_PRICE:g}"}
+    n_capped, n_busy, n_after = 60, 700, 300
+    with BenchStack(workdir / "budget", env=env, key_prefix=PREFIX) as st:
+        st.start_simulator(*FAIR_SIM, "--seed", "13")
+        worker = st.start_worker(concurrency=2)
+        st.start_beat()
+        wait_ready(worker)
+        r = st.redis()
+        settings = st.settings()
+        rt = Runtime(settings)
+        assert st.sim_url
+        # Paused while both backlogs are recorded, so the run starts with both tenants waiting.
+        pause("bench: record both backlogs first", settings=settings)
+        ids: dict[str, str] = {}
+        for tenant, n in (("capped", n_capped), ("busy", n_busy)):
+            items = [{"request": extend_request(st.sim_url, len(ids) + i, DEAD_CB)} for i in range(n)]
+            for j in enqueue_many(items, settings=settings, batch_id=f"bud-{tenant}", tenant=tenant):
+                ids[j] = tenant
+        wait_until(lambda: all_recorded(settings, "bud-capped") and all_recorded(settings, "bud-busy"), 120, 0.2,
+                   "both tenants' jobs recorded")
+        # capped's charged + reserved in its window, as admission counts it, sampled all run long.
+        peak = {"used": 0.0, "samples": 0}
+        stop = threading.Event()
+
+        def sample() -> None:
+            budget = {"capped": (BUDGET_CREDITS, 86400.0)}
+            while not stop.is_set():
+                peak["used"] = max(peak["used"], used(r, K, budget).get("capped", 0.0))
+                peak["samples"] += 1
+                stop.wait(0.02)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        t0 = time.time()
+        resume(settings=settings)
+        want = n_after + int(BUDGET_CREDITS // BUDGET_PRICE) + LIMIT
+        wait_until(lambda: sum(1 for t in st.sim_tasks().values() if t["created"] >= t0) >= want, 90, 0.3,
+                   f"{want} submissions")
+        # While busy still flows: capped's queued jobs, as the listing and the single read show them.
+        listed, _ = list_jobs(rt, tenant="capped", state="queued", limit=500)
+        waiting_list = Counter(j["waiting_for"] for j in listed)
+        one = get_job(listed[0]["job_id"], settings=settings)["waiting_for"] if listed else None
+        held = sorted(h.decode() if isinstance(h, bytes) else str(h) for h in r.hkeys(K.budget_wait))
+        stop.set()
+        sampler.join(5)
+        tasks = st.sim_tasks()
+        recs = job_records(r, PREFIX, ids)
+        sim = st.sim_stats()
+        cancel_batch("bud-capped", settings=settings)
+        cancel_batch("bud-busy", settings=settings)
+    tenant_of_task = {rec["kie_task_id"]: ids[j] for j, rec in recs.items() if rec.get("kie_task_id")}
+    accepted = sorted((t["created"], tenant_of_task.get(tid, "?")) for tid, t in tasks.items() if t["created"] >= t0)
+    capped_at = [t for t, who in accepted if who == "capped"]
+    last_capped = max(capped_at) if capped_at else t0
+    account = [t for t, _ in accepted]
+    busy_after = [t for t, who in accepted if who == "busy" and t > last_capped]
+    acc_ratio, acc_rate, acc_span = rate_ratio(account)
+    b_ratio, b_rate, b_n = steady_ratio(busy_after)
+    b_naive, b_naive_rate, b_span = rate_ratio(busy_after)
+    acc_steady, acc_steady_rate, acc_n = steady_ratio(account)
+    capped_spend = len(capped_at) * BUDGET_PRICE
+    res.detail("budget", env={k: v for k, v in env.items() if k != "KIE_TENANTS_FILE"}, tenants_file=BUDGET_TOML,
+               sim_flags=list(FAIR_SIM), capped_accepted=len(capped_at), busy_after=len(busy_after),
+               capped_last_accepted_after_s=round(last_capped - t0, 3), account_span_s=round(acc_span, 3),
+               peak_used=peak["used"], used_samples=peak["samples"], waiting_for_listing=dict(waiting_list),
+               waiting_for_get_job=one, budget_wait=held, rate_limited=int(sim["rate_limited"]),
+               setup=f"worker c=2 + beat; {n_capped} capped (budget {BUDGET_CREDITS:g}/1d at {BUDGET_PRICE:g} a "
+                     f"job) + {n_busy} busy recorded under an operator pause, then resumed; measured until "
+                     f"{want} acceptances")
+    res.add("budget", "account submit rate / limit (sim acceptance times)", acc_ratio, ">= 0.95", acc_ratio >= 0.95,
+            note=f"{len(account)} accepted over {acc_span:.2f}s from the resume; rate=(N-{LIMIT})/span="
+                 f"{acc_rate:.2f}/s vs {LIMIT / WINDOW:g}/s; capped's {len(capped_at)} included")
+    res.add("budget", "account rate / limit, whole groups of LIMIT", acc_steady, "", None,
+            note=f"{acc_n} acceptances: {acc_steady_rate:.2f}/s (the estimator of busy's row, on the account)")
+    res.add("budget", "busy's submit rate / limit while capped waits", b_ratio, ">= 0.95", b_ratio >= 0.95,
+            note=f"{b_n} busy acceptances after capped's last ({last_capped - t0:.2f}s after the resume), whole "
+                 f"groups of {LIMIT}: {b_rate:.2f}/s")
+    res.add("budget", "busy's rate / limit, (N - LIMIT) / span", b_naive, "", None,
+            note=f"{len(busy_after)} over {b_span:.2f}s; biased low when the stream is cut mid-window")
+    want_wait = n_capped - len(capped_at)
+    res.add("budget", 'capped\'s queued jobs listed with waiting_for "budget"', waiting_list.get("budget", 0),
+            f"== {want_wait}", waiting_list.get("budget", 0) == want_wait == len(listed) and one == "budget"
+            and held == ["capped"],
+            note=f"list_jobs(tenant=capped, state=queued): {dict(waiting_list)}; get_job: {one}; budget_wait: "
+                 f"{held}")
+    res.add("budget", "capped's charged + reserved, highest seen", peak["used"], f"<= {BUDGET_CREDITS:g}",
+            peak["used"] <= BUDGET_CREDITS and capped_spend <= BUDGET_CREDITS, unit="credits",
+            note=f"{peak['samples']} samples of its window (credits/budgets.used) every 20 ms; the simulator "
+                 f"accepted {len(capped_at)} of its jobs = {capped_spend:g} credits")
+    res.add("budget", "429 answers received", int(sim["rate_limited"]), "== 0", int(sim["rate_limited"]) == 0)
+
+
+# ==================================================================================================
 SCENARIOS: dict[str, tuple[Callable[[Results, Path], None], int, str]] = {
     "limit": (scenario_limit, 240, "1. at the limit: submission rate vs 20/1 s, no 429"),
     "slots": (scenario_slots, 480, "2. few slots: makespan vs rate-bound ideal, naive design"),
@@ -1298,6 +1420,7 @@ SCENARIOS: dict[str, tuple[Callable[[Results, Path], None], int, str]] = {
     "cancel": (scenario_cancel, 150, "8. cancel a 5,000-job batch while submissions flow"),
     "backlog": (scenario_backlog, 1200, "9. 100,000 queued: memory, enqueue rate, tick cost"),
     "tenants": (scenario_tenants, 240, "10. tenants: weighted shares, invented names under strict"),
+    "budget": (scenario_budget, 180, "11. budget: a capped tenant waits, a backlogged one keeps the rate"),
 }
 
 
