@@ -126,3 +126,20 @@ def test_cancelled_and_invalid_jobs_cost_nothing(harness: Callable[..., Harness]
     for job in (queued, bad):
         assert job_credits(h.state(job)) == {"reserved": 0, "charged": 0, "refunded": 0}
     assert usage(h.rt.redis, h.rt.keys, 3600)["total"]["reserved"] == 0
+
+
+def test_held_back_needs_a_wait_mark_and_a_budget_in_force(make_settings: Callable[..., Any], tmp_path: Any) -> None:
+    """Who listings mark ``waiting_for: "budget"``: a tenant the admission script held back
+    (``budget_wait``) that still has a budget, the file's or one set at run time."""
+    from kie_extend.credits.budgets import held_back
+    from kie_extend.tenants.settings import NONE
+
+    path = tmp_path / "tenants.toml"
+    path.write_text('[tenants.capped]\nbudget = "36/1d"\n[tenants.free]\n[tenants.lifted]\nbudget = "10/1h"\n')
+    settings = make_settings(tenants_file=str(path))
+    marks = [b"capped", b"free", b"lifted", "gone"]
+    assert held_back(settings, marks, {}) == {"capped", "lifted"}
+    runtime = {b"lifted|budget": NONE.encode(), "free|budget": "100 86400"}  # lifted, and one set at run time
+    assert held_back(settings, marks, runtime) == {"capped", "free"}
+    assert held_back(settings, [], runtime) == set()
+    assert held_back(make_settings(), marks, runtime) == set()  # no tenants file: no budgets
