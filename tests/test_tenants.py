@@ -235,7 +235,10 @@ def test_account_wide_routes_need_an_admin(api: Api) -> None:
     shop = next(t for t in body["tenants"] if t["name"] == "shop")
     assert shop == {"name": "shop", "weight": 2, "rate": "5/10s", "budget": "2000/1d",
                     "webhook_url": "https://shop.example/hooks/kie", "webhook_secret_set": True, "stream": True,
-                    "overridden": []}
+                    "overridden": [],
+                    # nothing admitted yet: its budget's whole window left
+                    "usage": {"window": 86400, "reserved": 0, "charged": 0, "refunded": 0, "open": 0,
+                              "budget_left": 2000}}
     _no_secret(r.text)
 
 
