@@ -39,7 +39,8 @@ def tenants_usage(rt: Any, names: Iterable[str]) -> dict[str, dict[str, Any]]:
     (seconds), "reserved", "charged", "refunded", "open", "budget_left"}}`` in KIE credits, from the
     ledger (credits/ledger.py ``usage``, whole ledger buckets). ``budget_left``: the budget minus its
     charged plus reserved credits in the window as admission counts them (``used``, whole hours), can
-    be negative after a late charge; None without a budget. One round trip per distinct window, plus
+    be negative after a late charge; None without a budget. The ledger reaches back LEDGER_TTL (35 d)
+    at most, so a longer window's credits are those of that span. One round trip per distinct window, plus
     one for the budgets' use. ``rt``: the process's Runtime."""
     names = list(names)
     caps = {t: c for t, c in budgets(rt.settings, rt.redis, rt.keys).items() if t in names}
