@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import requests
 from requests.exceptions import ChunkedEncodingError, ConnectTimeout, ReadTimeout
@@ -198,6 +198,10 @@ class KieClient:
         merging the session's (empty) settings and the environment's again on every call."""
         if not self._own_session:  # a session the caller passed in: requests' own way, its settings honoured
             return self.session.request(method, url, headers=self._headers(), timeout=timeout, **kwargs)
+        # Query parameters go in as text (requests takes text as it is): a mapping, or none at all,
+        # costs requests several runtime Protocol checks per request.
+        params = kwargs.pop("params", None)
+        kwargs["params"] = urlencode(params, doseq=True) if isinstance(params, dict) else (params or "")
         prepared = requests.Request(method, url, headers={**self.session.headers, **self._headers()},
                                     cookies=self.session.cookies, **kwargs).prepare()
         return self.session.send(prepared, timeout=timeout, allow_redirects=True, **self._env)
