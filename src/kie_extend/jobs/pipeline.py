@@ -25,7 +25,7 @@ from kie_extend.infra.metrics import POLL_BUCKETS, RESULT_BUCKETS
 from kie_extend.admission.queues import Admitted
 from kie_extend.admission.gates import Decision
 from kie_extend.infra.runtime import Dispatcher, NoDispatch, Runtime
-from kie_extend.store.jobstore import BATCH_REF, Moved, OneTrip
+from kie_extend.store.jobstore import BATCH_REF, Moved, OneTrip, new_op
 from kie_extend.store.record import EMPTY, JobRecord, as_record
 from kie_extend.jobs.states import TERMINAL, JobState
 
@@ -537,6 +537,12 @@ class Pipeline:
             if wait >= 0:
                 self.store.schedule(job_id, max(wait, now + self.s.poll_min_gap), only_earlier=True)
             return
+        if self.store.deferring() is not None:
+            # Within a step the release is only queued: it goes out with the step's writes once the
+            # poll's answer is handled (with the terminal move, if it is one), no round trip of its own.
+            self.store.release_poll(job_id)
+            self._poll_claimed(job_id, rec, task_id, now)
+            return
         try:
             self._poll_claimed(job_id, rec, task_id, now)
         finally:
@@ -670,16 +676,33 @@ class Pipeline:
         fields = {**fields, "finished_at": now_iso()}
         event = build_event(rec, state, {"job_id": job_id, **fields})
         handlers = list(self.s.handlers)
+        created = rec.created_ts if rec.created_ts is not None else float(fields.get("created_ts") or time.time())
         # The deliveries are queued with the event, already leased to this process: if it dies
         # before handing them on, the tick finds them when the lease runs out.
-        moved = self.store.transition(job_id, state, expect=expect, fields=fields, event=event,
-                                      handlers=handlers, retention=self.s.retention,
-                                      deliveries_at=time.time() + self.s.lease)
+        move = dict(expect=expect, fields=fields, event=event, handlers=handlers, retention=self.s.retention,
+                    deliveries_at=time.time() + self.s.lease)
+        writes = self.store.deferring()
+        sent: set[str] = set()
+        if writes is None:
+            moved = self.store.transition(job_id, state, **move)  # type: ignore[arg-type]
+            if moved and state is not JobState.CANCELLED:  # a cancelled job never had a result to wait for
+                self.store.observe("time_to_result_seconds", time.time() - created, RESULT_BUCKETS)
+        else:
+            # Within a step: the move and the step's writes go out in one round trip, and the writes
+            # that follow from the move (the time-to-result bin; the inline deliveries a handler can
+            # queue as writes, with their marks) run only if the move happened: it wrote ``op``.
+            op, trip = new_op(), OneTrip(self.rt.redis)
+            self.store.transition(job_id, state, pipe=trip, op=op, **move)  # type: ignore[arg-type]
+            writes.only_if(self.store.keys.job(job_id), "op", op)
+            if state is not JobState.CANCELLED:
+                self.store.observe("time_to_result_seconds", time.time() - created, RESULT_BUCKETS)
+            for name in handlers:
+                if getattr(self.rt.handlers.get(name), "inline", False) and hasattr(self.rt.handlers[name], "queue"):
+                    self.delivery.deliver(job_id, name, event=event)
+                    sent.add(name)
+            moved = self.store.moved(job_id, self.store.send_with(trip, writes)[0])
         if not moved:
             return False
-        created = rec.created_ts if rec.created_ts is not None else float(fields.get("created_ts") or time.time())
-        if state is not JobState.CANCELLED:  # a cancelled job never had a result to wait for
-            self.store.observe("time_to_result_seconds", time.time() - created, RESULT_BUCKETS)
         error = fields.get("error")
         if (error and error.get("kind") not in ("generation_failed", "timed_out") and rec.state_text
                 and (state is not JobState.CANCELLED or rec.admitted)):
@@ -692,6 +715,8 @@ class Pipeline:
             refs.append(BATCH_REF + moved.batch_finished)
         for ref in refs:
             for name in handlers:
+                if ref == job_id and name in sent:
+                    continue  # delivered with the move
                 if getattr(self.rt.handlers.get(name), "inline", False):
                     # fast and local: no extra message
                     self.delivery.deliver(ref, name, event=event if ref == job_id else None)

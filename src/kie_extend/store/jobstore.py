@@ -95,7 +95,9 @@ return {raw, '-', request}
 # Bookkeeping writes, several in one script call (see Writes): ARGV holds runs of ``command, number of
 # arguments, index of its key in KEYS, arguments...``. ``ONCE`` (argument: seconds) sets its key with
 # NX and an expiry, and when the key was already there skips the run after it: an append made once per
-# key. The runs execute in order in one atomic step; an error stops the script at that run.
+# key. ``IFEQ`` (arguments: field, value) ends the script unless the hash's field holds the value: the
+# runs after it happen only then. The runs execute in order in one atomic step; an error stops the
+# script at that run.
 _WRITES = """
 local i, skip = 1, false
 while i <= #ARGV do
@@ -104,6 +106,8 @@ while i <= #ARGV do
     skip = false
   elseif op == 'ONCE' then
     skip = not redis.call('SET', key, '1', 'NX', 'EX', ARGV[i + 3])
+  elseif op == 'IFEQ' then
+    if redis.call('HGET', key, ARGV[i + 3]) ~= ARGV[i + 4] then return 0 end
   else
     redis.call(op, key, unpack(ARGV, i + 3, i + 2 + n))
   end
@@ -169,6 +173,20 @@ class Writes:
     def once(self, key: str, seconds: int) -> None:
         """Run the next write only if ``key`` did not exist (it is then set, expiring in ``seconds``)."""
         self._op("ONCE", key, int(seconds))
+
+    def only_if(self, key: str, field: str, value: str) -> None:
+        """Run the writes queued after this one only if the hash ``key``'s ``field`` holds ``value``
+        when they run (the writes before it run regardless)."""
+        self._op("IFEQ", key, field, value)
+
+    def clear(self) -> None:
+        """Forget every queued write (they were sent)."""
+        self.keys, self.args, self._index = [], [], {}
+
+
+def new_op() -> str:
+    """A new operation id for a move (:meth:`JobStore.transition`): 64 random bits as hex text."""
+    return uuid.uuid4().hex[:16]
 
 
 def _enc(value: Any) -> Any:
@@ -333,6 +351,15 @@ class JobStore:
         if writes:
             run_script(self._writes_script, writes.keys, writes.args)
 
+    def send_with(self, trip: OneTrip, writes: Writes) -> list[Any]:
+        """Send the calls queued on ``trip`` and then ``writes`` (emptied) in one round trip; the
+        replies of ``trip``'s calls, in order."""
+        queued = len(trip.calls)
+        if writes:
+            trip.add(self._writes_script, writes.keys, writes.args)
+            writes.clear()  # sent with the trip, whatever its outcome: never a second time
+        return trip.execute()[:queued]
+
     def _writes(self) -> tuple[Writes, bool]:
         """``(writes, True)``: new :class:`Writes` to queue bookkeeping writes on and then send; or,
         within :meth:`deferred`, ``(its writes, False)`` (the block sends them)."""
@@ -409,6 +436,7 @@ class JobStore:
         stat: str = "",
         ready: bool = False,
         pipe: Any = None,
+        op: str | None = None,
     ) -> Moved:
         """Move ``job_id`` to ``to`` if it is in one of ``expect``; False if it was not.
 
@@ -425,7 +453,8 @@ class JobStore:
         outcome from ``pipe.execute()`` (first element 1 = moved); with a :class:`OneTrip`, from its
         ``execute()`` through :meth:`moved`. A ``request`` among ``fields`` goes to the job's request
         key (packed), not to its hash; the key gets the record's TTL on a terminal move and loses it
-        on any other.
+        on any other. ``op``: the move's operation id (default: a new one, :func:`new_op`), written to
+        the record's ``op`` field with the move.
         """
         expected = list(expect)
         for frm in expected:
@@ -457,7 +486,7 @@ class JobStore:
                 str(int(retention)),
                 repr(float(deliveries_at if deliveries_at is not None else now)),
                 stat,
-                uuid.uuid4().hex[:16],  # the operation id: 64 random bits, a short field of the record
+                op or new_op(),  # the operation id: 64 random bits, a short field of the record
                 "1" if ready else "",
                 _iso(now),
                 pack(request) if request else "",
