@@ -1,4 +1,9 @@
-"""KIE provider client: plain HTTP on a ``requests.Session``; knows nothing of Celery or Redis.
+"""KIE provider client: plain HTTP on urllib3's connection pool or a ``requests.Session``; knows nothing of Celery or Redis.
+
+Our own session's submit and poll calls go straight to urllib3's pool (what requests sends through),
+without requests' per-request preparation; a session passed in, a proxy or client certificate from
+the environment, and other calls (file uploads) use requests itself. Errors are classified the same
+way on both paths.
 
 Usable from a REPL against the simulator::
 
