@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
-import uuid
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
@@ -186,7 +186,7 @@ class Writes:
 
 def new_op() -> str:
     """A new operation id for a move (:meth:`JobStore.transition`): 64 random bits as hex text."""
-    return uuid.uuid4().hex[:16]
+    return os.urandom(8).hex()
 
 
 def _enc(value: Any) -> Any:
@@ -251,6 +251,11 @@ class JobStore:
         self._claim_poll = client.register_script(_CLAIM_POLL)
         self._step_read = client.register_script(_STEP_READ)
         self._writes_script = client.register_script(_WRITES)
+        # The transition script's keys that name no job (see transition), built once.
+        k = keys
+        self._move_keys = (k.due, k.inflight, k.deliveries, k.stats, k.deadlines, k.rate_log, k.priorities,
+                           k.admission_seq, k.breaker)
+        self._state_keys = tuple(k.state_index(st.value) for st in lua.STATE_ORDER)
         # The pipeline collecting bookkeeping writes while a step defers them (see deferred()),
         # per thread: a receiver's threads share one store.
         self._local = threading.local()
@@ -469,9 +474,7 @@ class JobStore:
         k = self.keys
         now = time.time()
         call = dict(
-            keys=[k.job(job_id), k.due, k.inflight, k.deliveries, k.stats, k.deadlines, k.rate_log,
-                  k.priorities, k.admission_seq, k.breaker, k.request(job_id),
-                  *(k.state_index(st.value) for st in lua.STATE_ORDER)],
+            keys=[k.job(job_id), *self._move_keys, k.request(job_id), *self._state_keys],
             args=[
                 k.tag,
                 job_id,
