@@ -172,12 +172,22 @@ class Pipeline:
                     return
                 _log(job_id, logging.INFO, "duplicate of %s (idempotency key), not submitted", first)
                 return
-        # The new record and the admission that follows it (try_submit's) go out in one round trip.
+        # The new record, the admission that follows it (try_submit's) and, when that admission
+        # grants this job a send slot now, its move to submitting go out in one round trip. The
+        # move is chained: it happens only if nothing moved the job since its creation and the rate
+        # log holds its first send; otherwise try_submit takes over from the admission's answer.
         trip = OneTrip(self.rt.redis)
+        created_op = new_op()
         self.store.transition(job_id, JobState.QUEUED, expect=[None], fields=base, stat="jobs_accepted", ready=True,
-                              pipe=trip)
+                              pipe=trip, op=created_op)
         self.rt.admission.admit(self.s.submit_rate[0], own=job_id, lease=self.s.lease, pipe=trip)
-        created, found = trip.execute()
+        started = time.time()
+        self.store.transition(
+            job_id, JobState.SUBMITTING, expect=[JobState.QUEUED],
+            fields={"attempts": 1, "sends": 1, "submit_started_ts": started, "submit_error": None, "admitted": None},
+            due=started + self.s.connect_timeout + self.s.read_timeout + SUBMIT_LEASE_SLACK, stat="submissions",
+            pipe=trip, after=created_op, send=f"s:{job_id}:1")
+        created, found, sending = trip.execute()
         mine = self._admitted(job_id, self.rt.admission.admitted(found))
         if not self.store.moved(job_id, created):
             # Another delivery of this message (or another producer's message under the same id)
@@ -186,11 +196,14 @@ class Pipeline:
             self._known(job_id, self.store.get_record(job_id) or EMPTY, digest)
             return
         _log(job_id, logging.INFO, "queued")
-        self.try_submit(job_id, JobRecord.from_hash({
+        rec = JobRecord.from_hash({
             "state": JobState.QUEUED.value, "request": json.dumps(base["request"]), "created_ts": repr(now),
             "attempts": "0", "batch_id": intake.batch_id or "",
-            "not_after": "" if intake.not_after is None else repr(intake.not_after)}), in_ready=True,
-            admission=(mine,))
+            "not_after": "" if intake.not_after is None else repr(intake.not_after)})
+        if self.store.moved(job_id, sending):
+            self._send(job_id, rec, 1)
+            return
+        self.try_submit(job_id, rec, in_ready=True, admission=(mine,))
 
     def refuse_conflict(self, job_id: str, base: dict[str, Any]) -> bool:
         """Record a job whose idempotency key another request holds (in its tenant) as failed with
@@ -287,6 +300,10 @@ class Pipeline:
             if now_rec is None or now_rec.state not in (JobState.SUBMITTING, JobState.SUBMITTED):
                 self.gates.release(job_id)
             return
+        self._send(job_id, rec, attempt)
+
+    def _send(self, job_id: str, rec: JobRecord, attempt: int) -> None:
+        """Send a job this process has just moved to ``submitting`` (attempt ``attempt``) and record the outcome."""
         body = rec.request
         if body is None:
             raise ValueError(f"job {job_id}'s record holds no readable request")

@@ -442,6 +442,8 @@ class JobStore:
         ready: bool = False,
         pipe: Any = None,
         op: str | None = None,
+        after: str = "",
+        send: str = "",
     ) -> Moved:
         """Move ``job_id`` to ``to`` if it is in one of ``expect``; False if it was not.
 
@@ -459,7 +461,9 @@ class JobStore:
         ``execute()`` through :meth:`moved`. A ``request`` among ``fields`` goes to the job's request
         key (packed), not to its hash; the key gets the record's TTL on a terminal move and loses it
         on any other. ``op``: the move's operation id (default: a new one, :func:`new_op`), written to
-        the record's ``op`` field with the move.
+        the record's ``op`` field with the move. ``after``: move only if the record's ``op`` is still
+        this one (a move chained to an earlier one queued on the same ``pipe``), and then, with
+        ``send`` (a rate-log member, ``s:<job_id>:<send>``), only if admission recorded that send.
         """
         expected = list(expect)
         for frm in expected:
@@ -493,6 +497,8 @@ class JobStore:
                 "1" if ready else "",
                 _iso(now),
                 pack(request) if request else "",
+                after,
+                send,
             ],
         )
         if isinstance(pipe, OneTrip):

@@ -115,6 +115,13 @@ local jk, id, to, op = KEYS[1], ARGV[2], ARGV[3], ARGV[14]
 local S = {""" + ", ".join(f"['{st.value}'] = {i + 1 + len(TRANSITION_KEYS)}" for i, st in enumerate(STATE_ORDER)) + """}
 if op ~= '' and redis.call('HGET', jk, 'op') == op then return {1, to, 1} end
 local cur = redis.call('HGET', jk, 'state') or ''
+-- A move chained to an earlier one in the same round trip: only if nothing moved the job since that
+-- one (the record still holds its op, ARGV[18]) and, when ARGV[19] names one, the rate log holds
+-- that send (admission granted it a slot now).
+if (ARGV[18] or '') ~= '' then
+  if redis.call('HGET', jk, 'op') ~= ARGV[18] then return {0, cur, 0} end
+  if ARGV[19] ~= '' and not redis.call('ZSCORE', KEYS[7], ARGV[19]) then return {0, cur, 0} end
+end
 local ok = false
 for e in string.gmatch(ARGV[4] .. '|', '([^|]*)|') do
   if e == cur then ok = true end
