@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test chaos browser bench clean
+.PHONY: venv demo test chaos browser prometheus bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ chaos: $(STAMP)
 # The dashboard in headless Chromium (installs Debian's chromium + chromium-driver when missing, as root).
 browser: $(STAMP)
 	$(PY) -m pytest -q -m browser -o addopts='-ra'
+
+# The alert rules in a real Prometheus scraping serve (installs Debian's prometheus when missing, as root).
+prometheus: $(STAMP)
+	$(PY) -m pytest -q -m prometheus -o addopts='-ra'
 
 bench: $(STAMP)
 	$(PY) bench/run.py

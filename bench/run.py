@@ -1161,6 +1161,135 @@ def worker_messages(log_path: str, offset: int, n: int) -> dict[str, float]:
 
 
 # ==================================================================================================
+# 10. tenants: weighted shares, and invented tenant names under KIE_TENANTS_STRICT
+# ==================================================================================================
+TENANTS_TOML = "[tenants.light]\nweight = 1\n[tenants.heavy]\nweight = 3\n"
+
+
+def shares_of(r: Any, ids: dict[str, str], tasks: dict[str, dict[str, Any]], since: float, n: int) -> Counter[str]:
+    """Tenants of the first ``n`` submissions the simulator accepted at or after ``since``."""
+    recs = job_records(r, PREFIX, ids)
+    tenant_of_task = {rec["kie_task_id"]: ids[j] for j, rec in recs.items() if rec.get("kie_task_id")}
+    order = sorted((t["created"], tid) for tid, t in tasks.items() if t["created"] >= since)
+    return Counter(tenant_of_task.get(tid, "?") for _, tid in order[:n])
+
+
+def admission_cost(workdir: Path, weights: str, n: int = 20_000, calls: int = 5_000) -> float:
+    """Server-side microseconds per admission (EVALSHA ``usec_per_call``, ``INFO commandstats``) with
+    two tenants of ``n`` queued jobs each at one priority and ``weights`` as the tenants file's
+    (``"1:1"`` or ``"1:3"``); the rate log is emptied between calls so only admission itself is timed."""
+    from kie_extend.config import Settings
+    from kie_extend.infra.embedded import EmbeddedValkey
+    from kie_extend.infra.runtime import Runtime
+
+    light, heavy = weights.split(":")
+    path = workdir / f"cost-{light}-{heavy}.toml"
+    path.write_text(f"[tenants.A]\nweight = {light}\n[tenants.B]\nweight = {heavy}\n")
+    server = EmbeddedValkey(str(workdir / f"cost-valkey-{light}-{heavy}")).start()
+    try:
+        settings = Settings(_env_file=None, redis_url=server.url, key_prefix=PREFIX, queue=PREFIX, api_key="k" * 20,
+                            submit_rate="100000000/1s", max_in_flight=100_000_000, tenants_file=str(path))
+        rt = Runtime(settings)
+        r = rt.redis
+        pipe = r.pipeline(transaction=False)
+        for i in range(2 * n):
+            tenant = "AB"[i % 2]
+            pipe.hset(rt.keys.job(f"c{i}"), mapping={"state": "queued", "rq": f"5|{tenant}", "created_ts": i})
+            pipe.zadd(rt.keys.ready(5, tenant), {f"c{i}": i})
+        pipe.zadd(rt.keys.tenants(5), {"A": 0, "B": 1})
+        pipe.zadd(rt.keys.priorities, {"5": 5})
+        pipe.execute()
+        r.config_resetstat()
+        for _ in range(calls):
+            rt.admission.admit(1)
+            r.delete(rt.keys.rate_log, rt.keys.due)
+        stats = r.info("commandstats")
+        return float((stats.get("cmdstat_evalsha") or stats["cmdstat_eval"])["usec_per_call"])
+    finally:
+        server.stop()
+
+
+def scenario_tenants(res: Results, workdir: Path) -> None:
+    """Weights 1 and 3 both backlogged; then a producer spreading work over 20 invented names."""
+    from kie_extend.api import cancel_batch, producer_app
+
+    tenants_file = workdir / "tenants.toml"
+    tenants_file.write_text(TENANTS_TOML)
+    env = {**FAIR_ENV, "KIE_TENANTS_FILE": str(tenants_file), "KIE_TENANTS_STRICT": "true"}
+    n_slots = 200
+    with BenchStack(workdir / "tenants", env=env, key_prefix=PREFIX) as st:
+        st.start_simulator(*FAIR_SIM, "--seed", "11")
+        worker = st.start_worker(concurrency=2)
+        st.start_beat()
+        wait_ready(worker)
+        r = st.redis()
+        settings = st.settings()
+        assert st.sim_url
+        ids: dict[str, str] = {}
+        for tenant, n in (("light", 250), ("heavy", 700)):
+            items = [{"request": extend_request(st.sim_url, len(ids) + i, DEAD_CB)} for i in range(n)]
+            for j in enqueue_many(items, settings=settings, batch_id=f"ten-{tenant}", tenant=tenant):
+                ids[j] = tenant
+        wait_until(lambda: all_recorded(settings, "ten-light") and all_recorded(settings, "ten-heavy"), 120, 0.2,
+                   "both tenants' jobs recorded")
+        t0 = time.time()
+        wait_until(lambda: sum(1 for t in st.sim_tasks().values() if t["created"] >= t0) >= n_slots, 60, 0.3,
+                   f"{n_slots} submissions")
+        first = shares_of(r, ids, st.sim_tasks(), t0, n_slots)
+        # A producer sends 400 jobs over 20 invented tenant names straight as Celery messages (a
+        # producer that skips the Python API's check): the worker fails each as invalid_request.
+        app = producer_app(settings)
+        invented: dict[str, str] = {}
+        t1 = time.time()
+        for i in range(400):
+            name = f"invented-{i % 20:02d}"
+            job_id = f"inv-{uuid.uuid4().hex[:12]}"
+            app.send_task("kie_extend.extend", kwargs={"request": extend_request(st.sim_url, 50_000 + i, DEAD_CB),
+                                                       "tenant": name}, task_id=job_id, queue=settings.queue)
+            invented[job_id] = name
+        wait_until(lambda: all(rec.get("state") == "failed" for rec in job_records(r, PREFIX, invented).values()),
+                   60, 0.3, "the invented tenants' jobs failed")
+        t_failed = time.time()
+        wait_until(lambda: sum(1 for t in st.sim_tasks().values() if t["created"] >= t1) >= n_slots, 60, 0.3,
+                   f"{n_slots} submissions after the spread")
+        tasks = st.sim_tasks()
+        second = shares_of(r, {**ids, **invented}, tasks, t1, n_slots)
+        recs = job_records(r, PREFIX, invented)
+        kinds = Counter(json.loads(rec.get("error") or "{}").get("kind", rec.get("state")) for rec in recs.values())
+        sent_invented = sum(1 for rec in recs.values() if rec.get("kie_task_id"))
+        sim = st.sim_stats()
+        cancel_batch("ten-light", settings=settings)
+        cancel_batch("ten-heavy", settings=settings)
+    res.detail("tenants", env={k: v for k, v in env.items() if k != "KIE_TENANTS_FILE"}, tenants_file=TENANTS_TOML,
+               sim_flags=list(FAIR_SIM), first=dict(first), second=dict(second), invented_kinds=dict(kinds),
+               invented_failed_after_s=round(t_failed - t1, 2), rate_limited=int(sim["rate_limited"]),
+               setup="worker c=2 + beat; 250 light (weight 1) + 700 heavy (weight 3) recorded and flowing; shares "
+                     f"of the first {n_slots} submissions after both were recorded; then 400 Celery messages over "
+                     f"20 invented tenant names and the shares of the next {n_slots} submissions")
+
+    def ratio(c: Counter[str]) -> float:
+        return c["heavy"] / c["light"] if c["light"] else float("inf")
+
+    for label, c in (("both backlogged", first), ("while 20 invented names send 400 jobs", second)):
+        rt_ = ratio(c)
+        res.add("tenants", f"heavy:light slot ratio, {label} (weights 3:1)", rt_, "3 ± 10 % (2.7-3.3)",
+                2.7 <= rt_ <= 3.3, note=f"first {n_slots} submissions: {dict(c)}")
+    res.add("tenants", "slots taken by the 20 invented names (strict)", sent_invented + second.get("?", 0), "== 0",
+            sent_invented + second.get("?", 0) == 0,
+            note=f"400 jobs over 20 names: {dict(kinds)}; all failed {t_failed - t1:.1f}s after the first was sent")
+    res.add("tenants", "invented-name jobs failed invalid_request", kinds.get("invalid_request", 0), "== 400",
+            kinds.get("invalid_request", 0) == 400)
+    res.add("tenants", "429 answers received", int(sim["rate_limited"]), "== 0", int(sim["rate_limited"]) == 0)
+    plain, weighted = admission_cost(workdir, "1:1"), admission_cost(workdir, "1:3")
+    res.add("tenants", "admission script, server time per admission, weights 1:1", plain, unit="us",
+            note="EVALSHA usec_per_call over 5,000 admissions, 2 tenants x 20,000 queued, rate log emptied between "
+                 "calls (admission alone, on Valkey's own clock)")
+    res.add("tenants", "admission script, server time per admission, weights 1:3", weighted, unit="us",
+            note=f"the same with weights 1 and 3: {weighted / plain:.2f}x the 1:1 figure (one HINCRBY per admission "
+                 "while a weighted tenant keeps its turn)")
+
+
+# ==================================================================================================
 SCENARIOS: dict[str, tuple[Callable[[Results, Path], None], int, str]] = {
     "limit": (scenario_limit, 240, "1. at the limit: submission rate vs 20/1 s, no 429"),
     "slots": (scenario_slots, 480, "2. few slots: makespan vs rate-bound ideal, naive design"),
@@ -1171,6 +1300,7 @@ SCENARIOS: dict[str, tuple[Callable[[Results, Path], None], int, str]] = {
     "fairness": (scenario_fairness, 240, "7. fairness: tenants and priorities vs arrival order"),
     "cancel": (scenario_cancel, 150, "8. cancel a 5,000-job batch while submissions flow"),
     "backlog": (scenario_backlog, 1200, "9. 100,000 queued: memory, enqueue rate, tick cost"),
+    "tenants": (scenario_tenants, 240, "10. tenants: weighted shares, invented names under strict"),
 }
 
 

@@ -4,6 +4,8 @@ The ``redis_stream`` handler adds one entry per event to ``{KIE_KEY_PREFIX}:resu
 in braces, a Redis Cluster hash tag: ``{kie_extend}:results`` by default). Every entry has the
 fields ``event`` and ``payload`` (the event as JSON), plus ``job_id`` for the job events
 (``job.succeeded``, ``job.failed``, ``job.cancelled``) or ``batch_id`` for ``batch.finished``.
+``--tenant T`` reads tenant T's own stream instead, ``{KIE_KEY_PREFIX}:results:T`` (a tenant with
+``stream = true`` in the tenants file), with the same entries for T's jobs and batches only.
 
 What this reader guarantees (docs/producers.md, "Reading results with a consumer group"):
 
@@ -18,7 +20,7 @@ What this reader guarantees (docs/producers.md, "Reading results with a consumer
   the entry pending; it is tried again after ``--min-idle`` seconds.
 - Poison entries: an entry delivered ``--max-deliveries`` times whose handler fails again (or that
   arrives delivered more often than that: the reader crashed while handling it) is copied to the
-  stream ``--unhandled-stream`` (default ``{prefix}:results:unhandled``) with the reason, logged
+  stream ``--unhandled-stream`` (default the stream's name + ``:unhandled``) with the reason, logged
   and acknowledged. The reader never wedges on one entry.
 - An event kind this reader does not know (a newer kie-extend) is treated the same way: copied to
   the unhandled stream, logged and acknowledged, so it is kept for a newer reader and blocks nothing.
@@ -301,8 +303,10 @@ def main(argv: list[str] | None = None, handlers: dict[str, Handler] | None = No
                         help="look for such entries every this many seconds [30]")
     parser.add_argument("--max-deliveries", type=int, default=5,
                         help="set an entry aside once it was delivered this many times and failed [5]")
+    parser.add_argument("--tenant", default=None,
+                        help="read this tenant's own stream {prefix}:results:TENANT (tenants file, stream = true)")
     parser.add_argument("--unhandled-stream", default=None,
-                        help="where entries set aside go [default {prefix}:results:unhandled]")
+                        help="where entries set aside go [default: the stream's name + :unhandled]")
     parser.add_argument("--count", type=int, default=0, help="stop after this many events (0: never)")
     parser.add_argument("--timeout", type=float, default=0.0,
                         help="stop after this many seconds with nothing to do (0: never)")
@@ -312,6 +316,8 @@ def main(argv: list[str] | None = None, handlers: dict[str, Handler] | None = No
 
     url = os.environ.get("KIE_REDIS_URL", "redis://localhost:6379/0")
     stream = results_stream(os.environ.get("KIE_KEY_PREFIX", "kie_extend"))
+    if args.tenant:
+        stream += ":" + args.tenant
     client = redis.Redis.from_url(url, decode_responses=True)
     reader = Reader(client, stream, args.group, args.consumer, handlers=handlers,
                     unhandled_stream=args.unhandled_stream, min_idle=args.min_idle,

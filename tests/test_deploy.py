@@ -118,10 +118,14 @@ def sim() -> Iterator[SimServer]:
 
 
 @pytest.fixture(scope="module")
-def rendered(sim: SimServer, valkey: Any) -> dict[str, set[str]]:
+def rendered(sim: SimServer, valkey: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
     """Metric name -> label names, from render() after real jobs: two succeed, one generation
-    fails and opens the breaker (threshold 1), a failing handler dead-letters every event."""
+    fails and opens the breaker (threshold 1), a failing handler dead-letters every event; tenant
+    studio-a has a credit budget."""
     from kie_extend.config import Settings
+
+    tenants = tmp_path_factory.mktemp("deploy") / "tenants.toml"
+    tenants.write_text('[tenants.studio-a]\ntokens = ["studio-a-token-0123456789"]\nbudget = "1000/1d"\n')
 
     settings = Settings(_env_file=None, redis_url=valkey.url, key_prefix=f"dep{os.getpid()}x{time.time_ns() % 10**6}",
                         queue="deploy-test", api_key="test-key-0123456789", base_url=sim.url,
@@ -129,7 +133,8 @@ def rendered(sim: SimServer, valkey: Any) -> dict[str, set[str]]:
                         handlers="redis_stream,callable:test_deploy:refuse_event", handler_max_attempts=1,
                         breaker_threshold=1, poll_first=0.2, poll_interval=0.2, poll_max_interval=0.3,
                         poll_min_gap=0.0, handler_retry_base=0.05, lease=5, tick_interval=0.1,
-                        connect_timeout=1, read_timeout=3, poll_callback_interval=0.4)
+                        connect_timeout=1, read_timeout=3, poll_callback_interval=0.4,
+                        tenants_file=str(tenants))
     h = Harness(Runtime(settings), sim)
     assert render(h.rt).count("kie_extend_last_tick_timestamp_seconds 0.000") == 1  # never ticked yet
     body = {"uploadUrl": f"{sim.url}/files/source/30s.mp3", "defaultParamFlag": True, "instrumental": True,

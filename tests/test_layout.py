@@ -21,7 +21,7 @@ PACKAGE = Path(kie_extend.__file__).parent
 #: (``_moved`` keeps the old module paths importable, with a warning.)
 TOP_LEVEL = {"__init__", "api", "config", "worker", "tasks", "errors", "_moved"}
 #: The wings: one folder per concern.
-SUBPACKAGES = {"jobs", "store", "admission", "provider", "infra", "handlers", "http", "cli", "simulator", "tenants"}
+SUBPACKAGES = {"jobs", "store", "admission", "provider", "infra", "handlers", "http", "cli", "simulator", "tenants", "credits"}
 
 
 def _modules() -> dict[str, Path]:

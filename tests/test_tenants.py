@@ -234,7 +234,8 @@ def test_account_wide_routes_need_an_admin(api: Api) -> None:
     assert body["strict"] is False
     shop = next(t for t in body["tenants"] if t["name"] == "shop")
     assert shop == {"name": "shop", "weight": 2, "rate": "5/10s", "budget": "2000/1d",
-                    "webhook_url": "https://shop.example/hooks/kie", "webhook_secret_set": True, "stream": True}
+                    "webhook_url": "https://shop.example/hooks/kie", "webhook_secret_set": True, "stream": True,
+                    "overridden": []}
     _no_secret(r.text)
 
 

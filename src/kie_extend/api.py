@@ -17,6 +17,8 @@ from redis.exceptions import RedisError
 from kie_extend.config import Settings, load_settings
 from kie_extend.infra.transport import configure_broker
 from kie_extend.errors import ConfigError, IdempotencyConflictError, JobExistsError, KieExtendError, ValidationError
+from kie_extend.credits.budgets import budgets
+from kie_extend.credits.ledger import job_credits
 from kie_extend.jobs.events import now_iso, status_record
 from kie_extend.jobs.idempotency import Idempotency, kwargs_digest, request_fingerprint
 from kie_extend.jobs.ids import id_problem, is_valid
@@ -426,8 +428,15 @@ def get_job(job_id: str, *, settings: Settings | None = None) -> dict[str, Any]:
         record["metadata"] = rec.metadata
         record["created_at"] = rec.raw.get("created_at")
         record["handlers"] = {}
+        record["credits"] = job_credits(rec.raw)  # a duplicate costs nothing itself
+        record["waiting_for"] = None
         return record
-    return status_record(rec, job_id)
+    record = status_record(rec, job_id)
+    if record["state"] == JobState.QUEUED.value and rec.tenant and settings.tenants is not None:
+        rt = _runtime(settings)
+        if rt.redis.hexists(rt.keys.budget_wait, rec.tenant) and rec.tenant in budgets(settings, rt.redis, rt.keys):
+            record["waiting_for"] = "budget"
+    return record
 
 
 # -- cancellation, batches, operator pause --------------------------------------------------------
@@ -465,11 +474,19 @@ def get_batch(batch_id: str, *, settings: Settings | None = None) -> dict[str, A
 
 @_credentials_named
 def pause(reason: str = "", *, settings: Settings | None = None) -> None:
-    """An operator's pause: no job is sent until :func:`resume` (jobs already sent keep going)."""
-    _runtime(_settings(settings)).gates.pause_operator(reason)
+    """An operator's pause: no job is sent until :func:`resume` (jobs already sent keep going).
+    Audited (tenants/audit.py) as ``python:<os user>``."""
+    from kie_extend.tenants import audit
+
+    audit.pause(_runtime(_settings(settings)), who=audit.cli_identity().replace("cli:", "python:", 1), via="python",
+                reason=reason)
 
 
 @_credentials_named
 def resume(*, settings: Settings | None = None) -> bool:
-    """Lift an operator's pause; False when there was none (the provider's pause lifts by itself)."""
-    return _runtime(_settings(settings)).gates.resume_operator()
+    """Lift an operator's pause; False when there was none (the provider's pause lifts by itself).
+    Audited (tenants/audit.py) as ``python:<os user>``."""
+    from kie_extend.tenants import audit
+
+    return audit.resume(_runtime(_settings(settings)), who=audit.cli_identity().replace("cli:", "python:", 1),
+                        via="python")

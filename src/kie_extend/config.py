@@ -15,6 +15,7 @@ from pydantic import ValidationError as PydanticValidationError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
+from kie_extend.credits.prices import DEFAULT_PRICES, parse_prices
 from kie_extend.infra.endpoints import check_url
 from kie_extend.errors import ConfigError
 from kie_extend.jobs.ids import is_valid, schema_pattern
@@ -160,6 +161,9 @@ class Settings(BaseSettings):
     default_tenant: str = Field("default", pattern=schema_pattern("tenant"))  # tenant of jobs that name none (jobs/ids.py)
     # per-tenant caps on top of the account's rate: "svc-a=5/10s,svc-b=30/1m"
     tenant_limits: Annotated[dict[str, tuple[int, float]], NoDecode] = Field(default_factory=dict)
+    # credits (credits/): the estimate each operation reserves, "extend=12,wav=0.4,..." over the defaults
+    prices: Annotated[dict[str, float], NoDecode] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
+    balance_interval: Duration = 60.0  # the tick snapshots the provider's balance at most this often (0: never)
     redis_socket_timeout: Duration = 15.0  # job store: a reply slower than this counts as lost (the command is re-sent)
     empty_success_polls: int = Field(3, ge=0)  # re-polls of a SUCCESS without audio before failing
     # -- provider unreachable (admission/reach.py): connect failures and edge 5xx pause submission ---------------
@@ -174,7 +178,7 @@ class Settings(BaseSettings):
         "idempotency_window", "handler_retry_base", "webhook_timeout", "submit_rate_margin",
         "breaker_cooldown", "sweep_interval", "sweep_grace", "redis_socket_timeout",
         "unreachable_window", "unreachable_probe_interval", "http_body_timeout", "http_header_timeout",
-        "http_keep_alive",
+        "http_keep_alive", "balance_interval",
         mode="before",
     )
     @classmethod
@@ -202,12 +206,21 @@ class Settings(BaseSettings):
             out[name] = parse_rate(rate.strip())
         return out
 
+    @field_validator("prices", mode="before")
+    @classmethod
+    def _prices(cls, value: Any) -> dict[str, float]:
+        return parse_prices(value)
+
     @field_validator("handlers", mode="before")
     @classmethod
     def _handlers(cls, value: Any) -> list[str]:
         if isinstance(value, str):
             value = value.split(",")
         names = [str(v).strip() for v in value if str(v).strip()]
+        for name in names:
+            if "@" in name and not name.startswith("callable:"):
+                raise ValueError(f"{name!r}: a name with '@' is a tenant's own handler (webhook@TENANT, "
+                                 "redis_stream@TENANT), made from the tenants file (KIE_TENANTS_FILE), not listed here")
         return names
 
     @field_validator("log_level")

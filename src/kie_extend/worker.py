@@ -135,7 +135,7 @@ def _preflight(app: Any, process: str) -> None:
     from kie_extend.infra.preflight import run
 
     # The worker sends worker_init before it configures logging: configure it now (idempotent).
-    setup_logging(settings.log_level, settings.log_format, [settings.api_key_value()])
+    setup_logging(settings.log_level, settings.log_format, _log_secrets(settings))
     from kie_extend.infra.check import BrokerRetryNote
 
     BrokerRetryNote.install(settings)  # "cannot connect to the broker" lines name the setting and why
@@ -159,9 +159,20 @@ def _migrate(settings: Settings) -> None:
         logging.getLogger("kie_extend.jobs.batches").warning("could not move old batch job lists: %s", exc)
 
 
+def _log_secrets(settings: Settings) -> list[str]:
+    """What a worker's or beat's log lines must never show: the API key and the webhook secrets
+    (KIE_WEBHOOK_SECRET and every tenant's own)."""
+    found = [settings.api_key_value()]
+    if settings.webhook_secret:
+        found.append(settings.webhook_secret.get_secret_value())
+    if settings.tenants is not None:
+        found += [t.webhook_secret for t in settings.tenants.tenants.values() if t.webhook_secret]
+    return found
+
+
 @signals.setup_logging.connect
 def _setup_logging(**_: Any) -> None:
     from kie_extend.infra.logs import setup_logging
 
     settings = _app.kie_settings if _app is not None else load_settings()  # type: ignore[attr-defined]
-    setup_logging(settings.log_level, settings.log_format, [settings.api_key_value()])
+    setup_logging(settings.log_level, settings.log_format, _log_secrets(settings))

@@ -31,10 +31,15 @@ import redis
 from kie_extend.store.keys import Keys
 from kie_extend.store.lua import LIB
 
-# KEYS: pause, operator pause, inflight, rate log, breaker, priorities, admission seq, due, reach.
+# KEYS: pause, operator pause, inflight, rate log, breaker, priorities, admission seq, due, reach,
+#       run-time tenant settings (tenants/settings.py), budget wait.
 # ARGV: tag, max jobs, horizon ms, limit, book window ms, max in flight, probe timeout ms,
 #       per-tenant caps JSON ({tenant: [count, window ms]}, "{}" for none), the caller's own job id
-#       ("" none), lease seconds.
+#       ("" none), lease seconds, tenant weights JSON ({tenant: weight} for weights other than 1),
+#       budgets JSON ({tenant: [credits, window s]}, "{}" for none).
+# A run-time setting (``<tenant>|weight``, ``<tenant>|rate``, ``<tenant>|budget`` in KEYS[10]) wins
+# over ARGV's defaults, so an admin's change applies at the next admission on every worker and beat.
+# An admitted job reserves its estimated price (reserve in lua.py's LIB) in the same step.
 # Returns a flat list: job id, slot (ms), granted ("1" when the slot was the caller's own and due
 # now: the send is recorded at once, as Gates.acquire would, saving the caller a round trip), ...
 _ADMIT = LIB + """
@@ -59,15 +64,79 @@ end
 local room = maxif - redis.call('SCARD', KEYS[3]) - booked
 local n = math.min(maxn, room)
 if probe_only then n = math.min(n, 1) end
-local caps = cjson.decode(ARGV[8])
--- A tenant with a cap (KIE_TENANT_LIMITS) that already has `count` slots in the window ending at
--- `slot` sits this slot out; the next tenant in turn takes it.
+local caps, weights = cjson.decode(ARGV[8]), cjson.decode(ARGV[11] or '{}')
+local capof = {}
+-- A tenant's cap: its run-time setting ("count window_ms", or "none"), else KIE_TENANT_LIMITS or
+-- the tenants file (ARGV); false for none. Read once per tenant per call.
+local function cap_of(tenant)
+  local cap = capof[tenant]
+  if cap ~= nil then return cap end
+  local o = redis.call('HGET', KEYS[10], tenant .. '|rate')
+  if o == 'none' then cap = false
+  elseif o then
+    local c, w = string.match(o, '^(%d+) (%d+)$')
+    cap = {tonumber(c), tonumber(w)}
+  else cap = caps[tenant] or false end
+  capof[tenant] = cap
+  return cap
+end
+-- A tenant's weight: its run-time setting, else the tenants file's (ARGV), else 1.
+local function weight_of(tenant)
+  return tonumber(redis.call('HGET', KEYS[10], tenant .. '|weight') or '') or tonumber(weights[tenant] or 1)
+end
+-- A tenant with a cap that already has `count` slots in the window ending at `slot` sits this
+-- slot out; the next tenant in turn takes it.
 local function capped(tenant, slot)
-  local cap = caps[tenant]
+  local cap = cap_of(tenant)
   if not cap then return false end
   local lk = T .. ':tenant_rate:' .. tenant
   redis.call('ZREMRANGEBYSCORE', lk, '-inf', now - cap[2])
   return redis.call('ZCOUNT', lk, '(' .. (slot - cap[2]), '+inf') >= cap[1]
+end
+local budgets = cjson.decode(ARGV[12] or '{}')
+local spent, budgetof = {}, {}
+-- A tenant's budget: its run-time setting ("credits window_s", or "none"), else the tenants file's
+-- (ARGV); false for none. Read once per tenant per call.
+local function budget_of(tenant)
+  local b = budgetof[tenant]
+  if b ~= nil then return b end
+  local o = redis.call('HGET', KEYS[10], tenant .. '|budget')
+  if o == 'none' then b = false
+  elseif o then
+    local c, w = string.match(o, '^(%S+) (%S+)$')
+    b = (tonumber(c) and tonumber(w)) and {tonumber(c), tonumber(w)} or false
+  else b = budgets[tenant] or false end
+  budgetof[tenant] = b
+  return b
+end
+-- A tenant's charged plus reserved credits in its budget's rolling window (whole SPEND_BUCKETs),
+-- read once per call and kept up to date as this call reserves.
+local function used(tenant, window)
+  if spent[tenant] == nil then
+    local sum, last = 0, math.floor(now / 1000 / SPEND_BUCKET)
+    for b = math.floor((now / 1000 - window) / SPEND_BUCKET), last do
+      sum = sum + (tonumber(redis.call('HGET', T .. ':spend:' .. b, tenant) or '0') or 0)
+    end
+    spent[tenant] = sum
+  end
+  return spent[tenant]
+end
+-- A tenant with a budget whose next job's price would take it past the budget waits (its jobs stay
+-- queued; KEYS[11] says since when); the next tenant in turn takes the slot.
+local function over_budget(tenant, prio)
+  local cap = budget_of(tenant)
+  if not cap then return false end
+  local head = redis.call('ZRANGE', T .. ':ready:' .. prio .. ':' .. tenant, 0, 0)[1]
+  local price = 0
+  if head then
+    local hk = T .. ':job:' .. head
+    if redis.call('HEXISTS', hk, 'cr_open') == 0 then price = tonumber(redis.call('HGET', hk, 'price') or '0') or 0 end
+  end
+  if used(tenant, cap[2]) + price > cap[1] then
+    redis.call('HSET', KEYS[11], tenant, math.floor(now / 1000))
+    return true
+  end
+  return false
 end
 local function pick(slot)
   for _, prio in ipairs(redis.call('ZREVRANGE', KEYS[6], 0, -1)) do
@@ -75,7 +144,7 @@ local function pick(slot)
     local tenants = redis.call('ZRANGE', tk, 0, -1)
     if #tenants == 0 then redis.call('ZREM', KEYS[6], prio) end
     for _, tenant in ipairs(tenants) do
-      if not capped(tenant, slot) then return prio, tenant end
+      if not capped(tenant, slot) and not over_budget(tenant, prio) then return prio, tenant end
     end
   end
   return nil
@@ -102,9 +171,16 @@ while admitted < n and guard < n * 4 + 16 do
     local popped = redis.call('ZPOPMIN', rk)
     if redis.call('EXISTS', rk) == 0 then
       redis.call('ZREM', tk, tenant)
+      redis.call('HDEL', T .. ':turn:' .. prio, tenant)
       if redis.call('EXISTS', tk) == 0 then redis.call('ZREM', KEYS[6], prio) end
     else
-      redis.call('ZADD', tk, redis.call('INCR', KEYS[7]), tenant)
+      -- Weighted round robin: a tenant of weight w keeps its turn for w slots, then goes to the
+      -- back (weight 1: at once, the plain round robin).
+      local w = weight_of(tenant)
+      if w <= 1 or redis.call('HINCRBY', T .. ':turn:' .. prio, tenant, 1) >= w then
+        if w > 1 then redis.call('HDEL', T .. ':turn:' .. prio, tenant) end
+        redis.call('ZADD', tk, redis.call('INCR', KEYS[7]), tenant)
+      end
     end
     if #popped > 0 then
       local id = popped[1]
@@ -129,7 +205,11 @@ while admitted < n and guard < n * 4 + 16 do
           end
           redis.call('PEXPIRE', KEYS[4], slot - now + book * 2 + 1000)
           redis.call('HSET', jk, 'admitted', slot)
-          local cap = caps[tenant]
+          local reserved = reserve(jk, now / 1000)
+          local budget = budget_of(tenant)
+          if budget then spent[tenant] = used(tenant, budget[2]) + reserved end
+          redis.call('HDEL', KEYS[11], tenant)
+          local cap = cap_of(tenant)
           if cap then
             redis.call('ZADD', T .. ':tenant_rate:' .. tenant, slot, id)
             redis.call('PEXPIRE', T .. ':tenant_rate:' .. tenant, slot - now + cap[2] + 1000)
@@ -167,7 +247,9 @@ class Admission:
 
     def __init__(self, client: redis.Redis, keys: Keys, *, rate: tuple[int, float], margin: float,
                  max_in_flight: int, probe_timeout: float, mode: Mode = "fair",
-                 tenant_limits: dict[str, tuple[int, float]] | None = None) -> None:
+                 tenant_limits: dict[str, tuple[int, float]] | None = None,
+                 weights: dict[str, int] | None = None,
+                 budgets: dict[str, tuple[float, float]] | None = None) -> None:
         self.redis = client
         self.keys = keys
         self.limit, self.window = rate
@@ -177,7 +259,12 @@ class Admission:
         self.mode = mode
         # {tenant: [count, window ms]}: a tenant's own cap on top of the account's rate.
         self._caps = json.dumps({t: [int(n), int(w * 1000)] for t, (n, w) in (tenant_limits or {}).items()})
+        # {tenant: weight} for the tenants file's weights other than 1 (run-time settings win, in Redis).
+        self._weights = json.dumps({t: int(w) for t, w in (weights or {}).items() if int(w) != 1})
         self._admit = client.register_script(_ADMIT)
+        # {tenant: [credits, window s]}: the tenants file's budgets (credits/budgets.py; run-time
+        # settings win, in Redis).
+        self._budgets = json.dumps({t: [float(c), float(w)] for t, (c, w) in (budgets or {}).items()})
 
     def queue_of(self, tenant: str, priority: int) -> str:
         """The ready queue a job of ``tenant`` at ``priority`` waits in: ``"priority|tenant"``."""
@@ -195,10 +282,10 @@ class Admission:
         k = self.keys
         call = dict(
             keys=[k.pause, k.operator_pause, k.inflight, k.rate_log, k.breaker, k.priorities, k.admission_seq,
-                  k.due, k.reach],
+                  k.due, k.reach, k.tenant_settings, k.budget_wait],
             args=[k.tag, int(max_jobs), int(horizon * 1000), self.limit,
                   int(round((self.window + self.margin) * 1000)), self.max_in_flight, int(self.probe_timeout * 1000),
-                  self._caps, own, repr(float(lease))])
+                  self._caps, own, repr(float(lease)), self._weights, self._budgets])
         if pipe is not None:
             pipe.add(self._admit, **call)
             return []

@@ -2,7 +2,8 @@
 
 It releases parked jobs when there is room and no pause, claims what falls due before the next
 tick under a lease and sends it out with a countdown to its exact time, claims due handler
-deliveries, and, while submission is paused, lets one caller per KIE_PAUSE_PROBE_INTERVAL probe
+deliveries, snapshots the provider's balance once per KIE_BALANCE_INTERVAL (credits/reconcile.py),
+and, while submission is paused, lets one caller per KIE_PAUSE_PROBE_INTERVAL probe
 the provider's credit endpoint (one per KIE_UNREACHABLE_PROBE_INTERVAL while KIE cannot be reached,
 see reach.py). Every claim is one Lua script, so any number of beats is safe.
 """
@@ -14,6 +15,7 @@ import random
 import time
 
 from kie_extend import errors as E
+from kie_extend.credits.reconcile import record_balance, snapshot_due
 from kie_extend.jobs.events import now_iso
 from kie_extend.store.invariants import Invariants
 from kie_extend.infra.metrics import record_tick
@@ -58,6 +60,7 @@ class Scheduler:
         for job_id, handler in deliveries:
             self.dispatch.deliver(job_id, handler)
         expired = self._deadlines(now)
+        self._balance(now)
         if random.random() < 0.01:
             self.store.trim_indexes(now - self.s.retention)
         repaired = self._sweep(now)
@@ -84,6 +87,21 @@ class Scheduler:
             else:
                 self.rt.redis.zrem(self.rt.keys.deadlines, job_id)  # not queued any more
         return n
+
+    def _balance(self, now: float) -> bool:
+        """Snapshot the provider's credit balance for reconciliation (credits/reconcile.py), at most
+        once per KIE_BALANCE_INTERVAL across every beat; True when one was taken. Short timeouts:
+        the tick must not stall behind a KIE that hangs; a failed read is logged and skipped."""
+        if not snapshot_due(self.rt.redis, self.rt.keys, self.s.balance_interval):
+            return False
+        timeout = (min(self.s.connect_timeout, PROBE_TIMEOUT), min(self.s.read_timeout, PROBE_TIMEOUT))
+        try:
+            balance = self.rt.client.credits(timeout=timeout)
+        except E.ProviderError as exc:
+            log.warning("balance snapshot skipped: %s", exc)
+            return False
+        record_balance(self.rt.redis, self.rt.keys, balance, now)
+        return True
 
     def _sweep(self, now: float) -> int:
         """The invariant sweep: a pass starts once per KIE_SWEEP_INTERVAL (one beat of many) and

@@ -391,8 +391,9 @@ def _unreachable_line(reach: dict[str, object]) -> str:
 
 def cmd_pause(args: argparse.Namespace) -> int:
     """An operator's pause: nothing more is sent to KIE until `kie-extend resume`."""
-    gates = _runtime(_settings()).gates
-    gates.pause_operator(args.reason or "")
+    from kie_extend.tenants import audit
+
+    audit.pause(_runtime(_settings()), who=audit.cli_identity(), via="cli", reason=args.reason or "")
     why = f" ({args.reason})" if args.reason else ""
     print(f"submission paused by an operator{why}; jobs already sent keep being polled; "
           "`kie-extend resume` lifts it")
@@ -402,8 +403,10 @@ def cmd_pause(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     """Lift an operator's pause (the provider's 401/402 pause lifts by itself after a probe)."""
     rt = _runtime(_settings())
+    from kie_extend.tenants import audit
+
     gates = rt.gates
-    lifted = gates.resume_operator()
+    lifted = audit.resume(rt, who=audit.cli_identity(), via="cli")
     print("submission resumed" if lifted else "no operator pause was set")
     if gates.paused():
         print("note: the provider's pause is still on (401/402); it lifts by itself once a credit probe succeeds")
@@ -413,18 +416,86 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tenant_line(t: dict[str, Any]) -> str:
+    overridden = t.get("overridden") or []
+    mark = (lambda f: "*" if f in overridden else "")  # noqa: E731 - a marker for set-at-run-time values
+    return (f"{t['name']:<20} weight={t['weight']}{mark('weight')}  rate={t['rate'] or '-'}{mark('rate')}  "
+            f"budget={t['budget'] or '-'}{mark('budget')}")
+
+
+def cmd_tenant_list(args: argparse.Namespace) -> int:
+    """The declared tenants with the settings in force now (``*``: set at run time)."""
+    from kie_extend.tenants.settings import views as tenant_views
+
+    settings = _settings()
+    rt = _runtime(settings)
+    views = tenant_views(rt.redis, rt.keys, settings)
+    if args.json:
+        print(json.dumps({"tenants": list(views.values()),
+                          "strict": bool(settings.tenants_strict and settings.tenants is not None)}, indent=2))
+        return 0
+    if not views:
+        print("no tenants declared (KIE_TENANTS_FILE is not set, or declares none)")
+        return 0
+    for view in views.values():
+        print(_tenant_line(view))
+    if any(v["overridden"] for v in views.values()):
+        print("* set at run time (`kie-extend tenant set T --weight default` goes back to the file's value)")
+    return 0
+
+
+def cmd_tenant_set(args: argparse.Namespace) -> int:
+    """Change a declared tenant's weight, rate cap or budget at run time, on every worker at once."""
+    from kie_extend.tenants import audit
+    from kie_extend.tenants.settings import views as tenant_views
+    from kie_extend.tenants.settings import UnknownTenant
+
+    if args.weight is None and args.rate is None and args.budget is None:
+        raise ValidationError([{"field": "options", "message": "give at least one of --weight, --rate, --budget"}])
+    rt = _runtime(_settings())
+    try:
+        changes = audit.set_tenant(rt, args.tenant, who=audit.cli_identity(), via="cli", weight=args.weight,
+                                   rate=args.rate, budget=args.budget)
+    except UnknownTenant:
+        print(f"error: no tenant {args.tenant} in KIE_TENANTS_FILE", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    for c in changes:
+        old, new = ("-" if v is None else v for v in (c.old, c.new))
+        print(f"{args.tenant}: {c.field} {old} -> {new}")
+    if not changes:
+        print(f"{args.tenant}: nothing changed")
+    print(_tenant_line(tenant_views(rt.redis, rt.keys, rt.settings)[args.tenant]))
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """The newest admin actions (pause, resume, tenant set) first."""
+    from kie_extend.tenants import audit
+
+    rt = _runtime(_settings())
+    entries = audit.recent(rt.redis, rt.keys, args.limit)
+    if args.json:
+        print(json.dumps({"entries": entries}, indent=2))
+        return 0
+    for e in entries:
+        target = f" {e['target']}" if e.get("target") else ""
+        print(f"{e['ts']}  {e['who']:<16} {e['via']:<9} {e['action']}{target}: {json.dumps(e['old'])} -> "
+              f"{json.dumps(e['new'])}")
+    if not entries:
+        print("no admin actions recorded")
+    return 0
+
+
 def cmd_dead_letters(args: argparse.Namespace) -> int:
     """Show or replay dead-lettered handler deliveries."""
     from kie_extend.handlers.delivery import Delivery
 
     delivery = Delivery(_runtime(_settings()))
+    only = {"job_id": args.job_id, "handler": args.handler, "tenant": args.tenant}
     if args.replay:
-        print(f"replayed {delivery.replay(args.job_id)}")
+        print(f"replayed {delivery.replay(**only)}")
         return 0
-    if args.job_id:
-        items = [item for item in delivery.dead_letters(2**31) if item.get("job_id") == args.job_id][:args.limit]
-    else:
-        items = delivery.dead_letters(args.limit)
+    items = delivery.dead_letters(args.limit, **only)
     if args.json:
         print(json.dumps({"dead_letters": items}, indent=2))
         return 0
@@ -455,7 +526,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_credits(args: argparse.Namespace) -> int:
-    """Ask the provider for the remaining credit balance (a ProviderError exits 7 through :func:`main`)."""
+    """Ask the provider for the remaining credit balance (a ProviderError exits 7 through :func:`main`);
+    ``--reconcile``: compare the balance's fall with the ledger (cli/credits.py)."""
+    if getattr(args, "reconcile", False):
+        from kie_extend.cli.credits import cmd_reconcile
+
+        return cmd_reconcile(args)
     print(_runtime(_settings()).client.credits())
     return 0
 
@@ -716,9 +792,28 @@ def build_parser() -> argparse.ArgumentParser:
     re_ = sub.add_parser("resume", help="lift an operator's pause")
     re_.set_defaults(func=cmd_resume)
 
+    tn = sub.add_parser("tenant", help="the tenants' settings in force, and run-time changes (admin)")
+    tsub = tn.add_subparsers(dest="tenant_command", required=True)
+    tl = tsub.add_parser("list", help="the declared tenants with the settings in force now")
+    tl.add_argument("--json", action="store_true")
+    tl.set_defaults(func=cmd_tenant_list)
+    ts = tsub.add_parser("set", help="change a tenant's weight, rate cap or budget on every worker at once")
+    ts.add_argument("tenant", metavar="TENANT")
+    ts.add_argument("--weight", help="share of slots among tenants of one priority, 1-1000, or default")
+    ts.add_argument("--rate", help="its own cap such as 5/10s, none, or default")
+    ts.add_argument("--budget", help="credits per rolling window such as 2000/1d, none, or default")
+    ts.set_defaults(func=cmd_tenant_set)
+
+    au = sub.add_parser("audit", help="the newest admin actions (pause, resume, tenant set) first")
+    add_listing_args(au, "entries")
+    au.set_defaults(func=cmd_audit)
+
     d = sub.add_parser("dead-letters", help="show or replay failed handler deliveries, newest first")
-    d.add_argument("--replay", action="store_true", help="deliver them again (all, or --job-id's)")
+    d.add_argument("--replay", action="store_true",
+                   help="deliver them again (all, or those --job-id, --handler and --tenant keep)")
     d.add_argument("--job-id", help="only this job's dead letters")
+    d.add_argument("--handler", help="only this handler's (e.g. webhook, webhook@shop)")
+    d.add_argument("--tenant", help="only this tenant's own handlers' (webhook@TENANT, redis_stream@TENANT)")
     add_listing_args(d, "dead letters")
     d.set_defaults(func=cmd_dead_letters)
 
@@ -729,8 +824,21 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--json", action="store_true")
     dr.set_defaults(func=cmd_doctor)
 
-    c = sub.add_parser("credits", help="the provider's remaining credit balance")
+    from kie_extend.cli.credits import cmd_usage, since_arg
+
+    c = sub.add_parser("credits", help="the provider's remaining credit balance; --reconcile: its fall against "
+                                       "the ledger")
+    c.add_argument("--reconcile", action="store_true",
+                   help="compare the balance's fall (the tick's snapshots) with the ledger's charges")
+    c.add_argument("--since", type=since_arg, default=3600.0, help="with --reconcile: the window (default 1h)")
+    c.add_argument("--json", action="store_true", help="with --reconcile: print the report as JSON")
     c.set_defaults(func=cmd_credits)
+
+    us = sub.add_parser("usage", help="credits reserved, charged and refunded by tenant and operation")
+    us.add_argument("--tenant", help="only this tenant")
+    us.add_argument("--since", type=since_arg, default=86400.0, help="the window, e.g. 1h, 24h, 7d (default 24h)")
+    us.add_argument("--json", action="store_true", help="print the report as JSON (as GET /v1/usage)")
+    us.set_defaults(func=cmd_usage)
 
     sv = sub.add_parser("serve", help="run callbacks, the JSON API and the dashboard (one HTTP service)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other "

@@ -12,6 +12,8 @@ import random
 import time
 from typing import Any
 
+from kie_extend.errors import ConfigError
+from kie_extend.handlers.tenants import tenant_of
 from kie_extend.jobs.events import now_iso
 from kie_extend.infra.runtime import Runtime
 from kie_extend.store.jobstore import BATCH_REF
@@ -53,7 +55,9 @@ class Delivery:
         dedup = f"{event['batch_id']}:{event['event']}" if job_id.startswith(BATCH_REF) else f"{job_id}:{event['event']}"
         writes = store.deferring()
         try:
-            handler = self.rt.handlers[handler_name]
+            handler = self.rt.handlers.get(handler_name)
+            if handler is None:  # removed from KIE_HANDLERS or the tenants file since the job ended
+                raise ConfigError(f"handler {handler_name} is not configured in this process")
             if writes is not None and hasattr(handler, "queue"):
                 # A handler whose delivery is a write to this Redis (redis_stream) joins the step's
                 # bookkeeping round trip, its mark right after it, in one atomic step. Should that
@@ -86,17 +90,25 @@ class Delivery:
         store.mark_delivered(job_id, handler_name, attempts)
         return "delivered"
 
-    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
-        """The newest dead letters."""
-        return [json.loads(x) for x in self.rt.redis.lrange(self.rt.keys.dead_letters, 0, limit - 1)]
+    def dead_letters(self, limit: int = 100, *, job_id: str | None = None, handler: str | None = None,
+                     tenant: str | None = None) -> list[dict[str, Any]]:
+        """The newest dead letters, at most ``limit``: ``{"job_id", "handler", "event", "attempts",
+        "error", "at"}`` each. Filters (all optional, combined): one job's (``job_id``), one handler's
+        (``handler``, e.g. ``webhook@shop``), one tenant's own handlers' (``tenant``: ``webhook@T``
+        and ``redis_stream@T``, handlers/tenants.py)."""
+        if job_id is None and handler is None and tenant is None:
+            return [json.loads(x) for x in self.rt.redis.lrange(self.rt.keys.dead_letters, 0, limit - 1)]
+        items = (json.loads(x) for x in self.rt.redis.lrange(self.rt.keys.dead_letters, 0, -1))
+        return [i for i in items if _matches(i, job_id, handler, tenant)][:limit]
 
-    def replay(self, job_id: str | None = None) -> int:
-        """Put dead letters (all, or one job's) back on the delivery schedule; returns how many."""
+    def replay(self, job_id: str | None = None, *, handler: str | None = None, tenant: str | None = None) -> int:
+        """Put dead letters back on the delivery schedule: all, or those the filters of
+        :meth:`dead_letters` keep; returns how many."""
         count = 0
         keys = self.rt.keys
         for raw in self.rt.redis.lrange(keys.dead_letters, 0, -1):
             item = json.loads(raw)
-            if job_id and item["job_id"] != job_id:
+            if not _matches(item, job_id, handler, tenant):
                 continue
             if not self.rt.store.exists(item["job_id"]):
                 continue
@@ -105,3 +117,10 @@ class Delivery:
             self.rt.redis.lrem(keys.dead_letters, 1, raw)
             count += 1
         return count
+
+
+def _matches(item: dict[str, Any], job_id: str | None, handler: str | None, tenant: str | None) -> bool:
+    """Whether a dead letter passes the filters of :meth:`Delivery.dead_letters`."""
+    name = str(item.get("handler") or "")
+    return ((not job_id or item.get("job_id") == job_id) and (not handler or name == handler)
+            and (not tenant or tenant_of(name) == tenant))

@@ -26,7 +26,12 @@ class RedisStreamHandler:
     #: One local script call: delivered by the finishing process itself, no extra message.
     inline = True
 
-    def __init__(self, ctx: HandlerContext) -> None:
+    def __init__(self, ctx: HandlerContext, *, name: str | None = None, stream: str | None = None) -> None:
+        """The global handler on ``{prefix}:results``; or one called ``name`` writing to ``stream``
+        (a tenant's own, handlers/tenants.py), with dedup markers of its own name."""
+        if name is not None:
+            self.name = name
+        self._stream = stream or ctx.keys.results
         self._keys = ctx.keys
         self._ttl = int(max(ctx.settings.retention, 60))
         self._maxlen = ctx.settings.results_maxlen
@@ -40,7 +45,7 @@ class RedisStreamHandler:
 
     def deliver(self, event: dict[str, Any], dedup_key: str) -> None:
         """Append the event unless this dedup key was already appended."""
-        run_script(self._script, [self._keys.dedup(self.name, dedup_key), self._keys.results],
+        run_script(self._script, [self._keys.dedup(self.name, dedup_key), self._stream],
                    [self._ttl, *self._fields(event), self._maxlen])
 
     def queue(self, writes: Writes, event: dict[str, Any], dedup_key: str) -> None:
@@ -48,7 +53,7 @@ class RedisStreamHandler:
         with a step's other writes in one round trip, atomically with the writes queued after it)."""
         field, value, name, payload = self._fields(event)
         writes.once(self._keys.dedup(self.name, dedup_key), self._ttl)
-        writes.xadd(self._keys.results, self._maxlen, {field: value, "event": name, "payload": payload})
+        writes.xadd(self._stream, self._maxlen, {field: value, "event": name, "payload": payload})
 
 
 def factory(ctx: HandlerContext) -> RedisStreamHandler:

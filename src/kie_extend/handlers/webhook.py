@@ -115,12 +115,21 @@ class WebhookHandler:
 
     name = "webhook"
 
-    def __init__(self, settings: Settings) -> None:
-        if not settings.webhook_url:
-            raise ConfigError("KIE_HANDLERS includes 'webhook' but KIE_WEBHOOK_URL is not set")
-        self._url = settings.webhook_url
-        self._shown = _redacted(settings.webhook_url)
-        self._secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+    def __init__(self, settings: Settings, *, name: str | None = None, url: str | None = None,
+                 secret: str | None = None) -> None:
+        """The global handler from ``KIE_WEBHOOK_URL``/``KIE_WEBHOOK_SECRET``; or, with ``url`` (and
+        ``secret``), a handler called ``name`` for that URL (a tenant's own, handlers/tenants.py).
+        ``KIE_WEBHOOK_TIMEOUT`` applies to both. Raises ConfigError without a URL."""
+        if url is None:
+            if not settings.webhook_url:
+                raise ConfigError("KIE_HANDLERS includes 'webhook' but KIE_WEBHOOK_URL is not set")
+            url = settings.webhook_url
+            secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+        if name is not None:
+            self.name = name
+        self._url = url
+        self._shown = _redacted(url)
+        self._secret = secret or None
         self._timeout = settings.webhook_timeout
 
     def deliver(self, event: dict[str, Any], dedup_key: str) -> None:

@@ -31,19 +31,25 @@ from kie_extend.jobs.actions import ActionResult
 from kie_extend.jobs.batches import get_batch, list_batches
 from kie_extend.errors import IdempotencyConflictError, JobExistsError, ValidationError, describe_problems
 from kie_extend.admission.gates import check_pause_reason
-from kie_extend.jobs.ids import id_problem, rule
+from kie_extend.jobs.ids import id_problem, rule, schema_pattern
 from kie_extend.jobs.intake import EXTEND_KWARGS, EXTEND_OPTIONS, unknown_name_message
 from kie_extend.infra.jsontext import DuplicateKeyError
 from kie_extend.jobs.listing import DEFAULT_LIMIT, MAX_LIMIT, list_jobs
 from kie_extend.infra.metrics import overview
+from kie_extend.config import parse_duration
+from kie_extend.credits.usage import usage_report
+from kie_extend.store.keys import LEDGER_TTL
 from kie_extend.jobs.states import JobState
 from kie_extend.http.auth import Auth, Principal
 from kie_extend.http.limits import TooDeep, loads
+from kie_extend.tenants import audit
 from kie_extend.tenants.scope import claim_batch, owns_batch, system_for, tenant_filter
+from kie_extend.tenants.settings import UnknownTenant, views
 from kie_extend.http.schemas import (BATCH_ID_SCHEMA_PATTERN, CURSOR_SCHEMA_PATTERN, JOB_ID_SCHEMA_PATTERN, MAX_JOBS_PER_REQUEST,
                       MAX_PAUSE_REASON, Batch, BatchCancelled, BatchList, BatchSubmission, CancelOutcome, ErrorBody,
                       JobAccepted, JobPage, JobRecord, JobsAccepted, JobSubmission, PauseRequest, PauseState,
-                      ResumeOutcome, RetryOutcome, SystemOverview, TenantList)
+                      ResumeOutcome, RetryOutcome, SystemOverview, TenantList, TenantUpdate, TenantUpdated,
+                      AuditList, Usage)
 
 #: Fields of one job object (``audio_file`` is the Python API's only: a server-side path is no input).
 ITEM_FIELDS = (*EXTEND_KWARGS, "job_id")
@@ -238,12 +244,30 @@ def _as_tenant(body: dict[str, Any], tenant: str, rt: Any) -> None:
     named = [body.get("tenant"), *(i.get("tenant") for i in items if isinstance(i, dict))]
     if any(t is not None and t != tenant for t in named):
         raise fail(403, "forbidden", f"this token acts for tenant {tenant}; a submission may name no other tenant")
+    declared = list(rt.settings.tenants.tenants) if rt.settings.tenants is not None else [tenant]
+    problems = []
+    for where, item in [("", body), *((f"[{i}].", it) for i, it in enumerate(items))]:
+        job_id = item.get("job_id") if isinstance(item, dict) else None
+        if isinstance(job_id, str) and id_problem("job_id", job_id) is None and id_owner(job_id, declared) != tenant:
+            problems.append({"field": f"{where}job_id", "message": f"with a tenant's token an explicit job_id must "
+                             f"start with {tenant + '.'!r} (the tenant's own ids; see README \"Tenants as "
+                             "boundaries\"), or be left out to get a generated one"})
+    if problems:
+        raise invalid(problems)
     body["tenant"] = tenant
     batches = {b for b in [body.get("batch_id"), *(i.get("batch_id") for i in items if isinstance(i, dict))]
                if b is not None and id_problem("batch_id", b) is None}
     for batch_id in sorted(batches):
         if not claim_batch(rt, batch_id, tenant):
             raise fail(403, "forbidden", f"batch {batch_id} belongs to another tenant; choose another batch_id")
+
+
+def id_owner(job_id: str, tenants: list[str]) -> str | None:
+    """The tenant whose namespace an explicit job id is in: the longest declared tenant ``T`` such that
+    the id starts with ``T.`` (None: no tenant's; such ids are for admins and Celery producers). Each
+    id has one owner, so a tenant's token can never name, and so never probe, another tenant's id."""
+    owners = [t for t in tenants if job_id.startswith(t + ".") and len(job_id) > len(t) + 1]
+    return max(owners, key=len) if owners else None
 
 
 def _unknown(obj: dict[str, Any], known: tuple[str, ...], prefix: str = "") -> list[dict[str, str]]:
@@ -457,7 +481,7 @@ async def pause(request: Request, principal: Principal = Depends(operator)) -> J
         raise invalid(problems)
     rt = request.app.state.runtime
     try:
-        await _blocking(rt.gates.pause_operator, reason)
+        await _blocking(audit.pause, rt, who=_who(principal), via="api", reason=reason)
     except ValidationError as exc:
         raise invalid(exc.errors) from None
     return JSONResponse({"operator_paused": (await _blocking(_system, rt))["operator_paused"]})
@@ -467,7 +491,7 @@ async def pause(request: Request, principal: Principal = Depends(operator)) -> J
 async def resume(request: Request, principal: Principal = Depends(operator)) -> JSONResponse:
     """Lift an operator's pause (the provider's pause, 401/402 or the breaker, lifts by itself)."""
     rt = request.app.state.runtime
-    resumed = await _blocking(rt.gates.resume_operator)
+    resumed = await _blocking(audit.resume, rt, who=_who(principal), via="api")
     return JSONResponse({"resumed": bool(resumed), "operator_paused": (await _blocking(_system, rt))["operator_paused"]})
 
 
@@ -481,12 +505,82 @@ async def system(request: Request, principal: Principal = Depends(reader)) -> JS
 
 @router.get("/tenants", response_model=TenantList, responses=_errors(403), operation_id="listTenants")
 async def tenants(request: Request, principal: Principal = Depends(admin)) -> JSONResponse:
-    """The tenants KIE_TENANTS_FILE declares, with their settings (never a token or secret); an
-    admin token only (403 for a tenant's)."""
+    """The tenants KIE_TENANTS_FILE declares, with the settings in force now (the file's, a
+    KIE_TENANT_LIMITS cap, an admin's run-time changes; never a token or secret); an admin token
+    only (403 for a tenant's)."""
     settings = request.app.state.settings
-    registry = settings.tenants
-    listed = [t.public() for t in registry.tenants.values()] if registry is not None else []
-    return JSONResponse({"tenants": listed, "strict": bool(settings.tenants_strict and registry is not None)})
+    rt = request.app.state.runtime
+    listed = await _blocking(views, rt.redis, rt.keys, settings)
+    return JSONResponse({"tenants": list(listed.values()),
+                         "strict": bool(settings.tenants_strict and settings.tenants is not None)})
+
+
+#: A tenant as a path parameter.
+TenantPath = Annotated[str, Path(description=f"a tenant: {rule('tenant').removeprefix('must be ')}"),
+                       WithJsonSchema({"type": "string", "pattern": schema_pattern("tenant")})]
+
+
+@router.put("/tenants/{tenant}", response_model=TenantUpdated, responses=_errors(403, 404, 413, 422),
+            operation_id="setTenant", openapi_extra=_schema_ref("TenantUpdate"))
+async def set_tenant(tenant: TenantPath, request: Request, principal: Principal = Depends(operator)) -> JSONResponse:
+    """Change a declared tenant's weight, rate cap or budget at run time (a body such as
+    ``{"weight": 3, "rate": "10/10s", "budget": "2000/1d"}``; ``"default"`` goes back to the
+    file's value, ``"none"`` lifts a cap or budget). Every worker and beat applies it at its next
+    admission, within one tick. Audited. An admin token that may write only (403 otherwise); 404
+    for a tenant the file does not declare; 422 lists every bad value."""
+    body = await _json_body(request)
+    if not isinstance(body, dict):
+        raise invalid([{"field": "body", "message": "must be a JSON object such as {\"weight\": 3}"}])
+    problems = _unknown(body, ("weight", "rate", "budget"))
+    if problems:
+        raise invalid(problems)
+    rt = request.app.state.runtime
+    try:
+        changes = await _blocking(audit.set_tenant, rt, tenant, who=_who(principal), via="api",
+                                  **{k: body.get(k) for k in ("weight", "rate", "budget")})
+    except UnknownTenant:
+        raise fail(404, "not_found", f"no tenant {tenant} in KIE_TENANTS_FILE") from None
+    except ValidationError as exc:
+        raise invalid(exc.errors) from None
+    view = (await _blocking(views, rt.redis, rt.keys, rt.settings))[tenant]
+    return JSONResponse({"tenant": view, "changes": [{"field": c.field, "old": c.old, "new": c.new} for c in changes]})
+
+
+@router.get("/audit", response_model=AuditList, responses=_errors(403, 422), operation_id="listAudit")
+async def audit_route(request: Request, limit: int = Query(audit.DEFAULT_COUNT, ge=1, le=audit.MAX_COUNT,
+                                                           description=f"entries, 1-{audit.MAX_COUNT}"),
+                      principal: Principal = Depends(admin)) -> JSONResponse:
+    """The newest admin actions (pause, resume, tenant set) first: who (never a token), what, old
+    and new. An admin token only (403 for a tenant's)."""
+    rt = request.app.state.runtime
+    return JSONResponse({"entries": await _blocking(audit.recent, rt.redis, rt.keys, limit)})
+
+
+def _who(principal: Principal) -> str:
+    """The audit identity of a caller: its tenant's name, or "admin" (never the token)."""
+    return principal.tenant or "admin"
+
+
+@router.get("/usage", response_model=Usage, responses=_errors(403, 422), operation_id="getUsage")
+async def usage_route(
+    request: Request,
+    principal: Principal = Depends(reader),
+    tenant: Annotated[str | None, Query(description="only this tenant (a tenant's token: its own, the default)")] = None,
+    since: Annotated[str, Query(description="the window: 30m, 24h, 7d (a longer one than 35d counts 35d)",
+                                pattern=r"^[0-9]{1,12}(\.[0-9]{1,6})?(ms|s|m|h|d)?$")] = "24h",
+) -> JSONResponse:
+    """Credits reserved, charged, refunded and still open by tenant and by operation, of the jobs
+    admitted in the window, with each tenant's budget use. A tenant's token sees only its own
+    tenant (naming another is 403); an admin token sees every tenant."""
+    try:
+        seconds = min(parse_duration(since), float(LEDGER_TTL))
+    except ValueError as exc:
+        raise invalid([{"field": "since", "message": str(exc)}]) from None
+    if principal.tenant is not None:
+        if tenant is not None and tenant != principal.tenant:
+            raise fail(403, "forbidden", f"this token acts for tenant {principal.tenant}; it sees no other tenant's usage")
+        tenant = principal.tenant
+    return JSONResponse(await _blocking(usage_report, request.app.state.runtime, seconds, tenant))
 
 
 def _system(rt: Any) -> dict[str, Any]:
@@ -511,7 +605,8 @@ def install(app: FastAPI) -> None:
         if app.openapi_schema:
             return app.openapi_schema
         schema = default_openapi()
-        _, defs = models_json_schema([(m, "validation") for m in (JobSubmission, BatchSubmission, PauseRequest)],
+        _, defs = models_json_schema([(m, "validation") for m in (JobSubmission, BatchSubmission, PauseRequest,
+                                                                  TenantUpdate)],
                                      ref_template="#/components/schemas/{model}")
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.update(defs.get("$defs", {}))

@@ -32,6 +32,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
+from kie_extend.credits.prices import format_credits
 from kie_extend.jobs.batches import cancel_batch, get_batch
 from kie_extend.handlers.delivery import Delivery
 from kie_extend.infra.endpoints import mask_url
@@ -41,6 +42,7 @@ from kie_extend.jobs.intake import JOB_ID_PATTERN
 from kie_extend.http import dashboard_data as data
 from kie_extend.http.auth import SESSION_COOKIE, SESSION_MAX_AGE, Principal, client_address
 from kie_extend.tenants.scope import owns_batch, tenant_filter
+from kie_extend.tenants import audit
 
 log = logging.getLogger("kie_extend.http.dashboard")
 
@@ -93,6 +95,7 @@ def mount(app: FastAPI) -> None:
     """Add the dashboard's routes and static files (``/static``) to ``app``."""
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.globals["max_pause_reason"] = MAX_PAUSE_REASON
+    templates.env.filters["credits"] = format_credits
     templates.env.filters["iso"] = data.iso
     templates.env.filters["pretty"] = data.pretty
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
@@ -226,6 +229,7 @@ def mount(app: FastAPI) -> None:
         if not who.is_admin:
             return RedirectResponse("/jobs", status_code=303)  # the account's overview is an admin's
         return _page(request, "overview.html", {"ov": data.overview(rt), "credits": data.credits(rt),
+                                                "spend": data.spend(rt),
                                                 "charts": data.chart_data(rt),
                                                 "refresh": request.query_params.get("refresh") == "1"}, who)
 
@@ -240,6 +244,7 @@ def mount(app: FastAPI) -> None:
             tenant = "" if scoped is None else who.tenant  # None: the tenant's own batch, pending jobs too
         listing = data.list_jobs(rt, state=state, batch=batch, tenant=tenant, q=q, page=max(1, page))
         return _page(request, "jobs.html", {"listing": listing, "states": data.STATE_NAMES,
+                                            "spend": data.spend(rt, who.tenant) if who.tenant is not None else None,
                                             "f": {"state": state, "batch": batch, "tenant": tenant, "q": q}}, who)
 
     @app.get("/jobs/{job_id}", response_class=HTMLResponse, include_in_schema=False)
@@ -311,7 +316,8 @@ def mount(app: FastAPI) -> None:
         who = writer(request, csrf)
         admin_only(who)
         try:
-            rt.gates.pause_operator(reason.strip() or f"paused from the dashboard ({who.name})")
+            audit.pause(rt, who=who.tenant or "admin", via="dashboard",
+                        reason=reason.strip() or f"paused from the dashboard ({who.name})")
         except ValidationError as exc:
             return _page(request, "error.html", {"status": 422, "message": f"Not paused: the reason "
                          f"{exc.errors[0]['message']}."}, who, status=422)
@@ -322,7 +328,7 @@ def mount(app: FastAPI) -> None:
     def resume(request: Request, csrf: str = Form("")) -> Response:
         who = writer(request, csrf)
         admin_only(who)
-        ok = rt.gates.resume_operator()
+        ok = audit.resume(rt, who=who.tenant or "admin", via="dashboard")
         log.warning("dashboard: resume by %s: %s", who.name, "lifted" if ok else "no pause")
         return _back("/", "resumed" if ok else "not_paused")
 

@@ -18,6 +18,7 @@ from typing import Any
 from kie_extend.jobs.batches import get_batch, list_batches
 from kie_extend.jobs.events import status_record
 from kie_extend.jobs.idempotency import Idempotency
+from kie_extend.credits.usage import usage_report
 from kie_extend.infra.metrics import merge_bins, minute_series, quantile
 from kie_extend.infra.metrics import overview as metrics_overview
 from kie_extend.http import charts as svg
@@ -148,6 +149,12 @@ def credits(rt: Runtime) -> dict[str, Any]:
     with _credits_lock:
         _credits_cache[key] = (time.monotonic(), result)
     return result
+
+
+def spend(rt: Runtime, tenant: str | None = None) -> dict[str, Any]:
+    """The last 24 hours' credits by tenant (credits/usage.py ``usage_report``): every tenant, or
+    ``tenant``'s alone (a tenant's session)."""
+    return usage_report(rt, 86400, tenant)
 
 
 # -- jobs ----------------------------------------------------------------------------------------

@@ -251,6 +251,14 @@ class Track(BaseModel):
     prompt: str | None = None
 
 
+class Credits(BaseModel):
+    """A job's KIE credits (numbers of credits)."""
+
+    reserved: float = 0
+    charged: float = 0
+    refunded: float = 0
+
+
 class JobRecord(BaseModel):
     """A job's status record; times are ISO-8601 UTC."""
 
@@ -275,6 +283,10 @@ class JobRecord(BaseModel):
     priority: int | None = None
     batch_id: str | None = None
     not_after: str | None = None
+    credits: Credits = Field(default_factory=lambda: Credits(),
+                             description="KIE credits: reserved at admission, charged or refunded when it ended")
+    waiting_for: Literal["budget"] | None = Field(
+        None, description='a queued job held back: "budget" while its tenant\'s budget is used up')
 
 
 class JobPage(BaseModel):
@@ -409,16 +421,101 @@ class TenantInfo(BaseModel):
     webhook_url: str | None
     webhook_secret_set: bool = Field(description="whether a webhook secret is configured (never the secret)")
     stream: bool
+    overridden: list[Literal["weight", "rate", "budget"]] = Field(
+        description="the settings an admin set at run time (PUT /v1/tenants/{tenant}), in force over the file's")
+
+
+class UsageRow(BaseModel):
+    """Credits of one tenant (or one of its operations), in KIE credits."""
+
+    reserved: float = Field(description="reserved when its jobs were admitted")
+    charged: float = Field(description="charged when they ended (the provider's creditsConsumed where reported)")
+    refunded: float = Field(description="reservations given back: refunded failures, jobs never accepted")
+    open: float = Field(description="still reserved: jobs admitted, not ended yet")
+
+
+class BudgetUse(BaseModel):
+    """A tenant's budget and how much of it its rolling window holds."""
+
+    credits: float
+    window: float = Field(description="seconds")
+    used: float = Field(description="charged plus still reserved in the window (whole hours)")
+    ratio: float = Field(description="used / credits")
+
+
+class TenantUsage(UsageRow):
+    """One tenant's credits over the window, by operation."""
+
+    operations: dict[str, UsageRow] = Field(description="operation (extend, wav, stems, ...) -> credits")
+    budget: BudgetUse | None = None
+
+
+class Usage(BaseModel):
+    """Credits by tenant and operation of the jobs admitted in the window (whole 5-minute buckets)."""
+
+    since: str
+    until: str
+    seconds: float
+    tenants: dict[str, TenantUsage]
+    total: UsageRow
 
 
 class TenantList(BaseModel):
-    """The declared tenants (empty without KIE_TENANTS_FILE) and whether KIE_TENANTS_STRICT is on."""
+    """The declared tenants with the settings in force now (the file's, KIE_TENANT_LIMITS', an
+    admin's run-time changes), empty without KIE_TENANTS_FILE, and whether KIE_TENANTS_STRICT is on."""
 
     tenants: list[TenantInfo]
     strict: bool
 
 
-__all__ = ["TenantInfo", "TenantList", "JobSubmission", "BatchSubmission", "JobAccepted", "JobsAccepted", "ErrorBody", "JobRecord",
+class TenantUpdate(BaseModel):
+    """Run-time settings of one tenant; name at least one. ``"default"`` removes the run-time value
+    (back to the file's, or KIE_TENANT_LIMITS'); ``"none"`` means no rate cap or no budget."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"weight": 3, "rate": "10/10s"}]})
+
+    weight: int | Literal["default"] | None = Field(None, description="share of slots, 1-1000")
+    rate: str | None = Field(None, description='a cap such as "5/10s", "none" or "default"')
+    budget: str | None = Field(None, description='credits per rolling window such as "2000/1d", "none" or "default"')
+
+
+class TenantChange(BaseModel):
+    """One setting changed: its value in force before and after."""
+
+    field: Literal["weight", "rate", "budget"]
+    old: int | str | None
+    new: int | str | None
+
+
+class TenantUpdated(BaseModel):
+    """The tenant's settings in force after the change, and what changed (empty: nothing did)."""
+
+    tenant: TenantInfo
+    changes: list[TenantChange]
+
+
+class AuditEntry(BaseModel):
+    """One admin action. ``who`` is "admin" (a token of the API or the dashboard), "cli:<os user>" or
+    "python:<os user>" (the Python API), never a token."""
+
+    id: str = Field(description="the entry's id in the audit stream")
+    ts: str = Field(description="when, ISO-8601 UTC")
+    who: str
+    via: Literal["api", "dashboard", "cli", "python"]
+    action: Literal["pause", "resume", "tenant.set"]
+    target: str | None = Field(description="the tenant, for tenant.set")
+    old: Any = Field(description="the state before: the pause, or the changed settings' old values")
+    new: Any = Field(description="the state after")
+
+
+class AuditList(BaseModel):
+    """The newest admin actions first."""
+
+    entries: list[AuditEntry]
+
+
+__all__ = ["Usage", "TenantUsage", "UsageRow", "BudgetUse", "Credits", "TenantInfo", "TenantList", "TenantUpdate", "TenantChange", "TenantUpdated", "AuditEntry", "AuditList",
+           "JobSubmission", "BatchSubmission", "JobAccepted", "JobsAccepted", "ErrorBody", "JobRecord",
            "JobPage", "CancelOutcome", "RetryOutcome", "Batch", "BatchList", "BatchCancelled", "PauseRequest",
            "PauseState", "ResumeOutcome", "SystemOverview", "Infrastructure", "InfraPart", "MAX_JOBS_PER_REQUEST", "MAX_LIMIT", "MAX_PAUSE_REASON",
            "extend_request_schema", "JOB_ID_SCHEMA_PATTERN", "BATCH_ID_SCHEMA_PATTERN", "CURSOR_SCHEMA_PATTERN"]

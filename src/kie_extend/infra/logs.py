@@ -7,7 +7,7 @@ import logging
 import sys
 from datetime import datetime, timezone
 
-_FIELDS = ("job_id", "kie_task_id")
+_FIELDS = ("job_id", "kie_task_id", "audit")  # audit: an admin action (tenants/audit.py)
 
 
 class JsonFormatter(logging.Formatter):
@@ -33,7 +33,7 @@ class TextFormatter(logging.Formatter):
     """Human lines; job ids in brackets when present."""
 
     def format(self, record: logging.LogRecord) -> str:
-        tags = " ".join(f"{n}={getattr(record, n)}" for n in _FIELDS if getattr(record, n, None))
+        tags = " ".join(f"{n}={getattr(record, n)}" for n in _FIELDS if n != "audit" and getattr(record, n, None))
         base = super().format(record)
         return f"{base} [{tags}]" if tags else base
 

@@ -218,6 +218,31 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _budget_lines(rt: Runtime) -> list[str]:
+    """Each budgeted tenant's budget use (charged plus reserved in its window over its budget) and
+    whether its jobs wait for budget now (credits/budgets.py)."""
+    from kie_extend.credits.budgets import budgets, used, waiting
+
+    caps = budgets(rt.settings, rt.redis, rt.keys)
+    if not caps:
+        return []
+    spent = used(rt.redis, rt.keys, caps)
+    held = waiting(rt.redis, rt.keys)
+    lines = ["# HELP kie_extend_tenant_budget_used_ratio A tenant's charged plus reserved credits in its budget's "
+             "rolling window, over its budget (1: used up; its jobs wait).",
+             "# TYPE kie_extend_tenant_budget_used_ratio gauge"]
+    for tenant, (credits, _) in sorted(caps.items()):
+        ratio = spent.get(tenant, 0.0) / credits if credits > 0 else (1.0 if spent.get(tenant) else 0.0)
+        lines.append(f'kie_extend_tenant_budget_used_ratio{{tenant="{tenant}"}} {round(ratio, 6):g}')
+    lines += ["# HELP kie_extend_tenant_budget_credits A tenant's budget: credits per rolling window.",
+              "# TYPE kie_extend_tenant_budget_credits gauge"]
+    lines += [f'kie_extend_tenant_budget_credits{{tenant="{t}"}} {c:g}' for t, (c, _) in sorted(caps.items())]
+    lines += ["# HELP kie_extend_tenant_budget_waiting 1 while a tenant's jobs wait in queued for budget.",
+              "# TYPE kie_extend_tenant_budget_waiting gauge"]
+    lines += [f'kie_extend_tenant_budget_waiting{{tenant="{t}"}} {1 if t in held else 0}' for t in sorted(caps)]
+    return lines
+
+
 def render(rt: Runtime) -> str:
     """The metrics in Prometheus text format (each family grouped, with its TYPE line)."""
     ov = overview(rt)
@@ -267,6 +292,7 @@ def render(rt: Runtime) -> str:
     lines += ["# HELP kie_extend_last_tick_timestamp_seconds When a beat last finished a tick (unix seconds; 0: never).",
               "# TYPE kie_extend_last_tick_timestamp_seconds gauge",
               f"kie_extend_last_tick_timestamp_seconds {last_tick(rt):.3f}"]
+    lines += _budget_lines(rt)
     stats = {k.decode(): v.decode() for k, v in rt.redis.hgetall(rt.keys.stats).items()}
     responses: list[str] = []
     counters: dict[str, str] = {}

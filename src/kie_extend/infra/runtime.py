@@ -17,7 +17,9 @@ from kie_extend.config import Settings
 from kie_extend.infra.clients import settings_redis
 from kie_extend.admission.gates import Gates
 from kie_extend.handlers import Handler, HandlerContext, build_handlers
+from kie_extend.handlers.tenants import TenantRoutes, build_tenant_handlers, own_handler_names
 from kie_extend.store.keys import Keys
+from kie_extend.credits.budgets import file_budgets
 from kie_extend.store.jobstore import JobStore
 
 if TYPE_CHECKING:
@@ -78,6 +80,8 @@ class Runtime:
         s = self.settings
         return Admission(self.redis, self.keys, rate=s.submit_rate, margin=s.submit_rate_margin,
                          max_in_flight=s.max_in_flight, mode=s.admission, tenant_limits=s.tenant_limits,
+                         weights={t.name: t.weight for t in s.tenants.tenants.values()} if s.tenants else None,
+                         budgets=file_budgets(s),
                          probe_timeout=s.job_timeout + s.connect_timeout + s.read_timeout + s.lease)
 
     @cached_property
@@ -111,5 +115,12 @@ class Runtime:
 
     @cached_property
     def handlers(self) -> dict[str, Handler]:
-        """The configured result handlers by name."""
-        return build_handlers(self.settings.handlers, HandlerContext(self.settings, self.redis, self.keys))
+        """Every result handler by name: the configured ones (``KIE_HANDLERS``), then each tenant's
+        own from the tenants file (``webhook@<tenant>``, ``redis_stream@<tenant>``)."""
+        ctx = HandlerContext(self.settings, self.redis, self.keys)
+        return {**build_handlers(self.settings.handlers, ctx), **build_tenant_handlers(self.settings.tenants, ctx)}
+
+    @cached_property
+    def routes(self) -> TenantRoutes:
+        """Which handlers a job's event goes to, by its tenant (no Redis read)."""
+        return TenantRoutes(self.settings.handlers, own_handler_names(self.settings.tenants))

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from kie_extend.jobs.states import EVENT_FOR, JobState
+from kie_extend.credits.ledger import job_credits
 from kie_extend.store.record import EMPTY, JobRecord, as_record
 
 #: The keys of a track in events and status records.
@@ -76,4 +77,6 @@ def status_record(raw: JobRecord | Mapping[str, str], job_id: str) -> dict[str, 
         "duplicate_of": rec.duplicate_of,
         "metadata": rec.metadata,
         **_sharing(rec),
+        "credits": job_credits(rec.raw),
+        "waiting_for": None,
     }

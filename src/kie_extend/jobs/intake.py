@@ -126,7 +126,8 @@ def check_message(request: Any, *, settings: Settings, idempotency_key: Any = No
     """Check one extend message; problems are collected, never raised (see :func:`require`).
 
     ``tenant`` (default KIE_DEFAULT_TENANT; with KIE_TENANTS_STRICT, one the tenants file does not
-    declare is a problem), ``priority`` (0-9, default 5), ``batch_id`` and
+    declare is a problem, and so is naming none when the default tenant is not declared),
+    ``priority`` (0-9, default 5), ``batch_id`` and
     ``not_after`` (ISO-8601 UTC or epoch seconds; it becomes epoch seconds) are the sharing options (README "Sharing one account").
     ``refuse_past`` (producers: the Python API, the HTTP API, the CLI) makes a ``not_after`` already
     past a problem; the worker leaves it off and cancels such a job with reason ``deadline``."""
@@ -137,6 +138,12 @@ def check_message(request: Any, *, settings: Settings, idempotency_key: Any = No
     if tenant is not None and tenant == out.tenant and undeclared(settings, tenant):
         problems.append({"field": "tenant", "message": f"{tenant!r} is not a tenant of KIE_TENANTS_FILE "
                          "(KIE_TENANTS_STRICT is on): use a declared tenant"})
+    elif tenant is None and undeclared(settings, out.tenant):
+        # No tenant named: it would run as KIE_DEFAULT_TENANT, which strict mode allows only when
+        # the file declares it (else a producer could take an undeclared share by naming none).
+        problems.append({"field": "tenant", "message": f"no tenant named, and KIE_DEFAULT_TENANT {out.tenant!r} is "
+                         "not a tenant of KIE_TENANTS_FILE (KIE_TENANTS_STRICT is on): name a declared tenant, "
+                         "or declare the default one"})
     if job_id is not None and id_problem("job_id", job_id):
         problems.append(id_problem("job_id", job_id))  # type: ignore[arg-type]
     for name in sorted(extra_kwargs or {}):

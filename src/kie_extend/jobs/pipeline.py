@@ -16,6 +16,7 @@ from typing import Any
 
 from kie_extend import errors as E
 from kie_extend.provider.client import FAILED_STATUSES, TaskRecord, track_has_audio
+from kie_extend.credits.prices import estimate
 from kie_extend.handlers.delivery import Delivery
 from kie_extend.jobs.events import build_event, now_iso
 from kie_extend.infra.errors import is_infra_error
@@ -23,6 +24,7 @@ from kie_extend.jobs.idempotency import CONFLICT_MESSAGE, Idempotency, message_d
 from kie_extend.jobs.intake import check_message
 from kie_extend.infra.metrics import POLL_BUCKETS, RESULT_BUCKETS
 from kie_extend.admission.queues import Admitted
+from kie_extend.credits.ledger import charge_of
 from kie_extend.admission.gates import Decision
 from kie_extend.infra.runtime import Dispatcher, NoDispatch, Runtime
 from kie_extend.store.jobstore import BATCH_REF, Moved, OneTrip, new_op
@@ -143,6 +145,8 @@ class Pipeline:
             "batch_id": intake.batch_id,
             "not_after": intake.not_after,
             "rq": self.rt.admission.queue_of(intake.tenant, intake.priority),
+            # The estimate its admission reserves (credits/ledger.py), fixed when the job is accepted.
+            "price": estimate(self.s.prices),
         }
         for w in warnings:
             _log(job_id, logging.WARNING, "request warning: %s", w)
@@ -167,7 +171,8 @@ class Pipeline:
                 return
             if outcome == "duplicate":
                 if not self.store.create_pointer(job_id, {**base, "duplicate_of": first},
-                                                 ttl=self.s.idempotency_window, handlers=self.s.handlers):
+                                                 ttl=self.s.idempotency_window,
+                                                 handlers=self.rt.routes.names_for(intake.tenant)):
                     self._known(job_id, self.store.get_record(job_id) or EMPTY, digest)
                     return
                 _log(job_id, logging.INFO, "duplicate of %s (idempotency key), not submitted", first)
@@ -375,7 +380,7 @@ class Pipeline:
         if not jobs:
             return 0
         error = _error("cancelled", CANCEL_MESSAGES.get(reason, reason), reason=reason)
-        handlers = list(self.s.handlers)
+        routes = self.rt.routes
         now = time.time()
         records = [(job_id, as_record(raw) or EMPTY) for job_id, raw in jobs]
         pipe = self.rt.redis.pipeline(transaction=False)
@@ -383,7 +388,8 @@ class Pipeline:
             fields = {"error": error, "finished_at": now_iso()}
             event = build_event(rec, JobState.CANCELLED, {"job_id": job_id, **fields})
             self.store.transition(job_id, JobState.CANCELLED, expect=[JobState.QUEUED], fields=fields, event=event,
-                                  handlers=handlers, retention=self.s.retention, deliveries_at=now, pipe=pipe)
+                                  handlers=list(routes.names_for(rec.tenant)), retention=self.s.retention,
+                                  deliveries_at=now, pipe=pipe)
         results = pipe.execute()
         n = 0
         for (job_id, rec), result in zip(records, results):
@@ -621,7 +627,8 @@ class Pipeline:
             return
         if record.status == "SUCCESS" or (record.status == "CALLBACK_EXCEPTION" and with_audio):
             fields = {"kie_status": record.status, "tracks": tracks}
-            moved = self._finish(job_id, rec, JobState.SUCCEEDED, fields, expect=[JobState.SUBMITTED])
+            moved = self._finish(job_id, rec, JobState.SUCCEEDED, fields, expect=[JobState.SUBMITTED],
+                                 settle=charge_of(record))
             if moved and moved.breaker_closed:  # the same step reset the breaker (store.transition)
                 _log(job_id, logging.WARNING, "provider breaker closed: a generation succeeded", task_id=task_id)
             return
@@ -643,13 +650,14 @@ class Pipeline:
             kind = "generation_failed"
         task_id = rec.kie_task_id
         regenerated = rec.regenerations
+        charge = charge_of(record)  # a refunded failure (531) settles at 0
         # No regeneration while the breaker is open: every resubmission would be paid for.
         if kind == "generation_failed" and regenerated < self.s.regenerate and not self.rt.breaker.is_open():
             if self.store.transition(
                 job_id, JobState.QUEUED, expect=[JobState.SUBMITTED],
                 fields={"regenerations": regenerated + 1, "kie_task_id": None, "kie_status": None,
                         "tracks": None, "last_poll_ts": None, "attempts": 0, "empty_success": None},
-                due=time.time(),
+                due=time.time(), settle=charge,
             ):
                 _log(job_id, logging.WARNING, "generation failed (%s); regenerating (%d of %d)",
                      message, regenerated + 1, self.s.regenerate, task_id=task_id)
@@ -657,7 +665,7 @@ class Pipeline:
             return
         error = _error(kind, str(message), code=code, status=record.status)
         if self._finish(job_id, rec, JobState.FAILED, {"kie_status": record.status, "error": error},
-                        expect=[JobState.SUBMITTED]) and kind == "generation_failed":
+                        expect=[JobState.SUBMITTED], settle=charge) and kind == "generation_failed":
             self._generation_failed(job_id, task_id)
 
     def _generation_failed(self, job_id: str, task_id: str | None = None) -> None:
@@ -686,18 +694,20 @@ class Pipeline:
 
     # -- finish --------------------------------------------------------------------------------
     def _finish(self, job_id: str, rec: JobRecord, state: JobState, fields: dict[str, Any],
-                expect: list[JobState | None]) -> Moved | bool:
-        """The terminal move: state, result event and handler deliveries in one atomic step; the
-        store's Moved (true) when it happened, False when the job was no longer in ``expect``.
-        ``rec`` is the record as last read (``EMPTY`` for a job without one yet)."""
+                expect: list[JobState | None], settle: str | float | None = None) -> Moved | bool:
+        """The terminal move: state, result event, handler deliveries and the settlement of the
+        job's credit reservation in one atomic step; the store's Moved (true) when it happened,
+        False when the job was no longer in ``expect``. ``rec`` is the record as last read
+        (``EMPTY`` for a job without one yet); ``settle`` as JobStore.transition (default: charged
+        when the provider accepted the job, refunded when it never did)."""
         fields = {**fields, "finished_at": now_iso()}
         event = build_event(rec, state, {"job_id": job_id, **fields})
-        handlers = list(self.s.handlers)
+        handlers = list(self.rt.routes.names_for(event["tenant"]))  # the global ones, plus the tenant's own
         created = rec.created_ts if rec.created_ts is not None else float(fields.get("created_ts") or time.time())
         # The deliveries are queued with the event, already leased to this process: if it dies
         # before handing them on, the tick finds them when the lease runs out.
         move = dict(expect=expect, fields=fields, event=event, handlers=handlers, retention=self.s.retention,
-                    deliveries_at=time.time() + self.s.lease)
+                    deliveries_at=time.time() + self.s.lease, settle=settle)
         writes = self.store.deferring()
         sent: set[str] = set()
         if writes is None:
@@ -794,7 +804,8 @@ class Pipeline:
             due=time.time(),
         )
         if ok:
-            self.rt.redis.delete(*[self.rt.keys.dedup(h, f"{job_id}:job.failed") for h in self.s.handlers])
+            self.rt.redis.delete(*[self.rt.keys.dedup(h, f"{job_id}:job.failed")
+                                   for h in self.rt.routes.names_for(rec.tenant)])
             _log(job_id, logging.WARNING, "retried by operator")
         return ok
 

@@ -103,6 +103,9 @@ class TaskRecord:
     error_code: int | None = None
     error_message: str | None = None
     param: dict[str, Any] | None = None
+    #: What the provider says the task cost (``creditsConsumed``, createTask route), once it ended;
+    #: None where the route does not say.
+    credits_consumed: float | None = None
 
     @property
     def finished(self) -> bool:

@@ -159,7 +159,8 @@ def parse_job_record(data: dict[str, Any], task_id: str = "") -> TaskRecord:
     SUCCESS, ``fail`` (or any state naming a failure) -> GENERATE_AUDIO_FAILED with ``failCode`` as
     the error code; failCode 400 with "try again later" (a refunded upstream failure) is reported as
     531 so it is classified as generation failed, not as an invalid request. Other states are
-    passed on upper-cased (still running, unless they name a failure).
+    passed on upper-cased (still running, unless they name a failure). ``creditsConsumed`` of a
+    finished task becomes ``credits_consumed`` (the charge the ledger settles at).
     """
     if "state" not in data and "status" in data:
         return parse_record(data)  # a legacy-shaped answer: take it as such
@@ -189,7 +190,19 @@ def parse_job_record(data: dict[str, Any], task_id: str = "") -> TaskRecord:
         error_code=code if failed else None,
         error_message=message if failed else None,
         param=_param(data.get("param")),
+        credits_consumed=_credits(data.get("creditsConsumed")) if failed or status == SUCCESS_STATUS else None,
     )
+
+
+def _credits(value: Any) -> float | None:
+    """``creditsConsumed`` as a number of credits (at least 0), or None when absent or not a number."""
+    if isinstance(value, bool) or value is None or value == "":
+        return None
+    try:
+        credits = float(value)
+    except (TypeError, ValueError):
+        return None
+    return credits if credits >= 0 and credits == credits and credits != float("inf") else None
 
 
 class JobsClient(KieClient):

@@ -64,6 +64,9 @@ class SimConfig:
     slow_seconds: float = _knob(5.0, "delay of a slow answer in wall-clock seconds")
     fault_drop_after_accept: float = _knob(0.0, "fraction of submissions accepted then dropped without an answer")
     fault_generation_fail: float = _knob(0.0, "fraction of tasks ending GENERATE_AUDIO_FAILED")
+    fail_codes: str = _knob("", "errorCodes a failed generation picks from, comma-separated (empty: the route's "
+                                "own, legacy 500,501 and createTask 400,500,501); 531 and createTask 400 are "
+                                "refunded: the task's cost goes back to the balance when the failure shows")
     fault_duplicate_callback: float = _knob(0.0, "fraction of callbacks sent twice")
     fault_missing_callback: float = _knob(0.0, "fraction of callbacks never sent")
     fault_empty_stream: float = _knob(0.0, "fraction of tasks whose stream URLs answer 200 with an empty body")
@@ -121,6 +124,9 @@ class SimConfig:
             raise ValueError("stage times must satisfy 0 < text_seconds <= first_seconds <= complete_seconds")
         if self.rate_limit < 0 or self.poll_limit < 0:
             raise ValueError("limits must not be negative")
+        for code in filter(None, (c.strip() for c in str(self.fail_codes or "").split(","))):
+            if not code.isdigit():
+                raise ValueError("fail_codes must be comma-separated error codes such as 501,531")
         if not 500 <= self.edge_status <= 599:
             raise ValueError("edge_status must be a 5xx status")
 

@@ -27,6 +27,11 @@ from kie_extend.simulator.uploads import UploadStore
 SUBMIT = "POST /api/v1/generate/upload-extend"
 POLL = "GET /api/v1/generate/record-info"
 CREDIT = "GET /api/v1/chat/credit"
+#: Task errorCodes whose credits the provider gives back (reference kie-api.md: 531 "failed, credits
+#: refunded"; on createTask, failCode 400 "try again later" is a refunded upstream failure), by route.
+REFUNDED_CODES = {"legacy": frozenset({531}), "jobs": frozenset({400})}
+#: errorCodes a failed generation picks from when the fail_codes knob is empty, by route.
+DEFAULT_FAIL_CODES = {"legacy": (500, 501), "jobs": FAIL_CODES}
 CREATE_TASK = "POST /api/v1/jobs/createTask"
 JOB_POLL = "GET /api/v1/jobs/recordInfo"
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
@@ -60,6 +65,7 @@ class Simulator:
         self.credits = self.config.credits
         self.rng = random.Random(self.config.seed)
         self._jobs_created = 0
+        self._refunds: list[Task] = []  # refunded failures whose refund has not gone back yet
         self._routes: dict[tuple[str, str], Handler] = {
             ("POST", "/api/v1/generate/upload-extend"): self.submit,
             ("GET", "/api/v1/generate/record-info"): self.record_info,
@@ -77,6 +83,7 @@ class Simulator:
         }
         self.state = StateFile(state_file) if state_file else None
         if self.state is not None and self.state.load(self):
+            self._refunds = [t for t in self.tasks.values() if t.refund and not t.refunded]
             for task in list(self.tasks.values()):  # the callback stages that had not gone out yet
                 self._schedule_callbacks(task)
 
@@ -247,6 +254,7 @@ class Simulator:
         task_id = str(req.query.get("taskId", "")).strip()
         if not task_id:
             return envelope(422, "taskId is required")
+        self.apply_refunds()
         self.stats.add("polls")
         self.stats.tally("polls_by_task", task_id)
         cfg = self.config
@@ -266,11 +274,32 @@ class Simulator:
         return reply
 
     def credit(self, req: SimRequest) -> SimReply:
-        """`GET /api/v1/chat/credit`."""
+        """`GET /api/v1/chat/credit`: the balance, after the refunds of failures that have shown."""
         _, denied = self.authenticate(req)
         if denied:
             return denied
-        return envelope(200, "success", number(self.credits))
+        self.apply_refunds()
+        with self.lock:
+            return envelope(200, "success", number(self.credits))
+
+    def apply_refunds(self, now: float | None = None) -> float:
+        """Give back the cost of every refunded failure (531, createTask 400) that has shown by
+        monotonic time ``now`` (default: now): the balance rises by it once. Returns the credits
+        given back by this call."""
+        now = time.monotonic() if now is None else now
+        back = 0.0
+        with self.lock:
+            due = [t for t in self._refunds if now - t.created >= t.t_first]
+            if not due:
+                return 0.0
+            for task in due:
+                task.refunded = True
+                self.credits += task.refund
+                back += task.refund
+            self._refunds = [t for t in self._refunds if not t.refunded]
+        self.stats.add("refunds", len(due))
+        self.persist()
+        return back
 
     # ----- tasks and callbacks --------------------------------------------------------------------
 
@@ -303,7 +332,12 @@ class Simulator:
         else:
             task = Task(**timeline)
         if self.roll("fault_generation_fail", task_rng):
-            task.fail_code = task_rng.choice(FAIL_CODES if route == "jobs" else (500, 501))
+            kind = "jobs" if route == "jobs" else "legacy"
+            codes = tuple(int(c) for c in str(cfg.fail_codes or "").split(",") if c.strip()) or DEFAULT_FAIL_CODES[kind]
+            task.fail_code = task_rng.choice(codes)
+            if task.fail_code in REFUNDED_CODES[kind]:
+                task.refund = cfg.task_cost
+                self._refunds.append(task)
         elif self.roll("fault_callback_exception", task_rng):
             task.callback_exception = True
         task.empty_stream = self.roll("fault_empty_stream", task_rng, count=False)
@@ -384,6 +418,7 @@ class Simulator:
 
     def stats_snapshot(self) -> dict[str, Any]:
         """The `/_sim/stats` document."""
+        self.apply_refunds()
         out = self.stats.snapshot()
         with self.lock:
             out["tasks"] = len(self.tasks)
@@ -402,6 +437,7 @@ class Simulator:
             self._submit_limiter.clear()
             self._poll_limiter.clear()
             self._jobs_created = 0
+            self._refunds = []
             self.stats.reset()
             self.credits = self.config.credits
             self.rng = random.Random(self.config.seed)

@@ -172,7 +172,8 @@ class JobsTask(Task):
             "completeTime": _ms(wall + ended_after) if finished else None,
             "createTime": _ms(wall),
             "updateTime": _ms(wall + (ended_after if finished else elapsed)),
-            "creditsConsumed": self.cost if state == "success" else 0,
+            # What the task cost: nothing until it ends, and nothing for a refunded failure.
+            "creditsConsumed": self.cost if finished and not self.refund else 0,
         }
 
     def callback_body(self, stage: str) -> dict[str, Any]:

@@ -15,7 +15,8 @@ SUCCESS = "SUCCESS"
 GENERATE_AUDIO_FAILED = "GENERATE_AUDIO_FAILED"
 CALLBACK_EXCEPTION = "CALLBACK_EXCEPTION"
 
-ERROR_MESSAGES = {500: "Internal Error, Please try again later.", 501: "Audio generation failed."}
+ERROR_MESSAGES = {500: "Internal Error, Please try again later.", 501: "Audio generation failed.",
+                  531: "Generation failed, credits refunded. Please try again."}
 CALLBACK_MESSAGES = {
     "text": "Text generation completed successfully.",
     "first": "First track generated successfully.",
@@ -62,6 +63,8 @@ class Task:
     cb_stopped: bool = False
     callback_plan: dict[str, str] = field(default_factory=dict)  # stage -> "send"/"missing"/"duplicate"
     done_stages: list[str] = field(default_factory=list)  # callback stages already gone out (or dropped)
+    refund: float = 0.0  # credits given back when the failure shows (a refunded failure: 531, createTask 400)
+    refunded: bool = False  # the refund went back to the balance
 
     @property
     def model(self) -> str:

@@ -444,6 +444,7 @@ class JobStore:
         op: str | None = None,
         after: str = "",
         send: str = "",
+        settle: str | float | None = None,
     ) -> Moved:
         """Move ``job_id`` to ``to`` if it is in one of ``expect``; False if it was not.
 
@@ -461,9 +462,13 @@ class JobStore:
         ``execute()`` through :meth:`moved`. A ``request`` among ``fields`` goes to the job's request
         key (packed), not to its hash; the key gets the record's TTL on a terminal move and loses it
         on any other. ``op``: the move's operation id (default: a new one, :func:`new_op`), written to
-        the record's ``op`` field with the move. ``after``: move only if the record's ``op`` is still
-        this one (a move chained to an earlier one queued on the same ``pipe``), and then, with
-        ``send`` (a rate-log member, ``s:<job_id>:<send>``), only if admission recorded that send.
+        the record's ``op`` field with the move. ``settle`` settles the job's open credit reservation in
+        the same step (credits/ledger.py): a number of credits charged (the rest refunded), ``"open"``
+        to charge all of it, ``"auto"`` (the default of a terminal move) to charge all of it when the
+        provider had accepted the job and none when it never did; ``None`` on a non-terminal move: no
+        settlement. ``after``: move only if the record's ``op`` is still this one (a move chained to an
+        earlier one queued on the same ``pipe``), and then, with ``send`` (a rate-log member,
+        ``s:<job_id>:<send>``), only if admission recorded that send.
         """
         expected = list(expect)
         for frm in expected:
@@ -497,6 +502,7 @@ class JobStore:
                 "1" if ready else "",
                 _iso(now),
                 pack(request) if request else "",
+                "" if settle is None else settle if isinstance(settle, str) else repr(float(settle)),
                 after,
                 send,
             ],

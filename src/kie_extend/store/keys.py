@@ -23,6 +23,13 @@ MINUTE_TTL = 2 * 3600
 #: Histograms whose observations are also counted per minute (field ``<name>:<le>``), so the
 #: dashboard can chart the last hour's percentiles rather than all-time ones.
 MINUTE_HISTOGRAMS = frozenset({"time_to_result_seconds"})
+#: Seconds of one bucket of the credit ledger (:meth:`Keys.ledger`): usage and reconciliation are
+#: exact to this much.
+LEDGER_BUCKET = 300
+#: Seconds of one bucket of a tenant's spend (:meth:`Keys.spend`), which budgets sum over their window.
+SPEND_BUCKET = 3600
+#: Seconds a ledger or spend bucket lives after its last write: usage looks back at most this far.
+LEDGER_TTL = 35 * 86400
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,23 @@ class Keys:
     def tenant_rate(self, tenant: str) -> str:
         """Sorted set: a capped tenant's admitted slots in its own window (``KIE_TENANT_LIMITS``)."""
         return f"{self.tag}:tenant_rate:{tenant}"
+
+    def tenant_turn(self, priority: int | str) -> str:
+        """Hash: tenant -> slots it has taken in its current turn at ``priority`` (weighted round
+        robin: a tenant of weight w keeps the turn for w slots). Absent: 0."""
+        return f"{self.tag}:turn:{priority}"
+
+    @property
+    def tenant_settings(self) -> str:
+        """Hash: run-time tenant settings set by an admin (``kie-extend tenant set``), fields
+        ``<tenant>|weight``, ``<tenant>|rate`` (``count window_ms`` or ``none``), ``<tenant>|rate_text``,
+        ``<tenant>|budget`` (``credits window_s``), ``<tenant>|budget_text``; tenants/settings.py."""
+        return f"{self.tag}:tenant_settings"
+
+    @property
+    def audit(self) -> str:
+        """Stream: admin actions (pause, resume, tenant set), capped near 10,000 entries; tenants/audit.py."""
+        return f"{self.tag}:audit"
 
     @property
     def admission_seq(self) -> str:
@@ -162,6 +186,10 @@ class Keys:
         """Stream: one entry per finished job (the ``redis_stream`` handler)."""
         return f"{self.tag}:results"
 
+    def tenant_results(self, tenant: str) -> str:
+        """Stream: one tenant's own result events (``redis_stream@<tenant>``, handlers/tenants.py)."""
+        return f"{self.tag}:results:{tenant}"
+
     def dedup(self, handler: str, dedup_key: str) -> str:
         """String: marks a handler's delivery of ``{job_id}:{event}`` done (exactly-once sinks)."""
         return f"{self.tag}:dedup:{handler}:{dedup_key}"
@@ -203,6 +231,38 @@ class Keys:
         ``time_to_result_seconds:<le>`` histogram bins. Expires :data:`MINUTE_TTL` s after its last write.
         The transition script (lua.py) builds the same name from the tag: keep the two in step."""
         return f"{self.tag}:min:{int(minute)}"
+
+    def ledger(self, bucket: int) -> str:
+        """Hash: the credit ledger of one :data:`LEDGER_BUCKET` (``bucket`` = unix seconds // that),
+        fields ``<tenant>|<operation>|reserved``, ``…|charged``, ``…|refunded``, ``…|settled`` (the
+        reservations settled) (credits, floats). A
+        job's settlement is booked in the bucket of its reservation. Written only by the job store's
+        Lua (lua.py builds the same name from the tag: keep the two in step); expires
+        :data:`LEDGER_TTL` s after its last write."""
+        return f"{self.tag}:ledger:{int(bucket)}"
+
+    def spend(self, bucket: int) -> str:
+        """Hash: each tenant's charged plus still-reserved credits of one :data:`SPEND_BUCKET`
+        (``bucket`` = unix seconds // that), field ``<tenant>``; budgets sum it over their window.
+        Written by the job store's Lua like :meth:`ledger`."""
+        return f"{self.tag}:spend:{int(bucket)}"
+
+    @property
+    def budget_wait(self) -> str:
+        """Hash: tenants whose jobs wait because their budget is used up, field tenant -> unix
+        seconds the admission script last held one back (cleared when one of theirs is admitted)."""
+        return f"{self.tag}:budgetwait"
+
+    @property
+    def balance(self) -> str:
+        """Sorted set: the provider's credit balance as the tick saw it, member ``<unix seconds>:<balance>``
+        scored by the time; capped to the newest snapshots (credits/reconcile.py)."""
+        return f"{self.tag}:balance"
+
+    @property
+    def balance_lock(self) -> str:
+        """String with a TTL: one balance snapshot per KIE_BALANCE_INTERVAL across all beats."""
+        return f"{self.tag}:balancelock"
 
     @property
     def sweep_last(self) -> str:

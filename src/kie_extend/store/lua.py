@@ -9,7 +9,7 @@ fields (its ready queue, its batch) are built here from ``T``, the tag, and stay
 
 from __future__ import annotations
 
-from kie_extend.store.keys import MINUTE_TTL
+from kie_extend.store.keys import LEDGER_BUCKET, LEDGER_TTL, MINUTE_TTL, SPEND_BUCKET
 from kie_extend.jobs.states import JobState
 
 #: States with an index key, in the order the transition script receives them after its fixed keys.
@@ -25,6 +25,61 @@ TRANSITION_KEYS = ("job", "due", "inflight", "deliveries", "stats", "deadlines",
 LIB = """
 local T = ARGV[1]
 local TERMINAL = {succeeded = true, failed = true, cancelled = true}
+local LEDGER_BUCKET, SPEND_BUCKET, LEDGER_TTL = """ + f"{LEDGER_BUCKET}, {SPEND_BUCKET}, {LEDGER_TTL}" + """
+
+-- The credit ledger (credits/ledger.py, Keys.ledger and Keys.spend): add `amount` credits of `kind`
+-- (reserved, charged, refunded, settled: the reservations settled) to the bucket of time `ts` for `tenant` and `op`; `held` is what a
+-- budget counts (charged plus still reserved), in the tenant's spend bucket of `ts`.
+local function ledger_add(ts, tenant, op, kind, amount, held)
+  if amount ~= 0 then
+    local lk = T .. ':ledger:' .. math.floor(ts / LEDGER_BUCKET)
+    redis.call('HINCRBYFLOAT', lk, tenant .. '|' .. op .. '|' .. kind, amount)
+    redis.call('EXPIRE', lk, LEDGER_TTL)
+  end
+  if held ~= 0 then
+    local sk = T .. ':spend:' .. math.floor(ts / SPEND_BUCKET)
+    redis.call('HINCRBYFLOAT', sk, tenant, held)
+    redis.call('EXPIRE', sk, LEDGER_TTL)
+  end
+end
+
+-- Reserve a job's estimated price (its 'price' field) when it is admitted at `ts` (unix seconds):
+-- once until it is settled ('cr_open' holds the open reservation). Returns the credits reserved.
+local function reserve(jk, ts)
+  if redis.call('HEXISTS', jk, 'cr_open') == 1 then return 0 end
+  local price = tonumber(redis.call('HGET', jk, 'price') or '')
+  if not price then return 0 end
+  redis.call('HSET', jk, 'cr_open', price, 'cr_ts', ts)
+  redis.call('HINCRBYFLOAT', jk, 'cr_reserved', price)
+  ledger_add(ts, redis.call('HGET', jk, 'tenant') or '', 'extend', 'reserved', price, price)
+  return price
+end
+
+-- Settle a job's open reservation, in the buckets of its reservation: `spec` 'auto' charges all of
+-- it when the provider accepted the job (it has a task id) and nothing when it never did, 'open'
+-- charges all of it, a number charges that; what is not charged is refunded. Without an open
+-- reservation (never reserved, or settled already) it does nothing: a job is never charged twice.
+local function settle(jk, spec)
+  local open = tonumber(redis.call('HGET', jk, 'cr_open') or '')
+  if not open then return end
+  local charge
+  if spec == 'auto' then
+    charge = redis.call('HGET', jk, 'kie_task_id') and open or 0
+  elseif spec == 'open' then
+    charge = open
+  else
+    charge = math.max(tonumber(spec) or open, 0)
+  end
+  local refund = math.max(open - charge, 0)
+  local ts = tonumber(redis.call('HGET', jk, 'cr_ts') or '0')
+  local tenant = redis.call('HGET', jk, 'tenant') or ''
+  redis.call('HDEL', jk, 'cr_open')
+  redis.call('HINCRBYFLOAT', jk, 'cr_charged', charge)
+  redis.call('HINCRBYFLOAT', jk, 'cr_refunded', refund)
+  ledger_add(ts, tenant, 'extend', 'charged', charge, charge - open)
+  ledger_add(ts, tenant, 'extend', 'refunded', refund, 0)
+  ledger_add(ts, tenant, 'extend', 'settled', open, 0)
+end
 
 -- The job's ready queue: "priority|tenant" as stored in its 'rq' field.
 local function rq_keys(rq)
@@ -45,6 +100,7 @@ local function ready_add(jk, id, prios_key, seq_key)
   if not redis.call('ZSCORE', tk, tenant) then
     local seq = tonumber(redis.call('GET', seq_key) or '0')
     redis.call('ZADD', tk, seq - 0.5, tenant)
+    redis.call('HDEL', T .. ':turn:' .. prio, tenant)  -- a newcomer starts a fresh weighted turn
   end
   redis.call('ZADD', prios_key, tonumber(prio), prio)
   return 1
@@ -105,7 +161,10 @@ end
 #       remove, else score), event JSON or "", handlers JSON, now, inflight flag, retention seconds,
 #       time the deliveries fall due, a counter to bump ("" none), operation id, "1" to put the job
 #       in its ready queue, now as ISO-8601, the request body to store in the request key ("" = keep
-#       what is there).
+#       what is there), the settlement of the job's open credit reservation ("" none, or on a terminal
+#       move "auto"; "auto", "open" or a number: see settle in LIB), the operation id the record must
+#       still hold for a chained move ("" = no such condition), and a rate-log member it also needs
+#       ("" = none).
 # The request key (KEYS[11]) follows the record: written here, given the record's TTL on a terminal
 # move and made persistent again on any other.
 # The operation id makes the script safe to run twice: a client that re-sends it after a socket
@@ -116,11 +175,11 @@ local S = {""" + ", ".join(f"['{st.value}'] = {i + 1 + len(TRANSITION_KEYS)}" fo
 if op ~= '' and redis.call('HGET', jk, 'op') == op then return {1, to, 1} end
 local cur = redis.call('HGET', jk, 'state') or ''
 -- A move chained to an earlier one in the same round trip: only if nothing moved the job since that
--- one (the record still holds its op, ARGV[18]) and, when ARGV[19] names one, the rate log holds
+-- one (the record still holds its op, ARGV[19]) and, when ARGV[20] names one, the rate log holds
 -- that send (admission granted it a slot now).
-if (ARGV[18] or '') ~= '' then
-  if redis.call('HGET', jk, 'op') ~= ARGV[18] then return {0, cur, 0} end
-  if ARGV[19] ~= '' and not redis.call('ZSCORE', KEYS[7], ARGV[19]) then return {0, cur, 0} end
+if (ARGV[19] or '') ~= '' then
+  if redis.call('HGET', jk, 'op') ~= ARGV[19] then return {0, cur, 0} end
+  if (ARGV[20] or '') ~= '' and not redis.call('ZSCORE', KEYS[7], ARGV[20]) then return {0, cur, 0} end
 end
 local ok = false
 for e in string.gmatch(ARGV[4] .. '|', '([^|]*)|') do
@@ -131,6 +190,10 @@ end
 if ok and cur == '' and redis.call('EXISTS', jk) == 1 then ok = false end
 if not ok then return {0, cur, 0} end
 local now = ARGV[9]
+-- Settled before the fields are written: 'auto' asks whether the provider had accepted the job.
+local sa = ARGV[18] or ''
+if sa == '' and TERMINAL[to] then sa = 'auto' end
+if sa ~= '' then settle(jk, sa) end
 if cur == 'queued' and to ~= 'queued' then
   ready_remove(jk, id, KEYS[8])
   redis.call('ZREM', KEYS[6], id)

@@ -2,4 +2,7 @@
 
 - ``registry.py``: the parsed file: :class:`~kie_extend.tenants.registry.Tenant` (its tokens and
   settings) and :class:`~kie_extend.tenants.registry.Registry` (token lookup in constant time).
+- ``settings.py``: run-time settings (weight, rate, budget) an admin changes in Redis, and
+  :func:`~kie_extend.tenants.settings.effective`, the settings in force now.
+- ``audit.py``: audit lines for admin actions (pause, resume, tenant set).
 """

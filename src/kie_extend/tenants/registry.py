@@ -41,6 +41,9 @@ ENV_PREFIX = "env:"
 TENANT_KEYS = ("tokens", "weight", "rate", "budget", "webhook_url", "webhook_secret", "stream")
 #: Keys the ``[admin]`` table may have.
 ADMIN_KEYS = ("tokens",)
+#: A tenant of this name cannot have ``stream = true``: ``{prefix}:results:unhandled`` is the results
+#: readers' set-aside stream (examples/consume_results.py).
+RESERVED_STREAM = "unhandled"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _BUDGET = re.compile(r"^\s*(\d+)\s*/\s*(.+?)\s*$")
 
@@ -199,6 +202,9 @@ def parse(data: Mapping[str, Any], path: str, parse_rate: Callable[[Any], tuple[
         stream = table.get("stream", False)
         if not isinstance(stream, bool):
             raise _fail(path, f"{where}.stream", "must be true or false")
+        if stream and name == RESERVED_STREAM:
+            raise _fail(path, f"{where}.stream", f"a tenant named {RESERVED_STREAM!r} cannot have its own stream: "
+                        "{prefix}:results:unhandled is where results readers set entries aside")
         tenants[name] = Tenant(name, weight, rate, table.get("rate"), budget, table.get("budget"),
                                url.rstrip("/") if url else None, secret, stream)
     seen: dict[str, str] = {}
