@@ -354,6 +354,44 @@ def test_truncated_answer_is_outcome_unknown(scripted: Scripted) -> None:
     assert exc.sent is True
 
 
+def test_keep_alive_connection_closed_while_idle_is_replaced_not_outcome_unknown() -> None:
+    """A kept-alive connection the server closed while it sat idle in the pool is replaced before
+    the next request goes out: that request is sent once, on a new connection, and succeeds (were it
+    written to the dead socket, a submit would end as "outcome unknown")."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    requests_seen: list[bytes] = []
+
+    def serve_one_request_per_connection() -> None:
+        for _ in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, rest = data.partition(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                while len(rest) < length:
+                    rest += conn.recv(65536)
+                requests_seen.append(head.split(b"\r\n")[0])
+                body = json.dumps({"code": 200, "msg": "success", "data": {"taskId": f"t{len(requests_seen)}"}}).encode()
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: keep-alive\r\n"
+                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                time.sleep(0.1)  # then close: the client still holds the connection as kept alive
+
+    server = threading.Thread(target=serve_one_request_per_connection, daemon=True)
+    server.start()
+    try:
+        client = KieClient(f"http://127.0.0.1:{listener.getsockname()[1]}", API_KEY)
+        assert client.submit_extend(BODY) == "t1"
+        time.sleep(0.3)
+        assert client.submit_extend(BODY) == "t2"
+        server.join(5)
+        assert requests_seen == [b"POST /api/v1/generate/upload-extend HTTP/1.1"] * 2
+    finally:
+        listener.close()
+
+
 def test_simulator_drop_after_accept_is_outcome_unknown(make_sim: Callable[..., SimServer]) -> None:
     sim = make_sim(fault_drop_after_accept=1.0)
     client = KieClient(sim.url, API_KEY)

@@ -189,3 +189,71 @@ def test_keys_all_under_prefix():
     assert len({key_slot(n.encode()) for n in names}) == 1
     # A prefix that carries its own tag is used as it is.
     assert Keys("app:{kie}").job("x") == "app:{kie}:job:x"
+
+
+def test_collected_writes_run_in_order_with_once_and_only_if(make_settings):
+    """Writes (one script call): ONCE guards the next write only; IFEQ stops everything after it
+    unless the field holds the value; a failed move's follow-up writes never run."""
+    from kie_extend.store.jobstore import OneTrip, Writes, new_op
+
+    rt = Runtime(make_settings())
+    store, r, k = rt.store, rt.redis, rt.keys
+    w = Writes()
+    for _ in range(2):
+        w.once(k.dedup("redis_stream", "x:job.succeeded"), 60)
+        w.xadd(k.results, 100, {"job_id": "x", "event": "job.succeeded", "payload": "{}"})
+        w.hincrby(k.stats, "after_once", 1)
+    store.send(w)
+    assert r.xlen(k.results) == 1 and int(r.hget(k.stats, "after_once")) == 2
+
+    store.transition("g1", JobState.QUEUED, expect=[None])
+    with store.deferred():
+        store.stat("before_guard")
+        writes = store.deferring()
+        op, trip = new_op(), OneTrip(r)
+        store.transition("g1", JobState.SUBMITTING, expect=[JobState.QUEUED], pipe=trip, op=op)
+        writes.only_if(k.job("g1"), "op", op)
+        store.stat("after_guard")
+        assert store.moved("g1", store.send_with(trip, writes)[0])
+        store.stat("after_send")
+    assert [int(r.hget(k.stats, f) or 0) for f in ("before_guard", "after_guard", "after_send")] == [1, 1, 1]
+
+    with store.deferred():  # the same move again is refused: what follows the guard does not run
+        writes = store.deferring()
+        store.stat("before_guard")
+        op, trip = new_op(), OneTrip(r)
+        store.transition("g1", JobState.SUBMITTING, expect=[JobState.QUEUED], pipe=trip, op=op)
+        writes.only_if(k.job("g1"), "op", op)
+        store.stat("after_guard")
+        assert not store.moved("g1", store.send_with(trip, writes)[0])
+        assert not writes
+    assert [int(r.hget(k.stats, f) or 0) for f in ("before_guard", "after_guard", "after_send")] == [2, 1, 1]
+
+
+def test_chained_move_needs_its_predecessor_op_and_the_granted_send(make_settings):
+    """A move chained to the creation (accept's one round trip) happens only if the record still holds
+    the creation's op and the rate log holds the job's first send (admission granted it now)."""
+    from kie_extend.store.jobstore import OneTrip, new_op
+
+    rt = Runtime(make_settings())
+    store, r, k = rt.store, rt.redis, rt.keys
+
+    def create_then_chain(job_id: str, grant: bool, meddle: bool = False) -> tuple[bool, bool]:
+        trip, created_op = OneTrip(r), new_op()
+        store.transition(job_id, JobState.QUEUED, expect=[None], fields={"created_ts": 1.0}, pipe=trip, op=created_op)
+        created = trip.execute()[0]
+        if grant:
+            r.zadd(k.rate_log, {f"s:{job_id}:1": time.time() * 1000})
+        if meddle:  # another move of the job in between (it wrote its own op)
+            r.hset(k.job(job_id), "op", new_op())
+        trip = OneTrip(r)
+        store.transition(job_id, JobState.SUBMITTING, expect=[JobState.QUEUED], fields={"sends": 1}, pipe=trip,
+                         after=created_op, send=f"s:{job_id}:1")
+        return bool(store.moved(job_id, created)), bool(store.moved(job_id, trip.execute()[0]))
+
+    assert create_then_chain("c1", grant=True) == (True, True)
+    assert store.get("c1")["state"] == "submitting"
+    assert create_then_chain("c2", grant=False) == (True, False)
+    assert store.get("c2")["state"] == "queued"
+    assert create_then_chain("c3", grant=True, meddle=True) == (True, False)
+    assert store.get("c3")["state"] == "queued"

@@ -36,8 +36,10 @@ def retry_later(task: Task, exc: Exception) -> NoReturn:
     the message goes back to its queue, or, when even that write fails, stays unacknowledged and the
     broker redelivers it after its visibility timeout. Never acked without a successor.
     """
+    delay = retry_delay(task.request.retries)
+    log.warning("%s[%s] retried in %.1fs: %s: %s", task.name, task.request.id, delay, type(exc).__name__, exc)
     try:
-        raise task.retry(exc=exc, countdown=retry_delay(task.request.retries))
+        raise task.retry(exc=exc, countdown=delay)
     except Reject as unsent:  # Celery's retry() turns a failed publish into Reject(requeue=False)
         log.warning("retry of %s[%s] not published (%s); message requeued", task.name, task.request.id,
                     unsent.reason)

@@ -53,10 +53,19 @@ class Delivery:
         extra = {"job_id": job_id, "kie_task_id": event.get("kie_task_id")}
         # The stable dedup key: {job_id}:{event}, or {batch_id}:batch.finished.
         dedup = f"{event['batch_id']}:{event['event']}" if job_id.startswith(BATCH_REF) else f"{job_id}:{event['event']}"
+        writes = store.deferring()
         try:
             handler = self.rt.handlers.get(handler_name)
             if handler is None:  # removed from KIE_HANDLERS or the tenants file since the job ended
                 raise ConfigError(f"handler {handler_name} is not configured in this process")
+            if writes is not None and hasattr(handler, "queue"):
+                # A handler whose delivery is a write to this Redis (redis_stream) joins the step's
+                # bookkeeping round trip, its mark right after it, in one atomic step. Should that
+                # round trip fail, the delivery stays on its schedule, leased to this process, and
+                # the tick hands it out again when the lease runs out.
+                handler.queue(writes, event, dedup)
+                store.mark_delivered(job_id, handler_name, attempts)
+                return "delivered"
             handler.deliver(event, dedup)
         except Exception as exc:  # a handler's failure is isolated, whatever it is
             detail = f"{type(exc).__name__}: {exc}"[:500]

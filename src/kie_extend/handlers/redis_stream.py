@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from kie_extend.handlers import HandlerContext
+from kie_extend.store.jobstore import Writes, run_script
 
 # KEYS: dedup marker, stream. ARGV: ttl seconds, id field name (job_id, or batch_id for
 # batch.finished), its value, event name, payload JSON, max length.
@@ -36,14 +37,23 @@ class RedisStreamHandler:
         self._maxlen = ctx.settings.results_maxlen
         self._script = ctx.redis.register_script(_XADD_ONCE)
 
+    def _fields(self, event: dict[str, Any]) -> tuple[str, Any, Any, str]:
+        """The entry's id field and value (job_id, or batch_id for batch.finished), event name, payload."""
+        idf = ("batch_id", event["batch_id"]) if "batch_id" in event and "job_id" not in event \
+            else ("job_id", event["job_id"])
+        return (*idf, event["event"], json.dumps(event, separators=(",", ":")))
+
     def deliver(self, event: dict[str, Any], dedup_key: str) -> None:
         """Append the event unless this dedup key was already appended."""
-        self._script(
-            keys=[self._keys.dedup(self.name, dedup_key), self._stream],
-            args=[self._ttl, *(("batch_id", event["batch_id"]) if "batch_id" in event and "job_id" not in event
-                               else ("job_id", event["job_id"])),
-                  event["event"], json.dumps(event, separators=(",", ":")), self._maxlen],
-        )
+        run_script(self._script, [self._keys.dedup(self.name, dedup_key), self._stream],
+                   [self._ttl, *self._fields(event), self._maxlen])
+
+    def queue(self, writes: Writes, event: dict[str, Any], dedup_key: str) -> None:
+        """The same append as :meth:`deliver`, queued on the job store's collected ``writes`` (sent
+        with a step's other writes in one round trip, atomically with the writes queued after it)."""
+        field, value, name, payload = self._fields(event)
+        writes.once(self._keys.dedup(self.name, dedup_key), self._ttl)
+        writes.xadd(self._stream, self._maxlen, {field: value, "event": name, "payload": payload})
 
 
 def factory(ctx: HandlerContext) -> RedisStreamHandler:

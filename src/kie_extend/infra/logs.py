@@ -70,3 +70,8 @@ def setup_logging(level: str = "INFO", fmt: str = "text", secrets: list[str] | N
     root.setLevel(level.upper())
     for noisy in ("urllib3", "requests"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Celery's line per finished task ("Task … succeeded in 0.004s: None", two per job) says nothing
+    # our own job lines do not; below DEBUG it is off (Celery checks once per process, so it costs
+    # nothing). Its warnings and errors stay; a retry is logged by tasks.retry_later.
+    logging.getLogger("celery.app.trace").setLevel(
+        logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING)

@@ -27,7 +27,7 @@ from kie_extend.admission.queues import Admitted
 from kie_extend.credits.ledger import charge_of
 from kie_extend.admission.gates import Decision
 from kie_extend.infra.runtime import Dispatcher, NoDispatch, Runtime
-from kie_extend.store.jobstore import BATCH_REF, Moved, OneTrip
+from kie_extend.store.jobstore import BATCH_REF, Moved, OneTrip, new_op
 from kie_extend.store.record import EMPTY, JobRecord, as_record
 from kie_extend.jobs.states import TERMINAL, JobState
 
@@ -177,12 +177,22 @@ class Pipeline:
                     return
                 _log(job_id, logging.INFO, "duplicate of %s (idempotency key), not submitted", first)
                 return
-        # The new record and the admission that follows it (try_submit's) go out in one round trip.
+        # The new record, the admission that follows it (try_submit's) and, when that admission
+        # grants this job a send slot now, its move to submitting go out in one round trip. The
+        # move is chained: it happens only if nothing moved the job since its creation and the rate
+        # log holds its first send; otherwise try_submit takes over from the admission's answer.
         trip = OneTrip(self.rt.redis)
+        created_op = new_op()
         self.store.transition(job_id, JobState.QUEUED, expect=[None], fields=base, stat="jobs_accepted", ready=True,
-                              pipe=trip)
+                              pipe=trip, op=created_op)
         self.rt.admission.admit(self.s.submit_rate[0], own=job_id, lease=self.s.lease, pipe=trip)
-        created, found = trip.execute()
+        started = time.time()
+        self.store.transition(
+            job_id, JobState.SUBMITTING, expect=[JobState.QUEUED],
+            fields={"attempts": 1, "sends": 1, "submit_started_ts": started, "submit_error": None, "admitted": None},
+            due=started + self.s.connect_timeout + self.s.read_timeout + SUBMIT_LEASE_SLACK, stat="submissions",
+            pipe=trip, after=created_op, send=f"s:{job_id}:1")
+        created, found, sending = trip.execute()
         mine = self._admitted(job_id, self.rt.admission.admitted(found))
         if not self.store.moved(job_id, created):
             # Another delivery of this message (or another producer's message under the same id)
@@ -191,11 +201,14 @@ class Pipeline:
             self._known(job_id, self.store.get_record(job_id) or EMPTY, digest)
             return
         _log(job_id, logging.INFO, "queued")
-        self.try_submit(job_id, JobRecord.from_hash({
+        rec = JobRecord.from_hash({
             "state": JobState.QUEUED.value, "request": json.dumps(base["request"]), "created_ts": repr(now),
             "attempts": "0", "batch_id": intake.batch_id or "",
-            "not_after": "" if intake.not_after is None else repr(intake.not_after)}), in_ready=True,
-            admission=(mine,))
+            "not_after": "" if intake.not_after is None else repr(intake.not_after)})
+        if self.store.moved(job_id, sending):
+            self._send(job_id, rec, 1)
+            return
+        self.try_submit(job_id, rec, in_ready=True, admission=(mine,))
 
     def refuse_conflict(self, job_id: str, base: dict[str, Any]) -> bool:
         """Record a job whose idempotency key another request holds (in its tenant) as failed with
@@ -292,6 +305,10 @@ class Pipeline:
             if now_rec is None or now_rec.state not in (JobState.SUBMITTING, JobState.SUBMITTED):
                 self.gates.release(job_id)
             return
+        self._send(job_id, rec, attempt)
+
+    def _send(self, job_id: str, rec: JobRecord, attempt: int) -> None:
+        """Send a job this process has just moved to ``submitting`` (attempt ``attempt``) and record the outcome."""
         body = rec.request
         if body is None:
             raise ValueError(f"job {job_id}'s record holds no readable request")
@@ -543,6 +560,12 @@ class Pipeline:
             if wait >= 0:
                 self.store.schedule(job_id, max(wait, now + self.s.poll_min_gap), only_earlier=True)
             return
+        if self.store.deferring() is not None:
+            # Within a step the release is only queued: it goes out with the step's writes once the
+            # poll's answer is handled (with the terminal move, if it is one), no round trip of its own.
+            self.store.release_poll(job_id)
+            self._poll_claimed(job_id, rec, task_id, now)
+            return
         try:
             self._poll_claimed(job_id, rec, task_id, now)
         finally:
@@ -680,16 +703,33 @@ class Pipeline:
         fields = {**fields, "finished_at": now_iso()}
         event = build_event(rec, state, {"job_id": job_id, **fields})
         handlers = list(self.rt.routes.names_for(event["tenant"]))  # the global ones, plus the tenant's own
+        created = rec.created_ts if rec.created_ts is not None else float(fields.get("created_ts") or time.time())
         # The deliveries are queued with the event, already leased to this process: if it dies
         # before handing them on, the tick finds them when the lease runs out.
-        moved = self.store.transition(job_id, state, expect=expect, fields=fields, event=event,
-                                      handlers=handlers, retention=self.s.retention,
-                                      deliveries_at=time.time() + self.s.lease, settle=settle)
+        move = dict(expect=expect, fields=fields, event=event, handlers=handlers, retention=self.s.retention,
+                    deliveries_at=time.time() + self.s.lease, settle=settle)
+        writes = self.store.deferring()
+        sent: set[str] = set()
+        if writes is None:
+            moved = self.store.transition(job_id, state, **move)  # type: ignore[arg-type]
+            if moved and state is not JobState.CANCELLED:  # a cancelled job never had a result to wait for
+                self.store.observe("time_to_result_seconds", time.time() - created, RESULT_BUCKETS)
+        else:
+            # Within a step: the move and the step's writes go out in one round trip, and the writes
+            # that follow from the move (the time-to-result bin; the inline deliveries a handler can
+            # queue as writes, with their marks) run only if the move happened: it wrote ``op``.
+            op, trip = new_op(), OneTrip(self.rt.redis)
+            self.store.transition(job_id, state, pipe=trip, op=op, **move)  # type: ignore[arg-type]
+            writes.only_if(self.store.keys.job(job_id), "op", op)
+            if state is not JobState.CANCELLED:
+                self.store.observe("time_to_result_seconds", time.time() - created, RESULT_BUCKETS)
+            for name in handlers:
+                if getattr(self.rt.handlers.get(name), "inline", False) and hasattr(self.rt.handlers[name], "queue"):
+                    self.delivery.deliver(job_id, name, event=event)
+                    sent.add(name)
+            moved = self.store.moved(job_id, self.store.send_with(trip, writes)[0])
         if not moved:
             return False
-        created = rec.created_ts if rec.created_ts is not None else float(fields.get("created_ts") or time.time())
-        if state is not JobState.CANCELLED:  # a cancelled job never had a result to wait for
-            self.store.observe("time_to_result_seconds", time.time() - created, RESULT_BUCKETS)
         error = fields.get("error")
         if (error and error.get("kind") not in ("generation_failed", "timed_out") and rec.state_text
                 and (state is not JobState.CANCELLED or rec.admitted)):
@@ -702,6 +742,8 @@ class Pipeline:
             refs.append(BATCH_REF + moved.batch_finished)
         for ref in refs:
             for name in handlers:
+                if ref == job_id and name in sent:
+                    continue  # delivered with the move
                 if getattr(self.rt.handlers.get(name), "inline", False):
                     # fast and local: no extra message
                     self.delivery.deliver(ref, name, event=event if ref == job_id else None)

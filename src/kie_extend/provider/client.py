@@ -1,4 +1,9 @@
-"""KIE provider client: plain HTTP on a ``requests.Session``; knows nothing of Celery or Redis.
+"""KIE provider client: plain HTTP on urllib3's connection pool or a ``requests.Session``; knows nothing of Celery or Redis.
+
+Our own session's submit and poll calls go straight to urllib3's pool (what requests sends through),
+without requests' per-request preparation; a session passed in, a proxy or client certificate from
+the environment, and other calls (file uploads) use requests itself. Errors are classified the same
+way on both paths.
 
 Usable from a REPL against the simulator::
 
@@ -12,13 +17,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import requests
+import urllib3
 from requests.exceptions import ChunkedEncodingError, ConnectTimeout, ReadTimeout
 from requests.exceptions import ConnectionError as RequestsConnectionError
+from requests.utils import DEFAULT_CA_BUNDLE_PATH, extract_zipped_paths
+from urllib3 import exceptions as u3exc
 
 from kie_extend.errors import (
     EDGE_STATUSES,
@@ -161,10 +170,17 @@ class KieClient:
         #: of the whole environment and ~/.netrc), which costs more CPU than the request itself.
         self._env: dict[str, Any] = {}
         self._own_session = session is None
+        #: urllib3's pool for requests sent without requests' per-request work (see :meth:`_fast`):
+        #: our own session, no proxy and no client certificate from the environment.
+        self._pool: urllib3.HTTPConnectionPool | None = None
         if session is None:
             env = self.session.merge_environment_settings(self.base_url, {}, None, None, None)
             self._env = {"proxies": env["proxies"], "verify": env["verify"], "cert": env["cert"]}
             self.session.trust_env = False
+            if not env["proxies"] and not env["cert"] and env["verify"] is not False:
+                self._pool = _pool_manager(env["verify"]).connection_from_url(self.base_url)
+                self._base_path = urlsplit(self.base_url).path
+                self._fast_headers = {**self.session.headers, **self._headers()}
 
     def __repr__(self) -> str:
         return f"KieClient({self.base_url!r})"
@@ -181,6 +197,11 @@ class KieClient:
         """Send one request and return the envelope's ``data``; raise the typed error otherwise.
         ``timeout``: (connect, read) seconds instead of the client's own."""
         url = self.base_url + path
+        if self._pool is not None and kwargs.keys() <= {"data", "params"} and \
+                isinstance(kwargs.get("data"), (str, type(None))):
+            status, reason, content = self._fast(method, url, timeout or self.timeout, kwargs.get("data"),
+                                                 kwargs.get("params"))
+            return _envelope(status, reason, content)
         try:
             resp = self._send(method, url, timeout or self.timeout, **kwargs)
         except ConnectTimeout as exc:
@@ -201,9 +222,51 @@ class KieClient:
         merging the session's (empty) settings and the environment's again on every call."""
         if not self._own_session:  # a session the caller passed in: requests' own way, its settings honoured
             return self.session.request(method, url, headers=self._headers(), timeout=timeout, **kwargs)
+        # Query parameters go in as text (requests takes text as it is): a mapping, or none at all,
+        # costs requests several runtime Protocol checks per request.
+        params = kwargs.pop("params", None)
+        kwargs["params"] = urlencode(params, doseq=True) if isinstance(params, dict) else (params or "")
         prepared = requests.Request(method, url, headers={**self.session.headers, **self._headers()},
                                     cookies=self.session.cookies, **kwargs).prepare()
         return self.session.send(prepared, timeout=timeout, allow_redirects=True, **self._env)
+
+    def _fast(self, method: str, url: str, timeout: tuple[float, float], data: str | None,
+              params: dict[str, Any] | None) -> tuple[int, str, bytes]:
+        """One request straight on urllib3's connection pool (what requests itself sends through),
+        without requests' per-request preparation: ``(status, reason, body)``. The same headers, timeouts,
+        certificate checks and keep-alive as the requests path; transport errors are classified as
+        :meth:`_call` classifies requests' (sent or not), never as "not sent" when it may have been."""
+        assert self._pool is not None
+        path = url[len(self.base_url):]
+        target = self._base_path + path
+        if params:
+            target = f"{target}?{urlencode(params, doseq=True)}"
+        body = data.encode("utf-8") if data is not None else None
+        try:
+            resp = self._pool.urlopen(method, target, body=body, headers=self._fast_headers, retries=False,
+                                      redirect=False, timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]),
+                                      preload_content=False)
+        except u3exc.NewConnectionError as exc:  # refused, unreachable, DNS: nothing was sent
+            raise _classify_connection_error(exc, url) from exc
+        except u3exc.ConnectTimeoutError as exc:
+            raise ConnectError(f"connect timeout to {self.base_url}") from exc
+        except u3exc.ReadTimeoutError as exc:
+            raise OutcomeUnknownError(f"read timeout from {self.base_url}{path}") from exc
+        except (u3exc.SSLError, u3exc.ProxyError, u3exc.LocationValueError) as exc:
+            raise ConnectError(f"{type(exc).__name__} for {self.base_url}{path}") from exc
+        except (u3exc.HTTPError, OSError) as exc:
+            # Dropped, reset or anything else once the request may have left: classified by its text
+            # like requests' ConnectionError (a refused connect is "not sent", the rest "may have been").
+            raise _classify_connection_error(exc, url) from exc
+        try:
+            content = resp.data
+        except u3exc.ReadTimeoutError as exc:
+            raise OutcomeUnknownError(f"read timeout from {self.base_url}{path}") from exc
+        except (u3exc.HTTPError, OSError) as exc:
+            raise OutcomeUnknownError(f"connection dropped mid-answer from {self.base_url}{path}") from exc
+        finally:
+            resp.release_conn()
+        return resp.status, resp.reason or "", content
 
     def submit_extend(self, body: dict[str, Any]) -> str:
         """POST upload-extend; the provider's ``taskId`` on success."""
@@ -240,30 +303,46 @@ def _classify_connection_error(exc: Exception, where: str) -> TransportError:
     return OutcomeUnknownError(f"connection dropped after sending to {where}")
 
 
+def _pool_manager(verify: Any) -> urllib3.PoolManager:
+    """urllib3's pool as requests' HTTPAdapter builds it (10 pools of 10 connections), checking
+    certificates against ``verify``: True (certifi's bundle, requests' default), a file or a directory."""
+    ca: dict[str, Any] = {}
+    where = extract_zipped_paths(DEFAULT_CA_BUNDLE_PATH) if verify is True else str(verify)
+    ca["ca_cert_dir" if os.path.isdir(where) else "ca_certs"] = where
+    return urllib3.PoolManager(num_pools=10, maxsize=10, cert_reqs="CERT_REQUIRED", **ca)
+
+
 def _envelope_data(resp: requests.Response) -> Any:
-    """Read the JSON envelope: body ``code`` wins, HTTP status when the body has none (an edge's
-    5xx without the envelope raises EdgeError)."""
+    """:func:`_envelope` of a requests response."""
+    return _envelope(resp.status_code, resp.reason or "", resp.content, resp.text)
+
+
+def _envelope(status: int, reason: str, content: bytes, text: str | None = None) -> Any:
+    """Read the JSON envelope (``content``: the body; ``text``: the same decoded, when known): body
+    ``code`` wins, HTTP status when the body has none (an edge's 5xx without the envelope raises
+    EdgeError)."""
     try:
-        body = resp.json()
+        body = json.loads(content) if content else None
     except ValueError:
         body = None
     if not isinstance(body, dict) or "code" not in body:
-        status = resp.status_code
+        if text is None:
+            text = content.decode("utf-8", "replace")
         if status == 200:
             raise UnavailableError(502, "answer without a JSON envelope")
         if status == 403:
-            raise error_for_code(403, (resp.text or "")[:200])
+            raise error_for_code(403, (text or "")[:200])
         if status in EDGE_STATUSES:
             # A proxy or CDN in front of KIE answered for it: KIE itself was not reached (or did
             # not answer in time). The status line is enough; an HTML error page is not kept.
-            raise EdgeError(status, f"HTTP {status} from an edge in front of KIE ({resp.reason or 'no reason'})")
-        raise error_for_code(status, (resp.text or "")[:200] if body is None else str(body)[:200])
+            raise EdgeError(status, f"HTTP {status} from an edge in front of KIE ({reason or 'no reason'})")
+        raise error_for_code(status, (text or "")[:200] if body is None else str(body)[:200])
     try:
         code = int(body.get("code"))
     except (TypeError, ValueError):
-        code = resp.status_code
-    if code == 200 and resp.status_code >= 400:
-        code = resp.status_code
+        code = status
+    if code == 200 and status >= 400:
+        code = status
     if code != 200:
         raise error_for_code(code, str(body.get("msg") or ""))
     return body.get("data")

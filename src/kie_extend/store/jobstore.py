@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
-import uuid
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
@@ -92,6 +92,103 @@ return {raw, '-', request}
 """
 
 
+# Bookkeeping writes, several in one script call (see Writes): ARGV holds runs of ``command, number of
+# arguments, index of its key in KEYS, arguments...``. ``ONCE`` (argument: seconds) sets its key with
+# NX and an expiry, and when the key was already there skips the run after it: an append made once per
+# key. ``IFEQ`` (arguments: field, value) ends the script unless the hash's field holds the value: the
+# runs after it happen only then. The runs execute in order in one atomic step; an error stops the
+# script at that run.
+_WRITES = """
+local i, skip = 1, false
+while i <= #ARGV do
+  local op, n, key = ARGV[i], tonumber(ARGV[i + 1]), KEYS[tonumber(ARGV[i + 2])]
+  if skip then
+    skip = false
+  elseif op == 'ONCE' then
+    skip = not redis.call('SET', key, '1', 'NX', 'EX', ARGV[i + 3])
+  elseif op == 'IFEQ' then
+    if redis.call('HGET', key, ARGV[i + 3]) ~= ARGV[i + 4] then return 0 end
+  else
+    redis.call(op, key, unpack(ARGV, i + 3, i + 2 + n))
+  end
+  i = i + 3 + n
+end
+return 1
+"""
+
+
+def run_script(script: Any, keys: list[Any], args: list[Any]) -> Any:
+    """Call a registered script (``register_script``) on its own client: EVALSHA, and on NOSCRIPT (a
+    restart emptied the server's script cache) the script's own call, which loads it. The same as
+    ``script(keys=..., args=...)`` without redis-py's per-call type checks."""
+    try:
+        return script.registered_client.evalsha(script.sha, len(keys), *keys, *args)
+    except redis.exceptions.NoScriptError:
+        return script(keys=keys, args=args)
+
+
+class Writes:
+    """Bookkeeping writes (counters, histogram bins, a delivery mark, a poll's release) collected
+    and sent as one script call: one command to pack and one reply to read, however many writes.
+    Methods take the arguments of the redis-py command of the same name; :meth:`once` guards the
+    write queued right after it. The writes run in order, atomically (``_WRITES``)."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.args: list[Any] = []
+        self._index: dict[str, int] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.args)
+
+    def _op(self, op: str, key: str, *args: Any) -> None:
+        at = self._index.get(key)
+        if at is None:
+            self.keys.append(key)
+            at = self._index[key] = len(self.keys)
+        self.args += [op, len(args), at, *args]
+
+    def hincrby(self, key: str, field: str, amount: int = 1) -> None:
+        self._op("HINCRBY", key, field, int(amount))
+
+    def hincrbyfloat(self, key: str, field: str, amount: float) -> None:
+        self._op("HINCRBYFLOAT", key, field, repr(float(amount)))
+
+    def hset(self, key: str, field: str, value: Any) -> None:
+        self._op("HSET", key, field, value)
+
+    def hdel(self, key: str, *fields: str) -> None:
+        self._op("HDEL", key, *fields)
+
+    def zrem(self, key: str, *members: str) -> None:
+        self._op("ZREM", key, *members)
+
+    def expire(self, key: str, seconds: int) -> None:
+        self._op("EXPIRE", key, int(seconds))
+
+    def xadd(self, key: str, maxlen: int, fields: dict[str, Any]) -> None:
+        """XADD ``fields`` (in order) to the stream ``key``, trimmed to about ``maxlen`` entries."""
+        self._op("XADD", key, "MAXLEN", "~", int(maxlen), "*", *[x for kv in fields.items() for x in kv])
+
+    def once(self, key: str, seconds: int) -> None:
+        """Run the next write only if ``key`` did not exist (it is then set, expiring in ``seconds``)."""
+        self._op("ONCE", key, int(seconds))
+
+    def only_if(self, key: str, field: str, value: str) -> None:
+        """Run the writes queued after this one only if the hash ``key``'s ``field`` holds ``value``
+        when they run (the writes before it run regardless)."""
+        self._op("IFEQ", key, field, value)
+
+    def clear(self) -> None:
+        """Forget every queued write (they were sent)."""
+        self.keys, self.args, self._index = [], [], {}
+
+
+def new_op() -> str:
+    """A new operation id for a move (:meth:`JobStore.transition`): 64 random bits as hex text."""
+    return os.urandom(8).hex()
+
+
 def _enc(value: Any) -> Any:
     """A hash field value: JSON for containers, text for scalars, null to delete."""
     if value is None:
@@ -153,6 +250,12 @@ class JobStore:
         self._ready = client.register_script(lua.READY)
         self._claim_poll = client.register_script(_CLAIM_POLL)
         self._step_read = client.register_script(_STEP_READ)
+        self._writes_script = client.register_script(_WRITES)
+        # The transition script's keys that name no job (see transition), built once.
+        k = keys
+        self._move_keys = (k.due, k.inflight, k.deliveries, k.stats, k.deadlines, k.rate_log, k.priorities,
+                           k.admission_seq, k.breaker)
+        self._state_keys = tuple(k.state_index(st.value) for st in lua.STATE_ORDER)
         # The pipeline collecting bookkeeping writes while a step defers them (see deferred()),
         # per thread: a receiver's threads share one store.
         self._local = threading.local()
@@ -209,8 +312,8 @@ class JobStore:
         what :meth:`claim_poll` returns (``None`` = claimed) for a submitted job, and ``""`` (no claim
         tried) otherwise. The record is the one read before the claim, with its request as :meth:`get`
         has it."""
-        found = self._step_read(keys=[self.keys.job(job_id), self.keys.stats, self.keys.request(job_id)],
-                                args=[repr(now), gap, repr(now + lease)])
+        found = run_script(self._step_read, [self.keys.job(job_id), self.keys.stats, self.keys.request(job_id)],
+                           [repr(now), gap, repr(now + lease)])
         flat, claim, stored = found[0], _text(found[1]), found[2] if len(found) > 2 else None
         raw = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)} or None
         if raw is not None:
@@ -222,40 +325,53 @@ class JobStore:
     @contextmanager
     def deferred(self) -> Iterator[None]:
         """Within the block, this thread's bookkeeping writes that nothing in the same step reads
-        back (:meth:`observe`, :meth:`stat`, :meth:`mark_delivered`, :meth:`release_poll`) are
-        queued and sent in one round trip when the block ends, also when it raises (a failure to
-        send them then is logged, and the block's own error goes on). Nested blocks join the
-        outer one."""
+        back (:meth:`observe`, :meth:`stat`, :meth:`mark_delivered`, :meth:`release_poll`, and what
+        an inline handler queues through :meth:`deferring`) are collected and sent in one round trip
+        (one script call, :class:`Writes`) when the block ends, also when it raises (a failure to
+        send them then is logged, and the block's own error goes on). Nested blocks join the outer one."""
         if getattr(self._local, "pipe", None) is not None:
             yield
             return
-        pipe = self._local.pipe = self.redis.pipeline(transaction=False)
+        writes = self._local.pipe = Writes()
         failed = True
         try:
             yield
             failed = False
         finally:
             self._local.pipe = None
-            if pipe.command_stack:
+            if writes:
                 try:
-                    pipe.execute()
+                    self.send(writes)
                 except Exception as exc:
                     if not failed:
                         raise
                     log.warning("bookkeeping writes not sent (%s: %s)", type(exc).__name__, exc)
 
-    def _writes(self) -> tuple[Any, bool]:
-        """``(pipeline, True)``: a new pipeline to queue bookkeeping writes on and then execute; or,
-        within :meth:`deferred`, ``(its pipeline, False)`` (the block sends them)."""
+    def deferring(self) -> Writes | None:
+        """The writes the current :meth:`deferred` block of this thread collects, or None outside one."""
+        return getattr(self._local, "pipe", None)  # type: ignore[no-any-return]
+
+    def send(self, writes: Writes) -> None:
+        """Send collected :class:`Writes` now, in one round trip."""
+        if writes:
+            run_script(self._writes_script, writes.keys, writes.args)
+
+    def send_with(self, trip: OneTrip, writes: Writes) -> list[Any]:
+        """Send the calls queued on ``trip`` and then ``writes`` (emptied) in one round trip; the
+        replies of ``trip``'s calls, in order."""
+        queued = len(trip.calls)
+        if writes:
+            trip.add(self._writes_script, writes.keys, writes.args)
+            writes.clear()  # sent with the trip, whatever its outcome: never a second time
+        return trip.execute()[:queued]
+
+    def _writes(self) -> tuple[Writes, bool]:
+        """``(writes, True)``: new :class:`Writes` to queue bookkeeping writes on and then send; or,
+        within :meth:`deferred`, ``(its writes, False)`` (the block sends them)."""
         pipe = getattr(self._local, "pipe", None)
         if pipe is not None:
             return pipe, False
-        return self.redis.pipeline(transaction=False), True
-
-    def _writer(self) -> Any:
-        """What a single bookkeeping write goes to: the client, or the deferring block's pipeline."""
-        pipe = getattr(self._local, "pipe", None)
-        return self.redis if pipe is None else pipe
+        return Writes(), True
 
     def exists(self, job_id: str) -> bool:
         """Whether a record exists for ``job_id``."""
@@ -325,6 +441,9 @@ class JobStore:
         stat: str = "",
         ready: bool = False,
         pipe: Any = None,
+        op: str | None = None,
+        after: str = "",
+        send: str = "",
         settle: str | float | None = None,
     ) -> Moved:
         """Move ``job_id`` to ``to`` if it is in one of ``expect``; False if it was not.
@@ -342,10 +461,14 @@ class JobStore:
         outcome from ``pipe.execute()`` (first element 1 = moved); with a :class:`OneTrip`, from its
         ``execute()`` through :meth:`moved`. A ``request`` among ``fields`` goes to the job's request
         key (packed), not to its hash; the key gets the record's TTL on a terminal move and loses it
-        on any other. ``settle`` settles the job's open credit reservation in the same step
-        (credits/ledger.py): a number of credits charged (the rest refunded), ``"open"`` to charge
-        all of it, ``"auto"`` (the default of a terminal move) to charge all of it when the provider
-        had accepted the job and none when it never did; ``None`` on a non-terminal move: no settlement.
+        on any other. ``op``: the move's operation id (default: a new one, :func:`new_op`), written to
+        the record's ``op`` field with the move. ``settle`` settles the job's open credit reservation in
+        the same step (credits/ledger.py): a number of credits charged (the rest refunded), ``"open"``
+        to charge all of it, ``"auto"`` (the default of a terminal move) to charge all of it when the
+        provider had accepted the job and none when it never did; ``None`` on a non-terminal move: no
+        settlement. ``after``: move only if the record's ``op`` is still this one (a move chained to an
+        earlier one queued on the same ``pipe``), and then, with ``send`` (a rate-log member,
+        ``s:<job_id>:<send>``), only if admission recorded that send.
         """
         expected = list(expect)
         for frm in expected:
@@ -360,9 +483,7 @@ class JobStore:
         k = self.keys
         now = time.time()
         call = dict(
-            keys=[k.job(job_id), k.due, k.inflight, k.deliveries, k.stats, k.deadlines, k.rate_log,
-                  k.priorities, k.admission_seq, k.breaker, k.request(job_id),
-                  *(k.state_index(st.value) for st in lua.STATE_ORDER)],
+            keys=[k.job(job_id), *self._move_keys, k.request(job_id), *self._state_keys],
             args=[
                 k.tag,
                 job_id,
@@ -377,20 +498,22 @@ class JobStore:
                 str(int(retention)),
                 repr(float(deliveries_at if deliveries_at is not None else now)),
                 stat,
-                uuid.uuid4().hex[:16],  # the operation id: 64 random bits, a short field of the record
+                op or new_op(),  # the operation id: 64 random bits, a short field of the record
                 "1" if ready else "",
                 _iso(now),
                 pack(request) if request else "",
                 "" if settle is None else settle if isinstance(settle, str) else repr(float(settle)),
+                after,
+                send,
             ],
         )
         if isinstance(pipe, OneTrip):
             pipe.add(self._transition, **call)
             return Moved(0)
-        result = self._transition(**call, **({"client": pipe} if pipe is not None else {}))
         if pipe is not None:
+            self._transition(**call, client=pipe)
             return Moved(0)
-        return self.moved(job_id, result)
+        return self.moved(job_id, run_script(self._transition, call["keys"], call["args"]))
 
     def moved(self, job_id: str, result: Any) -> Moved:
         """A transition's outcome from the script's reply (one read from a pipeline or a :class:`OneTrip`)."""
@@ -459,7 +582,7 @@ class JobStore:
         pipe.zrem(self.keys.deliveries, f"{job_id}|{handler}")
         pipe.hincrby(self.keys.stats, "handler_deliveries", 1)
         if send:
-            pipe.execute()
+            self.send(pipe)
 
     def claim_poll(self, job_id: str, now: float, gap: float, lease: float) -> float | None:
         """Claim ``job_id``'s poll starting at ``now`` (epoch seconds): one poll of a job in flight at
@@ -472,7 +595,10 @@ class JobStore:
 
     def release_poll(self, job_id: str) -> None:
         """End ``job_id``'s poll claim (its poll finished)."""
-        self._writer().hdel(self.keys.job(job_id), "poll_lease")
+        pipe, send = self._writes()
+        pipe.hdel(self.keys.job(job_id), "poll_lease")
+        if send:
+            self.send(pipe)
 
     def observe(self, name: str, value: float, buckets: tuple[float, ...], stat: str = "") -> None:
         """Add one observation to a shared histogram: its bin (the smallest bucket bound at or above
@@ -492,11 +618,15 @@ class JobStore:
         if stat:
             pipe.hincrby(self.keys.stats, stat, 1)
         if send:
-            pipe.execute()
+            self.send(pipe)
 
     def stat(self, name: str, amount: int = 1) -> None:
         """Bump a shared counter."""
-        self._writer().hincrby(self.keys.stats, name, amount)
+        pipe = getattr(self._local, "pipe", None)
+        if pipe is None:
+            self.redis.hincrby(self.keys.stats, name, amount)
+        else:
+            pipe.hincrby(self.keys.stats, name, amount)
 
 
 def _with_request(record: dict[str, str], stored: bytes | str | None) -> dict[str, str]:

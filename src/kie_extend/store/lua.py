@@ -162,7 +162,9 @@ end
 #       time the deliveries fall due, a counter to bump ("" none), operation id, "1" to put the job
 #       in its ready queue, now as ISO-8601, the request body to store in the request key ("" = keep
 #       what is there), the settlement of the job's open credit reservation ("" none, or on a terminal
-#       move "auto"; "auto", "open" or a number: see settle in LIB).
+#       move "auto"; "auto", "open" or a number: see settle in LIB), the operation id the record must
+#       still hold for a chained move ("" = no such condition), and a rate-log member it also needs
+#       ("" = none).
 # The request key (KEYS[11]) follows the record: written here, given the record's TTL on a terminal
 # move and made persistent again on any other.
 # The operation id makes the script safe to run twice: a client that re-sends it after a socket
@@ -172,6 +174,13 @@ local jk, id, to, op = KEYS[1], ARGV[2], ARGV[3], ARGV[14]
 local S = {""" + ", ".join(f"['{st.value}'] = {i + 1 + len(TRANSITION_KEYS)}" for i, st in enumerate(STATE_ORDER)) + """}
 if op ~= '' and redis.call('HGET', jk, 'op') == op then return {1, to, 1} end
 local cur = redis.call('HGET', jk, 'state') or ''
+-- A move chained to an earlier one in the same round trip: only if nothing moved the job since that
+-- one (the record still holds its op, ARGV[19]) and, when ARGV[20] names one, the rate log holds
+-- that send (admission granted it a slot now).
+if (ARGV[19] or '') ~= '' then
+  if redis.call('HGET', jk, 'op') ~= ARGV[19] then return {0, cur, 0} end
+  if (ARGV[20] or '') ~= '' and not redis.call('ZSCORE', KEYS[7], ARGV[20]) then return {0, cur, 0} end
+end
 local ok = false
 for e in string.gmatch(ARGV[4] .. '|', '([^|]*)|') do
   if e == cur then ok = true end
