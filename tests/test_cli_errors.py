@@ -133,6 +133,8 @@ STORE_COMMANDS: dict[str, list[str]] = {
     "batch status": ["batch", "status", "b-1"],
     "batch results": ["batch", "results", "b-1"],
     "batch list": ["batch", "list", "--json"],
+    "usage": ["usage", "--since", "1h"],
+    "audit": ["audit"],
 }
 
 #: Subcommands covered elsewhere in this file, or that need no job store at all.
@@ -145,6 +147,7 @@ OTHER_COMMANDS = {
     "demo": "runs its own embedded Valkey, worker and simulator",
     "dev": "runs its own embedded stack, like demo",
     "valkey": "is the job store itself (execs valkey-server): test_valkey_stops_on_sigterm",
+    "tenant": "reads the tenants file first: test_tenant_commands_with_the_job_store_unreachable",
 }
 
 
@@ -167,6 +170,18 @@ def test_every_command_with_the_job_store_unreachable(tmp_path: Path, batch_file
         assert line == (f"error: cannot use the job store and broker (KIE_REDIS_URL=redis://:***@127.0.0.1:"
                         f"{CLOSED}/0): connection refused (nothing listens there); start Redis there or point "
                         "KIE_REDIS_URL at a running server"), (name, line)
+
+
+def test_tenant_commands_with_the_job_store_unreachable(tmp_path: Path) -> None:
+    """With a tenants file, listing and changing tenants need the job store: the same one line, exit 6."""
+    (tmp_path / "tenants.toml").write_text('[tenants.shop]\ntokens = ["shop-token-0123456789"]\n')
+    env = closed_env(KIE_TENANTS_FILE=str(tmp_path / "tenants.toml"))
+    runs = [["tenant", "list"], ["tenant", "set", "shop", "--weight", "2"]]
+    for proc in kie_many(runs, env, tmp_path):
+        line = one_error_line(proc)
+        assert proc.returncode == ce.EXIT_UNREACHABLE, (proc.args, proc.returncode, line)
+        assert line.startswith("error: cannot use the job store and broker (KIE_REDIS_URL=redis://:***@"), line
+        assert "shop-token-0123456789" not in proc.stdout + proc.stderr
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
