@@ -160,6 +160,11 @@ def test_budget_holds_one_tenant_while_another_flows(stack: DevStack) -> None:
     api = requests.get(stack.serve_url + f"/v1/jobs/{held[0]['job_id']}",  # type: ignore[attr-defined]
                        headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10).json()
     assert api["state"] == "queued" and api["waiting_for"] == "budget"
+    # The CLI says why too: on the job's line, and on the overview.
+    one = cli(stack, "status", held[0]["job_id"])
+    assert one.returncode == 0 and "queued" in one.stdout and "waiting_for=budget" in one.stdout, one.stdout
+    overview = cli(stack, "status")
+    assert "held at their budget: capped" in overview.stdout, overview.stdout + overview.stderr
     usage = requests.get(stack.serve_url + "/v1/usage", params={"tenant": "capped"},  # type: ignore[attr-defined]
                          headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10).json()
     assert usage["tenants"]["capped"]["budget"] == {"credits": 36, "window": 86400, "used": 36, "ratio": 1}

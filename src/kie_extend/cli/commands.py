@@ -187,6 +187,8 @@ def _line(rec: dict[str, Any]) -> str:
         bits.append(f"tracks={len(rec['tracks'])}")
     if rec.get("error"):
         bits.append(f"error={describe_error(rec['error'])}")
+    if rec.get("waiting_for"):
+        bits.append(f"waiting_for={rec['waiting_for']}")
     if rec.get("duplicate_of"):
         bits.append(f"duplicate_of={rec['duplicate_of']}")
     return "  ".join(bits)
@@ -232,7 +234,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not args.job_id:
         from kie_extend.infra.metrics import overview
 
-        ov = overview(_runtime(settings))
+        rt = _runtime(settings)
+        ov = overview(rt)
         if args.json:
             print(json.dumps(ov, indent=2))
         else:
@@ -259,6 +262,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"waiting:     {ov['waiting']} for a slot, due={ov['due']}  dead letters: {ov['dead_letters']}")
             for prio, tenants in ov["waiting_by_priority"].items():  # type: ignore[union-attr]
                 print(f"  priority {prio}: " + "  ".join(f"{t}={n}" for t, n in tenants.items()))
+            from kie_extend.credits.budgets import waiting as budget_waiting
+
+            held = sorted(budget_waiting(rt.redis, rt.keys))
+            if held:
+                print(f"  held at their budget: {', '.join(held)} (kie-extend usage; kie-extend tenant set T --budget …)")
             print(f"redis:       {_memory_line(ov['redis_memory'])}")  # type: ignore[arg-type]
         sys.stdout.flush()
         _fail_on_infra(ov["infrastructure"])  # type: ignore[arg-type]
