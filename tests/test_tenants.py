@@ -371,6 +371,10 @@ def test_a_bad_tenants_file_stops_the_cli_with_one_line(tmp_path: Path, name: st
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: KIE_TENANTS_FILE " + str(path)), proc.stderr
     assert expected in lines[0] and "Traceback" not in proc.stderr
+    # Where to fix it: the setting, the environment (env: never reads .env), or the file itself.
+    hint = {"missing": "(set it in the environment or in .env)",
+            "env unset": "(export it to every process that reads the file: env: is not read from .env)"}
+    assert lines[0].endswith(hint.get(name, "(fix the file)")), lines[0]
     _no_secret(proc.stdout + proc.stderr)
 
 
@@ -387,6 +391,7 @@ def test_a_bad_tenants_file_stops_serve_worker_and_beat(tmp_path: Path, command:
     assert proc.returncode == 5, (proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: KIE_TENANTS_FILE") and "tenants.shop.tokens" in lines[0]
+    assert lines[0].endswith("(fix the file)"), lines[0]
     _no_secret(proc.stdout + proc.stderr)
 
 
