@@ -7,6 +7,7 @@ KIE_API_TOKENS and one from the file's ``[admin]``. Every /v1 route is tried wit
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -339,6 +340,29 @@ def test_strict_mode_fails_an_undeclared_tenant_in_the_worker(tmp_path: Path, te
     with pytest.raises(ValidationError) as exc:
         enqueue_extend(body, tenant="invented", settings=settings)
     assert exc.value.errors[0]["field"] == "tenant"
+
+
+def test_batch_submit_tenant_flag_is_the_default_tenant_of_lines_in_strict_mode(tmp_path: Path,
+                                                                                tenants_file: Path) -> None:
+    """`batch submit FILE --tenant shop` checks lines without a tenant as shop's,
+    as it then enqueues them; without the flag strict mode refuses them (no [tenants.default])."""
+    body = {"uploadUrl": "https://example.com/a.mp3", "defaultParamFlag": True, "instrumental": True,
+            "continueAt": 5, "model": "V5", "style": "rock", "title": "T"}
+    (tmp_path / "songs.jsonl").write_text(json.dumps(body) + "\n" + json.dumps({**body, "title": "U"}) + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KIE_")}
+    env.update({**ENV, "KIE_TENANTS_FILE": str(tenants_file), "KIE_TENANTS_STRICT": "true",
+                "KIE_REDIS_URL": "redis://127.0.0.1:9/0"})
+
+    def run(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "kie_extend.cli", "batch", "submit", "songs.jsonl", *flags],
+                              env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+
+    ok = run("--dry-run", "--tenant", "shop")
+    assert ok.returncode == 0 and "every line is valid" in ok.stdout, ok.stdout + ok.stderr
+    refused = run("--dry-run")
+    assert refused.returncode == 2 and "line 1: tenant:" in refused.stderr, refused.stdout + refused.stderr
+    invented = run("--dry-run", "--tenant", "invented")
+    assert invented.returncode == 2 and "'invented' is not a tenant" in invented.stderr, invented.stderr
 
 
 # ----- bad files: one line, exit 5, no secret ------------------------------------------------------
