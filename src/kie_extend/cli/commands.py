@@ -266,7 +266,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
             held = sorted(budget_waiting(rt.redis, rt.keys))
             if held:
-                print(f"  held at their budget: {', '.join(held)} (kie-extend usage; kie-extend tenant set T --budget …)")
+                print(f"  held at their budget: {', '.join(held)} "
+                      "(kie-extend usage; kie-extend tenant set T --budget …)")
             print(f"redis:       {_memory_line(ov['redis_memory'])}")  # type: ignore[arg-type]
         sys.stdout.flush()
         _fail_on_infra(ov["infrastructure"])  # type: ignore[arg-type]
@@ -758,7 +759,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--idempotency-key")
     e.add_argument("--metadata", help="JSON object handed to every result handler")
     e.add_argument("--tenant", help="whose job it is: tenants share the account fairly (default KIE_DEFAULT_TENANT)")
-    e.add_argument("--priority", type=int, metavar="0-9", help="higher goes first within a tenant (default 5)")
+    e.add_argument("--priority", type=int, metavar="0-9",
+                   help="higher is admitted first, across tenants; equal priorities share slots by tenant (default 5)")
     e.add_argument("--not-after", metavar="TIME", help="drop the job if not sent by then (ISO-8601 UTC or "
                    "epoch seconds; a time already past is refused)")
     e.add_argument("--batch-id", help="count the job in this batch (kie-extend batch status)")
