@@ -141,6 +141,9 @@ def test_usage_is_scoped_by_token(stack: DevStack) -> None:
     assert get(ADMIN, since="1y").status_code == 422
     cmd = cli(stack, "usage", "--tenant", "shop", "--since", "1h")
     assert cmd.returncode == 0 and "shop" in cmd.stdout and "blog" not in cmd.stdout
+    assert "warning" not in cmd.stderr, cmd.stderr
+    typo = cli(stack, "usage", "--tenant", "shopp")  # an empty table, and a warning naming the declared tenants
+    assert "'shopp' is not a tenant of KIE_TENANTS_FILE" in typo.stderr and "shop" in typo.stderr, typo.stderr
 
 
 def test_budget_holds_one_tenant_while_another_flows(stack: DevStack) -> None:

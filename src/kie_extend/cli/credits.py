@@ -32,6 +32,11 @@ def cmd_usage(args: argparse.Namespace) -> int:
     same document as ``GET /v1/usage``)."""
     rt = _runtime(_settings())
     report = usage_report(rt, args.since, args.tenant)
+    registry = rt.settings.tenants
+    if args.tenant and registry is not None and not registry.declared(args.tenant):
+        # A typo would print an empty table and exit 0; the ledger may still hold an old tenant's.
+        print(f"warning: {args.tenant!r} is not a tenant of KIE_TENANTS_FILE (declared: "
+              f"{', '.join(sorted(registry.tenants)) or 'none'})", file=sys.stderr)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
