@@ -187,6 +187,16 @@ def test_dashboard_shows_spend_per_tenant_scoped_by_session(stack: DevStack) -> 
         page = shop.get(url + "/jobs", timeout=10).text
         assert 'id="spend"' in page and 'data-tenant="shop"' in page
         assert 'data-tenant="blog"' not in page and 'data-tenant="capped"' not in page
+    # A job held at its budget says so on its page (as GET /v1/jobs/{id} and `kie-extend status`).
+    settings = stack.settings()
+    held = [j for j in _capped_jobs(stack) if get_job(j, settings=settings)["state"] == "queued"]
+    assert held
+    with requests.Session() as admin:
+        admin.post(url + "/login", data={"token": ADMIN, "next": "/"}, headers={"Origin": url}, timeout=10)
+        page = admin.get(url + f"/jobs/{held[0]}", timeout=10).text
+        assert '<dd id="waiting-for">budget' in page, page
+        done = [j for j in _capped_jobs(stack) if j not in held][0]
+        assert 'id="waiting-for"' not in admin.get(url + f"/jobs/{done}", timeout=10).text
 
 
 def test_a_raised_budget_releases_the_waiting_jobs_at_run_time(stack: DevStack) -> None:
