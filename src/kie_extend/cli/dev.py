@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from collections.abc import Mapping
 from typing import TextIO
 
 from kie_extend.cli.devstack import DevStack
@@ -87,7 +88,7 @@ def env_file_text(values: dict[str, str], path: str | Path = ".dev/.env") -> str
     return "\n".join(lines) + "\n"
 
 
-def handed_on(environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+def handed_on(environ: Mapping[str, str]) -> dict[str, str]:
     """The caller's own ``KIE_*`` variables every child gets (``KIE_TENANTS_FILE``,
     ``KIE_TENANTS_STRICT``, ``KIE_PRICES``, …, and variables a tenants file reads with ``env:``
     such as ``KIE_ADMIN_TOKEN``): every one but :data:`DEV_OWNED`. ``{name: value}``."""
