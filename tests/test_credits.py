@@ -15,7 +15,7 @@ from inline import Harness, harness_factory, sample_request
 from kie_extend.config import load_settings
 from kie_extend.credits.ledger import job_credits, usage
 from kie_extend.credits.prices import DEFAULT_PRICES, format_credits, parse_prices
-from kie_extend.credits.reconcile import reconcile
+from kie_extend.credits.reconcile import reconcile, record_balance
 from kie_extend.errors import ConfigError
 from kie_extend.simulator import SimConfig, SimServer, serve
 
@@ -98,6 +98,23 @@ def test_ledger_adds_up_and_matches_the_balance(harness: Callable[..., Harness],
     assert start - float(h.sim.simulator.credits) == total["charged"]
     rec = reconcile(h.rt.redis, h.rt.keys, 3600)
     assert rec["fall"] == total["charged"] and rec["difference"] == 0 and rec["complete"], rec
+
+
+def test_reconcile_with_the_balance_now_counts_a_job_after_the_last_snapshot(
+        harness: Callable[..., Harness]) -> None:
+    """A job settled after the tick's last snapshot is in the ledger but not in that snapshot's
+    fall; the balance read now (what `credits --reconcile` passes) ends the window after it."""
+    h = harness(balance_interval=3600)  # one snapshot per hour: the first tick's
+    h.scheduler.tick()
+    time.sleep(0.01)
+    record_balance(h.rt.redis, h.rt.keys, h.rt.client.credits())  # a second one, as the tick would store it
+    job = h.accept(sample_request(h.sim))
+    h.run_until(h.finished(job), timeout=60)
+    assert h.state(job)["state"] == "succeeded"
+    stale = reconcile(h.rt.redis, h.rt.keys, 3600)  # both readings precede the job
+    assert stale["snapshots"] == 2 and stale["fall"] == 0 and stale["difference"] == -12, stale
+    rec = reconcile(h.rt.redis, h.rt.keys, 3600, balance_now=h.rt.client.credits())
+    assert rec["fall"] == rec["charged"] == 12 and rec["difference"] == 0 and rec["complete"], rec
 
 
 def test_redelivery_after_the_end_charges_nothing_more(harness: Callable[..., Harness]) -> None:

@@ -141,6 +141,9 @@ def test_usage_is_scoped_by_token(stack: DevStack) -> None:
     assert get(ADMIN, since="1y").status_code == 422
     cmd = cli(stack, "usage", "--tenant", "shop", "--since", "1h")
     assert cmd.returncode == 0 and "shop" in cmd.stdout and "blog" not in cmd.stdout
+    assert "warning" not in cmd.stderr, cmd.stderr
+    typo = cli(stack, "usage", "--tenant", "shopp")  # an empty table, and a warning naming the declared tenants
+    assert "'shopp' is not a tenant of KIE_TENANTS_FILE" in typo.stderr and "shop" in typo.stderr, typo.stderr
 
 
 def test_budget_holds_one_tenant_while_another_flows(stack: DevStack) -> None:
@@ -160,6 +163,11 @@ def test_budget_holds_one_tenant_while_another_flows(stack: DevStack) -> None:
     api = requests.get(stack.serve_url + f"/v1/jobs/{held[0]['job_id']}",  # type: ignore[attr-defined]
                        headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10).json()
     assert api["state"] == "queued" and api["waiting_for"] == "budget"
+    # The CLI says why too: on the job's line, and on the overview.
+    one = cli(stack, "status", held[0]["job_id"])
+    assert one.returncode == 0 and "queued" in one.stdout and "waiting_for=budget" in one.stdout, one.stdout
+    overview = cli(stack, "status")
+    assert "held at their budget: capped" in overview.stdout, overview.stdout + overview.stderr
     usage = requests.get(stack.serve_url + "/v1/usage", params={"tenant": "capped"},  # type: ignore[attr-defined]
                          headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10).json()
     assert usage["tenants"]["capped"]["budget"] == {"credits": 36, "window": 86400, "used": 36, "ratio": 1}
@@ -222,6 +230,16 @@ def test_dashboard_shows_spend_per_tenant_scoped_by_session(stack: DevStack) -> 
         page = shop.get(url + "/jobs", timeout=10).text
         assert 'id="spend"' in page and 'data-tenant="shop"' in page
         assert 'data-tenant="blog"' not in page and 'data-tenant="capped"' not in page
+    # A job held at its budget says so on its page (as GET /v1/jobs/{id} and `kie-extend status`).
+    settings = stack.settings()
+    held = [j for j in _capped_jobs(stack) if get_job(j, settings=settings)["state"] == "queued"]
+    assert held
+    with requests.Session() as admin:
+        admin.post(url + "/login", data={"token": ADMIN, "next": "/"}, headers={"Origin": url}, timeout=10)
+        page = admin.get(url + f"/jobs/{held[0]}", timeout=10).text
+        assert '<dd id="waiting-for">budget' in page, page
+        done = [j for j in _capped_jobs(stack) if j not in held][0]
+        assert 'id="waiting-for"' not in admin.get(url + f"/jobs/{done}", timeout=10).text
 
 
 def test_a_raised_budget_releases_the_waiting_jobs_at_run_time(stack: DevStack) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from kie_extend.cli.dev import env_file_text
+from kie_extend.cli.dev import env_file_text, handed_on
 from test_demo import alive_in_groups, children_of
 
 BIN = Path(sys.executable).parent
@@ -159,6 +159,60 @@ def test_dev_on_a_given_redis_uses_its_own_namespace_and_stops_every_child_on_si
         dev.kill()
     _assert_all_gone(groups, url, tmp_path)
     assert redis.Redis.from_url(url_of_redis).ping(), "the given Redis is left running"
+
+
+def test_handed_on_keeps_the_callers_settings_but_not_what_the_stack_sets() -> None:
+    got = handed_on({"KIE_TENANTS_FILE": "t.toml", "KIE_ADMIN_TOKEN": "x" * 16, "KIE_PRICES": "extend=10",
+                     "KIE_API_KEY": "real-key", "KIE_REDIS_URL": "redis://prod:6379/0", "KIE_QUEUE": "prod",
+                     "KIE_API_TOKENS": "t" * 16, "PATH": "/bin"})
+    assert got == {"KIE_TENANTS_FILE": "t.toml", "KIE_ADMIN_TOKEN": "x" * 16, "KIE_PRICES": "extend=10"}
+
+
+def test_dev_with_a_tenants_file_takes_tenant_tokens_and_strict_mode(tmp_path: Path) -> None:
+    """The README's two services under `kie-extend dev`: the file, strict mode and the tokens it
+    reads with env: (KIE_ADMIN_TOKEN too) reach serve and the workers; the .env names the file."""
+    (tmp_path / "tenants.toml").write_text('[admin]\ntokens = ["env:KIE_ADMIN_TOKEN"]\n'
+                                           '[tenants.shop]\ntokens = ["env:SHOP_TOKEN"]\n'
+                                           '[tenants.blog]\ntokens = ["env:BLOG_TOKEN"]\n')
+    tokens = {"KIE_ADMIN_TOKEN": "a" * 24, "SHOP_TOKEN": "s" * 24, "BLOG_TOKEN": "b" * 24}
+    env = {**_clean_env(), **tokens, "KIE_TENANTS_FILE": "tenants.toml", "KIE_TENANTS_STRICT": "true"}
+    dev = DevRun(tmp_path, "--port", "0", "--sim-port", "0", "--redis-port", "0", "--sim-time-factor", "0.05",
+                 env=env)
+    try:
+        url = dev.read_until(r"dashboard\s+(http://127\.0\.0\.1:\d+)/", 90).group(1)
+        dev.read_until(r"Press Ctrl-C", 30)
+        written = (tmp_path / ".dev" / ".env").read_text()
+        assert f"KIE_TENANTS_FILE='{tmp_path / 'tenants.toml'}'" in written and "KIE_TENANTS_STRICT='true'" in written
+        assert "s" * 24 not in written and "a" * 24 not in written  # the tokens stay in the caller's shell
+        sim = re.search(r"KIE_BASE_URL='([^']+)'", written).group(1)  # type: ignore[union-attr]
+        body = {"request": {"uploadUrl": f"{sim}/files/source/30s.mp3", "model": "V5", "defaultParamFlag": True,
+                            "instrumental": True, "continueAt": 12, "style": "ambient", "title": "Drift"}}
+        shop = {"Authorization": f"Bearer {tokens['SHOP_TOKEN']}"}
+        made = requests.post(f"{url}/v1/jobs", json=body, headers=shop, timeout=10)
+        assert made.status_code in (200, 201, 202), made.text
+        job = made.json()["job_id"]
+        blog = {"Authorization": f"Bearer {tokens['BLOG_TOKEN']}"}
+        assert requests.get(f"{url}/v1/jobs/{job}", headers=blog, timeout=5).status_code == 404
+        admin = {"Authorization": f"Bearer {tokens['KIE_ADMIN_TOKEN']}"}
+        assert requests.get(f"{url}/v1/tenants", headers=admin, timeout=5).status_code == 200
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            got = requests.get(f"{url}/v1/jobs/{job}", headers=shop, timeout=5).json()
+            if got["state"] == "succeeded":
+                break
+            time.sleep(0.3)
+        assert got["state"] == "succeeded" and got["tenant"] == "shop", got
+        # Another shell that sourced the .env (and has the tokens the file reads): strict mode there too.
+        script = ("set -a; . .dev/.env; set +a\n"
+                  'kie-extend enqueue --upload-url "$KIE_BASE_URL/files/source/30s.mp3" --model V5 --custom '
+                  "--instrumental --continue-at 12 --style ambient --title Drift --tenant nobody\n")
+        done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env={**_clean_env(), **tokens},
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "'nobody' is not a tenant" in done.stderr, done.stdout + done.stderr
+        dev.proc.send_signal(signal.SIGINT)
+        assert dev.proc.wait(60) == 0, dev.rest()
+    finally:
+        dev.kill()
 
 
 def test_a_child_that_dies_stops_the_rest_and_dev_exits_1_naming_its_log(tmp_path: Path) -> None:

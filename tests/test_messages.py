@@ -283,8 +283,9 @@ def test_a_refused_bearer_token_is_told_why_without_echoing_it(harness: Callable
             assert r.status_code == 401
             return str(r.json()["error"]["message"])
 
-        assert "header is required" in reason({})
+        assert "header is required" in reason({}) and "or the tenants file" in reason({})
         assert "must be 'Bearer <token>'" in reason({"Authorization": f"Token {WRITE}x"})
+        assert "or the tenants file" in reason({"Authorization": f"Token {WRITE}x"})
         wrong = reason({"Authorization": f"Bearer {WRITE}x"})
         assert "not one of KIE_API_TOKENS" in wrong and WRITE not in wrong
         r = requests.post(f"{served.url}/v1/jobs", headers={"Authorization": f"Bearer {WRITE}"}, timeout=10,

@@ -7,6 +7,7 @@ KIE_API_TOKENS and one from the file's ``[admin]``. Every /v1 route is tried wit
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -344,6 +345,29 @@ def test_strict_mode_fails_an_undeclared_tenant_in_the_worker(tmp_path: Path, te
     assert exc.value.errors[0]["field"] == "tenant"
 
 
+def test_batch_submit_tenant_flag_is_the_default_tenant_of_lines_in_strict_mode(tmp_path: Path,
+                                                                                tenants_file: Path) -> None:
+    """`batch submit FILE --tenant shop` checks lines without a tenant as shop's,
+    as it then enqueues them; without the flag strict mode refuses them (no [tenants.default])."""
+    body = {"uploadUrl": "https://example.com/a.mp3", "defaultParamFlag": True, "instrumental": True,
+            "continueAt": 5, "model": "V5", "style": "rock", "title": "T"}
+    (tmp_path / "songs.jsonl").write_text(json.dumps(body) + "\n" + json.dumps({**body, "title": "U"}) + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KIE_")}
+    env.update({**ENV, "KIE_TENANTS_FILE": str(tenants_file), "KIE_TENANTS_STRICT": "true",
+                "KIE_REDIS_URL": "redis://127.0.0.1:9/0"})
+
+    def run(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "kie_extend.cli", "batch", "submit", "songs.jsonl", *flags],
+                              env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+
+    ok = run("--dry-run", "--tenant", "shop")
+    assert ok.returncode == 0 and "every line is valid" in ok.stdout, ok.stdout + ok.stderr
+    refused = run("--dry-run")
+    assert refused.returncode == 2 and "line 1: tenant:" in refused.stderr, refused.stdout + refused.stderr
+    invented = run("--dry-run", "--tenant", "invented")
+    assert invented.returncode == 2 and "'invented' is not a tenant" in invented.stderr, invented.stderr
+
+
 # ----- bad files: one line, exit 5, no secret ------------------------------------------------------
 
 BAD_FILES = [
@@ -374,6 +398,10 @@ def test_a_bad_tenants_file_stops_the_cli_with_one_line(tmp_path: Path, name: st
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: KIE_TENANTS_FILE " + str(path)), proc.stderr
     assert expected in lines[0] and "Traceback" not in proc.stderr
+    # Where to fix it: the setting, the environment (env: never reads .env), or the file itself.
+    hint = {"missing": "(set it in the environment or in .env)",
+            "env unset": "(export it to every process that reads the file: env: is not read from .env)"}
+    assert lines[0].endswith(hint.get(name, "(fix the file)")), lines[0]
     _no_secret(proc.stdout + proc.stderr)
 
 
@@ -390,6 +418,7 @@ def test_a_bad_tenants_file_stops_serve_worker_and_beat(tmp_path: Path, command:
     assert proc.returncode == 5, (proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: KIE_TENANTS_FILE") and "tenants.shop.tokens" in lines[0]
+    assert lines[0].endswith("(fix the file)"), lines[0]
     _no_secret(proc.stdout + proc.stderr)
 
 

@@ -128,6 +128,9 @@ def test_set_refuses_unknown_tenants_and_bad_values(make_settings: Callable[...,
             parse_changes(weight=bad)
     with pytest.raises(ValidationError):
         parse_changes()
+    with pytest.raises(ValidationError) as exc:  # a budget's zero is told as a budget's, not a rate's
+        parse_changes(budget="0/1d")
+    assert exc.value.errors[0]["message"].startswith("'0/1d': the count and the window must be positive"), exc.value
     changes = set_tenant(rt.redis, rt.keys, rt.settings, "light", budget="500/1d", rate="2/10s")
     assert {(c.field, c.old, c.new) for c in changes} == {("budget", None, "500/1d"), ("rate", None, "2/10s")}
     eff = effective(rt.redis, rt.keys, rt.settings)["light"]

@@ -55,7 +55,7 @@ def parse_rate(value: Any) -> tuple[int, float]:
             raise ValueError(f"{value!r} is not a rate such as 20/10s") from None
         window = parse_duration(right)
     if count <= 0 or window <= 0:
-        raise ValueError("rate count and window must be positive")
+        raise ValueError(f"{str(value)[:40]!r}: the count and the window must be positive")
     return count, window
 
 

@@ -51,6 +51,18 @@ class ConfigError(KieExtendError):
     """A setting is missing or malformed; the message names the environment variable."""
 
 
+def config_error_line(exc: ConfigError) -> str:
+    """The one line shown for a bad setting (``exc``'s message plus where to fix it): a setting is
+    set in the environment or in .env; a mistake inside the tenants file is fixed in the file; an
+    ``env:NAME`` the file names is read from the environment only (never from .env)."""
+    text = str(exc)
+    if text.startswith("KIE_TENANTS_FILE ") and ": no such file" not in text:
+        if "the environment variable" in text:
+            return text + " (export it to every process that reads the file: env: is not read from .env)"
+        return text + " (fix the file)"
+    return text + " (set it in the environment or in .env)"
+
+
 def describe_problems(errors: Iterable[Mapping[str, Any]], limit: int = 1000) -> str:
     """``continueAt: must be > 0; title: required``: field problems on one line, at most ``limit``
     characters (cut with ``…``). A problem filed under the field ``message`` (the whole message

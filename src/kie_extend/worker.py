@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 from celery import Celery, signals
 
 from kie_extend.config import Settings, load_settings
-from kie_extend.errors import ConfigError
+from kie_extend.errors import ConfigError, config_error_line
 from kie_extend.infra.transport import configure_broker
 from kie_extend.infra.transport import broker_conf
 
@@ -96,7 +96,7 @@ def __getattr__(name: str) -> Any:
         try:
             return get_app()
         except ConfigError as exc:
-            _refuse(str(exc) + " (set it in the environment or in .env)")
+            _refuse(config_error_line(exc))
     raise AttributeError(name)
 
 

@@ -363,11 +363,14 @@ def build_items(lines: list[Line], batch_id: str, base_dir: str | os.PathLike[st
 
 # -- checking -----------------------------------------------------------------------------------
 
-def check_item(item: dict[str, Any], settings: Any) -> list[dict[str, str]]:
-    """Every problem of one item, as ``enqueue_many`` would find them (a local file is probed)."""
+def check_item(item: dict[str, Any], settings: Any, defaults: dict[str, Any] | None = None) -> list[dict[str, str]]:
+    """Every problem of one item, as ``enqueue_many`` would find them (a local file is probed).
+    ``defaults``: the command line's ``tenant``/``priority``/``not_after``, used where the item
+    gives none (as ``enqueue_many`` applies them)."""
     from kie_extend.api import check_audio_file, check_extend
 
-    options = {k: item.get(k) for k in ("tenant", "priority", "not_after")}
+    defaults = defaults or {}
+    options = {k: item[k] if item.get(k) is not None else defaults.get(k) for k in ("tenant", "priority", "not_after")}
     key, metadata = item.get("idempotency_key"), item.get("metadata")
     try:
         if item.get("audio_file") is None:
@@ -386,16 +389,18 @@ def check_item(item: dict[str, Any], settings: Any) -> list[dict[str, str]]:
         return list(exc.errors)
 
 
-def check_lines(lines: list[Line], items: list[dict[str, Any]], settings: Any) -> list[Problem]:
+def check_lines(lines: list[Line], items: list[dict[str, Any]], settings: Any,
+                defaults: dict[str, Any] | None = None) -> list[Problem]:
     """Every problem in the file, in line order: reading problems, then each line's checks (fields
-    already reported while reading are not reported again; a line that is not an object is not checked)."""
+    already reported while reading are not reported again; a line that is not an object is not checked).
+    ``defaults``: the command line's ``tenant``/``priority``/``not_after`` for lines without them."""
     problems = [Problem(ln.line, p["field"], p["message"]) for ln in lines for p in ln.problems]
     read = {ln.line: {p["field"] for p in ln.problems} for ln in lines if not ln.header}
     for item in items:
         seen = read.get(item["line"], set())
         if seen & {"line", "request"}:
             continue
-        problems += [Problem(item["line"], p["field"], p["message"]) for p in check_item(item, settings)
+        problems += [Problem(item["line"], p["field"], p["message"]) for p in check_item(item, settings, defaults)
                      if p["field"] not in seen]
     if any(item.get("audio_file") for item in items) and not settings.api_key_value():
         problems.append(Problem(None, "audio_file", "KIE_API_KEY is not set; uploading a local audio file needs it"))
@@ -618,7 +623,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         _err(f"warning: {warning}")
     items = build_items(lines, batch_id, path.parent)
     problems = check_defaults(settings, batch_id, args.tenant, args.priority, args.not_after)
-    problems += check_lines(lines, items, settings)
+    problems += check_lines(lines, items, settings,
+                            {"tenant": args.tenant, "priority": args.priority, "not_after": args.not_after})
     if not lines:
         problems.append(Problem(None, "lines", "the file holds no jobs"))
     if problems:

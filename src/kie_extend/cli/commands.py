@@ -189,6 +189,8 @@ def _line(rec: dict[str, Any]) -> str:
         bits.append(f"tracks={len(rec['tracks'])}")
     if rec.get("error"):
         bits.append(f"error={describe_error(rec['error'])}")
+    if rec.get("waiting_for"):
+        bits.append(f"waiting_for={rec['waiting_for']}")
     if rec.get("duplicate_of"):
         bits.append(f"duplicate_of={rec['duplicate_of']}")
     return "  ".join(bits)
@@ -234,7 +236,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not args.job_id:
         from kie_extend.infra.metrics import overview
 
-        ov = overview(_runtime(settings))
+        rt = _runtime(settings)
+        ov = overview(rt)
         if args.json:
             print(json.dumps(ov, indent=2))
         else:
@@ -261,6 +264,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"waiting:     {ov['waiting']} for a slot, due={ov['due']}  dead letters: {ov['dead_letters']}")
             for prio, tenants in ov["waiting_by_priority"].items():  # type: ignore[union-attr]
                 print(f"  priority {prio}: " + "  ".join(f"{t}={n}" for t, n in tenants.items()))
+            from kie_extend.credits.budgets import waiting as budget_waiting
+
+            held = sorted(budget_waiting(rt.redis, rt.keys))
+            if held:
+                print(f"  held at their budget: {', '.join(held)} "
+                      "(kie-extend usage; kie-extend tenant set T --budget …)")
             print(f"redis:       {_memory_line(ov['redis_memory'])}")  # type: ignore[arg-type]
         sys.stdout.flush()
         _fail_on_infra(ov["infrastructure"])  # type: ignore[arg-type]
@@ -761,7 +770,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--idempotency-key")
     e.add_argument("--metadata", help="JSON object handed to every result handler")
     e.add_argument("--tenant", help="whose job it is: tenants share the account fairly (default KIE_DEFAULT_TENANT)")
-    e.add_argument("--priority", type=int, metavar="0-9", help="higher goes first within a tenant (default 5)")
+    e.add_argument("--priority", type=int, metavar="0-9",
+                   help="higher is admitted first, across tenants; equal priorities share slots by tenant (default 5)")
     e.add_argument("--not-after", metavar="TIME", help="drop the job if not sent by then (ISO-8601 UTC or "
                    "epoch seconds; a time already past is refused)")
     e.add_argument("--batch-id", help="count the job in this batch (kie-extend batch status)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from kie_extend.cli.common import runtime as _runtime
@@ -31,6 +32,11 @@ def cmd_usage(args: argparse.Namespace) -> int:
     same document as ``GET /v1/usage``)."""
     rt = _runtime(_settings())
     report = usage_report(rt, args.since, args.tenant)
+    registry = rt.settings.tenants
+    if args.tenant and registry is not None and not registry.declared(args.tenant):
+        # A typo would print an empty table and exit 0; the ledger may still hold an old tenant's.
+        print(f"warning: {args.tenant!r} is not a tenant of KIE_TENANTS_FILE (declared: "
+              f"{', '.join(sorted(registry.tenants)) or 'none'})", file=sys.stderr)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -61,7 +67,14 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     """The balance's fall over ``--since`` against the ledger's charges. Exit 0 when they agree (or
     reservations are still open), 1 when they differ, 3 without two balance snapshots in the window."""
     rt = _runtime(_settings())
-    report = reconcile(rt.redis, rt.keys, args.since)
+    live: float | None
+    try:  # the balance now ends the window: jobs settled since the last snapshot count on both sides
+        live = rt.client.credits(timeout=(3.0, 5.0))
+    except Exception as exc:  # unreachable: the snapshots alone (a late job may show as a difference)
+        live = None
+        print(f"(the balance could not be read now: {type(exc).__name__}; comparing the tick's snapshots only)",
+              file=sys.stderr)
+    report = reconcile(rt.redis, rt.keys, args.since, balance_now=live)
     if args.json:
         print(json.dumps(report, indent=2))
     elif report["fall"] is None:

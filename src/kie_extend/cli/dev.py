@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from collections.abc import Mapping
 from typing import TextIO
 
 from kie_extend.cli.devstack import DevStack
@@ -33,6 +34,14 @@ DEFAULT_REDIS_PORT = 6390
 EXTERNAL_NAMESPACE = "kie_extend_dev"
 #: The sample source file the simulator hosts (for a first enqueue).
 SAMPLE_SOURCE = "/files/source/30s.mp3"
+#: Settings the stack sets itself: a caller's own value of one of these is not handed on (the
+#: stack's Redis, broker, simulator, callback URL, token and namespace win, and a real
+#: ``KIE_API_KEY`` never goes to the simulator).
+DEV_OWNED = frozenset({"KIE_REDIS_URL", "KIE_BROKER_URL", "KIE_SENTINEL_MASTER", "KIE_SENTINEL_PASSWORD",
+                       "KIE_KEY_PREFIX", "KIE_QUEUE", "KIE_BASE_URL", "KIE_UPLOAD_BASE_URL", "KIE_API_KEY",
+                       "KIE_ALLOW_PRIVATE_URLS", "KIE_CALLBACK_BASE_URL", "KIE_API_TOKENS", "KIE_DEV_URL"})
+#: Handed-on settings a producer in another shell needs too, so they go into the ``.env``.
+PRODUCER_SETTINGS = ("KIE_TENANTS_FILE", "KIE_TENANTS_STRICT", "KIE_DEFAULT_TENANT", "KIE_PRICES")
 
 
 class DevError(Exception):
@@ -79,6 +88,13 @@ def env_file_text(values: dict[str, str], path: str | Path = ".dev/.env") -> str
     return "\n".join(lines) + "\n"
 
 
+def handed_on(environ: Mapping[str, str]) -> dict[str, str]:
+    """The caller's own ``KIE_*`` variables every child gets (``KIE_TENANTS_FILE``,
+    ``KIE_TENANTS_STRICT``, ``KIE_PRICES``, …, and variables a tenants file reads with ``env:``
+    such as ``KIE_ADMIN_TOKEN``): every one but :data:`DEV_OWNED`. ``{name: value}``."""
+    return {k: v for k, v in environ.items() if k.startswith("KIE_") and k not in DEV_OWNED}
+
+
 def run_dev(*, workdir: str | Path = ".dev", port: int = DEFAULT_SERVE_PORT, sim_port: int = DEFAULT_SIM_PORT,
             redis_port: int = DEFAULT_REDIS_PORT, sim_time_factor: float = 0.1, workers: int = 1,
             concurrency: int = 2, out: TextIO | None = None) -> int:
@@ -120,7 +136,10 @@ def run_dev(*, workdir: str | Path = ".dev", port: int = DEFAULT_SERVE_PORT, sim
         # also reads, cannot send workers and producers to different queues.
         ns = EXTERNAL_NAMESPACE if external else "kie_extend"
         namespace = {"KIE_KEY_PREFIX": ns, "KIE_QUEUE": ns}
-        stack = DevStack(workdir, redis_url=external, env=namespace, valkey_port=redis_port or None)
+        own = handed_on(os.environ)
+        if own.get("KIE_TENANTS_FILE"):  # absolute, so the .env works from any directory
+            own["KIE_TENANTS_FILE"] = str(Path(own["KIE_TENANTS_FILE"]).resolve())
+        stack = DevStack(workdir, redis_url=external, env={**own, **namespace}, valkey_port=redis_port or None)
         sim = stack.start_simulator("--time-factor", str(sim_time_factor), port=sim_port or None)
         token = secrets.token_urlsafe(18)
         serve = stack.start_serve(tokens=[token], port=port or None)
@@ -137,6 +156,7 @@ def run_dev(*, workdir: str | Path = ".dev", port: int = DEFAULT_SERVE_PORT, sim
             "KIE_CALLBACK_BASE_URL": serve,
             "KIE_API_TOKENS": token,
             "KIE_DEV_URL": serve,
+            **{name: own[name] for name in PRODUCER_SETTINGS if name in own},
         }
         env_path = workdir / ".env"
         fd = os.open(env_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the token

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kie_extend.infra.check import InfraUnavailable, chain, unreachable_reason
-from kie_extend.errors import (AccountError, ConfigError, ConnectError, KieExtendError, OutcomeUnknownError, ProviderError,
+from kie_extend.errors import (AccountError, ConfigError, config_error_line, ConnectError, KieExtendError, OutcomeUnknownError, ProviderError,
                      ValidationError)
 
 #: redis-py's wording for an error inside a pipeline; it quotes the command and its arguments (job
@@ -111,7 +111,7 @@ def _describe(exc: BaseException, settings: Any) -> tuple[int, str]:
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED, "interrupted"
     if isinstance(exc, ConfigError):
-        return EXIT_CONFIG, f"{exc} (set it in the environment or in .env)"
+        return EXIT_CONFIG, config_error_line(exc)
     if isinstance(exc, ValidationError):
         return EXIT_USAGE, "invalid input: " + "; ".join(f"{e['field']}: {e['message']}" for e in exc.errors)
     if isinstance(exc, InputError):

@@ -54,8 +54,13 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def reconcile(client: Any, keys: Keys, since: float, now: float | None = None) -> dict[str, Any]:
+def reconcile(client: Any, keys: Keys, since: float, now: float | None = None,
+              balance_now: float | None = None) -> dict[str, Any]:
     """The balance's fall over the last ``since`` seconds against the ledger's charges.
+
+    ``balance_now``: the balance read at ``now`` (credits), taken as the window's last reading.
+    Without it the window ends at the last snapshot, and a job admitted after that snapshot counts
+    in the ledger but not yet in the fall (a difference until the next snapshot).
 
     The window runs from the first snapshot in it to the last; the ledger side is every job
     admitted from the ledger bucket (LEDGER_BUCKET s) of the first snapshot on. Returns ``{"since",
@@ -65,6 +70,8 @@ def reconcile(client: Any, keys: Keys, since: float, now: float | None = None) -
     are None without two snapshots in the window."""
     now = time.time() if now is None else now
     points = balances(client, keys, since, now)
+    if balance_now is not None:
+        points.append((now, float(balance_now)))
     out: dict[str, Any] = {"since": _iso(now - since), "snapshots": len(points), "from": None, "to": None,
                            "balance_start": None, "balance_end": None, "fall": None, "charged": None,
                            "refunded": None, "open": None, "difference": None, "complete": False}

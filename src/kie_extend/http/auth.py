@@ -85,9 +85,9 @@ def unauthorized_reason(header: str) -> str:
     the Bearer scheme, or a token that is not configured."""
     scheme, _, value = header.partition(" ")
     if not header.strip():
-        return "an Authorization: Bearer <token> header is required (a token from KIE_API_TOKENS)"
+        return "an Authorization: Bearer <token> header is required (a token from KIE_API_TOKENS or the tenants file)"
     if scheme.lower() != "bearer" or not value.strip():
-        return "the Authorization header must be 'Bearer <token>' (a token from KIE_API_TOKENS)"
+        return "the Authorization header must be 'Bearer <token>' (a token from KIE_API_TOKENS or the tenants file)"
     return ("this bearer token is not one of KIE_API_TOKENS or the tenants file's (a read-only token may be sent "
             "with or without 'read:')")
 

@@ -257,7 +257,8 @@ def _rows(rt: Runtime, ids: list[str]) -> list[dict[str, Any]]:
 def job_detail(rt: Runtime, job_id: str) -> dict[str, Any] | None:
     """One job for its page: the status record plus ``timeline`` (``[{"at", "from", "to",
     "after"}]``, ``after`` = seconds since the previous move), ``request``, ``last_poll_at`` (epoch
-    seconds or None), ``retried``, ``idempotency_key``, ``can_retry``, ``can_cancel``; None for an unknown job."""
+    seconds or None), ``retried``, ``idempotency_key``, ``can_retry``, ``can_cancel``, ``waiting_for``
+    (``"budget"`` while its tenant's budget holds it, as ``get_job``); None for an unknown job."""
     job = rt.store.get_record(job_id)
     if job is None:
         return None
@@ -279,6 +280,12 @@ def job_detail(rt: Runtime, job_id: str) -> dict[str, Any] | None:
         "terminal": job.state in TERMINAL,
         "tracks": [t for t in rec["tracks"]],
     })
+    if job.state is JobState.QUEUED and job.tenant and rt.settings.tenants is not None:
+        from kie_extend.credits.budgets import budgets
+
+        # As get_job says it: held while its tenant's budget is used up (credits/budgets.py).
+        if rt.redis.hexists(rt.keys.budget_wait, job.tenant) and job.tenant in budgets(rt.settings, rt.redis, rt.keys):
+            rec["waiting_for"] = "budget"
     for track in rec["tracks"]:
         url = str(track.get("audio_url") or "")
         track["playable"] = url if url.startswith(("http://", "https://")) else None
