@@ -189,8 +189,6 @@ def _line(rec: dict[str, Any]) -> str:
         bits.append(f"tracks={len(rec['tracks'])}")
     if rec.get("error"):
         bits.append(f"error={describe_error(rec['error'])}")
-    if rec.get("waiting_for"):
-        bits.append(f"waiting_for={rec['waiting_for']}")
     if rec.get("duplicate_of"):
         bits.append(f"duplicate_of={rec['duplicate_of']}")
     return "  ".join(bits)

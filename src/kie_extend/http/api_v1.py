@@ -609,8 +609,9 @@ async def usage_route(
     request: Request,
     principal: Principal = Depends(reader),
     tenant: Annotated[str | None, Query(description="only this tenant (a tenant's token: its own, the default)")] = None,
-    since: Annotated[str, Query(description="the window: 30m, 24h, 7d (a longer one than 35d counts 35d)",
-                                pattern=r"^[0-9]{1,12}(\.[0-9]{1,6})?(ms|s|m|h|d)?$")] = "24h",
+    since: Annotated[str, Query(description="the window: 30m, 24h, 7d (a longer one than 35d counts 35d)"),
+                     WithJsonSchema({"type": "string",
+                                     "pattern": r"^[0-9]{1,12}(\.[0-9]{1,6})?(ms|s|m|h|d)?$"})] = "24h",
 ) -> JSONResponse:
     """Credits reserved, charged, refunded and still open by tenant and by operation, of the jobs
     admitted in the window, with each tenant's budget use. A tenant's token sees only its own
