@@ -380,6 +380,10 @@ BAD_FILES = [
      "tenants.blog.tokens"),
     ("bad rate", '[tenants.shop]\ntokens = ["env:T_SHOP"]\nrate = "fast"\n', "tenants.shop.rate"),
     ("bad budget", '[tenants.shop]\ntokens = ["env:T_SHOP"]\nbudget = "lots"\n', "tenants.shop.budget"),
+    ("budget under an hour", '[tenants.shop]\ntokens = ["env:T_SHOP"]\nbudget = "10/30m"\n',
+     "tenants.shop.budget: a budget's window is counted in whole hours"),
+    ("budget past 35 days", '[tenants.shop]\ntokens = ["env:T_SHOP"]\nbudget = "10/36d"\n',
+     "a budget's window can be at most 35d"),
     ("admin key", '[admin]\ntokens = ["env:T_SHOP"]\nweight = 3\n', "admin.weight"),
 ]
 

@@ -131,6 +131,12 @@ def test_set_refuses_unknown_tenants_and_bad_values(make_settings: Callable[...,
     with pytest.raises(ValidationError) as exc:  # a budget's zero is told as a budget's, not a rate's
         parse_changes(budget="0/1d")
     assert exc.value.errors[0]["message"].startswith("'0/1d': the count and the window must be positive"), exc.value
+    for bad, told in (("10/30s", "use 1h or longer, in hours (got 30s)"), ("10/90m", "(got 1.5h)"),
+                      ("10/36d", "at most 35d")):  # spend is kept in hour buckets for 35 days
+        with pytest.raises(ValidationError) as exc:
+            parse_changes(budget=bad)
+        assert told in exc.value.errors[0]["message"], exc.value
+    assert parse_changes(budget="10/2h")["budget"] == "10 7200"
     changes = set_tenant(rt.redis, rt.keys, rt.settings, "light", budget="500/1d", rate="2/10s")
     assert {(c.field, c.old, c.new) for c in changes} == {("budget", None, "500/1d"), ("rate", None, "2/10s")}
     eff = effective(rt.redis, rt.keys, rt.settings)["light"]

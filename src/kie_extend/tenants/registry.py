@@ -32,6 +32,7 @@ from typing import Any
 
 from kie_extend.errors import ConfigError
 from kie_extend.jobs.ids import is_valid, rule
+from kie_extend.store.keys import LEDGER_TTL, SPEND_BUCKET
 
 #: Prefix of a read-only token.
 READ_ONLY_PREFIX = "read:"
@@ -143,6 +144,17 @@ def _tokens(path: str, key: str, value: Any, tenant: str | None) -> list[Token]:
     return out
 
 
+def budget_window_problem(seconds: float) -> str | None:
+    """Why a budget's window (seconds) cannot be counted, or None: spend is kept in hour buckets for
+    35 days, so a window must be a whole number of hours from 1h to 35d."""
+    got = f"{seconds:g}s" if seconds < SPEND_BUCKET else f"{seconds / SPEND_BUCKET:g}h"
+    if seconds < SPEND_BUCKET or seconds % SPEND_BUCKET:
+        return f"a budget's window is counted in whole hours: use 1h or longer, in hours (got {got})"
+    if seconds > LEDGER_TTL:
+        return f"a budget's window can be at most 35d, how long spend is kept (got {got})"
+    return None
+
+
 def _windowed(path: str, key: str, value: Any, parse_rate: Callable[[Any], tuple[int, float]]) -> tuple[int, float]:
     if not isinstance(value, str):
         raise _fail(path, key, "must be a string such as 5/10s")
@@ -193,6 +205,8 @@ def parse(data: Mapping[str, Any], path: str, parse_rate: Callable[[Any], tuple[
             if match is None:
                 raise _fail(path, f"{where}.budget", "must be a string such as 2000/1d (credits per window)")
             budget = _windowed(path, f"{where}.budget", raw, parse_rate)
+            if (problem := budget_window_problem(budget[1])) is not None:
+                raise _fail(path, f"{where}.budget", problem)
         url = table.get("webhook_url")
         if url is not None and (not isinstance(url, str) or not re.match(r"^https?://[^/\s]+", url)):
             raise _fail(path, f"{where}.webhook_url", "must be an http(s) URL")

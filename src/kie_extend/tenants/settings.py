@@ -27,7 +27,7 @@ import redis
 from kie_extend.config import Settings, parse_rate
 from kie_extend.errors import ValidationError
 from kie_extend.store.keys import Keys
-from kie_extend.tenants.registry import Tenant
+from kie_extend.tenants.registry import Tenant, budget_window_problem
 
 #: Settings an admin may change at run time.
 FIELDS = ("weight", "rate", "budget")
@@ -165,6 +165,8 @@ def parse_changes(weight: Any = None, rate: Any = None, budget: Any = None) -> d
             if not isinstance(value, str) or (name == "budget" and not _BUDGET.match(value)):
                 raise ValueError(f"{str(value)[:40]!r} is not a {name} such as {example}")
             count, seconds = parse_rate(value)
+            if name == "budget" and (problem := budget_window_problem(seconds)) is not None:
+                raise ValueError(problem)
         except ValueError as exc:
             problems.append({"field": name, "message": f"{exc}; or {NONE!r}, or {DEFAULT!r}"})
             continue
