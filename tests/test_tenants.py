@@ -162,7 +162,11 @@ def test_tenant_tokens_see_only_their_own_jobs(api: Api) -> None:
     assert get_job(theirs, settings=api.settings)["state"] != "cancelled"
     listed = api.call("GET", "/v1/jobs", SHOP).json()["jobs"]
     assert [j["job_id"] for j in listed] == [mine]
-    assert api.call("GET", "/v1/jobs?tenant=blog", SHOP).json() == {"jobs": [], "next_cursor": None}
+    # Naming another tenant is refused as on /v1/usage and POST /v1/jobs; the answer names no job of it.
+    other = api.call("GET", "/v1/jobs?tenant=blog", SHOP)
+    assert other.status_code == 403 and other.json()["error"]["kind"] == "forbidden", other.text
+    assert theirs not in other.text
+    assert [j["job_id"] for j in api.call("GET", "/v1/jobs?tenant=shop", SHOP).json()["jobs"]] == [mine]
     every = {j["job_id"] for j in api.call("GET", "/v1/jobs", ADMIN).json()["jobs"]}
     assert {mine, theirs} <= every
     assert {j["job_id"] for j in api.call("GET", "/v1/jobs", FILE_ADMIN).json()["jobs"]} == every

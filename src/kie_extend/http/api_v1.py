@@ -382,7 +382,7 @@ _LISTED_STATES = [s.value for s in JobState if s is not JobState.NOT_FOUND]
 
 
 @router.get("/jobs", response_model=JobPage, operation_id="listJobs",
-            responses=_errors(422, success=(200, {"description": "One page of jobs", "links": {
+            responses=_errors(403, 422, success=(200, {"description": "One page of jobs", "links": {
                 **_job_links("$response.body#/jobs/0/job_id", "first on the page"),
                 "NextPage": {"operationId": "listJobs", "parameters": {"cursor": "$response.body#/next_cursor"},
                              "description": "The next page (same filters); absent on the last page"}}})))
@@ -407,9 +407,11 @@ async def list_jobs_route(
     """Jobs newest first (by creation time), filtered, one page at a time: follow ``next_cursor``
     until it is null. A page may be short while ``next_cursor`` is set when filters skip many."""
     if principal.tenant is not None:
+        if tenant is not None and tenant != principal.tenant:  # as GET /v1/usage and POST /v1/jobs answer
+            raise fail(403, "forbidden", f"this token acts for tenant {principal.tenant}; it lists no other tenant's jobs")
         scoped = await _blocking(tenant_filter, request.app.state.runtime, principal.tenant,
                                  batch_id if batch_id and id_problem("batch_id", batch_id) is None else None)
-        if scoped is False or (tenant is not None and tenant != principal.tenant):
+        if scoped is False:
             return JSONResponse({"jobs": [], "next_cursor": None})
         tenant = scoped  # type: ignore[assignment]
     try:
