@@ -56,6 +56,11 @@ FAILED_STATUSES = frozenset(
 )
 
 
+#: What ``retries=False, redirect=False`` becomes inside urllib3 on every request, built once
+#: (a Retry is never changed in place: urllib3 makes a new one per attempt).
+_NO_RETRY = urllib3.Retry(False, redirect=False)
+
+
 def _pick(item: dict[str, Any], *names: str) -> Any:
     """First non-empty value among spellings (camelCase from polls, snake_case from callbacks)."""
     for name in names:
@@ -173,6 +178,7 @@ class KieClient:
         #: urllib3's pool for requests sent without requests' per-request work (see :meth:`_fast`):
         #: our own session, no proxy and no client certificate from the environment.
         self._pool: urllib3.HTTPConnectionPool | None = None
+        self._timeouts: dict[tuple[float, float], urllib3.Timeout] = {}
         if session is None:
             env = self.session.merge_environment_settings(self.base_url, {}, None, None, None)
             self._env = {"proxies": env["proxies"], "verify": env["verify"], "cert": env["cert"]}
@@ -242,10 +248,12 @@ class KieClient:
         if params:
             target = f"{target}?{urlencode(params, doseq=True)}"
         body = data.encode("utf-8") if data is not None else None
+        u3timeout = self._timeouts.get(timeout)
+        if u3timeout is None:  # built once per (connect, read) pair: urllib3 clones it per request
+            u3timeout = self._timeouts[timeout] = urllib3.Timeout(connect=timeout[0], read=timeout[1])
         try:
-            resp = self._pool.urlopen(method, target, body=body, headers=self._fast_headers, retries=False,
-                                      redirect=False, timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]),
-                                      preload_content=False)
+            resp = self._pool.urlopen(method, target, body=body, headers=self._fast_headers, retries=_NO_RETRY,
+                                      redirect=False, timeout=u3timeout, preload_content=False)
         except u3exc.NewConnectionError as exc:  # refused, unreachable, DNS: nothing was sent
             raise _classify_connection_error(exc, url) from exc
         except u3exc.ConnectTimeoutError as exc:

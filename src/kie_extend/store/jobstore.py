@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator
 
 import redis
@@ -640,8 +641,6 @@ def _with_request(record: dict[str, str], stored: bytes | str | None) -> dict[st
 
 def _iso(ts: float) -> str:
     """Epoch seconds as ISO-8601 UTC with milliseconds."""
-    from datetime import datetime, timezone
-
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
