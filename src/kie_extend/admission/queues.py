@@ -65,21 +65,23 @@ local room = maxif - redis.call('SCARD', KEYS[3]) - booked
 local n = math.min(maxn, room)
 if probe_only then n = math.min(n, 1) end
 local caps, weights = cjson.decode(ARGV[8]), cjson.decode(ARGV[11] or '{}')
-local capof = {}
--- A tenant's cap: its run-time setting ("count window_ms", or "none"), else KIE_TENANT_LIMITS or
--- the tenants file (ARGV); false for none. Read once per tenant per call.
-local function cap_of(tenant)
-  local cap = capof[tenant]
-  if cap ~= nil then return cap end
-  local o = redis.call('HGET', KEYS[10], tenant .. '|rate')
-  if o == 'none' then cap = false
+-- A tenant's (count, window) setting `field`: its run-time value in KEYS[10] ("<count> <window>",
+-- or "none"), else `fallback`'s (ARGV); false for none. Read once per tenant per call (`memo`).
+local function pair_of(tenant, field, memo, fallback)
+  local v = memo[tenant]
+  if v ~= nil then return v end
+  local o = redis.call('HGET', KEYS[10], tenant .. '|' .. field)
+  if o == 'none' then v = false
   elseif o then
-    local c, w = string.match(o, '^(%d+) (%d+)$')
-    cap = {tonumber(c), tonumber(w)}
-  else cap = caps[tenant] or false end
-  capof[tenant] = cap
-  return cap
+    local c, w = string.match(o, '^(%S+) (%S+)$')
+    v = (tonumber(c) and tonumber(w)) and {tonumber(c), tonumber(w)} or false
+  else v = fallback[tenant] or false end
+  memo[tenant] = v
+  return v
 end
+local capof = {}
+-- A tenant's cap ({count, window ms}): its run-time setting, else KIE_TENANT_LIMITS or the tenants file.
+local function cap_of(tenant) return pair_of(tenant, 'rate', capof, caps) end
 -- A tenant's weight: its run-time setting, else the tenants file's (ARGV), else 1.
 local function weight_of(tenant)
   return tonumber(redis.call('HGET', KEYS[10], tenant .. '|weight') or '') or tonumber(weights[tenant] or 1)
@@ -95,20 +97,8 @@ local function capped(tenant, slot)
 end
 local budgets = cjson.decode(ARGV[12] or '{}')
 local spent, budgetof = {}, {}
--- A tenant's budget: its run-time setting ("credits window_s", or "none"), else the tenants file's
--- (ARGV); false for none. Read once per tenant per call.
-local function budget_of(tenant)
-  local b = budgetof[tenant]
-  if b ~= nil then return b end
-  local o = redis.call('HGET', KEYS[10], tenant .. '|budget')
-  if o == 'none' then b = false
-  elseif o then
-    local c, w = string.match(o, '^(%S+) (%S+)$')
-    b = (tonumber(c) and tonumber(w)) and {tonumber(c), tonumber(w)} or false
-  else b = budgets[tenant] or false end
-  budgetof[tenant] = b
-  return b
-end
+-- A tenant's budget ({credits, window s}): its run-time setting, else the tenants file's.
+local function budget_of(tenant) return pair_of(tenant, 'budget', budgetof, budgets) end
 -- A tenant's charged plus reserved credits in its budget's rolling window (whole SPEND_BUCKETs),
 -- read once per call and kept up to date as this call reserves.
 local function used(tenant, window)
