@@ -39,6 +39,7 @@ from kie_extend.errors import (
     UnavailableError,
     error_for_code,
 )
+from kie_extend.provider.operations import StepRecord, operation, parse_lyrics, parse_step_record
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +291,33 @@ class KieClient:
         if not isinstance(data, dict):
             raise ProviderCodeError(422, "recordInfo is null")
         return parse_record(data)
+
+    def submit_step(self, op: str, body: dict[str, Any]) -> str:
+        """POST a follow-up's submit (``provider/operations.py``); the new task's ``taskId``.
+
+        Raises the error tree's provider errors; a duplicate WAV or video answers 409 (RejectedError,
+        ``code == 409``): the first task stands and must not be paid again."""
+        data = self._call("POST", operation(op).submit_path, data=json.dumps(body))
+        task_id = (data or {}).get("taskId") if isinstance(data, dict) else None
+        if not task_id:
+            raise UnavailableError(500, f"{op} answer without taskId")
+        return str(task_id)
+
+    def step_record(self, op: str, task_id: str) -> StepRecord:
+        """GET a follow-up's record; its state and result in our shape."""
+        entry = operation(op)
+        if entry.record_path is None:
+            raise ValueError(f"{op} is synchronous: it has no record")
+        data = self._call("GET", entry.record_path, params={"taskId": task_id})
+        if not isinstance(data, dict):
+            raise ProviderCodeError(422, f"{op} record is null")
+        return parse_step_record(entry, data)
+
+    def timestamped_lyrics(self, task_id: str, audio_id: str) -> dict[str, Any]:
+        """POST get-timestamped-lyrics (synchronous): ``{"aligned_words": [...]}``."""
+        entry = operation("lyrics")
+        data = self._call("POST", entry.submit_path, data=json.dumps({"taskId": task_id, "audioId": audio_id}))
+        return parse_lyrics(data)
 
     def credits(self, timeout: tuple[float, float] | None = None) -> float:
         """GET the remaining credit balance (free; the probe that ends a pause). ``timeout``:
