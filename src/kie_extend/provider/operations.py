@@ -5,7 +5,7 @@ client submits with ``submit_path`` and polls ``record_path``; ``parse_step_reco
 ``parse_step_callback`` read any of them. Parsing is permissive on purpose, because the provider's
 pages disagree with each other:
 
-- the status field ``successFlag`` is a string (``PENDING``, ``SUCCESS``, ``*FAILED*``,
+- the status field ``successFlag`` (``success_flag`` in a snake_case answer) is a string (``PENDING``, ``SUCCESS``, ``*FAILED*``,
   ``CALLBACK_EXCEPTION``) for WAV, stems and video, and an integer 0–3 for MIDI; either type is
   accepted for every operation;
 - ``CALLBACK_EXCEPTION`` counts as success when the result is there, else as failure;
@@ -219,7 +219,8 @@ def parse_step_record(op: Operation, data: dict[str, Any]) -> StepRecord:
     later poll tells); MIDI's success may carry no instruments (a valid, empty result)."""
     task_id = str(_first(data.get("taskId"), data.get("task_id")) or "")
     result = op.result(data)
-    state = _state_of(data.get("successFlag"), result, op.name, task_id)
+    flag = data.get("successFlag") if data.get("successFlag") is not None else data.get("success_flag")
+    state = _state_of(flag, result, op.name, task_id)
     if state == "succeeded" and not result:
         if op.name == "midi":
             result = {"notes": []}
@@ -227,8 +228,8 @@ def parse_step_record(op: Operation, data: dict[str, Any]) -> StepRecord:
             state = "pending"
     error = None
     if state == "failed":
-        error = str(_first(data.get("errorMessage"), data.get("errorCode"), data.get("successFlag"))
-                    or "failed")
+        error = str(_first(data.get("errorMessage"), data.get("error_message"), data.get("errorCode"),
+                           data.get("error_code"), flag) or "failed")
     return StepRecord(task_id, state, result if state == "succeeded" else {}, error)
 
 

@@ -80,6 +80,29 @@ class SimConfig:
     callback_task_id_key: str = _knob("task_id", "how callbacks name the task: task_id or taskId inside data, "
                                                  "top (taskId at the top level), or mixed (each task picks one)")
 
+    wav_seconds: float = _knob(20.0, "time a WAV conversion takes (scaled by time factor)")
+    stems_seconds: float = _knob(60.0, "time a vocal/stem separation takes (scaled by time factor)")
+    midi_seconds: float = _knob(30.0, "time a MIDI generation takes (scaled by time factor)")
+    video_seconds: float = _knob(60.0, "time a music video (MP4) takes (scaled by time factor)")
+    wav_cost: float = _knob(0.4, "credits per accepted WAV conversion (a 409 duplicate is free)")
+    stems_cost: float = _knob(10.0, "credits per separate_vocal separation (charged on every call)")
+    split_stem_cost: float = _knob(50.0, "credits per split_stem separation (charged on every call)")
+    midi_cost: float = _knob(0.0, "credits per MIDI generation")
+    video_cost: float = _knob(2.0, "credits per accepted music video (a 409 duplicate is free)")
+    lyrics_cost: float = _knob(0.0, "credits per timestamped-lyrics call")
+    fault_wav_fail: float = _knob(0.0, "fraction of WAV conversions ending GENERATE_WAV_FAILED")
+    fault_stems_fail: float = _knob(0.0, "fraction of separations ending GENERATE_AUDIO_FAILED")
+    fault_midi_fail: float = _knob(0.0, "fraction of MIDI generations ending failed (flag 3)")
+    fault_video_fail: float = _knob(0.0, "fraction of music videos ending GENERATE_MP4_FAILED")
+    fault_followup_429: float = _knob(0.0, "fraction of follow-up submits answered 429 (not queued)")
+    fault_followup_callback_exception: float = _knob(0.0, "fraction of follow-ups ending CALLBACK_EXCEPTION with "
+                                                          "the result present")
+    followup_flag_style: str = _knob("documented", "follow-up successFlag type: documented (strings, MIDI "
+                                                   "integers), string, int, or mixed (task by task)")
+    followup_field_style: str = _knob("documented", "follow-up record field names: documented (camelCase; "
+                                                    "callbacks snake_case), camel, snake, or mixed")
+    followup_poll_limit: int = _knob(0, "record-info requests per follow-up task per poll window (0: no limit)")
+
     @classmethod
     def knob_types(cls) -> dict[str, Any]:
         """Resolved type hints of every knob."""
@@ -127,6 +150,10 @@ class SimConfig:
         for code in filter(None, (c.strip() for c in str(self.fail_codes or "").split(","))):
             if not code.isdigit():
                 raise ValueError("fail_codes must be comma-separated error codes such as 501,531")
+        if self.followup_flag_style not in ("documented", "string", "int", "mixed"):
+            raise ValueError("followup_flag_style must be documented, string, int or mixed")
+        if self.followup_field_style not in ("documented", "camel", "snake", "mixed"):
+            raise ValueError("followup_field_style must be documented, camel, snake or mixed")
         if not 500 <= self.edge_status <= 599:
             raise ValueError("edge_status must be a 5xx status")
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from kie_extend.simulator import files
+from kie_extend.simulator import files, followups
 from kie_extend.simulator.callbacks import Scheduler, post_callback
 from kie_extend.simulator.config import SimConfig
 from kie_extend.simulator.jobs import FAIL_CODES, RESULT_SHAPES, JobsTask, legacy_view, validate_create_task
@@ -61,6 +61,8 @@ class Simulator:
         self._submit_limiter = RollingLimiter()
         self._poll_limiter = RollingLimiter()
         self.tasks: dict[str, Task] = {}
+        self.followups: dict[str, followups.FollowUp] = {}
+        self.followup_index: dict[str, str] = {}  # followups.paid_key -> task id (a second WAV/MP4: 409)
         self.takes: dict[str, tuple[Task, Take]] = {}
         self.credits = self.config.credits
         self.rng = random.Random(self.config.seed)
@@ -75,6 +77,7 @@ class Simulator:
             ("POST", "/api/file-stream-upload"): lambda r: files.upload_stream(self, r),
             ("POST", "/api/file-base64-upload"): lambda r: files.upload_base64(self, r),
             ("POST", "/api/file-url-upload"): lambda r: files.upload_url(self, r),
+            **self._followup_routes(),
             ("GET", "/_sim/stats"): lambda r: json_reply(self.stats_snapshot()),
             ("POST", "/_sim/reset"): self._reset_route,
             ("GET", "/_sim/config"): self._config_route,
@@ -84,8 +87,18 @@ class Simulator:
         self.state = StateFile(state_file) if state_file else None
         if self.state is not None and self.state.load(self):
             self._refunds = [t for t in self.tasks.values() if t.refund and not t.refunded]
-            for task in list(self.tasks.values()):  # the callback stages that had not gone out yet
+            for task in [*self.tasks.values(), *self.followups.values()]:  # callbacks not gone out yet
                 self._schedule_callbacks(task)
+
+    def _followup_routes(self) -> dict[tuple[str, str], Handler]:
+        routes: dict[tuple[str, str], Handler] = {}
+        for op, (submit_path, record_path) in followups.ROUTES.items():
+            if record_path is None:
+                routes[("POST", submit_path)] = lambda r: followups.lyrics(self, r)
+                continue
+            routes[("POST", submit_path)] = functools.partial(followups.submit, self, op)
+            routes[("GET", record_path)] = functools.partial(followups.record, self, op)
+        return routes
 
     # ----- dispatch -------------------------------------------------------------------------------
 
@@ -95,6 +108,8 @@ class Simulator:
         handler = self._routes.get((method, req.path))
         if handler is not None:
             return f"{method} {req.path}", handler
+        if method == "GET" and req.path.startswith("/files/followup/"):
+            return "GET /files/followup", lambda r: followups.serve_file(self, r)
         if method == "GET" and req.path.startswith("/files/"):
             kind = req.path.split("/")[2]
             return f"GET /files/{kind}", lambda r: files.serve_file(self, r)
@@ -354,7 +369,11 @@ class Simulator:
             self.takes[take.key] = (task, take)
         return task
 
-    def _schedule_callbacks(self, task: Task) -> None:
+    def schedule_callbacks(self, task: Task | followups.FollowUp) -> None:
+        """Schedule a task's (or follow-up's) callback stages that have not gone out yet."""
+        self._schedule_callbacks(task)
+
+    def _schedule_callbacks(self, task: Task | followups.FollowUp) -> None:
         if not self.config.callbacks or not task.callback_url:  # callBackUrl is optional on createTask
             return
         for elapsed, stage in task.stages():
@@ -362,10 +381,10 @@ class Simulator:
                 self.scheduler.call_at(task.created + elapsed, task.task_id,
                                        functools.partial(self._fire, task, stage))
 
-    def _current(self, task: Task) -> bool:
-        return self.tasks.get(task.task_id) is task
+    def _current(self, task: Task | followups.FollowUp) -> bool:
+        return self.tasks.get(task.task_id) is task or self.followups.get(task.task_id) is task
 
-    def _fire(self, task: Task, stage: str) -> None:
+    def _fire(self, task: Task | followups.FollowUp, stage: str) -> None:
         """A callback stage is due: send it (or inject the missing/duplicate fault)."""
         if not self._current(task) or not self.config.callbacks:
             return
@@ -381,7 +400,7 @@ class Simulator:
             task.done_stages.append(stage)
             self.persist()
 
-    def _attempt(self, task: Task, stage: str, retry: int) -> None:
+    def _attempt(self, task: Task | followups.FollowUp, stage: str, retry: int) -> None:
         """One delivery attempt; on failure schedule the next retry or stop the task's callbacks."""
         cfg = self.config
         if task.cb_stopped or not self._current(task):
@@ -423,6 +442,8 @@ class Simulator:
         with self.lock:
             out["tasks"] = len(self.tasks)
             out["credits"] = number(self.credits)
+            out["followups"] = len(self.followups)
+        out["followups_paid_twice"] = followups.paid_twice(out.get("followup_paid") or {})
         out["uploads_stored"] = len(self.uploads)
         out["callbacks_pending"] = self.scheduler.pending()
         return out
@@ -433,6 +454,8 @@ class Simulator:
             self.scheduler.clear()
             self.tasks.clear()
             self.takes.clear()
+            self.followups.clear()
+            self.followup_index.clear()
             self.uploads.clear()
             self._submit_limiter.clear()
             self._poll_limiter.clear()

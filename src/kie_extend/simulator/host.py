@@ -1,4 +1,4 @@
-"""What the simulator's file routes (files.py) and its state file (state.py) use of the simulator.
+"""What the simulator's file routes (files.py), follow-up routes (followups.py) and state file (state.py) use of it.
 
 :class:`~kie_extend.simulator.core.Simulator` has all of it; these modules name this protocol
 instead, so they need not import the core that imports them.
@@ -29,6 +29,10 @@ class SimHost(Protocol):
     credits: float
     rng: random.Random
     _jobs_created: int
+    followups: dict[str, Any]  # follow-up task id -> followups.FollowUp
+    followup_index: dict[str, str]  # followups.paid_key -> follow-up task id (409s)
+    _submit_limiter: Any
+    _poll_limiter: Any
 
     def public_base(self, req: SimRequest) -> str:
         """The base URL clients reached the simulator at (for file URLs)."""
@@ -44,3 +48,12 @@ class SimHost(Protocol):
 
     def uploaded(self, upload: Any) -> None:
         """Note a finished upload (stats, state file)."""
+
+    def roll(self, knob: str, rng: random.Random | None = None, count: bool = True) -> bool:
+        """Draw the fault ``knob`` (a fraction of 0..1)."""
+
+    def persist(self) -> None:
+        """Write the state file now (no-op without one)."""
+
+    def schedule_callbacks(self, task: Any) -> None:
+        """Schedule a task's callback stages that have not gone out yet."""

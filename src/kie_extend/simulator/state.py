@@ -1,7 +1,7 @@
 """The simulator's state on disk, so a restarted simulator still knows its tasks.
 
 With ``--state-file PATH`` (env ``KIE_SIM_STATE_FILE``) the simulator keeps, in one JSON file:
-its tasks (timelines, takes, callback plans and which callback stages already went out), its
+its tasks and follow-up tasks (timelines, takes, callback plans and which callback stages already went out), its
 credit balance, its random generator (a seeded simulator does not hand out a task id twice), its
 counters (``/_sim/stats``) and the list of uploaded files, whose bytes go to the directory
 ``PATH.uploads/``. The file is rewritten atomically (a temporary file in the same directory,
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kie_extend.infra.fileio import write_atomic
+from kie_extend.simulator.followups import FollowUp, paid_key
 from kie_extend.simulator.jobs import JobsTask
 from kie_extend.simulator.tasks import Take, Task
 from kie_extend.simulator.uploads import Upload
@@ -53,6 +54,19 @@ def _task_dict(task: Task) -> dict[str, Any]:
     out["created"] = _to_epoch(task.created)
     out["kind"] = "jobs" if isinstance(task, JobsTask) else "legacy"
     return out
+
+
+def _followup_dict(task: FollowUp) -> dict[str, Any]:
+    out = dataclasses.asdict(task)
+    out["api_key"] = ""  # never on disk
+    out["created"] = _to_epoch(task.created)
+    return out
+
+
+def _followup_from(raw: dict[str, Any]) -> FollowUp:
+    raw = dict(raw)
+    raw["created"] = _to_monotonic(float(raw["created"]))
+    return FollowUp(**raw)
 
 
 def _task_from(raw: dict[str, Any]) -> Task:
@@ -98,6 +112,7 @@ class StateFile:
             "jobs_created": sim._jobs_created,
             "rng": _rng_to_json(sim.rng.getstate()),
             "tasks": [_task_dict(t) for t in sim.tasks.values()],
+            "followups": [_followup_dict(t) for t in sim.followups.values()],
             "uploads": uploads,
             "stats": sim.stats.snapshot(),
         }
@@ -122,6 +137,7 @@ class StateFile:
             raise StateError(f"simulator state file {self.path} is not version {VERSION} simulator state")
         try:
             tasks = [_task_from(raw) for raw in doc["tasks"]]
+            follow = [_followup_from(raw) for raw in doc.get("followups", [])]
             uploads = []
             for raw in doc.get("uploads", []):
                 blob = self._blob(raw["path"])
@@ -135,6 +151,8 @@ class StateFile:
         with sim.lock:
             sim.tasks = {t.task_id: t for t in tasks}
             sim.takes = {take.key: (t, take) for t in tasks for take in t.takes}
+            sim.followups = {t.task_id: t for t in follow}
+            sim.followup_index = {paid_key(t.op, t.body): t.task_id for t in follow}
             for upload in uploads:
                 sim.uploads.restore(upload)
             sim.rng.setstate(rng_state)

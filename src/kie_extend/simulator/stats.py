@@ -7,7 +7,8 @@ import threading
 from typing import Any
 
 COUNTERS = ("submissions_accepted", "rate_limited", "polls", "callbacks_sent", "callbacks_failed", "uploads")
-TALLIES = ("requests", "submissions_by_callback_url", "polls_by_task", "callbacks_by_type", "faults")
+TALLIES = ("requests", "submissions_by_callback_url", "polls_by_task", "callbacks_by_type", "faults",
+           "followups_accepted", "followup_conflicts", "followup_rate_limited", "followup_polls", "followup_paid")
 
 
 class Stats:
