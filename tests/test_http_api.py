@@ -266,7 +266,7 @@ def test_422_lists_every_field_error_exactly_as_the_python_api_and_enqueues_noth
     assert any(e["field"].endswith("model") for e in errs)
     r = stack.call("POST", "/v1/jobs", json={"jobs": [{"request": req(stack.sim), "audio_file": "/etc/passwd"}]})
     assert r.status_code == 422 and r.json()["error"]["errors"] == [{"field": "[0].audio_file", "message":
-        "unknown field; accepted: request, idempotency_key, metadata, tenant, priority, batch_id, not_after, job_id"}]
+        "unknown field; accepted: request, idempotency_key, metadata, tenant, priority, batch_id, not_after, steps, takes, job_id"}]
     for body, field in ((b"[1, 2]", "body"), (b"{oops", "body"), (json.dumps({"jobs": []}).encode(), "jobs"),
                         (json.dumps({"jobs": "x"}).encode(), "jobs")):
         r = stack.call("POST", "/v1/jobs", data=body, headers={"Content-Type": "application/json"})
@@ -482,7 +482,7 @@ def test_an_unavailable_job_store_is_a_json_503(make_settings: Callable[..., Set
         r = browser.post(served.url + "/login", data={"token": WRITE, "next": "/"}, headers={"Origin": served.url})
         assert r.status_code == 503 and "Job store unreachable" in r.text
         csrf = re.search(r'name="csrf" value="([^"]+)"', r.text).group(1)  # type: ignore[union-attr]
-        sample = {"job_id": "j-1", "batch_id": "b-1"}
+        sample = {"job_id": "j-1", "batch_id": "b-1", "n": "0"}
         seen = 0
         for path, methods in _routes(app):
             # /v1/tenants reads the settings alone (the tenants file, read at start), never the store.

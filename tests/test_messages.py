@@ -58,14 +58,14 @@ def test_describe_error_names_every_field_and_the_code_or_reason() -> None:
 
 def test_unknown_kwargs_name_a_near_miss_and_every_accepted_kwarg() -> None:
     assert EXTEND_KWARGS == ("request", "idempotency_key", "metadata", "tenant", "priority", "batch_id",
-                             "not_after")
-    everything = "accepted: request, idempotency_key, metadata, tenant, priority, batch_id, not_after"
+                             "not_after", "steps", "takes")
+    everything = "accepted: request, idempotency_key, metadata, tenant, priority, batch_id, not_after, steps, takes"
     for given, meant in (("idempotencyKey", "idempotency_key"), ("batchId", "batch_id"), ("Tenant", "tenant"),
                          ("notafter", "not_after"), ("meta_data", "metadata"), ("requests", "request")):
         assert unknown_kwarg_message(given) == f"unknown keyword argument; did you mean {meant}? {everything}"
     assert unknown_kwarg_message("colour") == f"unknown keyword argument; {everything}"
     assert kwargs_hint() == ("request=…, idempotency_key=…, metadata=…, tenant=…, priority=…, batch_id=…, "
-                             "not_after=…")
+                             "not_after=…, steps=…, takes=…")
 
 
 def test_the_extend_task_takes_exactly_the_documented_kwargs(make_settings: Callable[..., Settings]) -> None:
@@ -297,6 +297,6 @@ def test_a_refused_bearer_token_is_told_why_without_echoing_it(harness: Callable
                           json={"request": sample_request(h.sim), "idempotencyKey": "k"})
         assert r.status_code == 422 and r.json()["error"]["errors"] == [{"field": "idempotencyKey", "message": (
             "unknown field; did you mean idempotency_key? accepted: request, idempotency_key, metadata, tenant, "
-            "priority, batch_id, not_after, job_id")}]
+            "priority, batch_id, not_after, steps, takes, job_id")}]
     finally:
         served.stop()

@@ -181,7 +181,8 @@ def enqueue_extend(request: dict[str, Any], *, audio_file: AudioPath | None = No
                    idempotency_key: str | None = None, metadata: dict[str, Any] | None = None,
                    settings: Settings | None = None, job_id: str | None = None, tenant: str | None = None,
                    priority: int | None = None, batch_id: str | None = None,
-                   not_after: str | float | None = None) -> str:
+                   not_after: str | float | None = None, steps: list[dict[str, Any]] | None = None,
+                   takes: str | None = None) -> str:
     """Validate and enqueue one extend request; returns the job id. Nothing is sent when invalid.
 
     With ``audio_file`` (a local path; the request then has no ``uploadUrl``) the file is probed
@@ -197,9 +198,12 @@ def enqueue_extend(request: dict[str, Any], *, audio_file: AudioPath | None = No
     event, named by ``job_ids``); for the same request the job becomes a duplicate of the first
     (README "Idempotency keys and explicit job ids").
     ``tenant``, ``priority`` (0-9), ``batch_id`` and ``not_after`` (ISO-8601 UTC or epoch seconds)
-    share the account fairly (README "Sharing one account").
+    share the account fairly (README "Sharing one account"). ``steps`` (a list such as ``[{"op": "wav"},
+    {"op": "stems", "type": "separate_vocal"}]``) and ``takes`` (``"all"``, the default, or ``"first"``)
+    ask for follow-up steps on the finished extension (README "Follow-up steps").
     """
-    options = {"tenant": tenant, "priority": priority, "batch_id": batch_id, "not_after": not_after}
+    options = {"tenant": tenant, "priority": priority, "batch_id": batch_id, "not_after": not_after,
+               "steps": steps, "takes": takes}
     settings = _settings(settings)
     if audio_file is not None:
         uploaded = upload_audio(request, audio_file, idempotency_key=idempotency_key, metadata=metadata,
@@ -328,23 +332,26 @@ def _refusal_fields(settings: Settings, job_id: str, message: dict[str, Any]) ->
 @_credentials_named
 def enqueue_many(items: Iterable[dict[str, Any]], *, settings: Settings | None = None,
                  batch_id: str | None = None, tenant: str | None = None, priority: int | None = None,
-                 not_after: str | float | None = None, skip_existing: bool = False) -> list[str]:
+                 not_after: str | float | None = None, skip_existing: bool = False,
+                 steps: list[dict[str, Any]] | None = None, takes: str | None = None) -> list[str]:
     """Validate every item first, then enqueue them all; returns job ids in order (see
     :func:`enqueue_many_sent`, which also says which items this call published)."""
     return enqueue_many_sent(items, settings=settings, batch_id=batch_id, tenant=tenant, priority=priority,
-                             not_after=not_after, skip_existing=skip_existing)[0]
+                             not_after=not_after, skip_existing=skip_existing, steps=steps, takes=takes)[0]
 
 
 @_credentials_named
 def enqueue_many_sent(items: Iterable[dict[str, Any]], *, settings: Settings | None = None,
                       batch_id: str | None = None, tenant: str | None = None, priority: int | None = None,
                       not_after: str | float | None = None,
-                      skip_existing: bool = False) -> tuple[list[str], set[int]]:
+                      skip_existing: bool = False, steps: list[dict[str, Any]] | None = None,
+                      takes: str | None = None) -> tuple[list[str], set[int]]:
     """Validate every item first, then enqueue them all on one connection; returns job ids in order.
 
     Each item is ``{"request": {...}, "idempotency_key": ..., "metadata": ..., "audio_file": ...,
-    "job_id": ..., "tenant": ..., "priority": ..., "batch_id": ..., "not_after": ...}`` (all but
-    ``request`` optional; an item's own ``tenant`` … ``not_after`` win over the keyword arguments).
+    "job_id": ..., "tenant": ..., "priority": ..., "batch_id": ..., "not_after": ..., "steps": ...,
+    "takes": ...}`` (all but ``request`` optional; an item's own ``tenant`` … ``takes`` win over the
+    keyword arguments).
     If any item is invalid, nothing is uploaded or enqueued and the ValidationError names each bad
     field as ``[i].field``. Files are uploaded only once every item has passed. A batch's jobs are
     declared to it before any is sent, so it cannot finish early. An explicit ``job_id`` is claimed
@@ -357,20 +364,22 @@ def enqueue_many_sent(items: Iterable[dict[str, Any]], *, settings: Settings | N
     settings = _settings(settings)
     items = list(items)
     options, infos = _check_many(items, settings, {"tenant": tenant, "priority": priority, "batch_id": batch_id,
-                                                   "not_after": not_after})
+                                                   "not_after": not_after, "steps": steps, "takes": takes})
     return _enqueue_checked(items, options, infos, settings, skip_existing)
 
 
 def check_many(items: Iterable[dict[str, Any]], *, settings: Settings | None = None, batch_id: str | None = None,
                tenant: str | None = None, priority: int | None = None,
-               not_after: str | float | None = None) -> list[dict[str, Any]]:
+               not_after: str | float | None = None, steps: list[dict[str, Any]] | None = None,
+               takes: str | None = None) -> list[dict[str, Any]]:
     """Validate items as :func:`enqueue_many_sent` does, and send nothing (local files are probed,
     not uploaded). Returns each item's options in order: ``{"tenant", "priority", "batch_id",
     "not_after"}`` with tenant and priority resolved (KIE_DEFAULT_TENANT, the default priority).
     Raises ValidationError naming each bad field as ``[i].field``."""
     settings = _settings(settings)
     options, _ = _check_many(list(items), settings, {"tenant": tenant, "priority": priority,
-                                                     "batch_id": batch_id, "not_after": not_after})
+                                                     "batch_id": batch_id, "not_after": not_after,
+                                                     "steps": steps, "takes": takes})
     return [{**o, "tenant": o["tenant"] if o["tenant"] is not None else settings.default_tenant,
              "priority": int(o["priority"]) if o["priority"] is not None else DEFAULT_PRIORITY} for o in options]
 
@@ -378,7 +387,7 @@ def check_many(items: Iterable[dict[str, Any]], *, settings: Settings | None = N
 def _check_many(items: list[dict[str, Any]], settings: Settings,
                 defaults: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[int, AudioInfo]]:
     """enqueue_many's checks: each item's options, and the probed local files by index."""
-    options = [{k: item.get(k, defaults[k]) for k in OPTIONS} for item in items]
+    options = [{k: item.get(k, defaults.get(k)) for k in OPTIONS} for item in items]
     problems: list[dict[str, str]] = []
     infos: dict[int, AudioInfo] = {}
     for i, item in enumerate(items):

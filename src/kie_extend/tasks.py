@@ -102,7 +102,7 @@ def register(app: Celery) -> None:
     @app.task(name="kie_extend.extend", bind=True, max_retries=None)
     def extend(self: Task, *args: Any, request: Any = None, idempotency_key: Any = None,
                metadata: Any = None, tenant: Any = None, priority: Any = None, batch_id: Any = None,
-               not_after: Any = None, **kwargs: Any) -> None:
+               not_after: Any = None, steps: Any = None, takes: Any = None, **kwargs: Any) -> None:
         """Accept one extend request (job id = this task's id) and try to submit it.
 
         Never acked before the job record is written: any error is retried (infrastructure errors
@@ -116,7 +116,8 @@ def register(app: Celery) -> None:
             return
         try:
             services.get_pipeline().accept(self.request.id, request, idempotency_key, metadata, extra,
-                                           tenant=tenant, priority=priority, batch_id=batch_id, not_after=not_after)
+                                           tenant=tenant, priority=priority, batch_id=batch_id, not_after=not_after,
+                                           steps=steps, takes=takes)
         except Exception as exc:
             if is_infra_error(exc) or self.request.retries < MAX_UNEXPECTED_RETRIES:
                 retry_later(self, exc)

@@ -174,14 +174,23 @@ while admitted < n and guard < n * 4 + 16 do
     end
     if #popped > 0 then
       local id = popped[1]
-      local jk = T .. ':job:' .. id
-      if redis.call('HGET', jk, 'state') == 'queued' then
-        local na = tonumber(redis.call('HGET', jk, 'not_after') or '')
+      -- A follow-up step's sub-id "<job>~<n>" (store/steps.py) is admitted like a job: its entry's
+      -- state, send counter and admission live in its job's hash.
+      local base, sn = string.match(id, '^(.+)~(%d+)$')
+      local jk = T .. ':job:' .. (base or id)
+      local waiting
+      if base then
+        waiting = redis.call('HGET', jk, 'state') == 'submitted' and redis.call('HGET', jk, 'stepst:' .. sn) == 'queued'
+      else
+        waiting = redis.call('HGET', jk, 'state') == 'queued'
+      end
+      if waiting then
+        local na = (not base) and tonumber(redis.call('HGET', jk, 'not_after') or '')
         if na and na * 1000 <= slot then
           -- Past its deadline: not sent; its due entry lets a worker cancel it now.
           redis.call('ZADD', KEYS[8], now / 1000, id)
         else
-          local token = id .. ':' .. (tonumber(redis.call('HGET', jk, 'sends') or '0') + 1)
+          local token = id .. ':' .. (tonumber(redis.call('HGET', jk, base and ('stepsends:' .. sn) or 'sends') or '0') + 1)
           local granted = id == ARGV[9] and slot <= now
           if granted then
             -- The caller sends it now: record the send and take its in-flight slot; its due entry
@@ -194,8 +203,8 @@ while admitted < n and guard < n * 4 + 16 do
             redis.call('ZADD', KEYS[8], slot / 1000, id)
           end
           redis.call('PEXPIRE', KEYS[4], slot - now + book * 2 + 1000)
-          redis.call('HSET', jk, 'admitted', slot)
-          local reserved = reserve(jk, now / 1000)
+          redis.call('HSET', jk, base and ('stepadm:' .. sn) or 'admitted', slot)
+          local reserved = base and 0 or reserve(jk, now / 1000)
           local budget = budget_of(tenant)
           if budget then spent[tenant] = used(tenant, budget[2]) + reserved end
           redis.call('HDEL', KEYS[11], tenant)

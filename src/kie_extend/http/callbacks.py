@@ -1,5 +1,8 @@
 """KIE's callbacks: ``POST /kie/callback/{job_id}`` turns a provider callback into a poll.
 
+``POST /kie/callback/step/{job_id}/{n}`` does the same for a follow-up step (jobs/steps.py): its
+callback also names the step's task when a 409 or a lost answer left the entry without one.
+
 The route is part of ``kie-extend serve``'s app (``callbacks``, see app.py ``PARTS``); ``kie-extend
 serve --callbacks-only`` (and its older name ``kie-extend callback-server``) serves it alone. It
 answers fast, verifies the provider's HMAC headers when ``KIE_CALLBACK_SECRET`` is set, takes at
@@ -32,6 +35,8 @@ log = logging.getLogger("kie_extend.http")
 MAX_SKEW = 300
 #: Path of the route; ``{job_id}`` follows the job id grammar (jobs/intake.py), else 404.
 ROUTE = "/kie/callback/{job_id}"
+#: Path of a follow-up step's callback (jobs/steps.py): the job and the entry's index.
+STEP_ROUTE = "/kie/callback/step/{job_id}/{n}"
 
 
 def callback_task_id(body: dict[str, Any]) -> str | None:
@@ -106,4 +111,32 @@ def install(app: FastAPI, settings: Settings, log_every: float = 10.0) -> None:
                                             "will find the result", job_id, type(exc).__name__, exc)
             else:
                 log.exception("callback handling failed", extra={"job_id": job_id})
+        return JSONResponse({"status": "received"})
+
+    @app.post(STEP_ROUTE, include_in_schema=False)
+    async def step_callback(job_id: str, n: str, request: Request) -> JSONResponse:
+        if not JOB_ID_PATTERN.fullmatch(job_id) or not n.isdigit() or len(n) > 3:
+            return JSONResponse(_error("not_found", f"no such step: {job_id[:200]}/{n[:10]}"), status_code=404)
+        raw = await request.body()
+        try:
+            body = loads(raw or b"{}", app.state.limits.json_max_depth)
+            if not isinstance(body, dict):
+                raise ValueError("not an object")
+        except TooDeep as exc:
+            return JSONResponse(_error("invalid_json", f"body {exc}"), status_code=422)
+        except ValueError:
+            return JSONResponse(_error("invalid_json", "the body must be a JSON object"), status_code=400)
+        if secret:
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            if not signature_ok(body, headers, secret):
+                log.warning("step callback with a bad or missing signature ignored", extra={"job_id": job_id})
+                return JSONResponse(_error("unauthorized", "bad or missing webhook signature"), status_code=401)
+        try:
+            await run_in_threadpool(app.state.pipeline.steps.hint, job_id, int(n), body)
+        except Exception as exc:  # the step's poll stays the source of truth
+            if is_infra_error(exc):
+                unrecorded_log.warning(log, "step callback for %s not recorded, job store unavailable (%s: %s)",
+                                       job_id, type(exc).__name__, exc)
+            else:
+                log.exception("step callback handling failed", extra={"job_id": job_id})
         return JSONResponse({"status": "received"})

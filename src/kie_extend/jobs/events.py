@@ -8,6 +8,7 @@ from typing import Any
 
 from kie_extend.jobs.states import EVENT_FOR, JobState
 from kie_extend.credits.ledger import job_credits
+from kie_extend.jobs.steps import view as steps_view
 from kie_extend.store.record import EMPTY, JobRecord, as_record
 
 #: The keys of a track in events and status records.
@@ -42,7 +43,14 @@ def build_event(raw: JobRecord | Mapping[str, str], state: JobState, fields: dic
         "submitted_at": merged.submitted_at,
         "finished_at": merged.finished_at,
         **_sharing(merged),
+        **_steps(merged),
     }
+
+
+def _steps(rec: JobRecord) -> dict[str, Any]:
+    """``{"steps": [...]}`` for a job with follow-up steps (jobs/steps.py), else nothing."""
+    steps = steps_view(rec.raw)
+    return {} if steps is None else {"steps": steps}
 
 
 def _sharing(rec: JobRecord) -> dict[str, Any]:
@@ -79,4 +87,5 @@ def status_record(raw: JobRecord | Mapping[str, str], job_id: str) -> dict[str, 
         **_sharing(rec),
         "credits": job_credits(rec.raw),
         "waiting_for": None,
+        **_steps(rec),
     }

@@ -15,6 +15,7 @@ from kie_extend.config import Settings
 from kie_extend.errors import ValidationError
 from kie_extend.jobs.ids import (JOB_ID_PATTERN, MAX_ID, MAX_IDEMPOTENCY_KEY, TENANT_PATTERN,  # noqa: F401 (re-exported)
                   TEXT_FIELDS, id_problem, idempotency_problem, text_problems)
+from kie_extend.jobs.plan import check_plan
 from kie_extend.jobs.request import parse_request
 
 #: Largest request body accepted (bytes of JSON); the provider's own limits are far below it.
@@ -25,8 +26,9 @@ MAX_BATCH_ID = MAX_ID
 #: Priorities: higher is admitted first.
 PRIORITIES = range(0, 10)
 DEFAULT_PRIORITY = 5
-#: The sharing options, optional kwargs of ``kie_extend.extend``.
-EXTEND_OPTIONS = ("tenant", "priority", "batch_id", "not_after")
+#: The options, optional kwargs of ``kie_extend.extend``: sharing the account (tenant … not_after) and the
+#: follow-up steps run on the finished extension (steps, takes; jobs/plan.py).
+EXTEND_OPTIONS = ("tenant", "priority", "batch_id", "not_after", "steps", "takes")
 #: Every keyword argument ``kie_extend.extend`` accepts, in the order the docs give them: the one
 #: list hints, the Python API and the task's signature (a test compares them) agree on.
 EXTEND_KWARGS = ("request", "idempotency_key", "metadata", *EXTEND_OPTIONS)
@@ -106,6 +108,8 @@ class Intake:
     priority: int = DEFAULT_PRIORITY
     batch_id: str | None = None
     not_after: float | None = None
+    steps: list[dict[str, Any]] | None = None
+    takes: str = "all"
     problems: list[dict[str, str]] = field(default_factory=list)
 
 
@@ -122,19 +126,21 @@ def _json_size(value: Any, strict: bool = False) -> int | None:
 def check_message(request: Any, *, settings: Settings, idempotency_key: Any = None, metadata: Any = None,
                   job_id: str | None = None, extra_kwargs: dict[str, Any] | None = None,
                   audio_duration: float | None = None, tenant: Any = None, priority: Any = None,
-                  batch_id: Any = None, not_after: Any = None, refuse_past: bool = False) -> Intake:
+                  batch_id: Any = None, not_after: Any = None, steps: Any = None, takes: Any = None,
+                  refuse_past: bool = False) -> Intake:
     """Check one extend message; problems are collected, never raised (see :func:`require`).
 
     ``tenant`` (default KIE_DEFAULT_TENANT; with KIE_TENANTS_STRICT, one the tenants file does not
     declare is a problem, and so is naming none when the default tenant is not declared),
     ``priority`` (0-9, default 5), ``batch_id`` and
-    ``not_after`` (ISO-8601 UTC or epoch seconds; it becomes epoch seconds) are the sharing options (README "Sharing one account").
+    ``not_after`` (ISO-8601 UTC or epoch seconds; it becomes epoch seconds) are the sharing options (README "Sharing one account");
+    ``steps`` and ``takes`` the follow-up plan (jobs/plan.py, README "Follow-up steps").
     ``refuse_past`` (producers: the Python API, the HTTP API, the CLI) makes a ``not_after`` already
     past a problem; the worker leaves it off and cancels such a job with reason ``deadline``."""
     out = Intake(tenant=settings.default_tenant)
     problems = out.problems
     check_options(out, tenant=tenant, priority=priority, batch_id=batch_id, not_after=not_after,
-                  refuse_past=refuse_past)
+                  steps=steps, takes=takes, refuse_past=refuse_past)
     if tenant is not None and tenant == out.tenant and undeclared(settings, tenant):
         problems.append({"field": "tenant", "message": f"{tenant!r} is not a tenant of KIE_TENANTS_FILE "
                          "(KIE_TENANTS_STRICT is on): use a declared tenant"})
@@ -206,10 +212,14 @@ def undeclared(settings: Settings, tenant: str) -> bool:
 
 
 def check_options(out: Intake, *, tenant: Any = None, priority: Any = None, batch_id: Any = None,
-                  not_after: Any = None, refuse_past: bool = False) -> None:
-    """Check the sharing options into ``out`` (values, or problems naming the field); with
-    ``refuse_past``, a ``not_after`` at or before now is a problem (see :func:`past_deadline`)."""
+                  not_after: Any = None, steps: Any = None, takes: Any = None, refuse_past: bool = False) -> None:
+    """Check the options into ``out`` (values, or problems naming the field); with
+    ``refuse_past``, a ``not_after`` at or before now is a problem (see :func:`past_deadline`).
+    ``steps``/``takes``: the follow-up plan (jobs/plan.py)."""
     problems = out.problems
+    if steps is not None or takes is not None:
+        out.steps, out.takes, found = check_plan(steps, takes)
+        problems += found
     if tenant is not None:
         if id_problem("tenant", tenant):
             problems.append(id_problem("tenant", tenant))  # type: ignore[arg-type]

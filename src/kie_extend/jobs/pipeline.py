@@ -29,6 +29,8 @@ from kie_extend.admission.gates import Decision
 from kie_extend.infra.runtime import Dispatcher, NoDispatch, Runtime
 from kie_extend.store.jobstore import BATCH_REF, Moved, OneTrip, new_op
 from kie_extend.store.record import EMPTY, JobRecord, as_record
+from kie_extend.jobs.steps import Steps, has_plan
+from kie_extend.store.steps import SEP as SUB_ID_SEP
 from kie_extend.jobs.states import TERMINAL, JobState
 
 log = logging.getLogger("kie_extend.jobs.pipeline")
@@ -67,6 +69,7 @@ class Pipeline:
         self.dispatch = dispatcher or NoDispatch()
         self.delivery = Delivery(rt)
         self.idem = Idempotency(rt.redis, rt.keys, self.s.idempotency_window)
+        self.steps = Steps(self)
 
     def later(self, job_id: str, at: float) -> None:
         """Run ``job_id``'s next step at ``at``: a wait shorter than a tick goes out now as a short
@@ -81,12 +84,12 @@ class Pipeline:
     # -- accept ------------------------------------------------------------------------------
     def accept(self, job_id: str, request: Any, idempotency_key: Any = None, metadata: Any = None,
                extra_kwargs: dict[str, Any] | None = None, *, tenant: Any = None, priority: Any = None,
-               batch_id: Any = None, not_after: Any = None) -> None:
+               batch_id: Any = None, not_after: Any = None, steps: Any = None, takes: Any = None) -> None:
         """Record a new job from an extend message and try to submit it at once (see :meth:`_accept`).
         The step's bookkeeping writes (counters, histograms) go out in one round trip at its end."""
         with self.store.deferred():
             self._accept(job_id, request, idempotency_key, metadata, extra_kwargs, tenant=tenant, priority=priority,
-                         batch_id=batch_id, not_after=not_after)
+                         batch_id=batch_id, not_after=not_after, steps=steps, takes=takes)
 
     def _accept(
         self,
@@ -100,6 +103,8 @@ class Pipeline:
         priority: Any = None,
         batch_id: Any = None,
         not_after: Any = None,
+        steps: Any = None,
+        takes: Any = None,
     ) -> None:
         """Record a new job from an extend message and try to submit it at once.
 
@@ -107,7 +112,8 @@ class Pipeline:
         breaks the rules becomes a failed job with ``invalid_request`` and its result event; one
         whose ``not_after`` has passed, or whose batch was cancelled, ends ``cancelled``.
         """
-        options = {"tenant": tenant, "priority": priority, "batch_id": batch_id, "not_after": not_after}
+        options = {"tenant": tenant, "priority": priority, "batch_id": batch_id, "not_after": not_after,
+                   "steps": steps, "takes": takes}
         digest = message_digest(request, idempotency_key, metadata, options)
         if idempotency_key:
             # A redelivery must not use its key a second time. Without a key, no read up front: the
@@ -147,6 +153,8 @@ class Pipeline:
             "rq": self.rt.admission.queue_of(intake.tenant, intake.priority),
             # The estimate its admission reserves (credits/ledger.py), fixed when the job is accepted.
             "price": estimate(self.s.prices),
+            # The follow-up steps asked for (jobs/plan.py), run once the extension has succeeded.
+            "steps_plan": {"steps": intake.steps, "takes": intake.takes} if intake.steps else None,
         }
         for w in warnings:
             _log(job_id, logging.WARNING, "request warning: %s", w)
@@ -495,7 +503,10 @@ class Pipeline:
     def advance(self, job_id: str) -> None:
         """Do a due job's next step: submit it, resolve an unknown submit, or poll it. The record is
         read (and a submitted job's poll claimed) in one round trip; the step's bookkeeping writes
-        go out in one more at its end."""
+        go out in one more at its end. A follow-up step's sub-id (``<job>~<n>``) goes to jobs/steps.py."""
+        if SUB_ID_SEP in job_id:
+            self.steps.advance(job_id)
+            return
         with self.store.deferred():
             now = time.time()
             raw, claim = self.store.get_for_step(job_id, now, self.s.poll_min_gap, self.s.lease)
@@ -507,6 +518,10 @@ class Pipeline:
                 self.try_submit(job_id, rec)
             elif rec.state is JobState.SUBMITTING:
                 self._resolve_submitting(job_id, rec)
+            elif rec.state is JobState.SUBMITTED and rec.raw.get("steps_n"):
+                if claim is None:
+                    self.store.release_poll(job_id)
+                self.steps.watch(job_id, rec)  # the extension is done; its steps run
             elif rec.state is JobState.SUBMITTED:
                 self.poll(job_id, rec, claimed=(now, claim))
             else:
@@ -624,6 +639,10 @@ class Pipeline:
                     self.later(job_id, now + max(self.s.poll_min_gap, min(self.s.poll_interval, 5.0)))
                 return
             self._task_failed(job_id, rec, record, message="provider reported SUCCESS without audio")
+            return
+        if (record.status == "SUCCESS" or (record.status == "CALLBACK_EXCEPTION" and with_audio)) and has_plan(rec):
+            # The extension is done; the job stays submitted while its follow-up steps run.
+            self.steps.begin(job_id, rec, tracks, record.status, settle=charge_of(record))
             return
         if record.status == "SUCCESS" or (record.status == "CALLBACK_EXCEPTION" and with_audio):
             fields = {"kie_status": record.status, "tracks": tracks}

@@ -35,6 +35,7 @@ from typing import Any
 
 import redis
 
+from kie_extend.store.steps import split_sub_id
 from kie_extend.store.keys import Keys
 from kie_extend.store.lua import LIB
 from kie_extend.jobs.states import IN_FLIGHT, TERMINAL, JobState
@@ -289,6 +290,9 @@ class Invariants:
             spent += len(ids)
             for job_id, (actual, ts, on_due, on_ready, in_flight, has_request) in zip(ids, rows):
                 report.checked += 1
+                step = split_sub_id(job_id) if actual is None else None
+                if step is not None and self.redis.exists(keys.job(step[0])):
+                    continue  # a follow-up step of a job that exists (store/steps.py): scheduled under its sub-id
                 if actual is None:
                     where = {"state": f"in the {key.rsplit(':', 1)[-1]} index", "inflight": "holds an in-flight slot",
                              "due": "on the due schedule"}[kind]

@@ -1,0 +1,170 @@
+"""Follow-up steps (WAV, stems, MIDI, video, lyrics): the plan's rules, and whole jobs run by real
+Celery workers, beat and serve against the simulator's follow-up routes."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+
+from kie_extend.api import enqueue_extend, get_job
+from kie_extend.cli.devstack import DevStack
+from kie_extend.errors import ValidationError
+from kie_extend.jobs.plan import check_plan, expand
+from kie_extend.store.keys import Keys
+
+ALL = [{"op": "wav"}, {"op": "stems", "type": "separate_vocal"}, {"op": "midi"},
+       {"op": "video", "author": "Ann", "domainName": "example.com"}, {"op": "lyrics"}]
+
+
+# ----- the plan's rules ------------------------------------------------------------------------------
+
+def test_a_good_plan_is_normalised() -> None:
+    steps, takes, problems = check_plan(ALL, "first")
+    assert problems == [] and takes == "first"
+    assert steps == ALL
+    assert check_plan([{"op": "wav"}], None) == ([{"op": "wav"}], "all", [])
+
+
+@pytest.mark.parametrize("steps,takes,field,text", [
+    ([{"op": "karaoke"}], None, "steps[0].op", "must be one of wav, stems, midi, video, lyrics"),
+    ([{"op": "stems"}], None, "steps[0].type", "is required"),
+    ([{"op": "stems", "type": "split_stem_advanced"}], None, "steps[0].type", "is required"),
+    ([{"op": "midi"}], None, "steps[0].op", "put a stems step before it"),
+    ([{"op": "midi"}, {"op": "stems", "type": "split_stem"}], None, "steps[0].op", "before it"),
+    ([{"op": "video", "author": "a" * 51}], None, "steps[0].author", "at most 50"),
+    ([{"op": "wav", "format": "flac"}], None, "steps[0].format", "is not a field of the wav step"),
+    ([{"op": "wav"}, {"op": "wav"}], None, "steps[1].op", "asked for twice"),
+    ([], None, "steps", "non-empty array"),
+    ({"op": "wav"}, None, "steps", "non-empty array"),
+    (["wav"], None, "steps[0]", "must be an object"),
+    ([{"op": "wav"}], "both", "takes", "'all' or 'first'"),
+    (None, "first", "takes", "only means something with steps"),
+])
+def test_a_bad_plan_names_the_field(steps: Any, takes: Any, field: str, text: str) -> None:
+    _, _, problems = check_plan(steps, takes)
+    assert any(p["field"] == field and text in p["message"] for p in problems), problems
+
+
+def test_expand_makes_one_entry_per_step_and_take_with_midi_after_its_stems() -> None:
+    entries = expand(ALL, "all", ["a1", "a2"])
+    assert [(e["op"], e["take"], e["audio_id"]) for e in entries] == [
+        (op, t, a) for t, a in enumerate(["a1", "a2"]) for op in ("wav", "stems", "midi", "video", "lyrics")]
+    assert entries[2]["after"] == 1 and entries[7]["after"] == 6
+    assert [e["take"] for e in expand(ALL, "first", ["a1", "a2"])] == [0] * 5
+
+
+# ----- whole jobs ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
+    workdir = tmp_path_factory.mktemp("steps")
+    with DevStack(workdir, key_prefix=f"steps{uuid.uuid4().hex[:6]}",
+                  env={"KIE_POLL_FIRST": "0.5s", "KIE_POLL_INTERVAL": "0.5s", "KIE_POLL_MAX_INTERVAL": "1s",
+                       "KIE_POLL_CALLBACK_INTERVAL": "2s", "KIE_TICK_INTERVAL": "0.25s",
+                       "KIE_HANDLERS": "redis_stream"}) as st:
+        st.start_simulator("--time-factor", "0.02", "--seed", "5")
+        st.start_serve(callbacks_only=True)
+        st.start_worker(concurrency=2)
+        st.start_beat()
+        yield st
+
+
+def request_for(stack: DevStack) -> dict[str, Any]:
+    return {"uploadUrl": f"{stack.sim_url}/files/source/30s.mp3", "defaultParamFlag": True, "instrumental": False,
+            "continueAt": 10, "model": "V5", "prompt": "[Verse]\nla la sing", "style": "folk", "title": "Song"}
+
+
+def wait_done(stack: DevStack, job_ids: list[str], timeout: float = 90) -> dict[str, dict[str, Any]]:
+    settings = stack.settings()
+    deadline = time.monotonic() + timeout
+    recs: dict[str, dict[str, Any]] = {}
+    while time.monotonic() < deadline:
+        recs = {j: get_job(j, settings=settings) for j in job_ids}
+        if all(r["state"] in ("succeeded", "failed") and all(h.get("state") == "delivered"
+                                                             for h in r["handlers"].values()) for r in recs.values()):
+            return recs
+        time.sleep(0.25)
+    logs = "\n".join(f"--- {c.name}\n" + Path(c.log_path).read_text()[-4000:] for c in stack.children)
+    raise AssertionError(f"jobs did not finish: {json.dumps(recs, indent=1)[:3000]}\n{logs}")
+
+
+def sim(stack: DevStack, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    if body is None:
+        return requests.get(stack.sim_url + path, timeout=5).json()
+    return requests.post(stack.sim_url + path, json=body, timeout=5).json()
+
+
+def events_of(stack: DevStack, job_id: str) -> list[dict[str, Any]]:
+    r = redis.Redis.from_url(stack.redis_url)
+    out = []
+    for _, fields in r.xrange(Keys(stack.settings().key_prefix).results):
+        event = {k.decode(): v.decode() for k, v in fields.items()}
+        if event.get("job_id") == job_id:
+            out.append(event)
+    return out
+
+
+def test_every_step_on_both_takes_succeeds_and_each_call_is_paid_once(stack: DevStack) -> None:
+    settings = stack.settings()
+    job_id = enqueue_extend(request_for(stack), steps=ALL, settings=settings)
+    rec = wait_done(stack, [job_id])[job_id]
+    assert rec["state"] == "succeeded", rec
+    steps = rec["steps"]
+    assert len(steps) == 10 and all(s["state"] == "succeeded" for s in steps), steps
+    by = {(s["op"], s["take"]): s for s in steps}
+    for take in (0, 1):
+        assert by[("wav", take)]["result"]["wav_url"].endswith(".wav")
+        assert {"vocal_url", "instrumental_url"} <= set(by[("stems", take)]["result"])
+        assert by[("midi", take)]["result"]["notes"]
+        assert by[("video", take)]["result"]["video_url"]
+        assert [w["word"] for w in by[("lyrics", take)]["result"]["aligned_words"]] == ["[Verse]", "la", "la", "sing"]
+        assert all(by[(op, take)]["kie_task_id"] for op in ("wav", "stems", "midi", "video"))
+    assert len(rec["tracks"]) == 2
+    stats = sim(stack, "/_sim/stats")
+    assert stats["followups_paid_twice"] == 0
+    paid = {k: v for k, v in stats["followup_paid"].items() if rec["kie_task_id"] in k
+            or any(s["kie_task_id"] and s["kie_task_id"] in k for s in steps)}
+    assert sorted(k.split(":")[0] for k in paid) == sorted(["wav", "stems", "midi", "video", "lyrics"] * 2)
+    assert all(v == 1 for v in paid.values())
+    events = events_of(stack, job_id)
+    assert [e["event"] for e in events] == ["job.succeeded"]
+    event = json.loads(events[0]["payload"])
+    assert [(s["op"], s["take"], s["state"]) for s in event["steps"]] == [
+        (s["op"], s["take"], "succeeded") for s in steps]
+    assert rec["credits"]["charged"] >= 12 + 2 * (0.4 + 10 + 2)
+
+
+def test_first_take_only(stack: DevStack) -> None:
+    job_id = enqueue_extend(request_for(stack), steps=[{"op": "wav"}], takes="first", settings=stack.settings())
+    rec = wait_done(stack, [job_id])[job_id]
+    assert rec["state"] == "succeeded" and [(s["op"], s["take"]) for s in rec["steps"]] == [("wav", 0)]
+
+
+def test_a_failed_step_fails_the_job_and_keeps_the_rest(stack: DevStack) -> None:
+    sim(stack, "/_sim/config", {"fault_video_fail": 1.0})
+    try:
+        job_id = enqueue_extend(request_for(stack), steps=[{"op": "wav"}, {"op": "video"}], takes="first",
+                                settings=stack.settings())
+        rec = wait_done(stack, [job_id])[job_id]
+    finally:
+        sim(stack, "/_sim/config", {"fault_video_fail": 0.0})
+    assert rec["state"] == "failed" and rec["error"]["kind"] == "step_failed", rec
+    states = {s["op"]: s["state"] for s in rec["steps"]}
+    assert states == {"wav": "succeeded", "video": "failed"}
+    assert len(rec["tracks"]) == 2 and rec["steps"][0]["result"]["wav_url"]
+
+
+def test_invalid_steps_are_refused_at_enqueue(stack: DevStack) -> None:
+    before = sim(stack, "/_sim/stats")["submissions_accepted"]
+    with pytest.raises(ValidationError) as exc:
+        enqueue_extend(request_for(stack), steps=[{"op": "midi"}], settings=stack.settings())
+    assert exc.value.errors[0]["field"] == "steps[0].op"
+    assert sim(stack, "/_sim/stats")["submissions_accepted"] == before
