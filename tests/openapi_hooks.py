@@ -5,7 +5,9 @@ so no schema can state it: a ``not_after`` already past is refused (a job that c
 Before each call a past ``not_after``, at
 the top of the body or in any job of a list, is moved a year ahead in its own spelling (number,
 digit string or RFC 3339 time), so a schema-valid body stays schema-valid and the API must accept
-it. Nothing else is changed.
+it. Two rules of ``steps`` span the list and have no schema form either (each op at most once; a midi
+step after a stems step): a repeated op is dropped, and a stems step is put before a midi step that
+has none. Nothing else is changed.
 """
 
 from __future__ import annotations
@@ -37,10 +39,31 @@ def _future(value: Any) -> Any:
     return datetime.fromtimestamp(later, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _steps(steps: Any) -> Any:
+    if not isinstance(steps, list):
+        return steps
+    out: list[Any] = []
+    seen: set[Any] = set()
+    for step in steps:
+        op = step.get("op") if isinstance(step, dict) else None
+        if not isinstance(op, str) or op in seen:
+            if not isinstance(op, str):
+                out.append(step)
+            continue
+        if op == "midi" and "stems" not in seen:
+            out.append({"op": "stems", "type": "separate_vocal"})
+            seen.add("stems")
+        seen.add(op)
+        out.append(step)
+    return out
+
+
 def _move(obj: Any) -> None:
     if isinstance(obj, dict):
         if obj.get("not_after") is not None:
             obj["not_after"] = _future(obj["not_after"])
+        if obj.get("steps") is not None:
+            obj["steps"] = _steps(obj["steps"])
         if isinstance(obj.get("jobs"), list):
             for job in obj["jobs"]:
                 _move(job)

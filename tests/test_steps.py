@@ -31,10 +31,14 @@ def test_a_good_plan_is_normalised() -> None:
     assert problems == [] and takes == "first"
     assert steps == ALL
     assert check_plan([{"op": "wav"}], None) == ([{"op": "wav"}], "all", [])
+    assert check_plan([{"op": "wav", "type": None, "author": None}], None) == ([{"op": "wav"}], "all", [])
+    assert check_plan(None, "first") == (None, "first", [])
 
 
 @pytest.mark.parametrize("steps,takes,field,text", [
     ([{"op": "karaoke"}], None, "steps[0].op", "must be one of wav, stems, midi, video, lyrics"),
+    ([{"op": {}}], None, "steps[0].op", "must be one of"),
+    ([{"op": "wav", "type": "split_stem"}], None, "steps[0].type", "is not a field of the wav step"),
     ([{"op": "stems"}], None, "steps[0].type", "is required"),
     ([{"op": "stems", "type": "split_stem_advanced"}], None, "steps[0].type", "is required"),
     ([{"op": "midi"}], None, "steps[0].op", "put a stems step before it"),
@@ -46,7 +50,6 @@ def test_a_good_plan_is_normalised() -> None:
     ({"op": "wav"}, None, "steps", "non-empty array"),
     (["wav"], None, "steps[0]", "must be an object"),
     ([{"op": "wav"}], "both", "takes", "'all' or 'first'"),
-    (None, "first", "takes", "only means something with steps"),
 ])
 def test_a_bad_plan_names_the_field(steps: Any, takes: Any, field: str, text: str) -> None:
     _, _, problems = check_plan(steps, takes)
@@ -160,6 +163,35 @@ def test_a_failed_step_fails_the_job_and_keeps_the_rest(stack: DevStack) -> None
     states = {s["op"]: s["state"] for s in rec["steps"]}
     assert states == {"wav": "succeeded", "video": "failed"}
     assert len(rec["tracks"]) == 2 and rec["steps"][0]["result"]["wav_url"]
+
+
+def test_retry_runs_only_the_failed_steps(stack: DevStack) -> None:
+    settings = stack.settings()
+    sim(stack, "/_sim/config", {"fault_video_fail": 1.0})
+    try:
+        job_id = enqueue_extend(request_for(stack), steps=[{"op": "wav"}, {"op": "video"}], takes="first",
+                                settings=settings)
+        first = wait_done(stack, [job_id])[job_id]
+    finally:
+        sim(stack, "/_sim/config", {"fault_video_fail": 0.0})
+    assert first["error"]["kind"] == "step_failed"
+    wav_task = first["steps"][0]["kie_task_id"]
+    extensions = sim(stack, "/_sim/stats")["submissions_accepted"]
+    from kie_extend.infra.runtime import Runtime
+    from kie_extend.jobs.actions import retry_job
+    from kie_extend.jobs.pipeline import Pipeline
+
+    assert retry_job(Pipeline(Runtime(settings)), job_id).outcome == "queued"
+    rec = wait_done(stack, [job_id])[job_id]
+    assert rec["state"] == "succeeded", rec
+    assert [s["state"] for s in rec["steps"]] == ["succeeded", "succeeded"]
+    assert rec["steps"][0]["kie_task_id"] == wav_task  # the finished step was not run again
+    stats = sim(stack, "/_sim/stats")
+    assert stats["submissions_accepted"] == extensions  # nor the extension
+    take = rec["tracks"][0]["id"]
+    assert stats["followup_paid"][f"wav:{rec['kie_task_id']}:{take}"] == 1
+    assert stats["followup_paid"][f"video:{rec['kie_task_id']}:{take}"] == 2  # failed once, run again once
+    assert [e["event"] for e in events_of(stack, job_id)] == ["job.failed", "job.succeeded"]
 
 
 def test_invalid_steps_are_refused_at_enqueue(stack: DevStack) -> None:

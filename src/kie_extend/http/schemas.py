@@ -9,9 +9,10 @@ The schemas say what that validation enforces, so a request valid against the Op
 accepted (202, or 409 for an id already in use). Rules JSON Schema can state are stated: types,
 enums, bounds, lengths, patterns, and the custom-mode rules as ``if``/``then``. The patterns of
 ``uploadUrl``, ``batch_id`` and the not_after time describe a safe subset of what is accepted (a
-public DNS name; printable ASCII; RFC 3339); their descriptions give the full rule. Two limits have
+public DNS name; printable ASCII; RFC 3339); their descriptions give the full rule. Some limits have
 no JSON Schema form and are described only: the JSON size of ``request`` (64 KB) and of
-``metadata`` (``KIE_METADATA_MAX_BYTES``).
+``metadata`` (``KIE_METADATA_MAX_BYTES``), and two rules of ``steps`` (each op at most once; midi
+after a stems step).
 """
 
 from __future__ import annotations
@@ -159,6 +160,35 @@ _BATCH_DOC = f"Groups jobs (GET /v1/batches/{{id}}): {rule('batch_id').removepre
 _PRIORITY_DOC = "0-9, default 5; higher is admitted first."
 
 
+class Step(BaseModel):
+    """One follow-up step run on the finished extension's takes (README "Follow-up steps").
+
+    ``type`` is required for stems and absent (or null) for every other op; ``author`` and
+    ``domainName`` are for video only. Two rules span the list and have no JSON Schema form: each op
+    at most once, and a midi step needs a stems step before it."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"allOf": [
+        {"if": {"properties": {"op": {"const": "stems"}}},
+         "then": {"required": ["type"], "properties": {"type": {"enum": ["separate_vocal", "split_stem"]}}},
+         "else": {"properties": {"type": {"type": "null"}}}},
+        {"if": {"properties": {"op": {"const": "video"}}},
+         "else": {"properties": {"author": {"type": "null"}, "domainName": {"type": "null"}}}},
+    ]})
+
+    op: Literal["wav", "stems", "midi", "video", "lyrics"] = Field(description=(
+        "wav: a WAV master; stems: vocals and instrumental apart (separate_vocal) or every stem (split_stem); "
+        "midi: MIDI from the separation (needs a stems step before it); video: an MP4 music video; "
+        "lyrics: timestamped lyrics"))
+    type: Literal["separate_vocal", "split_stem"] | None = Field(None, description="stems only, and required there")
+    author: str | None = Field(None, max_length=50, description="video only: shown on the video")
+    domainName: str | None = Field(None, max_length=50, description="video only: shown on the video")
+
+
+_STEPS_DOC = ("Follow-up steps run on the finished extension's takes, each op at most once; the job ends when "
+              "every step did (failed with error.kind step_failed when one failed).")
+_TAKES_DOC = 'Which takes the steps run on: "all" (default) or "first".'
+
+
 class JobSubmission(BaseModel):
     """One extend job: the KIE request and the extend task's optional kwargs."""
 
@@ -180,6 +210,8 @@ class JobSubmission(BaseModel):
     priority: Priority = Field(None, description=_PRIORITY_DOC)
     batch_id: BatchId = Field(None, description=_BATCH_DOC)
     not_after: NotAfter = Field(None, description=_NOT_AFTER_DOC)
+    steps: list[Step] | None = Field(None, min_length=1, max_length=5, description=_STEPS_DOC)
+    takes: Literal["all", "first"] | None = Field(None, description=_TAKES_DOC)
     job_id: str | None = Field(None, max_length=128, pattern=JOB_ID_SCHEMA_PATTERN, description=(
         f"Names the job (default: a new UUID4): {rule('job_id').removeprefix('must be ')}. "
         "An id already used answers 409."))
@@ -187,7 +219,7 @@ class JobSubmission(BaseModel):
 
 class BatchSubmission(BaseModel):
     """Several jobs validated together: all are enqueued or, on any bad field, none. ``tenant``,
-    ``priority``, ``batch_id`` and ``not_after`` here apply to every job that lacks its own."""
+    ``priority``, ``batch_id``, ``not_after``, ``steps`` and ``takes`` here apply to every job that lacks its own."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -196,6 +228,8 @@ class BatchSubmission(BaseModel):
     priority: Priority = Field(None, description=_PRIORITY_DOC)
     batch_id: BatchId = Field(None, description=_BATCH_DOC)
     not_after: NotAfter = Field(None, description=_NOT_AFTER_DOC)
+    steps: list[Step] | None = Field(None, min_length=1, max_length=5, description=_STEPS_DOC)
+    takes: Literal["all", "first"] | None = Field(None, description=_TAKES_DOC)
 
 
 class JobAccepted(BaseModel):
@@ -287,6 +321,10 @@ class JobRecord(BaseModel):
                              description="KIE credits: reserved at admission, charged or refunded when it ended")
     waiting_for: Literal["budget"] | None = Field(
         None, description='a queued job held back: "budget" while its tenant\'s budget is used up')
+    steps: list[dict[str, Any]] | None = Field(None, description=(
+        'A job with follow-up steps: one {"op", "take", "state", "kie_task_id", "result", "error"} per step and '
+        "take; state planned (before the extension finished), waiting, queued, submitting, submitted, "
+        "succeeded or failed"))
 
 
 class JobPage(BaseModel):

@@ -815,6 +815,8 @@ class Pipeline:
             return False
         if rec.invalid_fields:
             return False
+        if rec.error_kind == "step_failed":
+            return self.steps.retry(job_id, rec)
         ok = self.store.transition(
             job_id, JobState.QUEUED, expect=[JobState.FAILED],
             fields={"error": None, "finished_at": None, "kie_task_id": None, "kie_status": None, "tracks": None,

@@ -9,8 +9,8 @@ A plan is what a producer asks for after the extension (README "Follow-up steps"
 Rules, checked at enqueue with the request (a broken plan is ``invalid_request``, nothing enqueued):
 ``op`` is one of wav, stems, midi, video, lyrics; stems needs ``type`` (``separate_vocal`` or
 ``split_stem``); midi needs a stems step before it (it runs on that separation); video's ``author``
-and ``domainName`` are strings of at most 50 characters; no other field; each op at most once; at
-most ``MAX_STEPS`` steps.
+and ``domainName`` are strings of at most 50 characters; no other field (a field given as null is
+absent); each op at most once; at most ``MAX_STEPS`` steps. ``takes`` without steps asks for nothing.
 """
 
 from __future__ import annotations
@@ -41,9 +41,7 @@ def check_plan(steps: Any, takes: Any) -> tuple[list[dict[str, Any]] | None, str
         else:
             problems.append({"field": "takes", "message": f"must be 'all' or 'first', got {takes!r}"[:200]})
     if steps is None:
-        if takes is not None:
-            problems.append({"field": "takes", "message": "only means something with steps"})
-        return None, take_mode, problems
+        return None, take_mode, problems  # takes alone asks for nothing
     if not isinstance(steps, list) or not steps:
         problems.append({"field": "steps", "message": "must be a non-empty array of steps such as "
                          '[{"op": "wav"}, {"op": "stems", "type": "separate_vocal"}]'})
@@ -58,8 +56,9 @@ def check_plan(steps: Any, takes: Any) -> tuple[list[dict[str, Any]] | None, str
         if not isinstance(step, dict):
             problems.append({"field": where, "message": 'must be an object such as {"op": "wav"}'})
             continue
+        step = {k: v for k, v in step.items() if v is not None}  # a null field is an absent one
         op = step.get("op")
-        if op not in FIELDS:
+        if not isinstance(op, str) or op not in FIELDS:
             problems.append({"field": f"{where}.op", "message": f"must be one of {', '.join(FIELDS)}, "
                              f"got {op!r}"[:200]})
             continue

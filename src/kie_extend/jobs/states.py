@@ -37,8 +37,9 @@ TRANSITIONS: dict[JobState | None, frozenset[JobState]] = {
     JobState.SUBMITTING: frozenset({JobState.QUEUED, JobState.SUBMITTED, JobState.FAILED}),
     # submitted -> queued: opt-in regeneration after a failed generation (KIE_REGENERATE).
     JobState.SUBMITTED: frozenset({JobState.QUEUED, JobState.SUCCEEDED, JobState.FAILED}),
-    # failed -> queued: an operator's `kie-extend retry`.
-    JobState.FAILED: frozenset({JobState.QUEUED}),
+    # failed -> queued: an operator's `kie-extend retry`; failed -> submitted: the retry of a job whose
+    # follow-up steps failed runs only those steps (jobs/steps.py).
+    JobState.FAILED: frozenset({JobState.QUEUED, JobState.SUBMITTED}),
     JobState.SUCCEEDED: frozenset(),
     JobState.CANCELLED: frozenset(),
 }

@@ -338,6 +338,35 @@ class Steps:
                 self.rt.store.schedule(ref, now)
         self.rt.store.schedule(job_id, now + self.s.lease)
 
+    def retry(self, job_id: str, rec: JobRecord) -> bool:
+        """An operator's retry of a job that failed with ``step_failed``: only its failed entries run
+        again (a MIDI entry whose stems entry failed waits for it again); the extension and every
+        finished step stay. False when the job is not such a job any more."""
+        entries = [e for e in entries_of(dict(rec.raw)) if e.state == "failed"]
+        if not entries:
+            return False
+        moved = self.p.store.transition(
+            job_id, JobState.SUBMITTED, expect=[JobState.FAILED],
+            fields={"error": None, "finished_at": None, "event": None, "retried": rec.retried + 1},
+            due=time.time() + self.s.lease)
+        if not moved:
+            return False
+        self.rt.gates.release(job_id)  # its steps hold the in-flight slots, not the job
+        self.rt.redis.delete(*[self.rt.keys.dedup(h, f"{job_id}:job.failed")
+                               for h in self.rt.routes.names_for(rec.tenant)])
+        failed = {e.n for e in entries}
+        for e in entries:
+            after = e.data.get("after")
+            clean = {k: v for k, v in e.data.items() if k not in ("error", "result", "kie_task_id", "finished_at",
+                                                                 "conflict", "outcome_unknown")}
+            clean["attempts"] = 0
+            if isinstance(after, int) and after in failed:
+                self.store.move(job_id, e.n, ["failed"], "waiting", entry=clean, due=None)
+            else:
+                self.store.move(job_id, e.n, ["failed"], "queued", entry=clean, due=None, ready=True)
+        log.warning("retried by operator: %d failed follow-up steps run again [job_id=%s]", len(entries), job_id)
+        return True
+
     def hint(self, job_id: str, n: int, body: dict[str, Any]) -> bool:
         """A step's callback (a hint): note the task it names when the entry has none (a 409 or an
         unknown submit), and poll it now. False when no such entry waits."""

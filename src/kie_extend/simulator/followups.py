@@ -18,7 +18,8 @@ documented — strings, MIDI integers — or all strings, all integers, or mixed
 ``followup_field_style`` (record fields camelCase as documented, snake_case, or mixed; callbacks are
 snake_case unless the style is camel), and the stems callback nests its URLs under
 ``vocal_separation_info`` or ``vocal_removal_info``, task by task. A second WAV or MP4 of the same
-(taskId, audioId) answers 409 "record already exists" and is not charged; stems are charged on every
+(taskId, audioId) answers 409 "record already exists" and is not charged (unless the first one failed);
+stems are charged on every
 call. Every paid call is tallied per (op, taskId, audioId[, type]) in ``/_sim/stats``
 (``followup_paid``), and ``followups_paid_twice`` counts the keys paid more than once.
 """
@@ -282,7 +283,8 @@ def submit(sim: Simulator, op: str, req: SimRequest) -> SimReply:
         return envelope(*problem)
     with sim.lock:
         pk = paid_key(op, body)
-        if op in ("wav", "video") and pk in sim.followup_index:
+        earlier = sim.followups.get(sim.followup_index.get(pk, ""))
+        if op in ("wav", "video") and earlier is not None and not earlier.fail:  # a failed record may be redone
             sim.stats.tally("followup_conflicts", op)
             return envelope(409, f"Conflict: a {'WAV' if op == 'wav' else 'MP4'} record already exists "
                                  "for this audio")

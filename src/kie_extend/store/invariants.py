@@ -11,7 +11,8 @@ Every unfinished job must be somewhere the tick will find it, or it waits foreve
 - ``wrong_index``: an id in the index of a state other than its record's. Repair: move it.
 - ``inflight_leak``: an id in the in-flight set whose job holds no slot (not submitting or
   submitted): it shrinks ``KIE_MAX_IN_FLIGHT`` for everyone. Repair: remove it.
-- ``inflight_missing``: a submitting or submitted job not in the in-flight set. Repair: add it.
+- ``inflight_missing``: a submitting or submitted job not in the in-flight set (a job whose follow-up
+  steps run holds none: its steps do, store/steps.py). Repair: add it.
 - ``finished_scheduled``: a finished job still on the due schedule after its entry fell due (no
   tick took it off). Repair: remove.
 - ``missing_request``: an unfinished job whose request body is gone (its request key, ``Keys.request``,
@@ -313,7 +314,8 @@ class Invariants:
                         add("unscheduled", job_id, f"{state} for {now - ts:.0f}s on no schedule",
                             lambda j=job_id, st=state: self._reschedule(
                                 keys=[keys.job(j), keys.due], args=[keys.tag, j, st, repr(now)]))
-                    if state in {s.value for s in IN_FLIGHT} and not in_flight:
+                    if state in {s.value for s in IN_FLIGHT} and not in_flight and \
+                            not self.redis.hexists(keys.job(job_id), "steps_n"):  # steps hold the slots then
                         add("inflight_missing", job_id, f"{state} but not counted in flight",
                             lambda j=job_id: self._inflight(keys=[keys.job(j), keys.inflight], args=[j, "add"]))
                     if not has_request:
