@@ -200,3 +200,34 @@ def test_invalid_steps_are_refused_at_enqueue(stack: DevStack) -> None:
         enqueue_extend(request_for(stack), steps=[{"op": "midi"}], settings=stack.settings())
     assert exc.value.errors[0]["field"] == "steps[0].op"
     assert sim(stack, "/_sim/stats")["submissions_accepted"] == before
+
+
+def kie_extend(stack: DevStack, *args: str, cwd: Path, timeout: float = 90) -> Any:
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("kie-extend")
+    return subprocess.run([str(exe), *args], env=stack.env, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_one_csv_line_asks_for_wav_and_stems_and_batch_results_show_them(stack: DevStack, tmp_path: Path) -> None:
+    src = f"{stack.sim_url}/files/source/30s.mp3"
+    (tmp_path / "jobs.csv").write_text(
+        "uploadUrl,defaultParamFlag,instrumental,continueAt,model,prompt,style,title,steps\n"
+        f"{src},true,false,10,V5,[Verse] la,folk,One,\"wav,stems=separate_vocal\"\n"
+        f"{src},true,false,10,V5,[Verse] la,folk,Two,\n")
+    sub = kie_extend(stack, "batch", "submit", "jobs.csv", "--batch-id", "stepsb", "--takes", "first",
+                     "--steps", "lyrics", "--wait", cwd=tmp_path)
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    res = kie_extend(stack, "batch", "results", "stepsb", "--format", "jsonl", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    rows = sorted((json.loads(line) for line in res.stdout.splitlines() if line.strip()), key=lambda r: r["line"])
+    assert [r["state"] for r in rows] == ["succeeded", "succeeded"]
+    one, two = rows[0]["steps"], rows[1]["steps"]
+    assert [(s["op"], s["take"], s["state"]) for s in one] == [("wav", 0, "succeeded"), ("stems", 0, "succeeded")]
+    assert one[0]["wav_url"] and one[1]["vocal_url"] and one[1]["instrumental_url"]
+    assert [(s["op"], s["take"]) for s in two] == [("lyrics", 0)]  # the batch's default steps
+    bad = kie_extend(stack, "enqueue", "--upload-url", src, "--model", "V5", "--default-mode", "--prompt", "x",
+                     "--steps", "wav,midi", cwd=tmp_path)
+    assert bad.returncode == 2 and "steps[1].op" in bad.stderr and "stems step before it" in bad.stderr, bad.stderr

@@ -48,7 +48,10 @@ from kie_extend.jobs.request import ExtendRequest
 from kie_extend.jobs.states import TERMINAL
 
 #: Keys a line may carry beside the request fields: extend kwargs (idempotency, metadata, sharing options) and a local file.
-LINE_KEYS: tuple[str, ...] = ("tenant", "priority", "not_after", "metadata", "idempotency_key", "audio_file")
+LINE_KEYS: tuple[str, ...] = ("tenant", "priority", "not_after", "metadata", "idempotency_key", "audio_file", "steps",
+                              "takes")
+#: The options a line gives or the command line gives for every line that lacks them.
+OPTION_KEYS: tuple[str, ...] = ("tenant", "priority", "not_after", "steps", "takes")
 #: Keys ``batch submit`` sets itself; a line that gives them is refused.
 OWN_KEYS: tuple[str, ...] = ("job_id", "batch_id")
 #: Lines per ``enqueue_many`` call; an interrupted run loses at most one chunk's progress, a re-run resumes.
@@ -57,7 +60,7 @@ CHUNK = 500
 PLAIN_INTERVAL = 5.0
 #: Columns of ``batch results``, in order.
 RESULT_COLUMNS: tuple[str, ...] = ("job_id", "line", "state", "error_kind", "error_message", "tracks",
-                                   "audio_urls", "files", "kie_task_id")
+                                   "audio_urls", "files", "kie_task_id", "steps")
 #: Exit codes of ``batch status`` (and ``batch submit --wait``): the CLI's table (:mod:`.cli_errors`).
 EXIT_INVALID = EXIT_USAGE
 
@@ -221,6 +224,10 @@ def typed_cell(name: str, text: str) -> Any:
             raise ValueError(f"must be a JSON object ({exc.msg} at column {exc.colno})") from None
         except DuplicateKeyError as exc:
             raise ValueError(f"is ambiguous: {exc}") from None
+    if name == "steps":
+        from kie_extend.jobs.plan import parse_steps_text
+
+        return parse_steps_text(text)
     if name == "priority":
         if re.fullmatch(r"[+-]?\d+", text):
             return int(text)
@@ -370,7 +377,7 @@ def check_item(item: dict[str, Any], settings: Any, defaults: dict[str, Any] | N
     from kie_extend.api import check_audio_file, check_extend
 
     defaults = defaults or {}
-    options = {k: item[k] if item.get(k) is not None else defaults.get(k) for k in ("tenant", "priority", "not_after")}
+    options = {k: item[k] if item.get(k) is not None else defaults.get(k) for k in OPTION_KEYS}
     key, metadata = item.get("idempotency_key"), item.get("metadata")
     try:
         if item.get("audio_file") is None:
@@ -428,7 +435,8 @@ def existing_ids(rt: Any, job_ids: list[str]) -> set[str]:
 
 def submit(items: list[dict[str, Any]], *, settings: Any, rt: Any, batch_id: str, tenant: str | None = None,
            priority: int | None = None, not_after: str | None = None, chunk: int = CHUNK,
-           progress: Any = None) -> tuple[int, int]:
+           progress: Any = None, steps: list[dict[str, Any]] | None = None,
+           takes: str | None = None) -> tuple[int, int]:
     """Enqueue checked items in chunks; returns ``(sent, already_there)``.
 
     A line is "already there" when a worker recorded its job, or when an earlier run published its
@@ -447,7 +455,8 @@ def submit(items: list[dict[str, Any]], *, settings: Any, rt: Any, batch_id: str
         if len(there) < len(part):
             _, published = enqueue_many_sent([{k: v for k, v in it.items() if k != "line"} for it in part],
                                              settings=settings, batch_id=batch_id, tenant=tenant,
-                                             priority=priority, not_after=not_after, skip_existing=True)
+                                             priority=priority, not_after=not_after, skip_existing=True,
+                                             steps=steps, takes=takes)
         sent += len(published)
         existed += len(part) - len(published)
         if progress is not None:
@@ -555,6 +564,9 @@ def result_row(rec: dict[str, Any], line: int | None, files: list[str]) -> dict[
         "audio_urls": [t["audio_url"] for t in tracks if t.get("audio_url")],
         "files": files,
         "kie_task_id": rec.get("kie_task_id"),
+        "steps": [{"op": st.get("op"), "take": st.get("take"), "state": st.get("state"),
+                   **{k: v for k, v in (st.get("result") or {}).items() if k.endswith("_url")}}
+                  for st in rec.get("steps") or []],
     }
 
 
@@ -623,8 +635,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
         _err(f"warning: {warning}")
     items = build_items(lines, batch_id, path.parent)
     problems = check_defaults(settings, batch_id, args.tenant, args.priority, args.not_after)
+    steps = None
+    if args.steps:
+        from kie_extend.jobs.plan import check_plan, parse_steps_text
+
+        try:
+            steps = parse_steps_text(args.steps)
+        except ValueError as exc:
+            problems.append(Problem(None, "--steps", str(exc)))
+        else:
+            problems += [Problem(None, "--" + p["field"], p["message"]) for p in check_plan(steps, args.takes)[2]]
     problems += check_lines(lines, items, settings,
-                            {"tenant": args.tenant, "priority": args.priority, "not_after": args.not_after})
+                            {"tenant": args.tenant, "priority": args.priority, "not_after": args.not_after,
+                             "steps": steps, "takes": args.takes})
     if not lines:
         problems.append(Problem(None, "lines", "the file holds no jobs"))
     if problems:
@@ -646,7 +669,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     try:
         sent, existed = submit(items, settings=settings, rt=rt, batch_id=batch_id, tenant=args.tenant,
-                               priority=args.priority, not_after=args.not_after, progress=progress)
+                               priority=args.priority, not_after=args.not_after, progress=progress,
+                               steps=steps, takes=args.takes)
     except KeyboardInterrupt:
         _err(f"interrupted: run the same command again to resume batch {batch_id}; nothing is sent twice")
         return EXIT_INTERRUPTED
@@ -804,6 +828,9 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--tenant", help="default tenant of lines that do not name one")
     s.add_argument("--priority", type=int, help="default priority 0-9 of lines that do not give one")
     s.add_argument("--not-after", help="default deadline (ISO-8601 UTC or epoch seconds)")
+    s.add_argument("--steps", help="default follow-up steps of lines that give none: "
+                   "wav,stems=separate_vocal,midi,video,lyrics or a JSON array")
+    s.add_argument("--takes", choices=["all", "first"], help="default takes the steps run on (all)")
     s.add_argument("--dry-run", action="store_true", help="check every line, enqueue nothing")
     s.add_argument("--quote", action="store_true", help="check every line, enqueue nothing, and print what the "
                    "batch would cost (credits), when it would be done, the balance and the budget left")

@@ -45,7 +45,8 @@ def _startup_check(args: argparse.Namespace) -> None:
 
 
 #: Keys a request file may carry beside the request fields: ``batch submit``'s line keys and ``batch_id``.
-FILE_OPTIONS = ("tenant", "priority", "not_after", "metadata", "idempotency_key", "audio_file", "batch_id")
+FILE_OPTIONS = ("tenant", "priority", "not_after", "metadata", "idempotency_key", "audio_file", "batch_id", "steps",
+                "takes")
 
 
 def _file_request(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -98,9 +99,16 @@ def _request_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[s
         request["defaultParamFlag"] = args.custom
     if args.instrumental is not None:
         request["instrumental"] = args.instrumental
-    for name in ("tenant", "priority", "not_after", "batch_id", "idempotency_key", "audio_file"):
+    for name in ("tenant", "priority", "not_after", "batch_id", "idempotency_key", "audio_file", "takes"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
+    if getattr(args, "steps", None):
+        from kie_extend.jobs.plan import parse_steps_text
+
+        try:
+            options["steps"] = parse_steps_text(args.steps)
+        except ValueError as exc:
+            raise ValidationError([{"field": "steps", "message": str(exc)}]) from None
     if args.metadata:
         options["metadata"] = _json_object(args.metadata, "--metadata")
     return request, options
@@ -150,7 +158,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
             checked = Intake()  # the options first: nothing is uploaded for a job that would be refused
             check_options(checked, refuse_past=True, **{k: v for k, v in options.items()
-                                                        if k in ("tenant", "priority", "not_after", "batch_id")})
+                                                        if k in ("tenant", "priority", "not_after", "batch_id",
+                                                                 "steps", "takes")})
             if checked.problems:
                 raise ValidationError(checked.problems)
             uploaded = upload_audio(request, audio_file, idempotency_key=options.get("idempotency_key"),
@@ -773,6 +782,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--not-after", metavar="TIME", help="drop the job if not sent by then (ISO-8601 UTC or "
                    "epoch seconds; a time already past is refused)")
     e.add_argument("--batch-id", help="count the job in this batch (kie-extend batch status)")
+    e.add_argument("--steps", metavar="STEPS", help="follow-up steps on the finished takes: "
+                   "wav,stems=separate_vocal,midi,video,lyrics (stems=split_stem for every stem), or a JSON array "
+                   "such as '[{\"op\": \"video\", \"author\": \"Ann\"}]'")
+    e.add_argument("--takes", choices=["all", "first"], help="which takes the steps run on (default all)")
     e.add_argument("--wait", action="store_true", help="show progress until the job finishes")
     e.set_defaults(func=cmd_enqueue)
 

@@ -95,6 +95,26 @@ def check_plan(steps: Any, takes: Any) -> tuple[list[dict[str, Any]] | None, str
     return (out if not problems else None), take_mode, problems
 
 
+def parse_steps_text(text: str) -> Any:
+    """Steps as a command line or a CSV cell gives them: a JSON array, or the short form
+    ``wav,stems=separate_vocal,midi,video,lyrics`` (``op`` or ``op=type``; video's author and
+    domainName need the JSON form). Returns the list to check with :func:`check_plan`; ValueError
+    for JSON that does not parse."""
+    import json
+
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"is not a JSON array of steps ({exc})") from None
+    out: list[dict[str, Any]] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        op, _, kind = part.partition("=")
+        out.append({"op": op.strip(), **({"type": kind.strip()} if kind else {})})
+    return out
+
+
 def expand(steps: list[dict[str, Any]], takes: str, audio_ids: list[str]) -> list[dict[str, Any]]:
     """One entry per (step, take), in order: ``{"op", "take", "audio_id", "spec", "after"}``.
 
@@ -114,4 +134,4 @@ def expand(steps: list[dict[str, Any]], takes: str, audio_ids: list[str]) -> lis
     return entries
 
 
-__all__ = ["MAX_STEPS", "TAKES", "check_plan", "expand"]
+__all__ = ["MAX_STEPS", "TAKES", "check_plan", "expand", "parse_steps_text"]
