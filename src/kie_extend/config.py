@@ -108,6 +108,7 @@ class Settings(BaseSettings):
     idempotency_window: Duration = 86400.0
     metadata_max_bytes: int = Field(16384, ge=0)
     handler_max_attempts: int = Field(8, ge=1)
+    progress_events: bool = False
     handler_retry_base: Duration = 2.0
     claim_batch: int = Field(200, ge=1)
     results_maxlen: int = Field(100_000, ge=1000)  # about 1.5 KB an entry: ~150 MB

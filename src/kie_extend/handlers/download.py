@@ -148,6 +148,9 @@ def _file_digest(path: Path) -> tuple[int, str]:
 class DownloadHandler:
     """Downloads every take of a succeeded job, once, with a manifest."""
 
+    #: No ``job.progress`` events (jobs/progress.py): there is nothing final to fetch before the result.
+    progress = False
+
     name = "download"
 
     def __init__(self, settings: Settings) -> None:

@@ -29,6 +29,7 @@ from kie_extend.admission.gates import Decision
 from kie_extend.infra.runtime import Dispatcher, NoDispatch, Runtime
 from kie_extend.store.jobstore import BATCH_REF, Moved, OneTrip, new_op
 from kie_extend.store.record import EMPTY, JobRecord, as_record
+from kie_extend.jobs.progress import STAGES as PROGRESS_STAGES, Progress
 from kie_extend.jobs.steps import Steps, has_plan
 from kie_extend.store.steps import SEP as SUB_ID_SEP
 from kie_extend.jobs.states import TERMINAL, JobState
@@ -70,6 +71,7 @@ class Pipeline:
         self.delivery = Delivery(rt)
         self.idem = Idempotency(rt.redis, rt.keys, self.s.idempotency_window)
         self.steps = Steps(self)
+        self.progress = Progress(rt)
 
     def later(self, job_id: str, at: float) -> None:
         """Run ``job_id``'s next step at ``at``: a wait shorter than a tick goes out now as a short
@@ -654,6 +656,8 @@ class Pipeline:
         if record.failed:
             self._task_failed(job_id, rec, record)
             return
+        if record.status in PROGRESS_STAGES and self.s.progress_events:
+            self.progress.reached(job_id, rec, record.status, tracks)
         if record.status != rec.kie_status or (tracks and not rec.tracks):
             self.store.update(job_id, kie_status=record.status, tracks=tracks or None)
             _log(job_id, logging.INFO, "provider status %s", record.status, task_id=task_id)
@@ -781,7 +785,9 @@ class Pipeline:
         elif rec.state not in (JobState.SUBMITTED, JobState.SUBMITTING):
             return False
         self.store.stat("callbacks")
-        progress_only = callback_type in PROGRESS_CALLBACKS and rec.state is JobState.SUBMITTED
+        # A text/first callback wakes nobody, unless early audio wants its stage (jobs/progress.py).
+        progress_only = (callback_type in PROGRESS_CALLBACKS and rec.state is JobState.SUBMITTED
+                         and not self.s.progress_events)
         if progress_only:
             # Callbacks reach us for this job: the final one will wake it, so the safety-net polls
             # can be spaced out (KIE_POLL_CALLBACK_INTERVAL).

@@ -190,6 +190,11 @@ end
 if ok and cur == '' and redis.call('EXISTS', jk) == 1 then ok = false end
 if not ok then return {0, cur, 0} end
 local now = ARGV[9]
+-- A progress event being delivered (jobs/progress.py) holds the result event back, for at most 30 s.
+if TERMINAL[to] then
+  local pending = tonumber(redis.call('HGET', jk, 'progress_pending') or '')
+  if pending and tonumber(now) - pending < 30 then return {0, cur, 0} end
+end
 -- Settled before the fields are written: 'auto' asks whether the provider had accepted the job.
 local sa = ARGV[18] or ''
 if sa == '' and TERMINAL[to] then sa = 'auto' end
