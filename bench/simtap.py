@@ -40,6 +40,11 @@ class TapSimulator(Simulator):
             }
             for t in tasks
         }
+        with self.lock:
+            follow = list(self.followups.values())
+        for f in follow:  # follow-up tasks (WAV, stems, MIDI, video): the same clock, named by op
+            out[f.task_id] = {"created": f.created + offset, "done": f.created + f.t_done + offset,
+                              "duration": f.t_done, "callback_url": f.callback_url, "failed": f.fail, "op": f.op}
         return json_reply(out)
 
 
