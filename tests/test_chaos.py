@@ -389,3 +389,61 @@ def test_batch_finished_once_under_kill9(workdir: Path) -> None:
         finished_calls = [c for c in calls if c["event"] == "batch.finished"]
         # The callable sink is at least once; after dedup by its key it must be exactly one event.
         assert {(c["batch_id"], c["event"]) for c in finished_calls} == {(batch, "batch.finished")}
+
+
+STEPS = [{"op": "wav"}, {"op": "stems", "type": "separate_vocal"}, {"op": "video"}, {"op": "lyrics"}]
+
+
+def check_steps(stack: DevStack, ids: list[str], recs: dict[str, dict]) -> dict:
+    """Every follow-up call paid once; every job's steps ended; returns the step states seen."""
+    stats = stack.sim_stats()
+    assert stats.get("followups_paid_twice", 0) == 0, {k: v for k, v in stats["followup_paid"].items() if v > 1}
+    states = Counter(s["state"] for r in recs.values() for s in r.get("steps") or [])
+    assert set(states) <= {"succeeded", "failed"}, states
+    assert all(r["state"] in ("succeeded", "failed") for r in recs.values())
+    return dict(states)
+
+
+def test_kill9_workers_while_steps_run(workdir: Path) -> None:
+    """kill -9 workers while follow-up steps are being submitted (slow answers) and polled: no step
+    paid twice, no job lost, one result event per job."""
+    with make_stack(workdir) as stack:
+        stack.start_simulator("--time-factor", "0.03", "--seed", "9", "--fault-slow", "0.3", "--slow-seconds", "1.5")
+        stack.start_serve(callbacks_only=True)
+        w1 = stack.start_worker(concurrency=2)
+        w2 = stack.start_worker(concurrency=2)
+        stack.start_beat()
+        items = [{**item, "steps": STEPS} for item in requests_for(stack, 16)]
+        ids = enqueue_many(items, settings=stack.settings())
+        kills = 0
+        for round_ in range(8):
+            time.sleep(1.5)
+            victim = (w1, w2)[round_ % 2]
+            victim.kill9()
+            kills += 1
+            time.sleep(0.3)
+            victim.restart()
+        recs = wait_all_terminal(stack, ids, timeout=200)
+        steps = check_steps(stack, ids, recs)
+        row = check_guarantees(stack, ids, recs, "kill -9 workers while steps run", {"kill9": kills, "steps": 1})
+        assert steps.get("succeeded", 0) >= len(ids) * 2 * len(STEPS) * 0.9, steps
+        assert row["succeeded"] >= len(ids) * 0.9, row
+
+
+def test_redis_restart_while_steps_run(workdir: Path) -> None:
+    """The job store and broker (AOF on) killed and restarted while follow-up steps are in flight."""
+    with make_stack(workdir, appendonly=True) as stack:
+        stack.start_simulator("--time-factor", "0.03", "--seed", "4")
+        stack.start_serve(callbacks_only=True)
+        stack.start_worker(concurrency=2)
+        stack.start_beat()
+        items = [{**item, "steps": STEPS} for item in requests_for(stack, 12)]
+        ids = enqueue_many(items, settings=stack.settings())
+        time.sleep(4.0)
+        assert stack.valkey is not None
+        stack.valkey.kill()
+        time.sleep(2.0)
+        stack.valkey.start()
+        recs = wait_all_terminal(stack, ids, timeout=200)
+        check_steps(stack, ids, recs)
+        check_guarantees(stack, ids, recs, "redis kill -9 + restart while steps run", {"redis_restart": 1, "steps": 1})

@@ -239,6 +239,14 @@ class Steps:
         """A submit whose outcome is unknown: WAV and video are sent again (a duplicate answers 409,
         free); the others wait for the callback of a task that may exist."""
         n, data = entry.n, dict(entry.data)
+        if data.get("hint_task_id"):
+            # Its callback came while it was still submitting: the provider took it, under this task.
+            log.info("step %s (%s): %s, but its callback named task %s [job_id=%s]", n, entry.op, why,
+                     data["hint_task_id"], job_id)
+            self.store.move(job_id, n, ["submitting"], "submitted",
+                            entry={**data, "kie_task_id": data["hint_task_id"], "submitted_ts": time.time()},
+                            due=time.time(), charge=(self._price_op(entry), self._price(entry)), now=time.time())
+            return
         if OPERATIONS[entry.op].conflict_means_exists or OPERATIONS[entry.op].synchronous:
             log.warning("step %s (%s): %s; sending again (a duplicate is refused with 409) [job_id=%s]",
                         n, entry.op, why, job_id)
@@ -255,9 +263,10 @@ class Steps:
         submitted = float(data.get("submitted_ts") or time.time())
         task_id = data.get("kie_task_id")
         if not task_id:
-            if time.time() - submitted > self.s.job_timeout:
-                self._end(job_id, n, "submitted", data, failed="outcome_unknown: no task id and no callback "
-                          f"within {self.s.job_timeout:.0f}s")
+            window = self.s.submit_unknown_window
+            if time.time() - submitted > window:
+                self._end(job_id, n, "submitted", data, failed="outcome_unknown: the provider may have taken it, but "
+                          f"no callback named its task within {window:.0f}s (KIE_SUBMIT_UNKNOWN_WINDOW)")
             else:
                 self.store.move(job_id, n, ["submitted"], "submitted", due=time.time() + self.s.poll_interval)
             return
@@ -372,10 +381,17 @@ class Steps:
         unknown submit), and poll it now. False when no such entry waits."""
         raw = self.rt.store.get(job_id)
         entries = entries_of(raw or {})
-        if raw is None or n >= len(entries) or entries[n].state != "submitted":
+        if raw is None or n >= len(entries) or entries[n].state not in ("submitting", "submitted"):
             return False
         entry = entries[n]
         parsed = parse_step_callback(OPERATIONS[entry.op], body)
+        if entry.state == "submitting":
+            # Its submit's answer has not been recorded (yet, or ever: the worker died): keep the task
+            # the callback names for whoever resolves the submit.
+            if parsed.task_id and not entry.data.get("hint_task_id"):
+                self.store.move(job_id, n, ["submitting"], "submitting",
+                                entry={**entry.data, "hint_task_id": parsed.task_id})
+            return True
         if not entry.data.get("kie_task_id") and parsed.task_id:
             log.info("step %s (%s): its callback names task %s [job_id=%s]", n, entry.op, parsed.task_id, job_id)
             self.store.move(job_id, n, ["submitted"], "submitted", entry={**entry.data, "kie_task_id": parsed.task_id},

@@ -298,7 +298,9 @@ def submit(sim: Simulator, op: str, req: SimRequest) -> SimReply:
     sim.stats.tally("followup_paid", pk)
     sim.persist()
     sim.schedule_callbacks(task)
-    return envelope(200, "success", {"taskId": task.task_id})
+    reply = envelope(200, "success", {"taskId": task.task_id})
+    reply.delay = cfg.slow_seconds if sim.roll("fault_slow") else 0.0  # accepted, then answered late
+    return reply
 
 
 def _create(sim: Simulator, op: str, body: dict[str, Any], key: str, base: str, now: float,
