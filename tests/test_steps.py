@@ -74,7 +74,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
                        "KIE_POLL_CALLBACK_INTERVAL": "2s", "KIE_TICK_INTERVAL": "0.25s",
                        "KIE_HANDLERS": "redis_stream"}) as st:
         st.start_simulator("--time-factor", "0.02", "--seed", "5")
-        st.start_serve(callbacks_only=True)
+        st.start_serve()  # callbacks, /v1 and the dashboard (no tokens: open on loopback)
         st.start_worker(concurrency=2)
         st.start_beat()
         yield st
@@ -143,6 +143,16 @@ def test_every_step_on_both_takes_succeeds_and_each_call_is_paid_once(stack: Dev
     assert [(s["op"], s["take"], s["state"]) for s in event["steps"]] == [
         (s["op"], s["take"], "succeeded") for s in steps]
     assert rec["credits"]["charged"] >= 12 + 2 * (0.4 + 10 + 2)
+    # The job's page: a step list with players for the WAV and the stems, a link to the video.
+    page = requests.get(f"{stack.env['KIE_CALLBACK_BASE_URL']}/jobs/{job_id}", timeout=10)
+    assert page.status_code == 200, page.text[:500]
+    html = page.text
+    assert html.count('class="step"') == 10 and 'id="steps"' in html
+    for take in (0, 1):
+        for key in ("wav_url", "vocal_url", "instrumental_url"):
+            assert f'<audio controls preload="none" src="{by[("wav" if key == "wav_url" else "stems", take)]["result"][key]}"' in html
+        assert f'href="{by[("video", take)]["result"]["video_url"]}"' in html
+    assert "timed words" in html and "MIDI notes" in html
 
 
 def test_first_take_only(stack: DevStack) -> None:

@@ -289,7 +289,41 @@ def job_detail(rt: Runtime, job_id: str) -> dict[str, Any] | None:
     for track in rec["tracks"]:
         url = str(track.get("audio_url") or "")
         track["playable"] = url if url.startswith(("http://", "https://")) else None
+    rec["step_rows"] = step_rows(rec.get("steps"), rec["tracks"])
     return rec
+
+
+#: Result fields of a step that are audio to play on the job's page, with their labels.
+_AUDIO = {"wav_url": "WAV", "vocal_url": "vocals", "instrumental_url": "instrumental"}
+
+
+def _web(url: Any) -> str | None:
+    text = str(url or "")
+    return text if text.startswith(("http://", "https://")) else None
+
+
+def step_rows(steps: list[dict[str, Any]] | None, tracks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The job page's follow-up steps: ``[{"op", "take", "take_title", "state", "kie_task_id", "error",
+    "players": [(label, url)], "links": [(label, url)], "words"}]``: the WAV and the vocals and
+    instrumental (and every other stem) as players, the video and the MIDI notes' count as links or
+    text, the lyrics' word count; only http(s) URLs."""
+    rows = []
+    for step in steps or []:
+        result = step.get("result") or {}
+        take = step.get("take")
+        title = None
+        if isinstance(take, int) and 0 <= take < len(tracks):
+            title = tracks[take].get("title") or tracks[take].get("id")
+        players = [(label, _web(result.get(key))) for key, label in _AUDIO.items() if _web(result.get(key))]
+        players += [(key.removesuffix("_url").replace("_", " "), _web(url)) for key, url in result.items()
+                    if key.endswith("_url") and key not in _AUDIO and key != "video_url" and _web(url)]
+        links = [("video (MP4)", _web(result.get("video_url")))] if _web(result.get("video_url")) else []
+        notes = sum(len(i.get("notes") or []) for i in result.get("notes") or [] if isinstance(i, dict))
+        rows.append({"op": step.get("op"), "take": take, "take_title": title, "state": step.get("state"),
+                     "kie_task_id": step.get("kie_task_id"), "error": step.get("error"), "players": players,
+                     "links": links, "notes": notes if "notes" in result else None,
+                     "words": len(result.get("aligned_words") or []) if "aligned_words" in result else None})
+    return rows
 
 
 # -- batches -------------------------------------------------------------------------------------
