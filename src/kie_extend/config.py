@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = None
     webhook_timeout: Duration = 10.0
     download_dir: str = "downloads"
+    store_url: str | None = None
+    store_endpoint_url: str | None = None
+    store_region: str | None = None
     callback_secret: SecretStr | None = None
     api_tokens: SecretStr | None = None  # KIE_API_TOKENS: comma list of bearer tokens; "read:" prefix = read-only
     session_secret: SecretStr | None = None  # signs dashboard session cookies (default: derived from the tokens)

@@ -47,7 +47,7 @@ Factory = Callable[[HandlerContext], Handler]
 
 
 def _builtin(name: str) -> Factory | None:
-    module = {"redis_stream": "redis_stream", "webhook": "webhook", "download": "download"}.get(name)
+    module = {"redis_stream": "redis_stream", "webhook": "webhook", "download": "download", "store": "store"}.get(name)
     if module is None:
         return None
     return importlib.import_module(f"{__name__}.{module}").factory  # type: ignore[no-any-return]
@@ -64,7 +64,7 @@ def build_handler(name: str, ctx: HandlerContext) -> Handler:
         found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
         if not found:
             raise ConfigError(
-                f"KIE_HANDLERS: unknown handler {name!r} (built-ins: redis_stream, webhook, download, "
+                f"KIE_HANDLERS: unknown handler {name!r} (built-ins: redis_stream, webhook, download, store, "
                 f"callable:module:function; plugins register under {ENTRY_POINT_GROUP!r})"
             )
         factory = found[0].load()

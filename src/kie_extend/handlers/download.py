@@ -208,15 +208,18 @@ class DownloadHandler:
     # -- one track ---------------------------------------------------------------------------
 
     def _fetch_track(self, session: requests.Session, job_dir: Path, stem: str,
-                     track: dict[str, Any], urls: list[tuple[str, str]]) -> _Fetched:
-        """The first candidate URL that yields audio, renamed into place; DownloadError if none does."""
+                     track: dict[str, Any], urls: list[tuple[str, str]],
+                     accept: tuple[str, ...] = ("audio/",)) -> _Fetched:
+        """The first candidate URL that yields audio, renamed into place; DownloadError if none does.
+        ``accept``: the content-type prefixes taken besides generic binary (the store handler adds
+        ``video/`` for a music video, an MP4 the magic-byte check knows)."""
         track_id = str(track.get("id") or stem)
         if not urls:
             raise DownloadError(f"track {track_id}: no audio URL")
         reasons: list[str] = []
         for field, url in urls:
             try:
-                tmp, size, sha, content_type, ext = self._fetch_url(session, job_dir, stem, url)
+                tmp, size, sha, content_type, ext = self._fetch_url(session, job_dir, stem, url, accept)
             except _Rejected as exc:
                 reasons.append(f"{field}: {exc}")
                 log.info("download of track %s from %s rejected: %s", track_id, field, exc)
@@ -228,7 +231,7 @@ class DownloadHandler:
         raise DownloadError(f"track {track_id}: no usable audio ({'; '.join(reasons)})")
 
     def _fetch_url(self, session: requests.Session, job_dir: Path, stem: str,
-                   url: str) -> tuple[Path, int, str, str, str]:
+                   url: str, accept: tuple[str, ...] = ("audio/",)) -> tuple[Path, int, str, str, str]:
         """Stream one URL into a temp file: ``(temp path, size, sha256, content type, ext)``; raises _Rejected."""
         response = self._get(session, url)
         fd, tmp_name = tempfile.mkstemp(dir=job_dir, prefix=f".{stem}.", suffix=".part")
@@ -238,7 +241,7 @@ class DownloadHandler:
                 if response.status_code != 200:
                     raise _Rejected(f"HTTP {response.status_code}")
                 media_type = _media_type(response)
-                if media_type and not (media_type.startswith("audio/") or media_type in BINARY_CONTENT_TYPES):
+                if media_type and not (media_type.startswith(accept) or media_type in BINARY_CONTENT_TYPES):
                     raise _Rejected(f"content type {media_type!r} is not audio")
                 declared = response.headers.get("Content-Length", "")
                 if declared.isdigit() and int(declared) > MAX_AUDIO_BYTES:

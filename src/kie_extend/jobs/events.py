@@ -88,4 +88,5 @@ def status_record(raw: JobRecord | Mapping[str, str], job_id: str) -> dict[str, 
         "credits": job_credits(rec.raw),
         "waiting_for": None,
         **_steps(rec),
+        **({"stored": rec.raw_json("stored")} if rec.raw.get("stored") else {}),
     }

@@ -188,6 +188,10 @@ class JobRecord:
         """The stored request as any JSON value (``{}`` when absent or garbled), as events carry it."""
         return _json(self.raw, "request", {}) if self.raw else {}
 
+    def raw_json(self, name: str, default: Any = None) -> Any:
+        """Any field's JSON value as stored (``default`` when absent or not JSON)."""
+        return _json(self.raw, name, default)
+
     @property
     def exists(self) -> bool:
         """Whether the hash had any field at all."""
