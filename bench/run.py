@@ -1457,6 +1457,9 @@ def scenario_steps(res: Results, workdir: Path) -> None:
         res.add("steps", "(operation, task, take) paid more than once", twice, "== 0", twice == 0,
                 note=f"{len(paid)} paid keys for {n} jobs x 2 takes x 2 steps; extensions accepted "
                      f"{sim['submissions_accepted']} for {n} jobs")
+        mem = [int(r.memory_usage(K.job(j)) or 0) for j in ids[:20]]
+        res.add("steps", "Redis bytes per finished job record with 4 steps", round(sum(mem) / len(mem)), "", None,
+                "B", note="MEMORY USAGE of the job hash (takes, 4 step entries with results, event), mean of 20")
         res.add("steps", "jobs succeeded with every step", states.count("succeeded"), f"== {n}",
                 states.count("succeeded") == n and len(paid) == 4 * n and sim["submissions_accepted"] == n)
 
@@ -1514,6 +1517,80 @@ def scenario_progress(res: Results, workdir: Path) -> None:
                 stages["text"] <= n)
 
 
+# ==================================================================================================
+# 14. custody: the store handler's copy rate to an S3 API server
+# ==================================================================================================
+def scenario_store(res: Results, workdir: Path) -> None:
+    """20 succeeded jobs, each 2 takes (4 MB) and WAV + stems on both takes (8 + 4 + 4 MB each), copied
+    by the store handler from a loopback file server to moto's S3 server: MB/s, and each job's record."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from kie_extend.config import Settings
+    from kie_extend.handlers.store import StoreHandler
+
+    mb = 1024 * 1024
+    mp3 = b"ID3" + bytes(4 * mb - 3)
+    wav = b"RIFF" + bytes(4) + b"WAVE" + bytes(8 * mb - 12)
+    bodies = {"mp3": (mp3, "audio/mpeg"), "wav": (wav, "audio/wav")}
+
+    class Files(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            body, kind = bodies[self.path.rsplit(".", 1)[-1]]
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Files)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    files = f"http://127.0.0.1:{httpd.server_address[1]}"
+    port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    moto.start()
+    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"})
+    try:
+        s3 = f"http://127.0.0.1:{port}"
+        boto3.client("s3", endpoint_url=s3, region_name="us-east-1").create_bucket(Bucket="bench")
+        handler = StoreHandler(Settings(store_url="s3://bench/kept", store_endpoint_url=s3, store_region="us-east-1",
+                                        allow_private_urls=True))
+        n, copied = 20, 0
+        t0 = time.perf_counter()
+        for j in range(n):
+            steps = [{"op": op, "take": t, "state": "succeeded", "result": result}
+                     for t in (0, 1) for op, result in (("wav", {"wav_url": f"{files}/{j}-{t}.wav"}),
+                                                        ("stems", {"vocal_url": f"{files}/{j}-{t}-v.mp3",
+                                                                   "instrumental_url": f"{files}/{j}-{t}-i.mp3"}))]
+            event = {"event": "job.succeeded", "job_id": f"bench-{j}", "tenant": "bench", "steps": steps,
+                     "tracks": [{"id": f"t{t}", "audio_url": f"{files}/{j}-{t}.mp3"} for t in (0, 1)]}
+            handler.deliver(event, f"bench-{j}:job.succeeded")
+            copied += 2 * len(mp3) + 2 * (len(wav) + 2 * len(mp3))
+        secs = time.perf_counter() - t0
+    finally:
+        moto.stop()
+        httpd.shutdown()
+    rate = copied / mb / secs
+    res.detail("store", jobs=n, bytes=copied, seconds=secs, objects_per_job=10)
+    res.add("store", "store handler copy rate, loopback files -> S3 API (moto)", round(rate, 1), "", None, "MB/s",
+            note=f"{n} jobs x 10 objects ({copied / n / mb:.0f} MB per job: 2 takes, WAV and vocals + instrumental "
+                 f"on both) in {secs:.1f}s; fetch checks and sha256 included, one delivery at a time")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 SCENARIOS: dict[str, tuple[Callable[[Results, Path], None], int, str]] = {
     "limit": (scenario_limit, 240, "1. at the limit: submission rate vs 20/1 s, no 429"),
     "slots": (scenario_slots, 480, "2. few slots: makespan vs rate-bound ideal, naive design"),
@@ -1528,6 +1605,7 @@ SCENARIOS: dict[str, tuple[Callable[[Results, Path], None], int, str]] = {
     "budget": (scenario_budget, 180, "11. budget: a capped tenant waits, a backlogged one keeps the rate"),
     "steps": (scenario_steps, 240, "12. follow-up steps: WAV + stems on both takes at the account limit"),
     "progress": (scenario_progress, 180, "13. early audio: time to first stream URL vs the result"),
+    "store": (scenario_store, 180, "14. custody: the store handler's copy rate to an S3 API"),
 }
 
 
