@@ -241,3 +241,12 @@ def test_one_csv_line_asks_for_wav_and_stems_and_batch_results_show_them(stack: 
     bad = kie_extend(stack, "enqueue", "--upload-url", src, "--model", "V5", "--default-mode", "--prompt", "x",
                      "--steps", "wav,midi", cwd=tmp_path)
     assert bad.returncode == 2 and "steps[1].op" in bad.stderr and "stems step before it" in bad.stderr, bad.stderr
+
+
+def test_the_step_callback_route_answers_like_the_job_route(stack: DevStack) -> None:
+    base = stack.env["KIE_CALLBACK_BASE_URL"]
+    assert requests.post(f"{base}/kie/callback/step/some-job/x", json={}, timeout=5).status_code == 404
+    assert requests.post(f"{base}/kie/callback/step/bad%20id/0", json={}, timeout=5).status_code == 404
+    assert requests.post(f"{base}/kie/callback/step/some-job/0", data=b"[1]", timeout=5).status_code == 400
+    ok = requests.post(f"{base}/kie/callback/step/some-job/0", json={"code": 200, "data": {"task_id": "t"}}, timeout=5)
+    assert ok.status_code == 200 and ok.json() == {"status": "received"}  # an unknown job: nothing to wake

@@ -82,11 +82,8 @@ def install(app: FastAPI, settings: Settings, log_every: float = 10.0) -> None:
     secret = settings.callback_secret.get_secret_value() if settings.callback_secret else None
     unrecorded_log = Throttled(log_every)
 
-    @app.post(ROUTE, include_in_schema=False)
-    @app.post(ROUTE + "/", include_in_schema=False)
-    async def callback(job_id: str, request: Request) -> JSONResponse:
-        if not JOB_ID_PATTERN.fullmatch(job_id):
-            return JSONResponse(_error("not_found", f"no such job id: {job_id[:200]}"), status_code=404)
+    async def checked_body(request: Request, job_id: str) -> dict[str, Any] | JSONResponse:
+        """The callback's JSON object, or the error answer (400, 422; 401 for a bad signature)."""
         raw = await request.body()  # at most KIE_HTTP_CALLBACK_MAX_BODY bytes: BodyLimit answered 413 otherwise
         try:
             body = loads(raw or b"{}", app.state.limits.json_max_depth)
@@ -101,6 +98,16 @@ def install(app: FastAPI, settings: Settings, log_every: float = 10.0) -> None:
             if not signature_ok(body, headers, secret):
                 log.warning("callback with a bad or missing signature ignored", extra={"job_id": job_id})
                 return JSONResponse(_error("unauthorized", "bad or missing webhook signature"), status_code=401)
+        return body
+
+    @app.post(ROUTE, include_in_schema=False)
+    @app.post(ROUTE + "/", include_in_schema=False)
+    async def callback(job_id: str, request: Request) -> JSONResponse:
+        if not JOB_ID_PATTERN.fullmatch(job_id):
+            return JSONResponse(_error("not_found", f"no such job id: {job_id[:200]}"), status_code=404)
+        body = await checked_body(request, job_id)
+        if isinstance(body, JSONResponse):
+            return body
         data = body.get("data") if isinstance(body.get("data"), dict) else {}
         kind = str(data.get("callbackType") or body.get("callbackType") or "")
         try:
@@ -117,20 +124,9 @@ def install(app: FastAPI, settings: Settings, log_every: float = 10.0) -> None:
     async def step_callback(job_id: str, n: str, request: Request) -> JSONResponse:
         if not JOB_ID_PATTERN.fullmatch(job_id) or not n.isdigit() or len(n) > 3:
             return JSONResponse(_error("not_found", f"no such step: {job_id[:200]}/{n[:10]}"), status_code=404)
-        raw = await request.body()
-        try:
-            body = loads(raw or b"{}", app.state.limits.json_max_depth)
-            if not isinstance(body, dict):
-                raise ValueError("not an object")
-        except TooDeep as exc:
-            return JSONResponse(_error("invalid_json", f"body {exc}"), status_code=422)
-        except ValueError:
-            return JSONResponse(_error("invalid_json", "the body must be a JSON object"), status_code=400)
-        if secret:
-            headers = {k.lower(): v for k, v in request.headers.items()}
-            if not signature_ok(body, headers, secret):
-                log.warning("step callback with a bad or missing signature ignored", extra={"job_id": job_id})
-                return JSONResponse(_error("unauthorized", "bad or missing webhook signature"), status_code=401)
+        body = await checked_body(request, job_id)
+        if isinstance(body, JSONResponse):
+            return body
         try:
             await run_in_threadpool(app.state.pipeline.steps.hint, job_id, int(n), body)
         except Exception as exc:  # the step's poll stays the source of truth
