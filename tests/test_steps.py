@@ -250,3 +250,25 @@ def test_the_step_callback_route_answers_like_the_job_route(stack: DevStack) -> 
     assert requests.post(f"{base}/kie/callback/step/some-job/0", data=b"[1]", timeout=5).status_code == 400
     ok = requests.post(f"{base}/kie/callback/step/some-job/0", json={"code": 200, "data": {"task_id": "t"}}, timeout=5)
     assert ok.status_code == 200 and ok.json() == {"status": "received"}  # an unknown job: nothing to wake
+
+
+def test_the_account_rate_holds_across_extensions_and_follow_ups(tmp_path: Path) -> None:
+    """6 jobs x (1 extension + WAV and stems on both takes) = 30 calls through a 4 per 1 s limit that
+    the simulator enforces on extensions and follow-ups together: no 429, every call paid once."""
+    with DevStack(tmp_path, key_prefix=f"rate{uuid.uuid4().hex[:6]}",
+                  env={"KIE_POLL_FIRST": "0.3s", "KIE_POLL_INTERVAL": "0.3s", "KIE_POLL_MAX_INTERVAL": "0.6s",
+                       "KIE_TICK_INTERVAL": "0.1s", "KIE_SUBMIT_RATE": "4/1s", "KIE_SUBMIT_RATE_MARGIN": "0.05s",
+                       "KIE_HANDLERS": "redis_stream"}) as st:
+        st.start_simulator("--time-factor", "0.01", "--seed", "6", "--rate-limit", "4", "--rate-window", "1")
+        st.start_serve(callbacks_only=True)
+        st.start_worker(concurrency=2)
+        st.start_worker(concurrency=2)
+        st.start_beat()
+        steps = [{"op": "wav"}, {"op": "stems", "type": "separate_vocal"}]
+        ids = [enqueue_extend(request_for(st), steps=steps, settings=st.settings()) for _ in range(6)]
+        recs = wait_done(st, ids, timeout=120)
+        assert all(r["state"] == "succeeded" for r in recs.values()), recs
+        stats = st.sim_stats()
+        assert stats["rate_limited"] == 0
+        assert stats["submissions_accepted"] == 6 and sum(stats["followups_accepted"].values()) == 24
+        assert stats["followups_paid_twice"] == 0
