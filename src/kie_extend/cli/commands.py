@@ -196,6 +196,13 @@ def _line(rec: dict[str, Any]) -> str:
         bits.append(f"polls={rec['polls']}")
     if rec.get("tracks"):
         bits.append(f"tracks={len(rec['tracks'])}")
+    if rec.get("steps"):
+        from collections import Counter
+
+        counts = Counter(str(s.get("state")) for s in rec["steps"])
+        done = counts["succeeded"] + counts["failed"]
+        bits.append(f"steps={done}/{len(rec['steps'])} done" + "".join(
+            f" {k}={v}" for k, v in sorted(counts.items()) if k not in ("succeeded", "failed") or v))
     if rec.get("error"):
         bits.append(f"error={describe_error(rec['error'])}")
     if rec.get("duplicate_of"):
