@@ -24,6 +24,7 @@ from kie_extend.jobs.idempotency import Idempotency, kwargs_digest, request_fing
 from kie_extend.jobs.ids import id_problem, is_valid
 from kie_extend.jobs.intake import DEFAULT_PRIORITY, EXTEND_OPTIONS, check_message, require
 from kie_extend.provider.audio_probe import AUDIO_FILE_FIELD, AudioInfo, probe_audio
+from kie_extend.infra import tracing
 from kie_extend.infra.runtime import Runtime
 from kie_extend.jobs.states import JobState
 from kie_extend.store.record import EMPTY
@@ -234,6 +235,7 @@ def _send(settings: Settings, ids: list[str], messages: list[dict[str, Any]], *,
     refusal is recorded as a failed job with its event, and IdempotencyConflictError raised), files in
     ``uploads`` (index -> callable giving the uploaded URL) are uploaded, batches are declared, the
     messages published and their claims marked sent."""
+    tracing.setup("producer", celery=True)
     rt = _runtime(settings)
     idem = Idempotency(rt.redis, rt.keys, settings.idempotency_window)
     uploads = uploads or {}
@@ -280,8 +282,14 @@ def _send(settings: Settings, ids: list[str], messages: list[dict[str, Any]], *,
                     if i in skip:
                         continue
                     headers, properties, body, _ = app.amqp.create_task_message(ids[i], "kie_extend.extend", (), m)
-                    producer.publish(body, exchange="", routing_key=settings.queue, serializer="json",
-                                     headers=headers, **properties)
+                    # One producer span per message; its context rides in the headers (traceparent).
+                    with tracing.job_span("kie.enqueue", ids[i], kind="producer", kie_tenant=m.get("tenant"),
+                                          kie_batch_id=m.get("batch_id"), messaging_system="redis",
+                                          messaging_destination__name=settings.queue,
+                                          messaging_operation__type="send"):
+                        tracing.inject_headers(headers)
+                        producer.publish(body, exchange="", routing_key=settings.queue, serializer="json",
+                                         headers=headers, **properties)
                     sent.add(i)
     except BaseException:
         idem.release([(ids[i], digests[i]) for i in claimed if i not in sent])

@@ -21,7 +21,10 @@ from kie_extend.jobs.ids import derived_job_id, is_valid, rule
 from kie_extend.jobs.intake import POSITIONAL_FIELD
 from kie_extend.jobs.pipeline import Pipeline
 from kie_extend.jobs.states import JobState
+from kie_extend.infra import tracing
 from kie_extend.infra.runtime import Runtime
+from kie_extend.store.jobstore import BATCH_REF
+from kie_extend.store.steps import SEP as SUB_ID_SEP
 from kie_extend.admission.tick import Scheduler
 
 log = logging.getLogger("kie_extend.tasks")
@@ -49,18 +52,28 @@ def retry_later(task: Task, exc: Exception) -> NoReturn:
 class CeleryDispatcher:
     """Sends follow-up work as Celery messages on our queue."""
 
-    def __init__(self, app: Celery, queue: str) -> None:
-        self.app, self.queue = app, queue
+    def __init__(self, app: Celery, queue: str, runtime: Runtime | None = None) -> None:
+        self.app, self.queue, self.runtime = app, queue, runtime
 
     def poll(self, job_id: str, at: float | None = None) -> None:
         """Queue a job's next step, to run at ``at`` (a sub-second countdown at most: see Pipeline.later)."""
         countdown = None if at is None else max(0.0, at - time.time())
-        self.app.send_task("kie_extend.poll", kwargs={"job_id": job_id}, queue=self.queue,
-                           countdown=countdown or None)
+        with tracing.attached(self._traceparent(job_id)):
+            self.app.send_task("kie_extend.poll", kwargs={"job_id": job_id}, queue=self.queue,
+                               countdown=countdown or None)
 
     def deliver(self, job_id: str, handler: str) -> None:
         """Queue one handler delivery."""
-        self.app.send_task("kie_extend.deliver", kwargs={"job_id": job_id, "handler": handler}, queue=self.queue)
+        with tracing.attached(self._traceparent(job_id)):
+            self.app.send_task("kie_extend.deliver", kwargs={"job_id": job_id, "handler": handler},
+                               queue=self.queue)
+
+    def _traceparent(self, job_id: str) -> str | None:
+        """The job's stored trace context when tracing is on (one HGET), so the message joins its
+        trace; None when off (no read) or when the current span is already in a trace."""
+        if not tracing.enabled() or self.runtime is None or job_id.startswith(BATCH_REF):
+            return None
+        return tracing.job_traceparent(self.runtime.redis, self.runtime.keys.job(job_id.split(SUB_ID_SEP)[0]))
 
 
 class _Services:
@@ -76,9 +89,9 @@ class _Services:
         if self._pid != os.getpid():
             settings = self.app.kie_settings  # type: ignore[attr-defined]
             self.runtime = Runtime(settings)
-            self.pipeline = Pipeline(self.runtime, CeleryDispatcher(self.app, settings.queue))
+            self.pipeline = Pipeline(self.runtime, CeleryDispatcher(self.app, settings.queue, self.runtime))
             self.delivery = Delivery(self.runtime)
-            self.scheduler = Scheduler(self.runtime, CeleryDispatcher(self.app, settings.queue))
+            self.scheduler = Scheduler(self.runtime, CeleryDispatcher(self.app, settings.queue, self.runtime))
             self._pid = os.getpid()
 
     def get_pipeline(self) -> Pipeline:

@@ -141,6 +141,9 @@ def _preflight(app: Any, process: str) -> None:
     BrokerRetryNote.install(settings)  # "cannot connect to the broker" lines name the setting and why
     try:
         run(settings, process)
+        from kie_extend.infra import tracing
+
+        tracing.setup(process, celery=True)  # off (nothing imported) unless OTEL_TRACES_EXPORTER is set
     except ConfigError as exc:
         logging.getLogger("kie_extend.infra.preflight").critical("%s refuses to start: %s", process, exc)
         raise SystemExit(EXIT_CONFIG) from None
@@ -168,6 +171,15 @@ def _log_secrets(settings: Settings) -> list[str]:
     if settings.tenants is not None:
         found += [t.webhook_secret for t in settings.tenants.tenants.values() if t.webhook_secret]
     return found
+
+
+@signals.worker_process_shutdown.connect
+@signals.worker_shutdown.connect
+def _flush_spans(**_: Any) -> None:
+    """Export the spans a worker (or its pool process) still buffers before it exits."""
+    from kie_extend.infra import tracing
+
+    tracing.flush()
 
 
 @signals.setup_logging.connect

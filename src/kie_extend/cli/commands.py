@@ -618,7 +618,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if getattr(args, "note", None):  # on stderr, once the settings hold (an error stays one line)
         print(args.note, file=sys.stderr, flush=True)
     rt = _runtime(settings)
-    dispatcher = CeleryDispatcher(create_app(settings), settings.queue)
+    dispatcher = CeleryDispatcher(create_app(settings), settings.queue, rt)
     servers = []
     # Slow clients: headers within KIE_HTTP_HEADER_TIMEOUT (the body's deadline is the app's, see
     # http/limits.py), idle keep-alive connections closed after KIE_HTTP_KEEP_ALIVE.
@@ -642,6 +642,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         main_parts = ("callbacks", "api", "dashboard")
     app = create_http_app(settings, parts=main_parts, runtime=rt, dispatcher=dispatcher)
+    from kie_extend.infra import tracing
+
+    try:  # off (nothing imported) unless OTEL_TRACES_EXPORTER is set
+        for traced in (app, cb) if args.callback_port else (app,):
+            tracing.setup("serve", celery=True, app=traced)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
     servers.append(_Announced(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                              access_log=False, **guards),
                               f"kie-extend serve on http://{args.host}:{args.port}  "

@@ -15,6 +15,7 @@ from typing import Any
 from kie_extend.errors import ConfigError
 from kie_extend.handlers.tenants import tenant_of
 from kie_extend.jobs.events import now_iso
+from kie_extend.infra import tracing
 from kie_extend.infra.runtime import Runtime
 from kie_extend.store.jobstore import BATCH_REF
 
@@ -36,6 +37,12 @@ class Delivery:
         ``event`` is given only by the process that just wrote it (the first attempt, inline);
         otherwise the stored event and the handler's attempt count are read from the record.
         """
+        with tracing.job_span("kie.deliver", job_id, kie_handler=handler_name) as span:
+            state = self._deliver(job_id, handler_name, event)
+            tracing.annotate(span, kie_delivery__state=state)
+            return state
+
+    def _deliver(self, job_id: str, handler_name: str, event: dict[str, Any] | None = None) -> str:
         store, keys = self.rt.store, self.rt.keys
         field = f"handler:{handler_name}"
         attempts = 1
@@ -51,6 +58,7 @@ class Delivery:
             event = json.loads(raw["event"])
             attempts = int(info.get("attempts") or 0) + 1
         extra = {"job_id": job_id, "kie_task_id": event.get("kie_task_id")}
+        tracing.annotate_current(kie_task_id=event.get("kie_task_id"))
         # The stable dedup key: {job_id}:{event}, or {batch_id}:batch.finished.
         dedup = f"{event['batch_id']}:{event['event']}" if job_id.startswith(BATCH_REF) else f"{job_id}:{event['event']}"
         writes = store.deferring()

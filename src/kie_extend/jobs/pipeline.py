@@ -19,6 +19,7 @@ from kie_extend.provider.client import FAILED_STATUSES, TaskRecord, track_has_au
 from kie_extend.credits.prices import estimate
 from kie_extend.handlers.delivery import Delivery
 from kie_extend.jobs.events import build_event, now_iso
+from kie_extend.infra import tracing
 from kie_extend.infra.errors import is_infra_error
 from kie_extend.jobs.idempotency import CONFLICT_MESSAGE, Idempotency, message_digest, request_fingerprint
 from kie_extend.jobs.intake import check_message
@@ -89,7 +90,7 @@ class Pipeline:
                batch_id: Any = None, not_after: Any = None, steps: Any = None, takes: Any = None) -> None:
         """Record a new job from an extend message and try to submit it at once (see :meth:`_accept`).
         The step's bookkeeping writes (counters, histograms) go out in one round trip at its end."""
-        with self.store.deferred():
+        with tracing.job_span("kie.accept", job_id), self.store.deferred():
             self._accept(job_id, request, idempotency_key, metadata, extra_kwargs, tenant=tenant, priority=priority,
                          batch_id=batch_id, not_after=not_after, steps=steps, takes=takes)
 
@@ -157,7 +158,10 @@ class Pipeline:
             "price": estimate(self.s.prices),
             # The follow-up steps asked for (jobs/plan.py), run once the extension has succeeded.
             "steps_plan": {"steps": intake.steps, "takes": intake.takes} if intake.steps else None,
+            # The W3C trace context of this accept (infra/tracing.py): the parent of the job's later spans.
+            "traceparent": tracing.current_traceparent(),
         }
+        tracing.annotate_current(kie_tenant=intake.tenant, kie_batch_id=intake.batch_id, kie_priority=intake.priority)
         for w in warnings:
             _log(job_id, logging.WARNING, "request warning: %s", w)
         if problems:
@@ -202,8 +206,10 @@ class Pipeline:
             fields={"attempts": 1, "sends": 1, "submit_started_ts": started, "submit_error": None, "admitted": None},
             due=started + self.s.connect_timeout + self.s.read_timeout + SUBMIT_LEASE_SLACK, stat="submissions",
             pipe=trip, after=created_op, send=f"s:{job_id}:1")
-        created, found, sending = trip.execute()
-        mine = self._admitted(job_id, self.rt.admission.admitted(found))
+        with tracing.job_span("kie.admit", job_id, kie_admission__inline=True) as span:
+            created, found, sending = trip.execute()
+            mine = self._admitted(job_id, self.rt.admission.admitted(found))
+            tracing.annotate(span, kie_admission__granted=self.store.moved(job_id, sending) or bool(mine and mine.granted))
         if not self.store.moved(job_id, created):
             # Another delivery of this message (or another producer's message under the same id)
             # created the record first: look at it and carry on from there (a slot the admission
@@ -282,9 +288,11 @@ class Pipeline:
             return
         granted = False
         if not rec.admitted:
-            if not in_ready:
-                self.store.enqueue_ready(job_id)
-            mine = self._admit_now(job_id) if admission is None else admission[0]
+            with tracing.job_span("kie.admit", job_id, rec.raw.get(tracing.FIELD)) as span:
+                if not in_ready:
+                    self.store.enqueue_ready(job_id)
+                mine = self._admit_now(job_id) if admission is None else admission[0]
+                tracing.annotate(span, kie_admission__granted=bool(mine and mine.granted))
             if mine is None:
                 return  # waits in its ready queue; the tick admits it when its turn comes
             if not mine.granted:
@@ -319,6 +327,10 @@ class Pipeline:
 
     def _send(self, job_id: str, rec: JobRecord, attempt: int) -> None:
         """Send a job this process has just moved to ``submitting`` (attempt ``attempt``) and record the outcome."""
+        with tracing.job_span("kie.submit", job_id, rec.raw.get(tracing.FIELD), kie_attempt=attempt):
+            self._send_traced(job_id, rec, attempt)
+
+    def _send_traced(self, job_id: str, rec: JobRecord, attempt: int) -> None:
         body = rec.request
         if body is None:
             raise ValueError(f"job {job_id}'s record holds no readable request")
@@ -327,6 +339,7 @@ class Pipeline:
         except E.ProviderError as exc:
             self._submit_failed(job_id, rec, attempt, exc)
             return
+        tracing.annotate_current(kie_task_id=task_id)
         self._record_submitted(job_id, task_id, callbacks=self._ours(body))
         self._answered()
 
@@ -589,6 +602,11 @@ class Pipeline:
             self.store.release_poll(job_id)
 
     def _poll_claimed(self, job_id: str, rec: JobRecord, task_id: str, now: float) -> None:
+        with tracing.job_span("kie.poll", job_id, rec.raw.get(tracing.FIELD), kie_task_id=task_id or None,
+                              kie_poll=rec.polls + 1):
+            self._poll_traced(job_id, rec, task_id, now)
+
+    def _poll_traced(self, job_id: str, rec: JobRecord, task_id: str, now: float) -> None:
         submitted = rec.submitted_ts if rec.submitted_ts is not None else now
         started = time.monotonic()
         try:
@@ -600,6 +618,7 @@ class Pipeline:
             self._poll_failed(job_id, rec, exc, now, submitted)
             return
         self.store.observe("poll_seconds", time.monotonic() - started, POLL_BUCKETS, stat="poll_code_200")
+        tracing.annotate_current(kie_status=record.status)
         self._answered()
         self._apply_record(job_id, rec, record, now, submitted)
 
@@ -780,6 +799,11 @@ class Pipeline:
         rec = self.store.get_record(job_id)
         if rec is None or rec.state in TERMINAL or rec.duplicate_of:
             return False
+        with tracing.job_span("kie.callback", job_id, rec.raw.get(tracing.FIELD), kie_task_id=task_id,
+                              kie_callback__type=callback_type):
+            return self._hint(job_id, rec, task_id, callback_type)
+
+    def _hint(self, job_id: str, rec: JobRecord, task_id: str | None, callback_type: str | None) -> bool:
         if rec.state is JobState.SUBMITTING and task_id and not rec.kie_task_id:
             self.store.update(job_id, hint_task_id=str(task_id)[:128])
         elif rec.state not in (JobState.SUBMITTED, JobState.SUBMITTING):
