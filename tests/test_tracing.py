@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -215,8 +216,12 @@ def check_job_trace(stack: DevStack, receiver: Receiver, job_id: str) -> list[di
     # A callback's own HTTP request is another trace: its job span links to it.
     assert all(c["links"] for c in callbacks)
     # The KIE calls are requests' client spans, under submit and poll.
-    clients = [s for s in spans if s["scope"].endswith("requests") and accept in ancestors(s, spans)]
+    clients = [s for s in spans if s["scope"].endswith(("requests", "urllib3")) and accept in ancestors(s, spans)]
     assert any(submit in ancestors(c, spans) for c in clients)
+    assert all(any(p in ancestors(c, spans) for c in clients) for p in polls)
+    # The API key is in no span (it travels in a header, which is not recorded).
+    key = stack.env["KIE_API_KEY"]
+    assert not [s for s in spans if key in json.dumps(s["attrs"])]
     services = {s["service"] for s in spans}
     assert {"kie-extend-worker", "kie-extend-serve"} <= services
     return spans
@@ -277,23 +282,57 @@ def test_foreign_traceparent_joins(stack: DevStack, receiver: Receiver) -> None:
     assert {"kie.accept", "kie.submit", "kie.poll", "kie.deliver"} <= {s["name"] for s in spans}
 
 
-def test_off_by_default_imports_nothing(tmp_path: Path) -> None:
-    """Without OTEL_TRACES_EXPORTER: setup says no, and no OpenTelemetry module is imported."""
-    script = textwrap.dedent("""
-        import os, sys
-        for k in [k for k in os.environ if k.startswith("OTEL_")]:
-            del os.environ[k]
-        import kie_extend.api, kie_extend.worker, kie_extend.tasks, kie_extend.http.app
-        from kie_extend.infra import tracing
-        assert tracing.setup("worker", celery=True) is False and not tracing.enabled()
-        with tracing.job_span("kie.poll", "j1", "00-" + "1" * 32 + "-" + "2" * 16 + "-01") as span:
-            assert span is None
-        assert tracing.current_traceparent() is None
-        print(sorted(m for m in sys.modules if m.startswith("opentelemetry")))
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+OFF_SCRIPT = textwrap.dedent("""
+    import os, sys
+    for k in [k for k in os.environ if k.startswith("OTEL_")]:
+        del os.environ[k]
+    EXTRA = ("opentelemetry.sdk", "opentelemetry.exporter", "opentelemetry.instrumentation")
+    if sys.argv[1] == "absent":  # as without the kie-extend[otel] extra (FastAPI brings only the API)
+        class Absent:
+            def find_spec(self, name, path=None, target=None):
+                if name.startswith(EXTRA):
+                    raise ImportError(name)
+        sys.meta_path.insert(0, Absent())
+    import kie_extend.api, kie_extend.worker, kie_extend.tasks, kie_extend.http.app, kie_extend.jobs.pipeline
+    from kie_extend.infra import tracing
+    assert tracing.setup("worker", celery=True) is False and not tracing.enabled()
+    with tracing.job_span("kie.poll", "j1", "00-" + "1" * 32 + "-" + "2" * 16 + "-01") as span:
+        assert span is None
+    tracing.annotate(span, kie_task_id="t")
+    tracing.annotate_current(kie_task_id="t")
+    with tracing.attached("00-" + "1" * 32 + "-" + "2" * 16 + "-01"):
+        pass
+    tracing.inject_headers(headers := {})
+    assert headers == {} and tracing.current_traceparent() is None
+    # redis-py imports the SDK's metrics when it can (its own observability): never its tracing.
+    print(sorted(m for m in sys.modules if m.startswith(("opentelemetry.sdk.trace", *EXTRA[1:]))))
+""")
+
+
+@pytest.mark.parametrize("otel", ["absent", "installed"])
+def test_off_by_default_costs_nothing(otel: str) -> None:
+    """Without OTEL_TRACES_EXPORTER every helper is a no-op and we import no tracing SDK,
+    exporter or instrumentation; without the extra at all, everything works the same."""
+    out = subprocess.run([sys.executable, "-c", OFF_SCRIPT, otel], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_unknown_exporter_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exporter we do not wire (e.g. zipkin) stops start-up with a reason, not silence."""
+    script = textwrap.dedent("""
+        from kie_extend.errors import ConfigError
+        from kie_extend.infra import tracing
+        try:
+            tracing.setup("worker")
+        except ConfigError as exc:
+            print(exc)
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         env={**env, "OTEL_TRACES_EXPORTER": "zipkin"})
+    assert out.returncode == 0, out.stderr
+    assert "OTEL_TRACES_EXPORTER=zipkin is not supported" in out.stdout
 
 
 def test_wanted_and_attribute_names() -> None:

@@ -4,7 +4,7 @@ Off unless ``OTEL_TRACES_EXPORTER`` names an exporter (``otlp``: OTLP over HTTP/
 ``console``) and ``OTEL_SDK_DISABLED`` is not ``true``. Off, nothing of OpenTelemetry is imported
 and every helper here is a no-op (``job_span`` yields None). On (the ``kie-extend[otel]`` extra),
 :func:`setup` installs the SDK's tracer provider with a batch exporter and the instrumentations of
-Celery (``traceparent`` in each message's headers), requests (KIE calls) and FastAPI (serve).
+Celery (``traceparent`` in each message's headers), requests and urllib3 (KIE calls) and FastAPI (serve).
 
 A job's life spans many Celery messages scheduled by the tick, not one parent→child chain, so the
 trace context of its ``kie.accept`` span is stored on the job's record (field ``traceparent``, W3C
@@ -60,8 +60,8 @@ def setup(role: str, *, celery: bool = False, app: Any = None) -> bool:
 
     ``role`` (``producer``, ``worker``, ``beat``, ``serve``) names the service
     (``kie-extend-<role>``) unless ``OTEL_SERVICE_NAME`` does. ``celery``: instrument Celery
-    (producers, workers, beat); ``app``: a FastAPI app to instrument. requests is always
-    instrumented. Raises ConfigError for an exporter other than ``otlp`` / ``console`` or when the
+    (producers, workers, beat); ``app``: a FastAPI app to instrument. requests and urllib3 (KIE
+    calls) are always instrumented. Raises ConfigError for an exporter other than ``otlp`` / ``console`` or when the
     ``kie-extend[otel]`` extra is not installed."""
     global _on, _provider
     if not wanted():
@@ -73,7 +73,11 @@ def setup(role: str, *, celery: bool = False, app: Any = None) -> bool:
             if "requests" not in _instrumented:
                 from opentelemetry.instrumentation.requests import RequestsInstrumentor
 
+                from opentelemetry.instrumentation.urllib3 import URLLib3Instrumentor
+
                 RequestsInstrumentor().instrument()
+                # The provider client's submit and poll go straight to urllib3's pool (provider/client.py).
+                URLLib3Instrumentor().instrument()
                 _instrumented.add("requests")
             if celery and "celery" not in _instrumented:
                 from opentelemetry.instrumentation.celery import CeleryInstrumentor
