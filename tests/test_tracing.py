@@ -244,18 +244,25 @@ def test_python_api_job_is_one_trace(stack: DevStack, receiver: Receiver) -> Non
     assert enqueue["attrs"]["messaging.destination.name"] == stack.settings().queue
 
 
-def test_http_job_is_one_trace(stack: DevStack, receiver: Receiver) -> None:
-    """POST /v1/jobs: FastAPI's server span is the root; kie.enqueue runs under it in serve."""
+@pytest.mark.parametrize("caller", [False, True], ids=["new-trace", "caller-traceparent"])
+def test_http_job_is_one_trace(stack: DevStack, receiver: Receiver, caller: bool) -> None:
+    """POST /v1/jobs: FastAPI's server span holds kie.enqueue in serve; it is the root, or the
+    child of the caller's span when the request carries a traceparent header."""
     url = stack.env["KIE_CALLBACK_BASE_URL"]
-    r = requests.post(f"{url}/v1/jobs", json={"request": valid_request(stack)},
-                      headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    trace_id, parent = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    if caller:
+        headers["traceparent"] = f"00-{trace_id}-{parent}-01"
+    r = requests.post(f"{url}/v1/jobs", json={"request": valid_request(stack)}, headers=headers, timeout=30)
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
     spans = check_job_trace(stack, receiver, job_id)
     enqueue = next(s for s in spans if s["name"] == "kie.enqueue")
     assert enqueue["service"] == "kie-extend-serve"
-    roots = [a for a in ancestors(enqueue, spans) if a["parent"] is None]
-    assert roots and roots[0]["name"].startswith("POST /v1/jobs")
+    server = ancestors(enqueue, spans)[-1]
+    assert server["name"] == "POST /v1/jobs" and server["attrs"]["http.route"] == "/v1/jobs"
+    assert server["parent"] == (parent if caller else None)
+    assert (enqueue["trace_id"] == trace_id) is caller
 
 
 def test_foreign_traceparent_joins(stack: DevStack, receiver: Receiver) -> None:

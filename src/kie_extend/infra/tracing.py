@@ -11,7 +11,7 @@ trace context of its ``kie.accept`` span is stored on the job's record (field ``
 text) and every later span of the job (``kie.admit``, ``kie.submit``, ``kie.poll``,
 ``kie.callback``, ``kie.deliver``) is started as a *child* of that stored context, with a *link* to
 whatever span was current (a Celery message or an HTTP request of another trace). See README
-"Running in production → Tracing".
+"Tracing".
 """
 
 from __future__ import annotations
