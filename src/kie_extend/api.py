@@ -284,7 +284,7 @@ def _send(settings: Settings, ids: list[str], messages: list[dict[str, Any]], *,
                     headers, properties, body, _ = app.amqp.create_task_message(ids[i], "kie_extend.extend", (), m)
                     # One producer span per message; its context rides in the headers (traceparent).
                     with tracing.job_span("kie.enqueue", ids[i], kind="producer", kie_tenant=m.get("tenant"),
-                                          kie_batch_id=m.get("batch_id"), messaging_system="redis",
+                                          kie_batch_id=m.get("batch_id"), messaging_system=_messaging_system(settings),
                                           messaging_destination__name=settings.queue,
                                           messaging_operation__type="send"):
                         tracing.inject_headers(headers)
@@ -296,6 +296,11 @@ def _send(settings: Settings, ids: list[str], messages: list[dict[str, Any]], *,
         raise
     idem.mark_sent([(ids[i], digests[i]) for i in claimed if i in sent])
     return ids, sent
+
+
+def _messaging_system(settings: Settings) -> str:
+    """OpenTelemetry's ``messaging.system`` for the broker: ``rabbitmq`` for amqp URLs, else ``redis``."""
+    return "rabbitmq" if settings.effective_broker_url.split(":", 1)[0].startswith(("amqp", "pyamqp")) else "redis"
 
 
 def _refuse_reused_keys(settings: Settings, rt: Runtime, idem: Idempotency, ids: list[str],

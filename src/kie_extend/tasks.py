@@ -69,8 +69,9 @@ class CeleryDispatcher:
                                queue=self.queue)
 
     def _traceparent(self, job_id: str) -> str | None:
-        """The job's stored trace context when tracing is on (one HGET), so the message joins its
-        trace; None when off (no read) or when the current span is already in a trace."""
+        """The job's stored trace context when tracing is on (one HGET), so the message joins the
+        job's trace whatever span is current (the tick's none, an HTTP request's another trace);
+        None when off (no read), for a batch's delivery, or when the job has none."""
         if not tracing.enabled() or self.runtime is None or job_id.startswith(BATCH_REF):
             return None
         return tracing.job_traceparent(self.runtime.redis, self.runtime.keys.job(job_id.split(SUB_ID_SEP)[0]))

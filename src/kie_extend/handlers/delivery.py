@@ -37,7 +37,11 @@ class Delivery:
         ``event`` is given only by the process that just wrote it (the first attempt, inline);
         otherwise the stored event and the handler's attempt count are read from the record.
         """
-        with tracing.job_span("kie.deliver", job_id, kie_handler=handler_name) as span:
+        # The job's stored trace context (one HGET, only when tracing is on): a delivery run under
+        # another trace's span (an operator's cancel over HTTP, say) still lands in the job's trace.
+        traceparent = (tracing.job_traceparent(self.rt.redis, self.rt.keys.job(job_id))
+                       if tracing.enabled() and not job_id.startswith(BATCH_REF) else None)
+        with tracing.job_span("kie.deliver", job_id, traceparent, kie_handler=handler_name) as span:
             state = self._deliver(job_id, handler_name, event)
             tracing.annotate(span, kie_delivery__state=state)
             return state
