@@ -130,13 +130,18 @@ def wait_done(stack: DevStack, job_id: str, timeout: float = 60) -> dict[str, An
     raise AssertionError(f"job {job_id} did not finish: {rec.get('state')}\n{logs}")
 
 
-def job_trace(receiver: Receiver, job_id: str, timeout: float = 20) -> tuple[str, list[dict[str, Any]]]:
-    """The trace holding ``job_id``'s spans, once it has its delivery span: (trace id, its spans)."""
+def job_trace(receiver: Receiver, job_id: str, external: tuple[str, ...] = (),
+              timeout: float = 20) -> tuple[str, list[dict[str, Any]]]:
+    """The trace holding ``job_id``'s spans, once it has its delivery span and every parent it names
+    has arrived (each process exports on its own schedule), but ``external`` ones: (trace id, its spans)."""
     deadline = time.monotonic() + timeout
     while True:
         spans = receiver.snapshot()
         mine = [s for s in spans if s["attrs"].get("kie.job_id") == job_id]
-        if any(s["name"] == "kie.deliver" for s in mine) or time.monotonic() > deadline:
+        ids = {s["span_id"] for s in spans}
+        traces = {s["trace_id"] for s in mine}
+        missing = {s["parent"] for s in spans if s["trace_id"] in traces and s["parent"]} - ids - set(external)
+        if (any(s["name"] == "kie.deliver" for s in mine) and not missing) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     traces = {s["trace_id"] for s in mine}
@@ -172,10 +177,11 @@ def ancestors(span: dict[str, Any], spans: list[dict[str, Any]]) -> list[dict[st
     return out
 
 
-def check_job_trace(stack: DevStack, receiver: Receiver, job_id: str) -> list[dict[str, Any]]:
+def check_job_trace(stack: DevStack, receiver: Receiver, job_id: str,
+                    external: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     rec = wait_done(stack, job_id)
     assert rec["state"] == "succeeded", rec
-    trace_id, spans = job_trace(receiver, job_id)
+    trace_id, spans = job_trace(receiver, job_id, external)
     print(f"\ntrace {trace_id} of job {job_id}:\n{tree(spans)}")
     mine = [s for s in spans if s["attrs"].get("kie.job_id") == job_id]
     names = [s["name"] for s in mine]
@@ -256,7 +262,7 @@ def test_http_job_is_one_trace(stack: DevStack, receiver: Receiver, caller: bool
     r = requests.post(f"{url}/v1/jobs", json={"request": valid_request(stack)}, headers=headers, timeout=30)
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
-    spans = check_job_trace(stack, receiver, job_id)
+    spans = check_job_trace(stack, receiver, job_id, external=(parent,) if caller else ())
     enqueue = next(s for s in spans if s["name"] == "kie.enqueue")
     assert enqueue["service"] == "kie-extend-serve"
     server = ancestors(enqueue, spans)[-1]
@@ -282,11 +288,54 @@ def test_foreign_traceparent_joins(stack: DevStack, receiver: Receiver) -> None:
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert wait_done(stack, job_id)["state"] == "succeeded"
-    got, spans = job_trace(receiver, job_id)
+    got, spans = job_trace(receiver, job_id, external=(parent,))
     assert got == trace_id
     run = next(s for s in spans if s["name"] == "run/kie_extend.extend")
     assert run["parent"] == parent
     assert {"kie.accept", "kie.submit", "kie.poll", "kie.deliver"} <= {s["name"] for s in spans}
+
+
+def test_paused_jobs_cancel_and_tick_admission(stack: DevStack, receiver: Receiver) -> None:
+    """Two jobs wait while submission is paused. One is cancelled over HTTP: its delivery, run
+    under the cancel request's span (another trace), is a child of the job's stored context, linked
+    to that request. The other is admitted by beat's tick after the resume: a kie.admit span of
+    beat in the job's trace, then submit, polls and delivery as usual."""
+    url = stack.env["KIE_CALLBACK_BASE_URL"]
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert requests.post(f"{url}/v1/pause", json={"reason": "trace test"}, headers=auth, timeout=30).ok
+    try:
+        job_id, waiting = (requests.post(f"{url}/v1/jobs", json={"request": valid_request(stack)}, headers=auth,
+                                         timeout=30).json()["job_id"] for _ in range(2))
+        settings = stack.settings()
+        deadline = time.monotonic() + 30
+        while {get_job(j, settings=settings)["state"] for j in (job_id, waiting)} != {"queued"}:
+            assert time.monotonic() < deadline, "the jobs were never accepted"
+            time.sleep(0.2)
+        cancel = requests.post(f"{url}/v1/jobs/{job_id}/cancel", headers=auth, timeout=30)
+        assert cancel.status_code == 200, cancel.text
+        deadline = time.monotonic() + 30
+        while True:
+            rec = get_job(job_id, settings=settings)
+            if rec["state"] == "cancelled" and all(h.get("state") == "delivered" for h in rec["handlers"].values()):
+                break
+            assert time.monotonic() < deadline, rec
+            time.sleep(0.2)
+    finally:
+        requests.post(f"{url}/v1/resume", headers=auth, timeout=30)
+    trace_id, spans = job_trace(receiver, job_id)
+    print(f"\ntrace {trace_id} of cancelled job {job_id}:\n{tree(spans)}")
+    deliver = next(s for s in spans if s["name"] == "kie.deliver")
+    accept = next(s for s in spans if s["name"] == "kie.accept")
+    assert accept in ancestors(deliver, spans) and deliver["attrs"]["kie.delivery.state"] == "delivered"
+    everything = receiver.snapshot()
+    request_span = next(s for s in everything if s["name"] == "POST /v1/jobs/{job_id}/cancel"
+                        and s["parent"] is None and s["start"] > accept["start"])
+    assert request_span["trace_id"] != trace_id
+    linked = [s for s in spans if any(lk[0] == request_span["trace_id"] for lk in s["links"])]
+    assert linked, "no span of the job links to the cancel request"
+    spans = check_job_trace(stack, receiver, waiting)
+    ticked = [s for s in spans if s["name"] == "kie.admit" and s["service"] == "kie-extend-beat"]
+    assert ticked and ticked[0]["attrs"]["kie.admission.granted"] is True
 
 
 OFF_SCRIPT = textwrap.dedent("""

@@ -19,6 +19,8 @@ from kie_extend.credits.reconcile import record_balance, snapshot_due
 from kie_extend.jobs.events import now_iso
 from kie_extend.store.invariants import Invariants
 from kie_extend.infra.metrics import record_tick
+from kie_extend.admission.queues import Admitted
+from kie_extend.infra import tracing
 from kie_extend.infra.runtime import Dispatcher, Runtime
 
 log = logging.getLogger("kie_extend.admission.tick")
@@ -51,6 +53,8 @@ class Scheduler:
         # Admission decides at slot time, one tick ahead: the slots that free up before the next
         # tick go to the jobs whose turn it is now (they land on the due schedule at their slot).
         admitted = self.rt.admission.admit(self.s.claim_batch, horizon=self.s.tick_interval)
+        if tracing.enabled():
+            self._trace_admitted(admitted)
         # Look one tick ahead: what falls due before the next tick goes out now as a short
         # countdown, so a booked rate slot or a poll is not late by up to a whole tick.
         due = self.store.claim_due(now + self.s.tick_interval, self.s.lease, self.s.claim_batch)
@@ -70,6 +74,15 @@ class Scheduler:
         record_tick(self.rt)
         return {"admitted": len(admitted), "due": len(due), "deliveries": len(deliveries), "expired": expired,
                 "repaired": repaired}
+
+    def _trace_admitted(self, admitted: list[Admitted]) -> None:
+        """One ``kie.admit`` span per job this tick gave a slot, in the job's trace (an HGET each;
+        only called when tracing is on)."""
+        for a in admitted:
+            traceparent = tracing.job_traceparent(self.rt.redis, self.rt.keys.job(a.job_id))
+            with tracing.job_span("kie.admit", a.job_id, traceparent, kie_admission__granted=True,
+                                  kie_admission__at=a.at):
+                pass
 
     def _deadlines(self, now: float) -> int:
         """Cancel queued jobs whose ``not_after`` has passed (reason ``deadline``)."""

@@ -288,11 +288,14 @@ class Pipeline:
             return
         granted = False
         if not rec.admitted:
-            with tracing.job_span("kie.admit", job_id, rec.raw.get(tracing.FIELD)) as span:
-                if not in_ready:
-                    self.store.enqueue_ready(job_id)
-                mine = self._admit_now(job_id) if admission is None else admission[0]
-                tracing.annotate(span, kie_admission__granted=bool(mine and mine.granted))
+            if not in_ready:
+                self.store.enqueue_ready(job_id)
+            if admission is None:
+                with tracing.job_span("kie.admit", job_id, rec.raw.get(tracing.FIELD)) as span:
+                    mine = self._admit_now(job_id)
+                    tracing.annotate(span, kie_admission__granted=bool(mine and mine.granted))
+            else:
+                mine = admission[0]  # the caller's admission (its own kie.admit span)
             if mine is None:
                 return  # waits in its ready queue; the tick admits it when its turn comes
             if not mine.granted:
