@@ -145,7 +145,8 @@ def job_trace(receiver: Receiver, job_id: str, external: tuple[str, ...] = (),
             break
         time.sleep(0.2)
     traces = {s["trace_id"] for s in mine}
-    assert len(traces) == 1, f"job {job_id}'s spans are in {len(traces)} traces: {sorted((s['name'], s['trace_id']) for s in mine)}"
+    assert len(traces) == 1, (f"job {job_id}'s spans are in {len(traces)} traces: "
+                              f"{sorted((s['name'], s['trace_id']) for s in mine)}")
     trace_id = traces.pop()
     return trace_id, [s for s in spans if s["trace_id"] == trace_id]
 

@@ -209,7 +209,9 @@ class Pipeline:
         with tracing.job_span("kie.admit", job_id, kie_admission__inline=True) as span:
             created, found, sending = trip.execute()
             mine = self._admitted(job_id, self.rt.admission.admitted(found))
-            tracing.annotate(span, kie_admission__granted=bool(self.store.moved(job_id, sending) or (mine and mine.granted)))
+            if span is not None:  # tracing on
+                granted = self.store.moved(job_id, sending) or (mine and mine.granted)
+                tracing.annotate(span, kie_admission__granted=bool(granted))
         if not self.store.moved(job_id, created):
             # Another delivery of this message (or another producer's message under the same id)
             # created the record first: look at it and carry on from there (a slot the admission
