@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test chaos browser prometheus bench clean
+.PHONY: venv demo test chaos browser prometheus compose bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ browser: $(STAMP)
 # The alert rules in a real Prometheus scraping serve (installs Debian's prometheus when missing, as root).
 prometheus: $(STAMP)
 	$(PY) -m pytest -q -m prometheus -o addopts='-ra'
+
+# docker-compose.yml under podman + podman-compose, as root (installs them and builds local stand-ins
+# for python:3.11-slim and redis:7-alpine when missing; see README "Docker Compose").
+compose: $(STAMP)
+	$(PY) -m pytest -q -m compose -o addopts='-ra'
 
 bench: $(STAMP)
 	$(PY) bench/run.py
