@@ -127,6 +127,25 @@ def test_serve_needs_tokens_and_private_urls_are_off_by_default() -> None:
     assert "demo" in read_env_file(DEMO_ENV)["COMPOSE_PROFILES"].split(",")
 
 
+def test_the_image_is_built_once_and_every_service_restarts() -> None:
+    doc = load_compose({"KIE_API_TOKENS": "t0ken"})
+    services = doc["services"]
+    ours = {name: svc for name, svc in services.items() if name != "redis"}
+    # One service builds kie-extend:local; the others run it by its tag and never pull it.
+    assert [name for name, svc in ours.items() if "build" in svc] == ["worker"]
+    assert {svc["image"] for svc in ours.values()} == {"kie-extend:local"}
+    assert all(svc["pull_policy"] == "never" for name, svc in ours.items() if name != "worker")
+    # The build context holds only what the Dockerfile copies.
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    assert ignore[ignore.index("*"):][:4] == ["*", "!pyproject.toml", "!README.md", "!src/"]
+    for name, svc in services.items():
+        if name != "simulator":
+            assert svc.get("restart") == "unless-stopped", name
+    assert services["simulator"]["ports"] == ["127.0.0.1:8787:8787"]
+    moved = load_compose({"KIE_API_TOKENS": "t0ken", "KIE_SIMULATOR_PUBLISH": "127.0.0.1:18787"})
+    assert moved["services"]["simulator"]["ports"] == ["127.0.0.1:18787:8787"]
+
+
 # -- the demo profile as real processes -----------------------------------------------------------
 
 class ComposeRun:
