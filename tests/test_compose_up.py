@@ -11,7 +11,10 @@ ports (``KIE_REDIS_PUBLISH``, ``KIE_SERVE_PUBLISH``, ``KIE_SIMULATOR_PUBLISH``).
   waits until every one has been submitted and kills one worker container (``podman kill``) while
   they generate, sends more, and checks that every job ends ``succeeded`` exactly once: one
   terminal event per job in the result stream, one submission per job at the simulator, nothing
-  lost;
+  lost. The kill waits for the submissions because an ``extend`` message a killed worker held
+  comes back only after ``KIE_VISIBILITY_TIMEOUT`` (300 s, which the compose file does not let the
+  environment change; README "Celery's visibility timeout and our leases"); the later steps a
+  worker dies in come back within ``KIE_LEASE`` (60 s);
 - tears everything down (``podman-compose down -v``, then what ``down`` misses: scaled replicas,
   the network, the volume, all found by the project label) and checks nothing of the project is
   left.
@@ -78,6 +81,7 @@ PACKAGES = {"podman": "/usr/bin/podman", "runc": "/usr/sbin/runc", "netavark": "
 SUITE = "bookworm"  # its python3 is 3.11, as the tag says
 MIRROR = "http://deb.debian.org/debian"
 STAND_IN_LABEL = "org.kie-extend.stand-in"
+IMAGE = "kie-extend:local"
 TERMINAL = {"succeeded", "failed", "cancelled"}
 REQUEST = {"uploadUrl": "http://simulator:8787/files/source/30s.mp3", "defaultParamFlag": True,
            "instrumental": False, "continueAt": 10, "model": "V5", "prompt": "[Verse]\nla la",
@@ -250,8 +254,18 @@ class Stack:
                         rc = self.podman("healthcheck", "run", c["Names"][0], timeout=30, check=False).returncode
                         self.health.setdefault(name, []).append(rc)
 
+    def image_id(self, ref: str) -> str | None:
+        got = self.podman("image", "inspect", ref, "--format", "{{.Id}}", check=False)
+        return got.stdout.strip() or None if got.returncode == 0 else None
+
     def up(self) -> None:
+        """Build the image, start the project, start the healthcheck runner. A kie-extend:local the
+        build replaced is removed, so runs over changing sources do not pile up images."""
+        old = self.image_id(IMAGE)
         self.compose("build", timeout=420)
+        new = self.image_id(IMAGE)
+        if old and new and old != new:
+            self.podman("rmi", old, timeout=120, check=False)  # refused while a container uses it
         self.compose("up", "-d", "--scale", "worker=2", timeout=180)
         self._checker = threading.Thread(target=self._check_health, name="healthchecks", daemon=True)
         self._checker.start()
@@ -341,7 +355,7 @@ def test_every_service_runs_from_one_image_and_is_healthy(stack: Stack) -> None:
             assert c["State"] == "running", f"{c['Names']} is {c['State']}\n{stack.logs()}"
     ours = {c["ImageID"] for name, cs in services.items() if name != "redis" for c in cs}
     assert len(ours) == 1, f"one image for every service, not {ours}"
-    built = stack.podman("images", "-q", "--filter", "reference=kie-extend:local").stdout.split()
+    built = stack.podman("images", "-q", "--filter", f"reference={IMAGE}").stdout.split()
     assert len(set(built)) == 1 and built[0].startswith(next(iter(ours))[:12])
     # Both healthchecks pass (run here as systemd's timers would), and podman says so.
     for name in ("redis", "serve"):
