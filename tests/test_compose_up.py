@@ -193,7 +193,7 @@ def _ensure_stand_ins(workdir: Path, env: dict[str, str]) -> None:
     _stand_in("python:3.11-slim", ["python3", "python3-venv", "python3-pip", "python-is-python3", "ca-certificates"],
               py_hooks, [path, f"ENV PIP_CERT={ca_env}", f"ENV REQUESTS_CA_BUNDLE={ca_env}", 'CMD ["python3"]'],
               workdir, env)
-    wrapper = ("#!/bin/sh\n# The official image builds Redis with protected mode off: it makes no sense in a container.\n"
+    wrapper = ("#!/bin/sh\n# The official image builds Redis with protected mode off (pointless in a container).\n"
                'exec /usr/bin/redis-server "$@" --protected-mode no\n')
     redis_hooks = [f"printf '%s' '{wrapper}' > \"$1/usr/local/bin/redis-server\" && "
                    'chmod 755 "$1/usr/local/bin/redis-server" && mkdir -p "$1/data"']
@@ -238,7 +238,8 @@ class Stack:
 
     def containers(self) -> list[dict[str, Any]]:
         """``podman ps -a`` of this project's containers (JSON records)."""
-        out = self.podman("ps", "-a", "--format", "json", "--filter", f"label=com.docker.compose.project={self.project}")
+        label = f"label=com.docker.compose.project={self.project}"
+        out = self.podman("ps", "-a", "--format", "json", "--filter", label)
         return json.loads(out.stdout or "[]")  # type: ignore[no-any-return]
 
     def by_service(self) -> dict[str, list[dict[str, Any]]]:
