@@ -40,7 +40,7 @@ def test_a_good_plan_is_normalised() -> None:
     ([{"op": {}}], None, "steps[0].op", "must be one of"),
     ([{"op": "wav", "type": "split_stem"}], None, "steps[0].type", "is not a field of the wav step"),
     ([{"op": "stems"}], None, "steps[0].type", "is required"),
-    ([{"op": "stems", "type": "split_stem_advanced"}], None, "steps[0].type", "is required"),
+    ([{"op": "stems", "type": "split_stem_advanced"}], None, "steps[0].type", "must be one of"),
     ([{"op": "midi"}], None, "steps[0].op", "put a stems step before it"),
     ([{"op": "midi"}, {"op": "stems", "type": "split_stem"}], None, "steps[0].op", "before it"),
     ([{"op": "video", "author": "a" * 51}], None, "steps[0].author", "at most 50"),

@@ -216,3 +216,31 @@ def test_end_to_end_a_job_with_steps_lands_in_the_bucket(s3_url: str, tmp_path: 
         assert len(rec["stored"]["objects"]) == 10
         stats = st.sim_stats()
         assert stats["followups_paid_twice"] == 0 and sum(stats["followup_paid"].values()) == 4
+
+
+def test_a_job_whose_steps_failed_keeps_what_it_has_and_a_retry_adds_the_rest(tmp_path: Path, files: Files) -> None:
+    settings = Settings(store_url=(tmp_path / "kept").as_uri(), allow_private_urls=True)
+    job = f"j-{uuid.uuid4().hex[:8]}"
+    handler = StoreHandler(settings)
+    first = event(files, job, event="job.failed", error={"kind": "step_failed", "message": "video failed"})
+    first["steps"][2]["state"] = "failed"  # the video
+    handler.deliver(first, f"{job}:job.failed")
+    manifest = json.loads((tmp_path / "kept" / "shop" / job / "manifest.json").read_text())
+    assert len(manifest["objects"]) == 5 and not any(o["op"] == "video" for o in manifest["objects"])
+    hits = sum(files.hits.values())
+    handler.deliver(event(files, job), f"{job}:job.succeeded")  # the retry succeeded
+    manifest = json.loads((tmp_path / "kept" / "shop" / job / "manifest.json").read_text())
+    assert len(manifest["objects"]) == 6 and sum(files.hits.values()) == hits + 1  # only the video fetched
+    assert (tmp_path / "kept" / "shop" / job / "manifest.json").stat().st_mode & 0o777 == 0o644
+    other = event(files, job, event="job.failed", error={"kind": "generation_failed", "message": "x"})
+    StoreHandler(Settings(store_url=(tmp_path / "other").as_uri(), allow_private_urls=True)).deliver(other, "k")
+    assert not (tmp_path / "other").exists()
+
+
+def test_store_settings_are_checked_with_one_line(tmp_path: Path) -> None:
+    from kie_extend.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="three slashes"):
+        StoreHandler(Settings(store_url="file://data/kie"))
+    with pytest.raises(ConfigError, match="KIE_STORE_ENDPOINT_URL"):
+        StoreHandler(Settings(store_url="s3://b/p", store_endpoint_url="notaurl"))

@@ -400,7 +400,8 @@ def check_many(items: Iterable[dict[str, Any]], *, settings: Settings | None = N
 def _check_many(items: list[dict[str, Any]], settings: Settings,
                 defaults: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[int, AudioInfo]]:
     """enqueue_many's checks: each item's options, and the probed local files by index."""
-    options = [{k: item.get(k, defaults.get(k)) for k in OPTIONS} for item in items]
+    # An item's option given as null is absent: the call's default applies.
+    options = [{k: item[k] if item.get(k) is not None else defaults.get(k) for k in OPTIONS} for item in items]
     problems: list[dict[str, str]] = []
     infos: dict[int, AudioInfo] = {}
     for i, item in enumerate(items):

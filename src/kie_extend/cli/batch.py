@@ -565,6 +565,7 @@ def result_row(rec: dict[str, Any], line: int | None, files: list[str]) -> dict[
         "files": files,
         "kie_task_id": rec.get("kie_task_id"),
         "steps": [{"op": st.get("op"), "take": st.get("take"), "state": st.get("state"),
+                   "kie_task_id": st.get("kie_task_id"), "error": st.get("error"),
                    **{k: v for k, v in (st.get("result") or {}).items() if k.endswith("_url")}}
                   for st in rec.get("steps") or []],
     }
@@ -591,7 +592,7 @@ def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_rows(rows: list[dict[str, Any]], fmt: Format, stream: TextIO) -> None:
-    """JSONL (lists stay lists) or CSV with a header (lists space-separated, None empty)."""
+    """JSONL (lists stay lists) or CSV with a header (lists space-separated, None empty, ``steps`` as JSON)."""
     if fmt == "jsonl":
         for row in rows:
             stream.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -599,7 +600,8 @@ def write_rows(rows: list[dict[str, Any]], fmt: Format, stream: TextIO) -> None:
     writer = csv.DictWriter(stream, fieldnames=list(RESULT_COLUMNS), lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: " ".join(v) if isinstance(v, list) else "" if v is None else v for k, v in row.items()})
+        writer.writerow({k: json.dumps(v, ensure_ascii=False) if k == "steps" and v else
+                         " ".join(v) if isinstance(v, list) else "" if v is None else v for k, v in row.items()})
 
 
 def write_atomic(path: str | os.PathLike[str], rows: list[dict[str, Any]], fmt: Format) -> None:
@@ -636,7 +638,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     items = build_items(lines, batch_id, path.parent)
     problems = check_defaults(settings, batch_id, args.tenant, args.priority, args.not_after)
     steps = None
-    if args.steps:
+    if args.steps is not None:
         from kie_extend.jobs.plan import check_plan, parse_steps_text
 
         try:
@@ -644,7 +646,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         except ValueError as exc:
             problems.append(Problem(None, "--steps", str(exc)))
         else:
-            problems += [Problem(None, "--" + p["field"], p["message"]) for p in check_plan(steps, args.takes)[2]]
+            flagged = [Problem(None, "--" + p["field"], p["message"]) for p in check_plan(steps, args.takes)[2]]
+            problems += flagged
+            if flagged:
+                steps = None  # reported once, for the flag, not again for every line
     problems += check_lines(lines, items, settings,
                             {"tenant": args.tenant, "priority": args.priority, "not_after": args.not_after,
                              "steps": steps, "takes": args.takes})
@@ -718,9 +723,15 @@ def _quote(settings: Any, items: list[dict[str, Any]], args: argparse.Namespace)
 
     rt = _runtime(settings)
     there = existing_ids(rt, [it["job_id"] for it in items])
+    from kie_extend.credits.prices import steps_price
+    from kie_extend.jobs.plan import parse_steps_text
+
+    default_steps = parse_steps_text(args.steps) if args.steps is not None else None
     jobs = [(it.get("tenant") or args.tenant or settings.default_tenant,
              int(it["priority"] if it.get("priority") is not None else
-                 args.priority if args.priority is not None else DEFAULT_PRIORITY))
+                 args.priority if args.priority is not None else DEFAULT_PRIORITY),
+             steps_price(settings.prices, it["steps"] if it.get("steps") is not None else default_steps,
+                         it.get("takes") or args.takes))
             for it in items if it["job_id"] not in there]
     q = quote(rt, jobs)
     if args.json:

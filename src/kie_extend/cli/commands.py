@@ -102,7 +102,7 @@ def _request_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], dict[s
     for name in ("tenant", "priority", "not_after", "batch_id", "idempotency_key", "audio_file", "takes"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
-    if getattr(args, "steps", None):
+    if getattr(args, "steps", None) is not None:
         from kie_extend.jobs.plan import parse_steps_text
 
         try:

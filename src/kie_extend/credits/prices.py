@@ -63,6 +63,21 @@ def estimate(prices: Mapping[str, float], operation: str = EXTEND) -> float:
     return float(prices[operation])
 
 
+def steps_price(prices: Mapping[str, float], steps: Any, takes: Any = "all", n_takes: int = 2) -> float:
+    """The estimated price of a job's follow-up steps (jobs/plan.py), credits: each step's operation
+    (``split_stem`` for a stems step of that type) on each take it runs on (``n_takes``, KIE's two,
+    or one with ``takes="first"``); 0 for no steps or a plan that is not a list of steps."""
+    if not isinstance(steps, list):
+        return 0.0
+    per_take = 0.0
+    for step in steps:
+        if not isinstance(step, dict):
+            continue
+        op = "split_stem" if step.get("op") == "stems" and step.get("type") == "split_stem" else step.get("op")
+        per_take += float(prices.get(str(op), 0.0))
+    return per_take * (1 if takes == "first" else n_takes)
+
+
 def format_credits(value: float) -> str:
     """Credits as text: an integral amount without decimals, else up to two (``12``, ``0.4``)."""
     rounded = round(float(value), 2)

@@ -109,9 +109,10 @@ def _balance(rt: Any, now: float) -> tuple[float | None, str | None, str | None]
         return None, None, f"no balance snapshot in the last {recent:g} s and KIE did not answer: {exc}"[:300]
 
 
-def quote(rt: Any, jobs: Iterable[tuple[str, int]], now: float | None = None) -> dict[str, Any]:
-    """A quote for jobs given as ``(tenant, priority)`` each, reading Redis only (and KIE's balance
-    when no snapshot is recent). ``rt``: the process's Runtime.
+def quote(rt: Any, jobs: Iterable[tuple[Any, ...]], now: float | None = None) -> dict[str, Any]:
+    """A quote for jobs given as ``(tenant, priority)`` each, or ``(tenant, priority, extra credits)``
+    for a job whose follow-up steps cost more (prices.steps_price), reading Redis only (and KIE's
+    balance when no snapshot is recent). ``rt``: the process's Runtime.
 
     Returns ``{"jobs": n, "credits": estimate, "eta_seconds": seconds (int, None when a tenant gets
     no rate), "balance": credits or None, "balance_source": "snapshot" | "live" | None,
@@ -123,8 +124,12 @@ def quote(rt: Any, jobs: Iterable[tuple[str, int]], now: float | None = None) ->
     now = time.time() if now is None else now
     s = rt.settings
     groups: dict[tuple[str, int], int] = {}
-    for tenant, prio in jobs:
-        groups[(tenant, int(prio))] = groups.get((tenant, int(prio)), 0) + 1
+    extra: dict[str, float] = {}
+    for job in jobs:
+        tenant, prio = job[0], int(job[1])
+        groups[(tenant, prio)] = groups.get((tenant, prio), 0) + 1
+        if len(job) > 2 and job[2]:
+            extra[tenant] = extra.get(tenant, 0.0) + float(job[2])
     price = estimate(s.prices, EXTEND)
     declared = effective(rt.redis, rt.keys, s)
     weights = {t: float(v.weight) for t, v in declared.items()}
@@ -145,6 +150,7 @@ def quote(rt: Any, jobs: Iterable[tuple[str, int]], now: float | None = None) ->
         entry["eta_seconds"] = (None if when == math.inf or entry["eta_seconds"] is None
                                 else max(entry["eta_seconds"], math.ceil(when + GENERATION_SECONDS)))
     for tenant, entry in tenants.items():
+        entry["credits"] = round(entry["credits"] + extra.get(tenant, 0.0), 6)
         if tenant in caps_credits:
             entry["budget_left"] = round(caps_credits[tenant][0] - spent.get(tenant, 0.0), 6)
         entry["fits"] = entry["budget_left"] is None or entry["credits"] <= entry["budget_left"]

@@ -20,9 +20,10 @@ guard on every URL and redirect, a size cap and a deadline, streamed to a tempor
 from its candidate URLs in KIE's order (``audio_url`` first), a step's file from its one URL. A body
 that is empty or is not audio (MP3, WAV, OGG, FLAC, M4A; MP4 for the video) — a known KIE failure —
 is rejected and the next candidate is tried. The manifest (``{"job_id", "tenant", "stored_at",
-"complete", "objects": [{"kind", "take", "op", "key", "uri", "source_url", "size", "sha256",
+"complete", "objects": [{"name", "kind", "take", "op", "key", "uri", "source_url", "size", "sha256",
 "content_type"}]}``) is written last, so a manifest means a complete set; a repeated delivery finds
-it and copies nothing. When an object cannot be fetched from any URL the delivery raises
+it and copies nothing. A job that failed only in its follow-up steps (``step_failed``) keeps its
+takes and finished steps the same way; a retry that succeeds adds the rest to the same manifest. When an object cannot be fetched from any URL the delivery raises
 :class:`StoreError` and is retried (then dead-lettered) like any handler. The stored URIs go into the
 job's record (``stored``: ``{"manifest", "objects"}``), shown by the status record and ``/v1``.
 """
@@ -97,6 +98,7 @@ class FileBackend:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(target, data, sync_dir=True)
+        target.chmod(0o644)  # like the copied files (a temporary file is created 0600)
         return target.as_uri()
 
     def uri(self, key: str) -> str:
@@ -119,9 +121,13 @@ class S3Backend:
         except ImportError:  # pragma: no cover - the extra is installed with the tests
             raise ConfigError("KIE_STORE_URL=s3://… needs boto3: pip install 'kie-extend[s3]'") from None
         self.bucket, self.prefix = bucket, prefix.strip("/")
-        self.client = boto3.client("s3", endpoint_url=endpoint_url or None, region_name=region or None,
-                                   config=Config(retries={"max_attempts": 3, "mode": "standard"},
-                                                 connect_timeout=10, read_timeout=60))
+        try:
+            self.client = boto3.client("s3", endpoint_url=endpoint_url or None, region_name=region or None,
+                                       config=Config(retries={"max_attempts": 3, "mode": "standard"},
+                                                     connect_timeout=10, read_timeout=60))
+        except ValueError as exc:  # botocore: "Invalid endpoint: …"
+            raise ConfigError(f"KIE_STORE_ENDPOINT_URL: {exc}; give the S3 API's URL, such as "
+                              "http://127.0.0.1:9000") from None
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -157,6 +163,9 @@ def backend_for(settings: Settings) -> Backend:
     if parts.scheme == "s3" and parts.netloc:
         return S3Backend(parts.netloc, parts.path, settings.store_endpoint_url, settings.store_region)
     if parts.scheme == "file" and parts.path:
+        if parts.netloc not in ("", "localhost"):
+            raise ConfigError(f"KIE_STORE_URL {url[:100]!r} names the host {parts.netloc!r}: a file URL is "
+                              "file:///absolute/path (three slashes)")
         return FileBackend(Path(unquote(parts.path)))
     raise ConfigError(f"KIE_STORE_URL must be s3://bucket/prefix or file:///path, got {url[:100]!r}")
 
@@ -195,23 +204,30 @@ class StoreHandler:
         self._ctx = ctx
 
     def deliver(self, event: dict[str, Any], dedup_key: str) -> None:
-        """Copy the event's outputs (``job.succeeded`` only); raise StoreError when one cannot be fetched."""
-        if event.get("event") != "job.succeeded":
+        """Copy the event's outputs: a ``job.succeeded``, or a ``job.failed`` whose follow-up steps
+        failed (``step_failed``: its takes and finished steps are kept too; a retry that succeeds adds
+        the rest). Objects a manifest already lists are not copied again. Raises StoreError when one
+        cannot be fetched."""
+        failed_steps = event.get("event") == "job.failed" and (event.get("error") or {}).get("kind") == "step_failed"
+        if event.get("event") != "job.succeeded" and not failed_steps:
             return
         job_id = str(event.get("job_id") or "")
         if not job_id:
             raise StoreError("event has no job_id")
         base = f"{_safe_name(str(event.get('tenant') or 'default'))}/{_safe_name(job_id)}"
         existing = self.backend.get_bytes(f"{base}/{MANIFEST}")
-        if existing:
-            manifest = json.loads(existing)
-            self._record(job_id, {**manifest, "uri": self.backend.uri(f"{base}/{MANIFEST}")})  # stored before
+        previous = json.loads(existing) if existing else {}
+        have = [o for o in previous.get("objects") or [] if isinstance(o, dict)]
+        names = {o.get("name") for o in have}
+        todo = [item for item in outputs(event) if item["name"] not in names]
+        if existing and not todo:
+            self._record(job_id, {**previous, "uri": self.backend.uri(f"{base}/{MANIFEST}")})  # stored before
             return
-        objects: list[dict[str, Any]] = []
+        objects: list[dict[str, Any]] = list(have)
         failures: list[str] = []
         with tempfile.TemporaryDirectory(prefix="kie-store-") as tmp, requests.Session() as session:
             session.headers.update({"User-Agent": USER_AGENT, "Accept": "audio/*, video/mp4, */*;q=0.5"})
-            for item in outputs(event):
+            for item in todo:
                 try:
                     objects.append(self._copy(session, Path(tmp), base, item))
                 except (DownloadError, StoreError) as exc:
@@ -235,7 +251,7 @@ class StoreHandler:
         key = f"{base}/{item['name']}.{ext}"
         content_type = "video/mp4" if video else fetched.content_type
         uri = self.backend.put(key, tmp / fetched.file, content_type)
-        return {"kind": item["kind"], "take": item["take"], "op": item["op"], "key": key, "uri": uri,
+        return {"name": item["name"], "kind": item["kind"], "take": item["take"], "op": item["op"], "key": key, "uri": uri,
                 "source_url": fetched.url, "size": fetched.size, "sha256": fetched.sha256,
                 "content_type": content_type}
 

@@ -37,6 +37,7 @@ from kie_extend.infra.jsontext import DuplicateKeyError
 from kie_extend.jobs.listing import DEFAULT_LIMIT, MAX_LIMIT, list_jobs
 from kie_extend.infra.metrics import overview
 from kie_extend.config import parse_duration
+from kie_extend.credits.prices import steps_price
 from kie_extend.credits.quotes import quote
 from kie_extend.credits.usage import tenant_views_with_usage, usage_report
 from kie_extend.store.keys import LEDGER_TTL
@@ -306,7 +307,8 @@ def _submit_one(body: dict[str, Any], settings: Any, send: bool = True) -> Any:
         raise ValidationError(problems)
     if not send:
         checked = api.check_many([{k: v for k, v in body.items() if k in ITEM_FIELDS}], settings=settings)
-        return [(o["tenant"], o["priority"]) for o in checked]
+        return [(o["tenant"], o["priority"], steps_price(settings.prices, o.get("steps"), o.get("takes")))
+                for o in checked]
     return api.enqueue_extend(body.get("request"), settings=settings, **kwargs)  # type: ignore[arg-type]
 
 
@@ -341,8 +343,8 @@ def _submit_many(body: dict[str, Any], settings: Any, send: bool = True) -> list
             problems += _bad_job_id(item.get("job_id"), f"[{i}].")
         raise ValidationError(problems)
     if not send:
-        return [(o["tenant"], o["priority"]) for o in api.check_many(jobs, settings=settings,
-                                                                    **{k: body.get(k) for k in BATCH_FIELDS})]
+        return [(o["tenant"], o["priority"], steps_price(settings.prices, o.get("steps"), o.get("takes")))
+                for o in api.check_many(jobs, settings=settings, **{k: body.get(k) for k in BATCH_FIELDS})]
     return api.enqueue_many(jobs, settings=settings, **{k: body.get(k) for k in BATCH_FIELDS})
 
 

@@ -321,6 +321,8 @@ class JobRecord(BaseModel):
                              description="KIE credits: reserved at admission, charged or refunded when it ended")
     waiting_for: Literal["budget"] | None = Field(
         None, description='a queued job held back: "budget" while its tenant\'s budget is used up')
+    stored: dict[str, Any] | None = Field(None, description=(
+        'Where the store handler kept its outputs: {"manifest": URI, "objects": [URI, ...]}'))
     steps: list[dict[str, Any]] | None = Field(None, description=(
         'A job with follow-up steps: one {"op", "take", "state", "kie_task_id", "result", "error"} per step and '
         "take; state planned (before the extension finished), waiting, queued, submitting, submitted, "

@@ -36,8 +36,14 @@ def not_found(job_id: str) -> str:
 
 
 def retry_job(pipeline: Pipeline, job_id: str) -> ActionResult:
-    """Send a failed job to KIE again (it may cost credits again), or say exactly why not."""
+    """Send a failed job to KIE again (it may cost credits again), or say exactly why not. A job
+    whose follow-up steps failed (``step_failed``) runs only those steps again."""
+    before = pipeline.store.get_record(job_id)
     if pipeline.retry(job_id):
+        if before is not None and before.error_kind == "step_failed":
+            return ActionResult(job_id, "queued", f"job {job_id}: its failed follow-up steps run again; the "
+                                                  "extension and the finished steps are kept (each step run again "
+                                                  "may cost credits)")
         return ActionResult(job_id, "queued", f"job {job_id} requeued; it will be submitted again "
                                               "(this may cost credits again)")
     rec = pipeline.store.get_record(job_id)

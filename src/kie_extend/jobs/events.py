@@ -42,7 +42,7 @@ def build_event(raw: JobRecord | Mapping[str, str], state: JobState, fields: dic
         "created_at": merged.created_at,
         "submitted_at": merged.submitted_at,
         "finished_at": merged.finished_at,
-        **_sharing(merged),
+        **sharing(merged),
         **_steps(merged),
     }
 
@@ -53,7 +53,7 @@ def _steps(rec: JobRecord) -> dict[str, Any]:
     return {} if steps is None else {"steps": steps}
 
 
-def _sharing(rec: JobRecord) -> dict[str, Any]:
+def sharing(rec: JobRecord) -> dict[str, Any]:
     """The sharing options (README "Sharing one account") as stored on a record: tenant, priority, batch_id, not_after (ISO)."""
     when = None
     if rec.not_after is not None:
@@ -84,7 +84,7 @@ def status_record(raw: JobRecord | Mapping[str, str], job_id: str) -> dict[str, 
         "handlers": dict(rec.handlers),
         "duplicate_of": rec.duplicate_of,
         "metadata": rec.metadata,
-        **_sharing(rec),
+        **sharing(rec),
         "credits": job_credits(rec.raw),
         "waiting_for": None,
         **_steps(rec),

@@ -68,13 +68,16 @@ def check_plan(steps: Any, takes: Any) -> tuple[list[dict[str, Any]] | None, str
         for name in step:
             if name != "op" and name not in FIELDS[op]:
                 allowed = ", ".join(FIELDS[op]) or "none"
-                problems.append({"field": f"{where}.{name}", "message": f"is not a field of the {op} step "
+                shown = str(name) if len(str(name)) <= 40 else f"{str(name)[:40]}…"
+                problems.append({"field": f"{where}.{shown}", "message": f"is not a field of the {op} step "
                                  f"(its fields: {allowed})"[:200]})
         clean: dict[str, Any] = {"op": op}
         if op == "stems":
             kind = step.get("type")
-            if kind not in STEM_TYPES:
-                problems.append({"field": f"{where}.type", "message": f"is required: one of {', '.join(STEM_TYPES)}, "
+            if kind is None:
+                problems.append({"field": f"{where}.type", "message": f"is required: one of {', '.join(STEM_TYPES)}"})
+            elif kind not in STEM_TYPES:
+                problems.append({"field": f"{where}.type", "message": f"must be one of {', '.join(STEM_TYPES)}, "
                                  f"got {kind!r}"[:200]})
             clean["type"] = kind
         if op == "midi" and "stems" not in seen:
@@ -103,7 +106,7 @@ def parse_steps_text(text: str) -> Any:
     import json
 
     text = text.strip()
-    if text.startswith("["):
+    if text.startswith(("[", "{", '"')):
         try:
             return json.loads(text)
         except ValueError as exc:

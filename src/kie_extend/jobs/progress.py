@@ -18,7 +18,7 @@ import logging
 import time
 from typing import Any
 
-from kie_extend.jobs.events import public_tracks
+from kie_extend.jobs.events import public_tracks, sharing
 from kie_extend.store.record import JobRecord
 
 log = logging.getLogger("kie_extend.jobs.progress")
@@ -43,8 +43,7 @@ return 1
 def build_progress(rec: JobRecord, job_id: str, stage: str, tracks: list[dict[str, Any]]) -> dict[str, Any]:
     """The ``job.progress`` event of ``stage`` with the takes known so far (stream URLs)."""
     return {"event": "job.progress", "stage": stage, "job_id": job_id, "kie_task_id": rec.kie_task_id,
-            "tracks": public_tracks(tracks), "metadata": rec.metadata, "tenant": rec.tenant,
-            "priority": rec.priority, "batch_id": rec.batch_id}
+            "tracks": public_tracks(tracks), "metadata": rec.metadata, **sharing(rec)}
 
 
 class Progress:

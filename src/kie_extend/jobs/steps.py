@@ -327,7 +327,7 @@ class Steps:
             first = failed[0]
             error = {"kind": "step_failed", "message": f"{len(failed)} of {len(entries)} follow-up steps failed; "
                      f"first: {first.op} (take {first.data.get('take')}): {first.data.get('error')}",
-                     "steps": [e.n for e in failed]}
+                     "steps": [{"op": e.op, "take": e.data.get("take"), "error": e.data.get("error")} for e in failed]}
             return bool(self.p._finish(job_id, rec, JobState.FAILED, {"error": error},
                                        expect=[JobState.SUBMITTED]))
         return bool(self.p._finish(job_id, rec, JobState.SUCCEEDED, {}, expect=[JobState.SUBMITTED]))
@@ -373,7 +373,7 @@ class Steps:
                 self.store.move(job_id, e.n, ["failed"], "waiting", entry=clean, due=None)
             else:
                 self.store.move(job_id, e.n, ["failed"], "queued", entry=clean, due=None, ready=True)
-        log.warning("retried by operator: %d failed follow-up steps run again [job_id=%s]", len(entries), job_id)
+        log.info("retried by operator: %d failed follow-up steps run again [job_id=%s]", len(entries), job_id)
         return True
 
     def hint(self, job_id: str, n: int, body: dict[str, Any]) -> bool:
