@@ -301,7 +301,7 @@ def test_provider_outage_opens_the_breaker(workdir: Path) -> None:
         from kie_extend.infra.runtime import Runtime
 
         rt = Runtime(stack.settings())
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while rt.breaker.state()["opens"] < 3 and time.monotonic() < deadline:  # opened, and 2 probes failed
             time.sleep(0.3)
         during = rt.breaker.state()

@@ -310,6 +310,9 @@ class Pipeline:
         decision = Decision("ok") if granted else self.gates.acquire(job_id, f"{job_id}:{send}")
         if decision.verdict in ("paused", "unreachable", "breaker", "inflight", "lost"):
             self.store.enqueue_ready(job_id)  # back in line, at its age; admission picks it again
+            # A breaker probe that is not sent now frees its turn, or no other probe could go
+            # until the probe timeout (about KIE_JOB_TIMEOUT) ran out.
+            self.rt.breaker.neutral(job_id)
             self.store.stat(f"gate_wait_{decision.verdict}")
             return
         if decision.verdict == "wait":

@@ -163,6 +163,7 @@ class Steps:
             return
         if decision.verdict != "ok":
             self.store.move(job_id, n, ["queued"], "queued", due=None, ready=True)
+            self.rt.breaker.neutral(ref)  # a probe not sent frees its turn
             self.rt.store.stat(f"gate_wait_{decision.verdict}")
             return
         now = time.time()
