@@ -151,6 +151,16 @@ class Simulator:
             return "", envelope(401, "Unauthorized: invalid API key")
         return key, None
 
+    def rate_refusal(self, key: str) -> SimReply | None:
+        """The 429 for a new request of ``key`` past the account's rate (one bucket for submissions
+        and follow-ups, counted as ``rate_limited``), or None when it fits (it is then counted)."""
+        cfg = self.config
+        if self._submit_limiter.allow(key, cfg.rate_limit, cfg.rate_window):
+            return None
+        self.stats.add("rate_limited")
+        return envelope(429, f"Rate limit exceeded: at most {cfg.rate_limit} new requests "
+                             f"per {cfg.rate_window:g} seconds; this request was not queued")
+
     def roll(self, knob: str, rng: random.Random | None = None, count: bool = True) -> bool:
         """Draw the fault `knob` (a fraction); count it under `faults` when it fires and `count`."""
         fraction = getattr(self.config, knob)
@@ -215,10 +225,9 @@ class Simulator:
         if denied:
             return denied
         cfg = self.config
-        if not self._submit_limiter.allow(key, cfg.rate_limit, cfg.rate_window):
-            self.stats.add("rate_limited")
-            return envelope(429, f"Rate limit exceeded: at most {cfg.rate_limit} new requests "
-                                 f"per {cfg.rate_window:g} seconds; this request was not queued")
+        refused = self.rate_refusal(key)
+        if refused is not None:
+            return refused
         delay = cfg.slow_seconds if self.roll("fault_slow") else 0.0
         reply = self._submit_checked(req, key, route)
         reply.delay = delay

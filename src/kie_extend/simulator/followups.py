@@ -264,11 +264,10 @@ def submit(sim: Simulator, op: str, req: SimRequest) -> SimReply:
     if denied:
         return denied
     cfg = sim.config
-    if not sim._submit_limiter.allow(key, cfg.rate_limit, cfg.rate_window):
-        sim.stats.add("rate_limited")
+    refused = sim.rate_refusal(key)
+    if refused is not None:
         sim.stats.tally("followup_rate_limited", op)
-        return envelope(429, f"Rate limit exceeded: at most {cfg.rate_limit} new requests "
-                             f"per {cfg.rate_window:g} seconds; this request was not queued")
+        return refused
     if sim.roll("fault_followup_429"):
         sim.stats.add("rate_limited")
         sim.stats.tally("followup_rate_limited", op)
@@ -354,11 +353,10 @@ def lyrics(sim: Simulator, req: SimRequest) -> SimReply:
     if denied:
         return denied
     cfg = sim.config
-    if not sim._submit_limiter.allow(key, cfg.rate_limit, cfg.rate_window):
-        sim.stats.add("rate_limited")
+    refused = sim.rate_refusal(key)
+    if refused is not None:
         sim.stats.tally("followup_rate_limited", "lyrics")
-        return envelope(429, f"Rate limit exceeded: at most {cfg.rate_limit} new requests "
-                             f"per {cfg.rate_window:g} seconds; this request was not queued")
+        return refused
     try:
         body = req.json()
     except ValueError:

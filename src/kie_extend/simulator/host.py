@@ -31,7 +31,6 @@ class SimHost(Protocol):
     _jobs_created: int
     followups: dict[str, Any]  # follow-up task id -> followups.FollowUp
     followup_index: dict[str, str]  # followups.paid_key -> follow-up task id (409s)
-    _submit_limiter: Any
     _poll_limiter: Any
 
     def public_base(self, req: SimRequest) -> str:
@@ -48,6 +47,9 @@ class SimHost(Protocol):
 
     def uploaded(self, upload: Any) -> None:
         """Note a finished upload (stats, state file)."""
+
+    def rate_refusal(self, key: str) -> SimReply | None:
+        """The account rate's 429 for ``key``, or None when the request fits (and is counted)."""
 
     def roll(self, knob: str, rng: random.Random | None = None, count: bool = True) -> bool:
         """Draw the fault ``knob`` (a fraction of 0..1)."""
