@@ -27,6 +27,10 @@ class InlineDispatcher:
     def poll(self, job_id: str, at: float | None = None) -> None:
         self.pending.append(("poll", (job_id,), at or 0.0))
 
+    def poll_many(self, job_ids: list[str], at: float | None = None) -> None:
+        for job_id in job_ids:
+            self.poll(job_id, at)
+
     def deliver(self, job_id: str, handler: str) -> None:
         self.pending.append(("deliver", (job_id, handler), 0.0))
 

@@ -111,6 +111,7 @@ class Settings(BaseSettings):
     progress_events: bool = False
     handler_retry_base: Duration = 2.0
     claim_batch: int = Field(200, ge=1)
+    poll_batch: int = Field(8, ge=1, le=100)
     results_maxlen: int = Field(100_000, ge=1000)  # about 1.5 KB an entry: ~150 MB
 
     webhook_url: str | None = None

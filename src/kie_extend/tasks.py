@@ -29,8 +29,11 @@ from kie_extend.admission.tick import Scheduler
 
 log = logging.getLogger("kie_extend.tasks")
 
+#: Most jobs one ``kie_extend.poll`` message runs (KIE_POLL_BATCH is at most this).
+MAX_POLL_BATCH = 100
 
-def retry_later(task: Task, exc: Exception) -> NoReturn:
+
+def retry_later(task: Task, exc: Exception, kwargs: dict[str, Any] | None = None) -> NoReturn:
     """Retry ``task`` after a capped, jittered backoff (raises Celery's ``Retry``, which acks this
     message once the retry message is published). The task must have ``max_retries=None``: an
     explicit ``max_retries=None`` here would mean "the task's default" to Celery.
@@ -38,11 +41,12 @@ def retry_later(task: Task, exc: Exception) -> NoReturn:
     If the retry cannot be published (the broker refuses writes), raises ``Reject(requeue=True)``:
     the message goes back to its queue, or, when even that write fails, stays unacknowledged and the
     broker redelivers it after its visibility timeout. Never acked without a successor.
+    ``kwargs``: the retry's own keyword arguments instead of this message's.
     """
     delay = retry_delay(task.request.retries)
     log.warning("%s[%s] retried in %.1fs: %s: %s", task.name, task.request.id, delay, type(exc).__name__, exc)
     try:
-        raise task.retry(exc=exc, countdown=delay)
+        raise task.retry(exc=exc, countdown=delay, kwargs=kwargs)
     except Reject as unsent:  # Celery's retry() turns a failed publish into Reject(requeue=False)
         log.warning("retry of %s[%s] not published (%s); message requeued", task.name, task.request.id,
                     unsent.reason)
@@ -61,6 +65,15 @@ class CeleryDispatcher:
         with tracing.attached(self._traceparent(job_id)):
             self.app.send_task("kie_extend.poll", kwargs={"job_id": job_id}, queue=self.queue,
                                countdown=countdown or None)
+
+    def poll_many(self, job_ids: list[str], at: float | None = None) -> None:
+        """Queue several due jobs' next steps as one message (one job: as :meth:`poll`)."""
+        if len(job_ids) == 1:
+            self.poll(job_ids[0], at)
+            return
+        countdown = None if at is None else max(0.0, at - time.time())
+        self.app.send_task("kie_extend.poll", kwargs={"job_ids": list(job_ids)}, queue=self.queue,
+                           countdown=countdown or None)
 
     def deliver(self, job_id: str, handler: str) -> None:
         """Queue one handler delivery."""
@@ -113,7 +126,7 @@ def register(app: Celery) -> None:
     services = _Services(app)
     app.kie_services = services  # type: ignore[attr-defined]
 
-    @app.task(name="kie_extend.extend", bind=True, max_retries=None)
+    @app.task(name="kie_extend.extend", shared=False, bind=True, max_retries=None)
     def extend(self: Task, *args: Any, request: Any = None, idempotency_key: Any = None,
                metadata: Any = None, tenant: Any = None, priority: Any = None, batch_id: Any = None,
                not_after: Any = None, steps: Any = None, takes: Any = None, **kwargs: Any) -> None:
@@ -137,17 +150,21 @@ def register(app: Celery) -> None:
                 retry_later(self, exc)
             _give_up_extend(services.get_pipeline(), str(self.request.id), exc)
 
-    @app.task(name="kie_extend.poll", bind=True, max_retries=None)
-    def poll(self: Task, job_id: str) -> None:
-        """Do a due job's next step (submit when queued, poll when submitted)."""
-        try:
-            services.get_pipeline().advance(str(job_id))
-        except Exception as exc:
-            if not is_infra_error(exc):
-                raise  # the due schedule's lease brings the job back
-            retry_later(self, exc)
+    @app.task(name="kie_extend.poll", shared=False, bind=True, max_retries=None)
+    def poll(self: Task, job_id: Any = None, job_ids: Any = None) -> None:
+        """Do a due job's next step (submit when queued, poll when submitted); ``job_ids``: several
+        due jobs' steps, one after the other (the tick groups them when many fall due at once)."""
+        if job_ids is None:
+            try:
+                services.get_pipeline().advance(str(job_id))
+            except Exception as exc:
+                if not is_infra_error(exc):
+                    raise  # the due schedule's lease brings the job back
+                retry_later(self, exc)
+            return
+        _poll_many(self, services, job_ids)
 
-    @app.task(name="kie_extend.deliver", bind=True, max_retries=None)
+    @app.task(name="kie_extend.deliver", shared=False, bind=True, max_retries=None)
     def deliver(self: Task, job_id: str, handler: str) -> None:
         """Deliver one job's result event to one handler."""
         try:
@@ -157,10 +174,48 @@ def register(app: Celery) -> None:
                 raise  # the delivery schedule's lease brings it back
             retry_later(self, exc)
 
-    @app.task(name="kie_extend.tick", ignore_result=True)
+    @app.task(name="kie_extend.tick", shared=False, ignore_result=True)
     def tick() -> dict[str, int]:
         """Hand due work to workers (run by beat every KIE_TICK_INTERVAL; several beats are safe)."""
         return services.get_scheduler().tick()
+
+
+def _poll_many(task: Task, services: _Services, job_ids: Any) -> None:
+    """Advance each job of a grouped poll message in turn. An infrastructure error retries the
+    message with the jobs not yet done; another error is logged, the rest still run, and the first
+    is raised at the end (the due schedule's lease brings its job back). The records are read (and
+    polls claimed) for all of them in one round trip first. Past a third of KIE_LEASE the jobs left
+    go out as a message of their own, their claims released, so none waits on its neighbours until
+    its claim runs out."""
+    if not isinstance(job_ids, (list, tuple)):
+        log.error("kie_extend.poll[%s]: job_ids must be a list of job ids, not %s; ignored", task.request.id,
+                  type(job_ids).__name__)
+        return
+    ids = list(dict.fromkeys(str(one) for one in job_ids[:MAX_POLL_BATCH]))
+    pipeline = services.get_pipeline()
+    budget = time.monotonic() + pipeline.s.lease / 3
+    try:
+        reads = pipeline.read_steps(ids)  # one round trip for every record (and poll claim)
+    except Exception as exc:
+        if not is_infra_error(exc):
+            raise  # the due schedule's leases bring the jobs back
+        retry_later(task, exc)
+    first: Exception | None = None
+    for i, job_id in enumerate(ids):
+        if i and time.monotonic() > budget:
+            rest = ids[i:]
+            pipeline.unclaim({j: reads[j] for j in rest if j in reads})
+            pipeline.dispatch.poll_many(rest)
+            break
+        try:
+            pipeline.advance(job_id, reads.pop(job_id, None))
+        except Exception as exc:
+            if is_infra_error(exc):
+                retry_later(task, exc, kwargs={"job_ids": ids[i:]})
+            log.exception("kie_extend.poll[%s]: job %s failed: %s", task.request.id, job_id, exc)
+            first = first or exc
+    if first is not None:
+        raise first
 
 
 def bad_id_reason(raw: Any) -> str:

@@ -29,6 +29,29 @@ log = logging.getLogger("kie_extend.admission.tick")
 PROBE_TIMEOUT = 3.0
 #: Most jobs one tick's share of the invariant sweep looks at.
 SWEEP_BUDGET = 2000
+#: A tick hands out at least this many poll messages before one carries two jobs or more, so a
+#: small batch of due work still spreads over the workers' processes.
+POLL_SPREAD = 8
+
+
+def poll_batches(due: list[tuple[str, float]], now: float, most: int,
+                 spread: int = POLL_SPREAD) -> list[tuple[list[str], float | None]]:
+    """Group a tick's due jobs (``(job_id, at)``, ``at`` in epoch seconds) into poll messages:
+    ``[(job_ids, at or None), ...]``. Up to ``spread`` due jobs go out one per message, as before;
+    more share messages of at most ``most`` jobs (KIE_POLL_BATCH), in time order, each sent at its
+    latest job's time (None when that is already due), so no job runs before its time (a booked
+    rate slot) and none waits longer than the gap between its own time and its group's last."""
+    if not due:
+        return []
+    ordered = sorted(due, key=lambda item: item[1])
+    count = len(ordered)
+    size = 1 if count <= spread else min(max(most, 1), -(-count // spread))
+    out: list[tuple[list[str], float | None]] = []
+    for start in range(0, count, size):
+        group = ordered[start:start + size]
+        at = group[-1][1]
+        out.append(([job_id for job_id, _ in group], at if at > now else None))
+    return out
 
 
 class Scheduler:
@@ -58,8 +81,9 @@ class Scheduler:
         # Look one tick ahead: what falls due before the next tick goes out now as a short
         # countdown, so a booked rate slot or a poll is not late by up to a whole tick.
         due = self.store.claim_due(now + self.s.tick_interval, self.s.lease, self.s.claim_batch)
-        for job_id, at in due:
-            self.dispatch.poll(job_id, at=at if at > now else None)
+        most = 1 if tracing.enabled() else self.s.poll_batch  # a traced message joins one job's trace
+        for job_ids, at in poll_batches(due, now, most):
+            self.dispatch.poll_many(job_ids, at=at)
         deliveries = self.store.claim_deliveries(now, self.s.lease, self.s.claim_batch)
         for job_id, handler in deliveries:
             self.dispatch.deliver(job_id, handler)

@@ -32,6 +32,10 @@ class Dispatcher(Protocol):
     def poll(self, job_id: str, at: float | None = None) -> None:
         """Run the next step of ``job_id`` at ``at`` (or now); it is already claimed on the due schedule."""
 
+    def poll_many(self, job_ids: list[str], at: float | None = None) -> None:
+        """Run the next step of each of ``job_ids`` (all claimed) at ``at`` (or now), one after the
+        other in one worker: one message for them all."""
+
     def deliver(self, job_id: str, handler: str) -> None:
         """Deliver ``job_id``'s event to ``handler`` soon (already claimed)."""
 
@@ -41,6 +45,9 @@ class NoDispatch:
 
     def poll(self, job_id: str, at: float | None = None) -> None:
         """Nothing: the tick will claim it."""
+
+    def poll_many(self, job_ids: list[str], at: float | None = None) -> None:
+        """Nothing: the tick will claim them."""
 
     def deliver(self, job_id: str, handler: str) -> None:
         """Nothing: the tick will claim it."""

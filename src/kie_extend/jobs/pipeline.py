@@ -48,6 +48,11 @@ CANCEL_MESSAGES = {
 SUBMIT_LEASE_SLACK = 5.0
 
 
+#: A due job's record as read for its next step: (epoch seconds of the read, the raw record or None,
+#: the poll claim as JobStore.get_for_step returns it).
+StepRead = tuple[float, "dict[str, str] | None", "float | None | str"]
+
+
 def _jitter(seconds: float, spread: float = 0.2) -> float:
     return seconds * (1 - spread + 2 * spread * random.random())
 
@@ -523,16 +528,39 @@ class Pipeline:
         self._finish(job_id, rec, JobState.FAILED, {"error": error}, expect=[JobState.SUBMITTING])
 
     # -- advance: whatever is due next -------------------------------------------------------
-    def advance(self, job_id: str) -> None:
+    def read_steps(self, job_ids: list[str]) -> dict[str, StepRead]:
+        """Read several due jobs' records (and claim the submitted ones' polls) in one round trip,
+        for :meth:`advance`'s ``read``: ``{job_id: (epoch seconds of the read, record or None, claim)}``.
+        Follow-up steps' sub-ids are not read here (jobs/steps.py reads its own). Raises what Redis raises."""
+        plain = [job_id for job_id in job_ids if SUB_ID_SEP not in job_id]
+        if not plain:
+            return {}
+        now = time.time()
+        found = self.store.get_for_steps(plain, now, self.s.poll_min_gap, self.s.lease)
+        return {job_id: (now, one[0], one[1]) for job_id, one in zip(plain, found) if one is not None}
+
+    def unclaim(self, reads: dict[str, StepRead]) -> None:
+        """Undo the poll claims that :meth:`read_steps` took for jobs not advanced after all (one round
+        trip): they can be polled at once, and their poll counts stay true."""
+        with self.store.deferred():
+            for job_id, (at, raw, claim) in reads.items():
+                if claim is None:
+                    self.store.unclaim_poll(job_id, at, self.s.lease, raw)
+
+    def advance(self, job_id: str, read: StepRead | None = None) -> None:
         """Do a due job's next step: submit it, resolve an unknown submit, or poll it. The record is
-        read (and a submitted job's poll claimed) in one round trip; the step's bookkeeping writes
-        go out in one more at its end. A follow-up step's sub-id (``<job>~<n>``) goes to jobs/steps.py."""
+        read (and a submitted job's poll claimed) in one round trip, or comes as ``read`` from
+        :meth:`read_steps`; the step's bookkeeping writes go out in one more at its end. A follow-up
+        step's sub-id (``<job>~<n>``) goes to jobs/steps.py."""
         if SUB_ID_SEP in job_id:
             self.steps.advance(job_id)
             return
         with self.store.deferred():
-            now = time.time()
-            raw, claim = self.store.get_for_step(job_id, now, self.s.poll_min_gap, self.s.lease)
+            if read is None:
+                now = time.time()
+                raw, claim = self.store.get_for_step(job_id, now, self.s.poll_min_gap, self.s.lease)
+            else:
+                now, raw, claim = read
             rec = None if raw is None else JobRecord.from_hash(raw)
             if rec is None or rec.state_text is None:
                 self.store.unschedule(job_id)

@@ -96,9 +96,12 @@ class SimHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(reply.body)))
         for name, value in reply.headers.items():
             self.send_header(name, value)
-        self.end_headers()
+        # Head and body in one write (one segment, one wakeup of the client), as end_headers would
+        # send the head alone first.
+        self._headers_buffer.append(b"\r\n")
         if not head:
-            self.wfile.write(reply.body)
+            self._headers_buffer.append(reply.body)
+        self.flush_headers()
 
     def _drop(self) -> None:
         """Close the connection abruptly (RST) without sending a byte."""

@@ -218,8 +218,9 @@ class OneTrip:
         """Queue ``script`` (from ``register_script``) with its keys and arguments."""
         self.calls.append((script, keys, args))
 
-    def execute(self) -> list[Any]:
-        """The replies, in the order the calls were added."""
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
+        """The replies, in the order the calls were added; with ``raise_on_error=False`` a call's
+        error reply is returned in its place (the exception) instead of raised."""
         pipe = self.client.pipeline(transaction=False)
         for script, keys, args in self.calls:
             pipe.evalsha(script.sha, len(keys), *keys, *args)
@@ -228,7 +229,7 @@ class OneTrip:
         for (script, keys, args), reply in zip(self.calls, replies):
             if isinstance(reply, redis.exceptions.NoScriptError):
                 reply = script(keys=keys, args=args)
-            elif isinstance(reply, Exception):
+            elif isinstance(reply, Exception) and raise_on_error:
                 raise reply
             out.append(reply)
         self.calls = []
@@ -315,13 +316,20 @@ class JobStore:
         has it."""
         found = run_script(self._step_read, [self.keys.job(job_id), self.keys.stats, self.keys.request(job_id)],
                            [repr(now), gap, repr(now + lease)])
-        flat, claim, stored = found[0], _text(found[1]), found[2] if len(found) > 2 else None
-        raw = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)} or None
-        if raw is not None:
-            _with_request(raw, stored)
-        if claim == "-":
-            return raw, ""
-        return raw, (None if claim == "" else float(claim))
+        return _step_read_reply(found)
+
+    def get_for_steps(self, job_ids: list[str], now: float, gap: float,
+                      lease: float) -> list[tuple[dict[str, str] | None, float | None | str] | None]:
+        """:meth:`get_for_step` for several jobs in one round trip: one ``(record or None, claim)``
+        per id, in order (a grouped poll message's reads), or None for a job whose read got an error
+        reply (a key of the wrong type: its own step reads it again and meets the error alone).
+        Raises what the connection raises."""
+        trip = OneTrip(self.redis)
+        for job_id in job_ids:
+            trip.add(self._step_read, [self.keys.job(job_id), self.keys.stats, self.keys.request(job_id)],
+                     [repr(now), gap, repr(now + lease)])
+        return [None if isinstance(found, Exception) else _step_read_reply(found)
+                for found in trip.execute(raise_on_error=False)]
 
     @contextmanager
     def deferred(self) -> Iterator[None]:
@@ -594,6 +602,25 @@ class JobStore:
         found = self._claim_poll(keys=[self.keys.job(job_id), self.keys.stats], args=[repr(now), gap, repr(now + lease)])
         return None if found is None else float(_text(found))
 
+    def unclaim_poll(self, job_id: str, claimed_at: float, lease: float, before: dict[str, str] | None) -> None:
+        """Undo a poll claim taken at ``claimed_at`` (epoch seconds, for ``lease`` seconds) by
+        :meth:`get_for_step(s)` for a poll that did not run: the lease ends, the job's and the stats'
+        ``polls`` count it no more, and its last poll time is what ``before`` (the record read with
+        the claim) held. Nothing when the claim is no longer that one."""
+        jk = self.keys.job(job_id)
+        pipe, send = self._writes()
+        pipe.only_if(jk, "poll_lease", repr(claimed_at + lease))
+        pipe.hdel(jk, "poll_lease")
+        pipe.hincrby(jk, "polls", -1)
+        pipe.hincrby(self.keys.stats, "polls", -1)
+        last = (before or {}).get("last_poll_ts")
+        if last:
+            pipe.hset(jk, "last_poll_ts", last)
+        else:
+            pipe.hdel(jk, "last_poll_ts")
+        if send:
+            self.send(pipe)
+
     def release_poll(self, job_id: str) -> None:
         """End ``job_id``'s poll claim (its poll finished)."""
         pipe, send = self._writes()
@@ -646,3 +673,14 @@ def _iso(ts: float) -> str:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _step_read_reply(found: list[Any]) -> tuple[dict[str, str] | None, float | None | str]:
+    """What :meth:`JobStore.get_for_step` returns, from its script's reply."""
+    flat, claim, stored = found[0], _text(found[1]), found[2] if len(found) > 2 else None
+    raw = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)} or None
+    if raw is not None:
+        _with_request(raw, stored)
+    if claim == "-":
+        return raw, ""
+    return raw, (None if claim == "" else float(claim))
