@@ -27,14 +27,15 @@ from kie_extend.store.keys import Keys
 # KEYS: pause, operator pause, inflight, rate log, breaker, reach. ARGV: job_id, token, limit,
 # book_window_ms, check_window_ms, max_inflight.
 # The log holds "s:<token>" for sends that happened (scored by send time) and "b:<token>" for slots
-# booked by admission (scored by the slot; queues.py). Returns {verdict, wait_ms}: verdict ok |
+# booked by admission (scored by the slot; queues.py); the bookings are also kept alone in the log's
+# key + ":b" (Keys.rate_booked), for admission to count them. Returns {verdict, wait_ms}: verdict ok |
 # paused | unreachable | breaker | inflight | wait | lost (no booking: the job must be admitted again).
 # A send already granted to this token is granted again (the script may run twice when a client
 # re-sends it after a timeout), so one token never takes two slots.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local job, booked = ARGV[1], 'b:' .. ARGV[2]
+local job, booked, RB = ARGV[1], 'b:' .. ARGV[2], KEYS[4] .. ':b'
 local limit, book, check, maxif = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 if redis.call('ZSCORE', KEYS[4], 's:' .. ARGV[2]) then
   redis.call('SADD', KEYS[3], job)
@@ -42,15 +43,18 @@ if redis.call('ZSCORE', KEYS[4], 's:' .. ARGV[2]) then
 end
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('ZREM', KEYS[4], booked)
+  redis.call('ZREM', RB, booked)
   return {'paused', 0}
 end
 if redis.call('HGET', KEYS[6], 'state') == 'unreachable' then
   redis.call('ZREM', KEYS[4], booked)
+  redis.call('ZREM', RB, booked)
   return {'unreachable', 0}
 end
 local bst = redis.call('HGET', KEYS[5], 'state')
 if (bst == 'open' or bst == 'half_open') and redis.call('HGET', KEYS[5], 'probe') ~= job then
   redis.call('ZREM', KEYS[4], booked)
+  redis.call('ZREM', RB, booked)
   return {'breaker', 0}
 end
 local mine = redis.call('ZSCORE', KEYS[4], booked)
@@ -58,6 +62,7 @@ if not mine then return {'lost', 0} end
 if tonumber(mine) > now then return {'wait', tonumber(mine) - now} end
 if redis.call('SISMEMBER', KEYS[3], job) == 0 and redis.call('SCARD', KEYS[3]) >= maxif then
   redis.call('ZREM', KEYS[4], booked)
+  redis.call('ZREM', RB, booked)
   return {'inflight', 0}
 end
 -- Its turn: only sends that really happened can fill the provider's window now.
@@ -71,6 +76,7 @@ for i = 1, #out, 2 do
 end
 if #sent < limit then
   redis.call('ZREM', KEYS[4], booked)
+  redis.call('ZREM', RB, booked)
   redis.call('ZADD', KEYS[4], now, 's:' .. ARGV[2])
   redis.call('PEXPIRE', KEYS[4], book * 2 + 1000)
   redis.call('SADD', KEYS[3], job)
@@ -78,6 +84,8 @@ if #sent < limit then
 end
 local slot = sent[#sent - limit + 1] + check + 1
 redis.call('ZADD', KEYS[4], slot, booked)
+redis.call('ZADD', RB, slot, booked)
+redis.call('PEXPIRE', RB, slot - now + book * 2 + 1000)
 return {'wait', slot - now}
 """
 
@@ -157,8 +165,7 @@ class Gates:
 
     def booked(self) -> int:
         """Future submission slots booked by waiting jobs."""
-        members = self.redis.zrangebyscore(self.keys.rate_log, time.time() * 1000, "+inf")
-        return sum(1 for m in members if m.startswith(b"b:"))
+        return int(self.redis.zcount(self.keys.rate_booked, time.time() * 1000, "+inf"))
 
     # -- pause -------------------------------------------------------------------------------
     def pause(self, code: int, reason: str) -> None:

@@ -57,10 +57,11 @@ if bst == 'open' or bst == 'half_open' then
   probe_only = true
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - book)
-local booked = 0
-for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], now - book, '+inf')) do
-  if string.sub(m, 1, 2) == 'b:' then booked = booked + 1 end
-end
+-- The bookings ('b:' members) are also kept in their own set (the rate log's key + ':b', see
+-- Keys.rate_booked), so counting them takes no walk over every send in the window.
+local RB = KEYS[4] .. ':b'
+redis.call('ZREMRANGEBYSCORE', RB, '-inf', now - book)
+local booked = redis.call('ZCOUNT', RB, now - book, '+inf')
 local room = maxif - redis.call('SCARD', KEYS[3]) - booked
 local n = math.min(maxn, room)
 if probe_only then n = math.min(n, 1) end
@@ -200,6 +201,8 @@ while admitted < n and guard < n * 4 + 16 do
             redis.call('ZADD', KEYS[8], now / 1000 + tonumber(ARGV[10]), id)
           else
             redis.call('ZADD', KEYS[4], slot, 'b:' .. token)
+            redis.call('ZADD', RB, slot, 'b:' .. token)
+            redis.call('PEXPIRE', RB, slot - now + book * 2 + 1000)
             redis.call('ZADD', KEYS[8], slot / 1000, id)
           end
           redis.call('PEXPIRE', KEYS[4], slot - now + book * 2 + 1000)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 import re
 import time
+import weakref
 from datetime import datetime, timezone
 from typing import Any
 
+from kie_extend.store.jobstore import run_script
 from kie_extend.store.keys import MINUTE_TTL
 from kie_extend.infra.runtime import Runtime
 from kie_extend.jobs.states import JobState
@@ -158,8 +160,15 @@ def record_tick(rt: Runtime, now: float | None = None) -> None:
     in-flight count into this minute's series hash, keeping the minute's highest; one round trip."""
     now = time.time() if now is None else now
     k = rt.keys
-    rt.redis.eval(_TICK, 4, k.tick_last, k.state_index(JobState.QUEUED.value), k.inflight,
-                  k.minute(int(now // 60)), repr(now), MINUTE_TTL)
+    script = _tick_scripts.get(rt.redis)
+    if script is None:
+        script = _tick_scripts[rt.redis] = rt.redis.register_script(_TICK)
+    run_script(script, [k.tick_last, k.state_index(JobState.QUEUED.value), k.inflight, k.minute(int(now // 60))],
+               [repr(now), MINUTE_TTL])
+
+
+#: The tick script registered on each client (EVALSHA: its text is not sent every tick).
+_tick_scripts: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def minute_series(rt: Runtime, minutes: int = SERIES_MINUTES, now: float | None = None) -> dict[str, Any]:

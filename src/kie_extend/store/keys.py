@@ -162,6 +162,13 @@ class Keys:
         return f"{self.tag}:rate"
 
     @property
+    def rate_booked(self) -> str:
+        """Sorted set: the reserved slots of :attr:`rate_log` alone (``b:<token>`` by slot time), so
+        admission counts them without walking the window's sends. Its name is the rate log's + ``:b``
+        (the Lua scripts build it that way)."""
+        return f"{self.rate_log}:b"
+
+    @property
     def pause(self) -> str:
         """Hash: present while submission is paused (reason, code, since, last probe)."""
         return f"{self.tag}:pause"

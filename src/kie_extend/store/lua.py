@@ -204,7 +204,9 @@ if cur == 'queued' and to ~= 'queued' then
   redis.call('ZREM', KEYS[6], id)
   -- A slot booked for a job that will not be sent now (cancelled, failed) is given back.
   if to ~= 'submitting' then
-    redis.call('ZREM', KEYS[7], 'b:' .. id .. ':' .. (tonumber(redis.call('HGET', jk, 'sends') or '0') + 1))
+    local bm = 'b:' .. id .. ':' .. (tonumber(redis.call('HGET', jk, 'sends') or '0') + 1)
+    redis.call('ZREM', KEYS[7], bm)
+    redis.call('ZREM', KEYS[7] .. ':b', bm)
   end
 end
 local fields = cjson.decode(ARGV[5])
