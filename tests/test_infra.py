@@ -104,3 +104,33 @@ def test_transport_connection_turns_oom_and_readonly_into_connection_errors(tmp_
         finally:
             admin.replicaof("NO", "ONE")
         client.set("k", "w")
+
+
+def test_reject_or_ack_on_a_closed_channel_leaves_the_message_to_the_broker(tmp_path) -> None:
+    """A requeue (a task's Reject) or an ack that Celery runs after the broker connection was lost
+    and rebuilt meets a channel whose connection is gone: kombu fails with AttributeError, which
+    stopped the worker. Now the message is forgotten locally and its unacked record stays in the
+    broker (restored after the visibility timeout)."""
+    from kombu import Connection
+
+    with EmbeddedValkey(str(tmp_path / "v")) as server:
+        admin = redis.Redis(port=server.port)
+        for op in ("requeue", "ack"):
+            with Connection(f"redis://127.0.0.1:{server.port}/0", transport=Transport) as conn:
+                q = conn.SimpleQueue(f"q-{op}")
+                q.put({"n": op})
+                message = q.get(timeout=5)
+                assert admin.hlen("unacked") == 1
+                channel = message.channel
+                # what kombu leaves once the connection is torn down: no pool, no connection
+                saved = channel._pool, channel.connection
+                channel._pool, channel.connection = None, None
+                if op == "requeue":
+                    message.reject(requeue=True)
+                else:
+                    message.ack()
+                assert message.delivery_tag not in channel.qos._delivered or channel.qos._dirty
+                # the broker still holds the unacked record: it restores the message later
+                assert admin.hlen("unacked") == 1 and admin.llen(f"q-{op}") == 0
+                admin.delete("unacked", "unacked_index")
+                channel._pool, channel.connection = saved  # so the connection can close

@@ -133,6 +133,30 @@ class QoS(kredis.QoS):
                 raise as_connection_error(exc) from exc
             raise
 
+    def ack(self, delivery_tag: Any) -> None:
+        """kombu's ack; on a channel whose connection is already torn down (an ack or reject that
+        Celery ran after the broker connection was lost and rebuilt: kombu then fails with
+        AttributeError, which stopped the worker) the message is only forgotten here: its unacked
+        record stays in the broker, which restores it after the visibility timeout (a redelivered
+        message is harmless)."""
+        try:
+            super().ack(delivery_tag)
+        except AttributeError as exc:
+            self._closed_channel("acknowledged", delivery_tag, exc)
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        """kombu's reject (``requeue``: put it back on its queue at once); on a channel whose
+        connection is already torn down, as :meth:`ack`."""
+        try:
+            super().reject(delivery_tag, requeue=requeue)
+        except AttributeError as exc:
+            self._closed_channel("requeued" if requeue else "rejected", delivery_tag, exc)
+
+    def _closed_channel(self, what: str, delivery_tag: Any, exc: Exception) -> None:
+        log.warning("message %s not %s: its broker connection is already closed (%s); the broker restores "
+                    "it after the visibility timeout", delivery_tag, what, exc)
+        kredis.virtual.QoS.ack(self, delivery_tag)  # forgotten here, as an ack would
+
     def restore_unacked(self, client: Any = None) -> Any:
         """Put this channel's unacknowledged messages back on their queues, as kombu does; when the
         connection is already torn down (kombu then fails to rebuild its pool with AttributeError,
