@@ -36,33 +36,34 @@ _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local job, booked, RB = ARGV[1], 'b:' .. ARGV[2], KEYS[4] .. ':b'
+-- Give the job's booking back: from the log and from the bookings' own set (Keys.rate_booked).
+local function unbook()
+  redis.call('ZREM', KEYS[4], booked)
+  redis.call('ZREM', RB, booked)
+end
 local limit, book, check, maxif = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 if redis.call('ZSCORE', KEYS[4], 's:' .. ARGV[2]) then
   redis.call('SADD', KEYS[3], job)
   return {'ok', 0}
 end
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('ZREM', KEYS[4], booked)
-  redis.call('ZREM', RB, booked)
+  unbook()
   return {'paused', 0}
 end
 if redis.call('HGET', KEYS[6], 'state') == 'unreachable' then
-  redis.call('ZREM', KEYS[4], booked)
-  redis.call('ZREM', RB, booked)
+  unbook()
   return {'unreachable', 0}
 end
 local bst = redis.call('HGET', KEYS[5], 'state')
 if (bst == 'open' or bst == 'half_open') and redis.call('HGET', KEYS[5], 'probe') ~= job then
-  redis.call('ZREM', KEYS[4], booked)
-  redis.call('ZREM', RB, booked)
+  unbook()
   return {'breaker', 0}
 end
 local mine = redis.call('ZSCORE', KEYS[4], booked)
 if not mine then return {'lost', 0} end
 if tonumber(mine) > now then return {'wait', tonumber(mine) - now} end
 if redis.call('SISMEMBER', KEYS[3], job) == 0 and redis.call('SCARD', KEYS[3]) >= maxif then
-  redis.call('ZREM', KEYS[4], booked)
-  redis.call('ZREM', RB, booked)
+  unbook()
   return {'inflight', 0}
 end
 -- Its turn: only sends that really happened can fill the provider's window now.
@@ -75,8 +76,7 @@ for i = 1, #out, 2 do
   if string.sub(out[i], 1, 2) == 's:' then table.insert(sent, tonumber(out[i + 1])) end
 end
 if #sent < limit then
-  redis.call('ZREM', KEYS[4], booked)
-  redis.call('ZREM', RB, booked)
+  unbook()
   redis.call('ZADD', KEYS[4], now, 's:' .. ARGV[2])
   redis.call('PEXPIRE', KEYS[4], book * 2 + 1000)
   redis.call('SADD', KEYS[3], job)

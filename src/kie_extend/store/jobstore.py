@@ -314,9 +314,7 @@ class JobStore:
         what :meth:`claim_poll` returns (``None`` = claimed) for a submitted job, and ``""`` (no claim
         tried) otherwise. The record is the one read before the claim, with its request as :meth:`get`
         has it."""
-        found = run_script(self._step_read, [self.keys.job(job_id), self.keys.stats, self.keys.request(job_id)],
-                           [repr(now), gap, repr(now + lease)])
-        return _step_read_reply(found)
+        return _step_read_reply(run_script(self._step_read, *self._step_read_call(job_id, now, gap, lease)))
 
     def get_for_steps(self, job_ids: list[str], now: float, gap: float,
                       lease: float) -> list[tuple[dict[str, str] | None, float | None | str] | None]:
@@ -326,10 +324,13 @@ class JobStore:
         Raises what the connection raises."""
         trip = OneTrip(self.redis)
         for job_id in job_ids:
-            trip.add(self._step_read, [self.keys.job(job_id), self.keys.stats, self.keys.request(job_id)],
-                     [repr(now), gap, repr(now + lease)])
+            trip.add(self._step_read, *self._step_read_call(job_id, now, gap, lease))
         return [None if isinstance(found, Exception) else _step_read_reply(found)
                 for found in trip.execute(raise_on_error=False)]
+
+    def _step_read_call(self, job_id: str, now: float, gap: float, lease: float) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of the step-read script for ``job_id``."""
+        return [self.keys.job(job_id), self.keys.stats, self.keys.request(job_id)], [repr(now), gap, repr(now + lease)]
 
     @contextmanager
     def deferred(self) -> Iterator[None]:
