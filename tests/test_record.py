@@ -308,3 +308,11 @@ def test_a_garbled_record_is_still_shown(make_settings) -> None:
     assert shown["attempts"] == 0 and shown["priority"] == DEFAULT_PRIORITY and shown["error"] is None
     page, _ = list_jobs(rt, state="queued")
     assert [r["job_id"] for r in page] == ["g1"] and page[0] == shown
+
+
+def test_created_at_is_derived_from_created_ts_when_not_stored() -> None:
+    assert JobRecord.from_hash({"created_ts": "1700000000.25"}).created_at == "2023-11-14T22:13:20.250Z"
+    stored = JobRecord.from_hash({"created_ts": "1700000000.25", "created_at": "2023-11-14T22:13:20.000Z"})
+    assert stored.created_at == "2023-11-14T22:13:20.000Z"  # records that kept it read it as stored
+    assert JobRecord.from_hash({"created_ts": "nan"}).created_at is None
+    assert JobRecord.from_hash({}).with_fields({"created_ts": 1700000000.25}).created_at == "2023-11-14T22:13:20.250Z"

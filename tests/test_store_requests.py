@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from inline import Harness, harness_factory, sample_request
+from kie_extend.api import get_job
 from kie_extend.jobs.states import JobState
 from kie_extend.simulator import SimConfig, SimServer, serve
 from kie_extend.store import packing
@@ -69,6 +70,29 @@ def test_queued_record_is_a_listpack_and_the_request_is_beside_it(harness: Calla
     body = {**request, "callBackUrl": f"{h.rt.settings.callback_base_url}/kie/callback/{job}"}
     assert h.rt.store.request(job) == body
     assert json.loads(h.rt.store.get(job)["request"]) == body  # the record as read carries it, in one round trip
+
+
+def test_queued_record_stores_nothing_it_can_derive(harness: Callable[..., Harness]) -> None:
+    """The id is the key, ``created_at`` is ``created_ts`` as text, counters not yet counted read 0
+    and no metadata reads {}: none of them sits in a queued job's hash, yet every reader shows them."""
+    h = harness()
+    r, k = h.rt.redis, h.rt.keys
+    job = queued(h, typical(h.sim))
+    raw = {f.decode(): v.decode() for f, v in r.hgetall(k.job(job)).items()}
+    assert not {"job_id", "created_at", "attempts", "polls", "metadata"} & set(raw), raw
+    rec = h.rt.store.get_record(job)
+    assert rec is not None and rec.attempts == 0 and rec.polls == 0 and rec.metadata == {}
+    shown = get_job(job, settings=h.rt.settings)
+    assert shown["job_id"] == job and shown["attempts"] == 0 and shown["polls"] == 0 and shown["metadata"] == {}
+    created = time.mktime(time.strptime(shown["created_at"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+    assert shown["created_at"].endswith("Z") and abs(created - float(raw["created_ts"])) < 1.0
+    with_meta = queued(h, typical(h.sim, 8), metadata={"order": 42})
+    assert get_job(with_meta, settings=h.rt.settings)["metadata"] == {"order": 42}
+    h.rt.gates.resume_operator()
+    h.run_until(h.finished(job))
+    done = get_job(job, settings=h.rt.settings)
+    assert done["state"] == "succeeded" and done["attempts"] == 1 and done["polls"] >= 1, done
+    assert done["created_at"] == shown["created_at"]
 
 
 def test_request_key_follows_the_record_to_its_end(harness: Callable[..., Harness]) -> None:

@@ -19,7 +19,7 @@ from kie_extend.infra.transport import configure_broker
 from kie_extend.errors import ConfigError, IdempotencyConflictError, JobExistsError, KieExtendError, ValidationError
 from kie_extend.credits.budgets import budgets
 from kie_extend.credits.ledger import job_credits
-from kie_extend.jobs.events import now_iso, status_record
+from kie_extend.jobs.events import status_record
 from kie_extend.jobs.idempotency import Idempotency, kwargs_digest, request_fingerprint
 from kie_extend.jobs.ids import id_problem, is_valid
 from kie_extend.jobs.intake import DEFAULT_PRIORITY, EXTEND_OPTIONS, check_message, require
@@ -336,8 +336,7 @@ def _refusal_fields(settings: Settings, job_id: str, message: dict[str, Any]) ->
     now = time.time()
     intake = check_message(message.get("request"), settings=settings, idempotency_key=message.get("idempotency_key"),
                            metadata=message.get("metadata"), **{k: message.get(k) for k in OPTIONS})
-    return {"job_id": job_id, "request": _json(message.get("request")), "metadata": intake.metadata,
-            "created_at": now_iso(), "created_ts": now, "attempts": 0, "polls": 0,
+    return {"request": _json(message.get("request")), "metadata": intake.metadata or None, "created_ts": now,
             "idempotency_key": intake.idempotency_key, "tenant": intake.tenant, "priority": intake.priority,
             "batch_id": intake.batch_id, "not_after": intake.not_after}
 
@@ -470,7 +469,7 @@ def get_job(job_id: str, *, settings: Settings | None = None) -> dict[str, Any]:
             record["state"] = JobState.NOT_FOUND.value
         record["duplicate_of"] = first
         record["metadata"] = rec.metadata
-        record["created_at"] = rec.raw.get("created_at")
+        record["created_at"] = rec.created_at
         record["handlers"] = {}
         record["credits"] = job_credits(rec.raw)  # a duplicate costs nothing itself
         record["waiting_for"] = None

@@ -160,7 +160,7 @@ def spend(rt: Runtime, tenant: str | None = None) -> dict[str, Any]:
 
 # -- jobs ----------------------------------------------------------------------------------------
 
-_ROW_FIELDS = ("state", "tenant", "priority", "batch_id", "created_at", "kie_status", "attempts", "error",
+_ROW_FIELDS = ("state", "tenant", "priority", "batch_id", "created_at", "created_ts", "kie_status", "attempts", "error",
                "idempotency_key", "retried", "duplicate_of")
 
 
@@ -246,6 +246,9 @@ def _rows(rt: Runtime, ids: list[str]) -> list[dict[str, Any]]:
         rec: dict[str, Any] = {"job_id": job_id, **{f: (_t(v) if v is not None else None)
                                                     for f, v in zip(_ROW_FIELDS, values)}}
         rec["waiting_for"] = "budget" if rec.get("state") == "queued" and rec.get("tenant") in held else None
+        # Newer records keep their creation time once, as created_ts (store/record.py).
+        rec["created_at"] = JobRecord.from_hash({"created_at": rec["created_at"] or "",
+                                                 "created_ts": rec.pop("created_ts") or ""}).created_at
         # The table shows the fields as stored (text); only the error is read, for its kind.
         rec["error_kind"] = JobRecord.from_hash({"error": rec.pop("error") or ""}).error_kind
         if rec.get("duplicate_of") and not rec.get("state"):

@@ -10,13 +10,12 @@ job that arrived naming it. When the last of them ends, the transition that ends
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
 from typing import Any, Iterator
 
 from kie_extend.jobs.ids import is_valid
 from kie_extend.infra.runtime import Runtime
 from kie_extend.jobs.states import TERMINAL, JobState
-from kie_extend.store.record import JobRecord
+from kie_extend.store.record import JobRecord, iso_ms
 
 #: Batch ids read per round trip when listing a batch's jobs.
 CHUNK = 500
@@ -29,9 +28,7 @@ def _t(value: Any) -> str:
 
 
 def _iso(ts: str | None) -> str | None:
-    if not ts:
-        return None
-    return datetime.fromtimestamp(float(ts), timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso_ms(float(ts)) if ts else None
 
 
 def get_batch(rt: Runtime, batch_id: str) -> dict[str, Any]:

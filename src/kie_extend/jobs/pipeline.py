@@ -144,14 +144,13 @@ class Pipeline:
                     "or put callBackUrl in the request",
                 })
         now = time.time()
+        # The hash holds what cannot be derived: the id is its key, ``created_at`` is ``created_ts``
+        # as text (store/record.py), a counter not yet counted reads 0, no metadata reads ``{}``.
+        # A queued backlog's hashes stay within one small listpack (README "Backlog memory").
         base = {
-            "job_id": job_id,
             "request": _safe_json(body),
-            "metadata": metadata,
-            "created_at": now_iso(),
+            "metadata": metadata or None,
             "created_ts": now,
-            "attempts": 0,
-            "polls": 0,
             "idempotency_key": idempotency_key,
             "msg_sha": digest,
             "tenant": intake.tenant,
@@ -263,8 +262,7 @@ class Pipeline:
     def reject_malformed(self, job_id: str, reason: str) -> bool:
         """Record an extend message that could not even be read as a failed job with its event."""
         now = time.time()
-        fields = {"job_id": job_id, "request": {}, "metadata": {}, "created_at": now_iso(), "created_ts": now,
-                  "attempts": 0, "polls": 0,
+        fields = {"request": {}, "created_ts": now,
                   "error": _error("invalid_request", reason, errors=[{"field": "message", "message": reason}])}
         _log(job_id, logging.WARNING, "malformed message: %s", reason)
         return self._finish(job_id, EMPTY, JobState.FAILED, fields, expect=[None])

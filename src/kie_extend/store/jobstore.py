@@ -20,7 +20,6 @@ import os
 import threading
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator
 
 import redis
@@ -28,7 +27,7 @@ import redis
 from kie_extend.store import lua
 from kie_extend.store.packing import pack, unpack
 from kie_extend.store.keys import MINUTE_HISTOGRAMS, MINUTE_TTL, Keys
-from kie_extend.store.record import JobRecord
+from kie_extend.store.record import JobRecord, iso_ms
 from kie_extend.jobs.states import IN_FLIGHT, TERMINAL, TRANSITIONS, JobState
 
 log = logging.getLogger("kie_extend.store.jobstore")
@@ -413,7 +412,7 @@ class JobStore:
         now = time.time()
         return bool(self._pointer(
             keys=[self.keys.job(job_id), self.keys.deliveries, self.keys.stats, self.keys.request(job_id)],
-            args=[self.keys.tag, job_id, int(ttl), json.dumps(mapping), repr(now), _iso(now),
+            args=[self.keys.tag, job_id, int(ttl), json.dumps(mapping), repr(now), iso_ms(now),
                   json.dumps(list(handlers)), repr(deliveries_at or now), pack(request) if request else ""]))
 
     def declare_batch(self, batch_id: str, job_ids: Iterable[str]) -> int:
@@ -510,7 +509,7 @@ class JobStore:
                 stat,
                 op or new_op(),  # the operation id: 64 random bits, a short field of the record
                 "1" if ready else "",
-                _iso(now),
+                iso_ms(now),
                 pack(request) if request else "",
                 "" if settle is None else settle if isinstance(settle, str) else repr(float(settle)),
                 after,
@@ -665,11 +664,6 @@ def _with_request(record: dict[str, str], stored: bytes | str | None) -> dict[st
     if stored is not None and "request" not in record:
         record["request"] = unpack(stored)
     return record
-
-
-def _iso(ts: float) -> str:
-    """Epoch seconds as ISO-8601 UTC with milliseconds."""
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _text(value: Any) -> str:

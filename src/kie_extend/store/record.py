@@ -14,6 +14,7 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from typing import Any
 
 from kie_extend.jobs.states import JobState
@@ -49,6 +50,11 @@ def _int(raw: Mapping[str, str], name: str, default: int = 0) -> int:
         return int(raw.get(name) or default)
     except (TypeError, ValueError):
         return default
+
+
+def iso_ms(ts: float) -> str:
+    """Epoch seconds as ISO-8601 UTC text with milliseconds (``2026-12-05T02:10:58.437Z``)."""
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _json(raw: Mapping[str, str], name: str, default: Any) -> Any:
@@ -90,7 +96,9 @@ class JobRecord:
     """One job's record with its fields' real types.
 
     Times ending ``_ts`` are epoch seconds (float); those ending ``_at`` are ISO-8601 UTC text as
-    stored. ``state`` is None for a record without a state (an idempotency duplicate's pointer) or
+    stored (``created_at`` is ``created_ts`` as text when the hash has no ``created_at``: new
+    records store their creation time once). ``job_id`` is the hash's own ``job_id`` field, which
+    only records written by earlier versions hold (the id is the key). ``state`` is None for a record without a state (an idempotency duplicate's pointer) or
     with a state this version does not know; ``state_text`` is the state exactly as stored (None
     when absent). Counters are 0 when absent or garbled. JSON fields are parsed: ``error`` (the
     stored value, normally ``{"kind", "message", ...}``, None when absent or garbled),
@@ -117,7 +125,6 @@ class JobRecord:
     not_after: float | None = None
     rq: str | None = None
     # -- times
-    created_at: str | None = None
     created_ts: float | None = None
     submitted_at: str | None = None
     submitted_ts: float | None = None
@@ -159,6 +166,16 @@ class JobRecord:
         # which is the attribute's default too (pinned by tests/test_record.py).
         values = {attr: parse(raw) for key in raw if key in _PARSERS for attr, parse in _PARSERS[key]}
         return cls(**values, handlers=_handlers(raw), raw=raw)
+
+    @property
+    def created_at(self) -> str | None:
+        """When the job was created, ISO-8601 UTC text: ``created_at`` as stored by records that keep
+        it, else ``created_ts`` as text (a new record stores its creation time once, so a queued
+        backlog's hashes stay small); None when neither is readable."""
+        stored = self.raw.get("created_at")
+        if stored:
+            return stored
+        return iso_ms(self.created_ts) if self.created_ts is not None else None
 
     @property
     def request(self) -> dict[str, Any] | None:
@@ -244,7 +261,7 @@ def _as(kind: Callable[[Mapping[str, str], str], Any], key: str) -> Callable[[Ma
     return lambda raw: kind(raw, key)
 
 
-_TEXT = ("job_id", "idempotency_key", "msg_sha", "duplicate_of", "tenant", "batch_id", "rq", "created_at",
+_TEXT = ("job_id", "idempotency_key", "msg_sha", "duplicate_of", "tenant", "batch_id", "rq",
          "submitted_at", "finished_at", "kie_task_id", "kie_status", "hint_task_id", "admitted", "submit_error", "op")
 _FLOAT = ("state_ts", "not_after", "created_ts", "submitted_ts", "submit_started_ts", "last_poll_ts", "poll_lease",
           "poll_interval")
@@ -277,4 +294,4 @@ def as_record(value: JobRecord | Mapping[str, str] | None) -> JobRecord | None:
     return JobRecord.from_hash(value)
 
 
-__all__ = ["JobRecord", "EMPTY", "as_record", "encode_overlay", "HANDLER_PREFIX", "DEFAULT_PRIORITY"]
+__all__ = ["JobRecord", "EMPTY", "as_record", "encode_overlay", "iso_ms", "HANDLER_PREFIX", "DEFAULT_PRIORITY"]
