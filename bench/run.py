@@ -661,7 +661,7 @@ def rss_and_retention(res: Results, workdir: Path) -> None:
 # ==================================================================================================
 def scenario_scale(res: Results, workdir: Path) -> None:
     from kie_extend.api import check_extend
-    from kie_extend.jobs.events import now_iso
+    from kie_extend.store.record import iso_ms as now_iso
     from kie_extend.infra.runtime import Runtime
     from kie_extend.jobs.states import JobState
 

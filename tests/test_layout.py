@@ -1,21 +1,26 @@
 """The package's layout: subpackages by concern, and no import cycles between modules.
 
 Imports are read from the source (every ``import`` and ``from … import``, at module level, inside
-functions and under ``TYPE_CHECKING`` alike), so a cycle hidden by a late import still fails here.
+functions and under ``TYPE_CHECKING`` alike, and every module named by a string in a module that
+calls ``importlib.import_module``), so a cycle hidden by a late or dynamic import still fails here.
+Each module is also imported first, alone, in a fresh interpreter: the import order a cycle through
+a package's ``__init__`` would break.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-import kie_extend
-
-PACKAGE = Path(kie_extend.__file__).parent
+#: The package of this checkout (not whichever copy is installed).
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "kie_extend"
 
 #: What sits at the top of the package: what users and the deployment name.
 #: (``_moved`` keeps the old module paths importable, with a warning.)
@@ -41,7 +46,12 @@ def import_graph() -> dict[str, set[str]]:
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
         deps: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        if "import_module" in {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}:
+            deps.update(n.value for n in ast.walk(tree)
+                        if isinstance(n, ast.Constant) and isinstance(n.value, str) and "." in n.value
+                        and n.value in modules)
+        for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 deps.update(alias.name for alias in node.names if alias.name in modules)
             elif isinstance(node, ast.ImportFrom):
@@ -102,6 +112,75 @@ def test_no_module_imports_one_that_imports_it_back() -> None:
     assert cycles(graph) == []
 
 
+def test_dynamic_imports_count_as_edges() -> None:
+    """The built-in handlers are loaded by name: those names are edges of the graph too."""
+    graph = import_graph()
+    assert "kie_extend.handlers.webhook" in graph["kie_extend.handlers"]
+    assert "kie_extend.api" in graph["kie_extend"]
+
+
+#: What a fresh interpreter imports before each module (third-party, so the children start fast);
+#: nothing of kie_extend.
+_PRELOAD = ("celery", "kombu", "redis", "pydantic", "pydantic_settings", "requests", "fastapi", "starlette")
+
+_FRESH_IMPORTS = """
+import importlib, json, os, sys
+for name in %r:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        pass
+failed = {}
+for name in json.loads(sys.argv[1]):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            importlib.import_module(name)
+            out = b""
+        except BaseException as exc:
+            out = f"{type(exc).__name__}: {exc}".encode()[:2000]
+        os.write(w, out)
+        os._exit(0)
+    os.close(w)
+    chunks = []
+    while True:
+        chunk = os.read(r, 4096)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(r)
+    os.waitpid(pid, 0)
+    if chunks:
+        failed[name] = b"".join(chunks).decode()
+print(json.dumps(failed))
+""" % (_PRELOAD,)
+
+
+def test_every_module_imports_first_in_a_fresh_interpreter() -> None:
+    """Importing any one module first works: no cycle through a package's ``__init__`` leaves a
+    module half initialised. (``__main__`` modules run a program when imported and are left out.)"""
+    names = sorted(n for n in _modules() if not n.endswith(".__main__"))
+    env = {**os.environ, "KIE_API_KEY": "layout-test", "PYTHONPATH": str(PACKAGE.parent)}
+    out = subprocess.run([sys.executable, "-c", _FRESH_IMPORTS, json.dumps(names)], capture_output=True, text=True,
+                         timeout=300, env=env, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {}
+
+
+def test_the_fresh_import_check_finds_a_cycle_through_an_init(tmp_path: Path) -> None:
+    """A package whose ``__init__`` imports a module that needs a name the package sets up later."""
+    pkg = tmp_path / "cyc"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from cyc.a import A\nB = 1\n")
+    (pkg / "a.py").write_text("from cyc import B\nA = B\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", _FRESH_IMPORTS, json.dumps(["cyc.a"])], capture_output=True,
+                         text=True, timeout=120, env=env, check=True)
+    failed = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "partially initialized" in failed["cyc.a"]
+
+
 def test_the_cycle_finder_finds_cycles() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e2"}, "e2": {"e"}, "f": set()}
     assert sorted(cycles(graph)) == [["a", "b", "c"], ["e", "e2"]]
@@ -155,7 +234,8 @@ def test_old_module_paths_still_import_with_a_warning() -> None:
         "    import kie_extend.beat, kie_extend.admission.beat\n"
         "    from kie_extend.infra_check import InfraUnavailable\n"
         "import kie_extend\n"
-        "print(json.dumps([kie_extend.beat is kie_extend.admission.beat,\n"
+        "print(json.dumps([kie_extend.beat is kie_extend.admission.beat\n"
+        "                  and kie_extend.admission.beat.__spec__.name == 'kie_extend.admission.beat',\n"
         "                  InfraUnavailable is kie_extend.InfraUnavailable,\n"
         "                  [str(w.message) for w in caught if w.category is FutureWarning]]))\n"
     )
@@ -176,3 +256,25 @@ def test_the_moved_table_matches_docs_layout() -> None:
     doc = (PACKAGE.parent.parent / "docs" / "layout.md").read_text()
     for old, new in MOVED.items():
         assert f"| `kie_extend.{old}` | `kie_extend.{new}` |" in doc, old
+    # and the other way: every row of the doc's table is an alias, or a name the doc says is gone
+    section = doc.split("## Where modules moved", 1)[1]
+    rows = re.findall(r"^\| `kie_extend\.(\w+)` \| `kie_extend\.([\w.]+)`", section, re.M)
+    assert len(rows) >= len(MOVED)
+    not_aliased = {"store", "infra", "admission", "cli", "receiver"}
+    for old, new in rows:
+        assert old in MOVED or old in not_aliased, f"docs/layout.md lists kie_extend.{old} but it is no alias"
+
+
+def test_logger_names_follow_the_modules() -> None:
+    """A module's logger is named after it, or after the module it speaks for (``worker`` logs the
+    start-up checks as ``kie_extend.infra.preflight``); never after a package or a name that is no
+    module (docs/layout.md: a log filter may match the module path)."""
+    modules = {n for n, p in _modules().items() if p.name != "__init__.py"}
+    wrong = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "getLogger" and node.args
+                    and isinstance(node.args[0], ast.Constant) and str(node.args[0].value).startswith("kie_extend")
+                    and node.args[0].value != name and node.args[0].value not in modules):
+                wrong.append(f"{name}: getLogger({node.args[0].value!r})")
+    assert wrong == []

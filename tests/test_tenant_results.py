@@ -418,7 +418,8 @@ def test_deliveries_left_by_a_dead_process_go_out_once(tmp_path: Path, receivers
     tenant's stream."""
     from kie_extend.handlers.delivery import Delivery
     from kie_extend.infra.runtime import Runtime
-    from kie_extend.jobs.events import build_event, now_iso
+    from kie_extend.jobs.events import build_event
+    from kie_extend.store.record import iso_ms as now_iso
     from kie_extend.jobs.states import JobState
     from kie_extend.store.record import EMPTY
 
@@ -501,7 +502,8 @@ def test_an_operators_retry_lets_the_tenants_stream_take_the_new_outcome(
     every handler of its tenant (its own stream's included) are cleared, so it is appended again."""
     from kie_extend.handlers.delivery import Delivery
     from kie_extend.infra.runtime import NoDispatch, Runtime
-    from kie_extend.jobs.events import build_event, now_iso
+    from kie_extend.jobs.events import build_event
+    from kie_extend.store.record import iso_ms as now_iso
     from kie_extend.jobs.pipeline import Pipeline
     from kie_extend.jobs.states import JobState
     from kie_extend.store.record import EMPTY
@@ -532,7 +534,8 @@ def test_a_pending_delivery_of_a_tenant_no_longer_in_the_file_is_dead_lettered(
         make_settings: Callable[..., Settings]) -> None:
     from kie_extend.handlers.delivery import Delivery
     from kie_extend.infra.runtime import Runtime
-    from kie_extend.jobs.events import build_event, now_iso
+    from kie_extend.jobs.events import build_event
+    from kie_extend.store.record import iso_ms as now_iso
     from kie_extend.jobs.states import JobState
     from kie_extend.store.record import EMPTY
 

@@ -73,10 +73,14 @@ class _Alias(importlib.abc.Loader):
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
         warnings.warn(f"{spec.name} moved to {self.new}; import it from there (the old name goes away in a "
                       "later release)", FutureWarning, stacklevel=2)
-        return importlib.import_module(self.new)
+        module = importlib.import_module(self.new)
+        self.real_spec = module.__spec__  # the import system overwrites it with the alias's spec next
+        return module
 
     def exec_module(self, module: ModuleType) -> None:
-        """Nothing: the module at the new place is already executed."""
+        """Nothing to run (the module at the new place is already executed): only give the module its
+        own spec back, so ``importlib.reload`` and ``__spec__.name`` keep naming the new place."""
+        module.__spec__ = self.real_spec
 
 
 class MovedFinder(importlib.abc.MetaPathFinder):

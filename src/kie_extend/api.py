@@ -17,17 +17,14 @@ from redis.exceptions import RedisError
 from kie_extend.config import Settings, load_settings
 from kie_extend.infra.transport import configure_broker
 from kie_extend.errors import ConfigError, IdempotencyConflictError, JobExistsError, KieExtendError, ValidationError
-from kie_extend.credits.budgets import budgets
-from kie_extend.credits.ledger import job_credits
-from kie_extend.jobs.events import status_record
 from kie_extend.jobs.idempotency import Idempotency, kwargs_digest, request_fingerprint
 from kie_extend.jobs.ids import id_problem, is_valid
 from kie_extend.jobs.intake import DEFAULT_PRIORITY, EXTEND_OPTIONS, check_message, require
+from kie_extend.jobs.listing import job_status
 from kie_extend.provider.audio_probe import AUDIO_FILE_FIELD, AudioInfo, probe_audio
 from kie_extend.infra import tracing
 from kie_extend.infra.runtime import Runtime
 from kie_extend.jobs.states import JobState
-from kie_extend.store.record import EMPTY
 from kie_extend.infra.transport import broker_conf
 from kie_extend.provider.uploads import UPLOAD_TIMEOUT, UploadedAudio, upload_file
 
@@ -48,7 +45,7 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _credentials_named(func: _F) -> _F:
-    """Let ``func`` raise ``infra_check.InfraUnavailable`` (a KieExtendError and ConnectionError;
+    """Let ``func`` raise ``infra.check.InfraUnavailable`` (a KieExtendError and ConnectionError;
     ``part``, ``state`` with ``setting`` and the masked ``url``) instead of the Redis client's or
     kombu's own error when the job store or broker refuses our credentials: retrying cannot help,
     and the message says which setting to fix. Other errors pass through unchanged."""
@@ -59,8 +56,7 @@ def _credentials_named(func: _F) -> _F:
         except KieExtendError:
             raise
         except Exception as exc:
-            from kie_extend.cli.errors import _endpoint
-            from kie_extend.infra.check import InfraUnavailable, classify
+            from kie_extend.infra.check import InfraUnavailable, classify, endpoint_of
 
             from kie_extend.infra.errors import is_infra_error
 
@@ -70,7 +66,7 @@ def _credentials_named(func: _F) -> _F:
                 settings = _settings(kwargs.get("settings"))
             except Exception:  # noqa: BLE001 - only to name the server; the error below says what failed
                 settings = None
-            what, var, url = _endpoint(exc, settings)
+            what, var, url = endpoint_of(exc, settings)
             state = {"up": False, "reason": "refused_credentials", "setting": var, "url": url,
                      "detail": f"{what} ({var}={url}) refused the credentials (wrong user or password); "
                                f"check the user and password in {var}"}
@@ -228,7 +224,7 @@ def enqueue_extend(request: dict[str, Any], *, audio_file: AudioPath | None = No
 def _send(settings: Settings, ids: list[str], messages: list[dict[str, Any]], *, explicit: list[bool],
           skip_existing: bool, fields: list[str], uploads: dict[int, Any] | None = None) -> tuple[list[str], set[int]]:
     """Publish checked extend messages (kwargs) under their job ids; returns the ids and the indexes
-    actually published. In order: explicit ids are claimed (:mod:`idempotency`: one of two
+    actually published. In order: explicit ids are claimed (:mod:`kie_extend.jobs.idempotency`: one of two
     simultaneous producers wins; the same message again is not published twice once sent; another
     request under a taken id raises JobExistsError, or is skipped with ``skip_existing``),
     idempotency keys are looked at (a key another request holds in the tenant refuses the call: the
@@ -457,29 +453,7 @@ def get_job(job_id: str, *, settings: Settings | None = None) -> dict[str, Any]:
     settings = _settings(settings)
     if not is_valid("job_id", job_id):
         return {"job_id": job_id, "state": JobState.NOT_FOUND.value}
-    store = _runtime(settings).store
-    rec = store.get_record(job_id)
-    if rec is None:
-        return {"job_id": job_id, "state": JobState.NOT_FOUND.value}
-    if rec.is_pointer:
-        first = rec.duplicate_of
-        original = store.get_record(first)  # type: ignore[arg-type]
-        record = status_record(original or EMPTY, job_id)
-        if original is None:
-            record["state"] = JobState.NOT_FOUND.value
-        record["duplicate_of"] = first
-        record["metadata"] = rec.metadata
-        record["created_at"] = rec.created_at
-        record["handlers"] = {}
-        record["credits"] = job_credits(rec.raw)  # a duplicate costs nothing itself
-        record["waiting_for"] = None
-        return record
-    record = status_record(rec, job_id)
-    if record["state"] == JobState.QUEUED.value and rec.tenant and settings.tenants is not None:
-        rt = _runtime(settings)
-        if rt.redis.hexists(rt.keys.budget_wait, rec.tenant) and rec.tenant in budgets(settings, rt.redis, rt.keys):
-            record["waiting_for"] = "budget"
-    return record
+    return job_status(_runtime(settings), job_id)
 
 
 # -- cancellation, batches, operator pause --------------------------------------------------------

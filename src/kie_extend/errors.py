@@ -20,8 +20,13 @@
                ├── ConnectError           never reached KIE: retry freely
                └── OutcomeUnknownError    sent, then timed out or dropped: never resend blindly
 
+Beside their concern, under the same root: ``InfraUnavailable`` (infra/check.py: the job store or
+broker refuses us; also a ``ConnectionError``), ``InputError`` (cli/errors.py: a file or flag of the
+command line) and the handlers' delivery errors (``WebhookError``, ``DownloadError``, ``StoreError``:
+raised to have a delivery retried).
+
 `error_for_code` is the one place a provider code becomes an exception; `retry_delay` is the one
-place that decides how long to wait before trying again; `is_unreachable` and `costs_nothing` say
+place that decides how long to wait before trying the provider again; `is_unreachable` and `costs_nothing` say
 which errors mean "KIE cannot be reached" (they pause submission for everyone, see admission/reach.py) and
 which of those provably never reached KIE (a submission that met one keeps its attempt). Constructor arguments stay plain strings
 and ints so Celery can rebuild them, and nothing in them ever carries the API key.

@@ -16,7 +16,7 @@ from celery import Celery, Task
 from celery.exceptions import Reject
 
 from kie_extend.handlers.delivery import Delivery
-from kie_extend.infra.errors import MAX_UNEXPECTED_RETRIES, is_infra_error, retry_delay
+from kie_extend.infra.errors import MAX_UNEXPECTED_RETRIES, infra_retry_delay, is_infra_error
 from kie_extend.jobs.ids import derived_job_id, is_valid, rule
 from kie_extend.jobs.intake import POSITIONAL_FIELD
 from kie_extend.jobs.pipeline import Pipeline
@@ -43,7 +43,7 @@ def retry_later(task: Task, exc: Exception, kwargs: dict[str, Any] | None = None
     broker redelivers it after its visibility timeout. Never acked without a successor.
     ``kwargs``: the retry's own keyword arguments instead of this message's.
     """
-    delay = retry_delay(task.request.retries)
+    delay = infra_retry_delay(task.request.retries)
     log.warning("%s[%s] retried in %.1fs: %s: %s", task.name, task.request.id, delay, type(exc).__name__, exc)
     try:
         raise task.retry(exc=exc, countdown=delay, kwargs=kwargs)

@@ -39,7 +39,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,
         # A broker that is down or refuses our credentials is retried until it answers (Celery's
-        # default gives up after 100 attempts); each attempt logs why (infra_check.BrokerRetryNote).
+        # default gives up after 100 attempts); each attempt logs why (infra.check.BrokerRetryNote).
         broker_connection_max_retries=None,
         worker_consumer="kie_extend.infra.consumer:KieConsumer",
         # Cold shutdown (SIGQUIT, or SIGTERM remapped by REMAP_SIGTERM=SIGQUIT) first waits this
@@ -104,7 +104,8 @@ def _refuse(message: str) -> NoReturn:
     """Print ``error: message`` on stderr (a traceback too under KIE_LOG_LEVEL=DEBUG) and exit 5.
 
     SystemExit, because Celery prints a traceback for, or logs and swallows, anything else."""
-    from kie_extend.cli.errors import EXIT_CONFIG, debug_requested, mask_text
+    from kie_extend.cli.errors import EXIT_CONFIG, debug_requested
+    from kie_extend.infra.endpoints import mask_text
 
     if debug_requested():
         traceback.print_exc()

@@ -12,7 +12,7 @@ from typing import Any
 
 from celery.beat import PersistentScheduler
 
-from kie_extend.http.health import Throttled
+from kie_extend.infra.logs import Throttled
 from kie_extend.infra.errors import is_infra_error
 
 log = logging.getLogger("kie_extend.admission.beat")

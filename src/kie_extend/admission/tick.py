@@ -16,7 +16,7 @@ import time
 
 from kie_extend import errors as E
 from kie_extend.credits.reconcile import record_balance, snapshot_due
-from kie_extend.jobs.events import now_iso
+from kie_extend.store.record import iso_ms
 from kie_extend.store.invariants import Invariants
 from kie_extend.infra.metrics import record_tick
 from kie_extend.admission.queues import Admitted
@@ -185,10 +185,10 @@ class Scheduler:
         try:
             balance = self.rt.client.credits()
         except E.ProviderError as exc:
-            self.rt.redis.hset(self.rt.keys.pause, mapping={"last_probe": now_iso(), "last_probe_error": str(exc)[:200]})
+            self.rt.redis.hset(self.rt.keys.pause, mapping={"last_probe": iso_ms(), "last_probe_error": str(exc)[:200]})
             return paused
         if balance <= 0:
-            self.rt.redis.hset(self.rt.keys.pause, mapping={"last_probe": now_iso(), "last_probe_error": "no credits"})
+            self.rt.redis.hset(self.rt.keys.pause, mapping={"last_probe": iso_ms(), "last_probe_error": "no credits"})
             return paused
         self.gates.resume()
         log.warning("provider probe succeeded (credits %.1f); submission resumed", balance)

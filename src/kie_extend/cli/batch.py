@@ -61,7 +61,7 @@ PLAIN_INTERVAL = 5.0
 #: Columns of ``batch results``, in order.
 RESULT_COLUMNS: tuple[str, ...] = ("job_id", "line", "state", "error_kind", "error_message", "tracks",
                                    "audio_urls", "files", "kie_task_id", "steps")
-#: Exit codes of ``batch status`` (and ``batch submit --wait``): the CLI's table (:mod:`.cli_errors`).
+#: Exit codes of ``batch status`` (and ``batch submit --wait``): the CLI's table (:mod:`kie_extend.cli.errors`).
 EXIT_INVALID = EXIT_USAGE
 
 Format = Literal["jsonl", "csv"]

@@ -29,7 +29,7 @@ _UNCHECKED = {"serve", "callback-server", "demo", "dev", "openapi", "credits", "
 
 def _startup_check(args: argparse.Namespace) -> None:
     """Before a command runs: a job store or broker that refuses our credentials stops it with
-    infra_check.InfraUnavailable (exit 6, one line naming the setting, URL masked), even when the
+    infra.check.InfraUnavailable (exit 6, one line naming the setting, URL masked), even when the
     command would use only one of them (``enqueue`` publishes to the broker alone, ``jobs`` reads the
     job store alone). Other failures are met, and named, at first use."""
     if args.command in _UNCHECKED or (args.command == "status" and not args.job_id) \
@@ -300,7 +300,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _fail_on_infra(infra: dict[str, dict[str, Any]]) -> None:
-    """Raise infra_check.InfraUnavailable (exit 6 and its one line) for the first part that is not up."""
+    """Raise infra.check.InfraUnavailable (exit 6 and its one line) for the first part that is not up."""
     from kie_extend.infra.check import InfraUnavailable
 
     for part, st in infra.items():
@@ -903,7 +903,10 @@ def build_parser() -> argparse.ArgumentParser:
     oa.add_argument("--out", default="-", help="file to write ('-' = stdout; docs/openapi.json in the repo)")
     oa.set_defaults(func=cmd_openapi)
 
-    cb = sub.add_parser("callback-server", help="older name of `serve --callbacks-only`")
+    cb = sub.add_parser("callback-server", help="older name of `serve --callbacks-only`",
+                        description="The older name of `kie-extend serve --callbacks-only`: only KIE's callback "
+                                    "route (POST /kie/callback/{job_id}) and the health probes, on the same HTTP "
+                                    "stack as `serve`. New deployments should run `kie-extend serve`.")
     cb.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     cb.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     cb.set_defaults(func=cmd_callback_server)
@@ -946,7 +949,21 @@ def build_parser() -> argparse.ArgumentParser:
     dv.add_argument("--workers", type=int, default=1, help="Celery worker processes (default 1)")
     dv.add_argument("--concurrency", type=int, default=2, help="pool size of each worker (default 2)")
     dv.set_defaults(func=cmd_dev)
+    _describe_subcommands(p)
     return p
+
+
+def _describe_subcommands(parser: argparse.ArgumentParser) -> None:
+    """Give every subcommand without a description its one-line help as one, so ``kie-extend X --help``
+    says what X does (argparse shows ``help=`` only in the parent's list)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, child in action.choices.items():
+                if child.description is None and helps.get(name):
+                    text = str(helps[name])
+                    child.description = text[0].upper() + text[1:] + ("" if text.endswith(".") else ".")
+                _describe_subcommands(child)
 
 
 def _add_debug(parser: argparse.ArgumentParser, top: bool = True) -> None:

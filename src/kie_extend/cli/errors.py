@@ -38,7 +38,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from kie_extend.infra.check import InfraUnavailable, chain, unreachable_reason
+from kie_extend.infra.check import chain, endpoint_of, unreachable_reason
+from kie_extend.infra.endpoints import mask_text
 from kie_extend.errors import (AccountError, ConfigError, config_error_line, ConnectError, KieExtendError, OutcomeUnknownError, ProviderError,
                      ValidationError)
 
@@ -136,37 +137,8 @@ def _settings_or_none() -> Any:
         return None
 
 
-def _from_broker(exc: BaseException) -> bool:
-    """Whether the error came out of the broker client (kombu/Celery/py-amqp) rather than the job store."""
-    for e in chain(exc):
-        if type(e).__module__.split(".")[0] in ("kombu", "amqp", "celery"):
-            return True
-        tb = e.__traceback__
-        while tb is not None:
-            module = tb.tb_frame.f_globals.get("__name__", "")
-            if module.split(".")[0] in ("kombu", "amqp", "celery") or module == "kie_extend.infra.transport":
-                return True
-            tb = tb.tb_next
-    return False
-
-
-def _endpoint(exc: BaseException, settings: Any) -> tuple[str, str, str]:
-    """``(what, variable, masked URL)`` of the server the error came from."""
-    from kie_extend.infra.endpoints import mask_url
-
-    if settings is None:
-        return "the job store or broker", "KIE_REDIS_URL / KIE_BROKER_URL", "?"
-    if settings.broker_url is None or settings.broker_url == settings.redis_url:
-        return "the job store and broker", "KIE_REDIS_URL", mask_url(settings.redis_url)
-
-    part = next((e.part for e in chain(exc) if isinstance(e, InfraUnavailable)), None)
-    if part == "broker" or (part is None and _from_broker(exc)):
-        return "the broker", "KIE_BROKER_URL", mask_url(settings.broker_url)
-    return "the job store", "KIE_REDIS_URL", mask_url(settings.redis_url)
-
-
 def _infra_line(exc: BaseException, settings: Any) -> str:
-    what, var, url = _endpoint(exc, settings)
+    what, var, url = endpoint_of(exc, settings)
     happened, fix = unreachable_reason(exc)
     return f"cannot use {what} ({var}={url}): {happened}; {fix.format(var=var)}"
 
@@ -182,35 +154,6 @@ def _provider_line(exc: ProviderError, settings: Any) -> str:
         return f"KIE refused the call: {exc}; {hint}"
     return f"KIE refused the call: {exc}"
 
-
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
-
-
-def mask_text(text: str, settings: Any = None) -> str:
-    """``text`` with every URL's password replaced by ``***`` and the API key (if known) removed."""
-    from kie_extend.infra.endpoints import mask_url
-
-    text = _URL.sub(lambda m: mask_url(m.group(0)), text)
-    key = settings.api_key_value() if settings is not None else ""
-    if key and len(key) >= 4:
-        text = text.replace(key, "***")
-    for url in (getattr(settings, "redis_url", None), getattr(settings, "broker_url", None)):
-        password = _password(url)
-        if password and len(password) >= 3:
-            text = text.replace(password, "***")
-    return text
-
-
-def _password(url: str | None) -> str | None:
-    from urllib.parse import unquote, urlsplit
-
-    if not url:
-        return None
-    try:
-        parts = urlsplit(url.split(";")[0])
-        return unquote(parts.password) if parts.password else None
-    except ValueError:
-        return None
 
 
 __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_NOT_FOUND", "EXIT_TIMEOUT", "EXIT_CONFIG",

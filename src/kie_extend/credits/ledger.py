@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from datetime import datetime, timezone
 from typing import Any
 
+from kie_extend.store.record import iso_s
 from kie_extend.store.keys import LEDGER_BUCKET, LEDGER_TTL, Keys
 
 #: The kinds of credits the ledger counts.
@@ -47,10 +47,6 @@ def job_credits(raw: Mapping[str, str]) -> dict[str, float]:
     from its raw hash; all 0 for a job never admitted."""
     return {"reserved": _num(raw.get("cr_reserved")), "charged": _num(raw.get("cr_charged")),
             "refunded": _num(raw.get("cr_refunded"))}
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _zero() -> dict[str, float]:
@@ -93,4 +89,4 @@ def usage(client: Any, keys: Keys, since: float, *, tenant: str | None = None,
         for k in row:
             entry[k] = round(entry[k] + row[k], 6)
             total[k] = round(total[k] + row[k], 6)
-    return {"since": _iso(now - since), "until": _iso(now), "seconds": since, "tenants": tenants, "total": total}
+    return {"since": iso_s(now - since), "until": iso_s(now), "seconds": since, "tenants": tenants, "total": total}

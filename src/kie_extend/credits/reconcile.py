@@ -11,10 +11,10 @@ ledger does not know about.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 from typing import Any
 
 from kie_extend.credits.ledger import usage
+from kie_extend.store.record import iso_s
 from kie_extend.store.keys import LEDGER_BUCKET, Keys
 
 #: Balance snapshots kept (the oldest are dropped): a week at one a minute.
@@ -50,10 +50,6 @@ def balances(client: Any, keys: Keys, since: float, now: float | None = None) ->
     return out
 
 
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def reconcile(client: Any, keys: Keys, since: float, now: float | None = None,
               balance_now: float | None = None) -> dict[str, Any]:
     """The balance's fall over the last ``since`` seconds against the ledger's charges.
@@ -72,7 +68,7 @@ def reconcile(client: Any, keys: Keys, since: float, now: float | None = None,
     points = balances(client, keys, since, now)
     if balance_now is not None:
         points.append((now, float(balance_now)))
-    out: dict[str, Any] = {"since": _iso(now - since), "snapshots": len(points), "from": None, "to": None,
+    out: dict[str, Any] = {"since": iso_s(now - since), "snapshots": len(points), "from": None, "to": None,
                            "balance_start": None, "balance_end": None, "fall": None, "charged": None,
                            "refunded": None, "open": None, "difference": None, "complete": False}
     if len(points) < 2:
@@ -81,7 +77,7 @@ def reconcile(client: Any, keys: Keys, since: float, now: float | None = None,
     # The ledger books a job in the bucket of its reservation: from the first snapshot's bucket on.
     ledger = usage(client, keys, now - (t0 // LEDGER_BUCKET) * LEDGER_BUCKET, now=now)["total"]
     fall = round(b0 - b1, 6)
-    out.update({"from": _iso(t0), "to": _iso(t1), "balance_start": b0, "balance_end": b1, "fall": fall,
+    out.update({"from": iso_s(t0), "to": iso_s(t1), "balance_start": b0, "balance_end": b1, "fall": fall,
                 "charged": ledger["charged"], "refunded": ledger["refunded"], "open": ledger["open"],
                 "difference": round(fall - ledger["charged"], 6), "complete": ledger["open"] == 0})
     return out

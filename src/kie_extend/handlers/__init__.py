@@ -9,48 +9,25 @@ affects the job or the other handlers.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, Callable, Protocol, runtime_checkable
 
-import redis
-
-from kie_extend.config import Settings
 from kie_extend.errors import ConfigError
-from kie_extend.store.keys import Keys
+from kie_extend.handlers.base import ENTRY_POINT_GROUP, Factory, Handler, HandlerContext
 
-ENTRY_POINT_GROUP = "kie_extend.handlers"
-
-
-@runtime_checkable
-class Handler(Protocol):
-    """What every result handler provides."""
-
-    name: str
-    # A handler may set ``inline = True`` when a delivery is fast and local (no network wait):
-    # its first attempt then runs in the process that finished the job, with no extra message.
-
-    def deliver(self, event: dict[str, Any], dedup_key: str) -> None:
-        """Deliver one result event; raise to have it retried."""
-
-
-@dataclass(frozen=True)
-class HandlerContext:
-    """What a handler factory may use to build its handler."""
-
-    settings: Settings
-    redis: redis.Redis
-    keys: Keys
-
-
-Factory = Callable[[HandlerContext], Handler]
+#: The built-in handlers by name, and the module holding each one's ``factory``.
+BUILTINS = {
+    "redis_stream": "kie_extend.handlers.redis_stream",
+    "webhook": "kie_extend.handlers.webhook",
+    "download": "kie_extend.handlers.download",
+    "store": "kie_extend.handlers.store",
+}
 
 
 def _builtin(name: str) -> Factory | None:
-    module = {"redis_stream": "redis_stream", "webhook": "webhook", "download": "download", "store": "store"}.get(name)
+    module = BUILTINS.get(name)
     if module is None:
         return None
-    return importlib.import_module(f"{__name__}.{module}").factory  # type: ignore[no-any-return]
+    return importlib.import_module(module).factory  # type: ignore[no-any-return]
 
 
 def build_handler(name: str, ctx: HandlerContext) -> Handler:
@@ -74,3 +51,6 @@ def build_handler(name: str, ctx: HandlerContext) -> Handler:
 def build_handlers(names: list[str], ctx: HandlerContext) -> dict[str, Handler]:
     """Every configured handler by name; raises ConfigError naming the bad one."""
     return {name: build_handler(name, ctx) for name in names}
+
+
+__all__ = ["ENTRY_POINT_GROUP", "BUILTINS", "Factory", "Handler", "HandlerContext", "build_handler", "build_handlers"]

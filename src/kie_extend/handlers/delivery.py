@@ -14,7 +14,7 @@ from typing import Any
 
 from kie_extend.errors import ConfigError
 from kie_extend.handlers.tenants import tenant_of
-from kie_extend.jobs.events import now_iso
+from kie_extend.store.record import iso_ms
 from kie_extend.infra import tracing
 from kie_extend.infra.runtime import Runtime
 from kie_extend.store.jobstore import BATCH_REF
@@ -85,7 +85,7 @@ class Delivery:
                 state = "dead"
                 self.rt.redis.lpush(keys.dead_letters, json.dumps({
                     "job_id": job_id, "handler": handler_name, "event": event["event"],
-                    "attempts": attempts, "error": detail, "at": now_iso(),
+                    "attempts": attempts, "error": detail, "at": iso_ms(),
                 }))
                 store.schedule_delivery(job_id, handler_name, None)
                 store.stat("handler_dead_letters")

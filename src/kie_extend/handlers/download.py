@@ -42,10 +42,10 @@ import requests
 from kie_extend.provider.client import USER_AGENT
 from kie_extend.config import Settings
 from kie_extend.errors import KieExtendError
-from kie_extend.jobs.events import now_iso
+from kie_extend.store.record import iso_ms
 from kie_extend.infra.fileio import write_atomic
 from kie_extend.provider.urlguard import check_public_url
-from kie_extend.handlers import HandlerContext
+from kie_extend.handlers.base import HandlerContext
 
 log = logging.getLogger("kie_extend.handlers.download")
 
@@ -369,7 +369,7 @@ class DownloadHandler:
             "complete": complete,
             "identical_takes": identical,
             "tracks": [asdict(f) for f in done],
-            "written_at": now_iso(),
+            "written_at": iso_ms(),
         }
         write_atomic(job_dir / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from kie_extend.handlers import HandlerContext
+from kie_extend.handlers.base import HandlerContext
 from kie_extend.store.jobstore import Writes, run_script
 
 # KEYS: dedup marker, stream. ARGV: ttl seconds, id field name (job_id, or batch_id for

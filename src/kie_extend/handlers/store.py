@@ -43,10 +43,10 @@ import requests
 
 from kie_extend.config import Settings
 from kie_extend.errors import ConfigError, KieExtendError
-from kie_extend.handlers import HandlerContext
+from kie_extend.handlers.base import HandlerContext
 from kie_extend.handlers.download import DownloadError, DownloadHandler, _safe_name, candidate_urls
 from kie_extend.infra.fileio import write_atomic
-from kie_extend.jobs.events import now_iso
+from kie_extend.store.record import iso_ms
 from kie_extend.provider.client import USER_AGENT
 
 log = logging.getLogger("kie_extend.handlers.store")
@@ -234,7 +234,7 @@ class StoreHandler:
                     failures.append(str(exc))
         if failures:
             raise StoreError("; ".join(failures))
-        manifest = {"job_id": job_id, "tenant": event.get("tenant"), "stored_at": now_iso(), "complete": True,
+        manifest = {"job_id": job_id, "tenant": event.get("tenant"), "stored_at": iso_ms(), "complete": True,
                     "objects": objects}
         uri = self.backend.put_bytes(f"{base}/{MANIFEST}", json.dumps(manifest, indent=1).encode(),
                                      "application/json")

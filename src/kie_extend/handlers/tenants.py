@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from kie_extend.handlers import Handler, HandlerContext
+from kie_extend.handlers.base import Handler, HandlerContext
 
 #: Separates a built-in handler's name from the tenant it works for: ``webhook@shop``.
 SEP = "@"

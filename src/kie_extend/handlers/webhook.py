@@ -41,7 +41,7 @@ from kie_extend.provider.client import USER_AGENT
 from kie_extend.config import Settings
 from kie_extend.errors import ConfigError, KieExtendError
 from kie_extend.jobs.ids import header_value
-from kie_extend.handlers import HandlerContext
+from kie_extend.handlers.base import HandlerContext
 
 #: Header carrying the delivery's stable dedup key.
 IDEMPOTENCY_HEADER = "Idempotency-Key"

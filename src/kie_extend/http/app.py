@@ -24,10 +24,11 @@ from kie_extend.errors import describe_problems
 from kie_extend.infra.errors import is_infra_error
 from kie_extend.infra.runtime import Runtime
 from kie_extend.http.auth import Auth, FailureLimit, Revocations, parse_tokens
-from kie_extend.http.health import Readiness, Throttled
+from kie_extend.http.health import Readiness
+from kie_extend.infra.logs import Throttled
 from kie_extend.http.limits import BodyLimit, Limits
 
-log = logging.getLogger("kie_extend.http")
+log = logging.getLogger(__name__)
 
 #: The parts one app can serve; ``kie-extend serve --callback-port`` splits them over two ports.
 PARTS = ("callbacks", "api", "dashboard")

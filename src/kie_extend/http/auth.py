@@ -34,8 +34,8 @@ from typing import Any, Callable
 from fastapi import HTTPException, Request
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
-#: Prefix that marks a read-only token in KIE_API_TOKENS.
-READ_ONLY_PREFIX = "read:"
+from kie_extend.tenants.registry import READ_ONLY_PREFIX
+
 #: Name of the dashboard's session cookie.
 SESSION_COOKIE = "kie_session"
 #: Seconds a dashboard session lasts.

@@ -24,12 +24,12 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from kie_extend.config import Settings
-from kie_extend.http.health import Throttled
+from kie_extend.infra.logs import Throttled
 from kie_extend.http.limits import TooDeep, loads
 from kie_extend.infra.errors import is_infra_error
 from kie_extend.jobs.intake import JOB_ID_PATTERN
 
-log = logging.getLogger("kie_extend.http")
+log = logging.getLogger(__name__)
 
 #: Oldest (or furthest ahead) signature timestamp accepted, in seconds from now, against replay.
 MAX_SKEW = 300

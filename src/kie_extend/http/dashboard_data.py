@@ -18,6 +18,7 @@ from typing import Any
 from kie_extend.jobs.batches import get_batch, list_batches
 from kie_extend.jobs.events import status_record
 from kie_extend.jobs.idempotency import Idempotency
+from kie_extend.jobs.listing import held_for_budget
 from kie_extend.credits.budgets import held_back
 from kie_extend.credits.usage import usage_report
 from kie_extend.infra.metrics import merge_bins, minute_series, quantile
@@ -283,12 +284,8 @@ def job_detail(rt: Runtime, job_id: str) -> dict[str, Any] | None:
         "terminal": job.state in TERMINAL,
         "tracks": [t for t in rec["tracks"]],
     })
-    if job.state is JobState.QUEUED and job.tenant and rt.settings.tenants is not None:
-        from kie_extend.credits.budgets import budgets
-
-        # As get_job says it: held while its tenant's budget is used up (credits/budgets.py).
-        if rt.redis.hexists(rt.keys.budget_wait, job.tenant) and job.tenant in budgets(rt.settings, rt.redis, rt.keys):
-            rec["waiting_for"] = "budget"
+    if held_for_budget(rt, job):
+        rec["waiting_for"] = "budget"
     for track in rec["tracks"]:
         url = str(track.get("audio_url") or "")
         track["playable"] = url if url.startswith(("http://", "https://")) else None

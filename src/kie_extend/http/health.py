@@ -7,14 +7,11 @@
   :data:`READY_TIMEOUT` seconds in all; otherwise 503 with a JSON reason. The body names the failed
   dependency, why (credentials refused, unreachable, not ready: a closed set) and the setting to
   check, never a URL, password or token.
-- :class:`Throttled` logs "job store unavailable" once per interval instead of once per request.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from typing import Any
 
 from kie_extend.config import Settings
@@ -24,16 +21,16 @@ from kie_extend.infra.clients import REDIS_OPTIONS
 #: Seconds a readiness check may take in all (each connection attempt gets the same bound).
 READY_TIMEOUT = PROBE_TIMEOUT
 
-log = logging.getLogger("kie_extend.http")
+log = logging.getLogger(__name__)
 
 
-#: What ``/readyz``'s reason says for each failure reason (infra_check.REASONS).
+#: What ``/readyz``'s reason says for each failure reason (infra.check.REASONS).
 _SAYS = {"refused_credentials": "refused credentials", "unreachable": "unreachable", "timeout": "unreachable",
          "not_ready": "not ready", "error": "unreachable"}
 
 
 class Readiness:
-    """Checks the job store and the broker for ``/readyz`` (infra_check.InfraProbe, clients reused)."""
+    """Checks the job store and the broker for ``/readyz`` (infra.check.InfraProbe, clients reused)."""
 
     def __init__(self, settings: Settings, timeout: float = READY_TIMEOUT) -> None:
         self.settings = settings
@@ -44,7 +41,7 @@ class Readiness:
         """``(ready, body)``: body is ``{"status": "ready"|"not_ready", "checks": {"job_store":
         {"ok": bool, "reason": str, "error"?: str, "setting": str}, "broker": {...}}, "reason"?: str}``.
 
-        A check's ``reason`` is one of infra_check.REASONS (``refused_credentials`` apart from
+        A check's ``reason`` is one of infra.check.REASONS (``refused_credentials`` apart from
         ``unreachable``, ``timeout``, ``not_ready``, ``error``); ``error`` says what happened in words;
         ``setting`` names the variable to fix. No URL, password or token. At most ``timeout`` seconds."""
         states = self.probe.check()
@@ -62,27 +59,4 @@ class Readiness:
         return not failed, body
 
 
-class Throttled:
-    """One warning per ``every`` seconds for a repeated condition, counting the ones left out."""
-
-    def __init__(self, every: float = 10.0) -> None:
-        self.every = every
-        self._last = 0.0
-        self._skipped = 0
-        self._lock = threading.Lock()
-
-    def warning(self, logger: logging.Logger, message: str, *args: Any) -> bool:
-        """Log ``message % args`` at WARNING unless one was logged less than ``every`` s ago; returns
-        whether it was logged. A logged line says how many were left out since the previous one."""
-        with self._lock:
-            now = time.monotonic()
-            if self._last and now - self._last < self.every:
-                self._skipped += 1
-                return False
-            skipped, self._skipped, self._last = self._skipped, 0, now
-        suffix = f" ({skipped} more like it in the last {self.every:g} s not logged)" if skipped else ""
-        logger.warning(message + suffix, *args)
-        return True
-
-
-__all__ = ["Readiness", "Throttled", "READY_TIMEOUT", "REDIS_OPTIONS"]
+__all__ = ["Readiness", "READY_TIMEOUT", "REDIS_OPTIONS"]

@@ -239,7 +239,36 @@ class BrokerRetryNote(logging.Filter):
         return note
 
 
-__all__ = ["InfraProbe", "BrokerRetryNote", "RETRY_LOGGERS", "InfraUnavailable", "classify", "public", "state_line", "PROBE_TIMEOUT", "REASONS",
+def _from_broker(exc: BaseException) -> bool:
+    """Whether the error came out of the broker client (kombu/Celery/py-amqp) rather than the job store."""
+    for e in chain(exc):
+        if type(e).__module__.split(".")[0] in ("kombu", "amqp", "celery"):
+            return True
+        tb = e.__traceback__
+        while tb is not None:
+            module = tb.tb_frame.f_globals.get("__name__", "")
+            if module.split(".")[0] in ("kombu", "amqp", "celery") or module == "kie_extend.infra.transport":
+                return True
+            tb = tb.tb_next
+    return False
+
+
+def endpoint_of(exc: BaseException, settings: Any) -> tuple[str, str, str]:
+    """``(what, variable, masked URL)`` of the server ``exc`` came from: the job store, the broker, or
+    both when they share a URL; ``settings`` may be None when they could not be loaded."""
+    from kie_extend.infra.endpoints import mask_url
+
+    if settings is None:
+        return "the job store or broker", "KIE_REDIS_URL / KIE_BROKER_URL", "?"
+    if settings.broker_url is None or settings.broker_url == settings.redis_url:
+        return "the job store and broker", "KIE_REDIS_URL", mask_url(settings.redis_url)
+
+    part = next((e.part for e in chain(exc) if isinstance(e, InfraUnavailable)), None)
+    if part == "broker" or (part is None and _from_broker(exc)):
+        return "the broker", "KIE_BROKER_URL", mask_url(settings.broker_url)
+    return "the job store", "KIE_REDIS_URL", mask_url(settings.redis_url)
+
+__all__ = ["InfraProbe", "BrokerRetryNote", "RETRY_LOGGERS", "InfraUnavailable", "classify", "endpoint_of", "public", "state_line", "PROBE_TIMEOUT", "REASONS",
            "PARTS"]
 
 

@@ -203,3 +203,29 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def mask_text(text: str, settings: Any = None) -> str:
+    """``text`` with every URL's password replaced by ``***`` and the API key (if known) removed."""
+    text = _URL.sub(lambda m: mask_url(m.group(0)), text)
+    key = settings.api_key_value() if settings is not None else ""
+    if key and len(key) >= 4:
+        text = text.replace(key, "***")
+    for url in (getattr(settings, "redis_url", None), getattr(settings, "broker_url", None)):
+        password = _password(url)
+        if password and len(password) >= 3:
+            text = text.replace(password, "***")
+    return text
+
+
+def _password(url: str | None) -> str | None:
+    if not url:
+        return None
+    try:
+        parts = urlsplit(url.split(";")[0])
+        return unquote(parts.password) if parts.password else None
+    except ValueError:
+        return None

@@ -86,11 +86,13 @@ def as_connection_error(exc: BaseException) -> rx.ConnectionError:
     return rx.ConnectionError(f"{type(exc).__name__}: {exc}"[:300])
 
 
-def retry_delay(retries: int, base: float = RETRY_BASE, cap: float = RETRY_MAX) -> float:
-    """Seconds before retry number ``retries + 1``: exponential, capped at ``cap``, full jitter in [50 %, 100 %]."""
+def infra_retry_delay(retries: int, base: float = RETRY_BASE, cap: float = RETRY_MAX) -> float:
+    """Seconds before a task's retry number ``retries + 1`` after an infrastructure error (Redis or the
+    broker): exponential, capped at ``cap``, full jitter in [50 %, 100 %]. A provider error's backoff is
+    :func:`kie_extend.errors.retry_delay`."""
     delay = min(cap, base * 2 ** min(max(retries, 0), 30))
     return delay * (0.5 + 0.5 * random.random())
 
 
 __all__ = ["TRANSIENT_PREFIXES", "RETRY_BASE", "RETRY_MAX", "MAX_UNEXPECTED_RETRIES", "is_infra_error",
-           "as_connection_error", "retry_delay"]
+           "as_connection_error", "infra_retry_delay"]

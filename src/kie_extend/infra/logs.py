@@ -1,11 +1,14 @@
-"""Logging: plain text or one JSON object per line (``KIE_LOG_FORMAT=json``), secrets redacted."""
+"""Logging: plain text or one JSON object per line (``KIE_LOG_FORMAT=json``), secrets redacted, repeated warnings throttled."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+import threading
+import time
 from datetime import datetime, timezone
+from typing import Any
 
 _FIELDS = ("job_id", "kie_task_id", "audit")  # audit: an admin action (tenants/audit.py)
 
@@ -75,3 +78,26 @@ def setup_logging(level: str = "INFO", fmt: str = "text", secrets: list[str] | N
     # nothing). Its warnings and errors stay; a retry is logged by tasks.retry_later.
     logging.getLogger("celery.app.trace").setLevel(
         logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING)
+
+
+class Throttled:
+    """One warning per ``every`` seconds for a repeated condition, counting the ones left out."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self._last = 0.0
+        self._skipped = 0
+        self._lock = threading.Lock()
+
+    def warning(self, logger: logging.Logger, message: str, *args: Any) -> bool:
+        """Log ``message % args`` at WARNING unless one was logged less than ``every`` s ago; returns
+        whether it was logged. A logged line says how many were left out since the previous one."""
+        with self._lock:
+            now = time.monotonic()
+            if self._last and now - self._last < self.every:
+                self._skipped += 1
+                return False
+            skipped, self._skipped, self._last = self._skipped, 0, now
+        suffix = f" ({skipped} more like it in the last {self.every:g} s not logged)" if skipped else ""
+        logger.warning(message + suffix, *args)
+        return True

@@ -1,4 +1,5 @@
-"""Prometheus text exposition built from Redis, so every prefork process and machine adds up."""
+"""Metrics kept in Redis, so every prefork process and machine adds up: the Prometheus text of ``/metrics``,
+the system overview (``kie-extend status``, ``/v1/system``, the dashboard) and the per-minute series."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ import math
 import re
 import time
 import weakref
-from datetime import datetime, timezone
 from typing import Any
 
 from kie_extend.store.jobstore import run_script
 from kie_extend.store.keys import MINUTE_TTL
+from kie_extend.store.record import iso_s
 from kie_extend.infra.runtime import Runtime
 from kie_extend.jobs.states import JobState
 
@@ -24,8 +25,7 @@ HISTOGRAMS = {"poll_seconds": POLL_BUCKETS, "time_to_result_seconds": RESULT_BUC
 def _iso_since(paused: dict[str, str] | None) -> dict[str, str] | None:
     if paused and paused.get("since"):
         try:
-            when = datetime.fromtimestamp(float(paused["since"]), timezone.utc)
-            paused = {**paused, "since": when.isoformat(timespec="seconds").replace("+00:00", "Z")}
+            paused = {**paused, "since": iso_s(float(paused["since"]))}
         except ValueError:
             pass
     return paused
@@ -41,9 +41,9 @@ def redis_memory(rt: Runtime) -> dict[str, object]:
 def overview(rt: Runtime) -> dict[str, object]:
     """Jobs by state, gate use and pause, for ``kie-extend status``, ``/v1/system`` and ``/metrics``.
 
-    ``infrastructure`` is ``{"job_store": state, "broker": state}`` (infra_check.InfraProbe.check:
+    ``infrastructure`` is ``{"job_store": state, "broker": state}`` (infra.check.InfraProbe.check:
     up, reason, detail, setting, masked url); the broker is probed here (up to
-    infra_check.PROBE_TIMEOUT seconds), since nothing else in this view touches it.
+    infra.check.PROBE_TIMEOUT seconds), since nothing else in this view touches it.
 
     ``submission`` is :func:`submission`'s answer (paused or not, and why)."""
     store, gates = rt.store, rt.gates
@@ -99,8 +99,7 @@ def submission(view: dict[str, Any]) -> dict[str, Any]:
 
 
 def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat(
-        timespec="seconds").replace("+00:00", "Z")
+    return None if ts is None else iso_s(ts)
 
 
 def provider_reach(rt: Runtime) -> dict[str, object]:
@@ -119,8 +118,7 @@ def _breaker(rt: Runtime) -> dict[str, object]:
     st = rt.breaker.state()
     for name in ("since", "until"):
         if st.get(name):
-            st[name] = datetime.fromtimestamp(float(st[name]), timezone.utc).isoformat(  # type: ignore[arg-type]
-                timespec="seconds").replace("+00:00", "Z")
+            st[name] = iso_s(float(st[name]))  # type: ignore[arg-type]
     return st
 
 

@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime, timezone
 from typing import Any
 
 from kie_extend.jobs.states import EVENT_FOR, JobState
 from kie_extend.credits.ledger import job_credits
 from kie_extend.jobs.steps import view as steps_view
-from kie_extend.store.record import EMPTY, JobRecord, as_record
+from kie_extend.store.record import EMPTY, JobRecord, as_record, iso_s
 
 #: The keys of a track in events and status records.
 TRACK_KEYS = ("id", "audio_url", "stream_audio_url", "image_url", "title", "tags", "duration", "model_name", "prompt")
-
-
-def now_iso() -> str:
-    """The current time, ISO-8601 UTC with milliseconds."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def public_tracks(tracks: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -58,8 +52,7 @@ def sharing(rec: JobRecord) -> dict[str, Any]:
     when = None
     if rec.not_after is not None:
         try:
-            when = datetime.fromtimestamp(rec.not_after, timezone.utc).isoformat(
-                timespec="seconds").replace("+00:00", "Z")
+            when = iso_s(rec.not_after)
         except (ValueError, OverflowError, OSError):
             when = None
     return {"tenant": rec.tenant, "priority": rec.priority, "batch_id": rec.batch_id, "not_after": when}

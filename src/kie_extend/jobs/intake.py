@@ -17,6 +17,7 @@ from kie_extend.jobs.ids import (JOB_ID_PATTERN, MAX_ID, MAX_IDEMPOTENCY_KEY, TE
                   TEXT_FIELDS, id_problem, idempotency_problem, text_problems)
 from kie_extend.jobs.plan import check_plan
 from kie_extend.jobs.request import parse_request
+from kie_extend.store.record import DEFAULT_PRIORITY  # noqa: F401 (re-exported)
 
 #: Largest request body accepted (bytes of JSON); the provider's own limits are far below it.
 MAX_REQUEST_BYTES = 64 * 1024
@@ -25,7 +26,6 @@ MAX_REQUEST_BYTES = 64 * 1024
 MAX_BATCH_ID = MAX_ID
 #: Priorities: higher is admitted first.
 PRIORITIES = range(0, 10)
-DEFAULT_PRIORITY = 5
 #: The options, optional kwargs of ``kie_extend.extend``: sharing the account (tenant … not_after) and the
 #: follow-up steps run on the finished extension (steps, takes; jobs/plan.py).
 EXTEND_OPTIONS = ("tenant", "priority", "batch_id", "not_after", "steps", "takes")

@@ -20,12 +20,13 @@ from collections.abc import Iterator
 from itertools import islice
 from typing import Any
 
-from kie_extend.credits.budgets import held_back
+from kie_extend.credits.budgets import budgets, held_back
+from kie_extend.credits.ledger import job_credits
 from kie_extend.errors import ValidationError
 from kie_extend.jobs.events import status_record
 from kie_extend.infra.runtime import Runtime
 from kie_extend.jobs.states import JobState
-from kie_extend.store.record import JobRecord
+from kie_extend.store.record import EMPTY, JobRecord
 
 #: Default and largest page size.
 DEFAULT_LIMIT = 50
@@ -203,13 +204,51 @@ def _record(rt: Runtime, job_id: str, rec: JobRecord | None, *, in_batch: bool,
         # A batch names jobs before any worker records them; in a state index it is an expired job.
         return {"job_id": job_id, "state": PENDING} if in_batch else None
     if rec.is_pointer:
-        from kie_extend.api import get_job
-
-        return get_job(job_id, settings=rt.settings)
+        return _duplicate_status(rt, job_id, rec)
     record = status_record(rec, job_id)
-    # The same rule as api.get_job: a queued job of a tenant the admission script holds back for budget.
+    # A queued job of a tenant the admission script holds back for budget (as in job_status).
     if record["state"] == JobState.QUEUED.value and rec.tenant and rec.tenant in held:
         record["waiting_for"] = "budget"
+    return record
+
+
+def job_status(rt: Runtime, job_id: str) -> dict[str, Any]:
+    """One job's status record (README "Job status"), the rule ``get_job``, the CLI and ``/v1`` share:
+    its record's fields; for a duplicate (an idempotency key seen before), the first job's status
+    under its own id with ``duplicate_of``; ``waiting_for: "budget"`` for a queued job its tenant's
+    budget holds back; ``{"job_id", "state": "not_found"}`` for an unknown id. Raises Redis errors."""
+    rec = rt.store.get_record(job_id)
+    if rec is None:
+        return {"job_id": job_id, "state": JobState.NOT_FOUND.value}
+    if rec.is_pointer:
+        return _duplicate_status(rt, job_id, rec)
+    record = status_record(rec, job_id)
+    if held_for_budget(rt, rec):
+        record["waiting_for"] = "budget"
+    return record
+
+
+def held_for_budget(rt: Runtime, rec: JobRecord) -> bool:
+    """Whether a queued job waits because the admission script holds its tenant back for budget
+    (credits/budgets.py): its tenant is marked waiting and still has a budget in force."""
+    return bool(rec.state is JobState.QUEUED and rec.tenant and rt.settings.tenants is not None
+                and rt.redis.hexists(rt.keys.budget_wait, rec.tenant)
+                and rec.tenant in budgets(rt.settings, rt.redis, rt.keys))
+
+
+def _duplicate_status(rt: Runtime, job_id: str, rec: JobRecord) -> dict[str, Any]:
+    """A duplicate's status: its first job's, under its own id, metadata and creation time."""
+    first = rec.duplicate_of
+    original = rt.store.get_record(first)  # type: ignore[arg-type]
+    record = status_record(original or EMPTY, job_id)
+    if original is None:
+        record["state"] = JobState.NOT_FOUND.value
+    record["duplicate_of"] = first
+    record["metadata"] = rec.metadata
+    record["created_at"] = rec.created_at
+    record["handlers"] = {}
+    record["credits"] = job_credits(rec.raw)  # a duplicate costs nothing itself
+    record["waiting_for"] = None
     return record
 
 
@@ -221,4 +260,4 @@ def _keep(record: dict[str, Any], state: str | None, tenant: str | None) -> bool
     return True
 
 
-__all__ = ["list_jobs", "encode_cursor", "decode_cursor", "DEFAULT_LIMIT", "MAX_LIMIT"]
+__all__ = ["list_jobs", "job_status", "held_for_budget", "encode_cursor", "decode_cursor", "DEFAULT_LIMIT", "MAX_LIMIT"]

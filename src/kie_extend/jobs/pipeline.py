@@ -18,7 +18,7 @@ from kie_extend import errors as E
 from kie_extend.provider.client import FAILED_STATUSES, TaskRecord, track_has_audio
 from kie_extend.credits.prices import estimate
 from kie_extend.handlers.delivery import Delivery
-from kie_extend.jobs.events import build_event, now_iso
+from kie_extend.jobs.events import build_event
 from kie_extend.infra import tracing
 from kie_extend.infra.errors import is_infra_error
 from kie_extend.jobs.idempotency import CONFLICT_MESSAGE, Idempotency, message_digest, request_fingerprint
@@ -29,7 +29,7 @@ from kie_extend.credits.ledger import charge_of
 from kie_extend.admission.gates import Decision
 from kie_extend.infra.runtime import Dispatcher, NoDispatch, Runtime
 from kie_extend.store.jobstore import BATCH_REF, Moved, OneTrip, new_op
-from kie_extend.store.record import EMPTY, JobRecord, as_record
+from kie_extend.store.record import EMPTY, JobRecord, as_record, iso_ms
 from kie_extend.jobs.progress import STAGES as PROGRESS_STAGES, Progress
 from kie_extend.jobs.steps import Steps, has_plan
 from kie_extend.store.steps import SEP as SUB_ID_SEP
@@ -419,7 +419,7 @@ class Pipeline:
         records = [(job_id, as_record(raw) or EMPTY) for job_id, raw in jobs]
         pipe = self.rt.redis.pipeline(transaction=False)
         for job_id, rec in records:
-            fields = {"error": error, "finished_at": now_iso()}
+            fields = {"error": error, "finished_at": iso_ms()}
             event = build_event(rec, JobState.CANCELLED, {"job_id": job_id, **fields})
             self.store.transition(job_id, JobState.CANCELLED, expect=[JobState.QUEUED], fields=fields, event=event,
                                   handlers=list(routes.names_for(rec.tenant)), retention=self.s.retention,
@@ -447,7 +447,7 @@ class Pipeline:
         now = time.time()
         ok = self.store.transition(
             job_id, JobState.SUBMITTED, expect=[JobState.SUBMITTING],
-            fields={"kie_task_id": task_id, "submitted_at": now_iso(), "submitted_ts": now,
+            fields={"kie_task_id": task_id, "submitted_at": iso_ms(), "submitted_ts": now,
                     "poll_interval": self.s.poll_interval, "outcome_unknown": None, "unreached": None},
             due=now + _jitter(first, 0.1), stat=stat,
         )
@@ -776,7 +776,7 @@ class Pipeline:
         False when the job was no longer in ``expect``. ``rec`` is the record as last read
         (``EMPTY`` for a job without one yet); ``settle`` as JobStore.transition (default: charged
         when the provider accepted the job, refunded when it never did)."""
-        fields = {**fields, "finished_at": now_iso()}
+        fields = {**fields, "finished_at": iso_ms()}
         event = build_event(rec, state, {"job_id": job_id, **fields})
         handlers = list(self.rt.routes.names_for(event["tenant"]))  # the global ones, plus the tenant's own
         created = rec.created_ts if rec.created_ts is not None else float(fields.get("created_ts") or time.time())

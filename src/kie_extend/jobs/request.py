@@ -8,10 +8,8 @@ fields and tolerate wrongly typed values, so one pass reports every problem at o
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import re
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeGuard
@@ -21,6 +19,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from kie_extend.errors import ValidationError
+from kie_extend.provider.urlguard import ip_literal, is_public_address
 
 #: Suno models documented on the legacy route.
 LEGACY_MODELS: frozenset[str] = frozenset({"V4", "V4_5", "V4_5PLUS", "V4_5ALL", "V5", "V5_5"})
@@ -158,32 +157,13 @@ def _check_types(data: dict[str, Any], report: _Report) -> set[str]:
     return {e["field"] for e in report.errors}
 
 
-def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """Parse ``host`` as an IP literal, including short/hex/decimal IPv4 forms; no DNS lookup."""
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        pass
-    part = r"(?:0x[0-9a-f]*|[0-9]+)"
-    if re.fullmatch(rf"{part}(?:\.{part}){{0,3}}", host):
-        try:
-            return ipaddress.IPv4Address(socket.inet_aton(host))
-        except OSError:
-            return None
-    return None
-
-
 def _is_private_host(host: str) -> bool:
-    """True for localhost names and non-public IP literals."""
+    """True for localhost names and non-public IP literals (any IPv4 spelling, IPv4 inside IPv6),
+    judged as the download guard judges them (provider/urlguard.py); no DNS lookup."""
     if host == "localhost" or host.endswith(".localhost"):
         return True
-    addr = _ip_literal(host)
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    if addr is None:
-        return False
-    return (addr.is_loopback or addr.is_private or addr.is_link_local or addr.is_unspecified
-            or addr.is_reserved or addr.is_multicast or not addr.is_global)
+    addr = ip_literal(host)
+    return addr is not None and not is_public_address(addr)
 
 
 def _url_problem(url: str, *, allow_private: bool) -> str | None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timezone
 from typing import Any
 
 from kie_extend import errors as E
@@ -30,7 +29,7 @@ from kie_extend.credits.prices import estimate
 from kie_extend.jobs.plan import expand
 from kie_extend.jobs.states import JobState
 from kie_extend.provider.operations import OPERATIONS, parse_step_callback, submit_body
-from kie_extend.store.record import JobRecord
+from kie_extend.store.record import JobRecord, iso_ms
 from kie_extend.store.steps import STEP_TERMINAL, Entry, StepStore, entries_of, split_sub_id, sub_id
 
 log = logging.getLogger("kie_extend.jobs.steps")
@@ -39,10 +38,6 @@ log = logging.getLogger("kie_extend.jobs.steps")
 MAX_STEP_ATTEMPTS = 8
 #: Seconds of lease a step's submit holds beyond the client's timeouts.
 SUBMIT_SLACK = 5.0
-
-
-def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def view(raw: dict[str, str] | Any) -> list[dict[str, Any]] | None:
@@ -180,7 +175,7 @@ class Steps:
         try:
             if op.synchronous:
                 result = self.rt.client.timestamped_lyrics(source[0], source[1] or "")
-                self._end(job_id, n, "submitting", {**data, "result": result, "finished_at": _now_iso()},
+                self._end(job_id, n, "submitting", {**data, "result": result, "finished_at": iso_ms()},
                           charge=self._price(entry))
                 return
             body = submit_body(op, entry.data.get("spec") or {}, source[0], source[1],
@@ -277,7 +272,7 @@ class Steps:
             log.warning("step %s poll failed (%s); polling again later [job_id=%s]", n, exc, job_id)
             record = None
         if record is not None and record.state == "succeeded":
-            self._end(job_id, n, "submitted", {**data, "result": record.result, "finished_at": _now_iso()})
+            self._end(job_id, n, "submitted", {**data, "result": record.result, "finished_at": iso_ms()})
             return
         if record is not None and record.state == "failed":
             self._end(job_id, n, "submitted", data, failed=record.error or "failed")
@@ -293,7 +288,7 @@ class Steps:
         """End entry ``n`` (succeeded, or failed with ``failed``), then wake what waited for it and
         finish the job when it was the last."""
         state = "failed" if failed else "succeeded"
-        data = {**data, "error": failed, "finished_at": data.get("finished_at") or _now_iso()}
+        data = {**data, "error": failed, "finished_at": data.get("finished_at") or iso_ms()}
         op = str(data.get("op"))
         states = self.store.move(job_id, n, [expect], state, entry=data, due=None, release=True,
                                  charge=(op, charge) if charge else None, now=time.time())

@@ -14,9 +14,9 @@ from kie_extend.simulator.server import serve
 from kie_extend.simulator.state import StateError
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "kie-extend simulator") -> argparse.ArgumentParser:
     """The simulator's argument parser (host, port, verbose, and one flag per knob)."""
-    parser = argparse.ArgumentParser(prog="kie-extend simulator",
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="Fake of KIE.AI's Suno 'Upload And Extend Audio' provider.")
     parser.add_argument("--host", default=os.environ.get("KIE_SIM_HOST", "127.0.0.1"),
                         help="address to listen on [env KIE_SIM_HOST, default 127.0.0.1]")
@@ -31,9 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the simulator until SIGINT/SIGTERM; returns the exit status."""
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str = "kie-extend simulator") -> int:
+    """Run the simulator until SIGINT/SIGTERM; returns the exit status. ``prog``: the command's name in
+    usage lines."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
         config = SimConfig.from_args(args)

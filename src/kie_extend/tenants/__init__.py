@@ -4,5 +4,6 @@
   settings) and :class:`~kie_extend.tenants.registry.Registry` (token lookup in constant time).
 - ``settings.py``: run-time settings (weight, rate, budget) an admin changes in Redis, and
   :func:`~kie_extend.tenants.settings.effective`, the settings in force now.
+- ``scope.py``: what one tenant's token may see (its batches, the system view cut to it).
 - ``audit.py``: audit lines for admin actions (pause, resume, tenant set).
 """

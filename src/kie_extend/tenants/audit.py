@@ -17,13 +17,13 @@ from __future__ import annotations
 import getpass
 import json
 import logging
-from datetime import datetime, timezone
 from typing import Any
 
 import redis
 
 from kie_extend.infra.runtime import Runtime
 from kie_extend.store.keys import Keys
+from kie_extend.store.record import iso_ms
 from kie_extend.tenants import settings
 from kie_extend.tenants.settings import Change
 
@@ -46,7 +46,7 @@ def cli_identity() -> str:
 def record(client: redis.Redis, keys: Keys, *, who: str, via: str, action: str, target: str | None = None,
            old: Any = None, new: Any = None) -> dict[str, Any]:
     """Write one audit entry (log line and stream entry) and return it (with its stream ``id``)."""
-    entry = {"ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+    entry = {"ts": iso_ms(),
              "who": who, "via": via, "action": action, "target": target, "old": old, "new": new}
     fields = {k: json.dumps(v) for k, v in entry.items()}
     entry_id = client.xadd(keys.audit, fields, maxlen=MAXLEN, approximate=True)  # type: ignore[arg-type]
