@@ -13,7 +13,7 @@ from kombu.transport.redis import Transport as KombuRedisTransport
 
 from kie_extend.infra.consumer import did_you_mean, unknown_task_reason
 from kie_extend.infra.embedded import EmbeddedValkey, free_port
-from kie_extend.infra.errors import RETRY_MAX, as_connection_error, is_infra_error, retry_delay
+from kie_extend.infra.errors import RETRY_MAX, as_connection_error, is_infra_error, infra_retry_delay
 from kie_extend.infra.transport import InfraConnection, Transport, broker_conf
 
 
@@ -45,7 +45,7 @@ def test_other_errors_are_not_infra(exc: BaseException) -> None:
 def test_connection_error_form_and_backoff() -> None:
     err = as_connection_error(rx.ReadOnlyError("You can't write against a read only replica."))
     assert isinstance(err, rx.ConnectionError) and "ReadOnlyError" in str(err)
-    delays = [retry_delay(n) for n in range(40)]
+    delays = [infra_retry_delay(n) for n in range(40)]
     assert all(0 < d <= RETRY_MAX for d in delays)
     assert max(delays[:1]) <= 1.0 and min(delays[20:]) >= RETRY_MAX / 2
 
