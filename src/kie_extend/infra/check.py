@@ -256,8 +256,6 @@ def _from_broker(exc: BaseException) -> bool:
 def endpoint_of(exc: BaseException, settings: Any) -> tuple[str, str, str]:
     """``(what, variable, masked URL)`` of the server ``exc`` came from: the job store, the broker, or
     both when they share a URL; ``settings`` may be None when they could not be loaded."""
-    from kie_extend.infra.endpoints import mask_url
-
     if settings is None:
         return "the job store or broker", "KIE_REDIS_URL / KIE_BROKER_URL", "?"
     if settings.broker_url is None or settings.broker_url == settings.redis_url:

@@ -447,7 +447,7 @@ class Pipeline:
         now = time.time()
         ok = self.store.transition(
             job_id, JobState.SUBMITTED, expect=[JobState.SUBMITTING],
-            fields={"kie_task_id": task_id, "submitted_at": iso_ms(), "submitted_ts": now,
+            fields={"kie_task_id": task_id, "submitted_at": iso_ms(now), "submitted_ts": now,
                     "poll_interval": self.s.poll_interval, "outcome_unknown": None, "unreached": None},
             due=now + _jitter(first, 0.1), stat=stat,
         )

@@ -52,18 +52,21 @@ def _int(raw: Mapping[str, str], name: str, default: int = 0) -> int:
         return default
 
 
+def _iso(ts: float | None, timespec: str) -> str:
+    when = datetime.now(timezone.utc) if ts is None else datetime.fromtimestamp(ts, timezone.utc)
+    return when.isoformat(timespec=timespec).replace("+00:00", "Z")
+
+
 def iso_ms(ts: float | None = None) -> str:
     """Epoch seconds (default: now) as ISO-8601 UTC text with milliseconds (``2026-12-05T02:10:58.437Z``):
     the one format of every ``*_at`` field of records, events, manifests and audit entries."""
-    when = datetime.now(timezone.utc) if ts is None else datetime.fromtimestamp(ts, timezone.utc)
-    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return _iso(ts, "milliseconds")
 
 
 def iso_s(ts: float | None = None) -> str:
     """Epoch seconds (default: now) as ISO-8601 UTC text to the second (``2026-12-05T02:10:58Z``), for
     reports (usage windows, pauses, the breaker)."""
-    when = datetime.now(timezone.utc) if ts is None else datetime.fromtimestamp(ts, timezone.utc)
-    return when.isoformat(timespec="seconds").replace("+00:00", "Z")
+    return _iso(ts, "seconds")
 
 
 def _json(raw: Mapping[str, str], name: str, default: Any) -> Any:
